@@ -1,0 +1,96 @@
+"""CompiledModel: the source model, its ONNX graph and its LayerPlan, behind the contract of DESIGN.md."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from kronograph.errors import KronographError
+from kronograph.passes.plan import Layer, LayerPlan
+
+LOSSES = ("cross_entropy", "sigmoid_cross_entropy", "mse")
+ENGINES = ("torch", "onnxruntime")
+
+
+class CompiledModel:
+    """What ``kronograph.compile`` returns.
+
+    Attributes:
+        engine: "torch" (the user's own module; parameters shared, updated in place) or "onnxruntime"
+            (the ONNX graph's initializers are the weights).
+        plan: the LayerPlan; ``layers`` and ``unmatched`` are its views.
+        graph: the ONNX graph (onnx_ir) the plan was built from.
+        module: the source nn.Module for the torch engine, else None.
+        loss: the loss name ("cross_entropy", "sigmoid_cross_entropy" or "mse").
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: str,
+        plan: LayerPlan,
+        graph: ir.Model,
+        loss: str,
+        module: torch.nn.Module | None = None,
+        example_inputs: tuple[torch.Tensor, ...] = (),
+    ) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.graph = graph
+        self.loss = loss
+        self.module = module
+        self.example_inputs = example_inputs
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self.plan.layers
+
+    @property
+    def unmatched(self) -> list[str]:
+        return [entry.name for entry in self.plan.unmatched]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights (and buffers) by the source model's names, whatever the engine."""
+        if self.module is not None:
+            return {name: tensor.detach() for name, tensor in self.module.state_dict().items()}
+        return {
+            name: torch.from_numpy(np.array(value.const_value.numpy()))
+            for name, value in self.graph.graph.initializers.items()
+            if value.const_value is not None
+        }
+
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the inference graph with the current weights (batch norm in inference mode)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.module is None:
+            ir.save(self.graph, str(path))
+            return path
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(self.module, self.example_inputs, dynamo=True, verbose=False)
+            program.save(str(path))
+        finally:
+            self.module.train(was_training)
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModel(engine={self.engine!r}, loss={self.loss!r}, layers={len(self.layers)}, "
+            f"unmatched={len(self.plan.unmatched)})"
+        )
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise KronographError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    return loss

@@ -1,0 +1,66 @@
+"""Convolutions (ONNX Conv, 1-D to 3-D, any stride, padding, dilation and group count).
+
+A grouped convolution's weight is block-diagonal over groups; it gets one KFC block per group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+
+from kronograph.passes.graph import int_attr, ints_attr, trace_parameter
+from kronograph.passes.match.base import LayerMatch, MatchContext, source_location
+from kronograph.passes.plan import ConvGeometry, Site
+
+_KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+
+def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
+    """Conv(X, W[, B]) with W a parameter reached without any layout change."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return None
+    weight = trace_parameter(node.inputs[1], ctx.parameters)
+    if weight is None or weight.transposed:
+        return None
+    shape = ctx.shapes[weight.name]
+    if len(shape) not in _KINDS:
+        return None
+    spatial = len(shape) - 2
+    groups = int_attr(node, "group", 1)
+    out_channels, in_per_group, kernel = shape[0], shape[1], shape[2:]
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = trace_parameter(node.inputs[2], ctx.parameters)
+        if bias is not None and ctx.shapes[bias.name] != (out_channels,):
+            bias = None
+    auto_pad = node.attributes.get("auto_pad")
+    geometry = ConvGeometry(
+        kernel=tuple(kernel),
+        stride=ints_attr(node, "strides") or (1,) * spatial,
+        padding=ints_attr(node, "pads") or (0,) * (2 * spatial),
+        dilation=ints_attr(node, "dilations") or (1,) * spatial,
+        groups=groups,
+        auto_pad=auto_pad.as_string() if auto_pad is not None else "NOTSET",
+    )
+    module, call = source_location(node)
+    site = Site(
+        activation=node.inputs[0].name,
+        preactivation=node.outputs[0].name,
+        nodes=(*weight.nodes, node.name),
+        module=module,
+        call=call,
+    )
+    return LayerMatch(
+        kind=_KINDS[len(shape)],
+        weight=weight,
+        bias=bias,
+        weight_layout="out_in",
+        weight_shape=shape,
+        in_features=in_per_group * math.prod(kernel),
+        out_features=out_channels // groups,
+        site=site,
+        weight_use=(node.name, 1),
+        bias_use=(node.name, 2) if bias else None,
+        geometry=geometry,
+    )

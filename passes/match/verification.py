@@ -1,0 +1,102 @@
+"""Coverage: every use of every trainable parameter is explained by a matched layer, or it is unmatched.
+
+Matching finds candidate layer sites node by node; this pass decides which survive. A weight keeps its
+Kronecker block only when all of its uses are sites of the same layer (several sites = weight sharing,
+pooled as in KFAC-expand). A weight also read by anything else (a tied embedding's Gather, a custom op)
+loses its block, and the reason names the first node that no pattern explains.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import onnx_ir as ir
+
+from kronograph.passes.graph import node_label, terminal_uses
+from kronograph.passes.match.base import LayerMatch, Use
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: dict[str, list[LayerMatch]]  # weight name -> its sites, all consistent
+    reasons: dict[str, str]  # parameter name -> why it has no block
+
+
+def _describe(use: Use, nodes: dict[str, ir.Node]) -> str:
+    node_name, index = use
+    if node_name == "<graph output>":
+        return "it is a graph output"
+    return f"{node_label(nodes[node_name])} reads it as input {index}"
+
+
+def _signature(match: LayerMatch) -> tuple:
+    return (match.kind, match.weight_layout, match.bias.name if match.bias else None, match.geometry)
+
+
+def verify(
+    graph: ir.Graph,
+    matches: list[LayerMatch],
+    values: dict[str, ir.Value],
+) -> Verdict:
+    """Keep the matches whose parameters are fully explained; say why every other parameter is not.
+
+    ``values`` maps each trainable parameter name to its initializer value in ``graph``.
+    """
+    nodes = {node.name: node for node in graph}
+    uses: dict[str, set[Use]] = {}
+    for name, value in values.items():
+        found = {(node.name, index) for node, index in terminal_uses(value)}
+        if value.is_graph_output():
+            found.add(("<graph output>", 0))
+        uses[name] = found
+
+    by_weight: dict[str, list[LayerMatch]] = defaultdict(list)
+    for match in matches:
+        by_weight[match.weight.name].append(match)
+
+    reasons: dict[str, str] = {}
+    accepted: dict[str, list[LayerMatch]] = {}
+    for weight, sites in by_weight.items():
+        explained = {site.weight_use for site in sites}
+        extra = sorted(uses[weight] - explained)
+        if extra:
+            layer_node = sites[0].site.nodes[-1]
+            reasons[weight] = (
+                f"shared: a layer at node '{layer_node}' uses it, but {_describe(extra[0], nodes)}; "
+                "a weight with a use that is not a linear or convolution layer gets no Kronecker block"
+            )
+        elif len({_signature(site) for site in sites}) > 1:
+            reasons[weight] = f"shared by {len(sites)} layers that differ in kind, layout, bias or geometry"
+        elif weight in {site.bias.name for group in by_weight.values() for site in group if site.bias}:
+            reasons[weight] = "used both as a weight and as a bias"
+        else:
+            accepted[weight] = sites
+
+    # A bias keeps its place in the block only when the layer explains all of its uses.
+    bias_explained: dict[str, set[Use]] = defaultdict(set)
+    for sites in accepted.values():
+        for site in sites:
+            if site.bias is not None:
+                bias_explained[site.bias.name].add(site.bias_use)
+    for bias, explained in bias_explained.items():
+        extra = sorted(uses[bias] - explained)
+        if extra:
+            reasons[bias] = (
+                f"bias shared: a matched layer adds it, but {_describe(extra[0], nodes)}; "
+                "the layer keeps a block without bias"
+            )
+            for weight, sites in accepted.items():
+                accepted[weight] = [
+                    replace(s, bias=None, bias_use=None) if s.bias and s.bias.name == bias else s for s in sites
+                ]
+
+    covered = set(accepted) | {s.bias.name for sites in accepted.values() for s in sites if s.bias}
+    for name, found in uses.items():
+        if name in covered or name in reasons:
+            continue
+        if not found:
+            reasons[name] = "not used by the graph"
+        else:
+            reasons[name] = f"not a linear or convolution weight: {_describe(sorted(found)[0], nodes)}"
+    return Verdict(accepted=accepted, reasons=reasons)

@@ -1,0 +1,145 @@
+"""The LayerPlan: what the matcher found, in the model's own parameter names.
+
+One plan serves both engines. Tensor names (``activation``, ``preactivation``) refer to the ONNX graph
+the plan was built from; parameter names are the source model's ``state_dict`` keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Convolution hyper-parameters needed to extract patches (F.unfold order)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]  # ONNX order: begin pads of every spatial axis, then end pads
+    dilation: tuple[int, ...]
+    groups: int
+    auto_pad: str = "NOTSET"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One application of a layer's weight in the graph.
+
+    ``activation`` is the layer input a (without the homogeneous 1), ``preactivation`` the output s
+    (bias included) whose gradient is g. ``activation_transposed`` is set when the graph consumes the
+    input transposed (Gemm with transA=1): the tensor then holds a^T, shape [in, batch].
+    ``module`` and ``call`` locate the site in the source PyTorch module where the exporter said so
+    (module path, call name in the traced program); both are empty for ONNX files.
+    """
+
+    activation: str
+    preactivation: str
+    nodes: tuple[str, ...]
+    activation_transposed: bool = False
+    module: str = ""
+    call: str = ""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A parameter block with Kronecker-factored curvature: A (a_dim x a_dim) and G (g_dim x g_dim).
+
+    ``weight_layout`` is ``"out_in"`` when the stored weight is [out, in, ...] (PyTorch, ONNX Conv,
+    Gemm with transB=1) and ``"in_out"`` when it is [in, out] (MatMul weights from other frameworks);
+    W_bar is always built in [out, in] order. For grouped convolutions there is one (A, G) pair per
+    group: ``groups`` blocks of sizes ``a_dim`` and ``g_dim``. More than one site means the weight is
+    shared (the statistics of all sites are pooled, as in KFAC-expand).
+    """
+
+    name: str
+    kind: str  # "linear", "conv1d", "conv2d", "conv3d"
+    weight: str
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    weight_layout: str
+    in_features: int  # per group, without the homogeneous coordinate
+    out_features: int  # per group
+    sites: tuple[Site, ...]
+    geometry: ConvGeometry | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups if self.geometry else 1
+
+    @property
+    def a_dim(self) -> int:
+        return self.in_features + (1 if self.bias is not None else 0)
+
+    @property
+    def g_dim(self) -> int:
+        return self.out_features
+
+    @property
+    def factor_bytes(self) -> int:
+        """Memory of the A and G factors in float32 (inverses double it)."""
+        return 4 * self.groups * (self.a_dim**2 + self.g_dim**2)
+
+    @property
+    def num_params(self) -> int:
+        return math.prod(self.weight_shape) + (self.groups * self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A trainable parameter without a Kronecker block, and why (it gets the first-order update)."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layers: tuple[Layer, ...]
+    unmatched: tuple[Unmatched, ...]
+    parameters: tuple[str, ...] = field(default=())  # every trainable parameter, in model order
+    inputs: tuple[str, ...] = field(default=())  # data inputs of the graph
+    outputs: tuple[str, ...] = field(default=())
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        def layer(d: dict[str, Any]) -> Layer:
+            geometry = d.get("geometry")
+            return Layer(
+                **{
+                    **d,
+                    "weight_shape": tuple(d["weight_shape"]),
+                    "sites": tuple(Site(**{**s, "nodes": tuple(s["nodes"])}) for s in d["sites"]),
+                    "geometry": ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in geometry.items()})
+                    if geometry
+                    else None,
+                }
+            )
+
+        return cls(
+            layers=tuple(layer(d) for d in data["layers"]),
+            unmatched=tuple(Unmatched(u["name"], tuple(u["shape"]), u["reason"]) for u in data["unmatched"]),
+            parameters=tuple(data.get("parameters", ())),
+            inputs=tuple(data.get("inputs", ())),
+            outputs=tuple(data.get("outputs", ())),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "LayerPlan":
+        return cls.from_dict(json.loads(text))
