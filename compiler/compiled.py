@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
+from kronograph.compiler.export import export_inference
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer, LayerPlan
 
@@ -72,15 +70,7 @@ class CompiledModel:
         if self.module is None:
             ir.save(self.graph, str(path))
             return path
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(self.module, self.example_inputs, dynamo=True, verbose=False)
-            program.save(str(path))
-        finally:
-            self.module.train(was_training)
+        export_inference(self.module, self.example_inputs, path)
         return path
 
     def __repr__(self) -> str:

@@ -2,8 +2,9 @@
 
 Why this exporter: it names every initializer by the module's own state_dict key, it keeps the module
 path of every node in metadata, and with ``optimize=False`` it leaves weight Transposes as ops instead of
-folding them into anonymous constants. The model is traced in its current mode; in training mode batch
-norm stays a BatchNormalization with batch statistics instead of being folded into the convolution.
+folding them into anonymous constants and batch norm as its own BatchNormalization node instead of
+folding it into the convolution. That node is written in its inference form (running statistics);
+passes/instrument switches it to batch statistics for training on onnxruntime.
 The TorchScript exporter is deprecated and renames initializers (``onnx::MatMul_123``).
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnx_ir as ir
 import torch
@@ -23,6 +26,28 @@ from kronograph.errors import KronographError
 def _batch_dynamic_shapes(example_inputs: Sequence[torch.Tensor]):
     """Let the exporter keep the batch axis symbolic where the model allows it."""
     return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line: the exporter wraps the real reason in several layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress lines, warnings and torch.export's own error log."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ir.Model:
@@ -38,26 +63,38 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
         raise KronographError("example_inputs is empty; pass example_inputs=(x,) with a batch the model accepts")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                inputs,
-                dynamo=True,
-                optimize=False,
-                verbose=False,
-                dynamic_shapes=_batch_dynamic_shapes(inputs),
-                report=False,
-            )
-    except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KronographError(
-            f"torch.onnx.export could not trace the model ({first_line}); check that example_inputs match "
-            "forward() and that forward() is traceable by torch.export"
-        ) from error
+        return _export(model, inputs, optimize=False).model
     finally:
         # Tracing in training mode must not move batch-norm running statistics or any other buffer.
         with torch.no_grad():
             for key, value in model.state_dict().items():
                 value.copy_(state[key])
-    return program.model
+
+
+def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path) -> None:
+    """Write ``model`` in eval mode (batch norm from running statistics) as an optimised .onnx file."""
+    was_training = model.training
+    model.eval()
+    try:
+        _export(model, tuple(example_inputs), optimize=True).save(str(path))
+    finally:
+        model.train(was_training)
+
+
+def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool):
+    try:
+        with _quiet():
+            return torch.onnx.export(
+                model,
+                inputs,
+                dynamo=True,
+                optimize=optimize,
+                verbose=False,
+                dynamic_shapes=_batch_dynamic_shapes(inputs),
+                report=False,
+            )
+    except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
+        raise KronographError(
+            f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "
+            "match forward() and that forward() is traceable by torch.export"
+        ) from error

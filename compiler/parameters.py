@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import onnx_ir as ir
@@ -74,5 +75,5 @@ def onnx_parameters(model: ir.Model, trainable: Sequence[str] | None = None) -> 
         if value.dtype in _FLOATS
         and name not in statistics
         and value.shape is not None
-        and value.shape.numel() > 1
+        and math.prod(value.shape.numpy()) > 1
     }

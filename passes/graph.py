@@ -13,6 +13,16 @@ import onnx_ir as ir
 #: Ops that move or re-type a weight without mixing its entries with anything else.
 PASS_THROUGH = frozenset({"Identity", "Cast", "Transpose"})
 
+#: (op, input index) pairs that read only a tensor's shape or type, never its values: no gradient flows
+#: through them. The dynamo exporter builds the zero bias of a bias-free convolution from
+#: Shape(weight); CastLike(x, w) reads only w's element type.
+METADATA_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}
+
+
+def reads_metadata_only(node: ir.Node, index: int) -> bool:
+    """Whether input ``index`` of ``node`` is read for its shape or type only (not a use of its values)."""
+    return node.domain in ("", "ai.onnx") and (node.op_type, index) in METADATA_ONLY
+
 
 @dataclass(frozen=True)
 class TracedParameter:
@@ -52,8 +62,60 @@ def trace_parameter(value: ir.Value | None, parameters: dict[str, str]) -> Trace
     return None
 
 
+#: Ops that give a bias vector another shape without reordering or mixing its entries. Converters from
+#: other frameworks add a convolution's bias after the Conv, reshaped to [1, C, 1, 1] for broadcasting.
+RESHAPES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+_BIAS_STEPS = frozenset({"Identity", "Cast"}) | RESHAPES
+
+
+def broadcasts_along(shape: tuple[int, ...], output_rank: int, axis: int, size: int) -> bool:
+    """Whether a tensor of ``shape``, broadcast against a rank ``output_rank`` tensor, varies along
+    ``axis`` only, with ``size`` entries: what a bias of ``size`` output features must do."""
+    if len(shape) > output_rank:
+        return False
+    padded = (1,) * (output_rank - len(shape)) + tuple(shape)
+    return all(dim == (size if k == axis % output_rank else 1) for k, dim in enumerate(padded))
+
+
+def trace_bias(node: ir.Node, index: int, parameters: dict[str, str]) -> tuple[TracedParameter, tuple[str, int]] | None:
+    """The bias parameter behind input ``index`` of ``node``, through pass-through ops and reshapes.
+
+    Returns the parameter and its use as ``terminal_uses`` reports it: ``(node, index)`` when only
+    pass-through ops lie between, else the reshape nearest the parameter, input 0. Every value from
+    that reshape on must feed only the next op of the chain: a use that ``terminal_uses`` does not
+    see (it stops at the reshape) must not be able to hide behind it.
+    """
+    chain: list[ir.Node] = []  # from ``node`` back towards the parameter
+    value = node.inputs[index] if index < len(node.inputs) else None
+    while value is not None:
+        if value.name in parameters and (value.is_initializer() or value.producer() is None):
+            break
+        producer = value.producer()
+        if producer is None or producer.domain not in ("", "ai.onnx"):
+            return None
+        if producer.op_type not in _BIAS_STEPS:
+            return None
+        chain.append(producer)
+        value = producer.inputs[0]
+    if value is None:
+        return None
+    use = (node.name, index)
+    reshaped = False
+    for step in reversed(chain):  # from the parameter towards ``node``
+        if step.op_type in RESHAPES and not reshaped:
+            reshaped, use = True, (step.name, 0)
+        if reshaped and single_consumer(step.outputs[0]) is None:
+            return None
+    crossed = tuple(step.name for step in reversed(chain))
+    return TracedParameter(parameters[value.name], False, crossed), use
+
+
 def terminal_uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    """Every (node, input index) that consumes ``value``, looking through pass-through ops."""
+    """Every (node, input index) that consumes the values of ``value``, looking through pass-through ops.
+
+    Shape-only reads (``reads_metadata_only``) are left out: they carry no gradient, so they neither
+    explain nor spoil a layer's use of a weight.
+    """
     found: list[tuple[ir.Node, int]] = []
     stack = [value]
     seen: set[int] = set()
@@ -64,6 +126,8 @@ def terminal_uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
         seen.add(id(current))
         for use in current.uses():
             node, index = use.node, use.idx
+            if reads_metadata_only(node, index):
+                continue
             if node.op_type in PASS_THROUGH and node.domain in ("", "ai.onnx") and index == 0:
                 stack.extend(node.outputs)
             else:

@@ -13,17 +13,23 @@ from kronograph.passes.plan import Layer, LayerPlan, Unmatched
 __all__ = ["build_plan"]
 
 
+#: How frameworks end a weight's name; the layer is named by what is left (``fc.weight`` -> ``fc``,
+#: ``attn.in_proj_weight`` -> ``attn.in_proj``, TensorFlow's ``dense/kernel:0`` -> ``dense``).
+_WEIGHT_SUFFIXES = (".weight", "_weight", "/kernel", "/weights", ".kernel")
+
+
 def _layer_name(weight: str) -> str:
-    for suffix in (".weight", "/kernel", ":0"):
-        if weight.endswith(suffix) and len(weight) > len(suffix):
-            return weight[: -len(suffix)]
-    return weight
+    name = weight[:-2] if weight.endswith(":0") and len(weight) > 2 else weight
+    for suffix in _WEIGHT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
-def _layer(sites: list[LayerMatch]) -> Layer:
+def _layer(name: str, sites: list[LayerMatch]) -> Layer:
     first = sites[0]
     return Layer(
-        name=_layer_name(first.weight.name),
+        name=name,
         kind=first.kind,
         weight=first.weight.name,
         bias=first.bias.name if first.bias else None,
@@ -33,6 +39,16 @@ def _layer(sites: list[LayerMatch]) -> Layer:
         out_features=first.out_features,
         sites=tuple(match.site for match in sites),
         geometry=first.geometry,
+    )
+
+
+def _layers(accepted: dict[str, list[LayerMatch]]) -> tuple[Layer, ...]:
+    """One Layer per accepted weight, named after it; a name two weights would share falls back to the weight's."""
+    names = [_layer_name(weight) for weight in accepted]
+    clashes = {name for name in names if names.count(name) > 1}
+    return tuple(
+        _layer(weight if name in clashes else name, sites)
+        for name, (weight, sites) in zip(names, accepted.items())
     )
 
 
@@ -65,7 +81,7 @@ def build_plan(
                 break
 
     verdict = verify(graph, matches, values)
-    layers = tuple(_layer(sites) for sites in verdict.accepted.values())
+    layers = _layers(verdict.accepted)
     order = list(parameters.values()) + list(missing or {})
     unmatched = [Unmatched(name, shapes[name], verdict.reasons[name]) for name in order if name in verdict.reasons]
     unmatched += [

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import TracedParameter
+import math
+
+from kronograph.passes.graph import TracedParameter, broadcasts_along, static_shape, trace_bias
 from kronograph.passes.plan import ConvGeometry, Site
 
 #: (node name, input index): one use of a parameter that a match explains.
@@ -39,11 +41,41 @@ class LayerMatch:
     geometry: ConvGeometry | None = None
 
 
+def find_bias(
+    ctx: MatchContext, node: ir.Node, index: int, size: int, axis: int, output_rank: int | None
+) -> tuple[TracedParameter, Use] | None:
+    """The bias parameter that input ``index`` of ``node`` adds along ``axis`` of the layer's output.
+
+    It must hold ``size`` entries (one per output feature) and, where it is added, have a shape that
+    broadcasts along ``axis`` only: a [C] vector added to a [N, C, H, W] convolution output would run
+    along W, which is not a bias. Reshapes between the parameter and ``node`` are seen through.
+    Args:
+        output_rank: rank of the layer's output; None when unknown (then the bias's own rank is used).
+    Returns:
+        (the parameter, its use as the coverage check sees it), or None.
+    """
+    found = trace_bias(node, index, ctx.parameters)
+    if found is None:
+        return None
+    traced, use = found
+    shape = ctx.shapes[traced.name]
+    if math.prod(shape) != size:
+        return None
+    reshaped = use != (node.name, index)
+    added = static_shape(node.inputs[index]) if reshaped else shape
+    if added is None:
+        return None
+    rank = output_rank if output_rank is not None else len(added)
+    return found if broadcasts_along(added, rank, axis, size) else None
+
+
 def source_location(node: ir.Node) -> tuple[str, str]:
     """(module path, call name) of a node exported from PyTorch, from the exporter's metadata.
 
-    The dynamo exporter writes ``namespace`` as ``": pkg.Root/fc1: torch.nn...Linear/linear: aten..."``:
-    every entry but the first (the root) and the last (the op call) is a submodule.
+    The dynamo exporter writes ``namespace`` as
+    ``": pkg.Root/enc: ...Layer/enc.attn: ...Attention/linear_1: aten.linear.default"``: the first entry
+    is the root, the last the op call, and every entry between is a submodule named by its full path
+    (``enc.attn``, not ``attn``), so the innermost one is the module path.
     """
     namespace = node.metadata_props.get("namespace", "")
     if not namespace:
@@ -51,4 +83,5 @@ def source_location(node: ir.Node) -> tuple[str, str]:
     entries = [entry.split(":", 1)[0].strip() for entry in namespace.split("/")]
     if len(entries) < 2:
         return "", ""
-    return ".".join(entries[1:-1]), entries[-1]
+    module = entries[-2] if len(entries) > 2 else ""
+    return module, entries[-1]

@@ -9,15 +9,34 @@ import math
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import int_attr, ints_attr, trace_parameter
-from kronograph.passes.match.base import LayerMatch, MatchContext, source_location
+from kronograph.passes.graph import TracedParameter, int_attr, ints_attr, single_consumer, trace_bias, trace_parameter
+from kronograph.passes.match.base import LayerMatch, MatchContext, Use, find_bias, source_location
 from kronograph.passes.plan import ConvGeometry, Site
 
 _KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 
+def _bias_add(
+    ctx: MatchContext, node: ir.Node, channels: int, output_rank: int
+) -> tuple[tuple[TracedParameter, Use] | None, ir.Value, tuple[str, ...]]:
+    """A per-channel bias added right after a Conv that has none of its own.
+
+    Converters from other frameworks emit Conv + Add(bias reshaped to [1, C, 1, 1]); the Add must be
+    the Conv's only consumer. Returns (bias and its use or None, the pre-activation, the Add's name or ()).
+    """
+    output = node.outputs[0]
+    add = single_consumer(output)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None, output, ()
+    other = 1 if add.inputs[0] is output else 0
+    bias = find_bias(ctx, add, other, channels, axis=1, output_rank=output_rank)
+    if bias is None:
+        return None, output, ()
+    return bias, add.outputs[0], (add.name,)
+
+
 def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
-    """Conv(X, W[, B]) with W a parameter reached without any layout change."""
+    """Conv(X, W[, B]) with W a parameter reached without any layout change, or Conv(X, W) + Add(B)."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
         return None
     weight = trace_parameter(node.inputs[1], ctx.parameters)
@@ -29,11 +48,12 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     spatial = len(shape) - 2
     groups = int_attr(node, "group", 1)
     out_channels, in_per_group, kernel = shape[0], shape[1], shape[2:]
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = trace_parameter(node.inputs[2], ctx.parameters)
-        if bias is not None and ctx.shapes[bias.name] != (out_channels,):
-            bias = None
+    own_bias = node.inputs[2] if len(node.inputs) > 2 else None
+    output, add = node.outputs[0], ()
+    if own_bias is not None and trace_bias(node, 2, ctx.parameters) is not None:
+        bias = find_bias(ctx, node, 2, out_channels, axis=0, output_rank=1)
+    else:  # no bias parameter of its own (PyTorch exports a constant zero bias): look for an Add
+        bias, output, add = _bias_add(ctx, node, out_channels, spatial + 2)
     auto_pad = node.attributes.get("auto_pad")
     geometry = ConvGeometry(
         kernel=tuple(kernel),
@@ -46,21 +66,21 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     module, call = source_location(node)
     site = Site(
         activation=node.inputs[0].name,
-        preactivation=node.outputs[0].name,
-        nodes=(*weight.nodes, node.name),
+        preactivation=output.name,
+        nodes=(*weight.nodes, node.name, *add),
         module=module,
         call=call,
     )
     return LayerMatch(
         kind=_KINDS[len(shape)],
         weight=weight,
-        bias=bias,
+        bias=bias[0] if bias else None,
         weight_layout="out_in",
         weight_shape=shape,
         in_features=in_per_group * math.prod(kernel),
         out_features=out_channels // groups,
         site=site,
         weight_use=(node.name, 1),
-        bias_use=(node.name, 2) if bias else None,
+        bias_use=bias[1] if bias else None,
         geometry=geometry,
     )

@@ -1,7 +1,8 @@
-"""Linear layers: Gemm (any transA/transB), and MatMul with an optional bias Add.
+"""Linear layers: Gemm (any transA/transB), and MatMul or Einsum with an optional bias Add.
 
 PyTorch exports nn.Linear / F.linear as Gemm for 2-D inputs and as Transpose(W) + MatMul + Add for
-sequences; TensorFlow, JAX and hand-built graphs use MatMul with an [in, out] weight and an Add.
+sequences, and torch.einsum as Einsum; TensorFlow, JAX and hand-built graphs use MatMul with an [in, out]
+weight and an Add.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kronograph.passes.graph import (
     single_consumer,
     trace_parameter,
 )
-from kronograph.passes.match.base import LayerMatch, MatchContext, source_location
+from kronograph.passes.match.base import LayerMatch, MatchContext, Use, find_bias, source_location
 from kronograph.passes.plan import Site
 
 
@@ -38,17 +39,6 @@ def _weight_matrix(ctx: MatchContext, value: ir.Value, transposed_by_node: bool)
     return traced, layout, shape, in_features, out_features
 
 
-def _bias(ctx: MatchContext, value: ir.Value | None, out_features: int) -> TracedParameter | None:
-    """A bias parameter of shape [out] (or [1, out]) behind ``value``."""
-    traced = trace_parameter(value, ctx.parameters)
-    if traced is None or traced.transposed:
-        return None
-    shape = ctx.shapes[traced.name]
-    if shape not in ((out_features,), (1, out_features)):
-        return None
-    return traced
-
-
 def match_gemm(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     """Y = alpha * A' B' + beta * C with the weight in B. Scaled forms (alpha, beta != 1) are left out."""
     if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
@@ -61,7 +51,7 @@ def match_gemm(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     traced, layout, shape, in_features, out_features = weight
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None and float_attr(node, "beta", 1.0) == 1.0:
-        bias = _bias(ctx, node.inputs[2], out_features)
+        bias = find_bias(ctx, node, 2, out_features, axis=-1, output_rank=2)
     module, call = source_location(node)
     site = Site(
         activation=node.inputs[0].name,
@@ -74,14 +64,64 @@ def match_gemm(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     return LayerMatch(
         kind="linear",
         weight=traced,
-        bias=bias,
+        bias=bias[0] if bias else None,
         weight_layout=layout,
         weight_shape=shape,
         in_features=in_features,
         out_features=out_features,
         site=site,
         weight_use=(node.name, 1),
-        bias_use=(node.name, 2) if bias else None,
+        bias_use=bias[1] if bias else None,
+    )
+
+
+def _bias_add(
+    ctx: MatchContext, output: ir.Value, out_features: int
+) -> tuple[TracedParameter | None, Use | None, ir.Value, tuple[str, ...]]:
+    """The Add of a [out] bias parameter that is the only consumer of ``output``, if there is one.
+
+    Returns:
+        (bias, its use, the pre-activation: the Add's output or ``output`` itself, the Add's name or ()).
+    """
+    add = single_consumer(output)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None, None, output, ()
+    other_index = 1 if add.inputs[0] is output else 0
+    bias = find_bias(ctx, add, other_index, out_features, axis=-1, output_rank=rank(add.outputs[0]))
+    if bias is None:
+        return None, None, output, ()
+    return bias[0], bias[1], add.outputs[0], (add.name,)
+
+
+def _linear_match(
+    node: ir.Node,
+    ctx: MatchContext,
+    activation: ir.Value,
+    weight: tuple[TracedParameter, str, tuple[int, ...], int, int],
+    weight_index: int,
+) -> LayerMatch:
+    """The LayerMatch of ``node`` (MatMul or Einsum) reading ``weight`` and an optional bias Add after it."""
+    traced, layout, shape, in_features, out_features = weight
+    bias, bias_use, output, add = _bias_add(ctx, node.outputs[0], out_features)
+    module, call = source_location(node)
+    site = Site(
+        activation=activation.name,
+        preactivation=output.name,
+        nodes=(*traced.nodes, node.name, *add),
+        module=module,
+        call=call,
+    )
+    return LayerMatch(
+        kind="linear",
+        weight=traced,
+        bias=bias,
+        weight_layout=layout,
+        weight_shape=shape,
+        in_features=in_features,
+        out_features=out_features,
+        site=site,
+        weight_use=(node.name, weight_index),
+        bias_use=bias_use,
     )
 
 
@@ -95,35 +135,67 @@ def match_matmul(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
         return None
     if trace_parameter(node.inputs[0], ctx.parameters) is not None:
         return None
-    traced, layout, shape, in_features, out_features = weight
-    output = node.outputs[0]
-    bias = bias_use = None
-    nodes = [*traced.nodes, node.name]
-    add = single_consumer(output)
-    if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
-        other_index = 1 if add.inputs[0] is output else 0
-        bias = _bias(ctx, add.inputs[other_index], out_features)
-        if bias is not None:
-            bias_use = (add.name, other_index)
-            output = add.outputs[0]
-            nodes.append(add.name)
-    module, call = source_location(node)
-    site = Site(
-        activation=node.inputs[0].name,
-        preactivation=output.name,
-        nodes=tuple(nodes),
-        module=module,
-        call=call,
-    )
-    return LayerMatch(
-        kind="linear",
-        weight=traced,
-        bias=bias,
-        weight_layout=layout,
-        weight_shape=shape,
-        in_features=in_features,
-        out_features=out_features,
-        site=site,
-        weight_use=(node.name, 1),
-        bias_use=bias_use,
-    )
+    return _linear_match(node, ctx, node.inputs[0], weight, 1)
+
+
+def _einsum_terms(node: ir.Node) -> tuple[str, str, str] | None:
+    """(first input, second input, output) subscripts of a two-operand Einsum with an explicit output.
+
+    ``...`` becomes the single character ``*`` so that every term is a string of one-character axes.
+    """
+    attr = node.attributes.get("equation")
+    if attr is None:
+        return None
+    equation = attr.as_string().replace(" ", "").replace("...", "*")
+    if "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    return terms[0], terms[1], output
+
+
+def _einsum_axes(x: str, w: str, out: str) -> tuple[str, str] | None:
+    """(in axis, out axis) when x[..., i] and a 2-D w over {i, o} give out[..., o]: a linear layer.
+
+    The contracted axis must be the last of x and the new axis the last of the output, with every
+    other axis of x kept in place: then the activation and pre-activation have their features last,
+    as for MatMul. Any other contraction (batched weights, attention products) is not a layer.
+    """
+    if len(w) != 2 or w[0] == w[1] or "*" in w or len(x) < 2 or len(set(x)) != len(x):
+        return None
+    i = x[-1]
+    if i not in w:
+        return None
+    o = w[1] if w[0] == i else w[0]
+    if o in x or out != x[:-1] + o:
+        return None
+    return i, o
+
+
+def match_einsum(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
+    """Einsum("...i,oi->...o", x, W) (either operand order, W as [out, in] or [in, out]), optional bias Add.
+
+    The dynamo exporter keeps ``torch.einsum`` as one Einsum node; TensorFlow's EinsumDense does too.
+    """
+    if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    terms = _einsum_terms(node)
+    if terms is None:
+        return None
+    for weight_index in (1, 0):
+        data_index = 1 - weight_index
+        traced = trace_parameter(node.inputs[weight_index], ctx.parameters)
+        if traced is None or trace_parameter(node.inputs[data_index], ctx.parameters) is not None:
+            continue
+        shape = ctx.shapes[traced.name]
+        axes = _einsum_axes(terms[data_index], terms[weight_index], terms[2])
+        if len(shape) != 2 or axes is None:
+            continue
+        stored = terms[weight_index][::-1] if traced.transposed else terms[weight_index]
+        i, o = axes
+        layout = "out_in" if stored == o + i else "in_out"
+        weight = (traced, layout, shape, shape[stored.index(i)], shape[stored.index(o)])
+        return _linear_match(node, ctx, node.inputs[data_index], weight, weight_index)
+    return None

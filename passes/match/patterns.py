@@ -1,6 +1,6 @@
 """The matchers, tried in order on every node; the first that answers wins."""
 
 from kronograph.passes.match.conv import match_conv
-from kronograph.passes.match.linear import match_gemm, match_matmul
+from kronograph.passes.match.linear import match_einsum, match_gemm, match_matmul
 
-MATCHERS = (match_gemm, match_matmul, match_conv)
+MATCHERS = (match_gemm, match_matmul, match_einsum, match_conv)

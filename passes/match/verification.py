@@ -92,11 +92,33 @@ def verify(
                 ]
 
     covered = set(accepted) | {s.bias.name for sites in accepted.values() for s in sites if s.bias}
+    orphans = _orphan_biases(by_weight, accepted)
     for name, found in uses.items():
         if name in covered or name in reasons:
             continue
         if not found:
             reasons[name] = "not used by the graph"
+        elif name in orphans and found <= {use for use, _ in orphans[name]}:
+            weight = orphans[name][0][1]
+            reasons[name] = f"bias of a layer whose weight '{weight}' gets no Kronecker block (see that weight's reason)"
         else:
             reasons[name] = f"not a linear or convolution weight: {_describe(sorted(found)[0], nodes)}"
     return Verdict(accepted=accepted, reasons=reasons)
+
+
+def _orphan_biases(
+    by_weight: dict[str, list[LayerMatch]], accepted: dict[str, list[LayerMatch]]
+) -> dict[str, list[tuple[Use, str]]]:
+    """Biases of the layer sites that were turned down, with (their use, the site's weight).
+
+    A tied output projection's bias is read by an Add that no other pattern explains; its reason
+    should point at the weight that lost the block, not call the Add the culprit.
+    """
+    orphans: dict[str, list[tuple[Use, str]]] = defaultdict(list)
+    for weight, sites in by_weight.items():
+        if weight in accepted:
+            continue
+        for site in sites:
+            if site.bias is not None and site.bias_use is not None:
+                orphans[site.bias.name].append((site.bias_use, weight))
+    return orphans

@@ -1,0 +1,118 @@
+"""The Python contract of kronograph.compile (DESIGN.md): engine, layers, unmatched, state_dict, export_onnx."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph import KronographError, LayerPlan
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    model = Net()
+    return kronograph.compile(model, example_inputs=(torch.randn(4, 3, 8, 8),), loss="cross_entropy")
+
+
+def test_contract_on_a_module(compiled):
+    assert compiled.engine == "torch"
+    assert [(layer.name, layer.kind, layer.weight, layer.bias) for layer in compiled.layers] == [
+        ("conv", "conv2d", "conv.weight", "conv.bias"),
+        ("head", "linear", "head.weight", "head.bias"),
+    ]
+    assert compiled.unmatched == ["bn.weight", "bn.bias"]
+
+
+def test_state_dict_shares_the_module_parameters(compiled):
+    state = compiled.state_dict()
+    assert set(state) == set(compiled.module.state_dict())
+    with torch.no_grad():
+        compiled.module.head.weight.add_(1.0)
+    assert torch.equal(compiled.state_dict()["head.weight"], compiled.module.head.weight)
+
+
+def test_compile_leaves_the_module_unchanged():
+    torch.manual_seed(0)
+    model = Net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kronograph.compile(model, example_inputs=torch.randn(4, 3, 8, 8))
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_export_onnx_serves_the_current_weights(compiled, tmp_path):
+    model = compiled.module
+    path = compiled.export_onnx(tmp_path / "net.onnx")
+    assert model.training  # the export is in eval mode and restores the mode
+    x = torch.randn(7, 3, 8, 8)  # another batch size than the example: the batch axis is dynamic
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    model.train()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_round_trip(compiled, tmp_path):
+    path = compiled.export_onnx(tmp_path / "net.onnx")
+    again = kronograph.compile(str(path), loss="cross_entropy")
+    assert again.engine == "onnxruntime"
+    assert [layer.kind for layer in again.layers] == ["conv2d", "linear"]
+    state = again.state_dict()
+    # In inference mode the exporter may fold batch norm into the convolution, so only the head is compared.
+    np.testing.assert_allclose(state["head.weight"].numpy(), compiled.module.head.weight.detach().numpy())
+    assert again.export_onnx(tmp_path / "copy.onnx").is_file()
+
+
+def test_plan_json_round_trip(compiled):
+    plan = compiled.plan
+    assert LayerPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: kronograph.compile(Net()), "example_inputs"),
+        (lambda: kronograph.compile(Net(), torch.randn(2, 3, 8, 8), loss="hinge"), "unknown loss"),
+        (lambda: kronograph.compile(Net(), torch.randn(2, 3), loss="mse"), "could not trace"),
+        (lambda: kronograph.compile("missing.onnx"), "not found"),
+        (lambda: kronograph.compile(Net(), torch.randn(2, 3, 8, 8), engine="tpu"), "unknown engine"),
+        (lambda: kronograph.compile(42), "cannot compile"),
+    ],
+)
+def test_bad_input_names_the_problem(call, message):
+    with pytest.raises(KronographError, match=message):
+        call()
+
+
+def test_not_an_onnx_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00\x01 not a protobuf")
+    with pytest.raises(KronographError, match="not a readable ONNX model|holds no ONNX graph"):
+        kronograph.compile(str(path))
+
+
+def test_frozen_parameters_are_not_in_the_plan():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    plan = kronograph.compile(model, torch.randn(2, 3)).plan
+    assert [layer.name for layer in plan.layers] == ["2"]
+    assert plan.parameters == ("2.weight", "2.bias")
+    assert plan.unmatched == ()
