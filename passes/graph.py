@@ -77,7 +77,9 @@ def broadcasts_along(shape: tuple[int, ...], output_rank: int, axis: int, size: 
     return all(dim == (size if k == axis % output_rank else 1) for k, dim in enumerate(padded))
 
 
-def trace_bias(node: ir.Node, index: int, parameters: dict[str, str]) -> tuple[TracedParameter, tuple[str, int]] | None:
+def trace_bias(
+    node: ir.Node, index: int, parameters: dict[str, str]
+) -> tuple[TracedParameter, tuple[str, int]] | None:
     """The bias parameter behind input ``index`` of ``node``, through pass-through ops and reshapes.
 
     Returns the parameter and its use as ``terminal_uses`` reports it: ``(node, index)`` when only

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-import math
-
-from kronograph.passes.graph import TracedParameter, broadcasts_along, static_shape, trace_bias
+from kronograph.passes.graph import (
+    TracedParameter,
+    broadcasts_along,
+    rank,
+    single_consumer,
+    static_shape,
+    trace_bias,
+)
 from kronograph.passes.plan import ConvGeometry, Site
 
 #: (node name, input index): one use of a parameter that a match explains.
@@ -67,6 +73,31 @@ def find_bias(
         return None
     rank = output_rank if output_rank is not None else len(added)
     return found if broadcasts_along(added, rank, axis, size) else None
+
+
+def bias_add(
+    ctx: MatchContext, node: ir.Node, size: int, axis: int, output_rank: int | None = None
+) -> tuple[tuple[TracedParameter, Use] | None, ir.Value, tuple[str, ...]]:
+    """A bias added right after ``node`` by an Add that is its only consumer (MatMul + Add, or the
+    Conv + Add(bias reshaped to [1, C, 1, 1]) that converters from other frameworks emit).
+
+    Args:
+        output_rank: rank of the layer's output; None to read it from the Add's output.
+    Returns:
+        (the bias and its use, or None; the pre-activation: the Add's output or ``node``'s; the Add's
+        name, or () when there is no bias Add).
+    """
+    output = node.outputs[0]
+    add = single_consumer(output)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None, output, ()
+    other = 1 if add.inputs[0] is output else 0
+    if output_rank is None:
+        output_rank = rank(add.outputs[0])
+    bias = find_bias(ctx, add, other, size, axis, output_rank)
+    if bias is None:
+        return None, output, ()
+    return bias, add.outputs[0], (add.name,)
 
 
 def source_location(node: ir.Node) -> tuple[str, str]:

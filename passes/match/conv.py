@@ -9,30 +9,11 @@ import math
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import TracedParameter, int_attr, ints_attr, single_consumer, trace_bias, trace_parameter
-from kronograph.passes.match.base import LayerMatch, MatchContext, Use, find_bias, source_location
+from kronograph.passes.graph import int_attr, ints_attr, trace_bias, trace_parameter
+from kronograph.passes.match.base import LayerMatch, MatchContext, bias_add, find_bias, source_location
 from kronograph.passes.plan import ConvGeometry, Site
 
 _KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
-
-
-def _bias_add(
-    ctx: MatchContext, node: ir.Node, channels: int, output_rank: int
-) -> tuple[tuple[TracedParameter, Use] | None, ir.Value, tuple[str, ...]]:
-    """A per-channel bias added right after a Conv that has none of its own.
-
-    Converters from other frameworks emit Conv + Add(bias reshaped to [1, C, 1, 1]); the Add must be
-    the Conv's only consumer. Returns (bias and its use or None, the pre-activation, the Add's name or ()).
-    """
-    output = node.outputs[0]
-    add = single_consumer(output)
-    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-        return None, output, ()
-    other = 1 if add.inputs[0] is output else 0
-    bias = find_bias(ctx, add, other, channels, axis=1, output_rank=output_rank)
-    if bias is None:
-        return None, output, ()
-    return bias, add.outputs[0], (add.name,)
 
 
 def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
@@ -48,12 +29,11 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     spatial = len(shape) - 2
     groups = int_attr(node, "group", 1)
     out_channels, in_per_group, kernel = shape[0], shape[1], shape[2:]
-    own_bias = node.inputs[2] if len(node.inputs) > 2 else None
     output, add = node.outputs[0], ()
-    if own_bias is not None and trace_bias(node, 2, ctx.parameters) is not None:
+    if trace_bias(node, 2, ctx.parameters) is not None:  # a bias parameter as the Conv's own input
         bias = find_bias(ctx, node, 2, out_channels, axis=0, output_rank=1)
     else:  # no bias parameter of its own (PyTorch exports a constant zero bias): look for an Add
-        bias, output, add = _bias_add(ctx, node, out_channels, spatial + 2)
+        bias, output, add = bias_add(ctx, node, out_channels, axis=1, output_rank=spatial + 2)
     auto_pad = node.attributes.get("auto_pad")
     geometry = ConvGeometry(
         kernel=tuple(kernel),

@@ -14,10 +14,9 @@ from kronograph.passes.graph import (
     float_attr,
     int_attr,
     rank,
-    single_consumer,
     trace_parameter,
 )
-from kronograph.passes.match.base import LayerMatch, MatchContext, Use, find_bias, source_location
+from kronograph.passes.match.base import LayerMatch, MatchContext, bias_add, find_bias, source_location
 from kronograph.passes.plan import Site
 
 
@@ -75,24 +74,6 @@ def match_gemm(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     )
 
 
-def _bias_add(
-    ctx: MatchContext, output: ir.Value, out_features: int
-) -> tuple[TracedParameter | None, Use | None, ir.Value, tuple[str, ...]]:
-    """The Add of a [out] bias parameter that is the only consumer of ``output``, if there is one.
-
-    Returns:
-        (bias, its use, the pre-activation: the Add's output or ``output`` itself, the Add's name or ()).
-    """
-    add = single_consumer(output)
-    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-        return None, None, output, ()
-    other_index = 1 if add.inputs[0] is output else 0
-    bias = find_bias(ctx, add, other_index, out_features, axis=-1, output_rank=rank(add.outputs[0]))
-    if bias is None:
-        return None, None, output, ()
-    return bias[0], bias[1], add.outputs[0], (add.name,)
-
-
 def _linear_match(
     node: ir.Node,
     ctx: MatchContext,
@@ -102,7 +83,7 @@ def _linear_match(
 ) -> LayerMatch:
     """The LayerMatch of ``node`` (MatMul or Einsum) reading ``weight`` and an optional bias Add after it."""
     traced, layout, shape, in_features, out_features = weight
-    bias, bias_use, output, add = _bias_add(ctx, node.outputs[0], out_features)
+    bias, output, add = bias_add(ctx, node, out_features, axis=-1)
     module, call = source_location(node)
     site = Site(
         activation=activation.name,
@@ -114,14 +95,14 @@ def _linear_match(
     return LayerMatch(
         kind="linear",
         weight=traced,
-        bias=bias,
+        bias=bias[0] if bias else None,
         weight_layout=layout,
         weight_shape=shape,
         in_features=in_features,
         out_features=out_features,
         site=site,
         weight_use=(node.name, weight_index),
-        bias_use=bias_use,
+        bias_use=bias[1] if bias else None,
     )
 
 

@@ -100,7 +100,9 @@ def verify(
             reasons[name] = "not used by the graph"
         elif name in orphans and found <= {use for use, _ in orphans[name]}:
             weight = orphans[name][0][1]
-            reasons[name] = f"bias of a layer whose weight '{weight}' gets no Kronecker block (see that weight's reason)"
+            reasons[name] = (
+                f"bias of a layer whose weight '{weight}' gets no Kronecker block (see that weight's reason)"
+            )
         else:
             reasons[name] = f"not a linear or convolution weight: {_describe(sorted(found)[0], nodes)}"
     return Verdict(accepted=accepted, reasons=reasons)
