@@ -398,6 +398,7 @@ def instrument(
             )
     except Exception as error:  # onnxruntime raises RuntimeError, Fail, LookupError, checker errors
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.split(" : FAIL : ")[-1]  # drop onnxruntime's source location and status prefix
         raise KronographError(
             f"onnxruntime-training could not build the training graph ({first}); check that every op of the "
             "model has a gradient in onnxruntime-training, or train with engine='torch'"

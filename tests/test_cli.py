@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from click.testing import CliRunner
 
 from kronograph.cli.main import main
@@ -100,6 +102,26 @@ def test_not_an_onnx_file(run, tmp_path):
     path.write_text("this is text")
     result = run("inspect", str(path))
     assert result.exit_code == 2 and "ONNX" in result.output
+
+
+def test_compile_of_an_op_without_gradient_fails_cleanly(run, tmp_path):
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Swish", ["h"], ["y"], domain="my.ops")]
+    graph = helper.make_graph(
+        nodes,
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    assert run("inspect", str(tmp_path / "custom.onnx")).exit_code == 0  # the plan does not need the op
+    result = run("compile", str(tmp_path / "custom.onnx"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "my.ops:Swish" in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"], "a failed compile left files behind"
 
 
 def test_real_process_exit_codes_and_no_traceback(tmp_path):
