@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import kronograph
-from kronograph.passes.plan import Layer
+
+from plan_helpers import reasons, summary
 
 RNG = np.random.default_rng(0)
 
@@ -46,26 +47,6 @@ def save(
 
 def compile_file(path: Path) -> kronograph.CompiledModel:
     return kronograph.compile(str(path), loss="mse")
-
-
-def summary(layer: Layer) -> tuple:
-    return (
-        layer.name,
-        layer.kind,
-        layer.weight,
-        layer.bias,
-        layer.weight_layout,
-        layer.in_features,
-        layer.out_features,
-        layer.a_dim,
-        layer.g_dim,
-        layer.groups,
-        len(layer.sites),
-    )
-
-
-def reasons(cm) -> dict[str, str]:
-    return {entry.name: entry.reason for entry in cm.plan.unmatched}
 
 
 # --- MatMul with [in, out] weights (TensorFlow / Keras style) and Gemm in every orientation -----------------

@@ -14,32 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronograph
-from kronograph.passes.plan import Layer
+
+from plan_helpers import reasons, summary
 
 
 def compile_module(model: nn.Module, *inputs: torch.Tensor) -> kronograph.CompiledModel:
     return kronograph.compile(model, example_inputs=inputs, loss="cross_entropy")
-
-
-def summary(layer: Layer) -> tuple:
-    """What a layer is, in one comparable tuple."""
-    return (
-        layer.name,
-        layer.kind,
-        layer.weight,
-        layer.bias,
-        layer.weight_layout,
-        layer.in_features,
-        layer.out_features,
-        layer.a_dim,
-        layer.g_dim,
-        layer.groups,
-        len(layer.sites),
-    )
-
-
-def reasons(cm) -> dict[str, str]:
-    return {entry.name: entry.reason for entry in cm.plan.unmatched}
 
 
 def values(cm) -> dict:

@@ -16,7 +16,7 @@ from kronograph.passes.graph import (
     rank,
     trace_parameter,
 )
-from kronograph.passes.match.base import LayerMatch, MatchContext, bias_add, find_bias, source_location
+from kronograph.passes.match.base import LayerMatch, MatchContext, Use, bias_add, find_bias, source_location
 from kronograph.passes.plan import Site
 
 
@@ -47,48 +47,32 @@ def match_gemm(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     weight = _weight_matrix(ctx, node.inputs[1], bool(int_attr(node, "transB", 0)))
     if weight is None or trace_parameter(node.inputs[0], ctx.parameters) is not None:
         return None
-    traced, layout, shape, in_features, out_features = weight
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None and float_attr(node, "beta", 1.0) == 1.0:
-        bias = find_bias(ctx, node, 2, out_features, axis=-1, output_rank=2)
-    module, call = source_location(node)
-    site = Site(
-        activation=node.inputs[0].name,
-        preactivation=node.outputs[0].name,
-        nodes=(*traced.nodes, node.name),
-        activation_transposed=bool(int_attr(node, "transA", 0)),
-        module=module,
-        call=call,
-    )
-    return LayerMatch(
-        kind="linear",
-        weight=traced,
-        bias=bias[0] if bias else None,
-        weight_layout=layout,
-        weight_shape=shape,
-        in_features=in_features,
-        out_features=out_features,
-        site=site,
-        weight_use=(node.name, 1),
-        bias_use=bias[1] if bias else None,
+        bias = find_bias(ctx, node, 2, weight[4], axis=-1, output_rank=2)
+    return _layer_match(
+        node, weight, 1, node.inputs[0], bias, node.outputs[0], (), bool(int_attr(node, "transA", 0))
     )
 
 
-def _linear_match(
+def _layer_match(
     node: ir.Node,
-    ctx: MatchContext,
-    activation: ir.Value,
     weight: tuple[TracedParameter, str, tuple[int, ...], int, int],
     weight_index: int,
+    activation: ir.Value,
+    bias: tuple[TracedParameter, Use] | None,
+    preactivation: ir.Value,
+    bias_nodes: tuple[str, ...],
+    activation_transposed: bool = False,
 ) -> LayerMatch:
-    """The LayerMatch of ``node`` (MatMul or Einsum) reading ``weight`` and an optional bias Add after it."""
+    """The LayerMatch of a linear site at ``node`` reading ``weight`` (as ``_weight_matrix`` returns it)."""
     traced, layout, shape, in_features, out_features = weight
-    bias, output, add = bias_add(ctx, node, out_features, axis=-1)
     module, call = source_location(node)
     site = Site(
         activation=activation.name,
-        preactivation=output.name,
-        nodes=(*traced.nodes, node.name, *add),
+        preactivation=preactivation.name,
+        nodes=(*traced.nodes, node.name, *bias_nodes),
+        activation_transposed=activation_transposed,
         module=module,
         call=call,
     )
@@ -104,6 +88,18 @@ def _linear_match(
         weight_use=(node.name, weight_index),
         bias_use=bias[1] if bias else None,
     )
+
+
+def _linear_match(
+    node: ir.Node,
+    ctx: MatchContext,
+    activation: ir.Value,
+    weight: tuple[TracedParameter, str, tuple[int, ...], int, int],
+    weight_index: int,
+) -> LayerMatch:
+    """The LayerMatch of ``node`` (MatMul or Einsum) reading ``weight`` and an optional bias Add after it."""
+    bias, output, add = bias_add(ctx, node, weight[4], axis=-1)
+    return _layer_match(node, weight, weight_index, activation, bias, output, add)
 
 
 def match_matmul(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
