@@ -1,0 +1,158 @@
+"""The three losses, each with its Fisher: per-example loss, sampled targets and the curvature H of the output.
+
+Per-example losses l_i (h = mean_i l_i), for model outputs s of shape [n, ...]:
+
+- ``cross_entropy``: s is [n, C] or [n, ..., C] (logits, classes last), targets are int64 class indices of
+  shape [n] or [n, ...]; l_i is the mean over positions of -log softmax(s)[y] (the usual token mean).
+- ``sigmoid_cross_entropy``: targets in [0, 1] with the shape of s; l_i is the *sum* over the output units
+  of the binary cross-entropy with logits, as in the K-FAC paper's autoencoders.
+- ``mse``: l_i = 1/2 |s_i - t_i|^2 summed over the output units: the negative log-likelihood of a
+  Gaussian with unit variance, so its Fisher is the identity on the outputs.
+
+For each, H_i is the Hessian of l_i with respect to s_i (the Fisher of the predictive distribution in
+its natural parameters): F = mean_i J_i^T H_i J_i is both the exact Fisher and the Gauss-Newton matrix.
+``statistics_loss`` gives the loss whose backward feeds the K-FAC G factors: with targets sampled from
+the model (``fisher="mc"``) its per-example gradients q_i satisfy E[q_i q_i^T] = H_i exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from kronograph.errors import KronographError
+
+
+class Loss(ABC):
+    name: str
+
+    @abstractmethod
+    def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """l_i for every example, shape [n]."""
+
+    @abstractmethod
+    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs`` (paper sec 5)."""
+
+    @abstractmethod
+    def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u_i^T H_i v_i for every example, shape [n]; u and v have the shape of ``outputs``."""
+
+    @abstractmethod
+    def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Raise KronographError when targets cannot go with these outputs."""
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """h without weight decay: the mean of the per-example losses."""
+        return self.per_example(outputs, targets).mean()
+
+    def statistics_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A mean loss whose per-example gradients (times n) have second moment H_i under sampled targets.
+
+        It equals the loss itself except for cross-entropy over T > 1 positions, where the token mean
+        is replaced by a sum scaled by 1/sqrt(T): the positions' sampled targets are independent, so the
+        gradient outer products then add up to H_i = (1/T) sum_t (diag p_t - p_t p_t^T).
+        """
+        return self(outputs, targets)
+
+
+def _positions(outputs: torch.Tensor) -> int:
+    return math.prod(outputs.shape[1:-1])
+
+
+class CrossEntropy(Loss):
+    name = "cross_entropy"
+
+    def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, classes = outputs.shape[0], outputs.shape[-1]
+        losses = F.cross_entropy(outputs.reshape(-1, classes), targets.reshape(-1), reduction="none")
+        return losses.reshape(n, -1).mean(dim=1)
+
+    def statistics_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self(outputs, targets) * math.sqrt(_positions(outputs))
+
+    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).reshape(outputs.shape[:-1])
+
+    def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(outputs, dim=-1)
+        per_position = (p * u * v).sum(-1) - (p * u).sum(-1) * (p * v).sum(-1)
+        return per_position.reshape(outputs.shape[0], -1).mean(dim=1)
+
+    def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise KronographError(
+                f"cross_entropy needs integer class labels, got {targets.dtype}; convert the labels to int64"
+            )
+        if tuple(targets.shape) != tuple(outputs.shape[:-1]):
+            raise KronographError(
+                f"labels of shape {tuple(targets.shape)} do not fit model outputs {tuple(outputs.shape)}; "
+                f"cross_entropy needs one label per output row (shape {tuple(outputs.shape[:-1])})"
+            )
+        classes = outputs.shape[-1]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+            raise KronographError(
+                f"labels range over [{int(targets.min())}, {int(targets.max())}] but the model has {classes} "
+                f"classes; labels must lie in [0, {classes - 1}]"
+            )
+
+
+class SigmoidCrossEntropy(Loss):
+    name = "sigmoid_cross_entropy"
+
+    def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
+        return losses.reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.bernoulli(torch.sigmoid(outputs.detach()), generator=generator)
+
+    def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(outputs)
+        return (p * (1 - p) * u * v).reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        _same_shape(self.name, outputs, targets)
+        if targets.numel() and (float(targets.min()) < 0 or float(targets.max()) > 1):
+            raise KronographError("sigmoid_cross_entropy needs targets in [0, 1]; rescale the data (for images: / 255)")
+
+
+class MeanSquaredError(Loss):
+    name = "mse"
+
+    def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (outputs - targets.to(outputs.dtype)).pow(2).reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+        return outputs.detach() + noise
+
+    def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u * v).reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        _same_shape(self.name, outputs, targets)
+
+
+def _same_shape(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if not targets.dtype.is_floating_point:
+        raise KronographError(f"{name} needs floating-point targets, got {targets.dtype}; convert them to float32")
+    if tuple(targets.shape) != tuple(outputs.shape):
+        raise KronographError(
+            f"targets of shape {tuple(targets.shape)} do not match model outputs {tuple(outputs.shape)} for {name}"
+        )
+    if not torch.isfinite(targets).all():
+        raise KronographError(f"targets hold NaN or Inf; clean the data before training with {name}")
+
+
+LOSSES: dict[str, Loss] = {loss.name: loss for loss in (CrossEntropy(), SigmoidCrossEntropy(), MeanSquaredError())}
+
+
+def get_loss(name: str) -> Loss:
+    if name not in LOSSES:
+        raise KronographError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,91 @@
+"""The quadratic model M(delta) with the exact Fisher of the mini-batch (paper 6.4, 7 and appendix C).
+
+M(delta) = 1/2 delta^T (F + (lambda + eta) I) delta + grad^T delta. Only scalars d_a^T F d_b are needed:
+F = mean_i J_i^T H_i J_i, so each direction costs one forward-mode pass (J_i d by ``torch.func.jvp``) and
+the products come from the loss's output curvature H_i. F itself is never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, jvp
+
+from kronograph.runtime.losses import Loss
+
+Direction = Mapping[str, torch.Tensor]  # parameter name -> a tensor shaped like the parameter
+
+
+def fisher_gram(
+    module: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    loss: Loss,
+    directions: Sequence[Direction],
+) -> torch.Tensor:
+    """[k, k] matrix of d_a^T F d_b for the k directions, F the exact Fisher on ``inputs`` (float64).
+
+    Parameters missing from a direction count as zero. Buffers (batch-norm running statistics) are
+    passed as copies so that the extra forward passes leave the module's state untouched.
+    """
+    names = list(params)
+    primals = tuple(params[name].detach() for name in names)
+    buffers = dict(module.named_buffers())
+
+    def forward(*values: torch.Tensor) -> torch.Tensor:
+        # Copies made inside the transformed function: batch norm may update them in place.
+        copies = {name: buffer.clone() for name, buffer in buffers.items()}
+        return functional_call(module, {**copies, **dict(zip(names, values))}, tuple(inputs))
+
+    outputs, tangents = None, []
+    for direction in directions:
+        tangent = tuple(direction.get(name, torch.zeros_like(value)).to(value.dtype) for name, value in zip(names, primals))
+        outputs, output_tangent = jvp(forward, primals, tangent)
+        tangents.append(output_tangent.detach())
+    k = len(directions)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    if outputs is None:
+        return gram
+    outputs = outputs.detach()
+    for a in range(k):
+        for b in range(a, k):
+            value = loss.curvature(outputs, tangents[a], tangents[b]).double().mean()
+            gram[a, b] = gram[b, a] = value
+    return gram
+
+
+def inner(x: Direction, y: Direction) -> float:
+    """sum over shared parameters of <x_p, y_p>, in float64."""
+    return float(sum((x[name].double() * y[name].double()).sum() for name in x if name in y))
+
+
+@dataclass(frozen=True)
+class QuadraticSolution:
+    """Coefficients c minimising M(sum_a c_a d_a), and the model's decrease M(delta) - M(0) there."""
+
+    coefficients: tuple[float, ...]
+    decrease: float
+
+
+def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: torch.Tensor, damping: float) -> QuadraticSolution:
+    """Minimise 1/2 c^T (gram_f + damping gram_i) c + gradient^T c over c (paper sec 7's 2x2 system).
+
+    ``gram_f`` holds d_a^T F d_b, ``gram_i`` d_a^T d_b and ``gradient`` grad^T d_a; damping = lambda + eta.
+    Directions that are zero or make the system singular (the first step has no previous update) are
+    dropped, so the result is the best combination of the others. At the optimum M - M(0) = 1/2 grad^T c.
+    """
+    matrix = (gram_f + damping * gram_i).double()
+    gradient = gradient.double()
+    keep = [a for a in range(len(gradient)) if float(gram_i[a, a]) > 0 and torch.isfinite(matrix[a]).all()]
+    while keep:
+        sub = matrix[keep][:, keep]
+        if torch.linalg.matrix_rank(sub) == len(keep) and float(torch.linalg.eigvalsh(sub).min()) > 0:
+            solved = -torch.linalg.solve(sub, gradient[keep])
+            coefficients = [0.0] * len(gradient)
+            for a, value in zip(keep, solved.tolist()):
+                coefficients[a] = value
+            return QuadraticSolution(tuple(coefficients), 0.5 * float(gradient[keep] @ solved))
+        keep = keep[:-1]
+    return QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
