@@ -1,0 +1,131 @@
+"""KroneckerBlock: one layer's curvature state (factor EMAs, damped inverses) and its public verbs.
+
+A block keeps A [groups, a_dim, a_dim] and G [groups, g_dim, g_dim] as exponential moving averages
+in its own dtype (float32 by default, float64 on request; independent of the model's), the damped
+inverses of the last ``invert``, and turns itself into the dense matrix it stands for (tests).
+
+Dense convention: the block of group k is A_k kron G_k acting on vec(W_bar_k), vec stacking columns
+(runtime/wbar.py); over groups the matrix is block-diagonal in group order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import warnings
+
+import torch
+
+from kronograph.passes.plan import Layer
+from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.factors import batch_factors, ema_
+from kronograph.runtime.inverse import DampedInverses, StatisticsWarning, factored_inverses, precondition, trace_pi
+from kronograph.runtime.wbar import gather_grad, scatter
+
+
+class KroneckerBlock:
+    """Curvature of one Layer: A, G (EMAs), their damped inverses and the preconditioner they define."""
+
+    def __init__(self, layer: Layer, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"factor dtype must be float32 or float64, got {dtype}")
+        self.layer = layer
+        self.dtype = dtype
+        self.device = device
+        self.a: torch.Tensor | None = None
+        self.g: torch.Tensor | None = None
+        self.inverses: DampedInverses | None = None
+        self.updates = 0  # number of statistics updates folded into the EMAs
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def update(
+        self,
+        records: Sequence[SiteRecord],
+        *,
+        batch_size: int,
+        decay: float,
+        grad_scale: float | None = None,
+        index: torch.Tensor | None = None,
+    ) -> bool:
+        """Fold the mini-batch factors of captured sites into the EMAs (see factors.batch_factors);
+        False when the batch's statistics were not finite and were left out."""
+        a, g = batch_factors(
+            self.layer, records, batch_size=batch_size, grad_scale=grad_scale, index=index, dtype=self.dtype
+        )
+        return self.update_factors(a, g, decay)
+
+    def update_factors(self, a: torch.Tensor, g: torch.Tensor, decay: float) -> bool:
+        """new = decay * old + (1 - decay) * batch for both factors (the first update copies the batch).
+
+        A batch with NaN/Inf in either factor is not folded in (a poisoned EMA would never recover):
+        returns False and raises a StatisticsWarning through ``warnings``.
+        """
+        device = self.device if self.device is not None else a.device
+        a, g = a.to(device=device, dtype=self.dtype), g.to(device=device, dtype=self.dtype)
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+            warnings.warn(
+                f"K-FAC block {self.layer.name}: non-finite statistics in this mini-batch; the factors keep "
+                "their previous estimate",
+                StatisticsWarning,
+                stacklevel=2,
+            )
+            return False
+        self.a = ema_(self.a, a, decay)
+        self.g = ema_(self.g, g, decay)
+        self.updates += 1
+        return True
+
+    # -- inverses and preconditioning ---------------------------------------------------------------
+    def invert(self, gamma: float) -> bool:
+        """Recompute the damped inverses with strength gamma; False (and an InverseWarning) if a group kept
+        its previous inverse because its factors were not finite or not positive definite."""
+        if self.a is None or self.g is None:
+            raise RuntimeError(f"block {self.layer.name!r} has no statistics yet; update it before invert")
+        self.inverses = factored_inverses(self.a, self.g, gamma, self.inverses, name=self.layer.name)
+        return self.inverses.ok
+
+    @property
+    def pi(self) -> torch.Tensor | None:
+        return None if self.inverses is None else self.inverses.pi
+
+    def precondition(self, grad_bar: torch.Tensor) -> torch.Tensor:
+        """(G + gamma/pi I)^-1 grad_W_bar (A + pi gamma I)^-1 per group (no minus sign), in the block's dtype."""
+        if self.inverses is None:
+            raise RuntimeError(f"block {self.layer.name!r} has no inverses yet; call invert first")
+        return precondition(grad_bar, self.inverses)
+
+    def precondition_grads(self, params: Mapping[str, torch.nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The preconditioned .grad of the layer's weight and bias, shaped as those parameters."""
+        return scatter(self.layer, self.precondition(gather_grad(self.layer, params)))
+
+    # -- dense forms (tests, small models) ----------------------------------------------------------
+    def to_dense(self, gamma: float | None = None) -> torch.Tensor:
+        """A kron G (or, with gamma, the damped (A + pi gamma I) kron (G + gamma/pi I)), block-diagonal
+        over groups, in the vec convention of runtime/wbar.py."""
+        if self.a is None or self.g is None:
+            raise RuntimeError(f"block {self.layer.name!r} has no statistics yet")
+        a, g = self.a, self.g
+        if gamma is not None:
+            pi = trace_pi(a, g)[:, None, None]
+            a = a + pi * gamma * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+            g = g + gamma / pi * torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+        return torch.block_diag(*[torch.kron(a_k, g_k) for a_k, g_k in zip(a, g)])
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"a": self.a, "g": self.g, "updates": self.updates}
+        if self.inverses is not None:
+            state.update(a_inv=self.inverses.a_inv, g_inv=self.inverses.g_inv, pi=self.inverses.pi)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        def own(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.detach().clone().to(self.dtype)
+
+        self.a, self.g, self.updates = own(state["a"]), own(state["g"]), int(state["updates"])
+        self.inverses = None
+        if "a_inv" in state:
+            pi = own(state["pi"])
+            failed = torch.zeros(pi.shape[0], dtype=torch.bool, device=pi.device)
+            self.inverses = DampedInverses(own(state["a_inv"]), own(state["g_inv"]), pi, failed)

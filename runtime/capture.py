@@ -1,0 +1,300 @@
+"""Capture each layer site's input a and pre-activation gradient g on the user's own nn.Module.
+
+No module hooks: a TorchFunctionMode sees every call of ``F.linear``, ``torch.conv1d/2d/3d``,
+``torch.matmul`` / ``Tensor.__matmul__`` / ``torch.mm`` and ``torch.addmm`` (GPT-2's Conv1D:
+``addmm(b, x.view(-1, in), W)`` with W stored [in, out]). A call is a site of a layer when its weight
+argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
+(``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
+as nn.Linear. Outside ``with Capture(...)`` nothing is intercepted: the normal forward costs nothing.
+
+Per site it records a (the op's input, detached, no copy; for addmm with alpha != 1 the input times
+alpha) and the output s; a tensor hook on s stores g = dLoss/ds when a backward pass reaches it (each
+backward that reaches s overwrites g: the last one wins), or ``gradients_from(loss)`` sets g without
+touching any .grad (the sampled-target loss of the Fisher statistics). ``release_outputs`` drops the
+references to s, and with them the graph, once the gradients are in.
+g is the gradient of whatever was differentiated: for a MEAN loss over n examples it is
+(1/n) dl_i/ds, and the statistics (runtime/factors.py) take the scale back explicitly.
+
+Statistics on a random fraction of the batch: tensors are always captured whole; pass the chosen
+example indices to the statistics functions (and build the sampled loss on those examples only).
+
+Sites are counted per call, in call order. Decision on mismatches with the plan:
+  * a weight called more often than the plan has sites raises CaptureError at that call (the program
+    executed differs from the traced one, so the plan may be stale); ``strict=False`` pools the extra
+    calls as further sites and lists them in ``report().extra``;
+  * a layer never called (or called fewer times than it has sites) is not an error, since forwards may
+    skip branches: ``report()`` lists it and ``check()`` raises; a caller updating statistics skips
+    the layers in ``report().uncalled`` (``batch_factors`` raises on a layer without sites).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from kronograph.errors import KronographError
+from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
+from kronograph.runtime.patches import call_geometry
+
+
+class CaptureError(KronographError):
+    """The executed program does not fit the LayerPlan (extra calls, a layout mismatch, a stale input)."""
+
+
+@dataclass
+class SiteRecord:
+    """One executed site: ``a`` as the op saw it, ``output`` s, and ``g`` = dLoss/ds once backward ran.
+
+    Linear sites: a [..., in], g [..., out]. Conv sites: a [N, C, *spatial], g [N, out, *out_spatial],
+    ``geometry`` taken from the call's own arguments.
+    """
+
+    layer: str
+    index: int
+    a: torch.Tensor
+    output: torch.Tensor | None
+    geometry: ConvGeometry | None = None
+    g: torch.Tensor | None = None
+    a_version: int = 0
+
+    def check_unchanged(self) -> None:
+        if self.a._version != self.a_version:
+            raise CaptureError(
+                f"the input of layer {self.layer!r} (site {self.index}) was modified in place after the call; "
+                "clone it before modifying, or compute the statistics before the in-place update"
+            )
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    """Sites counted against the plan. ``partial`` maps a layer to (calls seen, sites in the plan)."""
+
+    uncalled: tuple[str, ...] = ()
+    partial: dict[str, tuple[int, int]] = field(default_factory=dict)
+    extra: dict[str, tuple[int, int]] = field(default_factory=dict)
+    no_gradient: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not (self.uncalled or self.partial or self.extra)
+
+
+_LINEAR = {torch.nn.functional.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
+_ADDMM = {torch.addmm, torch.Tensor.addmm}
+_CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
+_TRANSPOSE_METHODS = {torch.Tensor.t}
+_TRANSPOSE_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)
+
+
+def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+class Capture(TorchFunctionMode):
+    """Context manager recording the sites of every Layer of ``plan`` on ``module``.
+
+    Example::
+
+        with Capture(module, plan) as cap:
+            loss = loss_fn(module(x), y)      # a recorded per site
+        loss.backward()                        # g recorded by tensor hooks (hooks=True)
+        # or: cap.gradients_from(sampled_loss, retain_graph=True)  (no .grad written)
+        records = cap.records                  # {layer name: [SiteRecord, ...]}
+
+    Use one Capture per forward pass: sites are counted from its start.
+
+    Args:
+        module: the user's module (its ``named_parameters()`` names are the plan's parameter names).
+        plan: the LayerPlan, or the Layers to capture (a subset is fine).
+        hooks: register a gradient hook on every site output (else use ``gradients_from``).
+        strict: raise on more calls of a weight than the plan has sites (else pool and report them).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        plan: LayerPlan | Sequence[Layer],
+        *,
+        hooks: bool = True,
+        strict: bool = True,
+    ) -> None:
+        super().__init__()
+        chosen = plan.layers if isinstance(plan, LayerPlan) else tuple(plan)
+        self.layers: dict[str, Layer] = {layer.name: layer for layer in chosen}
+        params = dict(module.named_parameters())
+        self._by_weight: dict[int, Layer] = {}
+        for layer in self.layers.values():
+            if layer.weight not in params:
+                raise CaptureError(f"layer {layer.name!r}: the module has no parameter {layer.weight!r}")
+            self._by_weight[id(params[layer.weight])] = layer
+        self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()}
+        self.hooks = hooks
+        self.strict = strict
+        self.records: dict[str, list[SiteRecord]] = {}
+        self._transposed: dict[int, tuple[weakref.ref, Layer]] = {}
+        self._hooks_live = True
+
+    # -- interception -------------------------------------------------------------------------------
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func in _LINEAR:  # F.linear(input, weight, bias): weight used as [out, in]
+            self._linear(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), result, used_out_in=True)
+        elif func in _MATMUL:  # x @ W: W used as [in, out]
+            self._linear(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other"), result, used_out_in=False)
+        elif func in _ADDMM:  # addmm(bias, x, W, beta=, alpha=): W used as [in, out]
+            self._addmm(args, kwargs, result)
+        elif func in _CONV:
+            self._conv(args, kwargs, result)
+        elif self._is_transpose(func, args, kwargs):
+            self._transposed[id(result)] = (weakref.ref(result), self._by_weight[id(args[0])])
+        return result
+
+    def _is_transpose(self, func: Callable, args: tuple, kwargs: dict) -> bool:
+        """Whether the call transposes a layer's 2-D weight (W.t(), W.T, W.mT, W.transpose(0, 1))."""
+        if not args or not isinstance(args[0], torch.Tensor) or id(args[0]) not in self._weights:
+            return False
+        if args[0].dim() != 2:
+            return False
+        if func in _TRANSPOSE_METHODS or getattr(func, "__self__", None) in _TRANSPOSE_PROPERTIES:
+            return True
+        if func is torch.Tensor.transpose or func is torch.transpose:
+            return {_arg(args, kwargs, 1, "dim0") % 2, _arg(args, kwargs, 2, "dim1") % 2} == {0, 1}
+        return False
+
+    def _find(self, weight: Any) -> tuple[Layer | None, bool]:
+        """(layer, transposed) for a weight argument; (None, False) when it is no layer's weight."""
+        if not isinstance(weight, torch.Tensor):
+            return None, False
+        layer = self._by_weight.get(id(weight))
+        if layer is not None and self._weights[id(weight)] is weight:
+            return layer, False
+        entry = self._transposed.get(id(weight))
+        if entry is not None and entry[0]() is weight:
+            return entry[1], True
+        return None, False
+
+    def _linear(self, x: Any, weight: Any, result: Any, *, used_out_in: bool, alpha: float = 1.0) -> Layer | None:
+        layer, transposed = self._find(weight)
+        if layer is None:
+            other, _ = self._find(x)
+            if other is not None and not used_out_in:
+                raise CaptureError(
+                    f"layer {other.name!r}: its weight is the left operand of a matmul (W @ x); "
+                    "only x @ W, F.linear and addmm are captured"
+                )
+            return None
+        stored_out_in = used_out_in != transposed
+        if (layer.weight_layout == "out_in") != stored_out_in:
+            raise CaptureError(
+                f"layer {layer.name!r}: the plan says weight_layout={layer.weight_layout!r} but the call uses it "
+                f"as {'[out, in]' if stored_out_in else '[in, out]'}; recompile the model"
+            )
+        self._record(layer, x if alpha == 1 else x * alpha, result, None)  # s = (alpha x) W + b
+        return layer
+
+    def _addmm(self, args: tuple, kwargs: dict, result: Any) -> None:
+        layer, _ = self._find(_arg(args, kwargs, 2, "mat2"))
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        if layer is not None and beta != 1 and layer.bias is not None:
+            raise CaptureError(f"layer {layer.name!r}: addmm with beta={beta} scales the bias; only beta=1 works")
+        x, weight = _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+        self._linear(x, weight, result, used_out_in=False, alpha=alpha)
+
+    def _conv(self, args: tuple, kwargs: dict, result: Any) -> None:
+        layer, _ = self._find(_arg(args, kwargs, 1, "weight"))
+        if layer is None:
+            return
+        weight = _arg(args, kwargs, 1, "weight")
+        geometry = call_geometry(
+            weight.shape[2:],
+            _arg(args, kwargs, 3, "stride", 1),
+            _arg(args, kwargs, 4, "padding", 0),
+            _arg(args, kwargs, 5, "dilation", 1),
+            _arg(args, kwargs, 6, "groups", 1),
+        )
+        if layer.geometry is not None and geometry.groups != layer.groups:
+            raise CaptureError(
+                f"layer {layer.name!r}: called with groups={geometry.groups}, the plan has {layer.groups}"
+            )
+        self._record(layer, _arg(args, kwargs, 0, "input"), result, geometry)
+
+    def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None) -> None:
+        sites = self.records.setdefault(layer.name, [])
+        if self.strict and len(sites) >= len(layer.sites):
+            raise CaptureError(
+                f"layer {layer.name!r} ({layer.weight}) was called {len(sites) + 1} times but the plan has "
+                f"{len(layer.sites)} site(s): the forward differs from the traced one; recompile with inputs that "
+                "take the same path, or capture with strict=False to pool the extra calls"
+            )
+        a = a.detach()
+        record = SiteRecord(layer.name, len(sites), a, output, geometry, a_version=a._version)
+        sites.append(record)
+        if self.hooks and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._make_hook(record))
+
+    def _make_hook(self, record: SiteRecord) -> Callable[[torch.Tensor], None]:
+        live = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
+            capture = live()
+            if capture is not None and capture._hooks_live:
+                record.g = grad.detach()
+
+        return hook
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._transposed.clear()
+        return super().__exit__(*exc)
+
+    # -- results ------------------------------------------------------------------------------------
+    def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
+        """Set every site's g to dloss/ds with torch.autograd.grad (no .grad is written, hooks stay quiet).
+
+        A site whose output does not reach ``loss`` gets g = 0.
+        """
+        records = [
+            r for sites in self.records.values() for r in sites if r.output is not None and r.output.requires_grad
+        ]
+        self._hooks_live = False
+        try:
+            grads = torch.autograd.grad(loss, [r.output for r in records], retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._hooks_live = True
+        for record, grad in zip(records, grads):
+            record.g = torch.zeros_like(record.output) if grad is None else grad.detach()
+
+    def release_outputs(self) -> None:
+        """Drop the references to the outputs s (and so to the graph) once the gradients are in."""
+        for sites in self.records.values():
+            for record in sites:
+                record.output = None
+
+    def report(self) -> CaptureReport:
+        uncalled, partial, extra, no_gradient = [], {}, {}, []
+        for name, layer in self.layers.items():
+            calls = len(self.records.get(name, ()))
+            if calls == 0:
+                uncalled.append(name)
+            elif calls < len(layer.sites):
+                partial[name] = (calls, len(layer.sites))
+            elif calls > len(layer.sites):
+                extra[name] = (calls, len(layer.sites))
+            if calls and all(r.g is None for r in self.records[name]):
+                no_gradient.append(name)
+        return CaptureReport(tuple(uncalled), partial, extra, tuple(no_gradient))
+
+    def check(self) -> None:
+        """Raise CaptureError unless every layer was called exactly as many times as it has sites."""
+        report = self.report()
+        if not report.ok:
+            raise CaptureError(
+                f"the forward did not match the plan: never called {list(report.uncalled)}, "
+                f"fewer calls than sites {report.partial}, more calls than sites {report.extra}"
+            )

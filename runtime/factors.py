@@ -1,0 +1,184 @@
+"""Per-layer Kronecker factors A and G of one mini-batch, from captured sites (DESIGN.md conventions).
+
+Every site is reduced to rows: activation rows p (a_bar = [a; 1] when the layer has a bias) and gradient
+rows q, one row per (example, position), split per group: P [groups, R, a_dim], Q [groups, R, g_dim].
+
+* Linear, input [n, in]: one position per example. A = mean_i a_bar a_bar^T, G = mean_i g g^T.
+* Linear on sequences, input [n, T, in] (or flattened to [n * T, in], batch-major, as GPT-2's
+  ``x.view(-1, in)``): positions are treated like KFC's locations (KFAC-expand):
+  A = mean_i sum_t a_bar_t a_bar_t^T, G = mean_i (1/T) sum_t g_t g_t^T.
+* Conv (KFC): the same with t the output locations and a_t the patches (runtime/patches.py).
+* Several sites of one weight: their positions are pooled as more positions of the same example, so
+  A is the sum of the sites' A and G the position-weighted mean of the sites' G (KFAC-expand).
+
+Hence, with m the number of examples used and R the total number of rows:
+A = (1/m) sum_rows p p^T and G = (1/R) sum_rows q q^T.
+
+Scaling: g must be the per-example gradient dl_i/ds. A captured gradient of a loss that is a MEAN over
+m examples is (1/m) dl_i/ds, so q = ``grad_scale`` * g_captured with grad_scale = m by default (pass 1
+for a summed loss). Rows of the batch are examples along dim 0 (after viewing the leading dimension as
+[batch_size, -1]); ``index`` restricts the statistics to some examples (the random fraction tau_1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kronograph.passes.plan import Layer
+from kronograph.runtime.capture import CaptureError, SiteRecord
+from kronograph.runtime.patches import conv_patches, gradient_rows
+
+
+@dataclass
+class SiteRows:
+    """Rows of one site: P [groups, R, a_dim] (with the homogeneous 1 if biased), Q [groups, R, g_dim]."""
+
+    p: torch.Tensor
+    q: torch.Tensor | None
+
+
+def _select(x: torch.Tensor, batch_size: int, index: torch.Tensor | None) -> torch.Tensor:
+    """Keep the examples in ``index`` of a tensor whose dim 0 is batch_size examples (or a multiple of it:
+    a flattened batch-major [batch_size * T, ...]); checks the split even without an index."""
+    if x.dim() < 2 and batch_size == 1:
+        return x
+    if x.dim() == 0 or x.shape[0] % batch_size:
+        raise CaptureError(f"a captured tensor of shape {tuple(x.shape)} is not split into {batch_size} examples")
+    if index is None:
+        return x
+    grouped = x.reshape(batch_size, x.shape[0] // batch_size, *x.shape[1:])
+    return grouped[index].reshape(-1, *x.shape[1:])
+
+
+def _flatten_linear(x: torch.Tensor) -> torch.Tensor:
+    """A linear input [..., d] as [rows, d] (a 1-D input is one row)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def site_rows(
+    layer: Layer,
+    record: SiteRecord,
+    *,
+    batch_size: int,
+    index: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    with_gradient: bool = True,
+) -> SiteRows:
+    """P and Q of one site, in ``dtype`` (independent of the model's dtype)."""
+    record.check_unchanged()
+    a = _select(record.a, batch_size, index).to(dtype)
+    g = None
+    if with_gradient and record.g is not None:
+        g = _select(record.g, batch_size, index).to(dtype)
+    groups = layer.groups
+    if record.geometry is None:
+        p, q = _flatten_linear(a), None if g is None else _flatten_linear(g)
+    else:
+        p = conv_patches(a, record.geometry)
+        q = None if g is None else gradient_rows(g)
+    if p.shape[1] != groups * layer.in_features:
+        raise CaptureError(
+            f"layer {layer.name!r}: a site has {p.shape[1]} input features, "
+            f"the plan says {groups} x {layer.in_features}"
+        )
+    p = p.reshape(p.shape[0], groups, layer.in_features).transpose(0, 1)
+    if layer.bias is not None:
+        p = torch.cat([p, p.new_ones(groups, p.shape[1], 1)], dim=2)
+    if q is not None:
+        q = q.reshape(q.shape[0], groups, layer.out_features).transpose(0, 1)
+    return SiteRows(p, q)
+
+
+def _examples(batch_size: int, index: torch.Tensor | None) -> int:
+    if index is None:
+        return batch_size
+    return int(index.numel()) if index.dtype != torch.bool else int(index.sum())
+
+
+def batch_factors(
+    layer: Layer,
+    records: Sequence[SiteRecord],
+    *,
+    batch_size: int,
+    grad_scale: float | None = None,
+    index: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mini-batch factors (A [groups, a_dim, a_dim], G [groups, g_dim, g_dim]) of one layer.
+
+    Args:
+        records: the layer's sites from a Capture (gradients present; a site with g None counts as 0).
+        batch_size: the number of examples n of the forward (dim 0 of the input, or its divisor).
+        grad_scale: multiplies the captured g to make it per example; default: the number of examples
+            used (right for a mean loss over them).
+        index: examples to use (indices or a boolean mask over the batch), default all.
+        dtype: the factors' dtype (float32 or float64, independent of the model's).
+    """
+    if not records:
+        raise CaptureError(f"layer {layer.name!r} has no captured site")
+    if all(r.g is None for r in records):
+        raise CaptureError(f"layer {layer.name!r}: no site received a gradient; run backward or gradients_from first")
+    m = _examples(batch_size, index)
+    if m < 1:
+        raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
+    scale = float(m if grad_scale is None else grad_scale)
+    a_sum = g_sum = None
+    rows = 0
+    for record in records:
+        site = site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype)
+        aa = site.p.transpose(1, 2) @ site.p
+        a_sum = aa if a_sum is None else a_sum + aa
+        rows += site.p.shape[1]
+        if site.q is not None:
+            gg = site.q.transpose(1, 2) @ site.q
+            g_sum = gg if g_sum is None else g_sum + gg
+    a_factor = a_sum / m
+    g_factor = g_sum * (scale * scale / rows)
+    return _symmetric(a_factor), _symmetric(g_factor)
+
+
+def _symmetric(x: torch.Tensor) -> torch.Tensor:
+    return (x + x.transpose(1, 2)) / 2
+
+
+def capture_gradient(
+    layer: Layer, records: Sequence[SiteRecord], *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """grad W_bar [groups, g_dim, a_dim] recomputed from the captured (a, g): sum over rows of g a_bar^T.
+
+    Equals the gathered .grad of the weight (and bias column) when g came from the same backward; used
+    to check the captures and as the cheap gradient of per-example or sub-batch losses.
+    """
+    total = None
+    for record in records:
+        if record.g is None:
+            continue
+        batch = record.a.shape[0] if record.a.dim() > 1 else 1
+        site = site_rows(layer, record, batch_size=batch, dtype=dtype)
+        part = site.q.transpose(1, 2) @ site.p
+        total = part if total is None else total + part
+    if total is None:
+        raise CaptureError(f"layer {layer.name!r}: no site received a gradient")
+    return total
+
+
+def paper_decay(step: int, maximum: float = 0.95) -> float:
+    """The paper's EMA decay min(1 - 1/k, 0.95) at iteration k >= 1 (k = 1 replaces the estimate)."""
+    if step < 1:
+        raise ValueError(f"the EMA step counts from 1, got {step}")
+    return min(1.0 - 1.0 / step, maximum)
+
+
+def ema_(old: torch.Tensor | None, batch: torch.Tensor, decay: float) -> torch.Tensor:
+    """new = decay * old + (1 - decay) * batch, in place in ``old`` (a copy of batch when old is None;
+    decay 0 copies, so that even a non-finite old estimate is replaced)."""
+    if old is None:
+        return batch.clone()
+    if old.shape != batch.shape:
+        raise ValueError(f"EMA of shape {tuple(old.shape)} updated with shape {tuple(batch.shape)}")
+    if decay == 0:
+        return old.copy_(batch)
+    return old.mul_(decay).add_(batch.to(old.dtype), alpha=1.0 - decay)

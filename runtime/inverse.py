@@ -1,0 +1,132 @@
+"""Factored Tikhonov damping (paper sec 6.3) and NaN-safe inverses of the damped Kronecker factors.
+
+With strength gamma and pi = sqrt((tr A / dim A) / (tr G / dim G)), a block's damped inverse is
+(A + pi gamma I)^-1 kron (G + (gamma / pi) I)^-1, applied to a gradient as
+U = (G + (gamma/pi) I)^-1 grad_W_bar (A + pi gamma I)^-1. ``precondition`` returns U; the K-FAC
+proposal is Delta = -U (the sign is left to the optimizer).
+
+Inverses are Cholesky-based (cholesky_ex + cholesky_inverse), retried in float64 when a float32
+factorisation fails. A group whose factor holds NaN/Inf, or whose factorisation fails in float64 too,
+keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms alone: the
+factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning is raised
+through ``warnings`` (turn it into an error with a warnings filter). No NaN ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+class CurvatureWarning(RuntimeWarning):
+    """Base of the warnings of the curvature state (turn them into errors with a warnings filter)."""
+
+
+class InverseWarning(CurvatureWarning):
+    """A damped factor could not be inverted; the previous inverse was kept."""
+
+
+class StatisticsWarning(CurvatureWarning):
+    """A mini-batch's factors were not finite and were not folded into the EMA."""
+
+
+def trace_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)) per group ([groups]; 1 where a trace is not positive/finite)."""
+    mean_a = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1) / a.shape[-1]
+    mean_g = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / g.shape[-1]
+    pi = torch.sqrt(mean_a / mean_g)
+    usable = (mean_a > 0) & (mean_g > 0) & torch.isfinite(pi) & (pi > 0)
+    return torch.where(usable, pi, torch.ones_like(pi))
+
+
+def _try_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse, ok [groups]) of SPD matrices [groups, d, d]; failed groups hold garbage."""
+    factor, info = torch.linalg.cholesky_ex(m)
+    ok = info == 0
+    if not bool(ok.all()):  # cholesky_inverse raises on a zero pivot: give failed groups a harmless factor
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+        factor = torch.where(ok[:, None, None], factor, eye)
+    inverse = torch.cholesky_inverse(factor)
+    ok = ok & torch.isfinite(inverse).all(dim=(-2, -1))
+    return inverse, ok
+
+
+def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M + damping I)^-1 per group, NaN-safe: returns (inverse in M's dtype, failed [groups] bool).
+
+    Failed groups hold the inverse of the damping term alone, 1/damping I (I when damping is 0).
+
+    Args:
+        m: symmetric PSD factors [groups, d, d].
+        damping: a scalar or one value per group (added to the diagonal).
+    """
+    groups, d = m.shape[0], m.shape[-1]
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
+    eye = torch.eye(d, dtype=m.dtype, device=m.device)
+    finite = torch.isfinite(m).all(dim=(-2, -1)) & torch.isfinite(damping)
+    damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
+    safe = torch.where(finite[:, None, None], m, torch.zeros_like(m))
+    damped = safe + damping[:, None, None] * eye
+    inverse, ok = _try_inverse(damped)
+    retry = finite & ~ok
+    if retry.any() and m.dtype != torch.float64:
+        again, ok64 = _try_inverse(damped[retry].double())
+        again = again.to(m.dtype)
+        inverse[retry] = again
+        ok = ok.clone()
+        ok[retry] = ok64 & torch.isfinite(again).all(dim=(-2, -1))
+    ok = ok & finite
+    if bool(ok.all()):
+        return inverse, ~ok
+    scale = torch.where(damping > 0, 1.0 / damping.clamp_min(torch.finfo(m.dtype).tiny), torch.ones_like(damping))
+    return torch.where(ok[:, None, None], inverse, scale[:, None, None] * eye), ~ok
+
+
+@dataclass
+class DampedInverses:
+    """The damped inverses of one block, the pi used, and which groups kept their previous inverse."""
+
+    a_inv: torch.Tensor
+    g_inv: torch.Tensor
+    pi: torch.Tensor
+    failed: torch.Tensor  # [groups] bool: A or G of the group was not inverted this time
+
+    @property
+    def ok(self) -> bool:
+        return not bool(self.failed.any())
+
+
+def factored_inverses(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    gamma: float,
+    previous: DampedInverses | None = None,
+    name: str = "",
+) -> DampedInverses:
+    """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure."""
+    pi = trace_pi(a, g)
+    a_inv, a_failed = damped_inverse(a, pi * gamma)
+    g_inv, g_failed = damped_inverse(g, gamma / pi)
+    failed = a_failed | g_failed
+    if bool(failed.any()):
+        if previous is not None:  # a group keeps its previous pair (and pi) as a whole
+            keep = failed[:, None, None]
+            a_inv = torch.where(keep, previous.a_inv.to(a_inv.dtype), a_inv)
+            g_inv = torch.where(keep, previous.g_inv.to(g_inv.dtype), g_inv)
+            pi = torch.where(failed, previous.pi.to(pi.dtype), pi)
+        which = [i for i, bad in enumerate(failed.tolist()) if bad]
+        warnings.warn(
+            f"K-FAC block {name or '?'}: the damped factors of group(s) {which} are not finite or not positive "
+            "definite; kept the previous inverse (raise factor_damping if this repeats)",
+            InverseWarning,
+            stacklevel=2,
+        )
+    return DampedInverses(a_inv, g_inv, pi, failed)
+
+
+def precondition(grad_bar: torch.Tensor, inverses: DampedInverses) -> torch.Tensor:
+    """U = G_inv grad_W_bar A_inv per group: the damped Kronecker solve (without the minus sign)."""
+    grad = grad_bar.to(inverses.a_inv.dtype)
+    return inverses.g_inv @ grad @ inverses.a_inv

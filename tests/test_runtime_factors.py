@@ -1,0 +1,279 @@
+"""K-FAC / KFC factors of captured sites against explicit per-example computations (float64).
+
+The expected values are built from DESIGN.md's definitions with autograd, per-example backward passes
+and explicit loops over examples, positions and kernel offsets; nothing here calls the runtime's own
+patch or factor formulas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kronograph
+from kronograph.passes.plan import ConvGeometry, Layer, Site
+from kronograph.runtime.blocks import KroneckerBlock
+from kronograph.runtime.capture import Capture
+from kronograph.runtime.factors import batch_factors
+
+ATOL = 1e-10
+
+
+def linear_layer(
+    name: str, weight: str, bias: str | None, shape: tuple[int, int], layout: str = "out_in", sites: int = 1
+) -> Layer:
+    out, inp = shape if layout == "out_in" else shape[::-1]
+    return Layer(name, "linear", weight, bias, shape, layout, inp, out, tuple(Site("a", "s", ()) for _ in range(sites)))
+
+
+def conv_layer(name: str, conv: nn.Module) -> Layer:
+    shape = tuple(conv.weight.shape)
+    rank = len(shape) - 2
+    geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups)
+    return Layer(
+        name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape, "out_in",
+        shape[1] * math.prod(shape[2:]), shape[0] // conv.groups, (Site("a", "s", ()),), geometry,
+    )
+
+
+def vec(matrix: torch.Tensor) -> torch.Tensor:
+    """The paper's vec: columns stacked."""
+    return matrix.T.reshape(-1)
+
+
+# -- n = 1: the Kronecker block IS the per-example Fisher block ---------------------------------------
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.l2 = nn.Linear(4, 3, bias=False)
+        self.w3 = nn.Parameter(torch.randn(2, 3))
+        self.b3 = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l2(torch.tanh(self.l1(x))))
+        return F.linear(h, self.w3, self.b3)
+
+
+def test_mlp_factors_equal_per_example_fisher_when_n_is_1() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    x, y = torch.randn(1, 3, dtype=torch.float64), torch.tensor([1])
+    cm = kronograph.compile(model, example_inputs=(x,))
+    assert {layer.weight for layer in cm.layers} == {"l1.weight", "l2.weight", "w3"}
+    with Capture(model, cm.plan) as cap:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    params = dict(model.named_parameters())
+    for layer in cm.layers:
+        block = KroneckerBlock(layer, dtype=torch.float64)
+        block.update(cap.records[layer.name], batch_size=1, decay=0.0)
+        grad = params[layer.weight].grad
+        if layer.bias is not None:
+            grad = torch.cat([grad, params[layer.bias].grad[:, None]], dim=1)
+        v = vec(grad)
+        torch.testing.assert_close(block.to_dense(), torch.outer(v, v), rtol=0, atol=ATOL)
+
+
+def test_conv_factors_equal_per_example_fisher_when_single_location() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, (3, 4), stride=2, padding=1, dilation=2).double()
+    head = nn.Linear(3, 4).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    x, y = torch.randn(1, 2, 4, 5, dtype=torch.float64), torch.tensor([2])
+    assert conv(x).shape[2:] == (1, 1)  # T = 1: KFC is exact
+    layer = conv_layer("0", conv)
+    with Capture(model, (layer,)) as cap:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    block.update(cap.records["0"], batch_size=1, decay=0.0)
+    v = vec(torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1))
+    torch.testing.assert_close(block.to_dense(), torch.outer(v, v), rtol=0, atol=ATOL)
+
+
+# -- n > 1: the scaling of a mean loss, sum losses and sub-batches ------------------------------------
+def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per example: the activation a_bar of l1 and g = dl_i/ds (the bias gradient of l1)."""
+    a_bars, gs = [], []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        gs.append(model.l1.bias.grad.clone())
+        a_bars.append(torch.cat([x[i], torch.ones(1, dtype=x.dtype)]))
+    model.zero_grad()
+    return a_bars, gs
+
+
+def test_mean_loss_gradients_are_rescaled_to_per_example() -> None:
+    torch.manual_seed(2)
+    model = TinyMLP().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    layer = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    a_bars, gs = _per_example(model, x, y)
+    want_a = sum(torch.outer(a, a) for a in a_bars) / 5
+    want_g = sum(torch.outer(g, g) for g in gs) / 5
+
+    with Capture(model, (layer,)) as cap:
+        mean_loss = F.cross_entropy(model(x), y)
+    mean_loss.backward()
+    a, g = batch_factors(layer, cap.records["l1"], batch_size=5, dtype=torch.float64)
+    torch.testing.assert_close(a[0], want_a, rtol=0, atol=ATOL)
+    torch.testing.assert_close(g[0], want_g, rtol=0, atol=ATOL)
+
+    with Capture(model, (layer,)) as cap:
+        sum_loss = F.cross_entropy(model(x), y, reduction="sum")
+    cap.gradients_from(sum_loss)
+    _, g_sum = batch_factors(layer, cap.records["l1"], batch_size=5, grad_scale=1.0, dtype=torch.float64)
+    torch.testing.assert_close(g_sum[0], want_g, rtol=0, atol=ATOL)
+
+
+def test_statistics_on_a_subset_of_the_batch() -> None:
+    torch.manual_seed(3)
+    model = TinyMLP().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    layer = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    index = torch.tensor([1, 4, 5])
+    a_bars, gs = _per_example(model, x[index], y[index])
+    with Capture(model, (layer,)) as cap:
+        out = model(x)
+    cap.gradients_from(F.cross_entropy(out[index], y[index]))  # a mean over the 3 chosen examples
+    a, g = batch_factors(layer, cap.records["l1"], batch_size=6, index=index, dtype=torch.float64)
+    torch.testing.assert_close(a[0], sum(torch.outer(v, v) for v in a_bars) / 3, rtol=0, atol=ATOL)
+    torch.testing.assert_close(g[0], sum(torch.outer(v, v) for v in gs) / 3, rtol=0, atol=ATOL)
+
+
+def test_float32_factors_from_a_float64_model() -> None:
+    torch.manual_seed(4)
+    model = TinyMLP().double()
+    layer = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    with Capture(model, (layer,)) as cap:
+        model(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    a, g = batch_factors(layer, cap.records["l1"], batch_size=2)
+    assert a.dtype == g.dtype == torch.float32 and a.shape == (1, 4, 4) and g.shape == (1, 4, 4)
+
+
+# -- sequences: positions like KFC locations (A = mean_i sum_t, G = mean_i (1/T) sum_t) -----------------
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: weight stored [in, out], y = addmm(b, x.view(-1, in), W)."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_sequence_linear_and_gpt2_conv1d_factors() -> None:
+    torch.manual_seed(5)
+    n, t = 3, 4
+    linear = nn.Linear(2, 3).double()
+    target = torch.randn(n, t, 3, dtype=torch.float64)
+    x = torch.randn(n, t, 2, dtype=torch.float64)
+
+    def example_loss(s: torch.Tensor, i: int) -> torch.Tensor:
+        return (torch.tanh(s) * target[i]).sum() ** 2
+
+    want_a = torch.zeros(3, 3, dtype=torch.float64)
+    want_g = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(n):
+        s = linear(x[i])
+        (g,) = torch.autograd.grad(example_loss(s, i), s)
+        for j in range(t):
+            a_bar = torch.cat([x[i, j], torch.ones(1, dtype=torch.float64)])
+            want_a += torch.outer(a_bar, a_bar) / n
+            want_g += torch.outer(g[j], g[j]) / (n * t)
+
+    def run(module: nn.Module, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        with Capture(module, (layer,)) as cap:
+            s = module(x)
+        (sum(example_loss(s[i], i) for i in range(n)) / n).backward()
+        return batch_factors(layer, cap.records[layer.name], batch_size=n, dtype=torch.float64)
+
+    a, g = run(linear, linear_layer("lin", "weight", "bias", (3, 2)))
+    torch.testing.assert_close(a[0], want_a, rtol=0, atol=ATOL)
+    torch.testing.assert_close(g[0], want_g, rtol=0, atol=ATOL)
+
+    gpt2 = Conv1D(2, 3)
+    with torch.no_grad():
+        gpt2.weight.copy_(linear.weight.T)
+        gpt2.bias.copy_(linear.bias)
+    a, g = run(gpt2, linear_layer("c", "weight", "bias", (2, 3), layout="in_out"))
+    torch.testing.assert_close(a[0], want_a, rtol=0, atol=ATOL)
+    torch.testing.assert_close(g[0], want_g, rtol=0, atol=ATOL)
+
+
+# -- convolutions against loops over examples, locations and kernel offsets ---------------------------
+def loop_patches(
+    x: torch.Tensor, conv: nn.Module, begin: tuple[int, ...], out_spatial: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Patch vectors (all input channels, kernel offsets row-major) of one example, per output location."""
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    patches = []
+    for o in itertools.product(*map(range, out_spatial)):
+        values = []
+        for c in range(x.shape[0]):
+            for k in itertools.product(*map(range, kernel)):
+                idx = [o[j] * stride[j] - begin[j] + k[j] * dilation[j] for j in range(len(kernel))]
+                inside = all(0 <= v < size for v, size in zip(idx, x.shape[1:]))
+                values.append(x[(c, *idx)] if inside else torch.zeros((), dtype=x.dtype))
+        patches.append(torch.stack(values))
+    return patches
+
+
+CASES = [
+    ("conv2d stride+pad+dilation", lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), (5, 6), (1, 1)),
+    ("conv2d same, asymmetric pads", lambda: nn.Conv2d(2, 3, (2, 3), padding="same", bias=False), (4, 5), (0, 1)),
+    ("conv1d", lambda: nn.Conv1d(3, 2, 3, stride=2, padding=2), (7,), (2,)),
+    ("conv3d", lambda: nn.Conv3d(1, 2, 2, stride=(1, 2, 1), padding=1), (3, 3, 2), (1, 1, 1)),
+    ("conv2d groups=2", lambda: nn.Conv2d(4, 6, 2, stride=1, padding=1, groups=2), (3, 3), (1, 1)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("make, spatial, begin", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_conv_factors_against_loops(make, spatial: tuple[int, ...], begin: tuple[int, ...]) -> None:
+    torch.manual_seed(6)
+    n = 2
+    conv = make().double()
+    x = torch.randn(n, conv.in_channels, *spatial, dtype=torch.float64)
+    out_spatial = tuple(conv(x).shape[2:])
+    t = math.prod(out_spatial)
+    head = nn.Linear(conv.out_channels * t, 3).double()
+    y = torch.tensor([0, 2])
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    groups, c_g, o_g = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    d_a = c_g * math.prod(conv.kernel_size) + (conv.bias is not None)
+    want_a = torch.zeros(groups, d_a, d_a, dtype=torch.float64)
+    want_g = torch.zeros(groups, o_g, o_g, dtype=torch.float64)
+    for i in range(n):
+        s = conv(x[i : i + 1])
+        (g,) = torch.autograd.grad(F.cross_entropy(model[1:](s), y[i : i + 1]), s)
+        g = g[0].reshape(conv.out_channels, t)
+        patches = loop_patches(x[i], conv, begin, out_spatial)
+        for j, patch in enumerate(patches):
+            w = conv.weight.reshape(conv.out_channels, -1)
+            for k in range(groups):
+                p = patch.reshape(conv.in_channels, -1)[k * c_g : (k + 1) * c_g].reshape(-1)
+                rows = slice(k * o_g, (k + 1) * o_g)
+                # the loop's patches reproduce the convolution itself (checks `begin` and the order)
+                expected = w[rows] @ p + (conv.bias[rows] if conv.bias is not None else 0)
+                torch.testing.assert_close(expected, s[0].reshape(conv.out_channels, t)[rows, j], rtol=0, atol=ATOL)
+                if conv.bias is not None:
+                    p = torch.cat([p, torch.ones(1, dtype=torch.float64)])
+                want_a[k] += torch.outer(p, p) / n
+                want_g[k] += torch.outer(g[rows, j], g[rows, j]) / (n * t)
+    layer = conv_layer("0", conv)
+    with Capture(model, (layer,)) as cap:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    a, g = batch_factors(layer, cap.records["0"], batch_size=n, dtype=torch.float64)
+    torch.testing.assert_close(a, want_a, rtol=0, atol=ATOL)
+    torch.testing.assert_close(g, want_g, rtol=0, atol=ATOL)

@@ -1,0 +1,173 @@
+"""Damped Kronecker inverses against dense algebra, NaN safety, pi, W_bar round trips and the EMA."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from kronograph.passes.plan import ConvGeometry, Layer, Site
+from kronograph.runtime.blocks import KroneckerBlock
+from kronograph.runtime.factors import ema_, paper_decay
+from kronograph.runtime.inverse import InverseWarning, StatisticsWarning, trace_pi
+from kronograph.runtime.wbar import gather, scatter, unvec, vec
+
+SITE = (Site("a", "s", ()),)
+
+
+def spd(groups: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    m = torch.randn(groups, d, 2 * d, dtype=torch.float64, generator=generator)
+    return m @ m.transpose(1, 2) / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def grouped_linear(groups: int, out_g: int, in_g: int, bias: bool) -> Layer:
+    geometry = ConvGeometry((1,), (1,), (0, 0), (1,), groups)
+    shape = (groups * out_g, in_g, 1)
+    return Layer("c", "conv1d", "w", "b" if bias else None, shape, "out_in", in_g, out_g, SITE, geometry)
+
+
+def column_vec(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.stack([matrix[:, j] for j in range(matrix.shape[1])]).reshape(-1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_preconditioning_equals_the_dense_damped_solve(groups: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    layer = grouped_linear(groups, out_g=3, in_g=4, bias=True)
+    a, g = spd(groups, 5, gen), 7.0 * spd(groups, 3, gen)
+    grad = torch.randn(groups, 3, 5, dtype=torch.float64, generator=gen)
+    gamma = 0.3
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    block.update_factors(a, g, decay=0.0)
+    assert block.invert(gamma)
+    update = block.precondition(grad)
+    for k in range(groups):
+        pi = math.sqrt((torch.trace(a[k]).item() / 5) / (torch.trace(g[k]).item() / 3))
+        eye_a, eye_g = torch.eye(5, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+        dense = torch.kron(a[k] + pi * gamma * eye_a, g[k] + gamma / pi * eye_g)
+        want = torch.linalg.solve(dense, column_vec(grad[k]))
+        torch.testing.assert_close(column_vec(update[k]), want, rtol=1e-10, atol=1e-12)
+    # the block's own dense forms agree with the same convention
+    torch.testing.assert_close(block.to_dense(gamma) @ vec(update), vec(grad), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(block.to_dense()[:15, :15], torch.kron(a[0], g[0]), rtol=0, atol=0)
+    if groups == 2:
+        assert block.to_dense()[:15, 15:].abs().max() == 0
+
+
+def test_pi_from_traces() -> None:
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))[None]
+    g = torch.tensor([[[2.0, 1.0], [1.0, 6.0]]], dtype=torch.float64)
+    assert trace_pi(a, g).item() == pytest.approx(math.sqrt((12.0 / 4) / (8.0 / 2)), rel=1e-14)
+    zero = torch.zeros(1, 2, 2, dtype=torch.float64)
+    assert trace_pi(a, zero).item() == 1.0  # a zero G (no gradient yet) falls back to pi = 1
+
+
+def test_non_finite_factors_keep_the_previous_inverse() -> None:
+    gen = torch.Generator().manual_seed(1)
+    layer = grouped_linear(2, out_g=2, in_g=3, bias=False)
+    block = KroneckerBlock(layer, dtype=torch.float32)
+    block.update_factors(spd(2, 3, gen).float(), spd(2, 2, gen).float(), decay=0.0)
+    assert block.invert(0.1)
+    before = block.inverses
+    block.update_factors(spd(2, 3, gen).float(), spd(2, 2, gen).float(), decay=0.0)
+    block.a[1, 0, 0] = float("nan")  # as if the EMA itself had been poisoned
+    with pytest.warns(InverseWarning, match=r"group\(s\) \[1\]"):
+        assert not block.invert(0.1)
+    assert block.inverses.failed.tolist() == [False, True]
+    torch.testing.assert_close(block.inverses.a_inv[1], before.a_inv[1], rtol=0, atol=0)
+    torch.testing.assert_close(block.inverses.g_inv[1], before.g_inv[1], rtol=0, atol=0)
+    assert not torch.allclose(block.inverses.a_inv[0], before.a_inv[0])
+    update = block.precondition(torch.randn(2, 2, 3))
+    assert torch.isfinite(update).all()
+
+
+def test_float32_factorisation_failure_is_retried_in_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=gen))
+    a = (q @ torch.diag(torch.logspace(0, -9, 8, dtype=torch.float64)) @ q.T).float()
+    a = ((a + a.T) / 2)[None]  # positive definite as stored, but float32 Cholesky breaks down
+    assert torch.linalg.cholesky_ex(a)[1].item() != 0 and torch.linalg.cholesky_ex(a.double())[1].item() == 0
+    block = KroneckerBlock(grouped_linear(1, out_g=2, in_g=8, bias=False), dtype=torch.float32)
+    block.update_factors(a, torch.eye(2)[None], decay=0.0)
+    assert block.invert(0.0)
+    torch.testing.assert_close(block.inverses.a_inv, torch.linalg.inv(a.double()).float(), rtol=1e-5, atol=0)
+
+
+def test_non_finite_statistics_are_not_folded_into_the_ema() -> None:
+    block = KroneckerBlock(grouped_linear(1, out_g=2, in_g=2, bias=False), dtype=torch.float64)
+    block.update_factors(torch.eye(2)[None], 2 * torch.eye(2)[None], decay=0.0)
+    with pytest.warns(StatisticsWarning):
+        assert not block.update_factors(torch.full((1, 2, 2), float("nan")), torch.eye(2)[None], decay=0.5)
+    assert block.a.tolist() == torch.eye(2)[None].tolist() and block.updates == 1
+
+
+def test_failed_first_inverse_and_singular_factors_never_give_nan() -> None:
+    layer = grouped_linear(1, out_g=2, in_g=2, bias=False)
+    block = KroneckerBlock(layer, dtype=torch.float32)
+    block.update_factors(torch.eye(2)[None], torch.eye(2)[None], decay=0.0)
+    block.a.fill_(float("inf"))
+    with pytest.warns(InverseWarning):
+        assert not block.invert(0.5)
+    assert torch.isfinite(block.inverses.a_inv).all() and torch.isfinite(block.inverses.g_inv).all()
+    # rank-deficient factors without damping: Cholesky fails in float32 and float64; previous kept
+    block.update_factors(torch.eye(2)[None], torch.eye(2)[None], decay=0.0)
+    assert block.invert(0.0)
+    good = block.inverses.a_inv.clone()
+    block.update_factors(torch.ones(1, 2, 2), torch.eye(2)[None], decay=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not block.invert(0.0)
+    assert any(issubclass(w.category, InverseWarning) for w in caught)
+    torch.testing.assert_close(block.inverses.a_inv, good, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Layer("l", "linear", "w", "b", (3, 4), "out_in", 4, 3, SITE),
+        Layer("l", "linear", "w", None, (4, 3), "in_out", 4, 3, SITE),
+        Layer(
+            "c", "conv2d", "w", "b", (6, 2, 2, 3), "out_in", 12, 3, SITE,
+            ConvGeometry((2, 3), (1, 1), (0,) * 4, (1, 1), 2),
+        ),
+    ],
+    ids=["linear", "in_out", "grouped conv"],
+)
+def test_gather_and_scatter_are_inverse(layer: Layer) -> None:
+    weight = torch.randn(layer.weight_shape, dtype=torch.float64)
+    bias = torch.randn(layer.groups * layer.out_features, dtype=torch.float64) if layer.bias else None
+    w_bar = gather(layer, weight, bias)
+    assert w_bar.shape == (layer.groups, layer.out_features, layer.a_dim)
+    # [out, in] order: row r of group k is output unit k*out_g + r, its last column the bias
+    out_in = weight.T if layer.weight_layout == "in_out" else weight.reshape(weight.shape[0], -1)
+    torch.testing.assert_close(w_bar[-1, -1, : layer.in_features], out_in[-1], rtol=0, atol=0)
+    if bias is not None:
+        assert w_bar[-1, -1, -1] == bias[-1]
+    back_w, back_b = scatter(layer, w_bar)
+    torch.testing.assert_close(back_w, weight, rtol=0, atol=0)
+    if bias is not None:
+        torch.testing.assert_close(back_b, bias, rtol=0, atol=0)
+    torch.testing.assert_close(unvec(vec(w_bar), layer.groups, layer.out_features, layer.a_dim), w_bar, rtol=0, atol=0)
+
+
+def test_ema_and_paper_schedule() -> None:
+    assert [paper_decay(k) for k in (1, 2, 10, 20, 1000)] == [0.0, 0.5, 0.9, 0.95, 0.95]
+    old = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    new = ema_(old, torch.tensor([3.0, 6.0], dtype=torch.float64), 0.75)
+    assert new is old and new.tolist() == [1.5, 3.0]
+    first = torch.ones(2)
+    assert ema_(None, first, 0.9) is not first
+
+
+def test_block_state_round_trip() -> None:
+    gen = torch.Generator().manual_seed(2)
+    layer = grouped_linear(2, out_g=2, in_g=3, bias=True)
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    block.update_factors(spd(2, 4, gen), spd(2, 2, gen), decay=0.0)
+    block.invert(0.2)
+    other = KroneckerBlock(layer, dtype=torch.float64)
+    other.load_state_dict(block.state_dict())
+    grad = torch.randn(2, 2, 4, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(other.precondition(grad), block.precondition(grad), rtol=0, atol=0)
