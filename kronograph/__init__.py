@@ -4,6 +4,7 @@ The code lives in the subpackages ``kronograph.compiler``, ``kronograph.passes``
 ``kronograph.triton_kernels`` and ``kronograph.cli`` (top-level folders of the repository).
 """
 
+from kronograph import optim
 from kronograph.compiler import CompiledModel, compile
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan, Site, Unmatched
@@ -17,5 +18,6 @@ __all__ = [
     "Site",
     "Unmatched",
     "compile",
+    "optim",
 ]
 __version__ = "0.1.0"

@@ -20,7 +20,14 @@ import torch
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.factors import batch_factors, ema_
-from kronograph.runtime.inverse import DampedInverses, StatisticsWarning, factored_inverses, precondition, trace_pi
+from kronograph.runtime.inverse import (
+    DampedInverses,
+    StatisticsWarning,
+    all_finite,
+    factored_inverses,
+    precondition,
+    trace_pi,
+)
 from kronograph.runtime.wbar import gather_grad, scatter
 
 
@@ -63,7 +70,7 @@ class KroneckerBlock:
         """
         device = self.device if self.device is not None else a.device
         a, g = a.to(device=device, dtype=self.dtype), g.to(device=device, dtype=self.dtype)
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+        if not all_finite((a, g)):
             warnings.warn(
                 f"K-FAC block {self.layer.name}: non-finite statistics in this mini-batch; the factors keep "
                 "their previous estimate",

@@ -5,7 +5,7 @@ With strength gamma and pi = sqrt((tr A / dim A) / (tr G / dim G)), a block's da
 U = (G + (gamma/pi) I)^-1 grad_W_bar (A + pi gamma I)^-1. ``precondition`` returns U; the K-FAC
 proposal is Delta = -U (the sign is left to the optimizer).
 
-Inverses are Cholesky-based (cholesky_ex + cholesky_inverse), retried in float64 when a float32
+Inverses are Cholesky-based (cholesky_ex, then a triangular solve), retried in float64 when a float32
 factorisation fails. A group whose factor holds NaN/Inf, or whose factorisation fails in float64 too,
 keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms alone: the
 factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning is raised
@@ -48,9 +48,29 @@ def _try_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(ok.all()):  # cholesky_inverse raises on a zero pivot: give failed groups a harmless factor
         eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
         factor = torch.where(ok[:, None, None], factor, eye)
-    inverse = torch.cholesky_inverse(factor)
-    ok = ok & torch.isfinite(inverse).all(dim=(-2, -1))
+    # L^-T L^-1 by a triangular solve: torch.cholesky_inverse is ~20x slower on CPU for d ~ 1000.
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+    l_inv = torch.linalg.solve_triangular(factor, eye, upper=False)
+    inverse = l_inv.transpose(-2, -1) @ l_inv
+    ok = ok & _finite_per_group(inverse)
     return inverse, ok
+
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite: one sum per tensor (a NaN or Inf makes it non-finite;
+    a finite tensor whose sum overflows is then scanned entry by entry)."""
+    for x in tensors:
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            return False
+    return True
+
+
+def _finite_per_group(x: torch.Tensor) -> torch.Tensor:
+    """[groups] bool: all entries finite. Checks one sum per group first (a full scan only when needed)."""
+    sums = x.sum(dim=(-2, -1))
+    if bool(torch.isfinite(sums).all()):
+        return torch.ones_like(sums, dtype=torch.bool)
+    return torch.isfinite(x).all(dim=(-2, -1))
 
 
 def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +85,7 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torc
     groups, d = m.shape[0], m.shape[-1]
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
     eye = torch.eye(d, dtype=m.dtype, device=m.device)
-    finite = torch.isfinite(m).all(dim=(-2, -1)) & torch.isfinite(damping)
+    finite = _finite_per_group(m) & torch.isfinite(damping)
     damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
     safe = torch.where(finite[:, None, None], m, torch.zeros_like(m))
     damped = safe + damping[:, None, None] * eye
@@ -76,7 +96,7 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torc
         again = again.to(m.dtype)
         inverse[retry] = again
         ok = ok.clone()
-        ok[retry] = ok64 & torch.isfinite(again).all(dim=(-2, -1))
+        ok[retry] = ok64 & _finite_per_group(again)
     ok = ok & finite
     if bool(ok.all()):
         return inverse, ~ok

@@ -18,17 +18,16 @@ from kronograph.runtime.losses import Loss
 Direction = Mapping[str, torch.Tensor]  # parameter name -> a tensor shaped like the parameter
 
 
-def fisher_gram(
+def output_tangents(
     module: torch.nn.Module,
     params: Mapping[str, torch.Tensor],
     inputs: Sequence[torch.Tensor],
-    loss: Loss,
     directions: Sequence[Direction],
-) -> torch.Tensor:
-    """[k, k] matrix of d_a^T F d_b for the k directions, F the exact Fisher on ``inputs`` (float64).
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The outputs s on ``inputs`` and J d for every direction d: one forward-mode pass per direction.
 
     Parameters missing from a direction count as zero. Buffers (batch-norm running statistics) are
-    passed as copies so that the extra forward passes leave the module's state untouched.
+    copied inside each pass so that these extra forwards leave the module's state untouched.
     """
     names = list(params)
     primals = tuple(params[name].detach() for name in names)
@@ -44,21 +43,36 @@ def fisher_gram(
         tangent = tuple(direction.get(name, torch.zeros_like(value)).to(value.dtype) for name, value in zip(names, primals))
         outputs, output_tangent = jvp(forward, primals, tangent)
         tangents.append(output_tangent.detach())
-    k = len(directions)
+    return (None if outputs is None else outputs.detach()), tangents
+
+
+def curvature_gram(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[k, k] matrix of (J d_a)^T H (J d_b) averaged over the examples (float64): d_a^T F d_b."""
+    k = len(tangents)
     gram = torch.zeros(k, k, dtype=torch.float64)
-    if outputs is None:
-        return gram
-    outputs = outputs.detach()
     for a in range(k):
         for b in range(a, k):
-            value = loss.curvature(outputs, tangents[a], tangents[b]).double().mean()
-            gram[a, b] = gram[b, a] = value
+            gram[a, b] = gram[b, a] = loss.curvature(outputs, tangents[a], tangents[b]).double().mean()
     return gram
 
 
+def fisher_gram(
+    module: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    loss: Loss,
+    directions: Sequence[Direction],
+) -> torch.Tensor:
+    """[k, k] matrix of d_a^T F d_b for the k directions, F the exact Fisher on ``inputs`` (float64)."""
+    outputs, tangents = output_tangents(module, params, inputs, directions)
+    if outputs is None:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    return curvature_gram(loss, outputs, tangents)
+
+
 def inner(x: Direction, y: Direction) -> float:
-    """sum over shared parameters of <x_p, y_p>, in float64."""
-    return float(sum((x[name].double() * y[name].double()).sum() for name in x if name in y))
+    """sum over shared parameters of <x_p, y_p> (each dot product in the tensors' dtype, summed in Python)."""
+    return sum(float(torch.vdot(x[name].reshape(-1), y[name].reshape(-1))) for name in x if name in y)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""``kronograph.optim``: the optimizers of the contract in DESIGN.md (they live in runtime/)."""
+
+from kronograph.runtime.kfac import KFAC
+
+__all__ = ["KFAC"]

@@ -1,0 +1,342 @@
+"""K-FAC (Martens & Grosse 2015, Algorithm 2) on the user's own module, with the paper's damping scheme.
+
+One ``step(x, y)``:
+1. statistics (every ``stats_every`` steps): a forward pass on a random fraction tau_1 of the batch under
+   Capture, targets sampled from the model (``fisher="mc"``) or the labels, a backward pass of that loss;
+   the factors' EMAs take the mini-batch factors (decay min(1 - 1/k, 0.95) unless ``ema_decay`` is set);
+2. the gradient of h = mean loss + eta/2 |theta|^2 on the whole batch (a plain forward and backward);
+3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps
+   for the three candidates gamma, omega2 gamma, gamma / omega2, keeping the one whose update lowers the
+   quadratic model most, sec 6.6);
+4. the proposal Delta = -F^-1 grad h per layer; the unmatched parameters' direction is -grad h;
+5. re-scaling and momentum (6.4, 7): the coefficients of Delta, of the unmatched direction and of the
+   previous update minimise M(delta) with the exact Fisher on a fraction tau_2 of the batch;
+   without re-scaling: delta = Delta (+ heavy-ball momentum) times lr;
+6. theta += lr * delta (lr = 1 is the paper's algorithm), then every ``damping_every`` steps the
+   Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from rho = (h(theta+delta) - h) / (M(delta) - M(0)).
+Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kronograph.compiler.compiled import CompiledModel
+from kronograph.errors import KronographError
+from kronograph.runtime.blocks import KroneckerBlock
+from kronograph.runtime.capture import Capture
+from kronograph.runtime.factors import paper_decay
+from kronograph.runtime.inverse import DampedInverses, all_finite, factored_inverses, precondition
+from kronograph.runtime.losses import get_loss
+from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
+from kronograph.runtime.wbar import gather, scatter
+
+Direction = dict[str, torch.Tensor]
+
+
+def levenberg_marquardt(damping: float, rho: float, omega: float, minimum: float = 0.0) -> float:
+    """The rule of sec 6.5: shrink lambda by omega (< 1) when rho > 3/4, grow it by 1/omega when rho < 1/4."""
+    if rho > 0.75:
+        return max(minimum, damping * omega)
+    if rho < 0.25:
+        return damping / omega
+    return damping
+
+
+def gamma_candidates(gamma: float, every: int) -> list[float]:
+    """The three strengths tried every T_2 steps (sec 6.6): gamma, omega2 gamma and gamma / omega2."""
+    omega2 = math.sqrt(19 / 20) ** every
+    return [gamma, omega2 * gamma, gamma / omega2]
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Extra forward passes (statistics, rho) must not move batch-norm running statistics."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+class KFAC:
+    """K-FAC for a model compiled on the torch engine; updates the module's parameters in place.
+
+    ``KFAC(cm)`` with no other argument is the paper's algorithm with the paper's settings (sec 13):
+    lambda = 150 adapted every 5 steps, gamma = sqrt(lambda + eta) adapted every 20, inverses every 20,
+    tau_1 = 1/8, tau_2 = 1/4, MC Fisher, re-scaling and quadratic-model momentum.
+
+    Args:
+        lr: multiplies the final update (1.0 with re-scaling is the paper's algorithm).
+        damping: lambda, the Tikhonov term of the quadratic model (initial value when adapted).
+        factor_damping: gamma for the factored Tikhonov damping; None: sqrt(lambda + eta).
+        weight_decay: eta, the l2 coefficient in h.
+        ema_decay: fixed EMA decay of the factors; None: the paper's min(1 - 1/k, 0.95).
+        fisher: "mc" (targets sampled from the model) or "empirical" (the labels).
+        stats_fraction, qmodel_fraction: tau_1 and tau_2, fractions of the batch for the statistics and
+            for the exact-Fisher products.
+        stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
+        momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
+        rescale: re-scale by the exact Fisher (6.4).
+        adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (default: on when re-scaling).
+        damping_every, gamma_every: T_1 and T_2.
+        factor_dtype: dtype of factors and inverses, independent of the model's.
+        seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        lr: float = 1.0,
+        damping: float = 150.0,
+        factor_damping: float | None = None,
+        weight_decay: float = 0.0,
+        ema_decay: float | None = None,
+        fisher: str = "mc",
+        stats_fraction: float = 1 / 8,
+        stats_every: int = 1,
+        inverse_every: int = 20,
+        momentum: str | float | None = "qmodel",
+        rescale: bool = True,
+        adapt_damping: bool | None = None,
+        adapt_gamma: bool | None = None,
+        qmodel_fraction: float = 1 / 4,
+        damping_every: int = 5,
+        gamma_every: int = 20,
+        factor_dtype: torch.dtype = torch.float32,
+        min_damping: float = 1e-8,
+        seed: int | None = None,
+    ) -> None:
+        if compiled.engine != "torch" or compiled.module is None:
+            raise KronographError("KFAC runs on the torch engine for now; compile an nn.Module (engine='torch')")
+        if fisher not in ("mc", "empirical"):
+            raise KronographError(f"fisher={fisher!r}; choose 'mc' (sampled targets) or 'empirical' (labels)")
+        if momentum == "qmodel" and not rescale:
+            raise KronographError("momentum='qmodel' needs rescale=True; pass a float for heavy-ball momentum")
+        if not (isinstance(momentum, (int, float)) or momentum in ("qmodel", None)):
+            raise KronographError(f"momentum={momentum!r}; choose 'qmodel', a float or None")
+        for name, value in (("stats_fraction", stats_fraction), ("qmodel_fraction", qmodel_fraction)):
+            if not 0 < value <= 1:
+                raise KronographError(f"{name}={value} must lie in (0, 1]")
+        for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every),
+                            ("damping_every", damping_every), ("gamma_every", gamma_every)):
+            if int(value) < 1:
+                raise KronographError(f"{name}={value} must be a positive number of steps")
+        self.compiled = compiled
+        self.module = compiled.module
+        self.loss = get_loss(compiled.loss)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.damping = float(damping)
+        self.gamma = float(factor_damping) if factor_damping is not None else math.sqrt(self.damping + self.weight_decay)
+        self.ema_decay, self.fisher = ema_decay, fisher
+        self.stats_fraction, self.qmodel_fraction = float(stats_fraction), float(qmodel_fraction)
+        self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
+        self.momentum, self.rescale = momentum, bool(rescale)
+        self.adapt_damping = self.rescale if adapt_damping is None else bool(adapt_damping)
+        self.adapt_gamma = self.rescale if adapt_gamma is None else bool(adapt_gamma)
+        if (self.adapt_damping or self.adapt_gamma) and not self.rescale:
+            raise KronographError("adapting lambda or gamma needs rescale=True (both use the exact-F quadratic model)")
+        self.damping_every, self.gamma_every = int(damping_every), int(gamma_every)
+        self.min_damping = float(min_damping)
+        named = dict(self.module.named_parameters())
+        self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
+        self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
+        covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
+        self.unmatched = [name for name in self.params if name not in covered]
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self.steps = 0
+        self.stats_updates = 0
+        self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
+        """One K-FAC iteration on the batch (x, y); returns {"loss", "alpha", "mu", "damping", ...}."""
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        self.steps += 1
+        k = self.steps
+        if k == 1 or (k - 1) % self.stats_every == 0:
+            self._update_statistics(inputs, y)
+        loss, objective, grads = self._gradient(inputs, y)
+        info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma}
+        if not math.isfinite(objective) or not all_finite(grads.values()):
+            info["skipped"] = "non-finite loss or gradient; the weights were left unchanged"
+            return info
+        gammas = [self.gamma]
+        if self.adapt_gamma and k % self.gamma_every == 0:
+            gammas = gamma_candidates(self.gamma, self.gamma_every)
+        refresh = k <= 3 or k % self.inverse_every == 0 or len(gammas) > 1
+        best = None
+        tangent_cache: dict[str, Any] = {}
+        for gamma in gammas:
+            inverses = self._inverses(gamma) if refresh else {n: b.inverses for n, b in self.blocks.items()}
+            proposal = self._proposal(grads, inverses)
+            update, figures, decrease = self._final_update(inputs, grads, proposal, tangent_cache)
+            if best is None or decrease < best[3]:
+                best = (gamma, inverses, update, decrease, figures)
+        gamma, inverses, update, decrease, figures = best
+        info.update(figures, model_decrease=decrease)
+        if not all_finite(update.values()):
+            info["skipped"] = "non-finite update; the weights were left unchanged"
+            return info
+        self.gamma = gamma
+        for name, block in self.blocks.items():
+            block.inverses = inverses[name]
+        with torch.no_grad():
+            for name, delta in update.items():
+                self.params[name].add_(delta.to(self.params[name].dtype))
+        self.previous = update
+        if self.adapt_damping and k % self.damping_every == 0:
+            info["rho"] = self._adapt_damping(inputs, y, objective, decrease)
+        info["factor_damping"] = self.gamma
+        info["damping"] = self.damping
+        return info
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _subset(self, n: int, fraction: float) -> torch.Tensor | None:
+        if fraction >= 1:
+            return None
+        m = max(1, int(round(fraction * n)))
+        return torch.randperm(n, generator=self.generator)[:m]
+
+    def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        n = inputs[0].shape[0]
+        index = self._subset(n, self.stats_fraction)
+        sub = inputs if index is None else tuple(t[index] for t in inputs)
+        with preserved_buffers(self.module), Capture(self.module, self.compiled.plan, hooks=False) as capture:
+            outputs = self.module(*sub)
+        if self.fisher == "mc":
+            targets = self.loss.sample_targets(outputs, self.generator)
+        else:
+            targets = y if index is None else y[index]
+        capture.gradients_from(self.loss.statistics_loss(outputs, targets))
+        capture.release_outputs()
+        self.stats_updates += 1
+        decay = paper_decay(self.stats_updates) if self.ema_decay is None else float(self.ema_decay)
+        if self.stats_updates == 1:
+            decay = 0.0  # the first estimate replaces the empty one whatever ema_decay says
+        for name, block in self.blocks.items():
+            records = capture.records.get(name)
+            if records:
+                block.update(records, batch_size=sub[0].shape[0], decay=decay)
+
+    def _gradient(self, inputs, y) -> tuple[float, float, Direction]:
+        self.module.zero_grad(set_to_none=True)
+        outputs = self.module(*inputs)
+        if self.steps == 1:
+            self.loss.check_targets(outputs, y)
+        loss = self.loss(outputs, y)
+        loss.backward()
+        value = float(loss.detach())
+        grads: Direction = {}
+        norm = 0.0
+        for name, param in self.params.items():
+            grad = param.grad.detach() if param.grad is not None else torch.zeros_like(param)
+            if self.weight_decay:
+                grad = grad + self.weight_decay * param.detach()
+                norm += float(param.detach().double().pow(2).sum())
+            grads[name] = grad
+        return value, value + 0.5 * self.weight_decay * norm, grads
+
+    def _objective(self, inputs, y) -> float:
+        with torch.no_grad(), preserved_buffers(self.module):
+            value = float(self.loss(self.module(*inputs), y))
+        if self.weight_decay:
+            value += 0.5 * self.weight_decay * sum(float(p.detach().double().pow(2).sum()) for p in self.params.values())
+        return value
+
+    def _inverses(self, gamma: float) -> dict[str, DampedInverses | None]:
+        result = {}
+        for name, block in self.blocks.items():
+            if block.a is None:
+                result[name] = None  # never called by the forward: no statistics, no block update
+            else:
+                result[name] = factored_inverses(block.a, block.g, gamma, block.inverses, name=name)
+        return result
+
+    def _proposal(self, grads: Direction, inverses: Mapping[str, DampedInverses | None]) -> Direction:
+        """Delta = -F^-1 grad h for every layer (layers without statistics: -grad h)."""
+        proposal: Direction = {}
+        for name, block in self.blocks.items():
+            layer = block.layer
+            grad_bar = gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None)
+            solved = precondition(grad_bar, inverses[name]) if inverses[name] is not None else grad_bar
+            weight, bias = scatter(layer, solved)
+            proposal[layer.weight] = -weight.to(grads[layer.weight].dtype)
+            if layer.bias:
+                proposal[layer.bias] = -bias.to(grads[layer.bias].dtype)
+        return proposal
+
+    def _final_update(self, inputs, grads: Direction, proposal: Direction, cache: dict) -> tuple[Direction, dict, float]:
+        """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
+        fallback = {name: -grads[name] for name in self.unmatched}
+        if not self.rescale:
+            step = {**proposal, **fallback}
+            if isinstance(self.momentum, (int, float)) and self.momentum and self.previous is not None:
+                step = {n: d * self.lr + self.momentum * self.previous[n] for n, d in step.items()}
+                return step, {}, 0.0
+            return {n: d * self.lr for n, d in step.items()}, {}, 0.0
+        directions: list[Direction] = [proposal]
+        labels = ["alpha"]
+        if fallback:
+            directions.append(fallback)
+            labels.append("unmatched_scale")
+        if self.momentum == "qmodel" and self.previous is not None:
+            directions.append(self.previous)
+            labels.append("mu")
+        if "inputs" not in cache:
+            index = self._subset(inputs[0].shape[0], self.qmodel_fraction)
+            cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
+        outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions[:1])
+        for label, direction in zip(labels[1:], directions[1:]):  # the same for every gamma candidate
+            if label not in cache:
+                cache[label] = output_tangents(self.module, self.params, cache["inputs"], [direction])[1][0]
+            tangents.append(cache[label])
+        gram_f = curvature_gram(self.loss, outputs, tangents)
+        gram_i = torch.tensor([[inner(a, b) for b in directions] for a in directions], dtype=torch.float64)
+        gradient = torch.tensor([inner(grads, d) for d in directions], dtype=torch.float64)
+        solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay)
+        figures = dict(zip(labels, solution.coefficients))
+        figures.setdefault("mu", 0.0)
+        update: Direction = {name: torch.zeros_like(param) for name, param in self.params.items()}
+        for coefficient, direction in zip(solution.coefficients, directions):
+            for name, value in direction.items():
+                update[name] += (self.lr * coefficient) * value
+        return update, figures, solution.decrease
+
+    def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> float:
+        """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4."""
+        rho = (self._objective(inputs, y) - objective) / decrease if decrease < 0 else -math.inf
+        self.damping = levenberg_marquardt(self.damping, rho, (19 / 20) ** self.damping_every, self.min_damping)
+        return rho
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: factors, inverses, damping, momentum, RNG."""
+        return {
+            "steps": self.steps,
+            "stats_updates": self.stats_updates,
+            "damping": self.damping,
+            "gamma": self.gamma,
+            "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
+            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = set(self.blocks) - set(state["blocks"])
+        if missing:
+            raise KronographError(f"the optimizer state has no blocks for layers {sorted(missing)}; it is from another model")
+        self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
+        self.damping, self.gamma = float(state["damping"]), float(state["gamma"])
+        self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
+        for name, block in self.blocks.items():
+            block.load_state_dict(state["blocks"][name])
+        self.generator.set_state(state["generator"])
