@@ -1,0 +1,239 @@
+"""kronograph.optim.KFAC against dense computations on a tiny model, and its contract.
+
+The oracle below recomputes a K-FAC step from scratch: per-example activations and gradients by autograd,
+the factors, the damped Kronecker system solved densely with torch.kron, the exact Fisher from the full
+Jacobian, and the minimiser of the quadratic model from those explicit matrices.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.runtime.kfac import gamma_candidates, levenberg_marquardt
+
+N, SIZES, CLASSES = 6, (3, 4), 3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(SIZES[0], SIZES[1]), nn.Tanh(), nn.Linear(SIZES[1], CLASSES, bias=False)).double()
+
+
+def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(N, SIZES[0], generator=generator, dtype=torch.float64), torch.randint(0, CLASSES, (N,), generator=generator)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unflatten(model: nn.Module, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    values, offset = {}, 0
+    for name, p in model.named_parameters():
+        values[name] = theta[offset : offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return values
+
+
+def block_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Per-layer (A, G) from per-example activations and per-example gradients dl_i/ds_i (empirical)."""
+    w1, b1, w2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
+    s1 = (x @ w1.T + b1).requires_grad_(True)
+    h = torch.tanh(s1)
+    s2 = h @ w2.T
+    per_example = nn.functional.cross_entropy(s2, y, reduction="none")
+    g1, g2 = torch.autograd.grad(per_example.sum(), (s1, s2))  # row i is dl_i/ds_i
+    a1 = torch.cat([x, torch.ones(N, 1, dtype=x.dtype)], dim=1)
+    a2 = h.detach()
+    return [(a1.T @ a1 / N, g1.T @ g1 / N), (a2.T @ a2 / N, g2.T @ g2 / N)]
+
+
+def damped_solve(a: torch.Tensor, g: torch.Tensor, grad_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(A + pi gamma I)^-1 kron (G + gamma/pi I)^-1 applied to vec(grad_bar), vec stacking columns."""
+    pi = math.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0]))
+    matrix = torch.kron(a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype), g + gamma / pi * torch.eye(g.shape[0], dtype=g.dtype))
+    solved = torch.linalg.solve(matrix, grad_bar.T.reshape(-1))
+    return solved.reshape(grad_bar.shape[1], grad_bar.shape[0]).T
+
+
+def exact_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    theta = flat_params(model)
+    jacobian = torch.autograd.functional.jacobian(lambda t: torch.func.functional_call(model, unflatten(model, t), (x,)), theta)
+    p = torch.softmax(torch.func.functional_call(model, unflatten(model, theta), (x,)), dim=1).detach()
+    fisher = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for i in range(N):
+        fisher += jacobian[i].T @ (torch.diag(p[i]) - torch.outer(p[i], p[i])) @ jacobian[i]
+    return fisher / N
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads]) + eta * flat_params(model)
+
+
+def proposal(factors, grad: torch.Tensor, gamma: float) -> torch.Tensor:
+    w1_size, b1_size = SIZES[1] * SIZES[0], SIZES[1]
+    grad_w1, grad_b1 = grad[:w1_size].reshape(SIZES[1], SIZES[0]), grad[w1_size : w1_size + b1_size]
+    grad_w2 = grad[w1_size + b1_size :].reshape(CLASSES, SIZES[1])
+    u1 = damped_solve(*factors[0], torch.cat([grad_w1, grad_b1[:, None]], dim=1), gamma)
+    u2 = damped_solve(*factors[1], grad_w2, gamma)
+    return -torch.cat([u1[:, :-1].reshape(-1), u1[:, -1], u2.reshape(-1)])
+
+
+SETTINGS = dict(
+    fisher="empirical", stats_fraction=1.0, qmodel_fraction=1.0, damping=0.5, factor_damping=0.3,
+    weight_decay=0.01, adapt_damping=False, adapt_gamma=False, factor_dtype=torch.float64, seed=0,
+)
+
+
+def test_two_steps_equal_the_dense_algorithm():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    x, y = data()
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,), loss="cross_entropy"), **SETTINGS)
+    lam, gamma, eta = 0.5, 0.3, 0.01
+
+    # Step 1: alpha alone (no previous update); the factors are the batch's.
+    factors = block_factors(reference, x, y)
+    grad = gradient(reference, x, y, eta)
+    delta = proposal(factors, grad, gamma)
+    fisher = exact_fisher(reference, x)
+    alpha = -(grad @ delta) / (delta @ fisher @ delta + (lam + eta) * delta @ delta)
+    info = optimizer.step(x, y)
+    assert info["alpha"] == pytest.approx(float(alpha), rel=1e-9)
+    theta = flat_params(reference) + alpha * delta
+    assert torch.allclose(flat_params(model), theta, atol=1e-12)
+
+    # Step 2 on another batch: EMA with decay 1/2, then alpha and mu from the 2x2 system of sec 7.
+    with torch.no_grad():
+        for p, value in zip(reference.parameters(), unflatten(reference, theta).values()):
+            p.copy_(value)
+    previous = alpha * delta
+    x2, y2 = data(seed=2)
+    new = block_factors(reference, x2, y2)
+    factors = [(0.5 * a + 0.5 * a2, 0.5 * g + 0.5 * g2) for (a, g), (a2, g2) in zip(factors, new)]
+    grad = gradient(reference, x2, y2, eta)
+    delta = proposal(factors, grad, gamma)
+    fisher = exact_fisher(reference, x2)
+    vectors = [delta, previous]
+    system = torch.tensor([[u @ fisher @ v + (lam + eta) * u @ v for v in vectors] for u in vectors])
+    alpha, mu = (-torch.linalg.solve(system, torch.stack([grad @ delta, grad @ previous]))).tolist()
+    info = optimizer.step(x2, y2)
+    assert info["alpha"] == pytest.approx(alpha, rel=1e-8)
+    assert info["mu"] == pytest.approx(mu, rel=1e-8)
+    assert torch.allclose(flat_params(model), theta + alpha * delta + mu * previous, atol=1e-12)
+
+
+def test_defaults_are_the_papers():
+    model = nn.Sequential(nn.Linear(3, 2))
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, torch.randn(2, 3)))
+    assert optimizer.damping == 150.0 and optimizer.gamma == pytest.approx(math.sqrt(150.0))
+    assert (optimizer.damping_every, optimizer.gamma_every, optimizer.inverse_every) == (5, 20, 20)
+    assert (optimizer.stats_fraction, optimizer.qmodel_fraction) == (1 / 8, 1 / 4)
+    assert optimizer.fisher == "mc" and optimizer.rescale and optimizer.momentum == "qmodel"
+    assert optimizer.adapt_damping and optimizer.adapt_gamma and optimizer.lr == 1.0
+
+
+def test_levenberg_marquardt_rule():
+    omega = (19 / 20) ** 5
+    assert levenberg_marquardt(10.0, 0.9, omega) == pytest.approx(10.0 * omega)  # model trustworthy: shrink
+    assert levenberg_marquardt(10.0, 0.1, omega) == pytest.approx(10.0 / omega)  # model too optimistic: grow
+    assert levenberg_marquardt(10.0, 0.5, omega) == 10.0
+    assert levenberg_marquardt(1e-9, 0.9, omega, minimum=1e-8) == 1e-8
+    assert gamma_candidates(2.0, 20) == pytest.approx([2.0, 2.0 * math.sqrt(19 / 20) ** 20, 2.0 / math.sqrt(19 / 20) ** 20])
+
+
+def test_lambda_follows_rho_on_a_real_step():
+    """Where the quadratic model is trustworthy (rho > 3/4), lambda shrinks by omega1 after the step."""
+    model = make_model()
+    x, y = data()
+    optimizer = kronograph.optim.KFAC(
+        kronograph.compile(model, (x,)), **{**SETTINGS, "adapt_damping": True, "damping": 10.0}, damping_every=1
+    )
+    info = optimizer.step(x, y)
+    assert info["rho"] > 0.75
+    assert optimizer.damping == pytest.approx(10.0 * 19 / 20)
+
+
+def test_gamma_is_the_best_of_three_candidates():
+    model = make_model()
+    x, y = data()
+    settings = {**SETTINGS, "inverse_every": 1}
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **{**settings, "adapt_gamma": True}, gamma_every=2)
+    optimizer.step(x, y)
+    state, weights = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(model.state_dict())
+    x2, y2 = data(seed=3)
+    decreases = {}
+    for candidate in gamma_candidates(optimizer.gamma, 2):
+        other = make_model()
+        other.load_state_dict(weights)
+        fixed = kronograph.optim.KFAC(kronograph.compile(other, (x,)), **{**settings, "factor_damping": candidate})
+        fixed.load_state_dict(copy.deepcopy(state))
+        fixed.gamma = candidate
+        decreases[candidate] = fixed.step(x2, y2)["model_decrease"]
+    info = optimizer.step(x2, y2)
+    best = min(decreases, key=decreases.get)
+    assert info["factor_damping"] == pytest.approx(best)
+    assert info["model_decrease"] == pytest.approx(decreases[best], rel=1e-9)
+
+
+def test_parameters_are_updated_in_place_and_resume_is_exact():
+    def run(steps, state=None):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+        compiled = kronograph.compile(model, torch.randn(2, 1, 6, 6))
+        optimizer = kronograph.optim.KFAC(compiled, seed=7, inverse_every=2, gamma_every=2, damping_every=1)
+        if state is not None:
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(state[1])
+        generator = torch.Generator().manual_seed(11)
+        batches = [(torch.randn(16, 1, 6, 6, generator=generator), torch.randint(0, 4, (16,), generator=generator)) for _ in range(6)]
+        losses = [optimizer.step(*batch)["loss"] for batch in batches[optimizer.steps : steps]]
+        return model, optimizer, losses
+
+    model, optimizer, losses = run(6)
+    weight = model[0].weight
+    assert weight is dict(model.named_parameters())["0.weight"]  # the module's own Parameter, moved in place
+    assert losses[-1] < losses[0]
+    half_model, half_optimizer, _ = run(3)
+    state = (copy.deepcopy(half_model.state_dict()), copy.deepcopy(half_optimizer.state_dict()))
+    resumed_model, _, resumed_losses = run(6, state)
+    assert resumed_losses == losses[3:]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
+def test_non_finite_batch_never_reaches_the_weights():
+    model = make_model()
+    x, y = data()
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **SETTINGS)
+    optimizer.step(x, y)
+    before = flat_params(model)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        info = optimizer.step(bad, y)
+    assert "skipped" in info
+    assert torch.equal(flat_params(model), before)
+    info = optimizer.step(x, y)  # and training goes on
+    assert "skipped" not in info and math.isfinite(info["loss"])
+
+
+def test_bad_arguments_are_named():
+    compiled = kronograph.compile(nn.Linear(3, 2), torch.randn(2, 3))
+    for kwargs, message in [
+        ({"fisher": "exact"}, "fisher"),
+        ({"momentum": "qmodel", "rescale": False}, "rescale"),
+        ({"stats_fraction": 0.0}, "stats_fraction"),
+        ({"inverse_every": 0}, "inverse_every"),
+    ]:
+        with pytest.raises(kronograph.KronographError, match=message):
+            kronograph.optim.KFAC(compiled, **kwargs)
