@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,10 +31,18 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
-from kronograph.runtime.factors import paper_decay
-from kronograph.runtime.inverse import DampedInverses, all_finite, factored_inverses, precondition
+from kronograph.runtime.factors import ema_, paper_decay
+from kronograph.runtime.inverse import (
+    DampedInverses,
+    InverseWarning,
+    StatisticsWarning,
+    all_finite,
+    factored_inverses,
+    precondition,
+)
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
+from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
 from kronograph.runtime.wbar import gather, scatter
 
 Direction = dict[str, torch.Tensor]
@@ -88,6 +97,7 @@ class KFAC:
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (default: on when re-scaling).
         damping_every, gamma_every: T_1 and T_2.
         factor_dtype: dtype of factors and inverses, independent of the model's.
+        structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
     """
 
@@ -113,6 +123,7 @@ class KFAC:
         factor_dtype: torch.dtype = torch.float32,
         min_damping: float = 1e-8,
         seed: int | None = None,
+        structure: str = "diagonal",
     ) -> None:
         if compiled.engine != "torch" or compiled.module is None:
             raise KronographError("KFAC runs on the torch engine for now; compile an nn.Module (engine='torch')")
@@ -120,6 +131,10 @@ class KFAC:
             raise KronographError(f"fisher={fisher!r}; choose 'mc' (sampled targets) or 'empirical' (labels)")
         if momentum == "qmodel" and not rescale:
             raise KronographError("momentum='qmodel' needs rescale=True; pass a float for heavy-ball momentum")
+        if structure not in ("diagonal", "tridiagonal"):
+            raise KronographError(f"structure={structure!r}; choose 'diagonal' or 'tridiagonal'")
+        if structure == "tridiagonal":
+            check_chain(compiled.layers)
         if not (isinstance(momentum, (int, float)) or momentum in ("qmodel", None)):
             raise KronographError(f"momentum={momentum!r}; choose 'qmodel', a float or None")
         for name, value in (("stats_fraction", stats_fraction), ("qmodel_fraction", qmodel_fraction)):
@@ -148,6 +163,9 @@ class KFAC:
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
         self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
+        self.structure = structure
+        self.cross: list[torch.Tensor] | None = None  # tridiagonal: [A_01, ..., G_01, ...] EMAs
+        self.tridiagonal: TridiagonalInverse | None = None
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.params if name not in covered]
         self.generator = torch.Generator()
@@ -176,7 +194,7 @@ class KFAC:
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
-            inverses = self._inverses(gamma) if refresh else {n: b.inverses for n, b in self.blocks.items()}
+            inverses = self._inverses(gamma) if refresh else self._current_inverses()
             proposal = self._proposal(grads, inverses)
             update, figures, decrease = self._final_update(inputs, grads, proposal, tangent_cache)
             if best is None or decrease < best[3]:
@@ -187,8 +205,12 @@ class KFAC:
             info["skipped"] = "non-finite update; the weights were left unchanged"
             return info
         self.gamma = gamma
-        for name, block in self.blocks.items():
-            block.inverses = inverses[name]
+        if isinstance(inverses, TridiagonalInverse):
+            self.tridiagonal = inverses
+        else:
+            self.tridiagonal = None
+            for name, block in self.blocks.items():
+                block.inverses = inverses[name]
         with torch.no_grad():
             for name, delta in update.items():
                 self.params[name].add_(delta.to(self.params[name].dtype))
@@ -222,10 +244,32 @@ class KFAC:
         decay = paper_decay(self.stats_updates) if self.ema_decay is None else float(self.ema_decay)
         if self.stats_updates == 1:
             decay = 0.0  # the first estimate replaces the empty one whatever ema_decay says
+        if self.structure == "tridiagonal":
+            self._update_chain(capture.records, sub[0].shape[0], decay)
+            return
         for name, block in self.blocks.items():
             records = capture.records.get(name)
             if records:
                 block.update(records, batch_size=sub[0].shape[0], decay=decay)
+
+    def _update_chain(self, records: Mapping[str, list], examples: int, decay: float) -> None:
+        """Diagonal and cross moments of the chain from the same examples, folded in with one decay."""
+        blocks = list(self.blocks.values())
+        dtype = blocks[0].dtype
+        inputs = [records[b.layer.name][0].a for b in blocks]
+        grads = [records[b.layer.name][0].g for b in blocks]
+        a_diag, g_diag, a_cross, g_cross = chain_factors(
+            [b.layer for b in blocks], inputs, grads, grad_scale=examples, dtype=dtype
+        )
+        if not all_finite([*a_diag, *g_diag, *a_cross, *g_cross]):
+            warnings.warn("K-FAC: non-finite statistics in this mini-batch; the factors keep their estimate",
+                          StatisticsWarning, stacklevel=3)
+            return
+        for block, a, g in zip(blocks, a_diag, g_diag):
+            block.update_factors(a[None], g[None], decay)
+        batch = [*a_cross, *g_cross]
+        self.cross = [ema_(None if self.cross is None else old, new, decay) for old, new in
+                      zip(self.cross or [None] * len(batch), batch)]
 
     def _gradient(self, inputs, y) -> tuple[float, float, Direction]:
         self.module.zero_grad(set_to_none=True)
@@ -252,7 +296,21 @@ class KFAC:
             value += 0.5 * self.weight_decay * sum(float(p.detach().double().pow(2).sum()) for p in self.params.values())
         return value
 
-    def _inverses(self, gamma: float) -> dict[str, DampedInverses | None]:
+    def _current_inverses(self):
+        if self.tridiagonal is not None:
+            return self.tridiagonal
+        return {name: block.inverses for name, block in self.blocks.items()}
+
+    def _inverses(self, gamma: float) -> dict[str, DampedInverses | None] | TridiagonalInverse:
+        if self.structure == "tridiagonal" and self.cross is not None:
+            half = len(self.cross) // 2
+            try:
+                return TridiagonalInverse(
+                    [b.a[0] for b in self.blocks.values()], [b.g[0] for b in self.blocks.values()],
+                    self.cross[:half], self.cross[half:], gamma, names=list(self.blocks),
+                )
+            except TridiagonalInverseError as error:  # keep training: the block-diagonal inverse this time
+                warnings.warn(f"K-FAC: {error}; using the block-diagonal inverse", InverseWarning, stacklevel=3)
         result = {}
         for name, block in self.blocks.items():
             if block.a is None:
@@ -261,13 +319,19 @@ class KFAC:
                 result[name] = factored_inverses(block.a, block.g, gamma, block.inverses, name=name)
         return result
 
-    def _proposal(self, grads: Direction, inverses: Mapping[str, DampedInverses | None]) -> Direction:
+    def _proposal(self, grads: Direction, inverses) -> Direction:
         """Delta = -F^-1 grad h for every layer (layers without statistics: -grad h)."""
+        layers = [block.layer for block in self.blocks.values()]
+        bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
+        if isinstance(inverses, TridiagonalInverse):
+            solved_bars = inverses.apply(bars)
+        else:
+            solved_bars = [
+                precondition(bar, inverses[layer.name]) if inverses[layer.name] is not None else bar
+                for layer, bar in zip(layers, bars)
+            ]
         proposal: Direction = {}
-        for name, block in self.blocks.items():
-            layer = block.layer
-            grad_bar = gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None)
-            solved = precondition(grad_bar, inverses[name]) if inverses[name] is not None else grad_bar
+        for layer, solved in zip(layers, solved_bars):
             weight, bias = scatter(layer, solved)
             proposal[layer.weight] = -weight.to(grads[layer.weight].dtype)
             if layer.bias:
@@ -328,6 +392,8 @@ class KFAC:
             "gamma": self.gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+            "cross": None if self.cross is None else [c.clone() for c in self.cross],
+            "tridiagonal": None if self.tridiagonal is None else self.tridiagonal.state_dict(),
             "generator": self.generator.get_state(),
         }
 
@@ -340,4 +406,6 @@ class KFAC:
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         for name, block in self.blocks.items():
             block.load_state_dict(state["blocks"][name])
+        self.cross = None if state.get("cross") is None else [c.clone() for c in state["cross"]]
+        self.tridiagonal = None if state.get("tridiagonal") is None else TridiagonalInverse.from_state_dict(state["tridiagonal"])
         self.generator.set_state(state["generator"])

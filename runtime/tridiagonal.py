@@ -181,10 +181,10 @@ class TridiagonalInverse:
                 )
         # damping on the diagonal factors only (sec 6.3), pi from the undamped traces
         self.pi = [float(trace_pi(ai[None], gi[None])[0]) for ai, gi in zip(a, g)]
-        self.a_damped = [ai + p * gamma * torch.eye(ai.shape[0], dtype=ai.dtype) for ai, p in zip(a, self.pi)]
-        self.g_damped = [gi + gamma / p * torch.eye(gi.shape[0], dtype=gi.dtype) for gi, p in zip(g, self.pi)]
-        chol_a = [self._cholesky(m, f"damped A of layer {n!r}") for m, n in zip(self.a_damped, self.names)]
-        chol_g = [self._cholesky(m, f"damped G of layer {n!r}") for m, n in zip(self.g_damped, self.names)]
+        a_damped = [ai + p * gamma * torch.eye(ai.shape[0], dtype=ai.dtype) for ai, p in zip(a, self.pi)]
+        g_damped = [gi + gamma / p * torch.eye(gi.shape[0], dtype=gi.dtype) for gi, p in zip(g, self.pi)]
+        chol_a = [self._cholesky(m, f"damped A of layer {n!r}") for m, n in zip(a_damped, self.names)]
+        chol_g = [self._cholesky(m, f"damped G of layer {n!r}") for m, n in zip(g_damped, self.names)]
         # Psi^A_i = A_cross_i A_d{i+1}^-1 and Psi^G_i = G_cross_i G_d{i+1}^-1 (solves against symmetric factors)
         self.psi_a = [torch.cholesky_solve(ax[i].T, chol_a[i + 1]).T for i in range(count - 1)]
         self.psi_g = [torch.cholesky_solve(gx[i].T, chol_g[i + 1]).T for i in range(count - 1)]
@@ -262,6 +262,19 @@ class TridiagonalInverse:
         return [x.reshape(grad.shape) for x, grad in zip(out, grads)]
 
     __call__ = apply
+
+    _STATE = ("names", "gamma", "dtype", "pi", "psi_a", "psi_g", "k_a", "k_g", "denominator")
+
+    def state_dict(self) -> dict:
+        """What ``apply`` needs (checkpoints resume with the same inverse, not one rebuilt from newer factors)."""
+        return {key: getattr(self, key) for key in self._STATE}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TridiagonalInverse":
+        inverse = cls.__new__(cls)
+        for key in cls._STATE:
+            setattr(inverse, key, state[key])
+        return inverse
 
     def to_dense(self) -> torch.Tensor:
         """The dense F̂^{-1} = Xi^T Lambda Xi in the vec convention (tests, tiny chains only)."""

@@ -237,3 +237,42 @@ def test_bad_arguments_are_named():
     ]:
         with pytest.raises(kronograph.KronographError, match=message):
             kronograph.optim.KFAC(compiled, **kwargs)
+
+
+def test_tridiagonal_structure_trains_and_resumes():
+    def build():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 5))
+        compiled = kronograph.compile(model, torch.randn(2, 5), loss="mse")
+        return model, kronograph.optim.KFAC(compiled, structure="tridiagonal", seed=1, damping=1.0, inverse_every=2)
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(x, x) for x in (torch.randn(32, 5, generator=generator) for _ in range(8))]
+    model, optimizer = build()
+    losses = [optimizer.step(*batch)["loss"] for batch in batches]
+    assert optimizer.tridiagonal is not None and losses[-1] < losses[0]
+    half, half_optimizer = build()
+    for batch in batches[:4]:
+        half_optimizer.step(*batch)
+    resumed, resumed_optimizer = build()
+    resumed.load_state_dict(copy.deepcopy(half.state_dict()))
+    resumed_optimizer.load_state_dict(copy.deepcopy(half_optimizer.state_dict()))
+    assert [resumed_optimizer.step(*batch)["loss"] for batch in batches[4:]] == losses[4:]
+
+
+def test_tridiagonal_refuses_convolutions():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with pytest.raises(kronograph.KronographError, match="linear layers only"):
+        kronograph.optim.KFAC(kronograph.compile(model, torch.randn(2, 1, 6, 6)), structure="tridiagonal")
+
+
+def test_tridiagonal_diagonal_factors_equal_the_block_diagonal_ones():
+    x, y = data()
+    factors = []
+    for structure in ("diagonal", "tridiagonal"):
+        model = make_model()
+        optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **SETTINGS, structure=structure)
+        optimizer.step(x, y)
+        factors.append([(b.a, b.g) for b in optimizer.blocks.values()])
+    for (a1, g1), (a2, g2) in zip(*factors):
+        assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
