@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -172,17 +173,26 @@ class KFAC:
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
         self.steps = 0
         self.stats_updates = 0
+        self.timings: dict[str, float] = {}
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
-        """One K-FAC iteration on the batch (x, y); returns {"loss", "alpha", "mu", "damping", ...}."""
+        """One K-FAC iteration on the batch (x, y); returns {"loss", "alpha", "mu", "damping", ...}.
+
+        Seconds spent per phase accumulate in ``self.timings`` (statistics, gradient — which includes the
+        statistics when they come from the same pass —, inverses, precondition, qmodel, update, damping).
+        """
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         self.steps += 1
         k = self.steps
-        if k == 1 or (k - 1) % self.stats_every == 0:
-            self._update_statistics(inputs, y)
-        loss, objective, grads = self._gradient(inputs, y)
+        statistics = k == 1 or (k - 1) % self.stats_every == 0
+        fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
+        if statistics and not fused:
+            with self._timed("statistics"):
+                self._update_statistics(inputs, y)
+        with self._timed("gradient"):
+            loss, objective, grads = self._gradient(inputs, y, statistics=fused)
         info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma}
         if not math.isfinite(objective) or not all_finite(grads.values()):
             info["skipped"] = "non-finite loss or gradient; the weights were left unchanged"
@@ -194,9 +204,12 @@ class KFAC:
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
-            inverses = self._inverses(gamma) if refresh else self._current_inverses()
-            proposal = self._proposal(grads, inverses)
-            update, figures, decrease = self._final_update(inputs, grads, proposal, tangent_cache)
+            with self._timed("inverses"):
+                inverses = self._inverses(gamma) if refresh else self._current_inverses()
+            with self._timed("precondition"):
+                proposal = self._proposal(grads, inverses)
+            with self._timed("qmodel"):
+                update, figures, decrease = self._final_update(inputs, grads, proposal, tangent_cache)
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
         gamma, inverses, update, decrease, figures = best
@@ -211,15 +224,24 @@ class KFAC:
             self.tridiagonal = None
             for name, block in self.blocks.items():
                 block.inverses = inverses[name]
-        with torch.no_grad():
+        with self._timed("update"), torch.no_grad():
             for name, delta in update.items():
                 self.params[name].add_(delta.to(self.params[name].dtype))
         self.previous = update
         if self.adapt_damping and k % self.damping_every == 0:
-            info["rho"] = self._adapt_damping(inputs, y, objective, decrease)
+            with self._timed("damping"):
+                info["rho"] = self._adapt_damping(inputs, y, objective, decrease)
         info["factor_damping"] = self.gamma
         info["damping"] = self.damping
         return info
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
     # -- pieces -------------------------------------------------------------------------------------
     def _subset(self, n: int, fraction: float) -> torch.Tensor | None:
@@ -229,8 +251,8 @@ class KFAC:
         return torch.randperm(n, generator=self.generator)[:m]
 
     def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        n = inputs[0].shape[0]
-        index = self._subset(n, self.stats_fraction)
+        """A statistics pass of its own on tau_1 of the batch: needed for sampled targets (fisher="mc")."""
+        index = self._subset(inputs[0].shape[0], self.stats_fraction)
         sub = inputs if index is None else tuple(t[index] for t in inputs)
         with preserved_buffers(self.module), Capture(self.module, self.compiled.plan, hooks=False) as capture:
             outputs = self.module(*sub)
@@ -240,26 +262,32 @@ class KFAC:
             targets = y if index is None else y[index]
         capture.gradients_from(self.loss.statistics_loss(outputs, targets))
         capture.release_outputs()
+        self._fold(capture.records, sub[0].shape[0])
+
+    def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
+              grad_scale: float | None = None) -> None:
+        """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
         self.stats_updates += 1
         decay = paper_decay(self.stats_updates) if self.ema_decay is None else float(self.ema_decay)
         if self.stats_updates == 1:
             decay = 0.0  # the first estimate replaces the empty one whatever ema_decay says
         if self.structure == "tridiagonal":
-            self._update_chain(capture.records, sub[0].shape[0], decay)
+            self._update_chain(records, index, grad_scale or batch_size, decay)
             return
         for name, block in self.blocks.items():
-            records = capture.records.get(name)
-            if records:
-                block.update(records, batch_size=sub[0].shape[0], decay=decay)
+            if records.get(name):
+                block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
 
-    def _update_chain(self, records: Mapping[str, list], examples: int, decay: float) -> None:
+    def _update_chain(self, records: Mapping[str, list], index: torch.Tensor | None, grad_scale: float,
+                      decay: float) -> None:
         """Diagonal and cross moments of the chain from the same examples, folded in with one decay."""
         blocks = list(self.blocks.values())
         dtype = blocks[0].dtype
-        inputs = [records[b.layer.name][0].a for b in blocks]
-        grads = [records[b.layer.name][0].g for b in blocks]
+        rows = (lambda t: t) if index is None else (lambda t: t[index])
+        inputs = [rows(records[b.layer.name][0].a) for b in blocks]
+        grads = [rows(records[b.layer.name][0].g) for b in blocks]
         a_diag, g_diag, a_cross, g_cross = chain_factors(
-            [b.layer for b in blocks], inputs, grads, grad_scale=examples, dtype=dtype
+            [b.layer for b in blocks], inputs, grads, grad_scale=grad_scale, dtype=dtype
         )
         if not all_finite([*a_diag, *g_diag, *a_cross, *g_cross]):
             warnings.warn("K-FAC: non-finite statistics in this mini-batch; the factors keep their estimate",
@@ -271,13 +299,22 @@ class KFAC:
         self.cross = [ema_(None if self.cross is None else old, new, decay) for old, new in
                       zip(self.cross or [None] * len(batch), batch)]
 
-    def _gradient(self, inputs, y) -> tuple[float, float, Direction]:
+    def _gradient(self, inputs, y, statistics: bool = False) -> tuple[float, float, Direction]:
+        """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same
+        forward and backward also feed the factors (rows tau_1 of the batch), as the labels are the targets."""
         self.module.zero_grad(set_to_none=True)
-        outputs = self.module(*inputs)
+        capture = Capture(self.module, self.compiled.plan, hooks=True) if statistics else contextlib.nullcontext()
+        with capture:
+            outputs = self.module(*inputs)
         if self.steps == 1:
             self.loss.check_targets(outputs, y)
         loss = self.loss(outputs, y)
         loss.backward()
+        if statistics:
+            capture.release_outputs()
+            n = inputs[0].shape[0]
+            scale = n * self.loss.statistics_scale(outputs)  # captured g is of the mean loss over n
+            self._fold(capture.records, n, self._subset(n, self.stats_fraction), grad_scale=scale)
         value = float(loss.detach())
         grads: Direction = {}
         norm = 0.0
