@@ -32,7 +32,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
-from kronograph.runtime.factors import ema_, paper_decay
+from kronograph.runtime.factors import ema_
 from kronograph.runtime.inverse import (
     DampedInverses,
     InverseWarning,
@@ -42,6 +42,13 @@ from kronograph.runtime.inverse import (
     precondition,
 )
 from kronograph.runtime.losses import get_loss
+from kronograph.runtime.statistics import (
+    ema_decay,
+    make_generator,
+    preserved_buffers,
+    sampled_statistics,
+    subset,
+)
 from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
 from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
 from kronograph.runtime.wbar import gather, scatter
@@ -62,18 +69,6 @@ def gamma_candidates(gamma: float, every: int) -> list[float]:
     """The three strengths tried every T_2 steps (sec 6.6): gamma, omega2 gamma and gamma / omega2."""
     omega2 = math.sqrt(19 / 20) ** every
     return [gamma, omega2 * gamma, gamma / omega2]
-
-
-@contextlib.contextmanager
-def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
-    """Extra forward passes (statistics, rho) must not move batch-norm running statistics."""
-    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 class KFAC:
@@ -169,8 +164,7 @@ class KFAC:
         self.tridiagonal: TridiagonalInverse | None = None
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.params if name not in covered]
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self.generator = make_generator(self.module, seed)
         self.steps = 0
         self.stats_updates = 0
         self.timings: dict[str, float] = {}
@@ -244,33 +238,18 @@ class KFAC:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _subset(self, n: int, fraction: float) -> torch.Tensor | None:
-        if fraction >= 1:
-            return None
-        m = max(1, int(round(fraction * n)))
-        return torch.randperm(n, generator=self.generator)[:m]
-
     def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        """A statistics pass of its own on tau_1 of the batch: needed for sampled targets (fisher="mc")."""
-        index = self._subset(inputs[0].shape[0], self.stats_fraction)
-        sub = inputs if index is None else tuple(t[index] for t in inputs)
-        with preserved_buffers(self.module), Capture(self.module, self.compiled.plan, hooks=False) as capture:
-            outputs = self.module(*sub)
-        if self.fisher == "mc":
-            targets = self.loss.sample_targets(outputs, self.generator)
-        else:
-            targets = y if index is None else y[index]
-        capture.gradients_from(self.loss.statistics_loss(outputs, targets))
-        capture.release_outputs()
-        self._fold(capture.records, sub[0].shape[0])
+        """A statistics pass of its own on tau_1 of the batch with targets sampled from the model."""
+        records, examples = sampled_statistics(
+            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator
+        )
+        self._fold(records, examples)
 
     def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
               grad_scale: float | None = None) -> None:
         """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
         self.stats_updates += 1
-        decay = paper_decay(self.stats_updates) if self.ema_decay is None else float(self.ema_decay)
-        if self.stats_updates == 1:
-            decay = 0.0  # the first estimate replaces the empty one whatever ema_decay says
+        decay = ema_decay(self.stats_updates, self.ema_decay)
         if self.structure == "tridiagonal":
             self._update_chain(records, index, grad_scale or batch_size, decay)
             return
@@ -314,7 +293,7 @@ class KFAC:
             capture.release_outputs()
             n = inputs[0].shape[0]
             scale = n * self.loss.statistics_scale(outputs)  # captured g is of the mean loss over n
-            self._fold(capture.records, n, self._subset(n, self.stats_fraction), grad_scale=scale)
+            self._fold(capture.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
         value = float(loss.detach())
         grads: Direction = {}
         norm = 0.0
@@ -393,7 +372,7 @@ class KFAC:
             directions.append(self.previous)
             labels.append("mu")
         if "inputs" not in cache:
-            index = self._subset(inputs[0].shape[0], self.qmodel_fraction)
+            index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator)
             cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
         outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions[:1])
         for label, direction in zip(labels[1:], directions[1:]):  # the same for every gamma candidate

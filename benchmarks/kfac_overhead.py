@@ -1,0 +1,140 @@
+"""Step cost of K-FAC relative to an SGD step on the K-FAC paper's MNIST autoencoder (issue 4's workload).
+
+    python benchmarks/kfac_overhead.py [--threads 2] [--batch 512] [--steps 60]
+
+Every figure is a ratio to an SGD step measured in the same process, on the same model and batches:
+784-1000-500-250-30-250-500-1000-784, float32. Configurations:
+- peer: empirical Fisher, statistics on the whole batch every step, inverses every 20, no re-scaling (what
+  kfac-pytorch, ASDL and BackPACK users run);
+- paper: ``KFAC(cm)`` defaults (tau_1 = 1/8, tau_2 = 1/4, MC Fisher, re-scaling, qmodel momentum, adaptive
+  lambda and gamma).
+kfac-pytorch is measured beside when it is importable (it is not on the package index: install it from its
+repository with `pip install --no-deps <checkout>`). Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import kronograph
+from kronograph.cli.builtins import DeepAutoencoder
+from kronograph.cli.datasets import load_dataset
+from kronograph.errors import KronographError
+
+PEER = dict(fisher="empirical", stats_fraction=1.0, stats_every=1, inverse_every=20, rescale=False,
+            momentum=0.9, lr=1e-3, factor_damping=1e-3)
+
+
+def batches(x: torch.Tensor, size: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [x[torch.randint(0, len(x), (size,), generator=generator)] for _ in range(count)]
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(model(x), x, reduction="none").sum(1).mean()
+
+
+def fresh_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return DeepAutoencoder()
+
+
+def time_sgd(data: list[torch.Tensor], warmup: int) -> float:
+    model = fresh_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    for i, x in enumerate(data):
+        if i == warmup:
+            start = time.perf_counter()
+        sgd.zero_grad()
+        loss_of(model, x).backward()
+        sgd.step()
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+def state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def time_kronograph(data: list[torch.Tensor], warmup: int, settings: dict) -> tuple[float, dict[str, float], int]:
+    model = fresh_model()
+    optimizer = kronograph.optim.KFAC(
+        kronograph.compile(model, (data[0][:8],), loss="sigmoid_cross_entropy"), seed=0, **settings
+    )
+    for i, x in enumerate(data):
+        if i == warmup:
+            optimizer.timings.clear()
+            start = time.perf_counter()
+        optimizer.step(x, x)
+    steps = len(data) - warmup
+    per_step = (time.perf_counter() - start) / steps
+    phases = {phase: seconds / steps for phase, seconds in optimizer.timings.items()}
+    return per_step, phases, state_bytes(optimizer.state_dict())
+
+
+def time_kfac_pytorch(data: list[torch.Tensor], warmup: int, method: str) -> float | None:
+    try:
+        from kfac.preconditioner import KFACPreconditioner
+    except ImportError:
+        return None
+    model = fresh_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    preconditioner = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=20, compute_method=method,
+                                        damping=1e-3, lr=1e-3, loglevel=0)
+    for i, x in enumerate(data):
+        if i == warmup:
+            start = time.perf_counter()
+        sgd.zero_grad()
+        loss_of(model, x).backward()
+        preconditioner.step()
+        sgd.step()
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        x = torch.from_numpy(load_dataset("mnist", "train").x)
+        source = "MNIST train"
+    except KronographError:
+        x = torch.rand(10000, 784)
+        source = "uniform noise (MNIST not installed)"
+    data = batches(x, args.batch, args.warmup + args.steps)
+
+    sgd = time_sgd(data, args.warmup)
+    rows = [("SGD (Nesterov)", sgd, {}, 0)]
+    for name, settings in (("kronograph, peer configuration", PEER), ("kronograph, paper configuration", {})):
+        per_step, phases, memory = time_kronograph(data, args.warmup, settings)
+        rows.append((name, per_step, phases, memory))
+    for method in ("inverse", "eigen"):
+        measured = time_kfac_pytorch(data, args.warmup, method)
+        if measured is not None:
+            rows.append((f"kfac-pytorch ({method}), same schedule", measured, {}, 0))
+
+    print(f"{source}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}; {args.steps} steps after {args.warmup} warm-up steps\n")
+    print("| optimizer | ms/step | x SGD | breakdown (x SGD) | optimizer state |")
+    print("| --- | ---: | ---: | --- | ---: |")
+    for name, per_step, phases, memory in rows:
+        breakdown = ", ".join(f"{phase} {seconds / sgd:.2f}" for phase, seconds in sorted(phases.items()))
+        state = f"{memory / 2**20:.1f} MiB" if memory else ""
+        print(f"| {name} | {per_step * 1e3:.1f} | {per_step / sgd:.2f} | {breakdown} | {state} |")
+
+
+if __name__ == "__main__":
+    main()

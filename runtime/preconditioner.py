@@ -1,0 +1,279 @@
+"""KFACPreconditioner: K-FAC for users who keep their own loop, loss, backward and torch optimizer.
+
+It only rewrites the ``.grad`` of the matched layers with F^-1 grad; the user's optimizer steps::
+
+    precond = kronograph.optim.KFACPreconditioner(cm)          # fisher="empirical"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        with precond.track():                  # records a and g of this forward and backward
+            loss = criterion(model(x), y)
+            loss.backward()                    # (the backward may also come after the block)
+        precond.step()                         # statistics, inverses when due; rewrites .grad
+        opt.step()
+
+Two sources of statistics (``fisher``):
+* ``"empirical"``: the user's own forward/backward inside ``track()``; g is the gradient of the user's
+  loss, a mean over the batch (``loss_reduction="mean"``: per-example g = n * captured) or a sum.
+  ``track()`` captures only at steps whose statistics are due (otherwise it costs nothing); several
+  ``track(loss_scale=1/k)`` blocks before one ``step()`` (k accumulation steps) pool as one mini-batch.
+* ``"mc"`` (paper sec 5): targets sampled from the model's predictive distribution (``cm.loss``) on a
+  random fraction tau_1 of the inputs, in an extra forward/backward of the preconditioner's own that
+  touches no ``.grad`` and no batch-norm running statistic. Pass the inputs: ``precond.step(x)`` folds
+  them when statistics are due; ``precond.update_statistics(x)`` folds them now, whatever the schedule.
+  ``track()`` does nothing in this mode and ``step(x)`` ignores x in the empirical one, so one loop
+  (``with precond.track(): ...; precond.step(x)``) serves both modes.
+
+Damping: ``damping`` is gamma, the factored Tikhonov strength of DESIGN.md (``KFAC``'s ``factor_damping``):
+each block is solved with (A + pi gamma I) kron (G + gamma/pi I), which is about A kron G + gamma^2 I
+plus cross terms, so gamma ~ sqrt(lambda) of a plain Tikhonov term. Setting ``precond.damping`` takes
+effect at the next inversion. Weight decay is the user's optimizer's (and is not preconditioned).
+
+Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
+the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
+are named in the dict ``step()`` returns. Parameters without a Kronecker block keep their .grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kronograph.compiler.compiled import CompiledModel
+from kronograph.errors import KronographError
+from kronograph.runtime.blocks import KroneckerBlock
+from kronograph.runtime.capture import Capture
+from kronograph.runtime.factors import batch_factors
+from kronograph.runtime.inverse import all_finite
+from kronograph.runtime.statistics import ema_decay, make_generator, sampled_statistics, subset
+from kronograph.runtime.losses import get_loss
+from kronograph.runtime.wbar import gather_grad, scatter
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class KFACPreconditioner:
+    """Rewrites the matched layers' .grad with the damped K-FAC solve; any torch optimizer then steps.
+
+    Args:
+        compiled: a model compiled on the torch engine (its module's parameters are the ones rewritten).
+        damping: gamma, the factored Tikhonov strength (see the module docstring).
+        ema_decay: fixed decay of the factor EMAs; None: the paper's min(1 - 1/k, 0.95).
+        stats_every: statistics are folded at steps 1, 1 + stats_every, ... (step counts ``step()`` calls).
+        inverse_every: inverses are recomputed at steps 1-3 and every ``inverse_every`` steps (and for a
+            block as soon as it has statistics but no inverse).
+        fisher: "empirical" (the user's loss, through ``track()``) or "mc" (sampled targets, own forward).
+        stats_fraction: tau_1, the random fraction of the batch whose examples enter the statistics.
+        loss_reduction: "mean" or "sum": how the user's loss reduces over the batch (empirical mode).
+        factor_dtype: dtype of factors and inverses (float32 or float64), independent of the model's.
+        seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        damping: float = 1e-3,
+        ema_decay: float | None = 0.95,
+        stats_every: int = 1,
+        inverse_every: int = 20,
+        fisher: str = "empirical",
+        stats_fraction: float = 1.0,
+        loss_reduction: str = "mean",
+        factor_dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+    ) -> None:
+        if compiled.engine != "torch" or compiled.module is None:
+            raise KronographError("KFACPreconditioner needs the torch engine; compile an nn.Module (engine='torch')")
+        if fisher not in ("empirical", "mc"):
+            raise KronographError(f"fisher={fisher!r}; choose 'empirical' (your loss) or 'mc' (sampled targets)")
+        if loss_reduction not in ("mean", "sum"):
+            raise KronographError(f"loss_reduction={loss_reduction!r}; choose 'mean' or 'sum' (how your loss reduces)")
+        if not damping > 0:
+            raise KronographError(f"damping={damping} must be positive (try 1e-3 to 1e-1)")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise KronographError(f"ema_decay={ema_decay} must lie in [0, 1), or be None for the paper's schedule")
+        if not 0 < stats_fraction <= 1:
+            raise KronographError(f"stats_fraction={stats_fraction} must lie in (0, 1]")
+        for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+            if int(value) < 1:
+                raise KronographError(f"{name}={value} must be a positive number of steps")
+        self.compiled, self.module, self.loss = compiled, compiled.module, get_loss(compiled.loss)
+        self.damping, self.ema_decay = float(damping), ema_decay
+        self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
+        self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
+        self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
+        self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
+        self.generator = make_generator(self.module, seed)
+        self.steps = 0  # step() calls so far
+        self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
+        self._pending: list[tuple[Capture, int, float]] = []  # tracked captures of the coming step
+        self._folded: dict[str, Any] | None = None  # what update_statistics folded since the last step()
+
+    @property
+    def statistics_due(self) -> bool:
+        """Whether the coming ``step()`` folds statistics (steps 1, 1 + stats_every, ...)."""
+        return self.steps % self.stats_every == 0
+
+    # -- statistics ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def track(self, batch_size: int | None = None, loss_scale: float = 1.0) -> Iterator[None]:
+        """Capture a and g of the forward (and backward) run inside, when statistics are due.
+
+        Args:
+            batch_size: examples in the forward; default: dim 0 of the module's first tensor input.
+            loss_scale: what the differentiated loss was multiplied by (1/k for k accumulation steps,
+                an AMP GradScaler's ``get_scale()``), divided out of the captured g.
+        """
+        if self.fisher != "empirical" or not self.statistics_due:
+            yield
+            return
+        seen: list[int] = []
+
+        def first_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0]
+            if tensors and not seen:
+                seen.append(tensors[0].shape[0])
+
+        handle = self.module.register_forward_pre_hook(first_input, with_kwargs=True)
+        try:
+            with Capture(self.module, self.compiled.plan) as capture:
+                yield
+        finally:
+            handle.remove()
+        records = [r for sites in capture.records.values() for r in sites]
+        if records:
+            n = batch_size or (seen[0] if seen else min(r.a.shape[0] for r in records))
+            self._pending.append((capture, int(n), float(loss_scale)))
+
+    def update_statistics(self, x: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Fold MC-Fisher statistics of the inputs x now (fisher="mc"): a forward on a fraction tau_1 of x,
+        targets sampled from the model, gradients by autograd.grad; no .grad or buffer is changed."""
+        if self.fisher != "mc":
+            raise KronographError("update_statistics(x) is for fisher='mc'; with 'empirical' use precond.track()")
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        records, m = sampled_statistics(
+            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator
+        )
+        factors = {
+            name: batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype)
+            for name, records in records.items()
+            if records and any(r.g is not None for r in records)
+        }
+        self._folded = self._fold(factors)
+        return self._folded
+
+    def _tracked_factors(self) -> Factors:
+        """The mini-batch factors of the pending tracked captures, pooled weighted by examples."""
+        pending, self._pending = self._pending, []
+        sums: dict[str, list[Any]] = {}
+        for capture, n, loss_scale in pending:
+            capture.release_outputs()
+            index = subset(n, self.stats_fraction, self.generator)
+            m = n if index is None else int(index.numel())
+            scale = (n if self.loss_reduction == "mean" else 1.0) / loss_scale  # per-example g from the captured
+            for name, records in capture.records.items():
+                if not records or all(r.g is None for r in records):
+                    continue
+                layer, dtype = self.blocks[name].layer, self.factor_dtype
+                a, g = batch_factors(layer, records, batch_size=n, grad_scale=scale, index=index, dtype=dtype)
+                total = sums.setdefault(name, [0.0, 0.0, 0])
+                total[0], total[1], total[2] = total[0] + m * a, total[1] + m * g, total[2] + m
+        if pending and not sums:
+            raise KronographError("track() saw a forward but no backward reached its layers; run loss.backward()")
+        return {name: (a / m, g / m) for name, (a, g, m) in sums.items()}
+
+    def _fold(self, factors: Factors) -> dict[str, Any]:
+        """Fold one mini-batch's factors into the EMAs (the first estimate replaces the empty one)."""
+        if not factors:
+            return {"statistics_updated": False, "rejected_statistics": []}
+        self.stats_updates += 1
+        decay = ema_decay(self.stats_updates, self.ema_decay)
+        rejected = [name for name, (a, g) in factors.items() if not self.blocks[name].update_factors(a, g, decay)]
+        return {"statistics_updated": len(rejected) < len(factors), "rejected_statistics": rejected}
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor | Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Fold statistics and refresh inverses when due, then rewrite the matched layers' .grad with F^-1 grad.
+
+        Args:
+            x: the batch's inputs; used by fisher="mc" when statistics are due and update_statistics(x)
+                did not run since the last step (ignored by "empirical", so one loop serves both modes).
+        Returns:
+            {"step", "statistics_updated", "inverses_updated", "preconditioned" (layers rewritten),
+            "rejected_statistics", "failed_inverses", "non_finite_grad", "no_curvature"}: lists of layer
+            names; "no_curvature" holds layers with a .grad but no statistics yet (left as they are).
+        """
+        due = self.statistics_due
+        if self.fisher == "empirical":
+            if due and not self._pending:
+                raise KronographError(f"statistics are due at step {self.steps + 1}: run the forward and backward "
+                                      "inside `with precond.track():` before precond.step()")
+            info = self._fold(self._tracked_factors())
+        elif self._folded is not None:  # update_statistics(x) ran since the last step
+            info = dict(self._folded)
+        elif due and x is not None:
+            info = self.update_statistics(x)
+        elif due:
+            raise KronographError(f"fisher='mc' needs the inputs at step {self.steps + 1}: precond.step(x), "
+                                  "or precond.update_statistics(x) before precond.step()")
+        else:
+            info = self._fold({})
+        self._folded = None
+        self.steps += 1
+        inverted, failed = self._invert()
+        info.update(step=self.steps, inverses_updated=inverted, failed_inverses=failed)
+        info.update(self._precondition())
+        return info
+
+    def _invert(self) -> tuple[bool, list[str]]:
+        """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous."""
+        due = self.steps <= 3 or self.steps % self.inverse_every == 0
+        inverted, failed = False, []
+        for name, block in self.blocks.items():
+            if block.a is not None and (due or block.inverses is None):
+                inverted = True
+                if not block.invert(self.damping):
+                    failed.append(name)
+        return inverted, failed
+
+    def _precondition(self) -> dict[str, Any]:
+        """Replace each matched layer's .grad by its damped Kronecker solve; others are left alone."""
+        done, bad, missing = 0, [], []
+        for name, block in self.blocks.items():
+            layer = block.layer
+            targets = [self.params[layer.weight]] + ([self.params[layer.bias]] if layer.bias else [None])
+            if all(p is None or p.grad is None for p in targets):
+                continue  # no gradient to rewrite (frozen or unused layer)
+            if block.inverses is None:
+                missing.append(name)
+                continue
+            grad_bar = gather_grad(layer, self.params)
+            if not all_finite([grad_bar]):
+                bad.append(name)
+                continue
+            for param, value in zip(targets, scatter(layer, block.precondition(grad_bar))):
+                if param is not None and param.grad is not None:
+                    param.grad.copy_(value)
+            done += 1
+        return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, inverses, counters, damping and the generator: a resumed run continues exactly."""
+        blocks = {name: block.state_dict() for name, block in self.blocks.items()}
+        return {"steps": self.steps, "stats_updates": self.stats_updates, "damping": self.damping,
+                "blocks": blocks, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = set(self.blocks) - set(state["blocks"])
+        if missing:
+            raise KronographError(f"the state has no blocks for layers {sorted(missing)}; it is from another model")
+        self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
+        self.damping = float(state["damping"])
+        for name, block in self.blocks.items():
+            block.load_state_dict(state["blocks"][name])
+        self.generator.set_state(state["generator"])
+        self._pending, self._folded = [], None

@@ -1,0 +1,79 @@
+"""The statistics pass shared by KFAC and KFACPreconditioner: subsets, sampled targets, the EMA schedule.
+
+Section 5 of the paper: the factors' expectations are estimated on a random fraction tau_1 of the batch,
+with targets drawn from the model's predictive distribution (the true Fisher, not the empirical one),
+and folded into exponential moving averages whose decay is min(1 - 1/k, 0.95) at the k-th update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kronograph.passes.plan import LayerPlan
+from kronograph.runtime.capture import Capture, SiteRecord
+from kronograph.runtime.factors import paper_decay
+from kronograph.runtime.losses import Loss
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Extra forward passes (statistics, rho, Fisher products) must not move batch-norm running statistics."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def make_generator(module: torch.nn.Module, seed: int | None) -> torch.Generator:
+    """The optimizer's own generator, on the parameters' device (sampling needs it there); None seeds it
+    from torch's global generator, so that torch.manual_seed makes runs repeatable."""
+    parameter = next(module.parameters(), None)
+    generator = torch.Generator(device=parameter.device if parameter is not None else "cpu")
+    generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+    return generator
+
+
+def subset(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+    """round(fraction * n) random examples (at least one) out of n; None when the fraction is 1."""
+    if fraction >= 1:
+        return None
+    m = max(1, int(round(fraction * n)))
+    return torch.randperm(n, generator=generator, device=generator.device)[:m]
+
+
+def ema_decay(update: int, fixed: float | None) -> float:
+    """Decay of the ``update``-th fold (from 1): the first replaces the empty estimate; then ``fixed`` or
+    the paper's schedule."""
+    if update == 1:
+        return 0.0
+    return paper_decay(update) if fixed is None else float(fixed)
+
+
+def sampled_statistics(
+    module: torch.nn.Module,
+    plan: LayerPlan,
+    loss: Loss,
+    inputs: Sequence[torch.Tensor],
+    fraction: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, list[SiteRecord]], int]:
+    """A forward pass on tau_1 of the batch and the backward of targets sampled from the model.
+
+    Returns the captured sites and the number of examples used. No .grad and no buffer changes: the
+    gradients come from autograd.grad and batch norm's running statistics are restored.
+    """
+    index = subset(inputs[0].shape[0], fraction, generator)
+    sub = tuple(inputs) if index is None else tuple(t[index] for t in inputs)
+    with torch.enable_grad(), preserved_buffers(module):
+        with Capture(module, plan, hooks=False) as capture:
+            outputs = module(*sub)
+        targets = loss.sample_targets(outputs, generator)
+        capture.gradients_from(loss.statistics_loss(outputs, targets))
+    capture.release_outputs()
+    return capture.records, sub[0].shape[0]

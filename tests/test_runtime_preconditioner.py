@@ -1,0 +1,295 @@
+"""kronograph.optim.KFACPreconditioner against dense algebra, and in the user's own training loop.
+
+The oracle builds each layer's factors from scratch: the layers' inputs and per-example output gradients
+are read by forward hooks and autograd on a copy of the model (per-example losses summed, so that row i
+of dL/ds is dl_i/ds_i), conv patches come from F.unfold here, and the damped Kronecker system is solved
+densely with torch.kron on the column-stacked vec of grad W_bar.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kronograph
+from kronograph.runtime.inverse import StatisticsWarning
+from kronograph.runtime.losses import get_loss
+
+N, CLASSES = 8, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread (on a busy 2-core machine, OpenMP hand-offs cost ~10 ms per matmul)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, CLASSES)
+    ).double()
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, bias=False),
+        nn.Flatten(), nn.Linear(2 * 3 * 3, CLASSES),
+    ).double()
+
+
+def batch(model: nn.Module, seed: int, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, 3) if isinstance(model[0], nn.Linear) else (n, 2, 7, 7)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, CLASSES, (n,), generator=generator)
+
+
+def oracle(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stats_targets: torch.Tensor | None = None) -> dict:
+    """{layer module index: (A, G, grad W_bar of the mean loss on (x, y))} by explicit per-example algebra.
+
+    G uses ``stats_targets`` when given (sampled targets of the MC Fisher), else the labels.
+    """
+    model = copy.deepcopy(model)
+    layers = {i: m for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))}
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, (inp[0].detach(), out)))
+             for i, m in layers.items()]
+    outputs = model(x)
+    for hook in hooks:
+        hook.remove()
+    grads = torch.autograd.grad(F.cross_entropy(outputs, y), [m.weight for m in layers.values()] +
+                                [m.bias for m in layers.values() if m.bias is not None], retain_graph=True)
+    grads = dict(zip([(i, "w") for i in layers] + [(i, "b") for i, m in layers.items() if m.bias is not None], grads))
+    targets = y if stats_targets is None else stats_targets
+    per_example = F.cross_entropy(outputs, targets, reduction="none")
+    rows = torch.autograd.grad(per_example.sum(), [seen[i][1] for i in layers])  # row i: dl_i/ds_i
+    result = {}
+    for (i, layer), g in zip(layers.items(), rows):
+        a = seen[i][0]
+        if isinstance(layer, nn.Conv2d):  # KFC: patches [N, D, T], A = mean_i sum_t, G = mean_i mean_t
+            a = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, a.shape[2], dtype=a.dtype)], dim=1)
+            g = g.reshape(g.shape[0], g.shape[1], -1)
+            big_a = torch.einsum("ndt,net->de", a, a) / a.shape[0]
+            big_g = torch.einsum("nit,njt->ij", g, g) / (g.shape[0] * g.shape[2])
+        else:
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+            big_a, big_g = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
+        grad_bar = grads[(i, "w")].reshape(layer.weight.shape[0], -1)
+        if layer.bias is not None:
+            grad_bar = torch.cat([grad_bar, grads[(i, "b")][:, None]], dim=1)
+        result[i] = (big_a, big_g, grad_bar)
+    return result
+
+
+def damped_solve(a: torch.Tensor, g: torch.Tensor, grad_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """((A + pi gamma I) kron (G + gamma/pi I))^-1 vec(grad W_bar), vec stacking columns, as a matrix."""
+    pi = math.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0]))
+    eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype), torch.eye(g.shape[0], dtype=g.dtype)
+    matrix = torch.kron(a + pi * gamma * eye_a, g + gamma / pi * eye_g)
+    solved = torch.linalg.solve(matrix, grad_bar.T.reshape(-1))
+    return solved.reshape(grad_bar.shape[1], grad_bar.shape[0]).T
+
+
+def assert_preconditioned(model: nn.Module, factors: dict, gamma: float, scale: float = 1.0) -> None:
+    for i, (a, g, grad_bar) in factors.items():
+        layer = model[i]
+        expected = scale * damped_solve(a, g, grad_bar, gamma)
+        weight = expected[:, : layer.weight[0].numel()].reshape(layer.weight.shape)
+        assert torch.allclose(layer.weight.grad, weight, rtol=1e-9, atol=1e-12), i
+        if layer.bias is not None:
+            assert torch.allclose(layer.bias.grad, expected[:, -1], rtol=1e-9, atol=1e-12), i
+
+
+def user_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> None:
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+
+
+@pytest.mark.parametrize("make, reduction", [(mlp, "mean"), (mlp, "sum"), (convnet, "mean")])
+def test_grad_is_the_dense_damped_solve(make, reduction):
+    model, gamma = make(), 0.1
+    precond = kronograph.optim.KFACPreconditioner(
+        kronograph.compile(model, batch(model, 0)[:1]), damping=gamma, ema_decay=0.5, factor_dtype=torch.float64,
+        loss_reduction=reduction,
+    )
+    scale = N if reduction == "sum" else 1.0
+    norm = next(m for m in model if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)))
+    previous = None
+    for seed in (1, 2):  # step 2 checks the EMA: 0.5 * batch 1 + 0.5 * batch 2
+        x, y = batch(model, seed)
+        factors = oracle(model, x, y)
+        if previous is not None:
+            factors = {i: (0.5 * (a + previous[i][0]), 0.5 * (g + previous[i][1]), grad)
+                       for i, (a, g, grad) in factors.items()}
+        with precond.track():
+            user_backward(model, x, y, reduction)
+        unmatched = [p.grad.clone() for p in norm.parameters()]
+        info = precond.step()
+        assert info["statistics_updated"] and info["inverses_updated"] and info["preconditioned"] == 3
+        assert_preconditioned(model, factors, gamma, scale)
+        for before, p in zip(unmatched, norm.parameters()):
+            assert torch.equal(p.grad, before)  # LayerNorm / BatchNorm weights keep their own .grad
+        previous = factors
+
+
+def test_mc_statistics_touch_no_grad_or_running_stats_and_use_sampled_targets():
+    model, gamma = convnet(), 0.05
+    x, y = batch(model, 1)
+    precond = kronograph.optim.KFACPreconditioner(
+        kronograph.compile(model, (x,)), damping=gamma, fisher="mc", factor_dtype=torch.float64, seed=4
+    )
+    user_backward(model, x, y)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(precond.generator.get_state())
+    sampled = get_loss("cross_entropy").sample_targets(copy.deepcopy(model)(x), generator)
+    factors = oracle(model, x, y, stats_targets=sampled)
+    info = precond.update_statistics(x)
+    assert info["statistics_updated"]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    info = precond.step()  # no inputs needed: update_statistics already ran for this step
+    assert info["statistics_updated"] and info["preconditioned"] == 3
+    assert_preconditioned(model, factors, gamma)
+    with pytest.raises(kronograph.KronographError, match="step\\(x\\)"):
+        precond.step()  # statistics due at step 2 and no inputs
+
+
+@pytest.mark.parametrize("fisher, make_optimizer", [
+    ("empirical", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9)),
+    ("mc", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9)),
+    ("empirical", lambda ps: torch.optim.Adam(ps, lr=0.01)),
+])
+def test_training_loop_lowers_the_loss(fisher, make_optimizer):
+    torch.manual_seed(3)
+    teacher = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(256, 10)
+    y = teacher(x).argmax(1).detach()
+    model = nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+    precond = kronograph.optim.KFACPreconditioner(
+        kronograph.compile(model, (x[:2],)), damping=0.03, fisher=fisher, inverse_every=5, stats_fraction=0.5, seed=0
+    )
+    optimizer = make_optimizer(model.parameters())
+    losses = []
+    for step in range(40):
+        xb, yb = x[step % 4 * 64 : (step % 4 + 1) * 64], y[step % 4 * 64 : (step % 4 + 1) * 64]
+        optimizer.zero_grad()
+        with precond.track():
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+        info = precond.step(xb if fisher == "mc" else None)
+        assert info["preconditioned"] == 2 and not info["non_finite_grad"]
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+
+
+def test_state_dict_round_trip_gives_identical_next_grad():
+    def setup():
+        model = convnet()
+        precond = kronograph.optim.KFACPreconditioner(
+            kronograph.compile(model, batch(model, 0)[:1]), fisher="mc", stats_fraction=0.5, inverse_every=2,
+            ema_decay=None, damping=0.1, seed=9,
+        )
+        return model, precond, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def run(model, precond, optimizer, seeds):
+        grads = []
+        for seed in seeds:
+            x, y = batch(model, seed, 16)
+            user_backward(model, x, y)
+            precond.step(x)
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+        return grads
+
+    model, precond, optimizer = setup()
+    run(model, precond, optimizer, [1, 2, 3])
+    saved = copy.deepcopy((model.state_dict(), precond.state_dict(), optimizer.state_dict()))
+    expected = run(model, precond, optimizer, [4, 5, 6])
+    model, precond, optimizer = setup()
+    model.load_state_dict(saved[0])
+    precond.load_state_dict(saved[1])
+    optimizer.load_state_dict(saved[2])
+    for got, want in zip(run(model, precond, optimizer, [4, 5, 6]), expected):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_non_finite_grad_and_statistics_are_left_out_and_reported():
+    model = mlp()
+    x, y = batch(model, 1)
+    precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (x,)), factor_dtype=torch.float64)
+    with precond.track():
+        user_backward(model, x, y)
+    model[0].weight.grad[0, 0] = float("nan")
+    poisoned = model[0].weight.grad.clone()
+    info = precond.step()
+    assert info["non_finite_grad"] == ["0"] and info["preconditioned"] == 2
+    assert torch.equal(model[0].weight.grad.isnan(), poisoned.isnan())
+    factors = {name: block.a.clone() for name, block in precond.blocks.items()}
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with precond.track():
+        user_backward(model, bad, y)
+    with pytest.warns(StatisticsWarning):
+        info = precond.step()
+    assert not info["statistics_updated"] and sorted(info["rejected_statistics"]) == ["0", "3", "5"]
+    assert all(torch.equal(block.a, factors[name]) for name, block in precond.blocks.items())
+
+
+def test_schedule_and_misuse():
+    model = mlp()
+    x, y = batch(model, 1)
+    compiled = kronograph.compile(model, (x,))
+    precond = kronograph.optim.KFACPreconditioner(compiled, stats_every=2)
+    with pytest.raises(kronograph.KronographError, match="track"):
+        user_backward(model, x, y)
+        precond.step()  # statistics due at step 1, nothing tracked
+    infos = []
+    for _ in range(3):
+        with precond.track():
+            user_backward(model, x, y)
+        infos.append(precond.step())
+    assert [i["statistics_updated"] for i in infos] == [True, False, True]
+    assert [i["inverses_updated"] for i in infos] == [True, True, True]  # steps 1-3
+    with pytest.raises(kronograph.KronographError, match="track"):
+        precond.update_statistics(x)
+    for kwargs, message in [({"fisher": "exact"}, "fisher"), ({"loss_reduction": "none"}, "loss_reduction"),
+                            ({"damping": 0.0}, "damping"), ({"stats_fraction": 2.0}, "stats_fraction")]:
+        with pytest.raises(kronograph.KronographError, match=message):
+            kronograph.optim.KFACPreconditioner(compiled, **kwargs)
+
+
+def test_accumulated_halves_equal_one_batch():
+    """Two track(loss_scale=1/2) blocks on halves of a batch pool into the factors of the whole batch."""
+    whole, halves = mlp(), mlp()
+    x, y = batch(whole, 1)
+    settings = dict(damping=0.1, factor_dtype=torch.float64)
+    precond_whole = kronograph.optim.KFACPreconditioner(kronograph.compile(whole, (x,)), **settings)
+    precond_halves = kronograph.optim.KFACPreconditioner(kronograph.compile(halves, (x,)), **settings)
+    with precond_whole.track():
+        user_backward(whole, x, y)
+    precond_whole.step()
+    halves.zero_grad()
+    for part in (slice(0, N // 2), slice(N // 2, N)):
+        with precond_halves.track(loss_scale=0.5):
+            (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
+    precond_halves.step()
+    for p, q in zip(whole.parameters(), halves.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
