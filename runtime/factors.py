@@ -129,19 +129,37 @@ def batch_factors(
     rows = 0
     for record in records:
         site = site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype)
-        aa = site.p.transpose(1, 2) @ site.p
+        aa = symmetric_gram(site.p)
         a_sum = aa if a_sum is None else a_sum + aa
         rows += site.p.shape[1]
         if site.q is not None:
-            gg = site.q.transpose(1, 2) @ site.q
+            gg = symmetric_gram(site.q)
             g_sum = gg if g_sum is None else g_sum + gg
     a_factor = a_sum / m
     g_factor = g_sum * (scale * scale / rows)
-    return _symmetric(a_factor), _symmetric(g_factor)
+    return a_factor, g_factor
 
 
-def _symmetric(x: torch.Tensor) -> torch.Tensor:
-    return (x + x.transpose(1, 2)) / 2
+def symmetric_gram(rows: torch.Tensor, blocks: int = 3, min_size: int = 384) -> torch.Tensor:
+    """rows^T rows per group ([groups, r, d] -> [groups, d, d]), exactly symmetric.
+
+    For d >= ``min_size`` only the blocks on and above the diagonal are multiplied ((k+1)/2k of the work,
+    2/3 for k = 3) and the others are mirrored: the statistics are a large share of a K-FAC step.
+    """
+    d = rows.shape[-1]
+    if d < min_size:
+        gram = rows.transpose(1, 2) @ rows
+        return (gram + gram.transpose(1, 2)) / 2
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    spans = [slice(edges[i], edges[i + 1]) for i in range(blocks)]
+    gram = rows.new_empty(rows.shape[0], d, d)
+    for i, row_span in enumerate(spans):
+        left = rows[:, :, row_span].transpose(1, 2)
+        for col_span in spans[i:]:
+            torch.bmm(left, rows[:, :, col_span], out=gram[:, row_span, col_span])
+        for col_span in spans[:i]:
+            gram[:, row_span, col_span] = gram[:, col_span, row_span].transpose(1, 2)
+    return gram
 
 
 def capture_gradient(
