@@ -374,11 +374,13 @@ class KFAC:
         if "inputs" not in cache:
             index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator)
             cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
-        outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions[:1])
-        for label, direction in zip(labels[1:], directions[1:]):  # the same for every gamma candidate
-            if label not in cache:
-                cache[label] = output_tangents(self.module, self.params, cache["inputs"], [direction])[1][0]
-            tangents.append(cache[label])
+        if "outputs" not in cache:  # the first candidate: every direction in one pass
+            outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions)
+            cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
+        else:
+            outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions[:1])
+            tangents = tangents + cache["shared"]
+        outputs = cache["outputs"]
         gram_f = curvature_gram(self.loss, outputs, tangents)
         gram_i = torch.tensor([[inner(a, b) for b in directions] for a in directions], dtype=torch.float64)
         gradient = torch.tensor([inner(grads, d) for d in directions], dtype=torch.float64)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from kronograph.runtime.losses import Loss
 
@@ -24,7 +24,7 @@ def output_tangents(
     inputs: Sequence[torch.Tensor],
     directions: Sequence[Direction],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The outputs s on ``inputs`` and J d for every direction d: one forward-mode pass per direction.
+    """The outputs s on ``inputs`` and J d for every direction d, by forward-mode differentiation.
 
     Parameters missing from a direction count as zero. Buffers (batch-norm running statistics) are
     copied inside each pass so that these extra forwards leave the module's state untouched.
@@ -38,12 +38,15 @@ def output_tangents(
         copies = {name: buffer.clone() for name, buffer in buffers.items()}
         return functional_call(module, {**copies, **dict(zip(names, values))}, tuple(inputs))
 
-    outputs, tangents = None, []
-    for direction in directions:
-        tangent = tuple(direction.get(name, torch.zeros_like(value)).to(value.dtype) for name, value in zip(names, primals))
-        outputs, output_tangent = jvp(forward, primals, tangent)
-        tangents.append(output_tangent.detach())
-    return (None if outputs is None else outputs.detach()), tangents
+    if not directions:
+        return None, []
+    # All directions in one vmapped forward-mode pass: the primal forward is shared by the directions.
+    stacked = tuple(
+        torch.stack([d.get(name, torch.zeros_like(value)).to(value.dtype) for d in directions])
+        for name, value in zip(names, primals)
+    )
+    outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent))(*stacked)
+    return outputs[0].detach(), list(output_tangents.detach().unbind(0))
 
 
 def curvature_gram(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
