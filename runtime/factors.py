@@ -22,8 +22,9 @@ for a summed loss). Rows of the batch are examples along dim 0 (after viewing th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -181,6 +182,32 @@ def capture_gradient(
     if total is None:
         raise CaptureError(f"layer {layer.name!r}: no site received a gradient")
     return total
+
+
+def low_rank_pays(layer: Layer, rows: int) -> bool:
+    """Whether G^-1 (Q^T P) A^-1 is cheaper as (G^-1 Q^T)(P A^-1) (sec 8) for a gradient made of ``rows``
+    rows: R (g^2 + a^2 + g a) against g a (g + a) multiply-adds per group."""
+    g, a = layer.g_dim, layer.a_dim
+    return rows * (g * g + a * a + g * a) < g * a * (g + a)
+
+
+def low_rank_rows(
+    blocks: Mapping[str, Any], records: Mapping[str, Sequence[SiteRecord]], batch_size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(P [groups, R, a_dim], Q [groups, R, g_dim]) of the layers whose gradient Q^T P is cheaper to
+    precondition by rows (``low_rank_pays``); the rows of all sites are stacked. Q is the captured
+    gradient of the loss itself, so Q^T P is exactly the weight gradient (tests check this)."""
+    found = {}
+    for name, block in blocks.items():
+        sites = records.get(name)
+        if not sites or any(r.g is None for r in sites):
+            continue
+        layer = block.layer
+        parts = [site_rows(layer, r, batch_size=batch_size, dtype=block.dtype) for r in sites]
+        rows = sum(part.p.shape[1] for part in parts)
+        if low_rank_pays(layer, rows):
+            found[name] = (torch.cat([part.p for part in parts], dim=1), torch.cat([part.q for part in parts], dim=1))
+    return found
 
 
 def paper_decay(step: int, maximum: float = 0.95) -> float:

@@ -32,7 +32,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
-from kronograph.runtime.factors import ema_
+from kronograph.runtime.factors import ema_, low_rank_pays, low_rank_rows
 from kronograph.runtime.inverse import (
     DampedInverses,
     InverseWarning,
@@ -168,6 +168,7 @@ class KFAC:
         self.steps = 0
         self.stats_updates = 0
         self.timings: dict[str, float] = {}
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
 
     # -- the step -----------------------------------------------------------------------------------
@@ -282,16 +283,20 @@ class KFAC:
         """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same
         forward and backward also feed the factors (rows tau_1 of the batch), as the labels are the targets."""
         self.module.zero_grad(set_to_none=True)
-        capture = Capture(self.module, self.compiled.plan, hooks=True) if statistics else contextlib.nullcontext()
+        n = inputs[0].shape[0]
+        captured = statistics or self._low_rank_possible(n)
+        capture = Capture(self.module, self.compiled.plan, hooks=True) if captured else contextlib.nullcontext()
         with capture:
             outputs = self.module(*inputs)
         if self.steps == 1:
             self.loss.check_targets(outputs, y)
         loss = self.loss(outputs, y)
         loss.backward()
-        if statistics:
+        self._rows = {}
+        if captured:
             capture.release_outputs()
-            n = inputs[0].shape[0]
+            self._rows = low_rank_rows(self.blocks, capture.records, n)
+        if statistics:
             scale = n * self.loss.statistics_scale(outputs)  # captured g is of the mean loss over n
             self._fold(capture.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
         value = float(loss.detach())
@@ -304,6 +309,13 @@ class KFAC:
                 norm += float(param.detach().double().pow(2).sum())
             grads[name] = grad
         return value, value + 0.5 * self.weight_decay * norm, grads
+
+    def _low_rank_possible(self, n: int) -> bool:
+        """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
+        a full-rank eta W to the gradient, which the trick cannot carry)."""
+        if self.structure != "diagonal" or self.weight_decay:
+            return False
+        return any(low_rank_pays(block.layer, n) for block in self.blocks.values())
 
     def _objective(self, inputs, y) -> float:
         with torch.no_grad(), preserved_buffers(self.module):
@@ -342,10 +354,16 @@ class KFAC:
         if isinstance(inverses, TridiagonalInverse):
             solved_bars = inverses.apply(bars)
         else:
-            solved_bars = [
-                precondition(bar, inverses[layer.name]) if inverses[layer.name] is not None else bar
-                for layer, bar in zip(layers, bars)
-            ]
+            solved_bars = []
+            for layer, bar in zip(layers, bars):
+                inverse = inverses[layer.name]
+                if inverse is None:
+                    solved_bars.append(bar)
+                elif layer.name in self._rows:  # sec 8: grad = Q^T P has rank R < the layer's size
+                    p_rows, q_rows = self._rows[layer.name]
+                    solved_bars.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ (p_rows @ inverse.a_inv))
+                else:
+                    solved_bars.append(precondition(bar, inverse))
         proposal: Direction = {}
         for layer, solved in zip(layers, solved_bars):
             weight, bias = scatter(layer, solved)

@@ -276,3 +276,19 @@ def test_tridiagonal_diagonal_factors_equal_the_block_diagonal_ones():
         factors.append([(b.a, b.g) for b in optimizer.blocks.values()])
     for (a1, g1), (a2, g2) in zip(*factors):
         assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
+
+
+def test_low_rank_product_of_section_8_equals_the_direct_one():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 3)).double()
+    x, y = torch.randn(4, 40, dtype=torch.float64), torch.randint(0, 3, (4,))
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **{**SETTINGS, "weight_decay": 0.0})
+    optimizer.step(x, y)
+    loss, _, grads = optimizer._gradient((x,), y)
+    assert set(optimizer._rows) == {"0"}  # 4 rows against 41 x 50; the 51 x 3 head is cheaper directly
+    inverses = optimizer._current_inverses()
+    by_rows = optimizer._proposal(grads, inverses)
+    optimizer._rows = {}
+    direct = optimizer._proposal(grads, inverses)
+    for name in direct:
+        assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
