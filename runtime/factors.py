@@ -185,10 +185,11 @@ def capture_gradient(
 
 
 def low_rank_pays(layer: Layer, rows: int) -> bool:
-    """Whether G^-1 (Q^T P) A^-1 is cheaper as (G^-1 Q^T)(P A^-1) (sec 8) for a gradient made of ``rows``
-    rows: R (g^2 + a^2 + g a) against g a (g + a) multiply-adds per group."""
+    """Whether G^-1 (Q^T P) A^-1 is much cheaper as (G^-1 Q^T)(P A^-1) (sec 8) for a gradient made of
+    ``rows`` rows: R (g^2 + a^2 + g a) against g a (g + a) multiply-adds per group. "Much": at most half,
+    since the rows must be captured and copied on the main pass too."""
     g, a = layer.g_dim, layer.a_dim
-    return rows * (g * g + a * a + g * a) < g * a * (g + a)
+    return 2 * rows * (g * g + a * a + g * a) < g * a * (g + a)
 
 
 def low_rank_rows(
