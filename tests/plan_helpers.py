@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from kronograph import CompiledModel, Layer
+import math
+
+from torch import nn
+
+from kronograph import CompiledModel, ConvGeometry, Layer, Site
 
 
 def summary(layer: Layer) -> tuple:
@@ -25,3 +29,22 @@ def summary(layer: Layer) -> tuple:
 def reasons(cm: CompiledModel) -> dict[str, str]:
     """Unmatched parameter name -> its reason."""
     return {entry.name: entry.reason for entry in cm.plan.unmatched}
+
+
+def linear_layer(
+    name: str, weight: str, bias: str | None, shape: tuple[int, int], layout: str = "out_in", sites: int = 1
+) -> Layer:
+    """A hand-made linear Layer record (the runtime tests build plans without compiling)."""
+    out, inp = shape if layout == "out_in" else shape[::-1]
+    return Layer(name, "linear", weight, bias, shape, layout, inp, out, tuple(Site("a", "s", ()) for _ in range(sites)))
+
+
+def conv_layer(name: str, conv: nn.Module) -> Layer:
+    """A hand-made Layer record for ``conv`` (geometry without stride or padding: the call's own is used)."""
+    shape = tuple(conv.weight.shape)
+    rank = len(shape) - 2
+    geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups)
+    return Layer(
+        name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape, "out_in",
+        shape[1] * math.prod(shape[2:]), shape[0] // conv.groups, (Site("a", "s", ()),), geometry,
+    )

@@ -21,24 +21,10 @@ from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
 from kronograph.runtime.factors import batch_factors
 
+from plan_helpers import conv_layer, linear_layer
+
 ATOL = 1e-10
 
-
-def linear_layer(
-    name: str, weight: str, bias: str | None, shape: tuple[int, int], layout: str = "out_in", sites: int = 1
-) -> Layer:
-    out, inp = shape if layout == "out_in" else shape[::-1]
-    return Layer(name, "linear", weight, bias, shape, layout, inp, out, tuple(Site("a", "s", ()) for _ in range(sites)))
-
-
-def conv_layer(name: str, conv: nn.Module) -> Layer:
-    shape = tuple(conv.weight.shape)
-    rank = len(shape) - 2
-    geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups)
-    return Layer(
-        name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape, "out_in",
-        shape[1] * math.prod(shape[2:]), shape[0] // conv.groups, (Site("a", "s", ()),), geometry,
-    )
 
 
 def vec(matrix: torch.Tensor) -> torch.Tensor:
