@@ -1,4 +1,4 @@
-"""The `kronograph` command: inspect and compile (train and bench come with the K-FAC runtime)."""
+"""The `kronograph` command: inspect, compile and train (bench comes next)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import kronograph
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.models import resolve_model
 from kronograph.cli.report import format_plan, summary
+from kronograph.cli.train import train
 from kronograph.errors import KronographError
 from kronograph.passes.instrument import instrument
 
@@ -119,3 +120,6 @@ def compile(model: str, out_dir: Path, input_shapes: tuple[str, ...], input_dtyp
         f"wrote {out_dir}/: plan.json, model.onnx (inference) and training/ (onnxruntime-training graphs with taps); "
         f"{len(compiled.layers)} layers, {len(compiled.unmatched)} unmatched parameters"
     )
+
+
+main.add_command(train)  # train lives in its own module (it is most of the CLI)

@@ -13,3 +13,13 @@ def broken() -> nn.Module:
 
 def not_a_module() -> str:
     return "model"
+
+
+def tiny_classifier() -> nn.Module:
+    """6 features -> 3 classes, small enough for train runs of a few steps in the CLI tests."""
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def tiny_wide_classifier() -> nn.Module:
+    """Same data as tiny_classifier but other layer shapes: a checkpoint of one does not fit the other."""
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))

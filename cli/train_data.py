@@ -1,0 +1,150 @@
+"""What `kronograph train` feeds the model: training and validation tensors shaped for it, in a seeded order.
+
+Checked up front, before anything is written: the data loads (missing or corrupt files, NaN/Inf: see
+datasets.py), each row reshapes to the model's input, one forward pass on two examples runs, and every
+target of both splits fits the model's outputs and the loss (labels in range, dtypes, shapes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kronograph.cli.builtins import BUILTINS
+from kronograph.cli.datasets import DATASETS, INPUT, Dataset, load_data, split
+from kronograph.cli.models import parse_shape
+from kronograph.errors import KronographError
+from kronograph.runtime.losses import get_loss
+from kronograph.runtime.statistics import preserved_buffers
+
+#: The data each built-in model trains on by default: (data set, target).
+BUILTIN_DATA = {"mnist-autoencoder": ("mnist", INPUT), "cnn": ("mnist", None)}
+
+
+@dataclass
+class TrainData:
+    x: torch.Tensor
+    y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    task: str
+    source: str
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+def load_splits(data: str, input_key: str, target: str | None, valid_fraction: float) -> tuple[Dataset, Dataset]:
+    """(train, valid): a built-in set's own splits, or a file split with ``valid_fraction`` (fixed seed 0,
+    so that runs with different --seed values are validated on the same examples)."""
+    if data.strip().lower() in DATASETS:
+        return (load_data(data, "train", input_key=input_key, target_key=target),
+                load_data(data, "valid", input_key=input_key, target_key=target))
+    return split(load_data(data, input_key=input_key, target_key=target), valid_fraction, seed=0)
+
+
+def row_shape_for(model: str, input_shape: str | None, dataset: Dataset) -> tuple[int, ...]:
+    """Each example's shape: --input-shape without its batch size, a built-in's input (a conv built-in takes
+    the data set's image shape), else the data's own."""
+    if input_shape:
+        return parse_shape(input_shape)[1:] or (1,)
+    if model in BUILTINS:
+        shape = BUILTINS[model].input_shape[1:]
+        return dataset.image_shape if len(shape) > 1 and dataset.image_shape else shape
+    return tuple(dataset.x.shape[1:])
+
+
+def _tensor(dataset: Dataset, rows: tuple[int, ...], data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = dataset.x
+    if math.prod(rows) != math.prod(x.shape[1:]):
+        raise KronographError(
+            f"--data {data}: each example has {math.prod(x.shape[1:])} values but the model takes inputs of shape "
+            f"{'x'.join(map(str, rows))} ({math.prod(rows)} values); give data that fits the model or set --input-shape"
+        )
+    inputs = torch.from_numpy(np.ascontiguousarray(x)).reshape(len(x), *rows)
+    targets = inputs if dataset.task == "autoencoder" else torch.from_numpy(np.ascontiguousarray(dataset.y))
+    return inputs, targets
+
+
+def prepare_data(model: str, data: str, input_key: str, target: str | None, input_shape: str | None,
+                 valid_fraction: float) -> TrainData:
+    train, valid = load_splits(data, input_key, target, valid_fraction)
+    rows = row_shape_for(model, input_shape, train)
+    (x, y), (vx, vy) = _tensor(train, rows, data), _tensor(valid, rows, data)
+    return TrainData(x, y, vx, vy, train.task, train.source or data)
+
+
+def default_loss(data: TrainData) -> str:
+    """The loss the targets suggest: labels -> cross_entropy, values in [0, 1] -> sigmoid_cross_entropy, else mse."""
+    if data.task == "classification":
+        return "cross_entropy"
+    if data.y.dtype.is_floating_point and float(data.y.min()) >= 0 and float(data.y.max()) <= 1:
+        return "sigmoid_cross_entropy"
+    return "mse"
+
+
+def check_model_on_data(module: torch.nn.Module, loss_name: str, data: TrainData, where: str) -> None:
+    """One forward pass on two examples, then every target against the outputs' shape and the loss's rules;
+    errors become one line naming the problem and the fix. Casts the inputs to the model's dtype."""
+    dtype = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
+    if data.x.dtype != dtype:
+        data.x, data.valid_x = data.x.to(dtype), data.valid_x.to(dtype)
+        if data.task == "autoencoder":
+            data.y, data.valid_y = data.x, data.valid_x
+    sample = data.x[:2]
+    try:
+        with torch.no_grad(), preserved_buffers(module):
+            outputs = module(sample)
+    except Exception as error:  # whatever the module raises, it means "these inputs do not fit"
+        text = " ".join(str(error).split())[:300]
+        raise KronographError(
+            f"the model cannot run on {where}: a forward pass on inputs of shape {list(sample.shape)} raised "
+            f"{type(error).__name__}: {text}; give data that fits the model, or set --input-shape"
+        ) from None
+    if not isinstance(outputs, torch.Tensor):
+        raise KronographError(f"the model returns a {type(outputs).__name__}; training needs one output tensor")
+    loss = get_loss(loss_name)
+    for targets in (data.y, data.valid_y):
+        try:
+            loss.check_targets(outputs[:1].expand(len(targets), *outputs.shape[1:]), targets)
+        except KronographError as error:
+            raise KronographError(f"{where}: {error} (model outputs {list(outputs.shape[1:])} per example)") from None
+
+
+class DataOrder:
+    """Batch k (from 0) of a run depends on (seed, k) alone: epoch e = k // batches_per_epoch visits the
+    permutation drawn from numpy's generator seeded with [seed, e]; the last partial batch of an epoch is
+    left out (every step sees the same batch size). A resumed run needs nothing but the step count."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = n // self.batch_size
+        self._epoch, self._perm = -1, np.arange(0)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of batch ``step``."""
+        return divmod(step, self.per_epoch)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, index = self.position(step)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return torch.from_numpy(self._perm[index * self.batch_size:(index + 1) * self.batch_size])
+
+
+def evaluate(module: torch.nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Mean loss on (x, y) in eval mode, without gradients, in batches; draws no random numbers."""
+    loss, total = get_loss(loss_name), 0.0
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                total += float(loss.per_example(module(x[start:start + batch_size]), y[start:start + batch_size]).sum())
+    finally:
+        module.train(was_training)
+    return total / max(1, len(x))

@@ -1,0 +1,234 @@
+"""`kronograph train`: a run through click's runner and a real process, exact resume (also after Ctrl-C),
+--config, and every bad input (exit code 2, one `error:` line on stderr, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import factories
+from kronograph.cli.checkpoint import load_checkpoint, save_checkpoint
+from kronograph.cli.main import main
+from kronograph.runtime.kfac import KFAC
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+MODEL = "factories:tiny_classifier"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """200 examples of 6 features and 3 classes (the tiny classifier's shapes)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)))
+    return path
+
+
+@pytest.fixture
+def train(monkeypatch, data):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+    def invoke(*args: str, model: str = MODEL, with_data: bool = True):
+        extra = ["--data", str(data)] if with_data and "--data" not in args and "--resume" not in args else []
+        return CliRunner().invoke(main, ["train", model, *extra, "--batch-size", "32", *args])
+
+    return invoke
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in records]
+
+
+def test_train_writes_metrics_plots_model_and_checkpoint(train, tmp_path):
+    out = tmp_path / "run"
+    result = train("--steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["time"] > 0 for r in records)
+    assert all({"damping", "factor_damping", "alpha", "mu"} <= set(r) for r in records)
+    assert [r["step"] for r in records if "valid_loss" in r] == [3, 6]
+    assert records[4]["rho"] is not None  # the Levenberg-Marquardt rule runs every 5 steps
+    for name in ("loss_vs_step.png", "loss_vs_time.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {"model.safetensors", "state.pt"}
+    assert "valid loss" in result.stdout and "kfac" in result.stdout
+    # The ONNX model computes what the trained weights compute.
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    module = factories.tiny_classifier()
+    module.load_state_dict(load_file(str(out / "model.safetensors")))
+    x = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, module(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_train_in_a_real_process(data, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "kronograph.cli", "train", MODEL, "--data", str(data), "--optimizer", "adam",
+               "--steps", "4", "--batch-size", "32", "--eval-every", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4] and "valid_loss" in metrics(out)[1]
+    assert "alpha" not in metrics(out)[0]  # adam reports its loss only
+    for name in ("loss_vs_step.png", "loss_vs_time.png", "model.onnx", "model.safetensors", "checkpoint/state.pt"):
+        assert (out / name).is_file(), name
+    assert "run" in done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "sgd"])
+def test_resume_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path, optimizer):
+    common = ("--optimizer", optimizer, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train("--steps", "6", "--out", str(whole), *common).exit_code == 0
+    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
+    with open(parts / "metrics.jsonl", "a") as log:  # a crash after logging step 4, before its checkpoint
+        log.write(json.dumps({"step": 4, "loss": 0.0, "time": 9.0}) + '\n{"step": 5, "lo')
+    result = train("--resume", str(parts), "--steps", "6")
+    assert result.exit_code == 0, result.output
+    assert without_time(metrics(parts)) == without_time(metrics(whole))
+    assert metrics(parts)[3]["time"] > metrics(parts)[2]["time"]  # time adds up across the resume
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(train, tmp_path, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train("--steps", "6", "--eval-every", "2", "--out", str(whole)).exit_code == 0
+    step = KFAC.step
+
+    def interrupted_step(self, x, y):
+        info = step(self, x, y)
+        if self.steps == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the step in progress completes
+        return info
+
+    monkeypatch.setattr(KFAC, "step", interrupted_step)
+    result = train("--steps", "6", "--eval-every", "2", "--out", str(cut))
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.stderr and "--resume" in result.stderr
+    assert [r["step"] for r in metrics(cut)] == [1, 2, 3, 4]
+    monkeypatch.setattr(KFAC, "step", step)
+    assert train("--resume", str(cut)).exit_code == 0  # the run's own --steps 6
+    assert without_time(metrics(cut)) == without_time(metrics(whole))
+
+
+def test_config_file_with_a_flag_overriding_it(train, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('optimizer = "sgd"\nlr = 0.05\nmomentum = 0.5\nsteps = 5\nbatch_size = 16\n')
+    out = tmp_path / "run"
+    result = train("--config", str(config), "--steps", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(metrics(out)) == 3  # the flag wins over the file
+    settings = json.loads((out / "run.json").read_text())
+    assert (settings["optimizer"], settings["lr"], settings["momentum"], settings["steps"]) == ("sgd", 0.05, 0.5, 3)
+    assert settings["batch_size"] == 32  # the flag again (the test's runner passes --batch-size 32)
+
+
+def _write(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_inputs(tmp: Path, data: Path) -> dict[str, tuple[list[str], str]]:
+    """name: (arguments after MODEL, a fragment the error line must hold)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, size=40)
+    nan = x.copy()
+    nan[7, 2] = np.nan
+    (tmp / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp / "other").mkdir()
+    (tmp / "other" / "notes.txt").write_text("someone else's files")
+    (tmp / "model.onnx").write_bytes(b"")
+    (tmp / "no-checkpoint").mkdir()
+    (tmp / "unknown.toml").write_text("steps = 3\nlearning_rate = 0.1\n")
+    (tmp / "bad-value.toml").write_text('batch_size = "many"\n')
+    (tmp / "broken.toml").write_text("steps = = 3\n")
+    return {
+        "missing data file": (["--data", str(tmp / "absent.npz")], "no such file"),
+        "corrupt data file": (["--data", str(tmp / "garbage.npz")], "corrupt"),
+        "inputs of the wrong shape": (["--data", str(_write(tmp / "wide.npz", x=np.ones((40, 4), np.float32), y=labels))],
+                                      "cannot run on"),
+        "float targets for cross-entropy": (["--data", str(_write(tmp / "float.npz", x=x, y=labels.astype(np.float32) + 0.5)),
+                                             "--loss", "cross_entropy"], "integer class labels"),
+        "labels out of range": (["--data", str(_write(tmp / "labels.npz", x=x, y=np.where(labels == 2, 5, labels)))],
+                                "labels must lie in [0, 2]"),
+        "NaN in the data": (["--data", str(_write(tmp / "nan.npz", x=nan, y=labels))], "NaN/Inf"),
+        "unknown option": (["--data", str(data), "--frobnicate", "1"], "No such option"),
+        "option of another optimizer": (["--data", str(data), "--optimizer", "adam", "--damping", "3"],
+                                        "--damping applies to --optimizer kfac"),
+        "steps and epochs": (["--data", str(data), "--steps", "3", "--epochs", "1"], "--steps and --epochs"),
+        "out holds another run": (["--data", str(data), "--out", str(tmp / "other")], "--resume"),
+        "no checkpoint to resume": (["--resume", str(tmp / "no-checkpoint")], "holds no checkpoint"),
+        "unknown config key": (["--data", str(data), "--config", str(tmp / "unknown.toml")], "'learning_rate'"),
+        "bad config value": (["--data", str(data), "--config", str(tmp / "bad-value.toml")], "batch_size"),
+        "config that is not TOML": (["--data", str(data), "--config", str(tmp / "broken.toml")], "not valid TOML"),
+        "onnx model": (["--data", str(data), "--model-is-onnx"], "onnxruntime engine is not available yet"),
+        "onnxruntime engine": (["--data", str(data), "--engine", "onnxruntime"], "PyTorch module"),
+        "no data for a factory": (["--steps", "2"], "needs --data"),
+    }
+
+
+def test_every_bad_input_is_one_error_line_and_exit_2(train, tmp_path, data):
+    for name, (args, fragment) in _bad_inputs(tmp_path, data).items():
+        model = MODEL
+        if "--model-is-onnx" in args:
+            args, model = [a for a in args if a != "--model-is-onnx"], str(tmp_path / "model.onnx")
+        out = ["--out", str(tmp_path / "never")] if "--out" not in args and "--resume" not in args else []
+        result = train(*args, *out, model=model, with_data=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output)
+        assert len(lines) == 1 and lines[0].startswith("error:"), (name, result.stderr)
+        assert fragment in lines[0], (name, lines[0])
+        assert not (tmp_path / "never").exists(), name  # a failed run writes nothing
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_resume_refuses_another_model_a_changed_setting_and_a_corrupt_checkpoint(train, tmp_path):
+    run = tmp_path / "run"
+    assert train("--steps", "2", "--out", str(run)).exit_code == 0
+    before = (run / "metrics.jsonl").read_text()
+    cases = [
+        (dict(model="factories:tiny_wide_classifier"), [], "from a different model: '0.weight' has shape [5, 6]"),
+        ({}, ["--lr", "0.5"], "--lr 0.5 differs from the run"),
+        ({}, ["--out", str(tmp_path / "elsewhere")], "continues in its own folder"),
+        ({}, ["--steps", "1"], "at step 2, beyond --steps 1"),
+    ]
+    for kwargs, args, fragment in cases:
+        result = train("--resume", str(run), *(args if "--steps" in args else ["--steps", "4", *args]), **kwargs)
+        assert result.exit_code == 2 and result.stderr.startswith("error:") and fragment in result.stderr, result.output
+    (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    result = train("--resume", str(run), "--steps", "4")
+    assert result.exit_code == 2 and "state.pt is corrupt" in result.stderr, result.output
+    assert (run / "metrics.jsonl").read_text() == before  # nothing of the run was touched
+
+
+def test_checkpoint_swap_leaves_one_checkpoint_and_survives_a_crash_between_renames(tmp_path):
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    for step in (1, 2):
+        save_checkpoint(tmp_path, weights, {"step": step, "optimizer": {"m": torch.ones(2)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp or old folders left
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")  # the crash: old moved aside, new not in place
+    loaded, state = load_checkpoint(tmp_path)
+    assert state["step"] == 2 and torch.equal(loaded["w"], weights["w"])
