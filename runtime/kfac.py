@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,17 +29,11 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
-from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
-from kronograph.runtime.factors import ema_, low_rank_pays, low_rank_rows
-from kronograph.runtime.inverse import (
-    DampedInverses,
-    InverseWarning,
-    StatisticsWarning,
-    all_finite,
-    factored_inverses,
-    precondition,
-)
+from kronograph.runtime.curvature import make_curvature
+from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt, lm_omega
+from kronograph.runtime.factors import low_rank_pays, low_rank_rows
+from kronograph.runtime.inverse import all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.statistics import (
     ema_decay,
@@ -50,25 +43,9 @@ from kronograph.runtime.statistics import (
     subset,
 )
 from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
-from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
 from kronograph.runtime.wbar import gather, scatter
 
 Direction = dict[str, torch.Tensor]
-
-
-def levenberg_marquardt(damping: float, rho: float, omega: float, minimum: float = 0.0) -> float:
-    """The rule of sec 6.5: shrink lambda by omega (< 1) when rho > 3/4, grow it by 1/omega when rho < 1/4."""
-    if rho > 0.75:
-        return max(minimum, damping * omega)
-    if rho < 0.25:
-        return damping / omega
-    return damping
-
-
-def gamma_candidates(gamma: float, every: int) -> list[float]:
-    """The three strengths tried every T_2 steps (sec 6.6): gamma, omega2 gamma and gamma / omega2."""
-    omega2 = math.sqrt(19 / 20) ** every
-    return [gamma, omega2 * gamma, gamma / omega2]
 
 
 class KFAC:
@@ -129,8 +106,6 @@ class KFAC:
             raise KronographError("momentum='qmodel' needs rescale=True; pass a float for heavy-ball momentum")
         if structure not in ("diagonal", "tridiagonal"):
             raise KronographError(f"structure={structure!r}; choose 'diagonal' or 'tridiagonal'")
-        if structure == "tridiagonal":
-            check_chain(compiled.layers)
         if not (isinstance(momentum, (int, float)) or momentum in ("qmodel", None)):
             raise KronographError(f"momentum={momentum!r}; choose 'qmodel', a float or None")
         for name, value in (("stats_fraction", stats_fraction), ("qmodel_fraction", qmodel_fraction)):
@@ -158,10 +133,8 @@ class KFAC:
         self.min_damping = float(min_damping)
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
-        self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
         self.structure = structure
-        self.cross: list[torch.Tensor] | None = None  # tridiagonal: [A_01, ..., G_01, ...] EMAs
-        self.tridiagonal: TridiagonalInverse | None = None
+        self.curvature = make_curvature(structure, compiled.layers, factor_dtype)
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.params if name not in covered]
         self.generator = make_generator(self.module, seed)
@@ -170,6 +143,11 @@ class KFAC:
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
+
+    @property
+    def blocks(self) -> dict[str, Any]:
+        """The layers' KroneckerBlocks (factors and block-diagonal inverses), by layer name."""
+        return self.curvature.blocks
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
@@ -200,7 +178,7 @@ class KFAC:
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
             with self._timed("inverses"):
-                inverses = self._inverses(gamma) if refresh else self._current_inverses()
+                inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
                 proposal = self._proposal(grads, inverses)
             with self._timed("qmodel"):
@@ -213,12 +191,7 @@ class KFAC:
             info["skipped"] = "non-finite update; the weights were left unchanged"
             return info
         self.gamma = gamma
-        if isinstance(inverses, TridiagonalInverse):
-            self.tridiagonal = inverses
-        else:
-            self.tridiagonal = None
-            for name, block in self.blocks.items():
-                block.inverses = inverses[name]
+        self.curvature.adopt(inverses)
         with self._timed("update"), torch.no_grad():
             for name, delta in update.items():
                 self.params[name].add_(delta.to(self.params[name].dtype))
@@ -250,34 +223,7 @@ class KFAC:
               grad_scale: float | None = None) -> None:
         """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
         self.stats_updates += 1
-        decay = ema_decay(self.stats_updates, self.ema_decay)
-        if self.structure == "tridiagonal":
-            self._update_chain(records, index, grad_scale or batch_size, decay)
-            return
-        for name, block in self.blocks.items():
-            if records.get(name):
-                block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
-
-    def _update_chain(self, records: Mapping[str, list], index: torch.Tensor | None, grad_scale: float,
-                      decay: float) -> None:
-        """Diagonal and cross moments of the chain from the same examples, folded in with one decay."""
-        blocks = list(self.blocks.values())
-        dtype = blocks[0].dtype
-        rows = (lambda t: t) if index is None else (lambda t: t[index])
-        inputs = [rows(records[b.layer.name][0].a) for b in blocks]
-        grads = [rows(records[b.layer.name][0].g) for b in blocks]
-        a_diag, g_diag, a_cross, g_cross = chain_factors(
-            [b.layer for b in blocks], inputs, grads, grad_scale=grad_scale, dtype=dtype
-        )
-        if not all_finite([*a_diag, *g_diag, *a_cross, *g_cross]):
-            warnings.warn("K-FAC: non-finite statistics in this mini-batch; the factors keep their estimate",
-                          StatisticsWarning, stacklevel=3)
-            return
-        for block, a, g in zip(blocks, a_diag, g_diag):
-            block.update_factors(a[None], g[None], decay)
-        batch = [*a_cross, *g_cross]
-        self.cross = [ema_(None if self.cross is None else old, new, decay) for old, new in
-                      zip(self.cross or [None] * len(batch), batch)]
+        self.curvature.fold(records, batch_size, ema_decay(self.stats_updates, self.ema_decay), index, grad_scale)
 
     def _gradient(self, inputs, y, statistics: bool = False) -> tuple[float, float, Direction]:
         """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same
@@ -295,7 +241,7 @@ class KFAC:
         self._rows = {}
         if captured:
             capture.release_outputs()
-            self._rows = low_rank_rows(self.blocks, capture.records, n)
+            self._rows = low_rank_rows(self.curvature.blocks, capture.records, n)
         if statistics:
             scale = n * self.loss.statistics_scale(outputs)  # captured g is of the mean loss over n
             self._fold(capture.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
@@ -315,7 +261,7 @@ class KFAC:
         a full-rank eta W to the gradient, which the trick cannot carry)."""
         if self.structure != "diagonal" or self.weight_decay:
             return False
-        return any(low_rank_pays(block.layer, n) for block in self.blocks.values())
+        return any(low_rank_pays(block.layer, n) for block in self.curvature.blocks.values())
 
     def _objective(self, inputs, y) -> float:
         with torch.no_grad(), preserved_buffers(self.module):
@@ -324,46 +270,11 @@ class KFAC:
             value += 0.5 * self.weight_decay * sum(float(p.detach().double().pow(2).sum()) for p in self.params.values())
         return value
 
-    def _current_inverses(self):
-        if self.tridiagonal is not None:
-            return self.tridiagonal
-        return {name: block.inverses for name, block in self.blocks.items()}
-
-    def _inverses(self, gamma: float) -> dict[str, DampedInverses | None] | TridiagonalInverse:
-        if self.structure == "tridiagonal" and self.cross is not None:
-            half = len(self.cross) // 2
-            try:
-                return TridiagonalInverse(
-                    [b.a[0] for b in self.blocks.values()], [b.g[0] for b in self.blocks.values()],
-                    self.cross[:half], self.cross[half:], gamma, names=list(self.blocks),
-                )
-            except TridiagonalInverseError as error:  # keep training: the block-diagonal inverse this time
-                warnings.warn(f"K-FAC: {error}; using the block-diagonal inverse", InverseWarning, stacklevel=3)
-        result = {}
-        for name, block in self.blocks.items():
-            if block.a is None:
-                result[name] = None  # never called by the forward: no statistics, no block update
-            else:
-                result[name] = factored_inverses(block.a, block.g, gamma, block.inverses, name=name)
-        return result
-
     def _proposal(self, grads: Direction, inverses) -> Direction:
         """Delta = -F^-1 grad h for every layer (layers without statistics: -grad h)."""
-        layers = [block.layer for block in self.blocks.values()]
+        layers = [block.layer for block in self.curvature.blocks.values()]
         bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
-        if isinstance(inverses, TridiagonalInverse):
-            solved_bars = inverses.apply(bars)
-        else:
-            solved_bars = []
-            for layer, bar in zip(layers, bars):
-                inverse = inverses[layer.name]
-                if inverse is None:
-                    solved_bars.append(bar)
-                elif layer.name in self._rows:  # sec 8: grad = Q^T P has rank R < the layer's size
-                    p_rows, q_rows = self._rows[layer.name]
-                    solved_bars.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ (p_rows @ inverse.a_inv))
-                else:
-                    solved_bars.append(precondition(bar, inverse))
+        solved_bars = self.curvature.solve(bars, inverses, self._rows)
         proposal: Direction = {}
         for layer, solved in zip(layers, solved_bars):
             weight, bias = scatter(layer, solved)
@@ -415,7 +326,7 @@ class KFAC:
     def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> float:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4."""
         rho = (self._objective(inputs, y) - objective) / decrease if decrease < 0 else -math.inf
-        self.damping = levenberg_marquardt(self.damping, rho, (19 / 20) ** self.damping_every, self.min_damping)
+        self.damping = levenberg_marquardt(self.damping, rho, lm_omega(self.damping_every), self.min_damping)
         return rho
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -427,21 +338,16 @@ class KFAC:
             "damping": self.damping,
             "gamma": self.gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
-            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
-            "cross": None if self.cross is None else [c.clone() for c in self.cross],
-            "tridiagonal": None if self.tridiagonal is None else self.tridiagonal.state_dict(),
+            "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = set(self.blocks) - set(state["blocks"])
+        missing = set(self.blocks) - set(state["curvature"]["blocks"])
         if missing:
             raise KronographError(f"the optimizer state has no blocks for layers {sorted(missing)}; it is from another model")
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping, self.gamma = float(state["damping"]), float(state["gamma"])
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
-        for name, block in self.blocks.items():
-            block.load_state_dict(state["blocks"][name])
-        self.cross = None if state.get("cross") is None else [c.clone() for c in state["cross"]]
-        self.tridiagonal = None if state.get("tridiagonal") is None else TridiagonalInverse.from_state_dict(state["tridiagonal"])
+        self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import kronograph
-from kronograph.runtime.kfac import gamma_candidates, levenberg_marquardt
+from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt
 
 N, SIZES, CLASSES = 6, (3, 4), 3
 
@@ -250,7 +250,7 @@ def test_tridiagonal_structure_trains_and_resumes():
     batches = [(x, x) for x in (torch.randn(32, 5, generator=generator) for _ in range(8))]
     model, optimizer = build()
     losses = [optimizer.step(*batch)["loss"] for batch in batches]
-    assert optimizer.tridiagonal is not None and losses[-1] < losses[0]
+    assert optimizer.curvature.inverse is not None and losses[-1] < losses[0]
     half, half_optimizer = build()
     for batch in batches[:4]:
         half_optimizer.step(*batch)
@@ -286,7 +286,7 @@ def test_low_rank_product_of_section_8_equals_the_direct_one():
     optimizer.step(x, y)
     loss, _, grads = optimizer._gradient((x,), y)
     assert set(optimizer._rows) == {"0"}  # 4 rows against 41 x 50; the 51 x 3 head is cheaper directly
-    inverses = optimizer._current_inverses()
+    inverses = optimizer.curvature.current()
     by_rows = optimizer._proposal(grads, inverses)
     optimizer._rows = {}
     direct = optimizer._proposal(grads, inverses)

@@ -1,0 +1,159 @@
+"""The approximate Fisher of all layers: block-diagonal (paper sec 4.2) or block-tridiagonal (sec 4.3).
+
+Both structures have the same verbs, so the optimizer does not care which it holds:
+``fold`` the captured sites of a mini-batch into the EMAs, ``invert`` for a damping strength gamma (a
+candidate, not yet kept), ``adopt`` the chosen inverses, ``solve`` F^-1 grad for the layers' W_bar
+gradients, and ``state_dict`` / ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kronograph.passes.plan import Layer
+from kronograph.runtime.blocks import KroneckerBlock
+from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.factors import ema_
+from kronograph.runtime.inverse import (
+    DampedInverses,
+    InverseWarning,
+    StatisticsWarning,
+    all_finite,
+    factored_inverses,
+    precondition,
+)
+from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
+
+Records = Mapping[str, Sequence[SiteRecord]]
+Rows = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class BlockDiagonalCurvature:
+    """One KroneckerBlock per layer, inverted independently."""
+
+    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype) -> None:
+        self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
+
+    def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
+             grad_scale: float | None = None) -> None:
+        """Fold the captured sites (rows ``index`` of the batch) into every called layer's factors."""
+        for name, block in self.blocks.items():
+            if records.get(name):
+                block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
+
+    def invert(self, gamma: float) -> dict[str, DampedInverses | None]:
+        """Damped inverses for strength gamma (None for a layer never called: it has no statistics)."""
+        return {
+            name: None if block.a is None else factored_inverses(block.a, block.g, gamma, block.inverses, name=name)
+            for name, block in self.blocks.items()
+        }
+
+    def current(self) -> Any:
+        return {name: block.inverses for name, block in self.blocks.items()}
+
+    def adopt(self, inverses: Any) -> None:
+        for name, block in self.blocks.items():
+            block.inverses = inverses[name]
+
+    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows) -> list[torch.Tensor]:
+        """F^-1 applied to each layer's grad W_bar; where ``rows`` holds the batch's (P, Q) of a layer, by the
+        low-rank product of sec 8, (G^-1 Q^T)(P A^-1). A layer without inverses keeps its gradient."""
+        solved = []
+        for (name, _), bar in zip(self.blocks.items(), bars):
+            inverse = inverses[name]
+            if inverse is None:
+                solved.append(bar)
+            elif name in rows:
+                p_rows, q_rows = rows[name]
+                solved.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ (p_rows @ inverse.a_inv))
+            else:
+                solved.append(precondition(bar, inverse))
+        return solved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocks": {name: block.state_dict() for name, block in self.blocks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, block in self.blocks.items():
+            block.load_state_dict(state["blocks"][name])
+
+
+class TridiagonalCurvature(BlockDiagonalCurvature):
+    """A chain of linear layers (in plan order) with the cross moments of neighbours (sec 4.3)."""
+
+    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype) -> None:
+        check_chain(layers)
+        super().__init__(layers, dtype)
+        self.cross: list[torch.Tensor] | None = None  # [A_01, A_12, ..., G_01, G_12, ...] EMAs
+        self.inverse: TridiagonalInverse | None = None
+
+    def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
+             grad_scale: float | None = None) -> None:
+        """Diagonal and cross moments from the same examples, folded in with one decay (Sigma stays PD)."""
+        blocks = list(self.blocks.values())
+        rows = (lambda t: t) if index is None else (lambda t: t[index])
+        examples = batch_size if index is None else int(index.numel())
+        a_diag, g_diag, a_cross, g_cross = chain_factors(
+            [b.layer for b in blocks],
+            [rows(records[b.layer.name][0].a) for b in blocks],
+            [rows(records[b.layer.name][0].g) for b in blocks],
+            grad_scale=grad_scale or examples,
+            dtype=blocks[0].dtype,
+        )
+        if not all_finite([*a_diag, *g_diag, *a_cross, *g_cross]):
+            warnings.warn("K-FAC: non-finite statistics in this mini-batch; the factors keep their estimate",
+                          StatisticsWarning, stacklevel=3)
+            return
+        for block, a, g in zip(blocks, a_diag, g_diag):
+            block.update_factors(a[None], g[None], decay)
+        batch = [*a_cross, *g_cross]
+        old = self.cross or [None] * len(batch)
+        self.cross = [ema_(previous, new, decay) for previous, new in zip(old, batch)]
+
+    def invert(self, gamma: float) -> Any:
+        if self.cross is not None:
+            half = len(self.cross) // 2
+            blocks = list(self.blocks.values())
+            try:
+                return TridiagonalInverse([b.a[0] for b in blocks], [b.g[0] for b in blocks],
+                                          self.cross[:half], self.cross[half:], gamma, names=list(self.blocks))
+            except TridiagonalInverseError as error:  # keep training: the block-diagonal inverse this time
+                warnings.warn(f"K-FAC: {error}; using the block-diagonal inverse", InverseWarning, stacklevel=3)
+        return super().invert(gamma)
+
+    def current(self) -> Any:
+        return self.inverse if self.inverse is not None else super().current()
+
+    def adopt(self, inverses: Any) -> None:
+        if isinstance(inverses, TridiagonalInverse):
+            self.inverse = inverses
+        else:
+            self.inverse = None
+            super().adopt(inverses)
+
+    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows) -> list[torch.Tensor]:
+        if isinstance(inverses, TridiagonalInverse):
+            return inverses.apply(bars)
+        return super().solve(bars, inverses, rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "cross": None if self.cross is None else [c.clone() for c in self.cross],
+            "tridiagonal": None if self.inverse is None else self.inverse.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.cross = None if state.get("cross") is None else [c.clone() for c in state["cross"]]
+        saved = state.get("tridiagonal")
+        self.inverse = None if saved is None else TridiagonalInverse.from_state_dict(saved)
+
+
+def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype) -> BlockDiagonalCurvature:
+    """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears)."""
+    return (TridiagonalCurvature if structure == "tridiagonal" else BlockDiagonalCurvature)(layers, dtype)
