@@ -1,4 +1,4 @@
-"""The `kronograph` command: inspect, compile and train (bench comes next)."""
+"""The `kronograph` command: inspect, compile, train and bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 import kronograph
+from kronograph.cli.bench import bench
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.models import resolve_model
 from kronograph.cli.report import format_plan, summary
@@ -122,4 +123,5 @@ def compile(model: str, out_dir: Path, input_shapes: tuple[str, ...], input_dtyp
     )
 
 
-main.add_command(train)  # train lives in its own module (it is most of the CLI)
+main.add_command(train)  # train and bench live in their own modules (they are most of the CLI)
+main.add_command(bench)

@@ -38,7 +38,7 @@ _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale"
 _BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ"}
 
 
-def _check_engine(model: str, engine: str | None) -> None:
+def check_engine(model: str, engine: str | None) -> None:
     """Training on onnxruntime-training is not there yet: say so before loading anything."""
     is_onnx = model not in BUILTINS and (model.endswith(".onnx") or Path(model).is_file())
     if is_onnx and not Path(model).is_file():
@@ -127,18 +127,18 @@ class _Run:
 def _settings(ctx: click.Context, model: str, flags: dict[str, Any]) -> tuple[dict[str, Any], Path, tuple | None]:
     """The run's settings and folder, and for --resume its checkpoint (weights, state)."""
     given = given_settings(ctx, flags)
-    _check_engine(model, given.get("engine"))
+    check_engine(model, given.get("engine"))
     resume: Path | None = flags["resume"]
     if resume is None:
         settings = new_run_settings(given)
-        return _with_data_defaults(model, settings), _new_run_dir(model, settings["out"]), None
+        return with_data_defaults(model, settings), _new_run_dir(model, settings["out"]), None
     if given.get("out") is not None and Path(given["out"]).resolve() != resume.resolve():
         raise KronographError(f"--out {given['out']} differs from --resume {resume}; a resumed run continues in its own folder")
     weights, state = load_checkpoint(resume)
     return resumed_settings(given, state["settings"], resume), resume, (weights, state)
 
 
-def _with_data_defaults(model: str, settings: dict[str, Any]) -> dict[str, Any]:
+def with_data_defaults(model: str, settings: dict[str, Any]) -> dict[str, Any]:
     """A built-in model's own data set and target when none are given."""
     data, target = BUILTIN_DATA.get(model, (None, None))
     if settings["data"] is None:

@@ -8,6 +8,7 @@ target of both splits fits the model's outputs and the loss (labels in range, dt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,22 +130,75 @@ class DataOrder:
         """(epoch, batch within the epoch) of batch ``step``."""
         return divmod(step, self.per_epoch)
 
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, index = self.position(step)
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of the examples in ``epoch`` (the last one drawn is cached)."""
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return torch.from_numpy(self._perm[index * self.batch_size:(index + 1) * self.batch_size])
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, index = self.position(step)
+        return torch.from_numpy(self.permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size])
 
 
-def evaluate(module: torch.nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Mean loss on (x, y) in eval mode, without gradients, in batches; draws no random numbers."""
-    loss, total = get_loss(loss_name), 0.0
+def batch_schedule(kind: str, batch_size: int, n: int, start: int = 1000, growth: float | None = None
+                   ) -> Callable[[int], int]:
+    """Batch size of step ``k`` (from 0): "fixed" -> ``batch_size``; "exp" -> the paper's (sec 13)
+    m_k = min(m_1 exp((k-1)/b), |S|) for iteration k + 1, with m_1 = ``start``, b = ``growth`` and |S| = ``n``;
+    ``growth=None`` picks b so that m_500 = |S|, as the paper does. Sizes never exceed ``n``."""
+    if kind == "fixed":
+        return lambda step: min(batch_size, n)
+    if kind != "exp":
+        raise KronographError(f"unknown batch schedule {kind!r}; choose fixed or exp")
+    first = min(start, n)
+    rate = growth if growth is not None else (499 / math.log(n / first) if n > first else 1.0)
+    return lambda step: min(n, int(round(first * math.exp(min(step / rate, 700.0)))))
+
+
+class ScheduledOrder(DataOrder):
+    """Batches whose size follows a schedule (``batch_schedule``), drawn in order from the same seeded epoch
+    permutations as DataOrder: a batch that does not fit in what is left of an epoch starts the next one, so a
+    batch never repeats an example and a batch of |S| is the whole set. With a fixed size the batches are
+    DataOrder's. Batch k depends on (seed, schedule, k) alone; the walk to it is cached for the next call."""
+
+    def __init__(self, n: int, sizes: Callable[[int], int], seed: int) -> None:
+        super().__init__(n, max(1, sizes(0)), seed)
+        self.sizes = sizes
+        self._step, self._at, self._offset = 0, 0, 0  # batch self._step starts at self._offset of epoch self._at
+
+    def size(self, step: int) -> int:
+        return max(1, min(self.sizes(step), self.n))
+
+    def indices(self, step: int) -> torch.Tensor:
+        if step < self._step:
+            self._step, self._at, self._offset = 0, 0, 0
+        while True:
+            size = self.size(self._step)
+            if self._offset + size > self.n:
+                self._at, self._offset = self._at + 1, 0
+            if self._step == step:
+                return torch.from_numpy(self.permutation(self._at)[self._offset:self._offset + size])
+            self._step, self._offset = self._step + 1, self._offset + size
+
+
+def evaluate_many(module: torch.nn.Module, figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                  x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Means over (x, y) of per-example ``figures(outputs, targets)``, from one pass in eval mode, without
+    gradients, in batches; draws no random numbers."""
+    totals = dict.fromkeys(figures, 0.0)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                total += float(loss.per_example(module(x[start:start + batch_size]), y[start:start + batch_size]).sum())
+                outputs, targets = module(x[start:start + batch_size]), y[start:start + batch_size]
+                for name, figure in figures.items():
+                    totals[name] += float(figure(outputs, targets).sum())
     finally:
         module.train(was_training)
-    return total / max(1, len(x))
+    return {name: total / max(1, len(x)) for name, total in totals.items()}
+
+
+def evaluate(module: torch.nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Mean loss on (x, y) in eval mode, without gradients, in batches; draws no random numbers."""
+    return evaluate_many(module, {"loss": get_loss(loss_name).per_example}, x, y, batch_size)["loss"]
