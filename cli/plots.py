@@ -100,3 +100,4 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path,
         return values
 
     return _save_plot(path, draw, xlabel, ylabel, title)
+

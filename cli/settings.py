@@ -46,6 +46,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "eval_examples": (click.IntRange(min=1), 1000, "Validation examples used each time (the first N)."),
     "checkpoint_every": (click.IntRange(min=0), 100, "Checkpoint every N steps (0: only at the end and on Ctrl-C)."),
     "out": (_PATH, None, "Run folder (new or empty): metrics.jsonl, checkpoint/, plots, model.onnx (default runs/MODEL-N)."),
+    "tensorboard": (_PATH, None, "Also write the metrics as TensorBoard events to this folder (needs the tensorboard package)."),
 }
 #: The settings that define a run: a resumed run must keep them.
 RUN_KEYS = ("data", "input", "target", "input_shape", "loss", "engine", "optimizer", "batch_size", "seed",

@@ -28,6 +28,7 @@ from kronograph.cli.checkpoint import (atomic_write, check_same_model, load_chec
                                        save_weights, set_rng_state)
 from kronograph.cli.models import resolve_model
 from kronograph.cli.optimizers import OPTION_KEYS, Optimizer, make_optimizer
+from kronograph.cli.events import TensorBoard, check_tensorboard
 from kronograph.cli.plots import METRICS, json_value, plot_metrics, read_metrics
 from kronograph.cli.settings import DEFAULT_STEPS, given_settings, new_run_settings, resumed_settings, train_options
 from kronograph.cli.train_data import (BUILTIN_DATA, DataOrder, TrainData, check_model_on_data, default_loss, evaluate,
@@ -203,6 +204,7 @@ def _open_run_dir(run: _Run) -> None:
 @click.pass_context
 def train(ctx: click.Context, model: str, **flags: Any) -> None:
     settings, run_dir, checkpoint = _settings(ctx, model, flags)
+    check_tensorboard(settings.get("tensorboard"))
     run = _build(model, settings, run_dir, checkpoint)
     _open_run_dir(run)
     total = settings["steps"]
@@ -221,8 +223,9 @@ def _loop(run: _Run) -> None:
     step, saved, in_step, began = run.start, run.start, False, time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=settings["optimizer"], unit="step", file=sys.stderr,
                disable=None, dynamic_ncols=True)
+    board = TensorBoard(settings.get("tensorboard"))
     try:
-        with _Interrupt() as interrupt, open(run.run_dir / METRICS, "a", encoding="utf-8") as log:
+        with _Interrupt() as interrupt, open(run.run_dir / METRICS, "a", encoding="utf-8") as log, board:
             while step < total:
                 index = order.indices(step)
                 x = data.x[index]
@@ -239,6 +242,7 @@ def _loop(run: _Run) -> None:
                     record["valid_loss"] = evaluate(run.module, settings["loss"], valid_x, valid_y, order.batch_size)
                 log.write(json.dumps({k: json_value(v) for k, v in record.items()}) + "\n")
                 log.flush()
+                board.write(record)
                 rate = (step - run.start) * order.batch_size / max(now - began, 1e-9)
                 bar.set_postfix({"loss": f"{info['loss']:.4g}", "ex/s": f"{rate:.0f}",
                                  **{_BAR[k]: f"{info[k]:.3g}" for k in _BAR if k in info}}, refresh=False)

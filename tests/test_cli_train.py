@@ -232,3 +232,18 @@ def test_checkpoint_swap_leaves_one_checkpoint_and_survives_a_crash_between_rena
     (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")  # the crash: old moved aside, new not in place
     loaded, state = load_checkpoint(tmp_path)
     assert state["step"] == 2 and torch.equal(loaded["w"], weights["w"])
+
+
+def test_tensorboard_events_hold_the_metrics(train, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "board"
+    result = train("--steps", "3", "--optimizer", "sgd", "--out", str(tmp_path / "run"), "--tensorboard", str(board))
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(board))
+    events.Reload()
+    losses = [(event.step, event.value) for event in events.Scalars("loss")]
+    expected = [(r["step"], r["loss"]) for r in metrics(tmp_path / "run")]
+    assert [step for step, _ in losses] == [step for step, _ in expected]
+    assert np.allclose([v for _, v in losses], [v for _, v in expected], rtol=1e-6)
