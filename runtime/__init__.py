@@ -1,13 +1,18 @@
-"""runtime/: engines that execute training and the curvature state of the optimizers.
-
-The first layer of the K-FAC runtime for the torch engine (the optimizer itself is still to come):
+"""runtime/: the torch engine's K-FAC: capture, curvature state and the optimizers.
 
 - ``capture``: records each layer site's input a and pre-activation gradient g on the user's own
   module (a TorchFunctionMode, no module hooks), only inside ``with Capture(module, plan)``.
 - ``patches``: convolution patches in F.unfold order (KFC), ONNX pads, conv1d/2d/3d.
 - ``factors``: the mini-batch factors A and G of DESIGN.md (homogeneous coordinate, per-example
-  gradient scaling, sequences and shared weights as extra positions, groups), the EMA and its schedule.
+  gradient scaling, sequences and shared weights as extra positions, groups), symmetric Gram products,
+  the rows of the low-rank product of sec 8, the EMA and its schedule.
+- ``statistics``: the tau_1 pass with targets sampled from the model, subsets, the EMA decay, the generator.
+- ``losses``: the three losses with their output curvature H and sampled targets.
 - ``inverse``: pi from traces, factored Tikhonov damping, NaN-safe Cholesky inverses, preconditioning.
 - ``wbar``: W_bar = [W b] per group from weights/grads and back, for both weight layouts; vec convention.
 - ``blocks``: KroneckerBlock, one layer's curvature state, with ``to_dense`` for tests.
+- ``tridiagonal``: the block-tridiagonal inverse of sec 4.3; ``curvature``: both structures behind one API.
+- ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7.
+- ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
+- ``kfac``: ``kronograph.optim.KFAC``; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
 """
