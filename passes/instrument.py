@@ -39,8 +39,7 @@ scaled: ``per_example_gradient`` multiplies by n. The graph does not; the runtim
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -51,7 +50,9 @@ import onnx_ir as ir
 from onnx import helper
 
 from kronograph.errors import KronographError
+from kronograph.passes.ort_loss import loss_block, quiet_graph_builder
 from kronograph.passes.plan import LayerPlan
+from kronograph.passes.training_forms import TAP_PREFIX, batch_norm_eval_outputs, training_mode_outputs
 
 __all__ = [
     "LOSS_TYPES",
@@ -68,7 +69,6 @@ LOSS_TYPES = {
     "mse": "MSELoss",
 }
 OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD"}
-TAP_PREFIX = "kronograph"
 ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 #: onnxruntime 1.19 loads models up to this IR version (onnx >= 1.17 writes newer ones by default).
 ORT_MAX_IR_VERSION = 10
@@ -174,140 +174,10 @@ def _forward_model(model: ir.Model, plan: LayerPlan, taps: dict) -> tuple[onnx.M
         activation = plan.layer(layer).sites[k].activation
         proto.graph.node.append(helper.make_node("Identity", [activation], [a_name], name=f"{a_name}/tap"))
         proto.graph.output.append(_value_info(a_name, values[activation]))
-    _training_mode_outputs(proto)
+    training_mode_outputs(proto)
     if proto.ir_version > ORT_MAX_IR_VERSION:
         proto.ir_version = ORT_MAX_IR_VERSION
     return proto, output
-
-
-def _is_default_domain(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
-def _fresh_name(base: str, taken: set[str]) -> str:
-    name = base
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return name
-
-
-def _training_mode_outputs(proto: onnx.ModelProto) -> None:
-    """Give BatchNormalization and Dropout the outputs their onnxruntime gradients read, in place.
-
-    onnxruntime-training differentiates BatchNormalization only in training mode (it replaces the node by
-    com.microsoft.BatchNormInternal, whose saved mean and inverse deviation the gradient reads), and
-    Dropout only with its mask output; on the one-output forms that exporters write its gradient
-    builder fails (``GradientBuilderBase::O ... i < node_->OutputDefs().size()``). Inference-form batch
-    norms are switched to training mode; the running-mean and running-variance outputs that mode
-    requires get fresh names and stay unused: the graph's running statistics are not updated by
-    training on onnxruntime (the eval model keeps using the stored ones). Dropout gets a mask output.
-    """
-    taken = {name for node in proto.graph.node for name in (*node.input, *node.output)}
-    taken |= {v.name for v in (*proto.graph.input, *proto.graph.output)}
-    for node in proto.graph.node:
-        if not _is_default_domain(node) or len(node.output) != 1:
-            continue
-        if node.op_type == "Dropout":
-            node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.mask", taken))
-        if node.op_type != "BatchNormalization":
-            continue
-        modes = [attr for attr in node.attribute if attr.name == "training_mode"]
-        if modes:
-            modes[0].i = 1
-        else:
-            node.attribute.append(helper.make_attribute("training_mode", 1))
-        for stat in ("running_mean", "running_var"):
-            node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.{stat}", taken))
-
-
-def _batch_norm_eval_outputs(path: Path) -> None:
-    """Drop the unused running-statistics outputs that the eval model's BatchNormalization may not have.
-
-    generate_artifacts switches BatchNormalization back to ``training_mode=0`` in the eval model but
-    keeps its three outputs, which onnxruntime rejects ("should be 1 when Training_mode = False").
-    """
-    model = onnx.load(str(path))
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    changed = False
-    for node in model.graph.node:
-        if node.op_type != "BatchNormalization" or not _is_default_domain(node) or len(node.output) == 1:
-            continue
-        if any(attr.name == "training_mode" and attr.i == 1 for attr in node.attribute):
-            continue
-        if not any(name in used for name in node.output[1:]):
-            del node.output[1:]
-            changed = True
-    if changed:
-        onnx.save(model, str(path))
-
-
-def _loss_block(loss: str, output: str, label: str, rank: int | None):
-    """An onnxblock that puts ``loss`` on graph output ``output`` with label input ``label``.
-
-    The blocks are onnxruntime's own (the ones ``LossType`` selects); the wrapper picks the model output
-    and names the label input. Cross-entropy on a [batch, ..., classes] output (rank > 2) moves the
-    classes to axis 1 first, the layout ONNX SoftmaxCrossEntropyLoss expects.
-    """
-    from onnxruntime.training import onnxblock
-    from onnxruntime.training.onnxblock import _graph_utils
-
-    class _Loss(onnxblock.Block):
-        def build(self, *_graph_outputs: str) -> str:
-            if loss == "mse":
-                return onnxblock.loss.MSELoss()(output, label)
-            if loss == "sigmoid_cross_entropy":
-                return onnxblock.loss.BCEWithLogitsLoss()(output, label)
-            if rank is None or rank <= 2:
-                return onnxblock.loss.CrossEntropyLoss()(output, label)
-            graph_output = _graph_utils.get_output_from_output_name(self.base, output)
-            labels = onnx.ValueInfoProto()
-            labels.CopyFrom(graph_output)
-            labels.name = label
-            labels.type.tensor_type.elem_type = onnx.TensorProto.INT64
-            del labels.type.tensor_type.shape.dim[-1]
-            self.base.graph.input.append(labels)
-            scores = _graph_utils.generate_graph_name("kronograph.scores")
-            loss_name = _graph_utils.generate_graph_name("loss")
-            perm = [0, rank - 1, *range(1, rank - 1)]
-            self.base.graph.node.extend(
-                [
-                    helper.make_node("Transpose", [output], [scores], perm=perm, name=f"{scores}/node"),
-                    helper.make_node(
-                        "SoftmaxCrossEntropyLoss",
-                        [scores, label],
-                        [loss_name, _graph_utils.generate_graph_name("log_prob")],
-                        reduction="mean",
-                        name=f"{loss_name}/node",
-                    ),
-                ]
-            )
-            return loss_name
-
-    return _Loss()
-
-
-@contextlib.contextmanager
-def _quiet_graph_builder() -> Iterator[None]:
-    """generate_artifacts optimises with a default SessionOptions, which logs every transformer at INFO."""
-    from onnxruntime import SessionOptions
-    from onnxruntime.training.onnxblock import _training_graph_utils as utils
-
-    original = getattr(utils, "SessionOptions", None)
-    if original is None:
-        yield
-        return
-
-    def quiet_options() -> SessionOptions:
-        options = original()
-        options.log_severity_level = 3
-        return options
-
-    utils.SessionOptions = quiet_options
-    try:
-        yield
-    finally:
-        utils.SessionOptions = original
 
 
 def _add_gradient_taps(path: Path, plan: LayerPlan, taps: dict, values: dict[str, ir.Value]) -> tuple[str, ...]:
@@ -386,12 +256,12 @@ def instrument(
     out_dir.mkdir(parents=True, exist_ok=True)
     activation_taps = [a for a, _ in taps.values()]
     try:
-        with _quiet_graph_builder():
+        with quiet_graph_builder():
             artifacts.generate_artifacts(
                 forward,
                 requires_grad=trainable,
                 frozen_params=frozen_params,
-                loss=_loss_block(loss, output, label_name, rank),
+                loss=loss_block(loss, output, label_name, rank),
                 optimizer=getattr(artifacts.OptimType, OPTIMIZERS[optimizer]),
                 artifact_directory=out_dir,
                 additional_output_names=activation_taps or None,
@@ -405,7 +275,7 @@ def instrument(
         ) from error
     training_model = out_dir / "training_model.onnx"
     outputs = _add_gradient_taps(training_model, plan, taps, values)
-    _batch_norm_eval_outputs(out_dir / "eval_model.onnx")
+    batch_norm_eval_outputs(out_dir / "eval_model.onnx")
     eval_model = onnx.load(str(out_dir / "eval_model.onnx"), load_external_data=False)
     eval_outputs = tuple(o.name for o in eval_model.graph.output)
     data_inputs = [v.name for v in model.graph.inputs if v.name not in initializers]

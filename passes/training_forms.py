@@ -1,0 +1,76 @@
+"""BatchNormalization and Dropout in the forms that onnxruntime-training can differentiate.
+
+Exporters write both in their one-output inference forms; onnxruntime-training's gradient builder needs
+batch norm in training mode (its saved statistics) and Dropout with its mask output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+TAP_PREFIX = "kronograph"
+
+
+def is_default_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name = base
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def training_mode_outputs(proto: onnx.ModelProto) -> None:
+    """Give BatchNormalization and Dropout the outputs their onnxruntime gradients read, in place.
+
+    onnxruntime-training differentiates BatchNormalization only in training mode (it replaces the node by
+    com.microsoft.BatchNormInternal, whose saved mean and inverse deviation the gradient reads), and
+    Dropout only with its mask output; on the one-output forms that exporters write its gradient
+    builder fails (``GradientBuilderBase::O ... i < node_->OutputDefs().size()``). Inference-form batch
+    norms are switched to training mode; the running-mean and running-variance outputs that mode
+    requires get fresh names and stay unused: the graph's running statistics are not updated by
+    training on onnxruntime (the eval model keeps using the stored ones). Dropout gets a mask output.
+    """
+    taken = {name for node in proto.graph.node for name in (*node.input, *node.output)}
+    taken |= {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for node in proto.graph.node:
+        if not is_default_domain(node) or len(node.output) != 1:
+            continue
+        if node.op_type == "Dropout":
+            node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.mask", taken))
+        if node.op_type != "BatchNormalization":
+            continue
+        modes = [attr for attr in node.attribute if attr.name == "training_mode"]
+        if modes:
+            modes[0].i = 1
+        else:
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+        for stat in ("running_mean", "running_var"):
+            node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.{stat}", taken))
+
+
+def batch_norm_eval_outputs(path: Path) -> None:
+    """Drop the unused running-statistics outputs that the eval model's BatchNormalization may not have.
+
+    generate_artifacts switches BatchNormalization back to ``training_mode=0`` in the eval model but
+    keeps its three outputs, which onnxruntime rejects ("should be 1 when Training_mode = False").
+    """
+    model = onnx.load(str(path))
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or not is_default_domain(node) or len(node.output) == 1:
+            continue
+        if any(attr.name == "training_mode" and attr.i == 1 for attr in node.attribute):
+            continue
+        if not any(name in used for name in node.output[1:]):
+            del node.output[1:]
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
