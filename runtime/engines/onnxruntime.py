@@ -1,0 +1,152 @@
+"""runtime/engines/onnxruntime: run a CompiledModel's training step on onnxruntime-training.
+
+``OnnxRuntimeEngine(compiled, workdir)`` writes the instrumented artifacts (``passes.instrument``) into
+``workdir`` and opens them with ``onnxruntime.training.api``. One ``forward_backward`` is one training
+step without an optimizer: the loss, the taps of every site and the parameter gradients come back as
+numpy arrays, and the weights stay as they were. The K-FAC runtime (or plain SGD) computes the update
+and writes the new weights with ``set_parameters``; the next step uses them. ``export_onnx`` writes the
+inference graph (the one the plan was built from, not the eval model with its taps) with the weights
+the engine holds now.
+
+Scaling: the loss is the mean over the batch, so the gradient taps are dL/ds = (1/n) dl_i/ds_i; see
+``passes.instrument.per_example_gradient``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from kronograph.errors import KronographError
+from kronograph.passes.instrument import ORT_MAX_IR_VERSION, TrainingArtifacts, instrument
+
+__all__ = ["OnnxRuntimeEngine", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What one training step of the engine returns.
+
+    Attributes:
+        loss: the mean loss over the batch.
+        taps: (layer name, site index) -> (activation a, pre-activation gradient dL/ds), as the graph holds them.
+        gradients: parameter (ONNX initializer) name -> dL/dparameter, shaped like the parameter.
+    """
+
+    loss: float
+    taps: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    gradients: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A numpy array from a numpy array, a torch tensor (detached, on the CPU) or anything array-like."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value))
+
+
+class OnnxRuntimeEngine:
+    """A CompiledModel (engine "onnxruntime") trained step by step on onnxruntime-training.
+
+    Args:
+        compiled: the CompiledModel; its ``graph``, ``plan`` and ``loss`` are used, not modified.
+        workdir: folder for the artifacts (training, eval and optimizer models, checkpoint).
+    Attributes:
+        artifacts: the TrainingArtifacts (input and output order, tap names, trainable parameters).
+    """
+
+    def __init__(self, compiled: Any, workdir: str | Path) -> None:
+        from onnxruntime.training.api import CheckpointState, Module
+
+        self.compiled = compiled
+        self.artifacts: TrainingArtifacts = instrument(compiled.graph, compiled.plan, compiled.loss, workdir)
+        self._state = CheckpointState.load_checkpoint(str(self.artifacts.checkpoint))
+        self._module = Module(str(self.artifacts.training_model), self._state, str(self.artifacts.eval_model))
+        if self._module.output_names() != list(self.artifacts.outputs):
+            raise KronographError(
+                "onnxruntime-training returns the training outputs in another order than instrument wrote; "
+                "report this model"
+            )
+        self._module.train()
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """The names of the parameters the engine trains, in plan order."""
+        return self.artifacts.trainable
+
+    def _label(self, targets: Any) -> np.ndarray:
+        labels = _to_numpy(targets)
+        if self.artifacts.loss == "cross_entropy":
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise KronographError("cross_entropy needs integer class labels as targets")
+            return labels.astype(np.int64, copy=False)
+        return labels.astype(np.float32, copy=False)
+
+    def forward_backward(self, inputs: Sequence[Any], targets: Any) -> StepResult:
+        """One forward and backward pass on a batch; the weights do not change.
+
+        Args:
+            inputs: the data inputs in the graph's order (numpy arrays or torch tensors).
+            targets: class indices for cross_entropy, float targets for the other losses.
+        Returns:
+            StepResult: the loss, the taps and the parameter gradients of this batch alone.
+        """
+        arrays = [_to_numpy(x) for x in inputs]
+        expected = len(self.artifacts.inputs) - 1
+        if len(arrays) != expected:
+            raise KronographError(f"the model takes {expected} data input(s), got {len(arrays)}")
+        self._module.train()
+        self._module.lazy_reset_grad()
+        fetched = self._module(*arrays, self._label(targets))
+        if not isinstance(fetched, (list, tuple)):
+            fetched = [fetched]
+        outputs = dict(zip(self.artifacts.outputs, fetched, strict=True))
+        taps = {site: (outputs[a], outputs[g]) for site, (a, g) in self.artifacts.taps.items()}
+        gradients = {}
+        for name in self.trainable:
+            grad = self._state.parameters[name].grad
+            if grad is None:
+                raise KronographError(f"onnxruntime-training holds no gradient for {name!r}")
+            gradients[name] = np.array(grad, copy=True)
+        return StepResult(loss=float(outputs[self.artifacts.loss_output]), taps=taps, gradients=gradients)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The trainable weights as the engine holds them now (copies), by ONNX initializer name."""
+        return {name: np.array(self._state.parameters[name].data, copy=True) for name in self.trainable}
+
+    def set_parameters(self, values: Mapping[str, Any]) -> None:
+        """Write new values for some or all trainable weights; the next step uses them.
+
+        Raises:
+            KronographError: an unknown name or a shape that differs from the parameter's.
+        """
+        for name, value in values.items():
+            if name not in self.trainable:
+                raise KronographError(f"{name!r} is not a trainable parameter of this engine")
+            parameter = self._state.parameters[name]
+            current = parameter.data
+            array = np.ascontiguousarray(_to_numpy(value), dtype=current.dtype)
+            if array.shape != current.shape:
+                raise KronographError(f"{name}: shape {array.shape} does not match the parameter's {current.shape}")
+            parameter.data = array
+
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the inference graph (no taps, no loss) with the current weights as its initializers."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proto = ir.to_proto(self.compiled.graph)
+        current = self.parameters()
+        for initializer in proto.graph.initializer:
+            if initializer.name in current:
+                initializer.CopyFrom(numpy_helper.from_array(current[initializer.name], initializer.name))
+        if proto.ir_version > ORT_MAX_IR_VERSION:
+            proto.ir_version = ORT_MAX_IR_VERSION
+        onnx.save(proto, str(path))
+        return path
