@@ -3,7 +3,7 @@
 Both structures have the same verbs, so the optimizer does not care which it holds:
 ``fold`` the captured sites of a mini-batch into the EMAs, ``invert`` for a damping strength gamma (a
 candidate, not yet kept), ``adopt`` the chosen inverses, ``solve`` F^-1 grad for the layers' W_bar
-gradients, and ``state_dict`` / ``load_state_dict``.
+gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and ``state_dict``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kronograph.runtime.inverse import (
     precondition,
 )
 from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
+from kronograph.runtime.wbar import gather, scatter
 
 Records = Mapping[str, Sequence[SiteRecord]]
 Rows = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -73,6 +74,18 @@ class BlockDiagonalCurvature:
             else:
                 solved.append(precondition(bar, inverse))
         return solved
+
+    def direction(self, grads: Mapping[str, torch.Tensor], inverses: Any, rows: Rows) -> dict[str, torch.Tensor]:
+        """The K-FAC proposal Delta = -F^-1 grad for every layer's weight and bias, shaped as the parameters."""
+        layers = [block.layer for block in self.blocks.values()]
+        bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
+        proposal: dict[str, torch.Tensor] = {}
+        for layer, solved in zip(layers, self.solve(bars, inverses, rows)):
+            weight, bias = scatter(layer, solved)
+            proposal[layer.weight] = -weight.to(grads[layer.weight].dtype)
+            if layer.bias:
+                proposal[layer.bias] = -bias.to(grads[layer.bias].dtype)
+        return proposal
 
     def state_dict(self) -> dict[str, Any]:
         return {"blocks": {name: block.state_dict() for name, block in self.blocks.items()}}

@@ -43,9 +43,15 @@ from kronograph.runtime.statistics import (
     subset,
 )
 from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
-from kronograph.runtime.wbar import gather, scatter
 
 Direction = dict[str, torch.Tensor]
+
+
+def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction | None) -> Direction:
+    """The update without re-scaling: lr * step, plus momentum times the previous update."""
+    if momentum and previous is not None:
+        return {name: d * lr + momentum * previous[name] for name, d in step.items()}
+    return {name: d * lr for name, d in step.items()}
 
 
 class KFAC:
@@ -271,27 +277,15 @@ class KFAC:
         return value
 
     def _proposal(self, grads: Direction, inverses) -> Direction:
-        """Delta = -F^-1 grad h for every layer (layers without statistics: -grad h)."""
-        layers = [block.layer for block in self.curvature.blocks.values()]
-        bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
-        solved_bars = self.curvature.solve(bars, inverses, self._rows)
-        proposal: Direction = {}
-        for layer, solved in zip(layers, solved_bars):
-            weight, bias = scatter(layer, solved)
-            proposal[layer.weight] = -weight.to(grads[layer.weight].dtype)
-            if layer.bias:
-                proposal[layer.bias] = -bias.to(grads[layer.bias].dtype)
-        return proposal
+        """Delta = -F^-1 grad h for every layer (the low-rank product where this step's rows make it pay)."""
+        return self.curvature.direction(grads, inverses, self._rows)
 
     def _final_update(self, inputs, grads: Direction, proposal: Direction, cache: dict) -> tuple[Direction, dict, float]:
         """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
         fallback = {name: -grads[name] for name in self.unmatched}
         if not self.rescale:
-            step = {**proposal, **fallback}
-            if isinstance(self.momentum, (int, float)) and self.momentum and self.previous is not None:
-                step = {n: d * self.lr + self.momentum * self.previous[n] for n, d in step.items()}
-                return step, {}, 0.0
-            return {n: d * self.lr for n, d in step.items()}, {}, 0.0
+            momentum = self.momentum if isinstance(self.momentum, (int, float)) else 0.0
+            return heavy_ball({**proposal, **fallback}, self.lr, momentum, self.previous), {}, 0.0
         directions: list[Direction] = [proposal]
         labels = ["alpha"]
         if fallback:
