@@ -37,9 +37,11 @@ from kronograph.runtime.inverse import all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.statistics import (
     ema_decay,
+    inverses_due,
     make_generator,
     preserved_buffers,
     sampled_statistics,
+    statistics_due,
     subset,
 )
 from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
@@ -165,7 +167,7 @@ class KFAC:
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         self.steps += 1
         k = self.steps
-        statistics = k == 1 or (k - 1) % self.stats_every == 0
+        statistics = statistics_due(k, self.stats_every)
         fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
         if statistics and not fused:
             with self._timed("statistics"):
@@ -179,7 +181,7 @@ class KFAC:
         gammas = [self.gamma]
         if self.adapt_gamma and k % self.gamma_every == 0:
             gammas = gamma_candidates(self.gamma, self.gamma_every)
-        refresh = k <= 3 or k % self.inverse_every == 0 or len(gammas) > 1
+        refresh = inverses_due(k, self.inverse_every) or len(gammas) > 1
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
@@ -249,7 +251,7 @@ class KFAC:
             capture.release_outputs()
             self._rows = low_rank_rows(self.curvature.blocks, capture.records, n)
         if statistics:
-            scale = n * self.loss.statistics_scale(outputs)  # captured g is of the mean loss over n
+            scale = n * self.loss.statistics_scale(y)  # captured g is of the mean loss over n
             self._fold(capture.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
         value = float(loss.detach())
         grads: Direction = {}

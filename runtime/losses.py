@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,11 @@ class Loss(ABC):
         """h without weight decay: the mean of the per-example losses."""
         return self.per_example(outputs, targets).mean()
 
-    def statistics_scale(self, outputs: torch.Tensor) -> float:
-        """The factor between ``statistics_loss`` and the loss: 1 except for cross-entropy over positions."""
+    def statistics_scale(self, targets: Any) -> float:
+        """The factor between ``statistics_loss`` and the loss: 1 except for cross-entropy over positions.
+
+        Read from the targets' shape (a tensor or an array), so that engines without the outputs at hand
+        (onnxruntime) scale their statistics the same way."""
         return 1.0
 
     def statistics_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,11 +64,7 @@ class Loss(ABC):
         is replaced by a sum scaled by 1/sqrt(T): the positions' sampled targets are independent, so the
         gradient outer products then add up to H_i = (1/T) sum_t (diag p_t - p_t p_t^T).
         """
-        return self(outputs, targets) * self.statistics_scale(outputs)
-
-
-def _positions(outputs: torch.Tensor) -> int:
-    return math.prod(outputs.shape[1:-1])
+        return self(outputs, targets) * self.statistics_scale(targets)
 
 
 class CrossEntropy(Loss):
@@ -75,8 +75,8 @@ class CrossEntropy(Loss):
         losses = F.cross_entropy(outputs.reshape(-1, classes), targets.reshape(-1), reduction="none")
         return losses.reshape(n, -1).mean(dim=1)
 
-    def statistics_scale(self, outputs: torch.Tensor) -> float:
-        return math.sqrt(_positions(outputs))
+    def statistics_scale(self, targets: Any) -> float:
+        return math.sqrt(math.prod(targets.shape[1:]))  # targets [n, positions...]: one label per position
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)

@@ -48,7 +48,14 @@ from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.inverse import all_finite
-from kronograph.runtime.statistics import ema_decay, make_generator, sampled_statistics, subset
+from kronograph.runtime.statistics import (
+    ema_decay,
+    inverses_due,
+    make_generator,
+    sampled_statistics,
+    subset,
+)
+from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.wbar import gather_grad, scatter
 
@@ -115,7 +122,7 @@ class KFACPreconditioner:
     @property
     def statistics_due(self) -> bool:
         """Whether the coming ``step()`` folds statistics (steps 1, 1 + stats_every, ...)."""
-        return self.steps % self.stats_every == 0
+        return statistics_due_at(self.steps + 1, self.stats_every)
 
     # -- statistics ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -230,7 +237,7 @@ class KFACPreconditioner:
 
     def _invert(self) -> tuple[bool, list[str]]:
         """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous."""
-        due = self.steps <= 3 or self.steps % self.inverse_every == 0
+        due = inverses_due(self.steps, self.inverse_every)
         inverted, failed = False, []
         for name, block in self.blocks.items():
             if block.a is not None and (due or block.inverses is None):

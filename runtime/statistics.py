@@ -47,6 +47,16 @@ def subset(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor 
     return torch.randperm(n, generator=generator, device=generator.device)[:m]
 
 
+def statistics_due(step: int, every: int) -> bool:
+    """Statistics are folded at steps 1, 1 + every, 1 + 2 every, ... (steps count from 1)."""
+    return (step - 1) % every == 0
+
+
+def inverses_due(step: int, every: int) -> bool:
+    """Inverses are refreshed at steps 1-3, while the factors settle, and every ``every`` steps (T_3)."""
+    return step <= 3 or step % every == 0
+
+
 def ema_decay(update: int, fixed: float | None) -> float:
     """Decay of the ``update``-th fold (from 1): the first replaces the empty estimate; then ``fixed`` or
     the paper's schedule."""

@@ -31,7 +31,8 @@ from kronograph.errors import KronographError
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.inverse import all_finite
-from kronograph.runtime.statistics import ema_decay
+from kronograph.runtime.losses import get_loss
+from kronograph.runtime.statistics import ema_decay, inverses_due, statistics_due
 from kronograph.runtime.kfac import heavy_ball
 
 __all__ = ["OnnxKFAC"]
@@ -132,9 +133,9 @@ class OnnxKFAC:
         if not math.isfinite(result.loss) or not all_finite(grads.values()):
             info["skipped"] = "non-finite loss or gradient; the weights were left unchanged"
             return info
-        if k == 1 or (k - 1) % self.stats_every == 0:
+        if statistics_due(k, self.stats_every):
             self._fold(result.taps, y)
-        refresh = k <= 3 or k % self.inverse_every == 0
+        refresh = inverses_due(k, self.inverse_every)
         inverses = self.curvature.invert(self.gamma) if refresh else self.curvature.current()
         update = self._update(grads, self._proposal(grads, inverses))
         if not all_finite(update.values()):
@@ -169,9 +170,7 @@ class OnnxKFAC:
         """The taps of the gradient pass (labels as targets) into the factors' EMAs."""
         targets = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
         n = int(targets.shape[0])
-        scale = float(n)
-        if self.compiled.loss == "cross_entropy" and targets.ndim > 1:  # positions: as Loss.statistics_scale
-            scale *= math.sqrt(math.prod(targets.shape[1:]))
+        scale = n * get_loss(self.compiled.loss).statistics_scale(targets)
         self.stats_updates += 1
         decay = ema_decay(self.stats_updates, self.ema_decay)
         self.curvature.fold(self._records(taps), n, decay, None, scale)
