@@ -19,7 +19,7 @@ import torch
 
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
-from kronograph.runtime.factors import batch_factors, ema_
+from kronograph.runtime.factors import ema_, fold_factors_, mirror_upper_
 from kronograph.runtime.inverse import (
     DampedInverses,
     StatisticsWarning,
@@ -40,10 +40,39 @@ class KroneckerBlock:
         self.layer = layer
         self.dtype = dtype
         self.device = device
-        self.a: torch.Tensor | None = None
-        self.g: torch.Tensor | None = None
+        self._a: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
+        self._stale = False  # the EMAs' lower triangles lag their upper ones (update folds the upper only)
         self.inverses: DampedInverses | None = None
         self.updates = 0  # number of statistics updates folded into the EMAs
+
+    # -- factors: the EMAs, mirrored when read ------------------------------------------------------
+    def _mirrored(self, factor: torch.Tensor | None) -> torch.Tensor | None:
+        if self._stale:
+            mirror_upper_(self._a)
+            mirror_upper_(self._g)
+            self._stale = False
+        return factor
+
+    @property
+    def a(self) -> torch.Tensor | None:
+        """The EMA of A [groups, a_dim, a_dim], symmetric."""
+        return self._mirrored(self._a)
+
+    @a.setter
+    def a(self, value: torch.Tensor | None) -> None:
+        self._mirrored(None)
+        self._a = value
+
+    @property
+    def g(self) -> torch.Tensor | None:
+        """The EMA of G [groups, g_dim, g_dim], symmetric."""
+        return self._mirrored(self._g)
+
+    @g.setter
+    def g(self, value: torch.Tensor | None) -> None:
+        self._mirrored(None)
+        self._g = value
 
     # -- statistics ---------------------------------------------------------------------------------
     def update(
@@ -55,12 +84,19 @@ class KroneckerBlock:
         grad_scale: float | None = None,
         index: torch.Tensor | None = None,
     ) -> bool:
-        """Fold the mini-batch factors of captured sites into the EMAs (see factors.batch_factors);
-        False when the batch's statistics were not finite and were left out."""
-        a, g = batch_factors(
-            self.layer, records, batch_size=batch_size, grad_scale=grad_scale, index=index, dtype=self.dtype
+        """Fold the mini-batch factors of captured sites into the EMAs in place (factors.fold_factors_);
+        False (and a StatisticsWarning) when the batch's statistics were not finite and were left out."""
+        folded = fold_factors_(
+            self.layer, records, self._a, self._g, decay=decay, batch_size=batch_size, grad_scale=grad_scale,
+            index=index, dtype=self.dtype, device=self.device, mirror=False,
         )
-        return self.update_factors(a, g, decay)
+        if folded is None:
+            self._warn_non_finite()
+            return False
+        self._a, self._g = folded
+        self._stale = True
+        self.updates += 1
+        return True
 
     def update_factors(self, a: torch.Tensor, g: torch.Tensor, decay: float) -> bool:
         """new = decay * old + (1 - decay) * batch for both factors (the first update copies the batch).
@@ -71,17 +107,20 @@ class KroneckerBlock:
         device = self.device if self.device is not None else a.device
         a, g = a.to(device=device, dtype=self.dtype), g.to(device=device, dtype=self.dtype)
         if not all_finite((a, g)):
-            warnings.warn(
-                f"K-FAC block {self.layer.name}: non-finite statistics in this mini-batch; the factors keep "
-                "their previous estimate",
-                StatisticsWarning,
-                stacklevel=2,
-            )
+            self._warn_non_finite()
             return False
         self.a = ema_(self.a, a, decay)
         self.g = ema_(self.g, g, decay)
         self.updates += 1
         return True
+
+    def _warn_non_finite(self) -> None:
+        warnings.warn(
+            f"K-FAC block {self.layer.name}: non-finite statistics in this mini-batch; the factors keep "
+            "their previous estimate",
+            StatisticsWarning,
+            stacklevel=3,
+        )
 
     # -- inverses and preconditioning ---------------------------------------------------------------
     def invert(self, gamma: float) -> bool:

@@ -263,3 +263,45 @@ def test_conv_factors_against_loops(make, spatial: tuple[int, ...], begin: tuple
     a, g = batch_factors(layer, cap.records["0"], batch_size=n, dtype=torch.float64)
     torch.testing.assert_close(a, want_a, rtol=0, atol=ATOL)
     torch.testing.assert_close(g, want_g, rtol=0, atol=ATOL)
+
+
+# -- the in-place EMA of Grams (the statistics' hot path) ----------------------------------------------
+@pytest.mark.parametrize("d", [5, 300])  # one full product / four panels mirrored
+def test_accumulated_grams_equal_the_dense_ema(d: int) -> None:
+    from kronograph.runtime.factors import accumulate_grams
+
+    gen = torch.Generator().manual_seed(7)
+    parts = [torch.randn(2, r, d, generator=gen, dtype=torch.float64) for r in (7, 3)]
+    old = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
+    old = old + old.transpose(1, 2)
+    want = 0.9 * old + 0.25 * sum(torch.einsum("gri,grj->gij", p, p) for p in parts)
+    got = accumulate_grams(old.clone(), parts, alpha=0.25, beta=0.9)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, got.transpose(1, 2))
+    fresh = accumulate_grams(None, parts[:1], alpha=1.0, beta=0.5)  # beta is ignored for a new tensor
+    torch.testing.assert_close(fresh, torch.einsum("gri,grj->gij", parts[0], parts[0]), rtol=1e-12, atol=1e-12)
+
+
+def test_block_update_equals_the_ema_of_batch_factors_and_refuses_bad_rows() -> None:
+    torch.manual_seed(8)
+    model = TinyMLP().double()
+    layer = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    batches = []
+    for scale in (1.0, 2.0):
+        with Capture(model, (layer,)) as cap:
+            F.cross_entropy(model(scale * torch.randn(5, 3, dtype=torch.float64)), torch.tensor([0, 1, 1, 0, 1])).backward()
+        batches.append(cap.records["l1"])
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    for records, decay in zip(batches, (0.0, 0.75)):
+        assert block.update(records, batch_size=5, decay=decay)
+    (a1, g1), (a2, g2) = (batch_factors(layer, r, batch_size=5, dtype=torch.float64) for r in batches)
+    torch.testing.assert_close(block.a, 0.75 * a1 + 0.25 * a2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block.g, 0.75 * g1 + 0.25 * g2, rtol=1e-12, atol=1e-12)
+
+    a, g = block.a.clone(), block.g.clone()
+    for poison in (float("nan"), 1e200):  # NaN rows, and finite rows whose Gram overflows float64
+        with Capture(model, (layer,)) as cap:
+            model(torch.full((5, 3), poison, dtype=torch.float64)).sum().backward()
+        with pytest.warns(RuntimeWarning, match="non-finite statistics"):
+            assert not block.update(cap.records["l1"], batch_size=5, decay=0.5)
+        assert torch.equal(block.a, a) and torch.equal(block.g, g)
