@@ -29,8 +29,8 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
-from kronograph.runtime.capture import Capture
 from kronograph.runtime.curvature import make_curvature
+from kronograph.runtime.engines.torch import TorchEngine
 from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt, lm_omega
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
 from kronograph.runtime.inverse import all_finite
@@ -39,14 +39,19 @@ from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
     make_generator,
-    preserved_buffers,
-    sampled_statistics,
     statistics_due,
     subset,
 )
-from kronograph.runtime.quadratic import curvature_gram, inner, output_tangents, solve_quadratic_model
+from kronograph.runtime.quadratic import curvature_gram, inner, solve_quadratic_model
 
 Direction = dict[str, torch.Tensor]
+
+
+def make_engine(compiled: CompiledModel, loss) -> TorchEngine:
+    """The engine that runs the compiled model's passes: its own module (torch) or onnxruntime-training."""
+    if compiled.engine == "torch":
+        return TorchEngine(compiled, loss)
+    raise KronographError(f"KFAC has no {compiled.engine!r} engine yet; compile an nn.Module (engine='torch')")
 
 
 def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction | None) -> Direction:
@@ -106,8 +111,6 @@ class KFAC:
         seed: int | None = None,
         structure: str = "diagonal",
     ) -> None:
-        if compiled.engine != "torch" or compiled.module is None:
-            raise KronographError("KFAC runs on the torch engine for now; compile an nn.Module (engine='torch')")
         if fisher not in ("mc", "empirical"):
             raise KronographError(f"fisher={fisher!r}; choose 'mc' (sampled targets) or 'empirical' (labels)")
         if momentum == "qmodel" and not rescale:
@@ -126,6 +129,7 @@ class KFAC:
         self.compiled = compiled
         self.module = compiled.module
         self.loss = get_loss(compiled.loss)
+        self.engine = make_engine(compiled, self.loss)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.damping = float(damping)
         self.gamma = float(factor_damping) if factor_damping is not None else math.sqrt(self.damping + self.weight_decay)
@@ -139,13 +143,11 @@ class KFAC:
             raise KronographError("adapting lambda or gamma needs rescale=True (both use the exact-F quadratic model)")
         self.damping_every, self.gamma_every = int(damping_every), int(gamma_every)
         self.min_damping = float(min_damping)
-        named = dict(self.module.named_parameters())
-        self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
         self.structure = structure
         self.curvature = make_curvature(structure, compiled.layers, factor_dtype)
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
-        self.unmatched = [name for name in self.params if name not in covered]
-        self.generator = make_generator(self.module, seed)
+        self.unmatched = [name for name in self.engine.parameters() if name not in covered]
+        self.generator = make_generator(self.engine.device, seed)
         self.steps = 0
         self.stats_updates = 0
         self.timings: dict[str, float] = {}
@@ -200,9 +202,8 @@ class KFAC:
             return info
         self.gamma = gamma
         self.curvature.adopt(inverses)
-        with self._timed("update"), torch.no_grad():
-            for name, delta in update.items():
-                self.params[name].add_(delta.to(self.params[name].dtype))
+        with self._timed("update"):
+            self.engine.add_(update)
         self.previous = update
         if self.adapt_damping and k % self.damping_every == 0:
             with self._timed("damping"):
@@ -222,9 +223,7 @@ class KFAC:
     # -- pieces -------------------------------------------------------------------------------------
     def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
         """A statistics pass of its own on tau_1 of the batch with targets sampled from the model."""
-        records, examples = sampled_statistics(
-            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator
-        )
+        records, examples = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator)
         self._fold(records, examples)
 
     def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
@@ -236,33 +235,24 @@ class KFAC:
     def _gradient(self, inputs, y, statistics: bool = False) -> tuple[float, float, Direction]:
         """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same
         forward and backward also feed the factors (rows tau_1 of the batch), as the labels are the targets."""
-        self.module.zero_grad(set_to_none=True)
         n = inputs[0].shape[0]
         captured = statistics or self._low_rank_possible(n)
-        capture = Capture(self.module, self.compiled.plan, hooks=True) if captured else contextlib.nullcontext()
-        with capture:
-            outputs = self.module(*inputs)
-        if self.steps == 1:
-            self.loss.check_targets(outputs, y)
-        loss = self.loss(outputs, y)
-        loss.backward()
+        result = self.engine.gradient_pass(inputs, y, capture=captured)
         self._rows = {}
         if captured:
-            capture.release_outputs()
-            self._rows = low_rank_rows(self.curvature.blocks, capture.records, n)
+            self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         if statistics:
             scale = n * self.loss.statistics_scale(y)  # captured g is of the mean loss over n
-            self._fold(capture.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
-        value = float(loss.detach())
+            self._fold(result.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
         grads: Direction = {}
         norm = 0.0
-        for name, param in self.params.items():
-            grad = param.grad.detach() if param.grad is not None else torch.zeros_like(param)
+        for name, param in self.engine.parameters().items():
+            grad = result.grads[name]
             if self.weight_decay:
-                grad = grad + self.weight_decay * param.detach()
-                norm += float(param.detach().double().pow(2).sum())
+                grad = grad + self.weight_decay * param
+                norm += float(param.double().pow(2).sum())
             grads[name] = grad
-        return value, value + 0.5 * self.weight_decay * norm, grads
+        return result.loss, result.loss + 0.5 * self.weight_decay * norm, grads
 
     def _low_rank_possible(self, n: int) -> bool:
         """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
@@ -272,10 +262,9 @@ class KFAC:
         return any(low_rank_pays(block.layer, n) for block in self.curvature.blocks.values())
 
     def _objective(self, inputs, y) -> float:
-        with torch.no_grad(), preserved_buffers(self.module):
-            value = float(self.loss(self.module(*inputs), y))
+        value = self.engine.loss_value(inputs, y)
         if self.weight_decay:
-            value += 0.5 * self.weight_decay * sum(float(p.detach().double().pow(2).sum()) for p in self.params.values())
+            value += 0.5 * self.weight_decay * sum(float(p.double().pow(2).sum()) for p in self.engine.parameters().values())
         return value
 
     def _proposal(self, grads: Direction, inverses) -> Direction:
@@ -300,10 +289,10 @@ class KFAC:
             index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator)
             cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
         if "outputs" not in cache:  # the first candidate: every direction in one pass
-            outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions)
+            outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
             cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
         else:
-            outputs, tangents = output_tangents(self.module, self.params, cache["inputs"], directions[:1])
+            outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1])
             tangents = tangents + cache["shared"]
         outputs = cache["outputs"]
         gram_f = curvature_gram(self.loss, outputs, tangents)
@@ -312,7 +301,7 @@ class KFAC:
         solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay)
         figures = dict(zip(labels, solution.coefficients))
         figures.setdefault("mu", 0.0)
-        update: Direction = {name: torch.zeros_like(param) for name, param in self.params.items()}
+        update: Direction = {name: torch.zeros_like(param) for name, param in self.engine.parameters().items()}
         for coefficient, direction in zip(solution.coefficients, directions):
             for name, value in direction.items():
                 update[name] += (self.lr * coefficient) * value

@@ -113,7 +113,7 @@ class KFACPreconditioner:
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
         self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
-        self.generator = make_generator(self.module, seed)
+        self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
         self._pending: list[tuple[Capture, int, float]] = []  # tracked captures of the coming step

@@ -30,11 +30,10 @@ def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def make_generator(module: torch.nn.Module, seed: int | None) -> torch.Generator:
+def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
     """The optimizer's own generator, on the parameters' device (sampling needs it there); None seeds it
     from torch's global generator, so that torch.manual_seed makes runs repeatable."""
-    parameter = next(module.parameters(), None)
-    generator = torch.Generator(device=parameter.device if parameter is not None else "cpu")
+    generator = torch.Generator(device=device)
     generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
     return generator
 

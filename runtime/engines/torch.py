@@ -1,0 +1,107 @@
+"""runtime/engines/torch: the user's own nn.Module as the model K-FAC trains (parameters shared, in place).
+
+``TorchEngine`` gives ``runtime.kfac.KFAC`` the passes it needs, in torch terms; the onnxruntime engine
+gives the same ones for an ONNX graph, so that one K-FAC serves both:
+
+- ``gradient_pass``: loss, grad of the mean loss on the whole batch and, when asked, the captured sites
+  (for statistics from the labels and the low-rank products of sec 8);
+- ``sampled_pass``: the sites of a statistics pass on some examples with targets sampled from the model;
+- ``output_tangents``: the outputs and J d for directions d (forward-mode, appendix C);
+- ``loss_value``: the mean loss at the current weights (for rho);
+- ``parameters`` and ``add_``: the weights, updated in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kronograph.errors import KronographError
+from kronograph.runtime.capture import Capture, SiteRecord
+from kronograph.runtime.losses import Loss
+from kronograph.runtime.quadratic import output_tangents
+from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
+
+Records = dict[str, list[SiteRecord]]
+
+
+@dataclass
+class GradientPass:
+    """One forward and backward on the whole batch.
+
+    Attributes:
+        loss: the mean loss (no weight decay).
+        grads: parameter name -> d loss / d parameter (zeros for a parameter the loss does not reach).
+        records: the captured sites (a, and g = d loss/ds of the mean loss), or None when not asked.
+    """
+
+    loss: float
+    grads: dict[str, torch.Tensor]
+    records: Records | None = None
+
+
+class TorchEngine:
+    """The compiled module's trainable parameters (those of the plan), trained in place."""
+
+    name = "torch"
+
+    def __init__(self, compiled: Any, loss: Loss) -> None:
+        if compiled.module is None:
+            raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
+        self.compiled, self.module, self.loss = compiled, compiled.module, loss
+        named = dict(self.module.named_parameters())
+        self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
+        self._checked = False
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(iter(self.params.values()), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name (the module's own tensors, detached: no copy)."""
+        return {name: param.detach() for name, param in self.params.items()}
+
+    def add_(self, update: Mapping[str, torch.Tensor]) -> None:
+        """theta += update, in place in the module."""
+        with torch.no_grad():
+            for name, delta in update.items():
+                self.params[name].add_(delta.to(self.params[name].dtype))
+
+    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
+        """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too."""
+        self.module.zero_grad(set_to_none=True)
+        capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
+        with capturing:
+            outputs = self.module(*inputs)
+        if not self._checked:
+            self.loss.check_targets(outputs, targets)
+            self._checked = True
+        loss = self.loss(outputs, targets)
+        loss.backward()
+        records = None
+        if capture:
+            capturing.release_outputs()
+            records = capturing.records
+        grads = {
+            name: param.grad.detach() if param.grad is not None else torch.zeros_like(param)
+            for name, param in self.params.items()
+        }
+        return GradientPass(float(loss.detach()), grads, records)
+
+    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator) -> tuple[Records, int]:
+        """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
+        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator)
+
+    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
+        """(outputs, [J d for d in directions]) by forward-mode differentiation (quadratic.output_tangents)."""
+        return output_tangents(self.module, self.params, inputs, directions)
+
+    def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
+        """The mean loss at the current weights (buffers untouched)."""
+        with torch.no_grad(), preserved_buffers(self.module):
+            return float(self.loss(self.module(*inputs), targets))
