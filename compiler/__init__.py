@@ -31,7 +31,8 @@ def compile(  # noqa: A001 - the contract's name
         model: an nn.Module (with ``example_inputs``) or the path of an .onnx file.
         example_inputs: a batch the module's forward() accepts (a tensor or a tuple of tensors).
         loss: "cross_entropy" (softmax, integer labels), "sigmoid_cross_entropy" or "mse".
-        engine: "torch" for a module, "onnxruntime" for an ONNX file (the defaults).
+        engine: "torch" for a module, "onnxruntime" for an ONNX file (the defaults); a module compiled with
+            engine="onnxruntime" is trained as its exported graph (its own parameters are not updated).
         trainable: for ONNX files, the initializers to train (default: every floating-point initializer
             with more than one element, except batch-norm running statistics).
     """
@@ -49,10 +50,6 @@ def compile(  # noqa: A001 - the contract's name
         raise KronographError(
             f"cannot compile a {type(model).__name__}; pass a torch.nn.Module with example_inputs, or an .onnx path"
         )
-    if engine == "onnxruntime":
-        raise KronographError(
-            "training a PyTorch module on onnxruntime-training is not available yet; use engine='torch'"
-        )
     if example_inputs is None:
         raise KronographError("a PyTorch module needs example_inputs=(x,): a batch its forward() accepts")
     if isinstance(example_inputs, torch.Tensor):
@@ -62,5 +59,5 @@ def compile(  # noqa: A001 - the contract's name
     parameters, missing = module_parameters(model, graph)
     plan = build_plan(graph, parameters, missing)
     return CompiledModel(
-        engine="torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs
+        engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs
     )

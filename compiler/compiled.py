@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,8 @@ class CompiledModel:
             (the ONNX graph's initializers are the weights).
         plan: the LayerPlan; ``layers`` and ``unmatched`` are its views.
         graph: the ONNX graph (onnx_ir) the plan was built from.
-        module: the source nn.Module for the torch engine, else None.
+        module: the source nn.Module (None for an .onnx file); with engine "onnxruntime" it is only the source
+            of the graph: training updates the engine's weights (``state_dict``), not the module.
         loss: the loss name ("cross_entropy", "sigmoid_cross_entropy" or "mse").
     """
 
@@ -44,6 +48,22 @@ class CompiledModel:
         self.loss = loss
         self.module = module
         self.example_inputs = example_inputs
+        self._onnxruntime = None  # the OnnxRuntimeEngine holding the weights once training started
+
+    def onnxruntime(self, workdir: str | Path | None = None):
+        """The onnxruntime-training engine of this model (engine "onnxruntime"), created on first use with its
+        artifacts in ``workdir`` (default: a temporary folder removed at exit). Once it exists it holds the
+        weights: ``state_dict`` and ``export_onnx`` read them from it."""
+        if self.engine != "onnxruntime":
+            raise KronographError("this model runs on the torch engine; compile it with engine='onnxruntime'")
+        if self._onnxruntime is None:
+            from kronograph.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+            if workdir is None:
+                workdir = tempfile.mkdtemp(prefix="kronograph-ort-")
+                weakref.finalize(self, shutil.rmtree, workdir, True)
+            self._onnxruntime = OnnxRuntimeEngine(self, workdir)
+        return self._onnxruntime
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -55,19 +75,24 @@ class CompiledModel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights (and buffers) by the source model's names, whatever the engine."""
-        if self.module is not None:
+        if self.engine == "torch":
             return {name: tensor.detach() for name, tensor in self.module.state_dict().items()}
-        return {
+        weights = {
             name: torch.from_numpy(np.array(value.const_value.numpy()))
             for name, value in self.graph.graph.initializers.items()
             if value.const_value is not None
         }
+        if self._onnxruntime is not None:
+            weights.update({name: torch.from_numpy(v) for name, v in self._onnxruntime.parameters().items()})
+        return weights
 
     def export_onnx(self, path: str | Path) -> Path:
         """Write the inference graph with the current weights (batch norm in inference mode)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.module is None:
+        if self._onnxruntime is not None:
+            return self._onnxruntime.export_onnx(path)
+        if self.engine == "onnxruntime":
             ir.save(self.graph, str(path))
             return path
         export_inference(self.module, self.example_inputs, path)

@@ -1,8 +1,10 @@
-"""K-FAC (Martens & Grosse 2015, Algorithm 2) on the user's own module, with the paper's damping scheme.
+"""K-FAC (Martens & Grosse 2015, Algorithm 2) with the paper's damping scheme, on either engine.
 
-One ``step(x, y)``:
-1. statistics (every ``stats_every`` steps): a forward pass on a random fraction tau_1 of the batch under
-   Capture, targets sampled from the model (``fisher="mc"``) or the labels, a backward pass of that loss;
+The passes over the model come from an engine (``engines.torch.TorchEngine``: the user's own module;
+``engines.onnxruntime_passes.OnnxRuntimePasses``: an ONNX graph on onnxruntime-training); everything
+else is shared. One ``step(x, y)``:
+1. statistics (every ``stats_every`` steps): a forward pass on a random fraction tau_1 of the batch,
+   targets sampled from the model (``fisher="mc"``) or the labels, a backward pass of that loss;
    the factors' EMAs take the mini-batch factors (decay min(1 - 1/k, 0.95) unless ``ema_decay`` is set);
 2. the gradient of h = mean loss + eta/2 |theta|^2 on the whole batch (a plain forward and backward);
 3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps
@@ -30,6 +32,7 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
+from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
 from kronograph.runtime.engines.torch import TorchEngine
 from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt, lm_omega
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
@@ -47,11 +50,11 @@ from kronograph.runtime.quadratic import curvature_gram, inner, solve_quadratic_
 Direction = dict[str, torch.Tensor]
 
 
-def make_engine(compiled: CompiledModel, loss) -> TorchEngine:
+def make_engine(compiled: CompiledModel, loss) -> TorchEngine | OnnxRuntimePasses:
     """The engine that runs the compiled model's passes: its own module (torch) or onnxruntime-training."""
     if compiled.engine == "torch":
         return TorchEngine(compiled, loss)
-    raise KronographError(f"KFAC has no {compiled.engine!r} engine yet; compile an nn.Module (engine='torch')")
+    return OnnxRuntimePasses(compiled, loss)
 
 
 def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction | None) -> Direction:
@@ -62,7 +65,8 @@ def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction 
 
 
 class KFAC:
-    """K-FAC for a model compiled on the torch engine; updates the module's parameters in place.
+    """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
+    onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
 
     ``KFAC(cm)`` with no other argument is the paper's algorithm with the paper's settings (sec 13):
     lambda = 150 adapted every 5 steps, gamma = sqrt(lambda + eta) adapted every 20, inverses every 20,
@@ -161,12 +165,14 @@ class KFAC:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
-        """One K-FAC iteration on the batch (x, y); returns {"loss", "alpha", "mu", "damping", ...}.
+        """One K-FAC iteration on the batch (x, y) (tensors or numpy arrays); returns {"loss", "alpha", "mu",
+        "damping", ...}.
 
         Seconds spent per phase accumulate in ``self.timings`` (statistics, gradient — which includes the
         statistics when they come from the same pass —, inverses, precondition, qmodel, update, damping).
         """
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        inputs = tuple(torch.as_tensor(t) for t in (x if isinstance(x, (tuple, list)) else (x,)))
+        y = torch.as_tensor(y)
         self.steps += 1
         k = self.steps
         statistics = statistics_due(k, self.stats_every)

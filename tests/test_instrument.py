@@ -22,8 +22,10 @@ import kronograph
 from kronograph.errors import KronographError
 from kronograph.passes.instrument import TrainingArtifacts, instrument, per_example_gradient, tap_names
 from kronograph.passes.plan import Layer
+from kronograph.runtime.losses import get_loss
 
 pytest.importorskip("onnxruntime.training")
+import onnxruntime  # noqa: E402
 from onnxruntime.training.api import CheckpointState, Module  # noqa: E402
 
 RTOL = 1e-5
@@ -125,7 +127,8 @@ def test_mlp_cross_entropy(tmp_path):
     cm = kronograph.compile(model, example_inputs=(x,), loss="cross_entropy")
     assert [layer.name for layer in cm.plan.layers] == ["fc1", "head"]
     art, outputs, grads = train_step(cm, "cross_entropy", x.numpy(), y.numpy(), tmp_path)
-    assert art.outputs[0] == art.loss_output
+    assert art.outputs[:2] == (art.loss_output, "kronograph.output") and art.model_output == "kronograph.output"
+    assert art.eval_outputs[1] == art.model_output
     check_identity(cm, art, outputs, grads)
 
     # onnxruntime's loss and gradients are PyTorch's (mean cross-entropy over the batch) ...
@@ -140,6 +143,7 @@ def test_mlp_cross_entropy(tmp_path):
     expected = torch.softmax(logits, -1) - F.one_hot(y, 4).float()
     np.testing.assert_allclose(g, expected.detach().numpy(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(outputs[art.taps[("fc1", 0)][0]], x.numpy())
+    np.testing.assert_allclose(outputs[art.model_output], logits.detach().numpy(), rtol=RTOL, atol=ATOL)
 
 
 class CNN(nn.Module):
@@ -224,11 +228,12 @@ def test_sequence_mse(tmp_path):
     art, outputs, grads = train_step(cm, "mse", x.numpy(), target.numpy(), tmp_path)
     assert outputs[art.taps[("proj", 0)][0]].shape == (3, 7, 5)
     check_identity(cm, art, outputs, grads)
-    # mse is the mean over all elements, so l_i = mean over example i's elements and g_i = 2 (s_i - t_i) / 21.
+    # mse's l_i is half the sum of squares over example i's 7 x 3 elements, so g_i = s_i - t_i.
     s = model(x).detach()
     g = per_example_gradient(outputs[art.taps[("out", 0)][1]])
-    np.testing.assert_allclose(g, (2 * (s - target) / 21).numpy(), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(outputs[art.loss_output], F.mse_loss(s, target).item(), rtol=RTOL)
+    np.testing.assert_allclose(g, (s - target).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(outputs[art.loss_output], get_loss("mse")(s, target).item(), rtol=RTOL)
+    np.testing.assert_allclose(outputs[art.model_output], s.numpy(), rtol=RTOL, atol=ATOL)
 
 
 def test_sequence_cross_entropy_puts_classes_on_axis_1(tmp_path):
@@ -254,12 +259,12 @@ def test_sigmoid_cross_entropy(tmp_path):
     art, outputs, grads = train_step(cm, "sigmoid_cross_entropy", x.numpy(), target.numpy(), tmp_path)
     check_identity(cm, art, outputs, grads)
     s = model(x)
-    reference = F.binary_cross_entropy_with_logits(s, target)
+    reference = get_loss("sigmoid_cross_entropy")(s, target)  # summed over the 4 outputs, mean over examples
     reference.backward()
     np.testing.assert_allclose(outputs[art.loss_output], reference.item(), rtol=RTOL)
     np.testing.assert_allclose(grads["fc1.weight"], model.fc1.weight.grad.numpy(), rtol=RTOL, atol=ATOL)
     g = per_example_gradient(outputs[art.taps[("head", 0)][1]])
-    np.testing.assert_allclose(g, ((torch.sigmoid(s) - target) / 4).detach().numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(g, (torch.sigmoid(s) - target).detach().numpy(), rtol=RTOL, atol=ATOL)
 
 
 def _matmul_add_model(path: Path) -> None:
@@ -304,6 +309,44 @@ def test_onnx_file_with_in_out_weights(tmp_path, loss):
     art, outputs, grads = train_step(cm, loss, x, y, tmp_path / "artifacts")
     assert art.inputs == ("x", "labels")
     check_identity(cm, art, outputs, grads)
+
+
+def test_forward_model_takes_the_weights_as_inputs(tmp_path):
+    """forward_model.onnx: data inputs, then every trainable parameter as an input; the model output only."""
+    path = tmp_path / "tf_style.onnx"
+    _matmul_add_model(path)
+    cm = kronograph.compile(str(path), loss="mse")
+    art = instrument(cm.graph, cm.plan, "mse", tmp_path / "artifacts")
+    assert art.forward_model == tmp_path / "artifacts" / "forward_model.onnx"
+    model = onnx.load(str(art.forward_model))
+    onnx.checker.check_model(model)
+    assert model.ir_version <= 10
+    inputs = {v.name: v for v in model.graph.input}
+    assert list(inputs) == ["x", *art.trainable]
+    assert {i.name for i in model.graph.initializer}.isdisjoint(art.trainable)
+    assert [o.name for o in model.graph.output] == ["y"]
+    assert [d.dim_value for d in inputs["dense/kernel"].type.tensor_type.shape.dim] == [6, 8]
+    original = onnx.load(str(path))
+    weights = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    x = np.random.default_rng(7).standard_normal((3, 6)).astype(np.float32)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    run = onnxruntime.InferenceSession(str(art.forward_model), options, providers=["CPUExecutionProvider"])
+    feed = {"x": x, **{name: weights[name] for name in art.trainable}}
+    expected = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run.run(None, feed)[0], expected, rtol=1e-6)
+
+
+def test_model_output_name_is_reserved(tmp_path):
+    path = tmp_path / "clash.onnx"
+    _matmul_add_model(path)
+    model = onnx.load(str(path))
+    model.graph.node[-1].output[0] = "kronograph.output"
+    model.graph.output[0].name = "kronograph.output"
+    onnx.save(model, str(path))
+    cm = kronograph.compile(str(path), loss="mse")
+    with pytest.raises(KronographError, match="kronograph.output"):
+        instrument(cm.graph, cm.plan, "mse", tmp_path / "artifacts")
 
 
 def test_per_example_gradient_scales_by_batch():

@@ -2,14 +2,16 @@
 
 ``OnnxRuntimeEngine(compiled, workdir)`` writes the instrumented artifacts (``passes.instrument``) into
 ``workdir`` and opens them with ``onnxruntime.training.api``. One ``forward_backward`` is one training
-step without an optimizer: the loss, the taps of every site and the parameter gradients come back as
-numpy arrays, and the weights stay as they were. The K-FAC runtime (or plain SGD) computes the update
-and writes the new weights with ``set_parameters``; the next step uses them. ``export_onnx`` writes the
-inference graph (the one the plan was built from, not the eval model with its taps) with the weights
-the engine holds now.
+step without an optimizer: the loss, the model output, the taps of every site and the parameter
+gradients come back as numpy arrays, and the weights stay as they were. The K-FAC runtime (or plain SGD)
+computes the update and writes the new weights with ``set_parameters``; the next step uses them.
+``forward`` runs the inference graph at the current weights or at trial values for some of them, without
+touching the training state. ``export_onnx`` writes the inference graph (the one the plan was built
+from, not the eval model with its taps) with the weights the engine holds now.
 
-Scaling: the loss is the mean over the batch, so the gradient taps are dL/ds = (1/n) dl_i/ds_i; see
-``passes.instrument.per_example_gradient``.
+Scaling: the loss is ``runtime.losses.get_loss(compiled.loss)``, h = mean_i l_i, so the gradient taps are
+dL/ds_i = (1/n) dl_i/ds_i for every loss; see ``passes.instrument.per_example_gradient`` (and
+``Loss.statistics_scale`` for cross-entropy over positions).
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ class StepResult:
     """What one training step of the engine returns.
 
     Attributes:
-        loss: the mean loss over the batch.
+        loss: the loss h = mean_i l_i of the batch (``runtime.losses``).
         taps: (layer name, site index) -> (activation a, pre-activation gradient dL/ds), as the graph holds them.
         gradients: parameter (ONNX initializer) name -> dL/dparameter, shaped like the parameter.
+        outputs: the model output the loss was put on (training mode: batch statistics, dropout on).
     """
 
     loss: float
     taps: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     gradients: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: np.ndarray | None = None
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -57,7 +61,7 @@ class OnnxRuntimeEngine:
 
     Args:
         compiled: the CompiledModel; its ``graph``, ``plan`` and ``loss`` are used, not modified.
-        workdir: folder for the artifacts (training, eval and optimizer models, checkpoint).
+        workdir: folder for the artifacts (training, eval, optimizer and forward models, checkpoint).
     Attributes:
         artifacts: the TrainingArtifacts (input and output order, tap names, trainable parameters).
     """
@@ -75,6 +79,11 @@ class OnnxRuntimeEngine:
                 "report this model"
             )
         self._module.train()
+        self._session: Any = None  # the forward model's InferenceSession, opened by the first forward()
+        # Views of the checkpoint state's weight buffers (Parameter.data does not copy): forward() feeds
+        # them without copying; set_parameters refreshes them.
+        self._weights = {name: self._state.parameters[name].data for name in self.trainable}
+        self.version = 0  # counts set_parameters calls: holders of a copy of the weights see a change
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -96,7 +105,7 @@ class OnnxRuntimeEngine:
             inputs: the data inputs in the graph's order (numpy arrays or torch tensors).
             targets: class indices for cross_entropy, float targets for the other losses.
         Returns:
-            StepResult: the loss, the taps and the parameter gradients of this batch alone.
+            StepResult: the loss, the taps, the parameter gradients and the model output of this batch alone.
         """
         arrays = [_to_numpy(x) for x in inputs]
         expected = len(self.artifacts.inputs) - 1
@@ -115,7 +124,59 @@ class OnnxRuntimeEngine:
             if grad is None:
                 raise KronographError(f"onnxruntime-training holds no gradient for {name!r}")
             gradients[name] = np.array(grad, copy=True)
-        return StepResult(loss=float(outputs[self.artifacts.loss_output]), taps=taps, gradients=gradients)
+        return StepResult(
+            loss=float(outputs[self.artifacts.loss_output]),
+            taps=taps,
+            gradients=gradients,
+            outputs=outputs[self.artifacts.model_output],
+        )
+
+    def forward(self, inputs: Sequence[Any], parameters: Mapping[str, Any] | None = None) -> np.ndarray:
+        """The model output in inference mode, at the current weights or at ``parameters`` for some of them.
+
+        The training state is left alone: trial weights (a line search, re-scaling) need no
+        ``set_parameters`` and no write-back.
+
+        Args:
+            inputs: the data inputs in the graph's order (numpy arrays or torch tensors).
+            parameters: trainable parameter name -> value to use instead of the current weight.
+        Returns:
+            np.ndarray: the graph output the loss is put on (batch norm with its stored statistics, no dropout).
+        Raises:
+            KronographError: a wrong number of inputs, an unknown parameter name, a wrong shape, or inputs
+                that onnxruntime rejects (dtype, shape).
+        """
+        arrays = [_to_numpy(x) for x in inputs]
+        names = self.artifacts.inputs[:-1]
+        if len(arrays) != len(names):
+            raise KronographError(f"the model takes {len(names)} data input(s), got {len(arrays)}")
+        feed = dict(zip(names, arrays, strict=True))
+        feed.update(self._weights)
+        for name, value in (parameters or {}).items():
+            if name not in self._weights:
+                raise KronographError(f"{name!r} is not a trainable parameter of this engine")
+            current = self._weights[name]
+            array = _to_numpy(value).astype(current.dtype, copy=False)
+            if array.shape != current.shape:
+                raise KronographError(f"{name}: shape {array.shape} does not match the parameter's {current.shape}")
+            feed[name] = array
+        session = self._forward_session()
+        try:
+            return session.run(None, feed)[0]
+        except Exception as error:  # onnxruntime's InvalidArgument, Fail, RuntimeException
+            first = str(error).strip().splitlines()[0].split(" : ")[-1] if str(error).strip() else repr(error)
+            raise KronographError(f"onnxruntime could not run the forward model ({first}); check the inputs") from error
+
+    def _forward_session(self) -> Any:
+        if self._session is None:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            self._session = onnxruntime.InferenceSession(
+                str(self.artifacts.forward_model), options, providers=["CPUExecutionProvider"]
+            )
+        return self._session
 
     def parameters(self) -> dict[str, np.ndarray]:
         """The trainable weights as the engine holds them now (copies), by ONNX initializer name."""
@@ -136,6 +197,8 @@ class OnnxRuntimeEngine:
             if array.shape != current.shape:
                 raise KronographError(f"{name}: shape {array.shape} does not match the parameter's {current.shape}")
             parameter.data = array
+            self._weights[name] = parameter.data
+        self.version += 1
 
     def export_onnx(self, path: str | Path) -> Path:
         """Write the inference graph (no taps, no loss) with the current weights as its initializers."""

@@ -66,6 +66,9 @@ class TorchEngine:
         """The trainable weights by name (the module's own tensors, detached: no copy)."""
         return {name: param.detach() for name, param in self.params.items()}
 
+    def write_back(self) -> None:
+        """Nothing to do: ``parameters()`` are the module's own tensors (in-place changes are already there)."""
+
     def add_(self, update: Mapping[str, torch.Tensor]) -> None:
         """theta += update, in place in the module."""
         with torch.no_grad():

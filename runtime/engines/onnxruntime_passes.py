@@ -1,0 +1,133 @@
+"""runtime/engines/onnxruntime_passes: the passes K-FAC needs, on an ONNX graph run by onnxruntime-training.
+
+``OnnxRuntimePasses`` gives ``runtime.kfac.KFAC`` the same verbs as ``engines.torch.TorchEngine``, so the
+whole algorithm of the paper (MC Fisher, tau_1 and tau_2 subsets, re-scaling, qmodel momentum, adaptive
+lambda and gamma) runs on an .onnx model:
+
+- ``gradient_pass``: one training step of the instrumented graph (``OnnxRuntimeEngine.forward_backward``):
+  the mean loss, the parameter gradients and every site's taps (a, dL/ds) as SiteRecords;
+- ``sampled_pass``: the model's outputs on tau_1 of the batch (the forward graph), targets sampled from
+  them, and a second training step on those examples with the sampled targets as labels. Its taps feed
+  the statistics; its parameter gradients are dropped (the data gradient was copied out before);
+- ``output_tangents``: J d by central differences of the forward graph's outputs,
+  (f(theta + h d) - f(theta - h d)) / 2h with h |d| = ``DIFFERENCE_STEP`` (1 + |theta|): two forwards per
+  direction, float32 accurate to ~1e-4 relative (tests/test_engine_kfac_parity.py measures it against
+  forward-mode autograd); exact-F products need nothing else (appendix C's J d, then the loss's H);
+- ``loss_value``: the loss of the forward graph's outputs (rho of the Levenberg-Marquardt rule).
+
+The forward graph is the inference graph: with batch norm it uses the running statistics and dropout is
+off, so for such models the sampled targets, F products and rho see the inference-mode network while the
+gradient and the taps come from the training-mode one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.engines.torch import GradientPass, Records
+from kronograph.runtime.losses import Loss
+from kronograph.runtime.statistics import subset
+
+#: relative size of the central-difference step: h |d| = DIFFERENCE_STEP * (1 + |theta|).
+DIFFERENCE_STEP = 3e-3
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class OnnxRuntimePasses:
+    """K-FAC's passes on ``compiled.onnxruntime()``, the OnnxRuntimeEngine holding the weights."""
+
+    name = "onnxruntime"
+    device = torch.device("cpu")
+
+    def __init__(self, compiled: Any, loss: Loss) -> None:
+        self.compiled, self.loss = compiled, loss
+        self.engine = compiled.onnxruntime()
+        self.layers = {layer.name: layer for layer in compiled.layers}
+        self._theta: dict[str, torch.Tensor] = {}
+        self._version = -1  # the engine's version that _theta holds
+        self._checked = False
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by ONNX initializer name: the optimizer's copy, re-read when someone else
+        wrote the engine's weights (a resumed checkpoint)."""
+        if self._version != self.engine.version:
+            self._theta = {name: torch.from_numpy(value) for name, value in self.engine.parameters().items()}
+            self._version = self.engine.version
+        return self._theta
+
+    def _send(self, names) -> None:
+        self.engine.set_parameters({name: self._theta[name].numpy() for name in names})
+        self._version = self.engine.version
+
+    def write_back(self) -> None:
+        """Send the tensors of ``parameters()``, changed in place (e.g. by a torch optimizer), to the engine."""
+        self._send(self._theta)
+
+    def add_(self, update: Mapping[str, torch.Tensor]) -> None:
+        theta = self.parameters()
+        for name, delta in update.items():
+            theta[name].add_(delta.to(theta[name].dtype))
+        self._send(update)
+
+    def _records(self, taps: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]], scale: float = 1.0) -> Records:
+        """The taps as the SiteRecords a torch Capture gives (g multiplied by ``scale``)."""
+        records: Records = {}
+        for (name, index), (a, g) in sorted(taps.items()):
+            gradient = torch.from_numpy(np.asarray(g))
+            records.setdefault(name, []).append(
+                SiteRecord(layer=name, index=index, a=torch.from_numpy(np.asarray(a)), output=None,
+                           geometry=self.layers[name].geometry, g=gradient * scale if scale != 1 else gradient)
+            )
+        return records
+
+    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
+        result = self.engine.forward_backward([_numpy(x) for x in inputs], _numpy(targets))
+        if not self._checked and result.outputs is not None:
+            self.loss.check_targets(torch.from_numpy(result.outputs), targets)
+            self._checked = True
+        grads = {name: torch.from_numpy(np.asarray(result.gradients[name])) for name in self.parameters()}
+        return GradientPass(result.loss, grads, self._records(result.taps) if capture else None)
+
+    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator) -> tuple[Records, int]:
+        """Taps of a training step on tau_1 of the batch whose labels are sampled from the model's outputs;
+        g is rescaled to the statistics loss (Loss.statistics_scale), as the torch engine's pass gives it."""
+        index = subset(inputs[0].shape[0], fraction, generator)
+        sub = [_numpy(x if index is None else x[index]) for x in inputs]
+        outputs = torch.from_numpy(self.engine.forward(sub))
+        targets = self.loss.sample_targets(outputs, generator)
+        result = self.engine.forward_backward(sub, _numpy(targets))
+        return self._records(result.taps, self.loss.statistics_scale(targets)), sub[0].shape[0]
+
+    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
+        """(outputs, [J d for d in directions]) by central differences of the forward graph's outputs."""
+        arrays = [_numpy(x) for x in inputs]
+        outputs = torch.from_numpy(self.engine.forward(arrays)).double()
+        theta = self.parameters()
+        theta_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in theta.values()))
+        tangents = []
+        for direction in directions:
+            norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction.values()))
+            if norm == 0:
+                tangents.append(torch.zeros_like(outputs))
+                continue
+            h = DIFFERENCE_STEP * (1 + theta_norm) / norm
+            shifted = []
+            for sign in (1.0, -1.0):
+                values = {name: (theta[name] + (sign * h) * d.to(theta[name].dtype)).numpy()
+                          for name, d in direction.items()}
+                shifted.append(torch.from_numpy(self.engine.forward(arrays, values)).double())
+            tangents.append((shifted[0] - shifted[1]) / (2 * h))
+        return outputs, tangents
+
+    def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
+        outputs = torch.from_numpy(self.engine.forward([_numpy(x) for x in inputs]))
+        return float(self.loss(outputs, targets))
