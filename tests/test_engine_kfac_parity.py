@@ -108,6 +108,16 @@ def test_kfac_parity_with_weight_decay_and_sparse_statistics(tmp_path):
     assert_same_weights(cm_onnx, module)
 
 
+def test_tridiagonal_kfac_parity(tmp_path):
+    cm_torch, module, cm_onnx, shape = both(mlp, tmp_path)
+    torch_opt = kronograph.optim.KFAC(cm_torch, structure="tridiagonal", momentum=None, **PLAIN, **SETTINGS)
+    onnx_opt = kronograph.optim.KFAC(cm_onnx, structure="tridiagonal", momentum=None, **PLAIN, **SETTINGS)
+    for x, y in batches(shape, count=8):
+        np.testing.assert_allclose(onnx_opt.step(x.numpy(), y.numpy())["loss"], torch_opt.step(x, y)["loss"], rtol=RTOL)
+    assert onnx_opt.curvature.inverse is not None  # the tridiagonal inverse, not the block-diagonal fallback
+    assert_same_weights(cm_onnx, module)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_cross_entropy", "mse"])
 @pytest.mark.parametrize("factory", [mlp, convnet], ids=["mlp", "conv"])
 def test_fisher_products_by_differences_match_forward_mode(factory, loss, tmp_path):
