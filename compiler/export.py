@@ -72,11 +72,15 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
 
 
 def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path) -> None:
-    """Write ``model`` in eval mode (batch norm from running statistics) as an optimised .onnx file."""
+    """Write ``model`` in eval mode (batch norm from running statistics) as an .onnx file.
+
+    Not through the exporter's optimiser: it folds constant parameters away (an all-zero bias vanishes
+    from its Gemm), and a file that is trained further needs every parameter. onnxruntime optimises the
+    graph when it loads it anyway."""
     was_training = model.training
     model.eval()
     try:
-        _export(model, tuple(example_inputs), optimize=True).save(str(path))
+        _export(model, tuple(example_inputs), optimize=False).save(str(path))
     finally:
         model.train(was_training)
 

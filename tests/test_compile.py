@@ -116,3 +116,15 @@ def test_frozen_parameters_are_not_in_the_plan():
     assert [layer.name for layer in plan.layers] == ["2"]
     assert plan.parameters == ("2.weight", "2.bias")
     assert plan.unmatched == ()
+
+
+def test_exported_file_keeps_every_parameter_even_all_zero_ones(tmp_path):
+    """A file trained further (kronograph train model.onnx) needs every parameter: the exporter's optimiser
+    would fold an all-zero bias out of its Gemm."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    torch.nn.init.zeros_(model[0].bias)
+    cm = kronograph.compile(model, example_inputs=(torch.randn(3, 4),))
+    again = kronograph.compile(str(cm.export_onnx(tmp_path / "net.onnx")))
+    assert set(again.plan.parameters) == {name for name, _ in model.named_parameters()}
+    assert all(layer.bias for layer in again.layers)
