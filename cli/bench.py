@@ -22,7 +22,7 @@ from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.models import resolve_model
 from kronograph.cli.optimizers import OPTIMIZERS, OPTIONS, resolve_options
 from kronograph.cli.settings import RUN_OPTIONS, flag
-from kronograph.cli.train import check_engine, with_data_defaults
+from kronograph.cli.train import resolve_engine, with_data_defaults
 from kronograph.cli.train_data import check_model_on_data, default_loss, prepare_data
 from kronograph.errors import KronographError
 
@@ -123,7 +123,9 @@ def bench_dir(out: Path | None) -> Path:
 
 def problem_of(model: str, flags: dict[str, Any]) -> Problem:
     """The data, the initial module (seeded, --init), the loss; one forward pass checks that they fit."""
-    check_engine(model, None)
+    if resolve_engine(model, None) != "torch":
+        raise KronographError(f"bench compares optimizers on a PyTorch module and {model} is an ONNX file; give the "
+                              "module as package.module:factory, or train the file with `kronograph train`")
     where = with_data_defaults(model, {"data": flags["data"], "target": flags["target"]})
     data = prepare_data(model, where["data"], flags["input"], where["target"], flags["input_shape"],
                         flags["valid_fraction"])

@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 
 from kronograph.cli.builtins import BUILTINS
@@ -30,6 +31,27 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d <= 0 for d in shape):
         raise KronographError(f"--input-shape {text!r} needs positive sizes; write it like 1,3,32,32")
     return shape
+
+
+def is_onnx_model(spec: str) -> bool:
+    """MODEL names an ONNX file (existing or not): not a built-in, and an .onnx name or a file."""
+    return spec not in BUILTINS and (spec.endswith(".onnx") or Path(spec).is_file())
+
+
+def onnx_input_rows(path: str | Path) -> tuple[int, ...] | None:
+    """The shape of one example of an ONNX file's first data input, when every axis after the batch is
+    fixed; None otherwise (or when the file does not load: compiling it names that problem)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [value for value in proto.graph.input if value.name not in initializers]
+    if not inputs or not inputs[0].type.HasField("tensor_type"):
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    rows = tuple(dim.dim_value if dim.HasField("dim_value") else 0 for dim in dims[1:])
+    return rows if rows and all(size > 0 for size in rows) else None
 
 
 def _example(shape: tuple[int, ...], dtype: str) -> torch.Tensor:

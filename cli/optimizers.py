@@ -21,7 +21,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
-from kronograph.runtime.kfac import KFAC
+from kronograph.runtime.kfac import KFAC, make_engine
 from kronograph.runtime.losses import get_loss
 
 
@@ -144,39 +144,40 @@ def resolve_options(name: str, options: Mapping[str, Any] | None = None) -> dict
 
 class FirstOrder:
     """A torch optimizer behind K-FAC's interface, so that all optimizers are compared on the same loss:
-    ``step(x, y)`` does forward, ``cm.loss`` (plus eta/2 |theta|^2 through the gradient), backward, update."""
+    ``step(x, y)`` does forward, ``cm.loss`` (plus eta/2 |theta|^2 through the gradient), backward, update.
 
-    def __init__(self, compiled: CompiledModel, build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> None:
-        if compiled.module is None:
-            raise KronographError("sgd and adam train a PyTorch module (engine torch); pass package.module:factory")
-        self.module = compiled.module
-        self.loss = get_loss(compiled.loss)
-        named = dict(self.module.named_parameters())
-        names = [n for n in compiled.plan.parameters if n in named] or [n for n, p in named.items() if p.requires_grad]
-        self.params = [named[n] for n in names]
+    The passes come from K-FAC's engine adapter (``runtime.kfac.make_engine``), so SGD and Adam run on
+    either engine: the torch optimizer updates the adapter's tensors (the module's own on torch, a copy on
+    onnxruntime) and ``write_back`` hands them to the engine.
+    """
+
+    def __init__(self, compiled: CompiledModel, build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> None:
+        self.engine = make_engine(compiled, get_loss(compiled.loss))
+        self.named = self.engine.parameters()
+        if not self.named:
+            raise KronographError("the model has no trainable parameters; nothing for sgd or adam to train")
+        self.params = list(self.named.values())
         self.optimizer = build(self.params)
         self.steps = 0
 
     def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
         """One update on the batch; returns {"loss": mean loss before the update}. A non-finite loss or
         gradient is skipped (the moments of Adam would keep the NaN forever)."""
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        inputs = tuple(torch.as_tensor(t) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.module(*inputs)
-        if self.steps == 1:
-            self.loss.check_targets(outputs, y)
-        loss = self.loss(outputs, y)
-        value = float(loss.detach())
-        info: dict[str, Any] = {"loss": value}
-        if not math.isfinite(value):
+        result = self.engine.gradient_pass(inputs, torch.as_tensor(y), capture=False)
+        info: dict[str, Any] = {"loss": result.loss}
+        if not math.isfinite(result.loss):
             info["skipped"] = "non-finite loss; the weights were left unchanged"
             return info
-        loss.backward()
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+        if not all(bool(torch.isfinite(grad).all()) for grad in result.grads.values()):
             info["skipped"] = "non-finite gradient; the weights were left unchanged"
             return info
+        for name, param in self.named.items():
+            param.grad = result.grads[name].to(param.dtype)
         self.optimizer.step()
+        self.engine.write_back()
         return info
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,7 +34,9 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                "leading batch size is ignored; default: the data's own, or the built-in's)."),
     "loss": (click.Choice(LOSSES), None, "Loss (default: the built-in's, else from the data: labels -> "
                                          "cross_entropy, targets in [0, 1] -> sigmoid_cross_entropy, else mse)."),
-    "engine": (click.Choice(ENGINES), "torch", "Where training runs (only torch trains today)."),
+    "engine": (click.Choice(ENGINES), None, "Where training runs: torch (the module's own parameters) or onnxruntime "
+                                           "(onnxruntime-training; an .onnx MODEL runs only there) [default: torch for "
+                                           "a module, onnxruntime for an .onnx file]."),
     "optimizer": (click.Choice(OPTIMIZERS), "kfac", "kfac (the paper's algorithm), sgd (Nesterov momentum) or adam."),
     "batch_size": (click.IntRange(min=1), 512, "Examples per step."),
     "steps": (click.IntRange(min=1), None, f"Total steps of the run, {DEFAULT_STEPS} unless --epochs (a resumed run counts the steps already done)."),

@@ -2,23 +2,30 @@
 
 Order of work, so that bad input costs nothing and writes nothing: settings (flags, --config, a resumed
 run's own), data, model, a forward pass on two examples, compile, optimizer, checkpoint; only then is the
-run folder created. A run is a pure function of its settings: --seed seeds torch before the model is
-built, the optimizer's generator, and the data order (train_data.DataOrder); a checkpoint holds the
-optimizer state and torch's RNG, so a resumed run writes the same metrics as one never interrupted.
+run folder created. The onnxruntime engine (an .onnx MODEL, or --engine onnxruntime) writes its training
+artifacts to DIR/onnxruntime/ and its forward pass on two examples runs there, so it comes after the folder
+is made; a failure removes what it wrote. A run is a pure function of its settings: --seed seeds torch
+before the model is built, the optimizer's generator, and the data order (train_data.DataOrder); a
+checkpoint holds the weights (``CompiledModel.state_dict``: the module's, or the engine's by ONNX names),
+the optimizer state and torch's RNG, so a resumed run writes the same metrics as one never interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,29 +33,38 @@ import kronograph
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.checkpoint import (atomic_write, check_same_model, load_checkpoint, rng_state, save_checkpoint,
                                        save_weights, set_rng_state)
-from kronograph.cli.models import resolve_model
+from kronograph.cli.models import is_onnx_model, onnx_input_rows, resolve_model
 from kronograph.cli.optimizers import OPTION_KEYS, Optimizer, make_optimizer
 from kronograph.cli.events import TensorBoard, check_tensorboard
 from kronograph.cli.plots import METRICS, json_value, plot_metrics, read_metrics
 from kronograph.cli.settings import DEFAULT_STEPS, given_settings, new_run_settings, resumed_settings, train_options
-from kronograph.cli.train_data import (BUILTIN_DATA, DataOrder, TrainData, check_model_on_data, default_loss, evaluate,
-                                       prepare_data)
+from kronograph.cli.train_data import (BUILTIN_DATA, DataOrder, TrainData, cast_inputs, check_forward_on_data,
+                                       check_model_on_data, default_loss, evaluate, prepare_data)
 from kronograph.errors import KronographError
 
 _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped")
 _BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ"}
+#: The onnxruntime engine's training artifacts, inside the run folder (rebuilt when the run resumes).
+ONNXRUNTIME = "onnxruntime"
 
 
-def check_engine(model: str, engine: str | None) -> None:
-    """Training on onnxruntime-training is not there yet: say so before loading anything."""
-    is_onnx = model not in BUILTINS and (model.endswith(".onnx") or Path(model).is_file())
-    if is_onnx and not Path(model).is_file():
+def resolve_engine(model: str, engine: str | None) -> str:
+    """The engine a run trains on, checked before anything loads: an .onnx file runs on onnxruntime only,
+    a module on torch unless --engine onnxruntime."""
+    onnx_file = is_onnx_model(model)
+    if onnx_file and not Path(model).is_file():
         raise KronographError(f"model file not found: {model}; give an existing .onnx path")
-    if is_onnx or engine == "onnxruntime":
-        raise KronographError(
-            "training on the onnxruntime engine is not available yet; train the PyTorch module instead "
-            "(MODEL as package.module:factory, with --engine torch)"
-        )
+    if onnx_file and engine == "torch":
+        raise KronographError(f"{model} is an ONNX file, which trains on the onnxruntime engine only; drop --engine "
+                              "torch, or give the PyTorch module as package.module:factory")
+    chosen = engine or ("onnxruntime" if onnx_file else "torch")
+    if chosen == "onnxruntime":
+        try:
+            import onnxruntime.training.api  # noqa: F401
+        except ImportError:
+            raise KronographError("the onnxruntime engine needs onnxruntime-training; install it with `pip install "
+                                  "onnxruntime-training`, or train a PyTorch module with --engine torch") from None
+    return chosen
 
 
 def _new_run_dir(model: str, out: Path | None) -> Path:
@@ -105,9 +121,15 @@ class _Run:
     start: int = 0
     elapsed: float = 0.0
 
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.compiled.module
+    def forward(self) -> torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]:
+        """What the validation loss is computed from: the module, or the engine's inference graph."""
+        if self.compiled.engine == "torch":
+            return self.compiled.module
+        return _engine_forward(self.compiled.onnxruntime())
+
+    def valid_loss(self) -> float:
+        valid_x, valid_y = self.validation()
+        return evaluate(self.forward(), self.settings["loss"], valid_x, valid_y, self.order.batch_size)
 
     def settings_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.settings.items()}
@@ -118,7 +140,7 @@ class _Run:
 
     def checkpoint(self, step: int, seconds: float) -> None:
         epoch, batch = self.order.position(step)
-        save_checkpoint(self.run_dir, self.module.state_dict(), {
+        save_checkpoint(self.run_dir, self.compiled.state_dict(), {
             "step": step, "time": seconds, "settings": self.settings_json(), "model": self.model,
             "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
             "data": {"epoch": epoch, "batch": batch, "batches_per_epoch": self.order.per_epoch, "examples": self.order.n},
@@ -128,15 +150,22 @@ class _Run:
 def _settings(ctx: click.Context, model: str, flags: dict[str, Any]) -> tuple[dict[str, Any], Path, tuple | None]:
     """The run's settings and folder, and for --resume its checkpoint (weights, state)."""
     given = given_settings(ctx, flags)
-    check_engine(model, given.get("engine"))
+    engine = resolve_engine(model, given.get("engine"))
     resume: Path | None = flags["resume"]
     if resume is None:
         settings = new_run_settings(given)
+        settings["engine"] = engine
         return with_data_defaults(model, settings), _new_run_dir(model, settings["out"]), None
     if given.get("out") is not None and Path(given["out"]).resolve() != resume.resolve():
         raise KronographError(f"--out {given['out']} differs from --resume {resume}; a resumed run continues in its own folder")
     weights, state = load_checkpoint(resume)
-    return resumed_settings(given, state["settings"], resume), resume, (weights, state)
+    settings = resumed_settings(given, state["settings"], resume)
+    settings["engine"] = settings.get("engine") or "torch"
+    if is_onnx_model(model) and settings["engine"] != "onnxruntime":
+        raise KronographError(f"the run in {resume} trained on the {settings['engine']} engine and {model} is an ONNX "
+                              "file; resume it with the MODEL that started it")
+    resolve_engine(model, settings["engine"])
+    return settings, resume, (weights, state)
 
 
 def with_data_defaults(model: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -153,33 +182,102 @@ def with_data_defaults(model: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tuple | None) -> _Run:
     """Data, model (seeded), one forward pass on two examples, compile, optimizer, and the checkpoint's state."""
-    seed = int(settings["seed"])
+    seed, where = int(settings["seed"]), f"--data {settings['data']}"
+    onnx_file = is_onnx_model(model)
     data = prepare_data(model, settings["data"], settings["input"], settings["target"], settings["input_shape"],
-                        settings["valid_fraction"])
+                        settings["valid_fraction"], model_rows=onnx_input_rows(model) if onnx_file else None)
     torch.manual_seed(seed)  # before the model is built: its initialisation is part of the run
-    resolved = resolve_model(model, (",".join(map(str, (2, *data.row_shape))),))
-    module = resolved.model
-    settings["loss"] = settings["loss"] or (resolved.default_loss if model in BUILTINS else default_loss(data))
-    check_model_on_data(module, settings["loss"], data, f"--data {settings['data']}")
-    compiled = kronograph.compile(module, example_inputs=(data.x[:2],), loss=settings["loss"])
-    optimizer = make_optimizer(settings["optimizer"], compiled, {k: settings[k] for k in OPTION_KEYS}, seed=seed)
+    if onnx_file:
+        settings["loss"] = settings["loss"] or default_loss(data)
+        compiled = kronograph.compile(model, loss=settings["loss"])
+    else:
+        resolved = resolve_model(model, (",".join(map(str, (2, *data.row_shape))),))
+        settings["loss"] = settings["loss"] or (resolved.default_loss if model in BUILTINS else default_loss(data))
+        check_model_on_data(resolved.model, settings["loss"], data, where)
+        compiled = kronograph.compile(resolved.model, example_inputs=(data.x[:2],), loss=settings["loss"],
+                                      engine=settings["engine"])
+    if compiled.engine == "onnxruntime":
+        cast_inputs(data, _graph_input(compiled, model, onnx_file))
     order = DataOrder(len(data.x), settings["batch_size"], seed)
     settings["steps"] = settings["steps"] or (settings["epochs"] * order.per_epoch if settings["epochs"] else DEFAULT_STEPS)
-    run = _Run(model, settings, run_dir, data, compiled, optimizer, order)
+    start, elapsed = 0, 0.0
     if checkpoint is not None:
         weights, state = checkpoint
-        check_same_model(weights, module.state_dict(), run_dir)
+        check_same_model(weights, compiled.state_dict(), run_dir)
         if state["data"]["examples"] != order.n:
             raise KronographError(f"the training data now has {order.n} examples but had {state['data']['examples']} "
                                   f"when the run in {run_dir} started; resume with the same --data")
-        run.start, run.elapsed = int(state["step"]), float(state["time"])
-        if run.start > settings["steps"]:
-            raise KronographError(f"the run in {run_dir} is at step {run.start}, beyond --steps {settings['steps']}; "
+        start, elapsed = int(state["step"]), float(state["time"])
+        if start > settings["steps"]:
+            raise KronographError(f"the run in {run_dir} is at step {start}, beyond --steps {settings['steps']}; "
                                   "give a larger --steps")
-        module.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-    return run
+    engine = None
+    with _removed_on_failure(run_dir, resumed=checkpoint is not None):
+        if compiled.engine == "onnxruntime":
+            workdir = run_dir / ONNXRUNTIME
+            shutil.rmtree(workdir, ignore_errors=True)  # a resumed run's artifacts are rebuilt from the graph
+            engine = compiled.onnxruntime(workdir)
+            fix = (f"give data whose examples fit its input {_input_text(compiled)}, or set --input-shape"
+                   if onnx_file else "give data that fits the model, or train it with --engine torch")
+            check_forward_on_data(_engine_forward(engine), settings["loss"], data, where, fix)
+        if checkpoint is not None:  # before the optimizer: the onnxruntime adapter copies the weights when built
+            if engine is None:
+                compiled.module.load_state_dict(weights)
+            else:
+                engine.set_parameters({name: weights[name] for name in engine.trainable})
+        optimizer = make_optimizer(settings["optimizer"], compiled, {k: settings[k] for k in OPTION_KEYS}, seed=seed)
+        if checkpoint is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+    return _Run(model, settings, run_dir, data, compiled, optimizer, order, start, elapsed)
+
+
+def _engine_forward(engine: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The onnxruntime engine's inference graph as a function of one input batch."""
+    return lambda x: torch.from_numpy(engine.forward([x.numpy()]))
+
+
+def _graph_input(compiled: kronograph.CompiledModel, model: str, onnx_file: bool) -> torch.dtype:
+    """Check that the graph has one data input taking batches of any size (training feeds subsets and
+    partial batches); return its dtype, the one the data is cast to."""
+    inputs = list(compiled.graph.graph.inputs)
+    if len(inputs) != 1:
+        names = ", ".join(repr(value.name) for value in inputs)
+        raise KronographError(f"{model} takes {len(inputs)} inputs ({names}) but train feeds one (--input); "
+                              "train it from Python with kronograph.optim.KFAC")
+    value = inputs[0]
+    shape = value.shape
+    if shape is not None and len(shape) and isinstance(shape[0], int):
+        fix = (f"export it again with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={{{value.name!r}: "
+               "{0: 'batch'}}))" if onnx_file else "train it with --engine torch")
+        raise KronographError(f"{model}: the input {value.name!r} has a fixed batch size of {shape[0]} but training "
+                              f"feeds batches of other sizes; {fix}")
+    try:
+        return torch.from_numpy(np.zeros(0, dtype=value.dtype.numpy())).dtype
+    except (AttributeError, TypeError):  # no dtype recorded, or one numpy and torch do not share
+        return torch.float32
+
+
+def _input_text(compiled: kronograph.CompiledModel) -> str:
+    """'x' of shape [N, 6]: the graph's data input as a user reads it (N for a free axis)."""
+    value = compiled.graph.graph.inputs[0]
+    if value.shape is None:
+        return repr(value.name)
+    return f"{value.name!r} of shape [{', '.join(str(d) if isinstance(d, int) else 'N' for d in value.shape)}]"
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: Path, resumed: bool) -> Iterator[None]:
+    """What a new run wrote before it failed (the folders it created, or the engine's artifacts) is removed."""
+    created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif not resumed:
+            shutil.rmtree(run_dir / ONNXRUNTIME, ignore_errors=True)
+        raise
 
 
 def _open_run_dir(run: _Run) -> None:
@@ -189,7 +287,7 @@ def _open_run_dir(run: _Run) -> None:
         atomic_write(run.run_dir / METRICS, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
     else:
         try:
-            run.run_dir.mkdir(parents=True, exist_ok=True)
+            run.run_dir.mkdir(parents=True, exist_ok=True)  # the onnxruntime engine made it already
         except OSError as error:
             raise KronographError(f"cannot create the run folder {run.run_dir} ({error.strerror}); choose another --out") from None
     text = json.dumps({"model": run.model, **run.settings_json()}, indent=2)
@@ -197,8 +295,8 @@ def _open_run_dir(run: _Run) -> None:
 
 
 @click.command(help="Train MODEL on data (K-FAC by default) with a progress bar, metrics.jsonl, checkpoints, "
-                    "plots and the trained model.onnx in --out DIR. MODEL is package.module:factory or a built-in: "
-                    + ", ".join(BUILTINS) + ".")
+                    "plots and the trained model.onnx in --out DIR. MODEL is an .onnx file (trained on "
+                    "onnxruntime-training), package.module:factory or a built-in: " + ", ".join(BUILTINS) + ".")
 @click.argument("model")
 @train_options
 @click.pass_context
@@ -219,7 +317,6 @@ def _loop(run: _Run) -> None:
     """Steps start+1..total: one metrics line each, validation and checkpoints on schedule, Ctrl-C handled."""
     settings, order, data = run.settings, run.order, run.data
     total, every, eval_every = settings["steps"], settings["checkpoint_every"], settings["eval_every"]
-    valid_x, valid_y = run.validation()
     step, saved, in_step, began = run.start, run.start, False, time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=settings["optimizer"], unit="step", file=sys.stderr,
                disable=None, dynamic_ncols=True)
@@ -239,7 +336,7 @@ def _loop(run: _Run) -> None:
                                           "epoch": order.position(step - 1)[0], "step_time": now - tick}
                 record.update({k: info[k] for k in _FIGURES if k in info})
                 if eval_every and step % eval_every == 0:
-                    record["valid_loss"] = evaluate(run.module, settings["loss"], valid_x, valid_y, order.batch_size)
+                    record["valid_loss"] = run.valid_loss()
                 log.write(json.dumps({k: json_value(v) for k, v in record.items()}) + "\n")
                 log.flush()
                 board.write(record)
@@ -272,17 +369,18 @@ def _number(value: Any) -> str:
 def _finish(run: _Run) -> None:
     """The trained model (safetensors and ONNX), the plots, and the summary table on stdout."""
     settings, order, run_dir = run.settings, run.order, run.run_dir
-    save_weights(run_dir / "model.safetensors", run.module.state_dict())
+    save_weights(run_dir / "model.safetensors", run.compiled.state_dict())
     atomic_write(run_dir / "model.onnx", run.compiled.export_onnx)
     records = read_metrics(run_dir / METRICS)
     plot_metrics(records, run_dir, f"{run.model}: {settings['optimizer']} on {settings['data']}")
-    valid_x, valid_y = run.validation()
-    valid = evaluate(run.module, settings["loss"], valid_x, valid_y, order.batch_size)
+    valid_x, _ = run.validation()
+    valid = run.valid_loss()
     last = [r["loss"] for r in records[-10:] if r["loss"] is not None]
     step_time = sum(r.get("step_time") or 0.0 for r in records) / max(1, len(records))
     rows = [
         ("run", str(run_dir)),
-        ("model", f"{run.model} ({len(run.compiled.layers)} Kronecker-factored layers, loss {settings['loss']})"),
+        ("model", f"{run.model} ({len(run.compiled.layers)} Kronecker-factored layers, loss {settings['loss']}, "
+                  f"engine {run.compiled.engine})"),
         ("optimizer", settings["optimizer"]),
         ("data", f"{settings['data']} ({order.n} training examples, {len(valid_x)} for validation)"),
         ("steps", f"{settings['steps']} (batch {order.batch_size}, {settings['steps'] / order.per_epoch:.2f} epochs)"),
@@ -292,6 +390,7 @@ def _finish(run: _Run) -> None:
                  f"{records[-1]['step']} (mean of the last {len(last)}: {_number(sum(last) / len(last) if last else None)})"
          if records else "-"),
         ("valid loss", _number(valid)),
-        ("files", "metrics.jsonl, loss_vs_step.png, loss_vs_time.png, model.onnx, model.safetensors, checkpoint/"),
+        ("files", "metrics.jsonl, loss_vs_step.png, loss_vs_time.png, model.onnx, model.safetensors, checkpoint/"
+                  + (f", {ONNXRUNTIME}/" if run.compiled.engine == "onnxruntime" else "")),
     ]
     click.echo(_summary(rows))

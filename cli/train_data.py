@@ -48,11 +48,14 @@ def load_splits(data: str, input_key: str, target: str | None, valid_fraction: f
     return split(load_data(data, input_key=input_key, target_key=target), valid_fraction, seed=0)
 
 
-def row_shape_for(model: str, input_shape: str | None, dataset: Dataset) -> tuple[int, ...]:
+def row_shape_for(model: str, input_shape: str | None, dataset: Dataset,
+                  model_rows: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Each example's shape: --input-shape without its batch size, a built-in's input (a conv built-in takes
-    the data set's image shape), else the data's own."""
+    the data set's image shape), the ONNX file's own input (``model_rows``), else the data's own."""
     if input_shape:
         return parse_shape(input_shape)[1:] or (1,)
+    if model_rows:
+        return model_rows
     if model in BUILTINS:
         shape = BUILTINS[model].input_shape[1:]
         return dataset.image_shape if len(shape) > 1 and dataset.image_shape else shape
@@ -72,9 +75,9 @@ def _tensor(dataset: Dataset, rows: tuple[int, ...], data: str) -> tuple[torch.T
 
 
 def prepare_data(model: str, data: str, input_key: str, target: str | None, input_shape: str | None,
-                 valid_fraction: float) -> TrainData:
+                 valid_fraction: float, model_rows: tuple[int, ...] | None = None) -> TrainData:
     train, valid = load_splits(data, input_key, target, valid_fraction)
-    rows = row_shape_for(model, input_shape, train)
+    rows = row_shape_for(model, input_shape, train, model_rows)
     (x, y), (vx, vy) = _tensor(train, rows, data), _tensor(valid, rows, data)
     return TrainData(x, y, vx, vy, train.task, train.source or data)
 
@@ -88,6 +91,14 @@ def default_loss(data: TrainData) -> str:
     return "mse"
 
 
+def cast_inputs(data: TrainData, dtype: torch.dtype) -> None:
+    """Floating-point inputs in the model's dtype (the autoencoder's targets with them)."""
+    if data.x.dtype != dtype and data.x.dtype.is_floating_point and dtype.is_floating_point:
+        data.x, data.valid_x = data.x.to(dtype), data.valid_x.to(dtype)
+        if data.task == "autoencoder":
+            data.y, data.valid_y = data.x, data.valid_x
+
+
 def check_model_on_data(module: torch.nn.Module, loss_name: str, data: TrainData, where: str) -> None:
     """One forward pass on two examples, then every target against the outputs' shape and the loss's rules;
     errors become one line naming the problem and the fix. Casts the inputs to the model's dtype."""
@@ -96,15 +107,28 @@ def check_model_on_data(module: torch.nn.Module, loss_name: str, data: TrainData
         data.x, data.valid_x = data.x.to(dtype), data.valid_x.to(dtype)
         if data.task == "autoencoder":
             data.y, data.valid_y = data.x, data.valid_x
+
+    def forward(sample: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), preserved_buffers(module):
+            return module(sample)
+
+    check_forward_on_data(forward, loss_name, data, where)
+
+
+def check_forward_on_data(forward: Callable[[torch.Tensor], torch.Tensor], loss_name: str, data: TrainData,
+                          where: str, fix: str = "give data that fits the model, or set --input-shape") -> None:
+    """``forward`` (a module's or an engine's) on two examples, then every target against the outputs."""
     sample = data.x[:2]
     try:
-        with torch.no_grad(), preserved_buffers(module):
-            outputs = module(sample)
-    except Exception as error:  # whatever the module raises, it means "these inputs do not fit"
-        text = " ".join(str(error).split())[:300]
+        outputs = forward(sample)
+    except Exception as error:  # whatever the model raises, it means "these inputs do not fit"
+        if isinstance(error, KronographError) and error.__cause__ is not None:
+            error = error.__cause__  # onnxruntime's own words, not the engine's summary of them
+        text = " ".join(str(error).split())
+        text = text.split(" : ")[-1] if text.startswith("[ONNXRuntimeError]") else text  # drop the status codes
         raise KronographError(
             f"the model cannot run on {where}: a forward pass on inputs of shape {list(sample.shape)} raised "
-            f"{type(error).__name__}: {text}; give data that fits the model, or set --input-shape"
+            f"{type(error).__name__}: {text[:300].rstrip('.')}; {fix}"
         ) from None
     if not isinstance(outputs, torch.Tensor):
         raise KronographError(f"the model returns a {type(outputs).__name__}; training needs one output tensor")
@@ -185,20 +209,33 @@ def evaluate_many(module: torch.nn.Module, figures: Mapping[str, Callable[[torch
                   x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Means over (x, y) of per-example ``figures(outputs, targets)``, from one pass in eval mode, without
     gradients, in batches; draws no random numbers."""
-    totals = dict.fromkeys(figures, 0.0)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                outputs, targets = module(x[start:start + batch_size]), y[start:start + batch_size]
-                for name, figure in figures.items():
-                    totals[name] += float(figure(outputs, targets).sum())
+            return evaluate_forward(module, figures, x, y, batch_size)
     finally:
         module.train(was_training)
+
+
+def evaluate_forward(forward: Callable[[torch.Tensor], torch.Tensor],
+                     figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                     x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Means over (x, y) of per-example ``figures`` of ``forward``'s outputs (a module in eval mode, or the
+    onnxruntime engine's inference graph), in batches."""
+    totals = dict.fromkeys(figures, 0.0)
+    for start in range(0, len(x), batch_size):
+        outputs, targets = forward(x[start:start + batch_size]), y[start:start + batch_size]
+        for name, figure in figures.items():
+            totals[name] += float(figure(outputs, targets).sum())
     return {name: total / max(1, len(x)) for name, total in totals.items()}
 
 
-def evaluate(module: torch.nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Mean loss on (x, y) in eval mode, without gradients, in batches; draws no random numbers."""
-    return evaluate_many(module, {"loss": get_loss(loss_name).per_example}, x, y, batch_size)["loss"]
+def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], loss_name: str, x: torch.Tensor,
+             y: torch.Tensor, batch_size: int) -> float:
+    """Mean loss on (x, y) without gradients, in batches (a module in eval mode, or any forward function);
+    draws no random numbers."""
+    figures = {"loss": get_loss(loss_name).per_example}
+    if isinstance(model, torch.nn.Module):
+        return evaluate_many(model, figures, x, y, batch_size)["loss"]
+    return evaluate_forward(model, figures, x, y, batch_size)["loss"]

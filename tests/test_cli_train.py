@@ -184,8 +184,9 @@ def _bad_inputs(tmp: Path, data: Path) -> dict[str, tuple[list[str], str]]:
         "unknown config key": (["--data", str(data), "--config", str(tmp / "unknown.toml")], "'learning_rate'"),
         "bad config value": (["--data", str(data), "--config", str(tmp / "bad-value.toml")], "batch_size"),
         "config that is not TOML": (["--data", str(data), "--config", str(tmp / "broken.toml")], "not valid TOML"),
-        "onnx model": (["--data", str(data), "--model-is-onnx"], "onnxruntime engine is not available yet"),
-        "onnxruntime engine": (["--data", str(data), "--engine", "onnxruntime"], "PyTorch module"),
+        "empty onnx file": (["--data", str(data), "--model-is-onnx"], "holds no ONNX graph"),
+        "onnx file on the torch engine": (["--data", str(data), "--model-is-onnx", "--engine", "torch"],
+                                          "trains on the onnxruntime engine only"),
         "no data for a factory": (["--steps", "2"], "needs --data"),
     }
 

@@ -158,7 +158,7 @@ def test_paper_kfac_on_onnxruntime_follows_torch(loss, tmp_path):
         y = torch.sigmoid(x[:, :3]) if loss == "sigmoid_cross_entropy" else torch.randint(0, 3, (16,), generator=generator)
         expected, got = torch_opt.step(x, y), onnx_opt.step(x.numpy(), y.numpy())
         for key in ("loss", "alpha", "mu", "damping", "factor_damping"):
-            np.testing.assert_allclose(got[key], expected[key], rtol=2e-3, atol=1e-6, err_msg=f"{key}, step {step}")
+            np.testing.assert_allclose(got[key], expected[key], rtol=2e-3, atol=1e-4, err_msg=f"{key}, step {step}")
         losses.append(got["loss"])
     assert "rho" in got and np.isfinite(got["rho"])
     drift = [float((cm_onnx.state_dict()[name] - p.detach()).norm() / p.detach().norm())

@@ -56,7 +56,6 @@ class OnnxRuntimePasses:
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
         self._checked = False
-        self._sizes: dict[str, float] | None = None  # each tensor's share of |theta| (initial weights)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The trainable weights by ONNX initializer name: the optimizer's copy, re-read when someone else
@@ -114,9 +113,10 @@ class OnnxRuntimePasses:
         arrays = [_numpy(x) for x in inputs]
         outputs = torch.from_numpy(self.engine.forward(arrays)).double()
         theta = self.parameters()
+        sizes = _sizes(theta)
         tangents = []
         for direction in directions:
-            h = self._difference_step(direction)
+            h = _difference_step(direction, sizes)
             if h is None:
                 tangents.append(torch.zeros_like(outputs))
                 continue
@@ -128,26 +128,28 @@ class OnnxRuntimePasses:
             tangents.append((shifted[0] - shifted[1]) / (2 * h))
         return outputs, tangents
 
-    def _difference_step(self, direction: Mapping[str, torch.Tensor]) -> float | None:
-        """h such that no parameter tensor moves by more than DIFFERENCE_STEP of its own size (a tensor's
-        size: its norm, or its share of the whole norm if larger, for all-zero biases); None for d = 0.
-
-        Relative to each tensor, not to the whole theta: K-FAC's updates are concentrated on a few small
-        tensors, and a step scaled to |theta| moves those far out of the linear range (33% error measured
-        on the paper's autoencoder, against 1.5e-4 this way)."""
-        theta = self.parameters()
-        if self._sizes is None:
-            total = sum(t.numel() for t in theta.values())
-            norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in theta.values()))
-            self._sizes = {name: (t.numel() / total) ** 0.5 * norm for name, t in theta.items()}
-        largest = 0.0
-        for name, d in direction.items():
-            size = max(float(theta[name].double().norm()), self._sizes[name]) or 1.0  # all-zero theta: absolute
-            largest = max(largest, float(d.double().norm()) / size)
-        if largest == 0 or not math.isfinite(largest):
-            return None
-        return DIFFERENCE_STEP / largest
-
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         outputs = torch.from_numpy(self.engine.forward([_numpy(x) for x in inputs]))
         return float(self.loss(outputs, targets))
+
+
+def _sizes(theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each tensor's size for the difference step: its norm, or its share of |theta| when larger (an all-zero
+    bias), or 1 when theta is all zero. A function of the current weights only: a resumed run takes the
+    same steps as an uninterrupted one."""
+    norms = {name: float(t.double().norm()) for name, t in theta.items()}
+    total = sum(t.numel() for t in theta.values())
+    whole = math.sqrt(sum(n * n for n in norms.values()))
+    return {name: max(norms[name], (t.numel() / total) ** 0.5 * whole) or 1.0 for name, t in theta.items()}
+
+
+def _difference_step(direction: Mapping[str, torch.Tensor], sizes: Mapping[str, float]) -> float | None:
+    """h such that no parameter tensor moves by more than DIFFERENCE_STEP of its size; None for d = 0.
+
+    Relative to each tensor, not to the whole theta: K-FAC's updates are concentrated on a few small
+    tensors, and a step scaled to |theta| moves those far out of the linear range (33% error measured on
+    the paper's autoencoder, against 1.5e-4 this way)."""
+    largest = max((float(d.double().norm()) / sizes[name] for name, d in direction.items()), default=0.0)
+    if largest == 0 or not math.isfinite(largest):
+        return None
+    return DIFFERENCE_STEP / largest
