@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from kronograph.compiler.export import export_inference
+from kronograph.compiler.export import export_inference, write_graph
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer, LayerPlan
 
@@ -93,8 +93,7 @@ class CompiledModel:
         if self._onnxruntime is not None:
             return self._onnxruntime.export_onnx(path)
         if self.engine == "onnxruntime":
-            ir.save(self.graph, str(path))
-            return path
+            return write_graph(self.graph, path)
         export_inference(self.module, self.example_inputs, path)
         return path
 

@@ -14,11 +14,14 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
+from onnx import numpy_helper
 
 from kronograph.errors import KronographError
 
@@ -83,6 +86,21 @@ def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tens
         _export(model, tuple(example_inputs), optimize=False).save(str(path))
     finally:
         model.train(was_training)
+
+
+def write_graph(graph: ir.Model, path: Path, weights: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Save ``graph`` as an .onnx file that onnxruntime 1.19 loads (IR version capped), with ``weights``
+    (initializer name -> array) in place of the stored initializers where given."""
+    from kronograph.passes.instrument import ORT_MAX_IR_VERSION
+
+    proto = ir.to_proto(graph)
+    for initializer in proto.graph.initializer:
+        if weights and initializer.name in weights:
+            initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name], initializer.name))
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
 
 
 def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool):

@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 import torch
-from onnx import numpy_helper
 
+from kronograph.compiler.export import write_graph
 from kronograph.errors import KronographError
-from kronograph.passes.instrument import ORT_MAX_IR_VERSION, TrainingArtifacts, instrument
+from kronograph.passes.instrument import TrainingArtifacts, instrument
 
 __all__ = ["OnnxRuntimeEngine", "StepResult"]
 
@@ -218,14 +216,4 @@ class OnnxRuntimeEngine:
 
     def export_onnx(self, path: str | Path) -> Path:
         """Write the inference graph (no taps, no loss) with the current weights as its initializers."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        proto = ir.to_proto(self.compiled.graph)
-        current = self.parameters()
-        for initializer in proto.graph.initializer:
-            if initializer.name in current:
-                initializer.CopyFrom(numpy_helper.from_array(current[initializer.name], initializer.name))
-        if proto.ir_version > ORT_MAX_IR_VERSION:
-            proto.ir_version = ORT_MAX_IR_VERSION
-        onnx.save(proto, str(path))
-        return path
+        return write_graph(self.compiled.graph, Path(path), self.parameters())
