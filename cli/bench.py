@@ -2,13 +2,16 @@
 time or step budget; a table, results.json and plots of loss against seconds and against iterations.
 
 Order of work, so that bad input costs nothing and writes nothing: flags (optimizers, --option, budget,
---out), data, model (seeded), one forward pass on two examples; then an SGD step is timed for the ratio
-column, the optimizers run one after another (bench_run), and the files are written at the end
-(bench_report).
+--out), engine, data, model (seeded), one forward pass on two examples; then an SGD step is timed for the
+ratio column, the optimizers run one after another (bench_run), and the files are written at the end
+(bench_report). On the onnxruntime engine (an .onnx MODEL, or --engine onnxruntime) each optimizer's engine
+writes its training artifacts to DIR/onnxruntime/<optimizer>/ and runs its forward check there, so the
+folder is made first; DIR/onnxruntime/ is removed at the end, and everything the bench wrote on a failure.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,10 @@ import torch
 from kronograph.cli.bench_report import FILES, summarise, table, write
 from kronograph.cli.bench_run import INITS, Budget, Contender, Problem, initialise, run, sgd_step_seconds
 from kronograph.cli.builtins import BUILTINS
-from kronograph.cli.models import resolve_model
+from kronograph.cli.models import is_onnx_model
 from kronograph.cli.optimizers import OPTIMIZERS, OPTIONS, resolve_options
+from kronograph.cli.prepare import ONNXRUNTIME, load_source, removed_on_failure, resolve_engine, with_data_defaults
 from kronograph.cli.settings import RUN_OPTIONS, flag
-from kronograph.cli.train import resolve_engine, with_data_defaults
-from kronograph.cli.train_data import check_model_on_data, default_loss, prepare_data
 from kronograph.errors import KronographError
 
 DEFAULT_SECONDS = 60.0
@@ -121,28 +123,34 @@ def bench_dir(out: Path | None) -> Path:
     return out
 
 
-def problem_of(model: str, flags: dict[str, Any]) -> Problem:
-    """The data, the initial module (seeded, --init), the loss; one forward pass checks that they fit."""
-    if resolve_engine(model, None) != "torch":
-        raise KronographError(f"bench compares optimizers on a PyTorch module and {model} is an ONNX file; give the "
-                              "module as package.module:factory, or train the file with `kronograph train`")
-    where = with_data_defaults(model, {"data": flags["data"], "target": flags["target"]})
-    data = prepare_data(model, where["data"], flags["input"], where["target"], flags["input_shape"],
-                        flags["valid_fraction"])
-    torch.manual_seed(flags["seed"])  # before the model is built: the initial weights are part of the bench
-    module = initialise(resolve_model(model, (",".join(map(str, (2, *data.row_shape))),)).model, flags["init"])
-    loss = flags["loss"] or (BUILTINS[model].loss if model in BUILTINS else default_loss(data))
-    check_model_on_data(module, loss, data, f"--data {where['data']}")
-    return Problem(data, module, loss, flags["seed"], min(flags["eval_examples"], len(data.x)), where["data"])
+def problem_of(model: str, flags: dict[str, Any], out: Path) -> Problem:
+    """The engine, the data, the initial model (seeded, --init), the loss; one forward pass checks that they
+    fit. On onnxruntime the model is compiled once here, to check its graph and read the initial weights."""
+    engine = resolve_engine(model, flags["engine"])
+    if flags["init"] and is_onnx_model(model):
+        raise KronographError(f"--init {flags['init']} re-initialises a PyTorch module's layers and {model} is an "
+                              "ONNX file, which starts from its own weights; drop --init")
+    settings = with_data_defaults(model, dict(flags))
+    source = load_source(model, settings, init=lambda module: initialise(module, flags["init"]))
+    initial = source.compile(engine).state_dict() if engine == "onnxruntime" else None
+    return Problem(source, engine, flags["seed"], min(flags["eval_examples"], len(source.data.x)), settings["data"],
+                   out / ONNXRUNTIME, initial)
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KronographError(f"cannot create --out {out} ({error.strerror}); choose another folder") from None
 
 
 @click.command(help="Compare optimizers on MODEL from the same initial weights and batches, each with the same "
                     "budget (optimizer time: evaluation is not charged); writes table.md, results.json, "
-                    "loss_vs_time.png and loss_vs_iterations.png to --out DIR. MODEL is package.module:factory or a "
-                    f"built-in: {', '.join(BUILTINS)}. For autoencoders (sigmoid_cross_entropy) the reconstruction "
-                    "error (the papers' figure) is reported too. The K-FAC paper's set-up (sec 13): kronograph bench "
-                    "mnist-autoencoder --optimizers kfac,sgd --batch-size 500 --option kfac.batch_schedule=exp "
-                    "--option weight_decay=1e-5 --average 0.99")
+                    "loss_vs_time.png and loss_vs_iterations.png to --out DIR. MODEL is an .onnx file (run on "
+                    "onnxruntime-training), package.module:factory or a built-in: " + ", ".join(BUILTINS) + ". For "
+                    "autoencoders (sigmoid_cross_entropy) the reconstruction error (the papers' figure) is reported "
+                    "too. The K-FAC paper's set-up (sec 13): kronograph bench mnist-autoencoder --optimizers kfac,sgd "
+                    "--batch-size 500 --option kfac.batch_schedule=exp --option weight_decay=1e-5 --average 0.99")
 @click.argument("model")
 @click.option("--optimizers", default="kfac,adam,sgd", show_default=True,
               help=f"Comma-separated optimizers to compare: {', '.join(OPTIMIZERS)}.")
@@ -159,6 +167,7 @@ def problem_of(model: str, flags: dict[str, Any]) -> Problem:
 @_shared("batch_size")
 @_shared("seed")
 @_shared("valid_fraction")
+@_shared("engine")
 @click.option("--batch-schedule", type=click.Choice(["fixed", "exp"]), default="fixed", show_default=True,
               help="fixed: --batch-size every step; exp: the paper's m_k = min(m_1 exp((k-1)/b), |S|) (sec 13).")
 @click.option("--batch-start", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -169,8 +178,8 @@ def problem_of(model: str, flags: dict[str, Any]) -> Problem:
               help="Iterate averaging avg = xi avg + (1 - xi) theta with this xi (the paper's 0.99; 0: off); the "
                    "reported loss is then the smaller of the current and the averaged parameters'.")
 @click.option("--init", type=click.Choice(INITS), default=None,
-              help="Initial weights: sparse (Martens 2010, Linear layers) or default (PyTorch's) [default: the "
-                   "model's own; the built-in autoencoder's is sparse].")
+              help="Initial weights of a PyTorch module: sparse (Martens 2010, Linear layers) or default (PyTorch's) "
+                   "[default: the model's own; the built-in autoencoder's is sparse].")
 @click.option("--eval-examples", type=click.IntRange(min=1), default=10000, show_default=True,
               help="The loss is evaluated on the first N training examples, about 20 times per optimizer.")
 @click.option("--target-loss", type=float, default=None,
@@ -182,27 +191,29 @@ def bench(ctx: click.Context, model: str, **flags: Any) -> None:
     runs, budget, out = contenders(ctx, flags), budget_of(flags), bench_dir(flags["out"])
     if flags["threads"]:
         torch.set_num_threads(flags["threads"])
-    problem = problem_of(model, flags)
-    built = {c.name: problem.fresh(c) for c in runs}  # an optimizer that refuses its options does so before any run
-    click.echo(f"bench {model}: {', '.join(built)} on {problem.name} ({len(problem.data.x)} examples), "
-               f"{budget.describe()} each -> {out}", err=True)
-    sgd = next((c for c in runs if c.name == "sgd"), Contender("sgd", resolve_options("sgd"), flags["batch_size"]))
-    sgd_seconds = sgd_step_seconds(problem, sgd)
-    results = {c.name: {"options": c.options, "batch": {key: getattr(c, key) for key in PER_RUN},
-                        **run(problem, c, budget, built.pop(c.name))} for c in runs}
+    problem = problem_of(model, flags, out)
+    with removed_on_failure(out, resumed=False):
+        if problem.engine == "onnxruntime":
+            _make_dir(out)  # the engines' artifacts go there
+        built = {c.name: problem.fresh(c) for c in runs}  # an optimizer that refuses its options does so before any run
+        click.echo(f"bench {model}: {', '.join(built)} on {problem.name} ({len(problem.data.x)} examples), "
+                   f"{budget.describe()} each, engine {problem.engine} -> {out}", err=True)
+        sgd = next((c for c in runs if c.name == "sgd"), Contender("sgd", resolve_options("sgd"), flags["batch_size"]))
+        sgd_seconds = sgd_step_seconds(problem, sgd)
+        results = {c.name: {"options": c.options, "batch": {key: getattr(c, key) for key in PER_RUN},
+                            **run(problem, c, budget, built.pop(c.name))} for c in runs}
+        shutil.rmtree(out / ONNXRUNTIME, ignore_errors=True)
     target = summarise(results, budget, sgd_seconds, flags["target_loss"])
     caption = (f"kronograph bench {model}: {problem.name} ({len(problem.data.x)} training examples), loss "
                f"{problem.loss} on the first {problem.eval_examples}, {budget.describe()} per optimizer; SGD step "
-               f"{1000 * sgd_seconds:.1f} ms at batch {sgd.batch_size}, {torch.get_num_threads()} threads")
+               f"{1000 * sgd_seconds:.1f} ms at batch {sgd.batch_size}, {torch.get_num_threads()} threads, engine "
+               f"{problem.engine}")
     about = {"model": model, "data": problem.name, "loss": problem.loss, "examples": len(problem.data.x),
              "eval_examples": problem.eval_examples, "budget": {"seconds": budget.seconds, "steps": budget.steps},
              "seed": flags["seed"], "threads": torch.get_num_threads(), "sgd_step_seconds": sgd_seconds,
-             "sgd_batch_size": sgd.batch_size, "title": f"{model} on {problem.name}",
+             "sgd_batch_size": sgd.batch_size, "engine": problem.engine, "title": f"{model} on {problem.name}",
              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise KronographError(f"cannot create --out {out} ({error.strerror}); choose another folder") from None
+    _make_dir(out)
     write(out, caption, results, target, about)
     click.echo(f"{caption}\n\n{table(results, target)}\n")
     click.echo("wrote " + ", ".join(str(out / name) for name in FILES))

@@ -3,7 +3,10 @@ time or step budget, and the loss evaluated at about 20 points on a fixed subset
 
 Only the optimizer is timed: fetching the batch, ``step`` and the iterate average's update. Evaluation,
 compiling and building the optimizer are not charged. Every run starts from ``copy.deepcopy`` of one
-module built once (seeded), with torch's generator reseeded, so the runs differ only in the optimizer.
+module built once (seeded), with torch's generator reseeded, so the runs differ only in the optimizer. On
+the onnxruntime engine every run compiles the model again into an engine of its own (artifacts in
+``Problem.workdir/<optimizer>``), set to the initial weights read once; its evaluations (the iterate
+average's too) run the engine's inference graph.
 """
 
 from __future__ import annotations
@@ -14,16 +17,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-import kronograph
 from kronograph.cli.builtins import sparse_init_
 from kronograph.cli.optimizers import Optimizer, make_optimizer
+from kronograph.cli.prepare import Source, engine_forward
 from kronograph.cli.train_data import ScheduledOrder, TrainData, batch_schedule, evaluate_many
 from kronograph.runtime.losses import get_loss
+
+if TYPE_CHECKING:
+    from kronograph.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    #: What a run trains: the module (torch engine), or the engine holding the weights (onnxruntime).
+    Trained = torch.nn.Module | OnnxRuntimeEngine
 
 PROBES = 20  # evaluations per run, besides the one before the first step
 EVAL_BATCH = 4096  # examples per forward pass of an evaluation
@@ -110,16 +120,37 @@ class IterateAverage:
         return self._copy
 
 
+class EngineAverage:
+    """IterateAverage of the onnxruntime engine's weights (``engine.parameters()``, copies); ``module()`` is
+    the engine's inference graph at the average, for evaluation: the engine's own weights are left alone."""
+
+    def __init__(self, engine: OnnxRuntimeEngine, xi: float) -> None:
+        self.xi = xi
+        self._engine = engine
+        self._average = {name: torch.from_numpy(value) for name, value in engine.parameters().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, current in self._engine.parameters().items():
+            self._average[name].mul_(self.xi).add_(torch.from_numpy(current), alpha=1 - self.xi)
+
+    def module(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return engine_forward(self._engine, self._average)
+
+
 @dataclass
 class Problem:
-    """The shared part of every run: the data, the initial module (never trained), the loss, the seed."""
+    """The shared part of every run: the data, the initial model (never trained) and the loss (``source``),
+    the engine, the seed. On onnxruntime, ``initial`` holds the initial weights by ONNX name and each run's
+    engine writes its artifacts in ``workdir/<its name>``."""
 
-    data: TrainData
-    module: torch.nn.Module
-    loss: str
+    source: Source
+    engine: str
     seed: int
     eval_examples: int
     name: str  # the data set's name or file, as given
+    workdir: Path | None = None
+    initial: dict[str, torch.Tensor] | None = None
     figures: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,22 +158,37 @@ class Problem:
         if self.loss == "sigmoid_cross_entropy":
             self.figures["reconstruction"] = reconstruction_error
 
+    @property
+    def data(self) -> TrainData:
+        return self.source.data
+
+    @property
+    def loss(self) -> str:
+        return self.source.loss
+
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.data.x[index]
         return x, (x if self.data.task == "autoencoder" else self.data.y[index])
 
-    def fresh(self, contender: Contender) -> tuple[torch.nn.Module, Optimizer]:
-        """A copy of the initial module, compiled, with the contender's optimizer; torch reseeded."""
+    def fresh(self, contender: Contender, folder: str | None = None) -> tuple[Trained, Optimizer]:
+        """A copy of the initial model, compiled, with the contender's optimizer; torch reseeded. On
+        onnxruntime: an engine of its own in ``workdir/folder`` (default: the contender's name), set to the
+        initial weights."""
         torch.manual_seed(self.seed)
-        module = copy.deepcopy(self.module)
-        compiled = kronograph.compile(module, example_inputs=(self.data.x[:2],), loss=self.loss)
-        return module, make_optimizer(contender.name, compiled, contender.options, seed=self.seed)
+        module = None if self.source.onnx_file else copy.deepcopy(self.source.model)
+        compiled = self.source.compile(self.engine, module)
+        if compiled.engine == "torch":
+            return module, make_optimizer(contender.name, compiled, contender.options, seed=self.seed)
+        engine = self.source.open_engine(compiled, self.workdir / (folder or contender.name))
+        engine.set_parameters({name: self.initial[name] for name in engine.trainable})  # before the optimizer
+        return engine, make_optimizer(contender.name, compiled, contender.options, seed=self.seed)
 
-    def evaluate(self, module: torch.nn.Module, average: IterateAverage | None) -> dict[str, float]:
+    def evaluate(self, model: Trained, average: IterateAverage | EngineAverage | None) -> dict[str, float]:
         """The figures on the first ``eval_examples`` training examples; with averaging, those of the current
         and of the averaged parameters and, as the paper reports, the smaller of the two."""
         x, y = self.data.x[:self.eval_examples], self.data.y[:self.eval_examples]
-        current = evaluate_many(module, self.figures, x, y, EVAL_BATCH)
+        live = model if isinstance(model, torch.nn.Module) else engine_forward(model)
+        current = evaluate_many(live, self.figures, x, y, EVAL_BATCH)
         if average is None:
             return current
         averaged = evaluate_many(average.module(), self.figures, x, y, EVAL_BATCH)
@@ -157,17 +203,18 @@ def _smaller(a: float, b: float) -> float:
 
 
 def run(problem: Problem, contender: Contender, budget: Budget,
-        built: tuple[torch.nn.Module, Optimizer] | None = None) -> dict[str, Any]:
+        built: tuple[Trained, Optimizer] | None = None) -> dict[str, Any]:
     """Train a fresh copy (``built``: from ``problem.fresh(contender)``) until the budget is spent. Returns
     {"steps", "seconds", "examples", "curve"}: the curve holds the evaluations (step, time, examples,
     batch_size, batch_loss, and the figures), the first before any step, the last at the end."""
-    module, optimizer = built or problem.fresh(contender)
+    model, optimizer = built or problem.fresh(contender)
     torch.manual_seed(problem.seed)
     order = ScheduledOrder(len(problem.data.x), contender.sizes(len(problem.data.x)), problem.seed)
-    average = IterateAverage(module, contender.average) if contender.average else None
+    averaging = IterateAverage if isinstance(model, torch.nn.Module) else EngineAverage
+    average = averaging(model, contender.average) if contender.average else None
     steps, seconds, examples, size, info, probed = 0, 0.0, 0, order.size(0), {"loss": math.nan}, 0
     curve = [{"step": 0, "time": 0.0, "examples": 0, "batch_size": size, "batch_loss": None,
-              **problem.evaluate(module, average)}]
+              **problem.evaluate(model, average)}]
     bar = _bar(contender.name, budget)
     try:
         while budget.progress(steps, seconds) < 1:
@@ -184,7 +231,7 @@ def run(problem: Problem, contender: Contender, budget: Budget,
             if math.floor(budget.progress(steps, seconds) * PROBES) > probed:
                 probed = math.floor(budget.progress(steps, seconds) * PROBES)
                 curve.append({"step": steps, "time": seconds, "examples": examples, "batch_size": size,
-                              "batch_loss": info["loss"], **problem.evaluate(module, average)})
+                              "batch_loss": info["loss"], **problem.evaluate(model, average)})
     finally:
         bar.close()
     return {"steps": steps, "seconds": seconds, "examples": examples, "curve": curve}
@@ -200,7 +247,7 @@ def _bar(name: str, budget: Budget) -> tqdm:
 def sgd_step_seconds(problem: Problem, sgd: Contender, warmup: int = 2, steps: int = 20, limit: float = 3.0) -> float:
     """Seconds of one SGD step (batch fetch included) on a copy of the initial model at ``sgd.batch_size``:
     the mean of up to ``steps`` timed steps (at most ``limit`` seconds) after ``warmup`` untimed ones."""
-    _, optimizer = problem.fresh(sgd)
+    _, optimizer = problem.fresh(sgd, folder=f"{sgd.name}-timing")
     order = ScheduledOrder(len(problem.data.x), lambda step: sgd.batch_size, problem.seed)
     timed, spent = 0, 0.0
     for step in range(warmup + steps):

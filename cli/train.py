@@ -1,31 +1,30 @@
 """`kronograph train`: train a model on data with K-FAC, SGD or Adam, with a log, checkpoints and plots.
 
 Order of work, so that bad input costs nothing and writes nothing: settings (flags, --config, a resumed
-run's own), data, model, a forward pass on two examples, compile, optimizer, checkpoint; only then is the
-run folder created. The onnxruntime engine (an .onnx MODEL, or --engine onnxruntime) writes its training
-artifacts to DIR/onnxruntime/ and its forward pass on two examples runs there, so it comes after the folder
-is made; a failure removes what it wrote. A run is a pure function of its settings: --seed seeds torch
-before the model is built, the optimizer's generator, and the data order (train_data.DataOrder); a
-checkpoint holds the weights (``CompiledModel.state_dict``: the module's, or the engine's by ONNX names),
-the optimizer state and torch's RNG, so a resumed run writes the same metrics as one never interrupted.
+run's own), data, model, a forward pass on two examples, compile (these in prepare.py, shared with bench),
+optimizer, checkpoint; only then is the run folder created. The onnxruntime engine (an .onnx MODEL, or
+--engine onnxruntime) writes its training artifacts to DIR/onnxruntime/ and its forward pass on two examples
+runs there, so it comes after the folder is made; a failure removes what it wrote. A run is a pure function
+of its settings: --seed seeds torch before the model is built, the optimizer's generator, and the data order
+(train_data.DataOrder); a checkpoint holds the weights (``CompiledModel.state_dict``: the module's, or the
+engine's by ONNX names), the optimizer state and torch's RNG, so a resumed run writes the same metrics as
+one never interrupted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,38 +32,18 @@ import kronograph
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.checkpoint import (atomic_write, check_same_model, load_checkpoint, rng_state, save_checkpoint,
                                        save_weights, set_rng_state)
-from kronograph.cli.models import is_onnx_model, onnx_input_rows, resolve_model
+from kronograph.cli.models import is_onnx_model
 from kronograph.cli.optimizers import OPTION_KEYS, Optimizer, make_optimizer
 from kronograph.cli.events import TensorBoard, check_tensorboard
 from kronograph.cli.plots import METRICS, json_value, plot_metrics, read_metrics
+from kronograph.cli.prepare import (ONNXRUNTIME, engine_forward, load_source, removed_on_failure, resolve_engine,
+                                    with_data_defaults)
 from kronograph.cli.settings import DEFAULT_STEPS, given_settings, new_run_settings, resumed_settings, train_options
-from kronograph.cli.train_data import (BUILTIN_DATA, DataOrder, TrainData, cast_inputs, check_forward_on_data,
-                                       check_model_on_data, default_loss, evaluate, prepare_data)
+from kronograph.cli.train_data import DataOrder, TrainData, evaluate
 from kronograph.errors import KronographError
 
 _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped")
 _BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ"}
-#: The onnxruntime engine's training artifacts, inside the run folder (rebuilt when the run resumes).
-ONNXRUNTIME = "onnxruntime"
-
-
-def resolve_engine(model: str, engine: str | None) -> str:
-    """The engine a run trains on, checked before anything loads: an .onnx file runs on onnxruntime only,
-    a module on torch unless --engine onnxruntime."""
-    onnx_file = is_onnx_model(model)
-    if onnx_file and not Path(model).is_file():
-        raise KronographError(f"model file not found: {model}; give an existing .onnx path")
-    if onnx_file and engine == "torch":
-        raise KronographError(f"{model} is an ONNX file, which trains on the onnxruntime engine only; drop --engine "
-                              "torch, or give the PyTorch module as package.module:factory")
-    chosen = engine or ("onnxruntime" if onnx_file else "torch")
-    if chosen == "onnxruntime":
-        try:
-            import onnxruntime.training.api  # noqa: F401
-        except ImportError:
-            raise KronographError("the onnxruntime engine needs onnxruntime-training; install it with `pip install "
-                                  "onnxruntime-training`, or train a PyTorch module with --engine torch") from None
-    return chosen
 
 
 def _new_run_dir(model: str, out: Path | None) -> Path:
@@ -125,7 +104,7 @@ class _Run:
         """What the validation loss is computed from: the module, or the engine's inference graph."""
         if self.compiled.engine == "torch":
             return self.compiled.module
-        return _engine_forward(self.compiled.onnxruntime())
+        return engine_forward(self.compiled.onnxruntime())
 
     def valid_loss(self) -> float:
         valid_x, valid_y = self.validation()
@@ -168,36 +147,12 @@ def _settings(ctx: click.Context, model: str, flags: dict[str, Any]) -> tuple[di
     return settings, resume, (weights, state)
 
 
-def with_data_defaults(model: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """A built-in model's own data set and target when none are given."""
-    data, target = BUILTIN_DATA.get(model, (None, None))
-    if settings["data"] is None:
-        if data is None:
-            raise KronographError(f"{model} needs --data: an .npz/.npy/.csv file or a data set name (mnist, digits, ...)")
-        settings["data"] = data
-    if settings["target"] is None:
-        settings["target"] = target
-    return settings
-
-
 def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tuple | None) -> _Run:
     """Data, model (seeded), one forward pass on two examples, compile, optimizer, and the checkpoint's state."""
-    seed, where = int(settings["seed"]), f"--data {settings['data']}"
-    onnx_file = is_onnx_model(model)
-    data = prepare_data(model, settings["data"], settings["input"], settings["target"], settings["input_shape"],
-                        settings["valid_fraction"], model_rows=onnx_input_rows(model) if onnx_file else None)
-    torch.manual_seed(seed)  # before the model is built: its initialisation is part of the run
-    if onnx_file:
-        settings["loss"] = settings["loss"] or default_loss(data)
-        compiled = kronograph.compile(model, loss=settings["loss"])
-    else:
-        resolved = resolve_model(model, (",".join(map(str, (2, *data.row_shape))),))
-        settings["loss"] = settings["loss"] or (resolved.default_loss if model in BUILTINS else default_loss(data))
-        check_model_on_data(resolved.model, settings["loss"], data, where)
-        compiled = kronograph.compile(resolved.model, example_inputs=(data.x[:2],), loss=settings["loss"],
-                                      engine=settings["engine"])
-    if compiled.engine == "onnxruntime":
-        cast_inputs(data, _graph_input(compiled, model, onnx_file))
+    seed = int(settings["seed"])
+    source = load_source(model, settings)
+    settings["loss"], data = source.loss, source.data
+    compiled = source.compile(settings["engine"])
     order = DataOrder(len(data.x), settings["batch_size"], seed)
     settings["steps"] = settings["steps"] or (settings["epochs"] * order.per_epoch if settings["epochs"] else DEFAULT_STEPS)
     start, elapsed = 0, 0.0
@@ -212,14 +167,11 @@ def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tupl
             raise KronographError(f"the run in {run_dir} is at step {start}, beyond --steps {settings['steps']}; "
                                   "give a larger --steps")
     engine = None
-    with _removed_on_failure(run_dir, resumed=checkpoint is not None):
+    with removed_on_failure(run_dir, resumed=checkpoint is not None):
         if compiled.engine == "onnxruntime":
             workdir = run_dir / ONNXRUNTIME
             shutil.rmtree(workdir, ignore_errors=True)  # a resumed run's artifacts are rebuilt from the graph
-            engine = compiled.onnxruntime(workdir)
-            fix = (f"give data whose examples fit its input {_input_text(compiled)}, or set --input-shape"
-                   if onnx_file else "give data that fits the model, or train it with --engine torch")
-            check_forward_on_data(_engine_forward(engine), settings["loss"], data, where, fix)
+            engine = source.open_engine(compiled, workdir)
         if checkpoint is not None:  # before the optimizer: the onnxruntime adapter copies the weights when built
             if engine is None:
                 compiled.module.load_state_dict(weights)
@@ -230,54 +182,6 @@ def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tupl
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
     return _Run(model, settings, run_dir, data, compiled, optimizer, order, start, elapsed)
-
-
-def _engine_forward(engine: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The onnxruntime engine's inference graph as a function of one input batch."""
-    return lambda x: torch.from_numpy(engine.forward([x.numpy()]))
-
-
-def _graph_input(compiled: kronograph.CompiledModel, model: str, onnx_file: bool) -> torch.dtype:
-    """Check that the graph has one data input taking batches of any size (training feeds subsets and
-    partial batches); return its dtype, the one the data is cast to."""
-    inputs = list(compiled.graph.graph.inputs)
-    if len(inputs) != 1:
-        names = ", ".join(repr(value.name) for value in inputs)
-        raise KronographError(f"{model} takes {len(inputs)} inputs ({names}) but train feeds one (--input); "
-                              "train it from Python with kronograph.optim.KFAC")
-    value = inputs[0]
-    shape = value.shape
-    if shape is not None and len(shape) and isinstance(shape[0], int):
-        fix = (f"export it again with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={{{value.name!r}: "
-               "{0: 'batch'}}))" if onnx_file else "train it with --engine torch")
-        raise KronographError(f"{model}: the input {value.name!r} has a fixed batch size of {shape[0]} but training "
-                              f"feeds batches of other sizes; {fix}")
-    try:
-        return torch.from_numpy(np.zeros(0, dtype=value.dtype.numpy())).dtype
-    except (AttributeError, TypeError):  # no dtype recorded, or one numpy and torch do not share
-        return torch.float32
-
-
-def _input_text(compiled: kronograph.CompiledModel) -> str:
-    """'x' of shape [N, 6]: the graph's data input as a user reads it (N for a free axis)."""
-    value = compiled.graph.graph.inputs[0]
-    if value.shape is None:
-        return repr(value.name)
-    return f"{value.name!r} of shape [{', '.join(str(d) if isinstance(d, int) else 'N' for d in value.shape)}]"
-
-
-@contextlib.contextmanager
-def _removed_on_failure(run_dir: Path, resumed: bool) -> Iterator[None]:
-    """What a new run wrote before it failed (the folders it created, or the engine's artifacts) is removed."""
-    created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
-    try:
-        yield
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        elif not resumed:
-            shutil.rmtree(run_dir / ONNXRUNTIME, ignore_errors=True)
-        raise
 
 
 def _open_run_dir(run: _Run) -> None:

@@ -205,17 +205,20 @@ class ScheduledOrder(DataOrder):
             self._step, self._offset = self._step + 1, self._offset + size
 
 
-def evaluate_many(module: torch.nn.Module, figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+def evaluate_many(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+                  figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
                   x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Means over (x, y) of per-example ``figures(outputs, targets)``, from one pass in eval mode, without
-    gradients, in batches; draws no random numbers."""
-    was_training = module.training
-    module.eval()
+    """Means over (x, y) of per-example ``figures(outputs, targets)``, without gradients, in batches: of a
+    module in eval mode, or of any forward function (the onnxruntime engine's); draws no random numbers."""
+    if not isinstance(model, torch.nn.Module):
+        return evaluate_forward(model, figures, x, y, batch_size)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            return evaluate_forward(module, figures, x, y, batch_size)
+            return evaluate_forward(model, figures, x, y, batch_size)
     finally:
-        module.train(was_training)
+        model.train(was_training)
 
 
 def evaluate_forward(forward: Callable[[torch.Tensor], torch.Tensor],
@@ -233,9 +236,5 @@ def evaluate_forward(forward: Callable[[torch.Tensor], torch.Tensor],
 
 def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], loss_name: str, x: torch.Tensor,
              y: torch.Tensor, batch_size: int) -> float:
-    """Mean loss on (x, y) without gradients, in batches (a module in eval mode, or any forward function);
-    draws no random numbers."""
-    figures = {"loss": get_loss(loss_name).per_example}
-    if isinstance(model, torch.nn.Module):
-        return evaluate_many(model, figures, x, y, batch_size)["loss"]
-    return evaluate_forward(model, figures, x, y, batch_size)["loss"]
+    """Mean loss on (x, y) (``evaluate_many``)."""
+    return evaluate_many(model, {"loss": get_loss(loss_name).per_example}, x, y, batch_size)["loss"]
