@@ -1,7 +1,8 @@
-"""BatchNormalization and Dropout in the forms that onnxruntime-training can differentiate.
+"""BatchNormalization, LayerNormalization and Dropout in the forms onnxruntime-training can differentiate.
 
-Exporters write both in their one-output inference forms; onnxruntime-training's gradient builder needs
-batch norm in training mode (its saved statistics) and Dropout with its mask output.
+Exporters write them in their one-output inference forms; onnxruntime-training's gradient builder needs
+batch norm in training mode (its saved statistics), layer norm with its mean and inverse-deviation
+outputs, and Dropout with its mask output.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _fresh_name(base: str, taken: set[str]) -> str:
 
 
 def training_mode_outputs(proto: onnx.ModelProto) -> None:
-    """Give BatchNormalization and Dropout the outputs their onnxruntime gradients read, in place.
+    """Give BatchNormalization, LayerNormalization and Dropout the outputs their onnxruntime gradients read,
+    in place.
 
     onnxruntime-training differentiates BatchNormalization only in training mode (it replaces the node by
     com.microsoft.BatchNormInternal, whose saved mean and inverse deviation the gradient reads), and
@@ -35,7 +37,8 @@ def training_mode_outputs(proto: onnx.ModelProto) -> None:
     builder fails (``GradientBuilderBase::O ... i < node_->OutputDefs().size()``). Inference-form batch
     norms are switched to training mode; the running-mean and running-variance outputs that mode
     requires get fresh names and stay unused: the graph's running statistics are not updated by
-    training on onnxruntime (the eval model keeps using the stored ones). Dropout gets a mask output.
+    training on onnxruntime (the eval model keeps using the stored ones). Dropout gets a mask output and
+    LayerNormalization its optional Mean and InvStdDev outputs (the same values in inference).
     """
     taken = {name for node in proto.graph.node for name in (*node.input, *node.output)}
     taken |= {v.name for v in (*proto.graph.input, *proto.graph.output)}
@@ -44,6 +47,9 @@ def training_mode_outputs(proto: onnx.ModelProto) -> None:
             continue
         if node.op_type == "Dropout":
             node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.mask", taken))
+        if node.op_type == "LayerNormalization":
+            for stat in ("mean", "inv_std_dev"):
+                node.output.append(_fresh_name(f"{node.output[0]}.{TAP_PREFIX}.{stat}", taken))
         if node.op_type != "BatchNormalization":
             continue
         modes = [attr for attr in node.attribute if attr.name == "training_mode"]

@@ -118,6 +118,23 @@ def test_tridiagonal_kfac_parity(tmp_path):
     assert_same_weights(cm_onnx, module)
 
 
+def test_unmatched_parameters_follow_torch(tmp_path):
+    """A layer norm's weight and bias have no Kronecker block: their -grad direction gets its own coefficient
+    in the quadratic model on both engines."""
+    def with_layer_norm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (6,)
+
+    cm_torch, module, cm_onnx, shape = both(with_layer_norm, tmp_path)
+    assert cm_onnx.unmatched == ["1.weight", "1.bias"]
+    schedule = dict(damping=1.0, damping_every=2, gamma_every=3, inverse_every=3, seed=0)
+    torch_opt, onnx_opt = kronograph.optim.KFAC(cm_torch, **schedule), kronograph.optim.KFAC(cm_onnx, **schedule)
+    for step, (x, y) in enumerate(batches(shape, count=8, n=16)):
+        expected, got = torch_opt.step(x, y), onnx_opt.step(x.numpy(), y.numpy())
+        for key in ("loss", "alpha", "unmatched_scale", "mu"):
+            np.testing.assert_allclose(got[key], expected[key], rtol=2e-3, atol=1e-4, err_msg=f"{key}, step {step}")
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_cross_entropy", "mse"])
 @pytest.mark.parametrize("factory", [mlp, convnet], ids=["mlp", "conv"])
 def test_fisher_products_by_differences_match_forward_mode(factory, loss, tmp_path):

@@ -191,6 +191,20 @@ def test_batch_norm_trains_with_batch_statistics(tmp_path):
     np.testing.assert_allclose(evaluated[0], eval_loss, rtol=RTOL)
 
 
+def test_layer_norm_gets_its_statistics_outputs(tmp_path):
+    """LayerNormalization as exporters write it (one output) has no gradient in onnxruntime-training until it
+    gets its Mean and InvStdDev outputs; its weight and bias train (unmatched) and the taps stay exact."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), np.array([0, 2, 1, 1, 0])
+    cm = kronograph.compile(model, example_inputs=(x,), loss="cross_entropy")
+    art, outputs, grads = train_step(cm, "cross_entropy", x.numpy(), y, tmp_path)
+    check_identity(cm, art, outputs, grads)
+    torch.nn.functional.cross_entropy(model(x), torch.from_numpy(y)).backward()
+    for name in ("1.weight", "1.bias"):
+        np.testing.assert_allclose(grads[name], dict(model.named_parameters())[name].grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_gets_its_mask(tmp_path):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
