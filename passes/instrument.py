@@ -59,7 +59,12 @@ from onnx import helper
 from kronograph.errors import KronographError
 from kronograph.passes.ort_loss import loss_block, quiet_graph_builder
 from kronograph.passes.plan import LayerPlan
-from kronograph.passes.training_forms import TAP_PREFIX, batch_norm_eval_outputs, training_mode_outputs
+from kronograph.passes.training_forms import (
+    TAP_PREFIX,
+    batch_norm_eval_outputs,
+    castlike_as_cast,
+    training_mode_outputs,
+)
 
 __all__ = [
     "LOSS_TYPES",
@@ -193,6 +198,7 @@ def _tapped_model(model: ir.Model, plan: LayerPlan, taps: dict) -> tuple[onnx.Mo
         proto.graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/tap"))
         proto.graph.output.append(_value_info(name, values.get(source)))
     training_mode_outputs(proto)
+    castlike_as_cast(proto, {name: int(v.dtype) for name, v in values.items() if v.dtype is not None})
     if proto.ir_version > ORT_MAX_IR_VERSION:
         proto.ir_version = ORT_MAX_IR_VERSION
     return proto, output

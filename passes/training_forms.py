@@ -1,12 +1,14 @@
-"""BatchNormalization, LayerNormalization and Dropout in the forms onnxruntime-training can differentiate.
+"""BatchNormalization, LayerNormalization, Dropout and CastLike in forms onnxruntime-training can differentiate.
 
-Exporters write them in their one-output inference forms; onnxruntime-training's gradient builder needs
-batch norm in training mode (its saved statistics), layer norm with its mean and inverse-deviation
-outputs, and Dropout with its mask output.
+Exporters write the first three in their one-output inference forms; onnxruntime-training's gradient
+builder needs batch norm in training mode (its saved statistics), layer norm with its mean and
+inverse-deviation outputs, and Dropout with its mask output. CastLike (torch.export writes it for the
+attention scale) has no gradient builder at all; a Cast to the known dtype is the same op.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -80,3 +82,26 @@ def batch_norm_eval_outputs(path: Path) -> None:
             changed = True
     if changed:
         onnx.save(model, str(path))
+
+
+def castlike_as_cast(proto: onnx.ModelProto, dtypes: Mapping[str, int]) -> None:
+    """Replace CastLike(x, like) by Cast(x, to=dtype of like) where that dtype is known, in place.
+
+    onnxruntime-training has no gradient builder for CastLike, and needs one whenever ``like`` depends
+    on a trained weight (the attention scale cast like the queries), although only its dtype is read.
+    ``dtypes`` (value name -> onnx elem type) is completed by onnx's type inference where it is silent.
+    """
+    nodes = [n for n in proto.graph.node if n.op_type == "CastLike" and is_default_domain(n)]
+    if any(dtypes.get(n.input[1]) is None for n in nodes):
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        known = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        dtypes = {**{v.name: v.type.tensor_type.elem_type for v in known if v.type.tensor_type.elem_type},
+                  **{i.name: i.data_type for i in proto.graph.initializer}, **dtypes}
+    for node in nodes:
+        to = dtypes.get(node.input[1])
+        if to is None:
+            continue
+        node.op_type = "Cast"
+        del node.input[1:]
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("to", int(to)))

@@ -44,9 +44,14 @@ class SiteRows:
 
 def _select(x: torch.Tensor, batch_size: int, index: torch.Tensor | None) -> torch.Tensor:
     """Keep the examples in ``index`` of a tensor whose dim 0 is batch_size examples (or a multiple of it:
-    a flattened batch-major [batch_size * T, ...]); checks the split even without an index."""
+    a flattened batch-major [batch_size * T, ...]), or, when dim 0 does not split that way, whose dim 1 is
+    (sequence-first [T, batch_size, ...], as attention's projections see their input); checks the split
+    even without an index. A sequence-first tensor whose T is a multiple of the batch size is read as
+    batch-major: only which rows a subset ``index`` keeps differs, not the factors of the whole batch."""
     if x.dim() < 2 and batch_size == 1:
         return x
+    if x.dim() >= 3 and x.shape[0] % batch_size and x.shape[1] == batch_size:
+        return x if index is None else x[:, index]
     if x.dim() == 0 or x.shape[0] % batch_size:
         raise CaptureError(f"a captured tensor of shape {tuple(x.shape)} is not split into {batch_size} examples")
     if index is None:

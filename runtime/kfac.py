@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
 from kronograph.runtime.engines.torch import TorchEngine
 from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt, lm_omega
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
-from kronograph.runtime.inverse import all_finite
+from kronograph.runtime.inverse import StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.statistics import (
     ema_decay,
@@ -237,6 +238,17 @@ class KFAC:
         """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
         self.stats_updates += 1
         self.curvature.fold(records, batch_size, ema_decay(self.stats_updates, self.ema_decay), index, grad_scale)
+        if self.stats_updates == 1:
+            unseen = [name for name in self.blocks if not records.get(name)]
+            if unseen:
+                warnings.warn(
+                    f"K-FAC: the layers {unseen} of the plan were not seen in the forward pass (called inside a "
+                    "function that dispatches on its own, such as nn.MultiheadAttention's, or not called); they "
+                    "have no curvature and take the plain gradient direction. compile(..., engine='onnxruntime') "
+                    "sees them in the graph",
+                    StatisticsWarning,
+                    stacklevel=3,
+                )
 
     def _gradient(self, inputs, y, statistics: bool = False) -> tuple[float, float, Direction]:
         """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same

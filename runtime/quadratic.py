@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kronograph.runtime.losses import Loss
 
@@ -45,7 +46,10 @@ def output_tangents(
         torch.stack([d.get(name, torch.zeros_like(value)).to(value.dtype) for d in directions])
         for name, value in zip(names, primals)
     )
-    outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent))(*stacked)
+    # The fused attention kernels have no forward-mode derivative on CPU; the math one is made of
+    # differentiable ops (same values up to rounding).
+    with sdpa_kernel(SDPBackend.MATH):
+        outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent))(*stacked)
     return outputs[0].detach(), list(output_tangents.detach().unbind(0))
 
 

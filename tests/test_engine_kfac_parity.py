@@ -230,3 +230,36 @@ def test_an_onnx_file_from_another_framework_trains_with_the_paper_kfac(tmp_path
     logits = session.run(None, {"x": x.numpy()})[0]
     final = float(get_loss("cross_entropy")(torch.from_numpy(logits), y))
     assert final < 0.5 * first
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def test_a_transformer_layer_trains_on_onnxruntime_and_the_torch_engine_says_what_it_cannot_see(tmp_path):
+    """nn.MultiheadAttention runs its projections inside F.multi_head_attention_forward, which the torch
+    engine's capture cannot look into (it warns); in the graph they are plain layers with taps."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 7, 16)
+    y = (x[..., :5] + x[..., 5:10]).argmax(-1)  # a learnable rule per position
+    cm_torch = kronograph.compile(_Encoder(), example_inputs=(x[:4],))
+    names = [layer.name for layer in cm_torch.layers]
+    assert {"enc.self_attn.in_proj", "enc.self_attn.out_proj"} <= set(names)
+    with pytest.warns(RuntimeWarning, match="self_attn.in_proj"):
+        kronograph.optim.KFAC(cm_torch, damping=1.0, seed=0).step(x, y)
+
+    torch.manual_seed(0)
+    cm_onnx = kronograph.compile(_Encoder(), example_inputs=(x[:4],), engine="onnxruntime")
+    cm_onnx.onnxruntime(tmp_path / "artifacts")
+    opt = kronograph.optim.KFAC(cm_onnx, damping=1.0, seed=0)
+    first = opt.step(x.numpy(), y.numpy())["loss"]
+    assert all(block.a is not None for block in opt.blocks.values())  # the attention projections included
+    for _ in range(15):
+        last = opt.step(x.numpy(), y.numpy())
+    assert "skipped" not in last and last["loss"] < 0.7 * first, (first, last["loss"])
