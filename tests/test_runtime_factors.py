@@ -305,3 +305,20 @@ def test_block_update_equals_the_ema_of_batch_factors_and_refuses_bad_rows() -> 
         with pytest.warns(RuntimeWarning, match="non-finite statistics"):
             assert not block.update(cap.records["l1"], batch_size=5, decay=0.5)
         assert torch.equal(block.a, a) and torch.equal(block.g, g)
+
+
+def test_sequence_first_inputs_give_the_factors_of_their_examples() -> None:
+    """Attention projections see [T, n, d]: the same rows as [n, T, d], and a subset keeps whole examples."""
+    from kronograph.runtime.capture import SiteRecord
+
+    gen = torch.Generator().manual_seed(9)
+    a, g = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64), torch.randn(5, 3, 2, generator=gen, dtype=torch.float64)
+    layer = linear_layer("l", "w", "b", (2, 4))
+    index = torch.tensor([0, 2])
+    seq_first = [SiteRecord("l", 0, a, None, g=g)]
+    batch_first = [SiteRecord("l", 0, a.transpose(0, 1).contiguous(), None, g=g.transpose(0, 1).contiguous())]
+    for chosen in (None, index):
+        got = batch_factors(layer, seq_first, batch_size=3, index=chosen, dtype=torch.float64)
+        want = batch_factors(layer, batch_first, batch_size=3, index=chosen, dtype=torch.float64)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
