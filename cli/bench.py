@@ -25,7 +25,7 @@ from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.models import is_onnx_model
 from kronograph.cli.optimizers import OPTIMIZERS, OPTIONS, resolve_options
 from kronograph.cli.prepare import ONNXRUNTIME, load_source, removed_on_failure, resolve_engine, with_data_defaults
-from kronograph.cli.settings import RUN_OPTIONS, flag
+from kronograph.cli.settings import AVERAGE, RUN_OPTIONS, flag
 from kronograph.errors import KronographError
 
 DEFAULT_SECONDS = 60.0
@@ -40,10 +40,11 @@ _OPTION_HELP = (
 )
 
 
-def _shared(key: str) -> Callable:
-    """A flag of `kronograph train` (settings.RUN_OPTIONS) with the same type, default and help."""
-    kind, default, text = RUN_OPTIONS[key]
-    return click.option(flag(key), key, type=kind, default=default, show_default=default is not None, help=text)
+def _shared(key: str, text: str | None = None) -> Callable:
+    """A flag of `kronograph train` (settings.RUN_OPTIONS) with the same type, default and help (or ``text``)."""
+    kind, default, shared = RUN_OPTIONS[key]
+    return click.option(flag(key), key, type=kind, default=default, show_default=default is not None,
+                        help=text or shared)
 
 
 def _names(text: str) -> list[str]:
@@ -168,15 +169,10 @@ def _make_dir(out: Path) -> None:
 @_shared("seed")
 @_shared("valid_fraction")
 @_shared("engine")
-@click.option("--batch-schedule", type=click.Choice(["fixed", "exp"]), default="fixed", show_default=True,
-              help="fixed: --batch-size every step; exp: the paper's m_k = min(m_1 exp((k-1)/b), |S|) (sec 13).")
-@click.option("--batch-start", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="m_1 of --batch-schedule exp.")
-@click.option("--batch-growth", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="b of --batch-schedule exp [default: so that m_500 = |S|, the paper's].")
-@click.option("--average", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Iterate averaging avg = xi avg + (1 - xi) theta with this xi (the paper's 0.99; 0: off); the "
-                   "reported loss is then the smaller of the current and the averaged parameters'.")
+@_shared("batch_schedule")
+@_shared("batch_start")
+@_shared("batch_growth")
+@_shared("average", AVERAGE + "; the reported loss is then the smaller of the current and the averaged parameters'.")
 @click.option("--init", type=click.Choice(INITS), default=None,
               help="Initial weights of a PyTorch module: sparse (Martens 2010, Linear layers) or default (PyTorch's) "
                    "[default: the model's own; the built-in autoencoder's is sparse].")

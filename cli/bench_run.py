@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from kronograph.cli.averaging import EngineAverage, IterateAverage, iterate_average
 from kronograph.cli.builtins import sparse_init_
 from kronograph.cli.optimizers import Optimizer, make_optimizer
 from kronograph.cli.prepare import Source, engine_forward
@@ -97,47 +98,6 @@ def initialise(module: torch.nn.Module, init: str | None) -> torch.nn.Module:
     return module
 
 
-class IterateAverage:
-    """The paper's (sec 13) exponentially decayed iterate average: avg <- xi avg + (1 - xi) theta after every
-    step, starting from the initial parameters. ``module()`` is a copy holding the average (and the live
-    module's buffers), for evaluation."""
-
-    def __init__(self, module: torch.nn.Module, xi: float) -> None:
-        self.xi = xi
-        self._live = module
-        self._copy = copy.deepcopy(module)
-        self._pairs = list(zip(self._copy.parameters(), module.parameters()))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for average, current in self._pairs:
-            average.mul_(self.xi).add_(current.detach(), alpha=1 - self.xi)
-
-    @torch.no_grad()
-    def module(self) -> torch.nn.Module:
-        for mine, theirs in zip(self._copy.buffers(), self._live.buffers()):
-            mine.copy_(theirs)
-        return self._copy
-
-
-class EngineAverage:
-    """IterateAverage of the onnxruntime engine's weights (``engine.parameters()``, copies); ``module()`` is
-    the engine's inference graph at the average, for evaluation: the engine's own weights are left alone."""
-
-    def __init__(self, engine: OnnxRuntimeEngine, xi: float) -> None:
-        self.xi = xi
-        self._engine = engine
-        self._average = {name: torch.from_numpy(value) for name, value in engine.parameters().items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for name, current in self._engine.parameters().items():
-            self._average[name].mul_(self.xi).add_(torch.from_numpy(current), alpha=1 - self.xi)
-
-    def module(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return engine_forward(self._engine, self._average)
-
-
 @dataclass
 class Problem:
     """The shared part of every run: the data, the initial model (never trained) and the loss (``source``),
@@ -210,8 +170,7 @@ def run(problem: Problem, contender: Contender, budget: Budget,
     model, optimizer = built or problem.fresh(contender)
     torch.manual_seed(problem.seed)
     order = ScheduledOrder(len(problem.data.x), contender.sizes(len(problem.data.x)), problem.seed)
-    averaging = IterateAverage if isinstance(model, torch.nn.Module) else EngineAverage
-    average = averaging(model, contender.average) if contender.average else None
+    average = iterate_average(model, contender.average)
     steps, seconds, examples, size, info, probed = 0, 0.0, 0, order.size(0), {"loss": math.nan}, 0
     curve = [{"step": 0, "time": 0.0, "examples": 0, "batch_size": size, "batch_loss": None,
               **problem.evaluate(model, average)}]

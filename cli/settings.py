@@ -3,8 +3,8 @@
 Precedence: defaults < --config file < command-line flags. Every flag's default is None in click, so that
 "given" is a fact (click's parameter source), not a guess from a value. A resumed run takes its settings
 from its checkpoint: the flags that define the run (data, model loss, optimizer and its options, batch
-size, seed, ...) may be repeated but not changed; only the length of the run and the bookkeeping
-(--steps/--epochs, --checkpoint-every, --eval-every, --eval-examples) may differ.
+size and schedule, --average, seed, ...) may be repeated but not changed; only the length of the run and
+the bookkeeping (--steps/--epochs, --checkpoint-every, --eval-every, --eval-examples) may differ.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from kronograph.errors import KronographError
 
 _PATH = click.Path(path_type=Path)
 DEFAULT_STEPS = 500
+#: What --average means, in train and in bench; each command says what it does with the average.
+AVERAGE = "Iterate averaging avg = xi avg + (1 - xi) theta after every step with this xi (the paper's 0.99; 0: off)"
 #: key: (click type, default, help). The optimizer's own options come from optimizers.OPTIONS.
 RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "data": (str, None, "A data set name (mnist, fashion-mnist, digits, synthetic-...) or an .npz/.npy/.csv file "
@@ -38,7 +40,15 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                            "(onnxruntime-training; an .onnx MODEL runs only there) [default: torch for "
                                            "a module, onnxruntime for an .onnx file]."),
     "optimizer": (click.Choice(OPTIMIZERS), "kfac", "kfac (the paper's algorithm), sgd (Nesterov momentum) or adam."),
-    "batch_size": (click.IntRange(min=1), 512, "Examples per step."),
+    "batch_size": (click.IntRange(min=1), 512, "Examples per step (--batch-schedule fixed)."),
+    "batch_schedule": (click.Choice(["fixed", "exp"]), "fixed", "fixed: --batch-size every step; exp: the paper's "
+                                                               "m_k = min(m_1 exp((k-1)/b), |S|) (sec 13)."),
+    "batch_start": (click.IntRange(min=1), 1000, "m_1 of --batch-schedule exp."),
+    "batch_growth": (click.FloatRange(min=0, min_open=True), None,
+                     "b of --batch-schedule exp [default: so that m_500 = |S|, the paper's]."),
+    "average": (click.FloatRange(0, 1, max_open=True), 0.0, AVERAGE + "; metrics.jsonl then also has valid_loss_average "
+                "(the average's validation loss) and model.onnx and model.safetensors hold the averaged weights "
+                "(the checkpoint keeps the current ones)."),
     "steps": (click.IntRange(min=1), None, f"Total steps of the run, {DEFAULT_STEPS} unless --epochs (a resumed run counts the steps already done)."),
     "epochs": (click.IntRange(min=1), None, "Total passes over the training set instead of --steps."),
     "seed": (int, 0, "Fixes the data order, the initialisation and the optimizer's sampling."),
@@ -51,8 +61,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tensorboard": (_PATH, None, "Also write the metrics as TensorBoard events to this folder (needs the tensorboard package)."),
 }
 #: The settings that define a run: a resumed run must keep them.
-RUN_KEYS = ("data", "input", "target", "input_shape", "loss", "engine", "optimizer", "batch_size", "seed",
-            "valid_fraction", *OPTION_KEYS)
+RUN_KEYS = ("data", "input", "target", "input_shape", "loss", "engine", "optimizer", "batch_size", "batch_schedule",
+            "batch_start", "batch_growth", "average", "seed", "valid_fraction", *OPTION_KEYS)
+#: Settings that only --batch-schedule exp reads.
+_EXP_KEYS = ("batch_start", "batch_growth")
 
 
 def flag(key: str) -> str:
@@ -124,11 +136,19 @@ def _check_steps(settings: dict[str, Any]) -> None:
         raise KronographError("--steps and --epochs both given; the run's length is one or the other")
 
 
+def _check_schedule(given: dict[str, Any], schedule: str) -> None:
+    """--batch-start and --batch-growth shape the exp schedule: given without it, they would be ignored."""
+    for key in _EXP_KEYS:
+        if key in given and schedule != "exp":
+            raise KronographError(f"{flag(key)} applies to --batch-schedule exp; add --batch-schedule exp or drop it")
+
+
 def new_run_settings(given: dict[str, Any]) -> dict[str, Any]:
     """A new run's settings: the defaults, the given ones, the optimizer's resolved options."""
     settings = {key: default for key, (_, default, _) in RUN_OPTIONS.items()}
     settings.update(given)
     _check_steps(given)
+    _check_schedule(given, settings["batch_schedule"])
     options = resolve_options(settings["optimizer"], {key: given.get(key) for key in OPTION_KEYS})
     settings.update({key: options.get(key) for key in OPTION_KEYS})
     return settings
@@ -137,6 +157,7 @@ def new_run_settings(given: dict[str, Any]) -> dict[str, Any]:
 def resumed_settings(given: dict[str, Any], stored: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """A resumed run's settings: its own, with a new length and bookkeeping; a changed setting is an error."""
     _check_steps(given)
+    stored = {**{key: RUN_OPTIONS[key][1] for key in RUN_KEYS if key in RUN_OPTIONS}, **stored}  # older runs lack some
     for key in RUN_KEYS:
         if key not in given:
             continue

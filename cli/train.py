@@ -6,9 +6,11 @@ optimizer, checkpoint; only then is the run folder created. The onnxruntime engi
 --engine onnxruntime) writes its training artifacts to DIR/onnxruntime/ and its forward pass on two examples
 runs there, so it comes after the folder is made; a failure removes what it wrote. A run is a pure function
 of its settings: --seed seeds torch before the model is built, the optimizer's generator, and the data order
-(train_data.DataOrder); a checkpoint holds the weights (``CompiledModel.state_dict``: the module's, or the
-engine's by ONNX names), the optimizer state and torch's RNG, so a resumed run writes the same metrics as
-one never interrupted.
+(train_data.DataOrder, or ScheduledOrder for --batch-schedule exp); a checkpoint holds the weights
+(``CompiledModel.state_dict``: the module's, or the engine's by ONNX names), the optimizer state, the
+iterate average (--average) and torch's RNG, so a resumed run writes the same metrics as one never
+interrupted. The checkpoint keeps the current weights, which training continues from; the model written at
+the end (model.onnx, model.safetensors) is the averaged one when --average is on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import kronograph
+from kronograph.cli.averaging import EngineAverage, IterateAverage, iterate_average
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.checkpoint import (atomic_write, check_same_model, load_checkpoint, rng_state, save_checkpoint,
                                        save_weights, set_rng_state)
@@ -39,7 +42,7 @@ from kronograph.cli.plots import METRICS, json_value, plot_metrics, read_metrics
 from kronograph.cli.prepare import (ONNXRUNTIME, engine_forward, load_source, removed_on_failure, resolve_engine,
                                     with_data_defaults)
 from kronograph.cli.settings import DEFAULT_STEPS, given_settings, new_run_settings, resumed_settings, train_options
-from kronograph.cli.train_data import DataOrder, TrainData, evaluate
+from kronograph.cli.train_data import DataOrder, ScheduledOrder, TrainData, batch_schedule, evaluate
 from kronograph.errors import KronographError
 
 _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped")
@@ -97,6 +100,7 @@ class _Run:
     compiled: kronograph.CompiledModel
     optimizer: Optimizer
     order: DataOrder
+    average: IterateAverage | EngineAverage | None = None
     start: int = 0
     elapsed: float = 0.0
 
@@ -110,6 +114,15 @@ class _Run:
         valid_x, valid_y = self.validation()
         return evaluate(self.forward(), self.settings["loss"], valid_x, valid_y, self.order.batch_size)
 
+    def valid_losses(self) -> dict[str, float]:
+        """The validation loss, and with --average the averaged weights' too."""
+        losses = {"valid_loss": self.valid_loss()}
+        if self.average is not None:
+            valid_x, valid_y = self.validation()
+            losses["valid_loss_average"] = evaluate(self.average.module(), self.settings["loss"], valid_x, valid_y,
+                                                    self.order.batch_size)
+        return losses
+
     def settings_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.settings.items()}
 
@@ -122,6 +135,7 @@ class _Run:
         save_checkpoint(self.run_dir, self.compiled.state_dict(), {
             "step": step, "time": seconds, "settings": self.settings_json(), "model": self.model,
             "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
             "data": {"epoch": epoch, "batch": batch, "batches_per_epoch": self.order.per_epoch, "examples": self.order.n},
         })
 
@@ -153,8 +167,8 @@ def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tupl
     source = load_source(model, settings)
     settings["loss"], data = source.loss, source.data
     compiled = source.compile(settings["engine"])
-    order = DataOrder(len(data.x), settings["batch_size"], seed)
-    settings["steps"] = settings["steps"] or (settings["epochs"] * order.per_epoch if settings["epochs"] else DEFAULT_STEPS)
+    order = _order(len(data.x), settings)
+    settings["steps"] = settings["steps"] or (order.epoch_start(settings["epochs"]) if settings["epochs"] else DEFAULT_STEPS)
     start, elapsed = 0, 0.0
     if checkpoint is not None:
         weights, state = checkpoint
@@ -178,10 +192,29 @@ def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tupl
             else:
                 engine.set_parameters({name: weights[name] for name in engine.trainable})
         optimizer = make_optimizer(settings["optimizer"], compiled, {k: settings[k] for k in OPTION_KEYS}, seed=seed)
+        average = iterate_average(compiled.module if engine is None else engine, settings["average"])
         if checkpoint is not None:
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
-    return _Run(model, settings, run_dir, data, compiled, optimizer, order, start, elapsed)
+            if average is not None:
+                average.load_state_dict(state["average"])
+    return _Run(model, settings, run_dir, data, compiled, optimizer, order, average, start, elapsed)
+
+
+def _order(n: int, settings: dict[str, Any]) -> DataOrder:
+    """The batches of the run: --batch-size every step, or the sizes of --batch-schedule exp."""
+    if settings["batch_schedule"] == "fixed":
+        return DataOrder(n, settings["batch_size"], int(settings["seed"]))
+    sizes = batch_schedule(settings["batch_schedule"], settings["batch_size"], n, settings["batch_start"],
+                           settings["batch_growth"])
+    return ScheduledOrder(n, sizes, int(settings["seed"]))
+
+
+def _batch_text(run: _Run, steps: int) -> str:
+    """The batch size, or how it grows over the run's ``steps``."""
+    if run.settings["batch_schedule"] == "fixed":
+        return f"batch {run.order.batch_size}"
+    return f"batch {run.order.size(0)} growing to {run.order.size(max(0, steps - 1))} (exp)"
 
 
 def _open_run_dir(run: _Run) -> None:
@@ -200,7 +233,10 @@ def _open_run_dir(run: _Run) -> None:
 
 @click.command(help="Train MODEL on data (K-FAC by default) with a progress bar, metrics.jsonl, checkpoints, "
                     "plots and the trained model.onnx in --out DIR. MODEL is an .onnx file (trained on "
-                    "onnxruntime-training), package.module:factory or a built-in: " + ", ".join(BUILTINS) + ".")
+                    "onnxruntime-training), package.module:factory or a built-in: " + ", ".join(BUILTINS) + ". "
+                    "With --average XI the model written at the end (model.onnx, model.safetensors) is the iterate "
+                    "average, not the last step's weights. The K-FAC paper's set-up (sec 13): kronograph train "
+                    "mnist-autoencoder --batch-schedule exp --weight-decay 1e-5 --average 0.99")
 @click.argument("model")
 @train_options
 @click.pass_context
@@ -211,8 +247,8 @@ def train(ctx: click.Context, model: str, **flags: Any) -> None:
     _open_run_dir(run)
     total = settings["steps"]
     span = f"steps {run.start + 1}..{total}" if run.start < total else f"nothing: it already has its {total} steps"
-    click.echo(f"training {model} with {settings['optimizer']} on {settings['data']} ({run.order.n} examples, batch "
-               f"{run.order.batch_size}), {span} -> {run_dir}", err=True)
+    click.echo(f"training {model} with {settings['optimizer']} on {settings['data']} ({run.order.n} examples, "
+               f"{_batch_text(run, total)}), {span} -> {run_dir}", err=True)
     _loop(run)
     _finish(run)
 
@@ -221,7 +257,7 @@ def _loop(run: _Run) -> None:
     """Steps start+1..total: one metrics line each, validation and checkpoints on schedule, Ctrl-C handled."""
     settings, order, data = run.settings, run.order, run.data
     total, every, eval_every = settings["steps"], settings["checkpoint_every"], settings["eval_every"]
-    step, saved, in_step, began = run.start, run.start, False, time.perf_counter()
+    step, saved, in_step, began, examples = run.start, run.start, False, time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc=settings["optimizer"], unit="step", file=sys.stderr,
                disable=None, dynamic_ncols=True)
     board = TensorBoard(settings.get("tensorboard"))
@@ -234,17 +270,20 @@ def _loop(run: _Run) -> None:
                 tick = time.perf_counter()
                 in_step = True
                 info = run.optimizer.step(x, y)
-                in_step, step = False, step + 1
+                if run.average is not None:
+                    run.average.update()
+                in_step, step, examples = False, step + 1, examples + len(index)
                 now = time.perf_counter()
                 record: dict[str, Any] = {"step": step, "loss": info["loss"], "time": run.elapsed + now - began,
-                                          "epoch": order.position(step - 1)[0], "step_time": now - tick}
+                                          "epoch": order.position(step - 1)[0], "batch_size": len(index),
+                                          "step_time": now - tick}
                 record.update({k: info[k] for k in _FIGURES if k in info})
                 if eval_every and step % eval_every == 0:
-                    record["valid_loss"] = run.valid_loss()
+                    record.update(run.valid_losses())
                 log.write(json.dumps({k: json_value(v) for k, v in record.items()}) + "\n")
                 log.flush()
                 board.write(record)
-                rate = (step - run.start) * order.batch_size / max(now - began, 1e-9)
+                rate = examples / max(now - began, 1e-9)
                 bar.set_postfix({"loss": f"{info['loss']:.4g}", "ex/s": f"{rate:.0f}",
                                  **{_BAR[k]: f"{info[k]:.3g}" for k in _BAR if k in info}}, refresh=False)
                 bar.update(1)
@@ -271,29 +310,37 @@ def _number(value: Any) -> str:
 
 
 def _finish(run: _Run) -> None:
-    """The trained model (safetensors and ONNX), the plots, and the summary table on stdout."""
+    """The trained model (safetensors and ONNX; with --average the averaged weights, copied into the model once
+    the last checkpoint holds the current ones), the plots, and the summary table on stdout."""
     settings, order, run_dir = run.settings, run.order, run.run_dir
+    valid = run.valid_losses()
+    if run.average is not None:
+        run.average.apply()
     save_weights(run_dir / "model.safetensors", run.compiled.state_dict())
     atomic_write(run_dir / "model.onnx", run.compiled.export_onnx)
     records = read_metrics(run_dir / METRICS)
     plot_metrics(records, run_dir, f"{run.model}: {settings['optimizer']} on {settings['data']}")
     valid_x, _ = run.validation()
-    valid = run.valid_loss()
     last = [r["loss"] for r in records[-10:] if r["loss"] is not None]
     step_time = sum(r.get("step_time") or 0.0 for r in records) / max(1, len(records))
+    batch = sum(r.get("batch_size") or order.batch_size for r in records) / max(1, len(records))
+    epochs = (settings["steps"] / order.per_epoch if settings["batch_schedule"] == "fixed"
+              else sum(order.size(step) for step in range(settings["steps"])) / order.n)
     rows = [
         ("run", str(run_dir)),
         ("model", f"{run.model} ({len(run.compiled.layers)} Kronecker-factored layers, loss {settings['loss']}, "
                   f"engine {run.compiled.engine})"),
         ("optimizer", settings["optimizer"]),
         ("data", f"{settings['data']} ({order.n} training examples, {len(valid_x)} for validation)"),
-        ("steps", f"{settings['steps']} (batch {order.batch_size}, {settings['steps'] / order.per_epoch:.2f} epochs)"),
+        ("steps", f"{settings['steps']} ({_batch_text(run, settings['steps'])}, {epochs:.2f} epochs)"),
         ("time", f"{records[-1]['time'] if records else 0.0:.1f} s ({step_time:.3f} s/step, "
-                 f"{order.batch_size / max(step_time, 1e-9):.0f} examples/s)"),
+                 f"{batch / max(step_time, 1e-9):.0f} examples/s)"),
         ("loss", f"{_number(records[0]['loss'])} at step 1 -> {_number(records[-1]['loss'])} at step "
                  f"{records[-1]['step']} (mean of the last {len(last)}: {_number(sum(last) / len(last) if last else None)})"
          if records else "-"),
-        ("valid loss", _number(valid)),
+        ("valid loss", _number(valid["valid_loss"])),
+        *([("valid loss, average", f"{_number(valid['valid_loss_average'])} (xi {settings['average']}: the written "
+                                    "model)")] if "valid_loss_average" in valid else []),
         ("files", "metrics.jsonl, loss_vs_step.png, loss_vs_time.png, model.onnx, model.safetensors, checkpoint/"
                   + (f", {ONNXRUNTIME}/" if run.compiled.engine == "onnxruntime" else "")),
     ]

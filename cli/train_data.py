@@ -164,6 +164,13 @@ class DataOrder:
         epoch, index = self.position(step)
         return torch.from_numpy(self.permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size])
 
+    def size(self, step: int) -> int:  # noqa: ARG002 - every batch has the same size
+        return self.batch_size
+
+    def epoch_start(self, epoch: int) -> int:
+        """The first step of ``epoch``: the length of a run of that many epochs (--epochs)."""
+        return epoch * self.per_epoch
+
 
 def batch_schedule(kind: str, batch_size: int, n: int, start: int = 1000, growth: float | None = None
                    ) -> Callable[[int], int]:
@@ -188,21 +195,37 @@ class ScheduledOrder(DataOrder):
     def __init__(self, n: int, sizes: Callable[[int], int], seed: int) -> None:
         super().__init__(n, max(1, sizes(0)), seed)
         self.sizes = sizes
-        self._step, self._at, self._offset = 0, 0, 0  # batch self._step starts at self._offset of epoch self._at
+        # batch self._step is batch self._batch of epoch self._at and starts at self._offset of it
+        self._step, self._at, self._batch, self._offset = 0, 0, 0, 0
 
     def size(self, step: int) -> int:
         return max(1, min(self.sizes(step), self.n))
 
-    def indices(self, step: int) -> torch.Tensor:
+    def _walk(self, step: int) -> int:
+        """Move the cached walk to batch ``step`` (from the start when it lies behind); return its size."""
         if step < self._step:
-            self._step, self._at, self._offset = 0, 0, 0
+            self._step, self._at, self._batch, self._offset = 0, 0, 0, 0
         while True:
             size = self.size(self._step)
             if self._offset + size > self.n:
-                self._at, self._offset = self._at + 1, 0
+                self._at, self._batch, self._offset = self._at + 1, 0, 0
             if self._step == step:
-                return torch.from_numpy(self.permutation(self._at)[self._offset:self._offset + size])
-            self._step, self._offset = self._step + 1, self._offset + size
+                return size
+            self._step, self._batch, self._offset = self._step + 1, self._batch + 1, self._offset + size
+
+    def indices(self, step: int) -> torch.Tensor:
+        size = self._walk(step)
+        return torch.from_numpy(self.permutation(self._at)[self._offset:self._offset + size])
+
+    def position(self, step: int) -> tuple[int, int]:
+        self._walk(step)
+        return self._at, self._batch
+
+    def epoch_start(self, epoch: int) -> int:
+        step = 0
+        while self.position(step)[0] < epoch:
+            step += 1
+        return step
 
 
 def evaluate_many(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from kronograph.cli.bench_report import reach, value_at
-from kronograph.cli.bench_run import IterateAverage
+from kronograph.cli.averaging import IterateAverage
 from kronograph.cli.main import main
 from kronograph.cli.train_data import DataOrder, ScheduledOrder, batch_schedule
 

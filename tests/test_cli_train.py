@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import factories
+from kronograph.cli import train as train_module
 from kronograph.cli.checkpoint import load_checkpoint, save_checkpoint
 from kronograph.cli.main import main
 from kronograph.runtime.kfac import KFAC
@@ -27,6 +29,8 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 MODEL = "factories:tiny_classifier"
 PNG = b"\x89PNG\r\n\x1a\n"
+#: The paper's set-up (sec 13) at the tiny data's scale: batches of 8 growing e-fold every 2 steps, xi 0.9.
+PAPER = ("--batch-schedule", "exp", "--batch-start", "8", "--batch-growth", "2", "--average", "0.9")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,20 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path, optim
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_resume_with_growing_batches_and_averaging_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path):
+    common = (*PAPER, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train("--steps", "7", "--out", str(whole), *common).exit_code == 0
+    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
+    result = train("--resume", str(parts), "--steps", "7")
+    assert result.exit_code == 0, result.output
+    assert without_time(metrics(parts)) == without_time(metrics(whole))
+    assert "valid_loss_average" in metrics(parts)[5] and metrics(parts)[6]["batch_size"] > metrics(parts)[3]["batch_size"]
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):  # the averaged model and the current weights
+        a, b = load_file(str(whole / name)), load_file(str(parts / name))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
 def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(train, tmp_path, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train("--steps", "6", "--eval-every", "2", "--out", str(whole)).exit_code == 0
@@ -133,16 +151,70 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(train, tmp_path, 
     assert without_time(metrics(cut)) == without_time(metrics(whole))
 
 
-def test_config_file_with_a_flag_overriding_it(train, tmp_path):
-    config = tmp_path / "run.toml"
-    config.write_text('optimizer = "sgd"\nlr = 0.05\nmomentum = 0.5\nsteps = 5\nbatch_size = 16\n')
-    out = tmp_path / "run"
-    result = train("--config", str(config), "--steps", "3", "--out", str(out))
+def run_with_config(train, tmp_path: Path, text: str, *args: str) -> tuple[object, Path, dict]:
+    """A run with a --config file of ``text`` and the flags ``args``: (click's result, its folder, run.json)."""
+    config, out = tmp_path / "run.toml", tmp_path / "run"
+    config.write_text(text)
+    result = train("--config", str(config), *args, "--out", str(out))
     assert result.exit_code == 0, result.output
+    return result, out, json.loads((out / "run.json").read_text())
+
+
+def test_config_file_with_a_flag_overriding_it(train, tmp_path):
+    _, out, settings = run_with_config(train, tmp_path, 'optimizer = "sgd"\nlr = 0.05\nmomentum = 0.5\nsteps = 5\n'
+                                       'batch_size = 16\n', "--steps", "3")
     assert len(metrics(out)) == 3  # the flag wins over the file
-    settings = json.loads((out / "run.json").read_text())
     assert (settings["optimizer"], settings["lr"], settings["momentum"], settings["steps"]) == ("sgd", 0.05, 0.5, 3)
     assert settings["batch_size"] == 32  # the flag again (the test's runner passes --batch-size 32)
+
+
+def test_exp_batch_schedule_sizes_every_step_and_comes_from_the_config_file(train, tmp_path):
+    result, out, settings = run_with_config(
+        train, tmp_path, 'batch_schedule = "exp"\nbatch_start = 8\nbatch_growth = 2.0\noptimizer = "sgd"\n', "--steps", "9")
+    expected = [min(180, round(8 * math.exp(k / 2))) for k in range(9)]  # 180 training examples
+    assert [r["batch_size"] for r in metrics(out)] == expected and expected[-1] == 180
+    assert [r["epoch"] for r in metrics(out)][-3:] == [2, 3, 4]  # a batch of the whole set is an epoch
+    assert (settings["batch_schedule"], settings["batch_start"], settings["batch_growth"]) == ("exp", 8, 2.0)
+    assert "batch 8 growing to 180" in result.stderr
+    fixed = tmp_path / "fixed"
+    assert train("--steps", "2", "--optimizer", "sgd", "--out", str(fixed)).exit_code == 0
+    assert [r["batch_size"] for r in metrics(fixed)] == [32, 32]
+    epochs = tmp_path / "epochs"  # --epochs 2: the steps before the schedule's batches start a third epoch
+    assert train("--epochs", "2", "--optimizer", "sgd", *PAPER[:6], "--out", str(epochs)).exit_code == 0
+    assert [r["epoch"] for r in metrics(epochs)] == [0, 0, 0, 0, 0, 1]  # 8+13+22+36+59 fit in 180, 97 not, nor 97+161
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "adam"])
+def test_averaging_writes_the_exponential_average_of_the_steps_weights(train, tmp_path, monkeypatch, optimizer):
+    steps, xi = [], 0.9
+    save = train_module.save_checkpoint
+
+    def recording(run_dir, weights, state):  # --checkpoint-every 1: the current weights after every step
+        steps.append({name: tensor.clone() for name, tensor in weights.items()})
+        return save(run_dir, weights, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", recording)
+    out = tmp_path / "run"
+    result = train("--optimizer", optimizer, *PAPER, "--steps", "6", "--eval-every", "3", "--checkpoint-every", "1",
+                   "--seed", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(2)  # the run's initial weights: its factory built after seeding torch
+    average = dict(factories.tiny_classifier().state_dict())
+    assert len(steps) == 6
+    for weights in steps:
+        average = {name: xi * average[name] + (1 - xi) * weights[name] for name in average}
+    written, current = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoint/model.safetensors"))
+    for name in average:
+        torch.testing.assert_close(written[name], average[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(current[name], steps[-1][name]) and not torch.allclose(current[name], written[name])
+    assert [r["step"] for r in metrics(out) if "valid_loss_average" in r] == [3, 6]
+    assert "valid loss, average" in result.stdout
+    module = factories.tiny_classifier()  # model.onnx computes what the averaged weights compute
+    module.load_state_dict(written)
+    x = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, module(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _write(path: Path, **arrays) -> Path:
@@ -165,6 +237,7 @@ def _bad_inputs(tmp: Path, data: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "unknown.toml").write_text("steps = 3\nlearning_rate = 0.1\n")
     (tmp / "bad-value.toml").write_text('batch_size = "many"\n')
     (tmp / "broken.toml").write_text("steps = = 3\n")
+    (tmp / "average.toml").write_text("average = 1.5\n")
     return {
         "missing data file": (["--data", str(tmp / "absent.npz")], "no such file"),
         "corrupt data file": (["--data", str(tmp / "garbage.npz")], "corrupt"),
@@ -188,6 +261,12 @@ def _bad_inputs(tmp: Path, data: Path) -> dict[str, tuple[list[str], str]]:
         "onnx file on the torch engine": (["--data", str(data), "--model-is-onnx", "--engine", "torch"],
                                           "trains on the onnxruntime engine only"),
         "no data for a factory": (["--steps", "2"], "needs --data"),
+        "average of 1": (["--data", str(data), "--average", "1"], "'--average': 1.0 is not in the range 0<=x<1"),
+        "unknown batch schedule": (["--data", str(data), "--batch-schedule", "linear"], "'linear' is not one of"),
+        "batch start without exp": (["--data", str(data), "--batch-start", "64"], "applies to --batch-schedule exp"),
+        "batch growth of 0": (["--data", str(data), "--batch-schedule", "exp", "--batch-growth", "0"], "range x>0"),
+        "average out of range in the config": (["--data", str(data), "--config", str(tmp / "average.toml")],
+                                               "average = 1.5"),
     }
 
 
@@ -213,6 +292,8 @@ def test_resume_refuses_another_model_a_changed_setting_and_a_corrupt_checkpoint
     cases = [
         (dict(model="factories:tiny_wide_classifier"), [], "from a different model: '0.weight' has shape [5, 6]"),
         ({}, ["--lr", "0.5"], "--lr 0.5 differs from the run"),
+        ({}, ["--average", "0.5"], "--average 0.5 differs from the run"),
+        ({}, ["--batch-schedule", "exp"], "--batch-schedule exp differs from the run"),
         ({}, ["--out", str(tmp_path / "elsewhere")], "continues in its own folder"),
         ({}, ["--steps", "1"], "at step 2, beyond --steps 1"),
     ]

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 import factories
 import kronograph
+from kronograph.cli import train as train_module
 from kronograph.cli.main import main
 from kronograph.cli.optimizers import make_optimizer
-from test_cli_train import PNG, TESTS, data, metrics, without_time  # noqa: F401 - data is a fixture
+from test_cli_train import PAPER, PNG, TESTS, data, metrics, without_time  # noqa: F401 - data is a fixture
 
 pytest.importorskip("onnxruntime.training.api")
 
@@ -114,6 +115,40 @@ def test_resume_of_an_onnxruntime_kfac_run_gives_the_metrics_of_an_uninterrupted
     assert any("rho" in r for r in metrics(parts)[3:])  # the adaptive damping ran after the resume point
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_growing_batches_and_averaging_on_onnxruntime_resume_exactly_and_write_the_average(train, tmp_path, onnx_model,
+                                                                                         monkeypatch):
+    steps, xi = [], 0.9
+    save = train_module.save_checkpoint
+
+    def recording(run_dir, weights, state):  # the current weights at every checkpoint
+        steps.append({name: tensor.clone() for name, tensor in weights.items()})
+        return save(run_dir, weights, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", recording)
+    common = (*PAPER, "--damping", "0.1", "--eval-every", "2", "--seed", "3")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train("--steps", "7", "--checkpoint-every", "1", "--out", str(whole), *common).exit_code == 0
+    assert train("--steps", "3", "--checkpoint-every", "3", "--out", str(parts), *common).exit_code == 0
+    result = train("--resume", str(parts), "--steps", "7")
+    assert result.exit_code == 0, result.output
+    assert without_time(metrics(parts)) == without_time(metrics(whole))
+    assert [r["batch_size"] for r in metrics(whole)] == [round(8 * math.exp(k / 2)) for k in range(7)]
+    assert [r["step"] for r in metrics(whole) if "valid_loss_average" in r] == [2, 4, 6]
+    written = load_file(str(whole / "model.safetensors"))
+    assert all(torch.equal(written[name], value) for name, value in load_file(str(parts / "model.safetensors")).items())
+    average = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy())
+               for t in onnx.load(str(onnx_model)).graph.initializer}
+    for weights in steps[:7]:  # the uninterrupted run's steps 1..7
+        average = {name: xi * value + (1 - xi) * weights[name] for name, value in average.items()}
+    for name, value in average.items():
+        torch.testing.assert_close(written[name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(written["0.weight"], steps[6]["0.weight"])  # not the last step's weights
+    session = onnxruntime.InferenceSession(str(whole / "model.onnx"))
+    x = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, _engine_output(onnx_model, written, x, tmp_path / "engine"), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_for_an_onnx_model_are_one_error_line_and_exit_2(train, tmp_path, onnx_model):
