@@ -7,6 +7,12 @@ argument *is* (identity) that layer's weight Parameter, or its transpose taken i
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. Outside ``with Capture(...)`` nothing is intercepted: the normal forward costs nothing.
 
+``F.multi_head_attention_forward`` (nn.MultiheadAttention, the Transformer layers) dispatches to the mode
+itself, which then no longer sees the F.linear calls inside it; Capture runs it as runtime/attention.py
+rebuilds it, recording the in- and out-projections like any F.linear (inputs batch-major [n, T, E]).
+Cases that module does not rebuild, and cross-attention whose packed in_proj_weight is a layer of the
+plan (torch projects with slices of it, which cannot be its sites), run torch's function unrecorded.
+
 Per site it records a (the op's input, detached, no copy; for addmm with alpha != 1 the input times
 alpha) and the output s; a tensor hook on s stores g = dLoss/ds when a backward pass reaches it (each
 backward that reaches s overwrites g: the last one wins), or ``gradients_from(loss)`` sets g without
@@ -39,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
+from kronograph.runtime import attention
 from kronograph.runtime.patches import call_geometry
 
 
@@ -143,6 +150,10 @@ class Capture(TorchFunctionMode):
     # -- interception -------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is attention.MULTI_HEAD_ATTENTION:
+            call = self._attention_call(args, kwargs)
+            if call is not None:
+                return attention.multi_head_attention(call, self._project)
         result = func(*args, **kwargs)
         if func in _LINEAR:  # F.linear(input, weight, bias): weight used as [out, in]
             self._linear(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), result, used_out_in=True)
@@ -154,6 +165,22 @@ class Capture(TorchFunctionMode):
             self._conv(args, kwargs, result)
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight[id(args[0])])
+        return result
+
+    def _attention_call(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        """The bound arguments of a multi-head attention call Capture can rebuild and record, else None."""
+        call = attention.bind(args, kwargs)
+        if call is None:
+            return None
+        sliced = attention.sliced_weight(call)
+        if sliced is not None and self._find(sliced)[0] is not None:
+            return None
+        return call
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear inside a handled call (the mode is off there, so it is recorded here, once)."""
+        result = torch.nn.functional.linear(x, weight, bias)
+        self._linear(x, weight, result, used_out_in=True)
         return result
 
     def _is_transpose(self, func: Callable, args: tuple, kwargs: dict) -> bool:

@@ -243,7 +243,8 @@ class KFAC:
             if unseen:
                 warnings.warn(
                     f"K-FAC: the layers {unseen} of the plan were not seen in the forward pass (called inside a "
-                    "function that dispatches on its own, such as nn.MultiheadAttention's, or not called); they "
+                    "function that dispatches on its own, such as nn.MultiheadAttention with bias_k/bias_v or "
+                    "add_zero_attn, or not called); they "
                     "have no curvature and take the plain gradient direction. compile(..., engine='onnxruntime') "
                     "sees them in the graph",
                     StatisticsWarning,
