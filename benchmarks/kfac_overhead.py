@@ -43,16 +43,37 @@ def fresh_model() -> torch.nn.Module:
     return DeepAutoencoder()
 
 
+def mnist_batches(size: int, count: int) -> tuple[list[torch.Tensor], str]:
+    """``count`` random batches of MNIST train images (uniform noise when MNIST is not installed)."""
+    try:
+        x, source = torch.from_numpy(load_dataset("mnist", "train").x), "MNIST train"
+    except KronographError:
+        x, source = torch.rand(10000, 784), "uniform noise (MNIST not installed)"
+    return batches(x, size, count), source
+
+
+def timed(step, data: list[torch.Tensor], warmup: int, on_start=None) -> float:
+    """Seconds per ``step(x)`` over the batches after the first ``warmup`` (``on_start()`` runs when the clock
+    starts)."""
+    for i, x in enumerate(data):
+        if i == warmup:
+            if on_start is not None:
+                on_start()
+            start = time.perf_counter()
+        step(x)
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
 def time_sgd(data: list[torch.Tensor], warmup: int) -> float:
     model = fresh_model()
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-    for i, x in enumerate(data):
-        if i == warmup:
-            start = time.perf_counter()
+
+    def step(x: torch.Tensor) -> None:
         sgd.zero_grad()
         loss_of(model, x).backward()
         sgd.step()
-    return (time.perf_counter() - start) / (len(data) - warmup)
+
+    return timed(step, data, warmup)
 
 
 def state_bytes(state) -> int:
@@ -70,13 +91,8 @@ def time_kronograph(data: list[torch.Tensor], warmup: int, settings: dict) -> tu
     optimizer = kronograph.optim.KFAC(
         kronograph.compile(model, (data[0][:8],), loss="sigmoid_cross_entropy"), seed=0, **settings
     )
-    for i, x in enumerate(data):
-        if i == warmup:
-            optimizer.timings.clear()
-            start = time.perf_counter()
-        optimizer.step(x, x)
+    per_step = timed(lambda x: optimizer.step(x, x), data, warmup, on_start=optimizer.timings.clear)
     steps = len(data) - warmup
-    per_step = (time.perf_counter() - start) / steps
     phases = {phase: seconds / steps for phase, seconds in optimizer.timings.items()}
     return per_step, phases, state_bytes(optimizer.state_dict())
 
@@ -90,14 +106,14 @@ def time_kfac_pytorch(data: list[torch.Tensor], warmup: int, method: str) -> flo
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     preconditioner = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=20, compute_method=method,
                                         damping=1e-3, lr=1e-3, loglevel=0)
-    for i, x in enumerate(data):
-        if i == warmup:
-            start = time.perf_counter()
+
+    def step(x: torch.Tensor) -> None:
         sgd.zero_grad()
         loss_of(model, x).backward()
         preconditioner.step()
         sgd.step()
-    return (time.perf_counter() - start) / (len(data) - warmup)
+
+    return timed(step, data, warmup)
 
 
 def main() -> None:
@@ -108,13 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        x = torch.from_numpy(load_dataset("mnist", "train").x)
-        source = "MNIST train"
-    except KronographError:
-        x = torch.rand(10000, 784)
-        source = "uniform noise (MNIST not installed)"
-    data = batches(x, args.batch, args.warmup + args.steps)
+    data, source = mnist_batches(args.batch, args.warmup + args.steps)
 
     sgd = time_sgd(data, args.warmup)
     rows = [("SGD (Nesterov)", sgd, {}, 0)]

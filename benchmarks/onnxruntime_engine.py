@@ -18,29 +18,16 @@ import argparse
 import dataclasses
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import kronograph
+from kfac_overhead import PEER, mnist_batches, timed  # the same workload and clock as the step-cost benchmark
 from kronograph.cli.builtins import DeepAutoencoder
-from kronograph.cli.datasets import load_dataset
 from kronograph.compiler.compiled import CompiledModel
-from kronograph.errors import KronographError
 from kronograph.runtime.engines import OnnxRuntimeEngine
 from kronograph.runtime.losses import get_loss
-
-PEER = dict(fisher="empirical", stats_fraction=1.0, stats_every=1, inverse_every=20, rescale=False,
-            momentum=0.9, lr=1e-3, factor_damping=1e-3)
-
-
-def timed(step, data: list[torch.Tensor], warmup: int) -> float:
-    for i, x in enumerate(data):
-        if i == warmup:
-            start = time.perf_counter()
-        step(x)
-    return (time.perf_counter() - start) / (len(data) - warmup)
 
 
 def compiled_pair(workdir: Path) -> tuple[CompiledModel, CompiledModel]:
@@ -60,13 +47,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        images = torch.from_numpy(load_dataset("mnist", "train").x)
-    except KronographError:
-        images = torch.rand(10000, 784)
-    generator = torch.Generator().manual_seed(0)
-    data = [images[torch.randint(0, len(images), (args.batch,), generator=generator)]
-            for _ in range(args.warmup + args.steps)]
+    data, source = mnist_batches(args.batch, args.warmup + args.steps)
     loss = get_loss("sigmoid_cross_entropy")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -93,7 +74,7 @@ def main() -> None:
             rows.append((name, timed(lambda x: on_torch.step(x, x), data, args.warmup), None,
                          timed(lambda x: on_onnx.step(x.numpy(), x.numpy()), data, args.warmup)))
 
-    print(f"batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"{source}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; {args.steps} steps after {args.warmup} warm-up steps\n")
     print("| what | torch engine ms | onnxruntime, no taps ms | onnxruntime ms | onnxruntime / torch |")
     print("| --- | ---: | ---: | ---: | ---: |")

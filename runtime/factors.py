@@ -234,11 +234,6 @@ def mirror_upper_(out: torch.Tensor, panels: int = 4) -> torch.Tensor:
     return out
 
 
-def symmetric_gram(rows: torch.Tensor) -> torch.Tensor:
-    """rows^T rows per group ([groups, r, d] -> [groups, d, d]), exactly symmetric."""
-    return accumulate_grams(None, [rows], 1.0, 0.0)
-
-
 def capture_gradient(
     layer: Layer, records: Sequence[SiteRecord], *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:

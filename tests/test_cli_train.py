@@ -100,16 +100,25 @@ def test_train_in_a_real_process(data, tmp_path):
     assert "run" in done.stdout and "Traceback" not in done.stderr
 
 
+def whole_and_resumed(train, tmp_path: Path, common: tuple, total: int, *, torn_log: bool = True) -> tuple[Path, Path]:
+    """Run folders of ``total`` steps in one go, and of the same settings stopped after 3 steps and resumed
+    to ``total``; with ``torn_log`` the stopped run's log also holds what a crash leaves: a step-4 line
+    written before its checkpoint and a torn line."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train("--steps", str(total), "--out", str(whole), *common).exit_code == 0
+    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
+    if torn_log:
+        with open(parts / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"step": 4, "loss": 0.0, "time": 9.0}) + '\n{"step": 5, "lo')
+    result = train("--resume", str(parts), "--steps", str(total))
+    assert result.exit_code == 0, result.output
+    return whole, parts
+
+
 @pytest.mark.parametrize("optimizer", ["kfac", "sgd"])
 def test_resume_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path, optimizer):
     common = ("--optimizer", optimizer, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train("--steps", "6", "--out", str(whole), *common).exit_code == 0
-    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
-    with open(parts / "metrics.jsonl", "a") as log:  # a crash after logging step 4, before its checkpoint
-        log.write(json.dumps({"step": 4, "loss": 0.0, "time": 9.0}) + '\n{"step": 5, "lo')
-    result = train("--resume", str(parts), "--steps", "6")
-    assert result.exit_code == 0, result.output
+    whole, parts = whole_and_resumed(train, tmp_path, common, 6)
     assert without_time(metrics(parts)) == without_time(metrics(whole))
     assert metrics(parts)[3]["time"] > metrics(parts)[2]["time"]  # time adds up across the resume
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
@@ -118,11 +127,7 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path, optim
 
 def test_resume_with_growing_batches_and_averaging_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path):
     common = (*PAPER, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train("--steps", "7", "--out", str(whole), *common).exit_code == 0
-    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
-    result = train("--resume", str(parts), "--steps", "7")
-    assert result.exit_code == 0, result.output
+    whole, parts = whole_and_resumed(train, tmp_path, common, 7, torn_log=False)
     assert without_time(metrics(parts)) == without_time(metrics(whole))
     assert "valid_loss_average" in metrics(parts)[5] and metrics(parts)[6]["batch_size"] > metrics(parts)[3]["batch_size"]
     for name in ("model.safetensors", "checkpoint/model.safetensors"):  # the averaged model and the current weights

@@ -21,7 +21,7 @@ import kronograph
 from kronograph.cli import train as train_module
 from kronograph.cli.main import main
 from kronograph.cli.optimizers import make_optimizer
-from test_cli_train import PAPER, PNG, TESTS, data, metrics, without_time  # noqa: F401 - data is a fixture
+from test_cli_train import PAPER, PNG, TESTS, data, metrics, whole_and_resumed, without_time  # noqa: F401 - data is a fixture
 
 pytest.importorskip("onnxruntime.training.api")
 
@@ -104,13 +104,7 @@ def test_engine_onnxruntime_on_a_factory_matches_the_torch_engine(train, tmp_pat
 
 def test_resume_of_an_onnxruntime_kfac_run_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path):
     common = ("--damping", "0.1", "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train("--steps", "7", "--out", str(whole), *common).exit_code == 0
-    assert train("--steps", "3", "--out", str(parts), *common).exit_code == 0
-    with open(parts / "metrics.jsonl", "a") as log:  # a crash after logging step 4, before its checkpoint
-        log.write(json.dumps({"step": 4, "loss": 0.0, "time": 9.0}) + '\n{"step": 5, "lo')
-    result = train("--resume", str(parts), "--steps", "7")
-    assert result.exit_code == 0, result.output
+    whole, parts = whole_and_resumed(train, tmp_path, common, 7)
     assert without_time(metrics(parts)) == without_time(metrics(whole))
     assert any("rho" in r for r in metrics(parts)[3:])  # the adaptive damping ran after the resume point
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
