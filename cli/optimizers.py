@@ -5,12 +5,11 @@
 ``kronograph.runtime.losses.get_loss``) on the batch before updating the module's parameters in place,
 and ``state_dict`` / ``load_state_dict`` hold everything an exact resume needs. The option table
 (``OPTIONS``) is the one source of the command-line flags, the config-file keys and the defaults; the
-K-FAC defaults are read from ``KFAC.__init__`` so that they stay the paper's.
+K-FAC defaults are read from its presets (runtime/presets.py): ``--preset`` picks the set, flags override it.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.kfac import KFAC, make_engine
 from kronograph.runtime.losses import get_loss
+from kronograph.runtime.presets import PRESETS
 
 
 class Optimizer(Protocol):
@@ -54,13 +54,20 @@ _K = ("kfac",)
 _POSITIVE_INT = click.IntRange(min=1)
 _FRACTION = click.FloatRange(min=0, max=1, min_open=True)
 OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("preset", click.Choice(sorted(PRESETS)),
+               "kfac: default (the first try: scale-free, safe) or paper (Martens & Grosse sec 13 exactly).", _K),
     OptionSpec("lr", click.FloatRange(min=0, min_open=True),
                "Learning rate (kfac: multiplies the re-scaled update; 1 is the paper's algorithm).",
                ("kfac", "sgd", "adam")),
     OptionSpec("momentum", str, "kfac: qmodel (sec 7), none, or a heavy-ball coefficient with --no-rescale; "
                "sgd: Nesterov momentum coefficient.", ("kfac", "sgd")),
     OptionSpec("weight_decay", click.FloatRange(min=0), "l2 coefficient eta of the objective.", ("kfac", "sgd", "adam")),
-    OptionSpec("damping", click.FloatRange(min=0), "Initial Tikhonov damping lambda.", _K),
+    OptionSpec("damping", click.FloatRange(min=0),
+               "Initial Tikhonov damping lambda (default preset: relative to the curvature's scale).", _K),
+    OptionSpec("relative_damping", click.FloatRange(min=0, min_open=True),
+               "Initial lambda / mean eigenvalue of the factored Fisher, when --damping is not given.", _K),
+    OptionSpec("reject_steps", bool, "Undo steps that make the objective much worse (default preset).", _K,
+               switch=True),
     OptionSpec("factor_damping", click.FloatRange(min=0, min_open=True),
                "Factored-Tikhonov strength gamma (None: sqrt(lambda + eta)).", _K),
     OptionSpec("ema_decay", click.FloatRange(min=0, max=1, max_open=True),
@@ -83,10 +90,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
 OPTION_KEYS = tuple(spec.key for spec in OPTIONS)
 
 
-def _kfac_defaults() -> dict[str, Any]:
-    """The paper's settings, as KFAC's own signature states them (one source of truth)."""
-    signature = inspect.signature(KFAC.__init__).parameters
-    return {spec.key: signature[spec.key].default for spec in OPTIONS if "kfac" in spec.applies}
+def _kfac_defaults(preset: str = "default") -> dict[str, Any]:
+    """A preset's settings, as runtime/presets.py states them (one source of truth)."""
+    settings = PRESETS[preset]
+    values = {spec.key: getattr(settings, spec.key) for spec in OPTIONS if "kfac" in spec.applies and spec.key != "preset"}
+    return {"preset": preset, **values}
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,7 +136,8 @@ def resolve_options(name: str, options: Mapping[str, Any] | None = None) -> dict
         if name not in specs[key].applies:
             users = " or ".join(specs[key].applies)
             raise KronographError(f"{specs[key].flag} applies to --optimizer {users}, not {name}; drop it")
-    resolved = {**DEFAULTS[name], **given}
+    defaults = _kfac_defaults(given.get("preset", "default")) if name == "kfac" else DEFAULTS[name]
+    resolved = {**defaults, **given}
     if name == "kfac" and not resolved["rescale"] and "momentum" not in given:
         resolved["momentum"] = "none"  # qmodel momentum needs re-scaling; plain K-FAC then has none
     if "momentum" in resolved:

@@ -24,3 +24,36 @@ def gamma_candidates(gamma: float, every: int) -> list[float]:
     """The three strengths tried every T2 steps: gamma, omega2 gamma and gamma / omega2, omega2 = sqrt(19/20)^T2."""
     omega2 = math.sqrt(19 / 20) ** every
     return [gamma, omega2 * gamma, gamma / omega2]
+
+
+def accelerated_levenberg_marquardt(damping: float, rho: float, omega: float, streak: int, cap: int,
+                                    minimum: float = 0.0) -> tuple[float, int]:
+    """The LM rule whose step grows while rho keeps giving the same verdict: the j-th consecutive shrink
+    (or growth) moves lambda by omega^min(j, cap) instead of omega, so a lambda that starts orders of
+    magnitude off reaches its range in a few dozen steps; a neutral rho (or a change of verdict) resets
+    the streak, and the rule is the paper's again (cap = 1 is exactly ``levenberg_marquardt``).
+
+    ``streak`` is signed: +j after j consecutive shrinks, -j after j consecutive growths. Returns the new
+    lambda and streak.
+    """
+    if rho > 0.75:
+        streak = streak + 1 if streak > 0 else 1
+        return max(minimum, damping * omega ** min(streak, cap)), streak
+    if rho < 0.25:
+        streak = streak - 1 if streak < 0 else -1
+        return damping / omega ** min(-streak, cap), streak
+    return damping, 0
+
+
+def curvature_scale(blocks) -> float:
+    """The mean eigenvalue of the Kronecker-factored Fisher, sum tr(A) tr(G) / sum dim(A) dim(G) over the
+    blocks (and their groups): the scale on which a Tikhonov lambda is large or small."""
+    trace, dimension = 0.0, 0
+    for block in blocks:
+        if block.a is None:
+            continue
+        a_traces = block.a.diagonal(dim1=-2, dim2=-1).sum(-1).double()
+        g_traces = block.g.diagonal(dim1=-2, dim2=-1).sum(-1).double()
+        trace += float((a_traces * g_traces).sum())
+        dimension += block.a.shape[0] * block.a.shape[-1] * block.g.shape[-1]
+    return trace / dimension if dimension else 0.0

@@ -15,8 +15,10 @@ else is shared. One ``step(x, y)``:
    previous update minimise M(delta) with the exact Fisher on a fraction tau_2 of the batch;
    without re-scaling: delta = Delta (+ heavy-ball momentum) times lr;
 6. theta += lr * delta (lr = 1 is the paper's algorithm), then every ``damping_every`` steps the
-   Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from rho = (h(theta+delta) - h) / (M(delta) - M(0)).
+   Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from rho = (h(theta+delta) - h) / (M(delta) - M(0))
+   (by up to omega1^lm_acceleration while rho keeps its verdict), and a step that made h much worse is undone.
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported.
+The settings come from a preset (runtime/presets.py): "default", the first try on any model, or "paper".
 """
 
 from __future__ import annotations
@@ -35,10 +37,16 @@ from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
 from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
 from kronograph.runtime.engines.torch import TorchEngine
-from kronograph.runtime.damping import gamma_candidates, levenberg_marquardt, lm_omega
+from kronograph.runtime.damping import (
+    accelerated_levenberg_marquardt,
+    curvature_scale,
+    gamma_candidates,
+    lm_omega,
+)
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
 from kronograph.runtime.inverse import StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
+from kronograph.runtime.presets import FROM_PRESET, SETTING_NAMES, settings_for
 from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
@@ -69,24 +77,39 @@ class KFAC:
     """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
     onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
 
-    ``KFAC(cm)`` with no other argument is the paper's algorithm with the paper's settings (sec 13):
-    lambda = 150 adapted every 5 steps, gamma = sqrt(lambda + eta) adapted every 20, inverses every 20,
-    tau_1 = 1/8, tau_2 = 1/4, MC Fisher, re-scaling and quadratic-model momentum.
+    ``KFAC(cm)`` with no other argument is the recommended first try (``preset="default"``, runtime/presets.py):
+    the paper's algorithm with lambda started from the curvature's scale (``relative_damping`` times the mean
+    eigenvalue of the factored Fisher at step 1), LM every step, accelerated while rho agrees with itself,
+    gamma = sqrt(lambda + eta) following lambda, steps that wreck h undone, tau_2 = 1 for small batches.
+    ``KFAC(cm, preset="paper")`` is the paper's sec 13 exactly: lambda = 150 adapted every 5 steps, gamma
+    adapted every 20 from three candidates, inverses every 20, tau_1 = 1/8, tau_2 = 1/4. Any argument given
+    replaces the preset's value.
 
     Args:
+        preset: "default" (first try) or "paper".
         lr: multiplies the final update (1.0 with re-scaling is the paper's algorithm).
-        damping: lambda, the Tikhonov term of the quadratic model (initial value when adapted).
-        factor_damping: gamma for the factored Tikhonov damping; None: sqrt(lambda + eta).
+        damping: lambda, the Tikhonov term of the quadratic model (initial value when adapted); None: chosen at
+            step 1 as ``relative_damping`` times the mean eigenvalue of the factored Fisher.
+        relative_damping: lambda_0 / mean eigenvalue when ``damping`` is None.
+        factor_damping: gamma for the factored Tikhonov damping; None: sqrt(lambda + eta), following lambda
+            when the gamma rule is off (sec 6.3).
         weight_decay: eta, the l2 coefficient in h.
         ema_decay: fixed EMA decay of the factors; None: the paper's min(1 - 1/k, 0.95).
         fisher: "mc" (targets sampled from the model) or "empirical" (the labels).
         stats_fraction, qmodel_fraction: tau_1 and tau_2, fractions of the batch for the statistics and
-            for the exact-Fisher products.
+            for the exact-Fisher products; ``min_stats_examples`` and ``min_qmodel_examples`` are their
+            floors in examples (sec 8: small sub-batches give a wrong quadratic model).
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
-        adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (default: on when re-scaling).
+        adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
         damping_every, gamma_every: T_1 and T_2.
+        lm_acceleration: the largest power of omega1 one LM move may take after consecutive equal verdicts
+            (1: the paper's rule).
+        refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.
+        reject_steps: undo a step whose rho < ``reject_rho`` or whose h rose by more than ``reject_rise`` |h|
+            (checked where rho is computed), raise lambda and go on; ``info["rejected"]`` says so.
+        min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
@@ -95,27 +118,36 @@ class KFAC:
     def __init__(
         self,
         compiled: CompiledModel,
-        lr: float = 1.0,
-        damping: float = 150.0,
-        factor_damping: float | None = None,
-        weight_decay: float = 0.0,
-        ema_decay: float | None = None,
-        fisher: str = "mc",
-        stats_fraction: float = 1 / 8,
-        stats_every: int = 1,
-        inverse_every: int = 20,
-        momentum: str | float | None = "qmodel",
-        rescale: bool = True,
-        adapt_damping: bool | None = None,
-        adapt_gamma: bool | None = None,
-        qmodel_fraction: float = 1 / 4,
-        damping_every: int = 5,
-        gamma_every: int = 20,
-        factor_dtype: torch.dtype = torch.float32,
-        min_damping: float = 1e-8,
+        lr: float = FROM_PRESET,
+        damping: float | None = FROM_PRESET,
+        factor_damping: float | None = FROM_PRESET,
+        weight_decay: float = FROM_PRESET,
+        ema_decay: float | None = FROM_PRESET,
+        fisher: str = FROM_PRESET,
+        stats_fraction: float = FROM_PRESET,
+        stats_every: int = FROM_PRESET,
+        inverse_every: int = FROM_PRESET,
+        momentum: str | float | None = FROM_PRESET,
+        rescale: bool = FROM_PRESET,
+        adapt_damping: bool | None = FROM_PRESET,
+        adapt_gamma: bool | None = FROM_PRESET,
+        qmodel_fraction: float = FROM_PRESET,
+        damping_every: int = FROM_PRESET,
+        gamma_every: int = FROM_PRESET,
+        factor_dtype: torch.dtype = FROM_PRESET,
+        min_damping: float = FROM_PRESET,
         seed: int | None = None,
-        structure: str = "diagonal",
+        structure: str = FROM_PRESET,
+        preset: str = "default",
+        **settings: Any,
     ) -> None:
+        unknown = sorted(set(settings) - set(SETTING_NAMES))
+        if unknown:
+            raise KronographError(f"KFAC got unknown arguments {unknown}; the settings are {', '.join(SETTING_NAMES)}")
+        given = {name: value for name, value in locals().items() if name in SETTING_NAMES}
+        self.settings = s = settings_for(preset, {**given, **settings})
+        self.preset = preset
+        fisher, momentum, rescale, structure = s.fisher, s.momentum, s.rescale, s.structure
         if fisher not in ("mc", "empirical"):
             raise KronographError(f"fisher={fisher!r}; choose 'mc' (sampled targets) or 'empirical' (labels)")
         if momentum == "qmodel" and not rescale:
@@ -124,37 +156,48 @@ class KFAC:
             raise KronographError(f"structure={structure!r}; choose 'diagonal' or 'tridiagonal'")
         if not (isinstance(momentum, (int, float)) or momentum in ("qmodel", None)):
             raise KronographError(f"momentum={momentum!r}; choose 'qmodel', a float or None")
-        for name, value in (("stats_fraction", stats_fraction), ("qmodel_fraction", qmodel_fraction)):
+        for name, value in (("stats_fraction", s.stats_fraction), ("qmodel_fraction", s.qmodel_fraction)):
             if not 0 < value <= 1:
                 raise KronographError(f"{name}={value} must lie in (0, 1]")
-        for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every),
-                            ("damping_every", damping_every), ("gamma_every", gamma_every)):
+        for name, value in (("stats_every", s.stats_every), ("inverse_every", s.inverse_every),
+                            ("damping_every", s.damping_every), ("gamma_every", s.gamma_every),
+                            ("lm_acceleration", s.lm_acceleration), ("min_stats_examples", s.min_stats_examples),
+                            ("min_qmodel_examples", s.min_qmodel_examples)):
             if int(value) < 1:
-                raise KronographError(f"{name}={value} must be a positive number of steps")
+                raise KronographError(f"{name}={value} must be a positive whole number")
+        if s.damping is not None and not s.damping >= 0:
+            raise KronographError(f"damping={s.damping} must be >= 0 (or None: relative to the curvature's scale)")
+        if not s.relative_damping > 0:
+            raise KronographError(f"relative_damping={s.relative_damping} must be positive (try 1)")
         self.compiled = compiled
         self.module = compiled.module
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss)
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
-        self.damping = float(damping)
-        self.gamma = float(factor_damping) if factor_damping is not None else math.sqrt(self.damping + self.weight_decay)
-        self.ema_decay, self.fisher = ema_decay, fisher
-        self.stats_fraction, self.qmodel_fraction = float(stats_fraction), float(qmodel_fraction)
-        self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
+        self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
+        self.damping = None if s.damping is None else float(s.damping)
+        self.factor_damping = s.factor_damping
+        self.gamma = float(s.factor_damping) if s.factor_damping is not None else (
+            None if self.damping is None else math.sqrt(self.damping + self.weight_decay))
+        self.ema_decay, self.fisher = s.ema_decay, fisher
+        self.stats_fraction, self.qmodel_fraction = float(s.stats_fraction), float(s.qmodel_fraction)
+        self.stats_every, self.inverse_every = int(s.stats_every), int(s.inverse_every)
         self.momentum, self.rescale = momentum, bool(rescale)
-        self.adapt_damping = self.rescale if adapt_damping is None else bool(adapt_damping)
-        self.adapt_gamma = self.rescale if adapt_gamma is None else bool(adapt_gamma)
+        self.adapt_damping = self.rescale if s.adapt_damping is None else bool(s.adapt_damping)
+        self.adapt_gamma = self.rescale if s.adapt_gamma is None else bool(s.adapt_gamma)
         if (self.adapt_damping or self.adapt_gamma) and not self.rescale:
             raise KronographError("adapting lambda or gamma needs rescale=True (both use the exact-F quadratic model)")
-        self.damping_every, self.gamma_every = int(damping_every), int(gamma_every)
-        self.min_damping = float(min_damping)
+        self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
+        self.min_damping = float(s.min_damping)
         self.structure = structure
-        self.curvature = make_curvature(structure, compiled.layers, factor_dtype)
+        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype)
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         self.generator = make_generator(self.engine.device, seed)
         self.steps = 0
         self.stats_updates = 0
+        self.rejected = 0  # steps undone because they made h worse
+        self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
+        self.inverted_gamma: float | None = None  # the gamma of the inverses in use
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
@@ -183,14 +226,17 @@ class KFAC:
                 self._update_statistics(inputs, y)
         with self._timed("gradient"):
             loss, objective, grads = self._gradient(inputs, y, statistics=fused)
-        info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma}
+        if self.damping is None:
+            self._initial_damping()
+        info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
+                                "rejected_steps": self.rejected}
         if not math.isfinite(objective) or not all_finite(grads.values()):
             info["skipped"] = "non-finite loss or gradient; the weights were left unchanged"
             return info
         gammas = [self.gamma]
         if self.adapt_gamma and k % self.gamma_every == 0:
             gammas = gamma_candidates(self.gamma, self.gamma_every)
-        refresh = inverses_due(k, self.inverse_every) or len(gammas) > 1
+        refresh = inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
@@ -209,15 +255,54 @@ class KFAC:
             return info
         self.gamma = gamma
         self.curvature.adopt(inverses)
+        if refresh:
+            self.inverted_gamma = gamma
+        check = self.adapt_damping and k % self.damping_every == 0
+        saved = {n: p.clone() for n, p in self.engine.parameters().items()} if check and self.settings.reject_steps else None
         with self._timed("update"):
             self.engine.add_(update)
         self.previous = update
-        if self.adapt_damping and k % self.damping_every == 0:
+        if check:
             with self._timed("damping"):
-                info["rho"] = self._adapt_damping(inputs, y, objective, decrease)
+                info["rho"], after = self._adapt_damping(inputs, y, objective, decrease)
+            if saved is not None and self._wrecks(info["rho"], objective, after):
+                self._reject(saved)
+                info["rejected"] = True
+        if not self.adapt_gamma and self.factor_damping is None:
+            self.gamma = math.sqrt(self.damping + self.weight_decay)  # sec 6.3: gamma follows lambda
         info["factor_damping"] = self.gamma
         info["damping"] = self.damping
+        info["rejected_steps"] = self.rejected
         return info
+
+    def _initial_damping(self) -> None:
+        """lambda (and gamma = sqrt(lambda + eta)) from the curvature's own scale, at the first step."""
+        scale = curvature_scale(self.blocks.values())
+        if not math.isfinite(scale):
+            scale = 1.0
+        self.damping = max(self.min_damping, self.settings.relative_damping * scale)
+        if self.gamma is None:
+            self.gamma = math.sqrt(self.damping + self.weight_decay)
+
+    def _gamma_moved(self) -> bool:
+        """Whether gamma has moved by more than ``refresh_ratio`` since the inverses in use were made."""
+        ratio = self.settings.refresh_ratio
+        if ratio is None or self.inverted_gamma is None:
+            return False
+        return max(self.gamma / self.inverted_gamma, self.inverted_gamma / self.gamma) > ratio
+
+    def _wrecks(self, rho: float, before: float, after: float) -> bool:
+        """A step is undone when rho is below ``reject_rho`` or h rose by more than ``reject_rise`` |h|."""
+        s = self.settings
+        return not math.isfinite(after) or rho < s.reject_rho or after - before > s.reject_rise * abs(before)
+
+    def _reject(self, saved: Direction) -> None:
+        """Put the weights back as they were before the step, forget it as momentum, and raise lambda by
+        1/omega1^lm_acceleration beyond the LM rule's own growth."""
+        self.engine.set_(saved)
+        self.previous = None
+        self.rejected += 1
+        self.damping /= lm_omega(self.damping_every) ** self.settings.lm_acceleration
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -230,7 +315,8 @@ class KFAC:
     # -- pieces -------------------------------------------------------------------------------------
     def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
         """A statistics pass of its own on tau_1 of the batch with targets sampled from the model."""
-        records, examples = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator)
+        records, examples = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator,
+                                                     self.settings.min_stats_examples)
         self._fold(records, examples)
 
     def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
@@ -262,7 +348,8 @@ class KFAC:
             self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         if statistics:
             scale = n * self.loss.statistics_scale(y)  # captured g is of the mean loss over n
-            self._fold(result.records, n, subset(n, self.stats_fraction, self.generator), grad_scale=scale)
+            index = subset(n, self.stats_fraction, self.generator, self.settings.min_stats_examples)
+            self._fold(result.records, n, index, grad_scale=scale)
         grads: Direction = {}
         norm = 0.0
         for name, param in self.engine.parameters().items():
@@ -305,7 +392,7 @@ class KFAC:
             directions.append(self.previous)
             labels.append("mu")
         if "inputs" not in cache:
-            index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator)
+            index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator, self.settings.min_qmodel_examples)
             cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
         if "outputs" not in cache:  # the first candidate: every direction in one pass
             outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
@@ -327,11 +414,15 @@ class KFAC:
         # M(lr c) - M(0) = lr (2 - lr) (M(c) - M(0)) at the minimiser c: the decrease of the applied update.
         return update, figures, solution.decrease * self.lr * (2 - self.lr)
 
-    def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> float:
-        """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4."""
-        rho = (self._objective(inputs, y) - objective) / decrease if decrease < 0 else -math.inf
-        self.damping = levenberg_marquardt(self.damping, rho, lm_omega(self.damping_every), self.min_damping)
-        return rho
+    def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> tuple[float, float]:
+        """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to
+        omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
+        after = self._objective(inputs, y)
+        rho = (after - objective) / decrease if decrease < 0 and math.isfinite(after) else -math.inf
+        self.damping, self.streak = accelerated_levenberg_marquardt(
+            self.damping, rho, lm_omega(self.damping_every), self.streak, self.settings.lm_acceleration,
+            self.min_damping)
+        return rho, after
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -341,6 +432,9 @@ class KFAC:
             "stats_updates": self.stats_updates,
             "damping": self.damping,
             "gamma": self.gamma,
+            "rejected": self.rejected,
+            "streak": self.streak,
+            "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
@@ -351,7 +445,10 @@ class KFAC:
         if missing:
             raise KronographError(f"the optimizer state has no blocks for layers {sorted(missing)}; it is from another model")
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
-        self.damping, self.gamma = float(state["damping"]), float(state["gamma"])
+        self.damping = None if state["damping"] is None else float(state["damping"])
+        self.gamma = None if state["gamma"] is None else float(state["gamma"])
+        self.rejected, self.streak = int(state.get("rejected", 0)), int(state.get("streak", 0))
+        self.inverted_gamma = state.get("inverted_gamma")
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])

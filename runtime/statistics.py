@@ -38,11 +38,14 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
     return generator
 
 
-def subset(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor | None:
-    """round(fraction * n) random examples (at least one) out of n; None when the fraction is 1."""
+def subset(n: int, fraction: float, generator: torch.Generator, minimum: int = 1) -> torch.Tensor | None:
+    """round(fraction * n) random examples out of n, but at least ``minimum`` (and one); None when that is
+    the whole batch (no random draw is made then)."""
     if fraction >= 1:
         return None
-    m = max(1, int(round(fraction * n)))
+    m = max(1, int(minimum), int(round(fraction * n)))
+    if m >= n and minimum > 1:  # (minimum 1 keeps the paper preset's draws exactly as they always were)
+        return None
     return torch.randperm(n, generator=generator, device=generator.device)[:m]
 
 
@@ -71,13 +74,14 @@ def sampled_statistics(
     inputs: Sequence[torch.Tensor],
     fraction: float,
     generator: torch.Generator,
+    minimum: int = 1,
 ) -> tuple[dict[str, list[SiteRecord]], int]:
     """A forward pass on tau_1 of the batch and the backward of targets sampled from the model.
 
     Returns the captured sites and the number of examples used. No .grad and no buffer changes: the
     gradients come from autograd.grad and batch norm's running statistics are restored.
     """
-    index = subset(inputs[0].shape[0], fraction, generator)
+    index = subset(inputs[0].shape[0], fraction, generator, minimum)
     sub = tuple(inputs) if index is None else tuple(t[index] for t in inputs)
     with torch.enable_grad(), preserved_buffers(module):
         with Capture(module, plan, hooks=False) as capture:

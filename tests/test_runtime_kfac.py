@@ -132,16 +132,6 @@ def test_two_steps_equal_the_dense_algorithm():
     assert torch.allclose(flat_params(model), theta + alpha * delta + mu * previous, atol=1e-12)
 
 
-def test_defaults_are_the_papers():
-    model = nn.Sequential(nn.Linear(3, 2))
-    optimizer = kronograph.optim.KFAC(kronograph.compile(model, torch.randn(2, 3)))
-    assert optimizer.damping == 150.0 and optimizer.gamma == pytest.approx(math.sqrt(150.0))
-    assert (optimizer.damping_every, optimizer.gamma_every, optimizer.inverse_every) == (5, 20, 20)
-    assert (optimizer.stats_fraction, optimizer.qmodel_fraction) == (1 / 8, 1 / 4)
-    assert optimizer.fisher == "mc" and optimizer.rescale and optimizer.momentum == "qmodel"
-    assert optimizer.adapt_damping and optimizer.adapt_gamma and optimizer.lr == 1.0
-
-
 def test_levenberg_marquardt_rule():
     omega = (19 / 20) ** 5
     assert levenberg_marquardt(10.0, 0.9, omega) == pytest.approx(10.0 * omega)  # model trustworthy: shrink

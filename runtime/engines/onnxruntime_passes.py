@@ -79,6 +79,13 @@ class OnnxRuntimePasses:
             theta[name].add_(delta.to(theta[name].dtype))
         self._send(update)
 
+    def set_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """theta = values (copies of ``parameters()`` taken earlier), sent to the engine."""
+        theta = self.parameters()
+        for name, value in values.items():
+            theta[name].copy_(value)
+        self._send(values)
+
     def _records(self, taps: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]], scale: float = 1.0) -> Records:
         """The taps as the SiteRecords a torch Capture gives (g multiplied by ``scale``)."""
         records: Records = {}
@@ -98,10 +105,11 @@ class OnnxRuntimePasses:
         grads = {name: torch.from_numpy(np.asarray(result.gradients[name])) for name in self.parameters()}
         return GradientPass(result.loss, grads, self._records(result.taps) if capture else None)
 
-    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator) -> tuple[Records, int]:
+    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
+                     minimum: int = 1) -> tuple[Records, int]:
         """Taps of a training step on tau_1 of the batch whose labels are sampled from the model's outputs;
         g is rescaled to the statistics loss (Loss.statistics_scale), as the torch engine's pass gives it."""
-        index = subset(inputs[0].shape[0], fraction, generator)
+        index = subset(inputs[0].shape[0], fraction, generator, minimum)
         sub = [_numpy(x if index is None else x[index]) for x in inputs]
         outputs = torch.from_numpy(self.engine.forward(sub))
         targets = self.loss.sample_targets(outputs, generator)

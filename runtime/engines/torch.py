@@ -75,6 +75,12 @@ class TorchEngine:
             for name, delta in update.items():
                 self.params[name].add_(delta.to(self.params[name].dtype))
 
+    def set_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """theta = values (copies of ``parameters()`` taken earlier), in place in the module."""
+        with torch.no_grad():
+            for name, value in values.items():
+                self.params[name].copy_(value)
+
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
         """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too."""
         self.module.zero_grad(set_to_none=True)
@@ -96,9 +102,10 @@ class TorchEngine:
         }
         return GradientPass(float(loss.detach()), grads, records)
 
-    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator) -> tuple[Records, int]:
+    def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
+                     minimum: int = 1) -> tuple[Records, int]:
         """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
-        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator)
+        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum)
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
         """(outputs, [J d for d in directions]) by forward-mode differentiation (quadratic.output_tangents)."""

