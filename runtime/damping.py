@@ -20,10 +20,26 @@ def lm_omega(every: int) -> float:
     return (19 / 20) ** every
 
 
-def gamma_candidates(gamma: float, every: int) -> list[float]:
-    """The three strengths tried every T2 steps: gamma, omega2 gamma and gamma / omega2, omega2 = sqrt(19/20)^T2."""
-    omega2 = math.sqrt(19 / 20) ** every
+def gamma_candidates(gamma: float, every: int, power: int = 1) -> list[float]:
+    """The three strengths tried every T2 steps: gamma, omega2 gamma and gamma / omega2, omega2 = sqrt(19/20)^T2
+    (raised to ``power`` while the same side keeps winning: ``gamma_power``)."""
+    omega2 = (math.sqrt(19 / 20) ** every) ** power
     return [gamma, omega2 * gamma, gamma / omega2]
+
+
+def gamma_power(streak: int, cap: int) -> int:
+    """The power of omega2 in the next candidates: 1 + the number of rounds the same side has won, at most cap."""
+    return min(abs(streak) + 1, cap)
+
+
+def gamma_streak(streak: int, chosen: int) -> int:
+    """The signed count of consecutive rounds won by the smaller (+) or the larger (-) candidate; ``chosen``
+    is the index in ``gamma_candidates`` (0: gamma kept, which resets the count)."""
+    if chosen == 1:
+        return streak + 1 if streak > 0 else 1
+    if chosen == 2:
+        return streak - 1 if streak < 0 else -1
+    return 0
 
 
 def accelerated_levenberg_marquardt(damping: float, rho: float, omega: float, streak: int, cap: int,

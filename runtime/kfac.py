@@ -41,6 +41,8 @@ from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
     curvature_scale,
     gamma_candidates,
+    gamma_power,
+    gamma_streak,
     lm_omega,
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
@@ -197,6 +199,7 @@ class KFAC:
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
+        self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.inverted_gamma: float | None = None  # the gamma of the inverses in use
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
@@ -235,7 +238,8 @@ class KFAC:
             return info
         gammas = [self.gamma]
         if self.adapt_gamma and k % self.gamma_every == 0:
-            gammas = gamma_candidates(self.gamma, self.gamma_every)
+            power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
+            gammas = gamma_candidates(self.gamma, self.gamma_every, power)
         refresh = inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
         best = None
         tangent_cache: dict[str, Any] = {}
@@ -249,6 +253,8 @@ class KFAC:
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
         gamma, inverses, update, decrease, figures = best
+        if len(gammas) > 1:
+            self.gamma_streak = gamma_streak(self.gamma_streak, gammas.index(gamma))
         info.update(figures, model_decrease=decrease)
         if not all_finite(update.values()):
             info["skipped"] = "non-finite update; the weights were left unchanged"
@@ -434,6 +440,7 @@ class KFAC:
             "gamma": self.gamma,
             "rejected": self.rejected,
             "streak": self.streak,
+            "gamma_streak": self.gamma_streak,
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "curvature": self.curvature.state_dict(),
@@ -449,6 +456,7 @@ class KFAC:
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
         self.rejected, self.streak = int(state.get("rejected", 0)), int(state.get("streak", 0))
         self.inverted_gamma = state.get("inverted_gamma")
+        self.gamma_streak = int(state.get("gamma_streak", 0))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])

@@ -29,6 +29,16 @@ each block is solved with (A + pi gamma I) kron (G + gamma/pi I), which is about
 plus cross terms, so gamma ~ sqrt(lambda) of a plain Tikhonov term. Setting ``precond.damping`` takes
 effect at the next inversion. Weight decay is the user's optimizer's (and is not preconditioned).
 
+Step size (``graft``): the solve F^-1 g of a weakly damped block can be orders of magnitude longer than g
+(its small eigenvalues are inverted), so an SGD or AdamW learning rate tuned for gradients blows up on
+the first try, and a user's ``clip_grad_norm_`` then shrinks every parameter, the unmatched ones too, to
+make room for the matched layers' long directions. With ``graft="norm"`` (the default) each layer's new
+.grad keeps K-FAC's direction and the norm of the layer's own gradient (layer-wise grafting, as Distributed
+Shampoo grafts its directions onto another optimizer's step sizes): the user's learning rate, schedule and
+clipping mean what they meant for the raw gradients. kfac-pytorch's answer, a KL clip on lr^2 v.g, needs
+the learning rate inside the preconditioner and still lets a layer's step be large where g is small.
+``graft=None`` gives the raw F^-1 g.
+
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
 are named in the dict ``step()`` returns. Parameters without a Kronecker block keep their .grad.
@@ -77,6 +87,7 @@ class KFACPreconditioner:
         loss_reduction: "mean" or "sum": how the user's loss reduces over the batch (empirical mode).
         factor_dtype: dtype of factors and inverses (float32 or float64), independent of the model's.
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
+        graft: "norm" (each layer's new .grad has the norm of its gradient; module docstring) or None.
     """
 
     def __init__(
@@ -91,7 +102,10 @@ class KFACPreconditioner:
         loss_reduction: str = "mean",
         factor_dtype: torch.dtype = torch.float32,
         seed: int | None = None,
+        graft: str | None = "norm",
     ) -> None:
+        if graft not in ("norm", None):
+            raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
         if compiled.engine != "torch" or compiled.module is None:
             raise KronographError("KFACPreconditioner needs the torch engine; compile an nn.Module (engine='torch')")
         if fisher not in ("empirical", "mc"):
@@ -108,7 +122,7 @@ class KFACPreconditioner:
             if int(value) < 1:
                 raise KronographError(f"{name}={value} must be a positive number of steps")
         self.compiled, self.module, self.loss = compiled, compiled.module, get_loss(compiled.loss)
-        self.damping, self.ema_decay = float(damping), ema_decay
+        self.damping, self.ema_decay, self.graft = float(damping), ema_decay, graft
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
@@ -261,11 +275,20 @@ class KFACPreconditioner:
             if not all_finite([grad_bar]):
                 bad.append(name)
                 continue
-            for param, value in zip(targets, scatter(layer, block.precondition(grad_bar))):
+            for param, value in zip(targets, scatter(layer, self._grafted(grad_bar, block.precondition(grad_bar)))):
                 if param is not None and param.grad is not None:
                     param.grad.copy_(value)
             done += 1
         return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}
+
+    def _grafted(self, grad_bar: torch.Tensor, solved: torch.Tensor) -> torch.Tensor:
+        """K-FAC's direction with the gradient's norm (graft="norm"), or the raw solve."""
+        if self.graft is None:
+            return solved
+        norm = torch.linalg.vector_norm(solved)
+        if not torch.isfinite(norm) or norm == 0:
+            return grad_bar
+        return solved * (torch.linalg.vector_norm(grad_bar) / norm)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

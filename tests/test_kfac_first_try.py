@@ -8,6 +8,7 @@ spelled out argument by argument.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -15,7 +16,14 @@ import torch
 from torch import nn
 
 import kronograph
-from kronograph.runtime.damping import accelerated_levenberg_marquardt, curvature_scale, levenberg_marquardt
+from kronograph.runtime.damping import (
+    accelerated_levenberg_marquardt,
+    curvature_scale,
+    gamma_candidates,
+    gamma_power,
+    gamma_streak,
+    levenberg_marquardt,
+)
 from kronograph.runtime.presets import PRESETS
 
 # The paper's sec 13 settings as KFAC's arguments were before presets existed.
@@ -113,7 +121,7 @@ def test_a_good_step_is_kept():
 def test_gamma_follows_lambda_when_the_gamma_rule_is_off():
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
-                                weight_decay=1e-3)
+                                weight_decay=1e-3, adapt_gamma=False)
     dampings = set()
     for x, y in batches(8):
         info = opt.step(x, y)
@@ -131,6 +139,17 @@ def test_small_batches_use_the_whole_batch_for_the_quadratic_model_and_batch_nor
     for _ in range(3):
         assert math.isfinite(opt.step(x, y)["loss"])
     assert all(block.a is not None for block in opt.blocks.values())
+
+
+def test_gamma_rule_moves_faster_while_one_side_keeps_winning():
+    assert gamma_candidates(2.0, 5, power=1) == gamma_candidates(2.0, 5)
+    omega2 = math.sqrt(19 / 20) ** 5
+    assert gamma_candidates(2.0, 5, power=3) == pytest.approx([2.0, 2.0 * omega2**3, 2.0 / omega2**3])
+    streak = 0
+    for j in range(1, 5):
+        streak = gamma_streak(streak, 1)  # the smaller candidate won again
+        assert streak == j and gamma_power(streak, 8) == j + 1
+    assert gamma_power(20, 8) == 8 and gamma_streak(streak, 2) == -1 and gamma_streak(streak, 0) == 0
 
 
 def test_paper_preset_has_the_papers_settings():
@@ -168,7 +187,7 @@ def test_default_preset_resumes_exactly():
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0)
     for x, y in data[:6]:
         opt.step(x, y)
-    state = {k: v for k, v in opt.state_dict().items()}
+    state = copy.deepcopy(opt.state_dict())  # the live factors are folded in place by later steps
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     tail = [opt.step(x, y)["loss"] for x, y in data[6:]]
     other = mlp(seed=5)

@@ -103,10 +103,13 @@ def damped_solve(a: torch.Tensor, g: torch.Tensor, grad_bar: torch.Tensor, gamma
     return solved.reshape(grad_bar.shape[1], grad_bar.shape[0]).T
 
 
-def assert_preconditioned(model: nn.Module, factors: dict, gamma: float, scale: float = 1.0) -> None:
+def assert_preconditioned(model: nn.Module, factors: dict, gamma: float, scale: float = 1.0,
+                          graft: str | None = None) -> None:
     for i, (a, g, grad_bar) in factors.items():
         layer = model[i]
         expected = scale * damped_solve(a, g, grad_bar, gamma)
+        if graft == "norm":  # the solve's direction with the layer gradient's norm
+            expected = expected * (scale * grad_bar.norm() / expected.norm())
         weight = expected[:, : layer.weight[0].numel()].reshape(layer.weight.shape)
         assert torch.allclose(layer.weight.grad, weight, rtol=1e-9, atol=1e-12), i
         if layer.bias is not None:
@@ -118,12 +121,13 @@ def user_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction:
     F.cross_entropy(model(x), y, reduction=reduction).backward()
 
 
-@pytest.mark.parametrize("make, reduction", [(mlp, "mean"), (mlp, "sum"), (convnet, "mean")])
-def test_grad_is_the_dense_damped_solve(make, reduction):
+@pytest.mark.parametrize("make, reduction, graft", [(mlp, "mean", None), (mlp, "sum", None), (convnet, "mean", None),
+                                                    (mlp, "sum", "norm"), (convnet, "mean", "norm")])
+def test_grad_is_the_dense_damped_solve(make, reduction, graft):
     model, gamma = make(), 0.1
     precond = kronograph.optim.KFACPreconditioner(
         kronograph.compile(model, batch(model, 0)[:1]), damping=gamma, ema_decay=0.5, factor_dtype=torch.float64,
-        loss_reduction=reduction,
+        loss_reduction=reduction, graft=graft,
     )
     scale = N if reduction == "sum" else 1.0
     norm = next(m for m in model if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)))
@@ -139,7 +143,7 @@ def test_grad_is_the_dense_damped_solve(make, reduction):
         unmatched = [p.grad.clone() for p in norm.parameters()]
         info = precond.step()
         assert info["statistics_updated"] and info["inverses_updated"] and info["preconditioned"] == 3
-        assert_preconditioned(model, factors, gamma, scale)
+        assert_preconditioned(model, factors, gamma, scale, graft)
         for before, p in zip(unmatched, norm.parameters()):
             assert torch.equal(p.grad, before)  # LayerNorm / BatchNorm weights keep their own .grad
         previous = factors
@@ -149,7 +153,7 @@ def test_mc_statistics_touch_no_grad_or_running_stats_and_use_sampled_targets():
     model, gamma = convnet(), 0.05
     x, y = batch(model, 1)
     precond = kronograph.optim.KFACPreconditioner(
-        kronograph.compile(model, (x,)), damping=gamma, fisher="mc", factor_dtype=torch.float64, seed=4
+        kronograph.compile(model, (x,)), damping=gamma, fisher="mc", factor_dtype=torch.float64, seed=4, graft=None
     )
     user_backward(model, x, y)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
