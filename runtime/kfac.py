@@ -81,8 +81,8 @@ class KFAC:
 
     ``KFAC(cm)`` with no other argument is the recommended first try (``preset="default"``, runtime/presets.py):
     the paper's algorithm with lambda started from the curvature's scale (``relative_damping`` times the mean
-    eigenvalue of the factored Fisher at step 1), LM every step, accelerated while rho agrees with itself,
-    gamma = sqrt(lambda + eta) following lambda, steps that wreck h undone, tau_2 = 1 for small batches.
+    eigenvalue of the factored Fisher at step 1), LM every step and the gamma rule every 5, both accelerated
+    while their verdict stays the same, steps that wreck h undone, tau_2 = 1 for small batches.
     ``KFAC(cm, preset="paper")`` is the paper's sec 13 exactly: lambda = 150 adapted every 5 steps, gamma
     adapted every 20 from three candidates, inverses every 20, tau_1 = 1/8, tau_2 = 1/4. Any argument given
     replaces the preset's value.
