@@ -45,8 +45,9 @@ from kronograph.cli.settings import DEFAULT_STEPS, given_settings, new_run_setti
 from kronograph.cli.train_data import DataOrder, ScheduledOrder, TrainData, batch_schedule, evaluate
 from kronograph.errors import KronographError
 
-_FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped")
-_BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ"}
+_FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped",
+            "rejected", "rejected_steps")
+_BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ", "rejected_steps": "undone"}
 
 
 def _new_run_dir(model: str, out: Path | None) -> Path:

@@ -203,3 +203,14 @@ def test_unknown_setting_and_preset_are_named():
         kronograph.optim.KFAC(cm, dampening=1.0)
     with pytest.raises(kronograph.KronographError, match="preset"):
         kronograph.optim.KFAC(cm, preset="fast")
+
+
+def test_command_line_preset_picks_the_presets_settings():
+    from kronograph.cli.optimizers import make_optimizer, resolve_options
+
+    paper = resolve_options("kfac", {"preset": "paper"})
+    assert paper["damping"] == 150.0 and paper["damping_every"] == 5 and paper["gamma_every"] == 20
+    assert resolve_options("kfac", {})["damping"] is None  # the default preset: relative to the curvature
+    cm = kronograph.compile(mlp(), (torch.randn(2, 5),))
+    opt = make_optimizer("kfac", cm, {"preset": "paper", "damping": 3.0}, seed=0)
+    assert opt.damping == 3.0 and opt.damping_every == 5 and not opt.settings.reject_steps
