@@ -284,8 +284,8 @@ class KFAC:
     def _initial_damping(self) -> None:
         """lambda (and gamma = sqrt(lambda + eta)) from the curvature's own scale, at the first step."""
         scale = curvature_scale(self.blocks.values())
-        if not math.isfinite(scale):
-            scale = 1.0
+        if not math.isfinite(scale) or scale <= 0:
+            scale = 1.0  # no layer has statistics yet (all unmatched, or every row refused)
         self.damping = max(self.min_damping, self.settings.relative_damping * scale)
         if self.gamma is None:
             self.gamma = math.sqrt(self.damping + self.weight_decay)
