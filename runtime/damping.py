@@ -32,14 +32,17 @@ def gamma_power(streak: int, cap: int) -> int:
     return min(abs(streak) + 1, cap)
 
 
+def _extend(streak: int, side: int) -> int:
+    """A signed streak after a verdict on ``side`` (+1, -1, or 0 for neutral, which resets it)."""
+    if side == 0:
+        return 0
+    return streak + side if streak * side > 0 else side
+
+
 def gamma_streak(streak: int, chosen: int) -> int:
     """The signed count of consecutive rounds won by the smaller (+) or the larger (-) candidate; ``chosen``
     is the index in ``gamma_candidates`` (0: gamma kept, which resets the count)."""
-    if chosen == 1:
-        return streak + 1 if streak > 0 else 1
-    if chosen == 2:
-        return streak - 1 if streak < 0 else -1
-    return 0
+    return _extend(streak, {0: 0, 1: 1, 2: -1}[chosen])
 
 
 def accelerated_levenberg_marquardt(damping: float, rho: float, omega: float, streak: int, cap: int,
@@ -52,13 +55,8 @@ def accelerated_levenberg_marquardt(damping: float, rho: float, omega: float, st
     ``streak`` is signed: +j after j consecutive shrinks, -j after j consecutive growths. Returns the new
     lambda and streak.
     """
-    if rho > 0.75:
-        streak = streak + 1 if streak > 0 else 1
-        return max(minimum, damping * omega ** min(streak, cap)), streak
-    if rho < 0.25:
-        streak = streak - 1 if streak < 0 else -1
-        return damping / omega ** min(-streak, cap), streak
-    return damping, 0
+    streak = _extend(streak, 1 if rho > 0.75 else -1 if rho < 0.25 else 0)
+    return levenberg_marquardt(damping, rho, omega ** min(max(abs(streak), 1), cap), minimum), streak
 
 
 def curvature_scale(blocks) -> float:

@@ -106,8 +106,8 @@ class KFAC:
         rescale: re-scale by the exact Fisher (6.4).
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
         damping_every, gamma_every: T_1 and T_2.
-        lm_acceleration: the largest power of omega1 one LM move may take after consecutive equal verdicts
-            (1: the paper's rule).
+        lm_acceleration: the largest power of omega1 one LM move (and of omega2 one gamma-rule candidate) may
+            take after consecutive equal verdicts (1: the paper's rules).
         refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.
         reject_steps: undo a step whose rho < ``reject_rho`` or whose h rose by more than ``reject_rise`` |h|
             (checked where rho is computed), raise lambda and go on; ``info["rejected"]`` says so.
@@ -177,7 +177,6 @@ class KFAC:
         self.engine = make_engine(compiled, self.loss)
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
         self.damping = None if s.damping is None else float(s.damping)
-        self.factor_damping = s.factor_damping
         self.gamma = float(s.factor_damping) if s.factor_damping is not None else (
             None if self.damping is None else math.sqrt(self.damping + self.weight_decay))
         self.ema_decay, self.fisher = s.ema_decay, fisher
@@ -274,7 +273,7 @@ class KFAC:
             if saved is not None and self._wrecks(info["rho"], objective, after):
                 self._reject(saved)
                 info["rejected"] = True
-        if not self.adapt_gamma and self.factor_damping is None:
+        if not self.adapt_gamma and self.settings.factor_damping is None:
             self.gamma = math.sqrt(self.damping + self.weight_decay)  # sec 6.3: gamma follows lambda
         info["factor_damping"] = self.gamma
         info["damping"] = self.damping
