@@ -82,7 +82,8 @@ class KFAC:
     ``KFAC(cm)`` with no other argument is the recommended first try (``preset="default"``, runtime/presets.py):
     the paper's algorithm with lambda started from the curvature's scale (``relative_damping`` times the mean
     eigenvalue of the factored Fisher at step 1), LM every step and the gamma rule every 5, both accelerated
-    while their verdict stays the same, steps that wreck h undone, tau_2 = 1 for small batches.
+    while their verdict stays the same, steps that wreck h undone, tau_2 = 1 for small batches, and the quadratic
+    model's coefficients bounded (no descent direction taken uphill, near-parallel directions not both used).
     ``KFAC(cm, preset="paper")`` is the paper's sec 13 exactly: lambda = 150 adapted every 5 steps, gamma
     adapted every 20 from three candidates, inverses every 20, tau_1 = 1/8, tau_2 = 1/4. Any argument given
     replaces the preset's value.
@@ -111,6 +112,10 @@ class KFAC:
         refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.
         reject_steps: undo a step whose rho < ``reject_rho`` or whose h rose by more than ``reject_rise`` |h|
             (checked where rho is computed), raise lambda and go on; ``info["rejected"]`` says so.
+        descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
+            >= 0 in the quadratic model (the exact bounded minimiser; mu stays free), so neither is taken uphill.
+        max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
+            scaled to a unit diagonal has a larger condition number (None: only exact singularity).
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
@@ -409,7 +414,9 @@ class KFAC:
         gram_f = curvature_gram(self.loss, outputs, tangents)
         gram_i = torch.tensor([[inner(a, b) for b in directions] for a in directions], dtype=torch.float64)
         gradient = torch.tensor([inner(grads, d) for d in directions], dtype=torch.float64)
-        solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay)
+        nonnegative = [label != "mu" for label in labels] if self.settings.descent_only else None
+        solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, nonnegative,
+                                         self.settings.max_condition)
         figures = dict(zip(labels, solution.coefficients))
         figures.setdefault("mu", 0.0)
         update: Direction = {name: torch.zeros_like(param) for name, param in self.engine.parameters().items()}

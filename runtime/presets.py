@@ -4,7 +4,9 @@
   scale (so the loss's reduction and the batch size do not decide it), Levenberg-Marquardt every step and
   the gamma rule every 5 steps, both with moves that grow while the verdict stays the same (up to omega^8),
   inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
-  never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1).
+  never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
+  coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, an
+  ill-conditioned system (nearly parallel directions) solved without one of them.
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -48,6 +50,8 @@ class KFACSettings:
     reject_steps: bool = True
     reject_rho: float = -0.5
     reject_rise: float = 0.25
+    descent_only: bool = True
+    max_condition: float | None = 1e8
     min_damping: float = 1e-8
     factor_dtype: torch.dtype = torch.float32
     structure: str = "diagonal"
@@ -58,6 +62,7 @@ PRESETS: dict[str, KFACSettings] = {
     "paper": KFACSettings(
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
         lm_acceleration=1, refresh_ratio=None, reject_steps=False,
+        descent_only=False, max_condition=None,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))

@@ -7,6 +7,7 @@ the products come from the loss's output curvature H_i. F itself is never formed
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -90,23 +91,57 @@ class QuadraticSolution:
     decrease: float
 
 
-def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: torch.Tensor, damping: float) -> QuadraticSolution:
+def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: torch.Tensor, damping: float,
+                          nonnegative: Sequence[bool] | None = None, max_condition: float | None = None) -> QuadraticSolution:
     """Minimise 1/2 c^T (gram_f + damping gram_i) c + gradient^T c over c (paper sec 7's 2x2 system).
 
     ``gram_f`` holds d_a^T F d_b, ``gram_i`` d_a^T d_b and ``gradient`` grad^T d_a; damping = lambda + eta.
     Directions that are zero or make the system singular (the first step has no previous update) are
     dropped, so the result is the best combination of the others. At the optimum M - M(0) = 1/2 grad^T c.
+
+    Bounds (the default preset's; the paper's algorithm has none): ``nonnegative[a]`` keeps c_a >= 0, so a
+    descent direction is never taken uphill, and a system whose matrix, scaled to a unit diagonal, has a
+    condition number above ``max_condition`` is treated as singular (nearly parallel directions give
+    coefficients of opposite sign and huge size that fit the sub-batch's noise). The bounded minimiser is
+    exact: with bounds at zero it is the unconstrained minimiser over some subset of the directions, so every
+    subset is solved (k <= 3 here) and the feasible one with the lowest model value is kept.
     """
     matrix = (gram_f + damping * gram_i).double()
     gradient = gradient.double()
     keep = [a for a in range(len(gradient)) if float(gram_i[a, a]) > 0 and torch.isfinite(matrix[a]).all()]
-    while keep:
-        sub = matrix[keep][:, keep]
-        if torch.linalg.matrix_rank(sub) == len(keep) and float(torch.linalg.eigvalsh(sub).min()) > 0:
-            solved = -torch.linalg.solve(sub, gradient[keep])
-            coefficients = [0.0] * len(gradient)
-            for a, value in zip(keep, solved.tolist()):
-                coefficients[a] = value
-            return QuadraticSolution(tuple(coefficients), 0.5 * float(gradient[keep] @ solved))
-        keep = keep[:-1]
-    return QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
+    if nonnegative is None and max_condition is None:
+        while keep:  # the paper's rule: drop the last direction until the system is solvable
+            solution = _solve_on(matrix, gradient, keep)
+            if solution is not None:
+                return solution
+            keep = keep[:-1]
+        return QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
+    best = QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
+    for size in range(len(keep), 0, -1):
+        for subset in itertools.combinations(keep, size):
+            solution = _solve_on(matrix, gradient, list(subset), max_condition)
+            if solution is None or solution.decrease >= best.decrease:
+                continue
+            if nonnegative is None or all(c >= 0 or not bound for c, bound in zip(solution.coefficients, nonnegative)):
+                best = solution
+    return best
+
+
+def _solve_on(matrix: torch.Tensor, gradient: torch.Tensor, keep: list[int],
+              max_condition: float | None = None) -> QuadraticSolution | None:
+    """The minimiser over the directions ``keep`` (the others at 0), or None where their system is singular,
+    not positive definite, or (scaled to a unit diagonal) worse conditioned than ``max_condition``."""
+    sub = matrix[keep][:, keep]
+    if torch.linalg.matrix_rank(sub) < len(keep):
+        return None
+    scale = sub.diagonal().clamp_min(torch.finfo(sub.dtype).tiny).rsqrt()
+    eigenvalues = torch.linalg.eigvalsh(sub * scale[:, None] * scale[None, :])
+    if float(eigenvalues.min()) <= 0:
+        return None
+    if max_condition is not None and float(eigenvalues.max() / eigenvalues.min()) > max_condition:
+        return None
+    solved = -torch.linalg.solve(sub, gradient[keep])
+    coefficients = [0.0] * len(gradient)
+    for a, value in zip(keep, solved.tolist()):
+        coefficients[a] = value
+    return QuadraticSolution(tuple(coefficients), 0.5 * float(gradient[keep] @ solved))

@@ -118,6 +118,17 @@ def test_a_good_step_is_kept():
     assert losses[-1]["rejected_steps"] < 30
 
 
+def test_default_steps_never_take_a_descent_direction_uphill():
+    """Batch norm's parameters are unmatched (a gradient step of their own in the quadratic model): the
+    default's coefficients of K-FAC's proposal and of that gradient step are never negative."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0)
+    for x, y in batches(25, n=64):
+        info = opt.step(x, y)
+        assert info["alpha"] >= 0 and info["unmatched_scale"] >= 0
+
+
 def test_gamma_follows_lambda_when_the_gamma_rule_is_off():
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
@@ -162,6 +173,7 @@ def test_paper_preset_has_the_papers_settings():
     settings = PRESETS["paper"]
     assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
     assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
+    assert not settings.descent_only and settings.max_condition is None
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -170,7 +182,7 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     runs = []
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
-                    "refresh_ratio": None, "reject_steps": False}):
+                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
         runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))

@@ -160,3 +160,62 @@ def test_inner():
     x = {"a": torch.ones(2, 2), "b": torch.ones(3)}
     y = {"a": torch.full((2, 2), 2.0)}
     assert inner(x, y) == 8.0
+
+
+def _kkt_residual(matrix, g, c, nonnegative):
+    """The largest violation of the bounded problem's optimality conditions at c (KKT: c >= 0 where bounded,
+    the model's gradient zero on the free and the positive coordinates, >= 0 on the bounded ones at 0)."""
+    slope = matrix @ c + g
+    worst = 0.0
+    for a, bounded in enumerate(nonnegative):
+        if bounded and c[a] == 0:
+            worst = max(worst, float(-slope[a]))
+        else:
+            worst = max(worst, abs(float(slope[a])))
+        if bounded:
+            worst = max(worst, float(-c[a]))
+    return worst
+
+
+def test_bounded_quadratic_model_meets_the_kkt_conditions():
+    # Random 3-direction models (K-FAC's proposal, the unmatched gradient step, the previous update): the
+    # bounded minimiser keeps the first two coefficients >= 0 and satisfies the optimality conditions of the
+    # bounded problem, which for a positive definite matrix identify its unique minimiser.
+    generator = torch.Generator().manual_seed(5)
+    negative_seen = 0
+    for _ in range(200):
+        basis = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        curvature = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+        curvature = curvature @ curvature.T
+        grad = torch.randn(8, generator=generator, dtype=torch.float64)
+        gram_f, gram_i, g = basis.T @ curvature @ basis, basis.T @ basis, basis.T @ grad
+        free = solve_quadratic_model(gram_f, gram_i, g, 0.1)
+        negative_seen += min(free.coefficients[:2]) < 0
+        bounded = solve_quadratic_model(gram_f, gram_i, g, 0.1, nonnegative=[True, True, False])
+        c = torch.tensor(bounded.coefficients, dtype=torch.float64)
+        assert _kkt_residual(gram_f + 0.1 * gram_i, g, c, [True, True, False]) < 1e-9
+        value = 0.5 * c @ (gram_f + 0.1 * gram_i) @ c + g @ c
+        assert bounded.decrease == pytest.approx(float(value), abs=1e-9)
+        assert bounded.decrease >= free.decrease - 1e-12
+    assert negative_seen > 20  # the bounds were active in many of the cases
+
+
+def test_ill_conditioned_quadratic_model_drops_the_near_parallel_direction():
+    # Two nearly parallel directions: unbounded, their coefficients are huge and of opposite sign (fitting
+    # rounding); with max_condition the system is treated as singular and one direction carries the step.
+    torch.manual_seed(6)
+    fisher = torch.randn(5, 5, dtype=torch.float64)
+    fisher = fisher @ fisher.T
+    d0 = torch.randn(5, dtype=torch.float64)
+    d1 = d0 + 1e-5 * torch.randn(5, dtype=torch.float64)
+    grad = torch.randn(5, dtype=torch.float64)
+    vectors = [d0, d1]
+    gram_f = torch.tensor([[u @ fisher @ v for v in vectors] for u in vectors])
+    gram_i = torch.tensor([[u @ v for v in vectors] for u in vectors])
+    g = torch.stack([grad @ d0, grad @ d1])
+    wild = solve_quadratic_model(gram_f, gram_i, g, 0.1)
+    assert max(abs(c) for c in wild.coefficients) > 1e3
+    tame = solve_quadratic_model(gram_f, gram_i, g, 0.1, max_condition=1e8)
+    alpha = -(grad @ d0) / (d0 @ fisher @ d0 + 0.1 * d0 @ d0)
+    assert sum(tame.coefficients) == pytest.approx(float(alpha), rel=1e-4)
+    assert min(abs(c) for c in tame.coefficients) == 0.0

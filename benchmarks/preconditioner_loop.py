@@ -1,0 +1,94 @@
+"""KFACPreconditioner in a user's own SGD / AdamW loop: grafted (the default) against the raw solve (issue 10, item 5).
+
+    python benchmarks/preconditioner_loop.py [--steps 150] [--threads 2]
+
+The loop a user writes: zero_grad, forward and backward inside ``precond.track()``, ``precond.step()``,
+then the loop's own ``clip_grad_norm_`` (max norm 1, as most training scripts have it) and ``opt.step()``.
+Model: the first-try suite's ResNet-18-style net (conv-BN-ReLU, two residual stages) on Fashion-MNIST, batch 128, PyTorch's
+default initialisation, the same weights and batches for every run. Optimizers with their usual settings:
+SGD (lr 0.1, momentum 0.9, Nesterov) and AdamW (lr 1e-3). For each: the plain optimizer, the preconditioner
+with its defaults (``graft="norm"``), and the raw solve (``graft=None``). Prints a Markdown table with the
+training loss (a fixed sample of 1,000 training images, evaluation mode) after the steps, the worst loss
+seen on the way, the milliseconds per step and whether the run diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kronograph
+
+sys.path.insert(0, str(Path(__file__).parent))
+from first_try import SmallResNet, _images  # noqa: E402  (the suite's model and data)
+
+
+def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, graft: str | None | bool, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = SmallResNet()
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=1e-3))
+    precond = None
+    if graft is not False:
+        cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")
+        precond = kronograph.optim.KFACPreconditioner(cm, graft=graft, seed=0)
+    order = torch.Generator().manual_seed(0)
+    sample = torch.randperm(len(x), generator=order)[:1000]
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = float(F.cross_entropy(model(x[sample]), y[sample]))
+        model.train()
+        return value
+
+    worst, clock = evaluate(), 0.0
+    for step in range(steps):
+        index = torch.randint(len(x), (128,), generator=order)
+        start = time.perf_counter()
+        opt.zero_grad()
+        if precond is None:
+            F.cross_entropy(model(x[index]), y[index]).backward()
+        else:
+            with precond.track():
+                F.cross_entropy(model(x[index]), y[index]).backward()
+        if precond is not None:
+            precond.step()  # right after the backward; the user's clipping stays where it was, before opt.step()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        clock += time.perf_counter() - start
+        if step % 10 == 9:
+            value = evaluate()
+            worst = max(worst, value) if math.isfinite(value) else math.inf
+            if not math.isfinite(value) or value > 1e3:
+                return {"loss": value, "worst": worst, "ms": 1000 * clock / (step + 1), "diverged": True}
+    return {"loss": evaluate(), "worst": worst, "ms": 1000 * clock / steps, "diverged": False}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = _images("fashion-mnist")
+    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} steps, batch 128")
+    print("| optimizer | preconditioner | loss after | worst loss on the way | ms/step | diverged |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for optimizer in ("sgd", "adamw"):
+        for label, graft in (("none", False), ("graft='norm' (default)", "norm"), ("graft=None (raw solve)", None)):
+            r = run(x, y, optimizer, graft, args.steps)
+            print(f"| {optimizer} | {label} | {r['loss']:.4g} | {r['worst']:.4g} | {r['ms']:.0f} | "
+                  f"{'yes' if r['diverged'] else 'no'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
