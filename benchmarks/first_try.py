@@ -196,11 +196,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--problems", default=",".join(problems()))
     parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
+    parser.add_argument("--baselines", default="adam,sgd", help="first-order contenders (adam is always needed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "first_try.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     contenders = [(f"kfac-{p}", "kfac", {"preset": p}) for p in args.kfac.split(",")]
-    contenders += [("adam", "adam", {}), ("sgd", "sgd", {})]
+    contenders += [(name, name, {}) for name in args.baselines.split(",")]
     results = {}
     print(f"| problem | optimizer | loss at {args.seconds / 2:g} s | loss at {args.seconds:g} s | steps | rejected "
           "| s to Adam's final |")
@@ -215,8 +216,9 @@ def main() -> None:
             print(f"| {key} | {label} | {loss_at(curve, args.seconds / 2):.4g} | {curve[-1][1]:.4g} | {result['steps']} "
                   f"| {result['rejected']} | {'-' if reach is None else f'{reach:.1f}'} |", flush=True)
         results[key] = runs
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"seconds": args.seconds, "results": results}, indent=1))
+        # After every problem, so that a crash later in the suite keeps the curves already measured.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"seconds": args.seconds, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class BlockDiagonalCurvature:
 
     def __init__(self, layers: Sequence[Layer], dtype: torch.dtype) -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
+        self.centered = False  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None) -> None:
@@ -49,7 +50,9 @@ class BlockDiagonalCurvature:
     def invert(self, gamma: float) -> dict[str, DampedInverses | None]:
         """Damped inverses for strength gamma (None for a layer never called: it has no statistics)."""
         return {
-            name: None if block.a is None else factored_inverses(block.a, block.g, gamma, block.inverses, name=name)
+            name: None if block.a is None else factored_inverses(
+                block.a, block.g, gamma, block.inverses, name=name,
+                centered=self.centered and block.layer.bias is not None)
             for name, block in self.blocks.items()
         }
 

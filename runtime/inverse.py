@@ -117,16 +117,67 @@ class DampedInverses:
         return not bool(self.failed.any())
 
 
+def centered_factor(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A factor [groups, d, d] of inputs [x; 1] in coordinates centred on the mean input, and that mean.
+
+    With mu = E[x] (A's last column over its last entry s), T = [[I, mu], [0, 1]] maps centred inputs
+    [x - mu; 1] to [x; 1], so A~ = T^-1 A T^-T = [[A_11 - s mu mu^T, 0], [0, s]]: the covariance of the
+    inputs and the homogeneous entry. None when s is not positive and finite (no usable statistics).
+    """
+    s = a[:, -1, -1]
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        return None
+    mu = a[:, :-1, -1] / s[:, None]
+    tilde = torch.zeros_like(a)
+    tilde[:, :-1, :-1] = a[:, :-1, :-1] - s[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    tilde[:, -1, -1] = s
+    return tilde, mu
+
+
+def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A + damping T T^T)^-1 = T^-T (A~ + damping I)^-1 T^-1 from ``centered_factor``'s A~ and mu.
+
+    Tikhonov damping of the centred coordinates: the identity in the coordinates where the inputs have
+    zero mean, so damping does not undo K-FAC's invariance to a shift of the inputs (paper sec 10). A~ is
+    block diagonal, so only its covariance block is inverted; the map back costs O(d^2). Returns the
+    inverse and the failed groups, as ``damped_inverse``.
+    """
+    groups, d = tilde.shape[0], tilde.shape[-1]
+    damping = torch.as_tensor(damping, dtype=tilde.dtype, device=tilde.device).expand(groups)
+    inner, failed = damped_inverse(tilde[:, :-1, :-1], damping)
+    corner = 1.0 / (tilde[:, -1, -1] + damping)
+    shifted = inner @ mu[:, :, None]  # X_11 mu
+    inverse = tilde.new_empty(groups, d, d)
+    inverse[:, :-1, :-1] = inner
+    inverse[:, :-1, -1:] = -shifted
+    inverse[:, -1:, :-1] = -shifted.transpose(1, 2)
+    inverse[:, -1, -1] = (mu[:, None, :] @ shifted)[:, 0, 0] + corner
+    return inverse, failed
+
+
 def factored_inverses(
     a: torch.Tensor,
     g: torch.Tensor,
     gamma: float,
     previous: DampedInverses | None = None,
     name: str = "",
+    centered: bool = False,
 ) -> DampedInverses:
-    """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure."""
-    pi = trace_pi(a, g)
-    a_inv, a_failed = damped_inverse(a, pi * gamma)
+    """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure.
+
+    ``centered`` (a layer with a bias, whose inputs end in the homogeneous 1): A is damped in coordinates
+    centred on the mean input, (A + pi gamma T T^T)^-1 (``centered_damped_inverse``), with pi from the
+    centred factor's trace, so that inputs far from zero mean (sigmoid units near 1/2) do not hide their
+    variation under a damping sized by their mean.
+    """
+    split = centered_factor(a) if centered else None
+    if split is not None:
+        pi = trace_pi(split[0], g)
+        a_inv, a_failed = centered_damped_inverse(split[0], split[1], pi * gamma)
+    else:
+        pi = trace_pi(a, g)
+        a_inv, a_failed = damped_inverse(a, pi * gamma)
     g_inv, g_failed = damped_inverse(g, gamma / pi)
     failed = a_failed | g_failed
     if bool(failed.any()):

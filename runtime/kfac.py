@@ -83,7 +83,8 @@ class KFAC:
     the paper's algorithm with lambda started from the curvature's scale (``relative_damping`` times the mean
     eigenvalue of the factored Fisher at step 1), LM every step and the gamma rule every 5, both accelerated
     while their verdict stays the same, steps that wreck h undone, tau_2 = 1 for small batches, and the quadratic
-    model's coefficients bounded (no descent direction taken uphill, near-parallel directions not both used).
+    model's coefficients bounded (no descent direction taken uphill, near-parallel directions not both used),
+    and the factored damping applied in coordinates centred on each layer's mean input.
     ``KFAC(cm, preset="paper")`` is the paper's sec 13 exactly: lambda = 150 adapted every 5 steps, gamma
     adapted every 20 from three candidates, inverses every 20, tau_1 = 1/8, tau_2 = 1/4. Any argument given
     replaces the preset's value.
@@ -116,6 +117,9 @@ class KFAC:
             >= 0 in the quadratic model (the exact bounded minimiser; mu stays free), so neither is taken uphill.
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).
+        centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
+            instead of A + pi gamma I, pi from the centred trace (inverse.centered_damped_inverse), which keeps
+            the invariance to shifted inputs of paper sec 10 that Tikhonov damping breaks; block-diagonal only.
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
@@ -196,6 +200,7 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype)
+        self.curvature.centered = bool(s.centered_damping) and structure == "diagonal"
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         self.generator = make_generator(self.engine.device, seed)

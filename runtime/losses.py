@@ -80,6 +80,11 @@ class CrossEntropy(Loss):
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)
+        # A row with a non-finite output draws uniformly instead of crashing multinomial; its gradient is
+        # not finite, so the statistics refuse it (factors.fold_factors_) and nothing reaches the weights.
+        finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
+        if not bool(finite.all()):
+            probs = torch.where(finite, probs, torch.ones_like(probs))
         return torch.multinomial(probs, 1, generator=generator).reshape(outputs.shape[:-1])
 
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,7 +118,8 @@ class SigmoidCrossEntropy(Loss):
         return losses.reshape(outputs.shape[0], -1).sum(dim=1)
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.bernoulli(torch.sigmoid(outputs.detach()), generator=generator)
+        p = torch.sigmoid(outputs.detach())
+        return torch.bernoulli(torch.nan_to_num(p, nan=0.5), generator=generator)  # NaN outputs: see CrossEntropy
 
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(outputs)

@@ -6,7 +6,9 @@
   inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
   never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
   coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, an
-  ill-conditioned system (nearly parallel directions) solved without one of them.
+  ill-conditioned system (nearly parallel directions) solved without one of them, and gamma's damping of A
+  applied in coordinates centred on the layer's mean input (sigmoid units near 1/2 no longer hide their
+  variation under a damping sized by their mean; the paper's sec 10 invariance kept under damping).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -51,6 +53,7 @@ class KFACSettings:
     reject_rho: float = -0.5
     reject_rise: float = 0.25
     descent_only: bool = True
+    centered_damping: bool = True
     max_condition: float | None = 1e8
     min_damping: float = 1e-8
     factor_dtype: torch.dtype = torch.float32
@@ -62,7 +65,7 @@ PRESETS: dict[str, KFACSettings] = {
     "paper": KFACSettings(
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
         lm_acceleration=1, refresh_ratio=None, reject_steps=False,
-        descent_only=False, max_condition=None,
+        descent_only=False, max_condition=None, centered_damping=False,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))

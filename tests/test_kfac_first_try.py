@@ -173,7 +173,7 @@ def test_paper_preset_has_the_papers_settings():
     settings = PRESETS["paper"]
     assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
     assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
-    assert not settings.descent_only and settings.max_condition is None
+    assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -182,7 +182,8 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     runs = []
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
-                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None}):
+                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None,
+                    "centered_damping": False}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
         runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))
@@ -226,3 +227,21 @@ def test_command_line_preset_picks_the_presets_settings():
     cm = kronograph.compile(mlp(), (torch.randn(2, 5),))
     opt = make_optimizer("kfac", cm, {"preset": "paper", "damping": 3.0}, seed=0)
     assert opt.damping == 3.0 and opt.damping_every == 5 and not opt.settings.reject_steps
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_cross_entropy"])
+def test_a_batch_of_nans_is_skipped_without_reaching_the_weights(loss):
+    """Sampled targets from non-finite outputs must not crash the statistics pass (multinomial and bernoulli
+    refuse NaN probabilities); the step is skipped and the weights and factors stay as they were."""
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss=loss), seed=0)
+    x, y = batches(1)[0]
+    y = y if loss == "cross_entropy" else torch.rand(len(y), 3)
+    opt.step(x, y)
+    before = params(model)
+    factors = {name: block.a.clone() for name, block in opt.blocks.items()}
+    with pytest.warns(Warning):
+        info = opt.step(torch.full_like(x, float("nan")), y)
+    assert "skipped" in info
+    assert all(torch.equal(p, q) for p, q in zip(before, params(model)))
+    assert all(torch.equal(block.a, factors[name]) for name, block in opt.blocks.items())

@@ -171,3 +171,51 @@ def test_block_state_round_trip() -> None:
     other.load_state_dict(block.state_dict())
     grad = torch.randn(2, 2, 4, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(other.precondition(grad), block.precondition(grad), rtol=0, atol=0)
+
+
+def _homogeneous_factor(x: torch.Tensor, locations: float = 1.0) -> torch.Tensor:
+    """A = locations * mean_i [x_i; 1][x_i; 1]^T as [1, d + 1, d + 1] (a conv's A carries T on its 1-entry)."""
+    bar = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return (locations * bar.T @ bar / len(x))[None]
+
+
+@pytest.mark.parametrize("locations", [1.0, 9.0])
+def test_centered_damped_inverse_is_the_dense_inverse_with_damping_in_centred_coordinates(locations):
+    from kronograph.runtime.inverse import centered_damped_inverse, centered_factor
+
+    torch.manual_seed(0)
+    x = 0.5 + 0.05 * torch.randn(40, 6, dtype=torch.float64)  # sigmoid-like units: mean 1/2, small spread
+    a = _homogeneous_factor(x, locations)
+    tilde, mu = centered_factor(a)
+    assert torch.allclose(mu[0], x.mean(0), atol=1e-12)
+    centred = x - x.mean(0)
+    assert torch.allclose(tilde[0, :-1, :-1], locations * centred.T @ centred / len(x), atol=1e-12)
+    t = torch.eye(7, dtype=torch.float64)
+    t[:-1, -1] = x.mean(0)
+    inverse, failed = centered_damped_inverse(tilde, mu, 0.3)
+    assert not failed.any()
+    assert torch.allclose(inverse[0], torch.linalg.inv(a[0] + 0.3 * t @ t.T), rtol=1e-9, atol=1e-9)
+
+
+def test_centered_damping_keeps_kfac_invariant_to_a_shift_of_the_inputs():
+    """Paper sec 10: K-FAC is invariant to centring the inputs, but Tikhonov damping of [W b] is not. Shift
+    the inputs by v (and the bias by -W v: same outputs); the damped step must change the outputs the same,
+    i.e. Delta W' = Delta W and Delta b' = Delta b - Delta W v. Holds with centred damping, not without."""
+    from kronograph.runtime.inverse import factored_inverses, precondition
+
+    torch.manual_seed(1)
+    x = torch.randn(50, 4, dtype=torch.float64)
+    shift = torch.tensor([3.0, -2.0, 0.5, 1.0], dtype=torch.float64)
+    g_rows = torch.randn(50, 3, dtype=torch.float64)
+    g = (g_rows.T @ g_rows / 50)[None]
+    grad_w, grad_b = g_rows.T @ x / 50, g_rows.mean(0)
+    steps = {}
+    for centered in (True, False):
+        for name, inputs, gw in (("plain", x, grad_w), ("shifted", x + shift, grad_w + grad_b[:, None] * shift)):
+            inverses = factored_inverses(_homogeneous_factor(inputs), g, 0.2, centered=centered)
+            steps[centered, name] = precondition(torch.cat([gw, grad_b[:, None]], 1)[None], inverses)[0]
+    for centered in (True, False):
+        plain, shifted = steps[centered, "plain"], steps[centered, "shifted"]
+        same = (torch.allclose(shifted[:, :-1], plain[:, :-1], atol=1e-10)
+                and torch.allclose(shifted[:, -1], plain[:, -1] - plain[:, :-1] @ shift, atol=1e-10))
+        assert same == centered
