@@ -55,6 +55,11 @@ class KroneckerBlock:
         return factor
 
     @property
+    def estimated(self) -> bool:
+        """Whether statistics have been folded in (without mirroring the EMAs, as reading ``a`` would)."""
+        return self._a is not None
+
+    @property
     def a(self) -> torch.Tensor | None:
         """The EMA of A [groups, a_dim, a_dim], symmetric."""
         return self._mirrored(self._a)

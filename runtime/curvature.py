@@ -59,6 +59,14 @@ class BlockDiagonalCurvature:
     def current(self) -> Any:
         return {name: block.inverses for name, block in self.blocks.items()}
 
+    def unestimated(self) -> list[Layer]:
+        """Layers with no statistics yet (not called in a statistics pass so far): no curvature to use."""
+        return [block.layer for block in self.blocks.values() if not block.estimated]
+
+    def uninverted(self) -> list[str]:
+        """Layers that have statistics but no inverse in use (first seen after the last refresh)."""
+        return [name for name, block in self.blocks.items() if block.estimated and block.inverses is None]
+
     def adopt(self, inverses: Any) -> None:
         for name, block in self.blocks.items():
             block.inverses = inverses[name]
@@ -143,6 +151,9 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
 
     def current(self) -> Any:
         return self.inverse if self.inverse is not None else super().current()
+
+    def uninverted(self) -> list[str]:
+        return [] if self.inverse is not None else super().uninverted()
 
     def adopt(self, inverses: Any) -> None:
         if isinstance(inverses, TridiagonalInverse):

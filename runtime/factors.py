@@ -174,6 +174,9 @@ def fold_factors_(
     """
     sites, m, rows = _layer_rows(layer, records, batch_size, index, dtype)
     scale = _grad_scale(m, grad_scale)
+    if a is None or g is None:  # a layer's first estimate is its batch factor (a layer first seen late, too)
+        a = g = None
+        decay = 0.0
     p_parts = [site.p.to(device) for site in sites]
     q_parts = [site.q.to(device) for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows

@@ -10,7 +10,8 @@ else is shared. One ``step(x, y)``:
 3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps
    for the three candidates gamma, omega2 gamma, gamma / omega2, keeping the one whose update lowers the
    quadratic model most, sec 6.6);
-4. the proposal Delta = -F^-1 grad h per layer; the unmatched parameters' direction is -grad h;
+4. the proposal Delta = -F^-1 grad h per layer; the unmatched parameters' direction is -grad h (the default
+   preset divides it by the root of an EMA of grad^2, RMSprop's shape);
 5. re-scaling and momentum (6.4, 7): the coefficients of Delta, of the unmatched direction and of the
    previous update minimise M(delta) with the exact Fisher on a fraction tau_2 of the batch;
    without re-scaling: delta = Delta (+ heavy-ball momentum) times lr;
@@ -57,6 +58,8 @@ from kronograph.runtime.statistics import (
     subset,
 )
 from kronograph.runtime.quadratic import curvature_gram, inner, solve_quadratic_model
+
+UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
 
 Direction = dict[str, torch.Tensor]
 
@@ -120,6 +123,10 @@ class KFAC:
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
             instead of A + pi gamma I, pi from the centred trace (inverse.centered_damped_inverse), which keeps
             the invariance to shifted inputs of paper sec 10 that Tikhonov damping breaks; block-diagonal only.
+        unmatched_direction: the direction of the parameters no Kronecker block covers (norms, embeddings,
+            tied weights), whose length the quadratic model chooses: "gradient" (-grad h) or "rms" (-grad h /
+            sqrt(v), v an EMA of grad^2 with decay 0.999: every coordinate moves, rare embedding rows and
+            small-gradient norm scales included); "rms" needs re-scaling, without it the gradient is used.
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
@@ -176,6 +183,8 @@ class KFAC:
                             ("min_qmodel_examples", s.min_qmodel_examples)):
             if int(value) < 1:
                 raise KronographError(f"{name}={value} must be a positive whole number")
+        if s.unmatched_direction not in ("gradient", "rms"):
+            raise KronographError(f"unmatched_direction={s.unmatched_direction!r}; choose 'rms' or 'gradient'")
         if s.damping is not None and not s.damping >= 0:
             raise KronographError(f"damping={s.damping} must be >= 0 (or None: relative to the curvature's scale)")
         if not s.relative_damping > 0:
@@ -213,6 +222,7 @@ class KFAC:
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
+        self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -249,16 +259,22 @@ class KFAC:
         if self.adapt_gamma and k % self.gamma_every == 0:
             power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
             gammas = gamma_candidates(self.gamma, self.gamma_every, power)
-        refresh = inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
+        # A layer first seen late (a branch taken, a layer unfrozen) is inverted as soon as it has statistics.
+        refresh = (inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
+                   or bool(self.curvature.uninverted()))
+        # Parameters outside every block, and those of layers with no statistics yet, step on their own.
+        uncovered = self.unmatched + [name for layer in self.curvature.unestimated() for name in (layer.weight, layer.bias)
+                                      if name]
+        fallback = self._unmatched_direction(grads, uncovered)
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
             with self._timed("inverses"):
                 inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
-                proposal = self._proposal(grads, inverses)
+                proposal = {name: value for name, value in self._proposal(grads, inverses).items() if name not in fallback}
             with self._timed("qmodel"):
-                update, figures, decrease = self._final_update(inputs, grads, proposal, tangent_cache)
+                update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache)
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
         gamma, inverses, update, decrease, figures = best
@@ -392,9 +408,29 @@ class KFAC:
         """Delta = -F^-1 grad h for every layer (the low-rank product where this step's rows make it pay)."""
         return self.curvature.direction(grads, inverses, self._rows)
 
-    def _final_update(self, inputs, grads: Direction, proposal: Direction, cache: dict) -> tuple[Direction, dict, float]:
+    def _unmatched_direction(self, grads: Direction, names: Sequence[str]) -> Direction:
+        """The step direction of the parameters outside every Kronecker block (norms, embeddings, tied
+        weights): -grad h, or with ``unmatched_direction="rms"`` (and re-scaling on) -grad h / sqrt(v), v the
+        EMA (decay 0.999) of grad^2: RMSprop's per-coordinate shape, whose length the quadratic model still
+        chooses (its coefficient), so no learning rate enters. Updates v: call once per step."""
+        if self.settings.unmatched_direction == "gradient" or not self.rescale:
+            return {name: -grads[name] for name in names}
+        direction = {}
+        for name in names:
+            grad = grads[name]
+            v = self.unmatched_moments.get(name)
+            if v is None or not bool(v.any()):  # starts at the first gradient (a layer not called had none)
+                v = grad.square()
+            else:
+                v = v.mul_(UNMATCHED_DECAY).addcmul_(grad, grad, value=1 - UNMATCHED_DECAY)
+            self.unmatched_moments[name] = v
+            # |grad| / sqrt(v) <= 1 / sqrt(1 - decay) where v > 0; a coordinate that never had a gradient stays.
+            direction[name] = torch.where(v > 0, -grad * v.rsqrt(), torch.zeros_like(grad))
+        return direction
+
+    def _final_update(self, inputs, grads: Direction, proposal: Direction, fallback: Direction,
+                      cache: dict) -> tuple[Direction, dict, float]:
         """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
-        fallback = {name: -grads[name] for name in self.unmatched}
         if not self.rescale:
             momentum = self.momentum if isinstance(self.momentum, (int, float)) else 0.0
             return heavy_ball({**proposal, **fallback}, self.lr, momentum, self.previous), {}, 0.0
@@ -454,6 +490,7 @@ class KFAC:
             "gamma_streak": self.gamma_streak,
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
+            "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
         }
@@ -469,5 +506,6 @@ class KFAC:
         self.inverted_gamma = state.get("inverted_gamma")
         self.gamma_streak = int(state.get("gamma_streak", 0))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
+        self.unmatched_moments = {n: t.clone() for n, t in state.get("unmatched_moments", {}).items()}
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])

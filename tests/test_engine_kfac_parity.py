@@ -34,7 +34,10 @@ from kronograph.runtime.quadratic import curvature_gram  # noqa: E402
 STEPS = 20
 RTOL = 1e-4
 ATOL = 1e-5
-SETTINGS = dict(lr=0.05, factor_damping=0.1, inverse_every=5)
+# Centred damping (the default preset's) damps the mean-input direction less; over 20 steps with momentum it
+# amplifies the engines' float32 rounding differences ~10x (3e-5 against 5e-6 in the weights, measured), past
+# what this parity of the engines can assert. Both engines share the inverse code, so it is tested elsewhere.
+SETTINGS = dict(lr=0.05, factor_damping=0.1, inverse_every=5, centered_damping=False)
 PLAIN = dict(fisher="empirical", stats_fraction=1.0, rescale=False, adapt_damping=False, adapt_gamma=False, seed=0)
 
 

@@ -38,6 +38,12 @@ def mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+def normed_mlp(seed: int = 0) -> nn.Module:
+    """LayerNorm's scale and shift lie outside every Kronecker block: unmatched parameters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
 def batches(steps: int, n: int = 32, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)) for _ in range(steps)]
@@ -174,6 +180,7 @@ def test_paper_preset_has_the_papers_settings():
     assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
     assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
     assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
+    assert settings.unmatched_direction == "gradient"
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -183,7 +190,7 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
                     "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None,
-                    "centered_damping": False}):
+                    "centered_damping": False, "unmatched_direction": "gradient"}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
         runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))
@@ -194,16 +201,42 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     assert infos_a[-1]["damping"] != 150.0 and infos_a[19]["factor_damping"] != infos_a[18]["factor_damping"]
 
 
+def test_unmatched_parameters_step_along_the_gradient_over_its_root_mean_square():
+    """The unmatched parameters' change is unmatched_scale * -g / sqrt(v), with g recomputed here by autograd
+    on a copy of the model and v = g_1^2, then 0.999 v + 0.001 g^2 (momentum off to isolate the direction)."""
+    model = normed_mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
+                                reject_steps=False)
+    names = ["1.weight", "1.bias"]
+    assert sorted(opt.unmatched) == sorted(names)
+    v: dict[str, torch.Tensor] = {}
+    moved = 0
+    for x, y in batches(8):
+        probe = copy.deepcopy(model).double()
+        nn.functional.cross_entropy(probe(x.double()), y).backward()
+        grads = {name: dict(probe.named_parameters())[name].grad for name in names}
+        v = {name: g.square() if name not in v else 0.999 * v[name] + 0.001 * g.square() for name, g in grads.items()}
+        before = {name: p.detach().double().clone() for name, p in model.named_parameters() if name in names}
+        info = opt.step(x, y)
+        after = {name: p.detach().double() for name, p in model.named_parameters() if name in names}
+        for name in names:
+            expected = -info["unmatched_scale"] * grads[name] / v[name].sqrt()
+            torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-3, atol=1e-6)
+        moved += info["unmatched_scale"] > 0
+    assert moved >= 4  # the check is not vacuous: the direction was taken on most steps
+
+
 def test_default_preset_resumes_exactly():
     data = batches(12)
-    model = mlp()
+    model = normed_mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0)
+    assert opt.unmatched  # the RMS moments of the unmatched parameters are part of the state
     for x, y in data[:6]:
         opt.step(x, y)
     state = copy.deepcopy(opt.state_dict())  # the live factors are folded in place by later steps
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     tail = [opt.step(x, y)["loss"] for x, y in data[6:]]
-    other = mlp(seed=5)
+    other = normed_mlp(seed=5)
     other.load_state_dict(weights)
     resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 5),)), seed=1)
     resumed.load_state_dict(state)

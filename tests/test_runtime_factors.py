@@ -297,6 +297,10 @@ def test_block_update_equals_the_ema_of_batch_factors_and_refuses_bad_rows() -> 
     (a1, g1), (a2, g2) = (batch_factors(layer, r, batch_size=5, dtype=torch.float64) for r in batches)
     torch.testing.assert_close(block.a, 0.75 * a1 + 0.25 * a2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(block.g, 0.75 * g1 + 0.25 * g2, rtol=1e-12, atol=1e-12)
+    late = KroneckerBlock(layer, dtype=torch.float64)  # a layer first seen at a later update: its first
+    assert late.update(batches[1], batch_size=5, decay=0.75)  # estimate is the batch factor, not 1/4 of it
+    torch.testing.assert_close(late.a, a2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(late.g, g2, rtol=1e-12, atol=1e-12)
 
     a, g = block.a.clone(), block.g.clone()
     for poison in (float("nan"), 1e200):  # NaN rows, and finite rows whose Gram overflows float64

@@ -285,3 +285,52 @@ def test_low_rank_product_of_section_8_equals_the_direct_one():
     direct = optimizer._proposal(grads, inverses)
     for name in direct:
         assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
+
+
+class Branching(nn.Module):
+    """A layer on a branch that is taken only from some step on (a conditional block, a layer unfrozen later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.late, self.last = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.branch = True  # compiled with the branch, so the plan has the late layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if self.branch:
+            h = torch.tanh(self.late(h))
+        return self.last(h)
+
+
+def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor():
+    """Called from step 3 with statistics every 5 steps: at steps 3-5 it has a gradient but no curvature, so it
+    takes the unmatched parameters' direction and coefficient (RMS shape: -c sign(g) on its first step); at
+    step 6 its A is the batch's own (not (1 - decay) of it) and it is inverted at once."""
+    model = Branching()
+    cm = kronograph.compile(model, (torch.randn(2, 5),))
+    opt = kronograph.optim.KFAC(cm, seed=0, stats_every=5, momentum=None, reject_steps=False)
+    generator = torch.Generator().manual_seed(2)
+    model.branch = False
+    with pytest.warns(Warning, match="not seen"):
+        for _ in range(2):
+            opt.step(torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    model.branch = True
+    x, y = torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    probe = copy.deepcopy(model)
+    nn.functional.cross_entropy(probe(x), y).backward()
+    before = model.late.weight.detach().clone()
+    info = opt.step(x, y)
+    assert "late" not in opt.blocks or opt.blocks["late"].inverses is None
+    assert info["unmatched_scale"] > 0
+    expected = -info["unmatched_scale"] * torch.sign(probe.late.weight.grad)
+    torch.testing.assert_close(model.late.weight.detach() - before, expected, rtol=1e-4, atol=1e-7)
+    for _ in range(2):
+        opt.step(torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    x = torch.randn(32, 5, generator=generator)
+    with torch.no_grad():
+        a_bar = torch.cat([torch.tanh(model.first(x)), torch.ones(32, 1)], dim=1).double()
+    opt.step(x, torch.randint(0, 3, (32,), generator=generator))  # step 6: the second statistics update
+    block = opt.blocks["late"]
+    torch.testing.assert_close(block.a[0].double(), a_bar.T @ a_bar / 32, rtol=1e-5, atol=1e-6)
+    assert block.inverses is not None and opt.stats_updates == 2
