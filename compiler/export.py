@@ -39,18 +39,25 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+# The exporter's and torch.export's loggers: "torchvision is not installed. Skipping torchvision::nms" (four
+# lines per export where torchvision is absent) and torch.export's error log (graph dumps) come through them.
+_EXPORT_LOGGERS = ("torch.export", "torch.onnx")
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporter's progress lines, warnings and torch.export's own error log."""
-    logger = logging.getLogger("torch.export")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Silence the exporter's progress lines, warnings and log lines (the errors kronograph raises say why)."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ir.Model:

@@ -128,12 +128,13 @@ class KroneckerBlock:
         )
 
     # -- inverses and preconditioning ---------------------------------------------------------------
-    def invert(self, gamma: float) -> bool:
-        """Recompute the damped inverses with strength gamma; False (and an InverseWarning) if a group kept
-        its previous inverse because its factors were not finite or not positive definite."""
+    def invert(self, gamma: float, knob: str = "factor_damping") -> bool:
+        """Recompute the damped inverses with strength gamma; False (and an InverseWarning naming ``knob``, the
+        caller's setting for gamma) if a group kept its previous inverse because its factors were not finite or
+        not positive definite."""
         if self.a is None or self.g is None:
             raise RuntimeError(f"block {self.layer.name!r} has no statistics yet; update it before invert")
-        self.inverses = factored_inverses(self.a, self.g, gamma, self.inverses, name=self.layer.name)
+        self.inverses = factored_inverses(self.a, self.g, gamma, self.inverses, name=self.layer.name, knob=knob)
         return self.inverses.ok
 
     @property

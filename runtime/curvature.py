@@ -42,9 +42,10 @@ class BlockDiagonalCurvature:
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None) -> None:
-        """Fold the captured sites (rows ``index`` of the batch) into every called layer's factors."""
+        """Fold the captured sites (rows ``index`` of the batch) into every called layer's factors (a layer
+        whose sites got no gradient, frozen before the first layer that learns, has nothing to fold)."""
         for name, block in self.blocks.items():
-            if records.get(name):
+            if records.get(name) and any(record.g is not None for record in records[name]):
                 block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
 
     def invert(self, gamma: float) -> dict[str, DampedInverses | None]:

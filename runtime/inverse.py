@@ -32,6 +32,10 @@ class StatisticsWarning(CurvatureWarning):
     """A mini-batch's factors were not finite and were not folded into the EMA."""
 
 
+class SkippedStepWarning(CurvatureWarning):
+    """A batch whose loss or gradient was not finite was skipped; nothing of it reached the optimizer."""
+
+
 def trace_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """pi = sqrt((tr A / dim A) / (tr G / dim G)) per group ([groups]; 1 where a trace is not positive/finite)."""
     mean_a = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1) / a.shape[-1]
@@ -163,13 +167,15 @@ def factored_inverses(
     previous: DampedInverses | None = None,
     name: str = "",
     centered: bool = False,
+    knob: str = "factor_damping",
 ) -> DampedInverses:
     """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure.
 
     ``centered`` (a layer with a bias, whose inputs end in the homogeneous 1): A is damped in coordinates
     centred on the mean input, (A + pi gamma T T^T)^-1 (``centered_damped_inverse``), with pi from the
     centred factor's trace, so that inputs far from zero mean (sigmoid units near 1/2) do not hide their
-    variation under a damping sized by their mean.
+    variation under a damping sized by their mean. ``knob`` is the caller's name for gamma, which a failure's
+    warning tells the user to raise (KFAC's ``factor_damping``, KFACPreconditioner's ``damping``).
     """
     split = centered_factor(a) if centered else None
     if split is not None:
@@ -189,7 +195,7 @@ def factored_inverses(
         which = [i for i, bad in enumerate(failed.tolist()) if bad]
         warnings.warn(
             f"K-FAC block {name or '?'}: the damped factors of group(s) {which} are not finite or not positive "
-            "definite; kept the previous inverse (raise factor_damping if this repeats)",
+            f"definite; kept the previous inverse (raise {knob} if this repeats)",
             InverseWarning,
             stacklevel=2,
         )

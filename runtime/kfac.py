@@ -18,7 +18,9 @@ else is shared. One ``step(x, y)``:
 6. theta += lr * delta (lr = 1 is the paper's algorithm), then every ``damping_every`` steps the
    Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from rho = (h(theta+delta) - h) / (M(delta) - M(0))
    (by up to omega1^lm_acceleration while rho keeps its verdict), and a step that made h much worse is undone.
-Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported.
+Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
+is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
+finite leaves the weights and the whole optimizer state as they were.
 The settings come from a preset (runtime/presets.py): "default", the first try on any model, or "paper".
 """
 
@@ -47,7 +49,7 @@ from kronograph.runtime.damping import (
     lm_omega,
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
-from kronograph.runtime.inverse import StatisticsWarning, all_finite
+from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.presets import FROM_PRESET, SETTING_NAMES, settings_for
 from kronograph.runtime.statistics import (
@@ -239,22 +241,47 @@ class KFAC:
         """
         inputs = tuple(torch.as_tensor(t) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y)
+        # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
+        # step count and the generator, which are put back when a pass raises (bad targets, say) or the
+        # batch's loss or gradient is not finite.
+        before = (self.steps, self.generator.get_state())
         self.steps += 1
         k = self.steps
         statistics = statistics_due(k, self.stats_every)
         fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
-        if statistics and not fused:
-            with self._timed("statistics"):
-                self._update_statistics(inputs, y)
-        with self._timed("gradient"):
-            loss, objective, grads = self._gradient(inputs, y, statistics=fused)
+        sampled = None
+        try:
+            if statistics and not fused:
+                with self._timed("statistics"):
+                    sampled = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator,
+                                                       self.settings.min_stats_examples)
+            with self._timed("gradient"):
+                loss, objective, grads, records = self._gradient(inputs, y, capture=fused)
+        except BaseException:
+            self._restore(*before)
+            raise
+        if not math.isfinite(objective) or not all_finite(grads.values()):
+            self._restore(*before)
+            warnings.warn(f"K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) "
+                          "was skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
+                          stacklevel=2)
+            return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
+                    "rejected_steps": self.rejected,
+                    "skipped": "non-finite loss or gradient; the weights were left unchanged"}
+        with self._timed("statistics"):
+            if sampled is not None:
+                self._fold(*sampled)
+            elif fused:  # rows tau_1 of the labels' own pass; captured g is of the mean loss over n
+                n = inputs[0].shape[0]
+                index = subset(n, self.stats_fraction, self.generator, self.settings.min_stats_examples)
+                self._fold(records, n, index, grad_scale=n * self.loss.statistics_scale(y))
         if self.damping is None:
             self._initial_damping()
+        frozen = self.engine.frozen()
+        if frozen and self.previous is not None:  # a layer frozen since the last step keeps no momentum
+            self.previous = {name: torch.zeros_like(v) if name in frozen else v for name, v in self.previous.items()}
         info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
                                 "rejected_steps": self.rejected}
-        if not math.isfinite(objective) or not all_finite(grads.values()):
-            info["skipped"] = "non-finite loss or gradient; the weights were left unchanged"
-            return info
         gammas = [self.gamma]
         if self.adapt_gamma and k % self.gamma_every == 0:
             power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
@@ -265,14 +292,15 @@ class KFAC:
         # Parameters outside every block, and those of layers with no statistics yet, step on their own.
         uncovered = self.unmatched + [name for layer in self.curvature.unestimated() for name in (layer.weight, layer.bias)
                                       if name]
-        fallback = self._unmatched_direction(grads, uncovered)
+        fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in frozen])
+        left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
         best = None
         tangent_cache: dict[str, Any] = {}
         for gamma in gammas:
             with self._timed("inverses"):
                 inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
-                proposal = {name: value for name, value in self._proposal(grads, inverses).items() if name not in fallback}
+                proposal = {name: value for name, value in self._proposal(grads, inverses).items() if name not in left_out}
             with self._timed("qmodel"):
                 update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache)
             if best is None or decrease < best[3]:
@@ -305,6 +333,11 @@ class KFAC:
         info["damping"] = self.damping
         info["rejected_steps"] = self.rejected
         return info
+
+    def _restore(self, steps: int, generator_state: torch.Tensor) -> None:
+        """Put back what a step's passes change before its statistics are folded (step() is atomic until then)."""
+        self.steps = steps
+        self.generator.set_state(generator_state)
 
     def _initial_damping(self) -> None:
         """lambda (and gamma = sqrt(lambda + eta)) from the curvature's own scale, at the first step."""
@@ -344,12 +377,6 @@ class KFAC:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _update_statistics(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        """A statistics pass of its own on tau_1 of the batch with targets sampled from the model."""
-        records, examples = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator,
-                                                     self.settings.min_stats_examples)
-        self._fold(records, examples)
-
     def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
               grad_scale: float | None = None) -> None:
         """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
@@ -368,19 +395,15 @@ class KFAC:
                     stacklevel=3,
                 )
 
-    def _gradient(self, inputs, y, statistics: bool = False) -> tuple[float, float, Direction]:
-        """Loss, objective h and grad h on the whole batch; with ``statistics`` (fisher="empirical") the same
-        forward and backward also feed the factors (rows tau_1 of the batch), as the labels are the targets."""
+    def _gradient(self, inputs, y, capture: bool = False) -> tuple[float, float, Direction, Any]:
+        """Loss, objective h, grad h on the whole batch and the captured sites (with ``capture``, for
+        fisher="empirical", whose statistics come from this same forward and backward)."""
         n = inputs[0].shape[0]
-        captured = statistics or self._low_rank_possible(n)
+        captured = capture or self._low_rank_possible(n)
         result = self.engine.gradient_pass(inputs, y, capture=captured)
         self._rows = {}
         if captured:
             self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
-        if statistics:
-            scale = n * self.loss.statistics_scale(y)  # captured g is of the mean loss over n
-            index = subset(n, self.stats_fraction, self.generator, self.settings.min_stats_examples)
-            self._fold(result.records, n, index, grad_scale=scale)
         grads: Direction = {}
         norm = 0.0
         for name, param in self.engine.parameters().items():
@@ -389,7 +412,7 @@ class KFAC:
                 grad = grad + self.weight_decay * param
                 norm += float(param.double().pow(2).sum())
             grads[name] = grad
-        return result.loss, result.loss + 0.5 * self.weight_decay * norm, grads
+        return result.loss, result.loss + 0.5 * self.weight_decay * norm, grads, result.records
 
     def _low_rank_possible(self, n: int) -> bool:
         """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds

@@ -256,7 +256,7 @@ class KFACPreconditioner:
         for name, block in self.blocks.items():
             if block.a is not None and (due or block.inverses is None):
                 inverted = True
-                if not block.invert(self.damping):
+                if not block.invert(self.damping, knob="damping"):
                     failed.append(name)
         return inverted, failed
 

@@ -128,3 +128,30 @@ def test_exported_file_keeps_every_parameter_even_all_zero_ones(tmp_path):
     again = kronograph.compile(str(cm.export_onnx(tmp_path / "net.onnx")))
     assert set(again.plan.parameters) == {name for name, _ in model.named_parameters()}
     assert all(layer.bias for layer in again.layers)
+
+
+class Chatty(nn.Module):
+    """Logs what torch's exporter logs where torchvision is absent (four such lines per export, issue 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import logging
+
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning(
+            "torchvision is not installed. Skipping %s", "torchvision::nms")
+        return self.layer(x)
+
+
+def test_the_exporters_log_lines_do_not_reach_the_user(caplog, capfd):
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        kronograph.compile(Chatty(), example_inputs=(torch.randn(2, 3),))
+    assert "torchvision" not in caplog.text
+    out, err = capfd.readouterr()
+    assert "torchvision" not in out + err
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    assert logger.getEffectiveLevel() < logging.CRITICAL  # the loggers' levels are put back afterwards

@@ -277,7 +277,7 @@ def test_low_rank_product_of_section_8_equals_the_direct_one():
     x, y = torch.randn(4, 40, dtype=torch.float64), torch.randint(0, 3, (4,))
     optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **{**SETTINGS, "weight_decay": 0.0})
     optimizer.step(x, y)
-    loss, _, grads = optimizer._gradient((x,), y)
+    loss, _, grads, _ = optimizer._gradient((x,), y)
     assert set(optimizer._rows) == {"0"}  # 4 rows against 41 x 50; the 51 x 3 head is cheaper directly
     inverses = optimizer.curvature.current()
     by_rows = optimizer._proposal(grads, inverses)
@@ -334,3 +334,33 @@ def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor():
     block = opt.blocks["late"]
     torch.testing.assert_close(block.a[0].double(), a_bar.T @ a_bar / 32, rtol=1e-5, atol=1e-6)
     assert block.inverses is not None and opt.stats_updates == 2
+
+
+@pytest.mark.parametrize("frozen", ["0", "2"])
+def test_layers_frozen_and_unfrozen_after_compile(frozen):
+    """Fine-tuning schedules freeze layers after compile: the first layer (its site then gets no gradient) or a
+    middle one (its low-rank product of sec 8 would not be zero) stays exactly as it is, momentum included,
+    while the others train; unfrozen, it trains again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 20),)), seed=0)
+    assert opt._low_rank_possible(4)
+    generator = torch.Generator().manual_seed(3)
+
+    def step():
+        return opt.step(torch.randn(4, 20, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+
+    for _ in range(3):
+        step()
+    layer = model[int(frozen)]
+    layer.requires_grad_(False)
+    kept = [p.detach().clone() for p in layer.parameters()]
+    others = [p.detach().clone() for p in model[4].parameters()]
+    for _ in range(4):
+        assert "skipped" not in step()
+    assert all(torch.equal(p, q) for p, q in zip(kept, layer.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(others, model[4].parameters()))
+    layer.requires_grad_(True)
+    for _ in range(3):
+        step()
+    assert not all(torch.equal(p, q) for p, q in zip(kept, layer.parameters()))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronograph
-from kronograph.runtime.inverse import StatisticsWarning
+from kronograph.runtime.inverse import InverseWarning, StatisticsWarning
 from kronograph.runtime.losses import get_loss
 
 N, CLASSES = 8, 3
@@ -255,6 +255,22 @@ def test_non_finite_grad_and_statistics_are_left_out_and_reported():
         info = precond.step()
     assert not info["statistics_updated"] and sorted(info["rejected_statistics"]) == ["0", "3", "5"]
     assert all(torch.equal(block.a, factors[name]) for name, block in precond.blocks.items())
+
+
+def test_a_failed_inverse_names_the_preconditioners_own_knob():
+    """KFACPreconditioner's damping is ``damping`` (KFAC's is ``factor_damping``): the warning says which to raise."""
+    model = mlp()
+    x, y = batch(model, 1)
+    precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (x,)))
+    with precond.track():
+        user_backward(model, x, y)
+    precond.step()
+    precond.blocks["0"].a.fill_(float("inf"))  # a poisoned estimate: its inverse fails at the next refresh
+    with precond.track():
+        user_backward(model, x, y)
+    with pytest.warns(InverseWarning, match="raise damping if") as caught:
+        info = precond.step()
+    assert info["failed_inverses"] == ["0"] and not any("factor_damping" in str(w.message) for w in caught)
 
 
 def test_schedule_and_misuse():

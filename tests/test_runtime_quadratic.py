@@ -71,8 +71,7 @@ def test_bad_targets_are_named():
         get_loss("cross_entropy").check_targets(outputs, torch.zeros(4))
     with pytest.raises(KronographError, match=r"in \[0, 1\]"):
         get_loss("sigmoid_cross_entropy").check_targets(outputs, torch.full((4, 3), 2.0))
-    with pytest.raises(KronographError, match="NaN"):
-        get_loss("mse").check_targets(outputs, torch.full((4, 3), float("nan")))
+    get_loss("mse").check_targets(outputs, torch.full((4, 3), float("nan")))  # not an error: KFAC skips such a step
     with pytest.raises(KronographError, match="do not match"):
         get_loss("mse").check_targets(outputs, torch.zeros(4, 2))
     with pytest.raises(KronographError, match="unknown loss"):

@@ -55,7 +55,6 @@ class OnnxRuntimePasses:
         self.layers = {layer.name: layer for layer in compiled.layers}
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
-        self._checked = False
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The trainable weights by ONNX initializer name: the optimizer's copy, re-read when someone else
@@ -64,6 +63,10 @@ class OnnxRuntimePasses:
             self._theta = {name: torch.from_numpy(value) for name, value in self.engine.parameters().items()}
             self._version = self.engine.version
         return self._theta
+
+    def frozen(self) -> set[str]:
+        """None: an ONNX graph's trainable set is fixed when its training artifacts are built."""
+        return set()
 
     def _send(self, names) -> None:
         self.engine.set_parameters({name: self._theta[name].numpy() for name in names})
@@ -99,9 +102,8 @@ class OnnxRuntimePasses:
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
         result = self.engine.forward_backward([_numpy(x) for x in inputs], _numpy(targets))
-        if not self._checked and result.outputs is not None:
+        if result.outputs is not None:  # every step: a batch of another shape must not broadcast
             self.loss.check_targets(torch.from_numpy(result.outputs), targets)
-            self._checked = True
         grads = {name: torch.from_numpy(np.asarray(result.gradients[name])) for name in self.parameters()}
         return GradientPass(result.loss, grads, self._records(result.taps) if capture else None)
 

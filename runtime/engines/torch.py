@@ -55,7 +55,6 @@ class TorchEngine:
         self.compiled, self.module, self.loss = compiled, compiled.module, loss
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
-        self._checked = False
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +64,10 @@ class TorchEngine:
     def parameters(self) -> dict[str, torch.Tensor]:
         """The trainable weights by name (the module's own tensors, detached: no copy)."""
         return {name: param.detach() for name, param in self.params.items()}
+
+    def frozen(self) -> set[str]:
+        """The plan's parameters the user has frozen since compile (requires_grad=False): left as they are."""
+        return {name for name, param in self.params.items() if not param.requires_grad}
 
     def write_back(self) -> None:
         """Nothing to do: ``parameters()`` are the module's own tensors (in-place changes are already there)."""
@@ -87,9 +90,7 @@ class TorchEngine:
         capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
         with capturing:
             outputs = self.module(*inputs)
-        if not self._checked:
-            self.loss.check_targets(outputs, targets)
-            self._checked = True
+        self.loss.check_targets(outputs, targets)  # every step: a batch of another shape must not broadcast
         loss = self.loss(outputs, targets)
         loss.backward()
         records = None
