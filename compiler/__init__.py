@@ -11,6 +11,7 @@ import torch
 from kronograph.compiler.compiled import ENGINES, LOSSES, CompiledModel, check_loss
 from kronograph.compiler.export import export_module
 from kronograph.compiler.load import load_onnx
+from kronograph.compiler.outputs import OutputChoice, OutputSelector, example_outputs, put_first
 from kronograph.compiler.parameters import module_parameters, onnx_parameters
 from kronograph.errors import KronographError
 from kronograph.passes.match import build_plan
@@ -24,6 +25,7 @@ def compile(  # noqa: A001 - the contract's name
     loss: str = "cross_entropy",
     engine: str | None = None,
     trainable: Sequence[str] | None = None,
+    output: OutputChoice = None,
 ) -> CompiledModel:
     """Export or load ``model``, match its linear and convolution layers and return a CompiledModel.
 
@@ -35,6 +37,10 @@ def compile(  # noqa: A001 - the contract's name
             engine="onnxruntime" is trained as its exported graph (its own parameters are not updated).
         trainable: for ONNX files, the initializers to train (default: every floating-point initializer
             with more than one element, except batch-norm running statistics).
+        output: the model output the loss is put on, when forward() returns more than a tensor: a key of a
+            dict or Hugging Face ModelOutput, a position in a tuple, or a callable (default: "logits", or
+            element 0 of a tuple; compiler/outputs.py). For an .onnx file, the graph output's position
+            (default 0). ``cm.output`` says what was chosen.
     """
     check_loss(loss)
     if engine is not None and engine not in ENGINES:
@@ -43,9 +49,18 @@ def compile(  # noqa: A001 - the contract's name
         if engine == "torch":
             raise KronographError("an ONNX file runs on engine='onnxruntime'; drop engine= or pass an nn.Module")
         graph = load_onnx(model)
+        if not (output is None or isinstance(output, int)) or isinstance(output, bool):
+            raise KronographError(f"output={output!r}: an .onnx file's output is chosen by its position (an int)")
+        if output is not None and not 0 <= output < len(graph.graph.outputs):
+            raise KronographError(f"output={output}, but the graph has {len(graph.graph.outputs)} output(s)")
+        put_first(graph, output)
         parameters = onnx_parameters(graph, trainable)
         plan = build_plan(graph, parameters)
-        return CompiledModel(engine="onnxruntime", plan=plan, graph=graph, loss=loss)
+        return CompiledModel(engine="onnxruntime", plan=plan, graph=graph, loss=loss,
+                             output=f"graph output {output or 0}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        # torch.compile(model): its parameters are the original module's; K-FAC's passes run that module.
+        model = model._orig_mod
     if not isinstance(model, torch.nn.Module):
         raise KronographError(
             f"cannot compile a {type(model).__name__}; pass a torch.nn.Module with example_inputs, or an .onnx path"
@@ -56,8 +71,11 @@ def compile(  # noqa: A001 - the contract's name
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     graph = export_module(model, example_inputs)
+    selector = OutputSelector(output, example_outputs(model, example_inputs))
+    put_first(graph, selector.graph_index)
     parameters, missing = module_parameters(model, graph)
     plan = build_plan(graph, parameters, missing)
     return CompiledModel(
-        engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs
+        engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs,
+        select=selector, output=selector.description,
     )

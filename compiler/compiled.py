@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +32,7 @@ class CompiledModel:
         module: the source nn.Module (None for an .onnx file); with engine "onnxruntime" it is only the source
             of the graph: training updates the engine's weights (``state_dict``), not the module.
         loss: the loss name ("cross_entropy", "sigmoid_cross_entropy" or "mse").
+        output: in words, the model output the loss is put on (compile's ``output=``).
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class CompiledModel:
         loss: str,
         module: torch.nn.Module | None = None,
         example_inputs: tuple[torch.Tensor, ...] = (),
+        select: Callable[[Any], torch.Tensor] | None = None,
+        output: str = "the model's output tensor",
     ) -> None:
         self.engine = engine
         self.plan = plan
@@ -48,7 +53,17 @@ class CompiledModel:
         self.loss = loss
         self.module = module
         self.example_inputs = example_inputs
+        self.output = output
+        self._select = select
         self._onnxruntime = None  # the OnnxRuntimeEngine holding the weights once training started
+
+    def select_output(self, outputs: Any) -> torch.Tensor:
+        """The tensor the loss is put on, out of what the module's forward() returned (compile's ``output=``)."""
+        return outputs if self._select is None else self._select(outputs)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The module on a batch, reduced to the output the loss is put on (torch engine)."""
+        return self.select_output(self.module(*inputs))
 
     def onnxruntime(self, workdir: str | Path | None = None):
         """The onnxruntime-training engine of this model (engine "onnxruntime"), created on first use with its

@@ -123,6 +123,11 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
                 report=False,
             )
     except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
+        if "Cache" in str(error) and "in output" in str(error):
+            raise KronographError(
+                f"the model returns a key/value cache ({_root_cause(error)}); training needs no cache: set "
+                "model.config.use_cache = False (Hugging Face models) before kronograph.compile"
+            ) from error
         raise KronographError(
             f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "
             "match forward() and that forward() is traceable by torch.export"

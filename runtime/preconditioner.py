@@ -176,7 +176,8 @@ class KFACPreconditioner:
             raise KronographError("update_statistics(x) is for fisher='mc'; with 'empirical' use precond.track()")
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         records, m = sampled_statistics(
-            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator
+            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator,
+            select=self.compiled.select_output,
         )
         factors = {
             name: batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype)

@@ -8,8 +8,9 @@ the products come from the loss's output curvature H_i. F itself is never formed
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call, jvp, vmap
@@ -25,6 +26,7 @@ def output_tangents(
     params: Mapping[str, torch.Tensor],
     inputs: Sequence[torch.Tensor],
     directions: Sequence[Direction],
+    select: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """The outputs s on ``inputs`` and J d for every direction d, by forward-mode differentiation.
 
@@ -38,7 +40,8 @@ def output_tangents(
     def forward(*values: torch.Tensor) -> torch.Tensor:
         # Copies made inside the transformed function: batch norm may update them in place.
         copies = {name: buffer.clone() for name, buffer in buffers.items()}
-        return functional_call(module, {**copies, **dict(zip(names, values))}, tuple(inputs))
+        outputs = functional_call(module, {**copies, **dict(zip(names, values))}, tuple(inputs))
+        return outputs if select is None else select(outputs)
 
     if not directions:
         return None, []
@@ -48,9 +51,10 @@ def output_tangents(
         for name, value in zip(names, primals)
     )
     # The fused attention kernels have no forward-mode derivative on CPU; the math one is made of
-    # differentiable ops (same values up to rounding).
+    # differentiable ops (same values up to rounding). A model with dropout draws one mask for all the
+    # directions (randomness="same"): the products are those of one random forward, as the gradient's.
     with sdpa_kernel(SDPBackend.MATH):
-        outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent))(*stacked)
+        outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent), randomness="same")(*stacked)
     return outputs[0].detach(), list(output_tangents.detach().unbind(0))
 
 

@@ -8,7 +8,8 @@ and folded into exponential moving averages whose decay is min(1 - 1/k, 0.95) at
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -75,9 +76,11 @@ def sampled_statistics(
     fraction: float,
     generator: torch.Generator,
     minimum: int = 1,
+    select: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[dict[str, list[SiteRecord]], int]:
     """A forward pass on tau_1 of the batch and the backward of targets sampled from the model.
 
+    ``select`` picks the tensor the loss is put on from what the module returns (compile's ``output=``).
     Returns the captured sites and the number of examples used. No .grad and no buffer changes: the
     gradients come from autograd.grad and batch norm's running statistics are restored.
     """
@@ -86,6 +89,7 @@ def sampled_statistics(
     with torch.enable_grad(), preserved_buffers(module):
         with Capture(module, plan, hooks=False) as capture:
             outputs = module(*sub)
+            outputs = outputs if select is None else select(outputs)
         targets = loss.sample_targets(outputs, generator)
         capture.gradients_from(loss.statistics_loss(outputs, targets))
     capture.release_outputs()

@@ -140,17 +140,20 @@ class Chatty(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import logging
 
-        logging.getLogger("torch.onnx._internal.exporter._registration").warning(
-            "torchvision is not installed. Skipping %s", "torchvision::nms")
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(x, FakeTensor):  # while the exporter traces, as its own line is logged then
+            logging.getLogger("torch.onnx._internal.exporter._registration").warning(
+                "torchvision is not installed. Skipping %s", "torchvision::nms")
         return self.layer(x)
 
 
 def test_the_exporters_log_lines_do_not_reach_the_user(caplog, capfd):
     import logging
 
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.INFO):
         kronograph.compile(Chatty(), example_inputs=(torch.randn(2, 3),))
-    assert "torchvision" not in caplog.text
+    assert not [record for record in caplog.records if "torchvision" in record.getMessage()]
     out, err = capfd.readouterr()
     assert "torchvision" not in out + err
     logger = logging.getLogger("torch.onnx._internal.exporter._registration")

@@ -89,7 +89,7 @@ class TorchEngine:
         self.module.zero_grad(set_to_none=True)
         capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
         with capturing:
-            outputs = self.module(*inputs)
+            outputs = self.compiled.forward(*inputs)
         self.loss.check_targets(outputs, targets)  # every step: a batch of another shape must not broadcast
         loss = self.loss(outputs, targets)
         loss.backward()
@@ -106,13 +106,14 @@ class TorchEngine:
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
                      minimum: int = 1) -> tuple[Records, int]:
         """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
-        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum)
+        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum,
+                                  select=self.compiled.select_output)
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
         """(outputs, [J d for d in directions]) by forward-mode differentiation (quadratic.output_tangents)."""
-        return output_tangents(self.module, self.params, inputs, directions)
+        return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
 
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
         with torch.no_grad(), preserved_buffers(self.module):
-            return float(self.loss(self.module(*inputs), targets))
+            return float(self.loss(self.compiled.forward(*inputs), targets))
