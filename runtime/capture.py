@@ -114,7 +114,9 @@ class Capture(TorchFunctionMode):
         # or: cap.gradients_from(sampled_loss, retain_graph=True)  (no .grad written)
         records = cap.records                  # {layer name: [SiteRecord, ...]}
 
-    Use one Capture per forward pass: sites are counted from its start.
+    Sites are counted from the start of the Capture, or of the last ``begin_pass()`` (one Capture around
+    several micro-batches: ``passes()`` splits the records by pass). Calls made with gradients disabled
+    (a validation forward under ``torch.no_grad()``) are not recorded: they have no g.
 
     Args:
         module: the user's module (its ``named_parameters()`` names are the plan's parameter names).
@@ -146,6 +148,25 @@ class Capture(TorchFunctionMode):
         self.records: dict[str, list[SiteRecord]] = {}
         self._transposed: dict[int, tuple[weakref.ref, Layer]] = {}
         self._hooks_live = True
+        self._marks: list[dict[str, int]] = []  # records per layer at the start of each pass
+
+    def begin_pass(self) -> None:
+        """A new forward pass (micro-batch) starts: its sites are counted afresh against the plan."""
+        self._marks.append({name: len(sites) for name, sites in self.records.items()})
+
+    def passes(self) -> list[dict[str, list[SiteRecord]]]:
+        """The records split by pass: those before the first ``begin_pass`` (if any call came first), then one
+        dict per ``begin_pass``; a pass that recorded nothing (a forward under no_grad) gives an empty dict."""
+        bounds = [{}, *self._marks]
+        found = []
+        for start, end in zip(bounds, [*bounds[1:], None]):
+            part = {}
+            for name, sites in self.records.items():
+                chunk = sites[start.get(name, 0): len(sites) if end is None else end.get(name, 0)]
+                if chunk:
+                    part[name] = chunk
+            found.append(part)
+        return found
 
     # -- interception -------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -253,10 +274,13 @@ class Capture(TorchFunctionMode):
         self._record(layer, _arg(args, kwargs, 0, "input"), result, geometry)
 
     def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None) -> None:
+        if not torch.is_grad_enabled():
+            return  # no backward will reach it: nothing to learn from this call
         sites = self.records.setdefault(layer.name, [])
-        if self.strict and len(sites) >= len(layer.sites):
+        calls = len(sites) - (self._marks[-1].get(layer.name, 0) if self._marks else 0)
+        if self.strict and calls >= len(layer.sites):
             raise CaptureError(
-                f"layer {layer.name!r} ({layer.weight}) was called {len(sites) + 1} times but the plan has "
+                f"layer {layer.name!r} ({layer.weight}) was called {calls + 1} times but the plan has "
                 f"{len(layer.sites)} site(s): the forward differs from the traced one; recompile with inputs that "
                 "take the same path, or capture with strict=False to pool the extra calls"
             )

@@ -15,8 +15,9 @@ It only rewrites the ``.grad`` of the matched layers with F^-1 grad; the user's 
 Two sources of statistics (``fisher``):
 * ``"empirical"``: the user's own forward/backward inside ``track()``; g is the gradient of the user's
   loss, a mean over the batch (``loss_reduction="mean"``: per-example g = n * captured) or a sum.
-  ``track()`` captures only at steps whose statistics are due (otherwise it costs nothing); several
-  ``track(loss_scale=1/k)`` blocks before one ``step()`` (k accumulation steps) pool as one mini-batch.
+  ``track()`` captures only at steps whose statistics are due (otherwise it costs nothing); the k
+  micro-batches of an accumulation step pool as one mini-batch, whether inside one ``track()`` (each forward
+  is one; loss_scale 1/k is then assumed) or in k ``track(loss_scale=1/k)`` blocks before one ``step()``.
 * ``"mc"`` (paper sec 5): targets sampled from the model's predictive distribution (``cm.loss``) on a
   random fraction tau_1 of the inputs, in an extra forward/backward of the preconditioner's own that
   touches no ``.grad`` and no batch-norm running statistic. Pass the inputs: ``precond.step(x)`` folds
@@ -130,7 +131,7 @@ class KFACPreconditioner:
         self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
-        self._pending: list[tuple[Capture, int, float]] = []  # tracked captures of the coming step
+        self._pending: list[tuple[Capture, dict, int, float]] = []  # tracked passes of the coming step
         self._folded: dict[str, Any] | None = None  # what update_statistics folded since the last step()
 
     @property
@@ -140,34 +141,43 @@ class KFACPreconditioner:
 
     # -- statistics ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def track(self, batch_size: int | None = None, loss_scale: float = 1.0) -> Iterator[None]:
-        """Capture a and g of the forward (and backward) run inside, when statistics are due.
+    def track(self, batch_size: int | None = None, loss_scale: float | None = None) -> Iterator[None]:
+        """Capture a and g of the forwards (and backwards) run inside, when statistics are due.
+
+        Each forward of the module inside the block is one micro-batch, so one ``track()`` may hold all the
+        micro-batches of an accumulation step; they pool as one mini-batch. Forwards with gradients disabled
+        (a validation pass under ``torch.no_grad()``) are ignored.
 
         Args:
-            batch_size: examples in the forward; default: dim 0 of the module's first tensor input.
-            loss_scale: what the differentiated loss was multiplied by (1/k for k accumulation steps,
-                an AMP GradScaler's ``get_scale()``), divided out of the captured g.
+            batch_size: examples in each forward; default: dim 0 of the module's first tensor input.
+            loss_scale: what each differentiated loss was multiplied by, divided out of the captured g (an AMP
+                GradScaler's ``get_scale()``, times 1/k for k accumulated micro-batches); default: 1/k for the
+                k micro-batches of this block (the accumulation idiom ``(loss / k).backward()``), 1 for one.
         """
         if self.fisher != "empirical" or not self.statistics_due:
             yield
             return
-        seen: list[int] = []
+        capture = Capture(self.module, self.compiled.plan)
+        sizes: list[int | None] = [None]  # examples of each pass (the first: calls before any forward)
 
-        def first_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def new_pass(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():
+                return
             tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0]
-            if tensors and not seen:
-                seen.append(tensors[0].shape[0])
+            capture.begin_pass()
+            sizes.append(tensors[0].shape[0] if tensors else None)
 
-        handle = self.module.register_forward_pre_hook(first_input, with_kwargs=True)
+        handle = self.module.register_forward_pre_hook(new_pass, with_kwargs=True)
         try:
-            with Capture(self.module, self.compiled.plan) as capture:
+            with capture:
                 yield
         finally:
             handle.remove()
-        records = [r for sites in capture.records.values() for r in sites]
-        if records:
-            n = batch_size or (seen[0] if seen else min(r.a.shape[0] for r in records))
-            self._pending.append((capture, int(n), float(loss_scale)))
+        passes = [(part, n) for part, n in zip(capture.passes(), sizes) if part]
+        scale = float(loss_scale) if loss_scale is not None else 1.0 / max(1, len(passes))
+        for part, n in passes:
+            n = batch_size or n or min(r.a.shape[0] for sites in part.values() for r in sites)
+            self._pending.append((capture, part, int(n), scale))
 
     def update_statistics(self, x: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, Any]:
         """Fold MC-Fisher statistics of the inputs x now (fisher="mc"): a forward on a fraction tau_1 of x,
@@ -191,12 +201,12 @@ class KFACPreconditioner:
         """The mini-batch factors of the pending tracked captures, pooled weighted by examples."""
         pending, self._pending = self._pending, []
         sums: dict[str, list[Any]] = {}
-        for capture, n, loss_scale in pending:
+        for capture, part, n, loss_scale in pending:
             capture.release_outputs()
             index = subset(n, self.stats_fraction, self.generator)
             m = n if index is None else int(index.numel())
             scale = (n if self.loss_reduction == "mean" else 1.0) / loss_scale  # per-example g from the captured
-            for name, records in capture.records.items():
+            for name, records in part.items():
                 if not records or all(r.g is None for r in records):
                     continue
                 layer, dtype = self.blocks[name].layer, self.factor_dtype

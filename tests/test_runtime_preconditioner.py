@@ -296,8 +296,11 @@ def test_schedule_and_misuse():
             kronograph.optim.KFACPreconditioner(compiled, **kwargs)
 
 
-def test_accumulated_halves_equal_one_batch():
-    """Two track(loss_scale=1/2) blocks on halves of a batch pool into the factors of the whole batch."""
+@pytest.mark.parametrize("one_block", [False, True])
+def test_accumulated_halves_equal_one_batch(one_block):
+    """Two track(loss_scale=1/2) blocks on halves of a batch, or one track() around both halves (the 1/2 is
+    derived from the two forwards seen; a no_grad validation forward inside is ignored), pool into the factors
+    of the whole batch."""
     whole, halves = mlp(), mlp()
     x, y = batch(whole, 1)
     settings = dict(damping=0.1, factor_dtype=torch.float64)
@@ -307,9 +310,20 @@ def test_accumulated_halves_equal_one_batch():
         user_backward(whole, x, y)
     precond_whole.step()
     halves.zero_grad()
-    for part in (slice(0, N // 2), slice(N // 2, N)):
-        with precond_halves.track(loss_scale=0.5):
-            (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
+    parts = (slice(0, N // 2), slice(N // 2, N))
+    if one_block:
+        with precond_halves.track():
+            for part in parts:
+                (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
+            with torch.no_grad():
+                halves(x[:3])  # a validation forward
+    else:
+        for part in parts:
+            with precond_halves.track(loss_scale=0.5):
+                (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
     precond_halves.step()
+    for a, b in zip(precond_whole.blocks.values(), precond_halves.blocks.values()):
+        torch.testing.assert_close(a.a, b.a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.g, b.g, rtol=1e-10, atol=1e-12)
     for p, q in zip(whole.parameters(), halves.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
