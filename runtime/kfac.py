@@ -236,8 +236,9 @@ class KFAC:
         """One K-FAC iteration on the batch (x, y) (tensors or numpy arrays); returns {"loss", "alpha", "mu",
         "damping", ...}.
 
-        Seconds spent per phase accumulate in ``self.timings`` (statistics, gradient — which includes the
-        statistics when they come from the same pass —, inverses, precondition, qmodel, update, damping).
+        Seconds spent per phase accumulate in ``self.timings`` (statistics: their pass and the fold, gradient —
+        which includes the statistics' capture when they come from the same pass —, inverses, precondition,
+        qmodel, update, damping).
         """
         inputs = tuple(torch.as_tensor(t) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y)
@@ -262,7 +263,7 @@ class KFAC:
             raise
         if not math.isfinite(objective) or not all_finite(grads.values()):
             self._restore(*before)
-            warnings.warn(f"K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) "
+            warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) "
                           "was skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
                           stacklevel=2)
             return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
