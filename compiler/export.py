@@ -39,20 +39,22 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-# The exporter's and torch.export's loggers: "torchvision is not installed. Skipping torchvision::nms" (four
-# lines per export where torchvision is absent) and torch.export's error log (graph dumps) come through them.
-_EXPORT_LOGGERS = ("torch.export", "torch.onnx")
+# The exporter's, torch.export's and torch.fx's loggers: "torchvision is not installed. Skipping
+# torchvision::nms" (four lines per export where torchvision is absent), torch.export's error log and the
+# symbolic-shape warnings come through them; the graph dumps of a failed trace go to sys.stderr.
+_EXPORT_LOGGERS = ("torch.export", "torch.onnx", "torch.fx")
 
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporter's progress lines, warnings and log lines (the errors kronograph raises say why)."""
+    """Silence the exporter's progress lines, graph dumps, warnings and log lines (kronograph's error says why)."""
     loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -123,6 +125,11 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
                 report=False,
             )
     except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
+        if "DataDependent" in _root_cause(error) or "data-dependent" in str(error):
+            raise KronographError(
+                f"forward() branches on the values of a tensor ({_root_cause(error)}), which torch.export cannot "
+                "trace; write the branch with torch.where or torch.cond, or compile an .onnx file of the model"
+            ) from error
         if "Cache" in str(error) and "in output" in str(error):
             raise KronographError(
                 f"the model returns a key/value cache ({_root_cause(error)}); training needs no cache: set "

@@ -158,3 +158,19 @@ def test_the_exporters_log_lines_do_not_reach_the_user(caplog, capfd):
     assert "torchvision" not in out + err
     logger = logging.getLogger("torch.onnx._internal.exporter._registration")
     assert logger.getEffectiveLevel() < logging.CRITICAL  # the loggers' levels are put back afterwards
+
+
+class ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) if x.sum() > 0 else -self.layer(x)
+
+
+def test_a_branch_on_tensor_values_gets_the_fix_and_no_graph_dump(capfd):
+    with pytest.raises(KronographError, match="branches on the values of a tensor.*torch.where or torch.cond"):
+        kronograph.compile(ValueBranch(), example_inputs=(torch.randn(4, 3),))
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err and "Unable to find user code" not in out + err
