@@ -62,6 +62,19 @@ def _quiet():
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def kept_state(model: torch.nn.Module):
+    """Running or tracing the model in training mode inside must not move batch-norm running statistics or any
+    other entry of its state_dict: they are put back on the way out."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                value.copy_(state[key])
+
+
 def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ir.Model:
     """Trace ``model`` on ``example_inputs`` and return the ONNX graph (onnx_ir) without changing the model.
 
@@ -73,14 +86,8 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
     inputs = tuple(example_inputs)
     if not inputs:
         raise KronographError("example_inputs is empty; pass example_inputs=(x,) with a batch the model accepts")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
+    with kept_state(model):
         return _export(model, inputs, optimize=False).model
-    finally:
-        # Tracing in training mode must not move batch-norm running statistics or any other buffer.
-        with torch.no_grad():
-            for key, value in model.state_dict().items():
-                value.copy_(state[key])
 
 
 def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path) -> None:

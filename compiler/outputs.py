@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from kronograph.compiler.export import kept_state
 from kronograph.errors import KronographError
 
 OutputChoice = str | int | Callable[[Any], torch.Tensor] | None
@@ -91,17 +92,10 @@ def _describe(output: OutputChoice, example: Any) -> str:
 
 
 def example_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    """The model's outputs on the example batch, computed without gradients and with every buffer (batch-norm
+    """The model's outputs on the example batch, computed without gradients and with its state (batch-norm
     running statistics) put back afterwards."""
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, torch.nn.Parameter)}
-    try:
-        with torch.no_grad():
-            return model(*inputs)
-    finally:
-        with torch.no_grad():
-            for key, value in model.state_dict(keep_vars=True).items():
-                if key in state:
-                    value.copy_(state[key])
+    with kept_state(model), torch.no_grad():
+        return model(*inputs)
 
 
 def put_first(graph: Any, index: int | None) -> None:

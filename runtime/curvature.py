@@ -36,9 +36,9 @@ Rows = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 class BlockDiagonalCurvature:
     """One KroneckerBlock per layer, inverted independently."""
 
-    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype) -> None:
+    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False) -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
-        self.centered = False  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
+        self.centered = centered  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None) -> None:
@@ -182,6 +182,10 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
         self.inverse = None if saved is None else TridiagonalInverse.from_state_dict(saved)
 
 
-def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype) -> BlockDiagonalCurvature:
-    """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears)."""
-    return (TridiagonalCurvature if structure == "tridiagonal" else BlockDiagonalCurvature)(layers, dtype)
+def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype,
+                   centered: bool = False) -> BlockDiagonalCurvature:
+    """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears);
+    ``centered`` damping applies to the block-diagonal structure only."""
+    if structure == "tridiagonal":
+        return TridiagonalCurvature(layers, dtype)
+    return BlockDiagonalCurvature(layers, dtype, centered)

@@ -210,8 +210,7 @@ class KFAC:
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure
-        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype)
-        self.curvature.centered = bool(s.centered_damping) and structure == "diagonal"
+        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping))
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         self.generator = make_generator(self.engine.device, seed)
