@@ -15,6 +15,7 @@
 - ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7.
 - ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
 - ``kfac``: ``kronograph.optim.KFAC``; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
+- ``distributed``: the preconditioner's mini-batch factors averaged across data-parallel ranks (one all_reduce).
 - ``presets``: K-FAC's settings dataclass and its two presets ("default", "paper").
 - ``huggingface``: ``KFACTrainerCallback``, the preconditioner in Hugging Face's Trainer (imports transformers).
 """

@@ -7,6 +7,13 @@ argument *is* (identity) that layer's weight Parameter, or its transpose taken i
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. Outside ``with Capture(...)`` nothing is intercepted: the normal forward costs nothing.
 
+torch.compile: dynamo cannot trace this mode (its site bookkeeping, weakrefs and gradient hooks fail inside
+dynamo with internal errors), and a compiled graph hides the sites anyway. So while a Capture is open the
+compiler's stance is "force_eager" (process-wide, restored on exit): a ``torch.compile``'d module or
+function called inside runs its original Python code eagerly and is captured like any module, and outside
+the capture it runs compiled as before. Entering a Capture inside a function being compiled raises
+CaptureError (keep ``with precond.track():`` and ``KFAC.step`` outside compiled code).
+
 ``F.multi_head_attention_forward`` (nn.MultiheadAttention, the Transformer layers) dispatches to the mode
 itself, which then no longer sees the F.linear calls inside it; Capture runs it as runtime/attention.py
 rebuilds it, recording the in- and out-projections like any F.linear (inputs batch-major [n, T, E]).
@@ -41,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
@@ -97,6 +105,23 @@ _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
 _TRANSPOSE_METHODS = {torch.Tensor.t}
 _TRANSPOSE_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)
+
+
+INSIDE_COMPILED = (
+    "a kronograph capture (precond.track(), KFAC.step) was entered inside a torch.compile'd function; compile "
+    "the model only (torch.compile(model)) and keep the track() block and the optimizer's step outside compiled "
+    "code, or mark your step function with @torch.compiler.disable"
+)
+
+
+def outside_compiled_code() -> None:
+    """Raise CaptureError inside a torch.compile'd function, before dynamo meets the capture's own code (where
+    it fails with internal errors). While dynamo traces the caller, is_compiling() holds: with fullgraph=True this
+    error is the cause of dynamo's Unsupported, otherwise dynamo gives up on the frame and runs it eagerly, with
+    its frame callback still installed (what set_stance refuses, and what is checked here), so it raises then.
+    Under ``torch.compiler.disable`` or the "force_eager" stance there is no callback: capturing is allowed."""
+    if torch.compiler.is_compiling() or get_eval_frame_callback() not in (None, False):
+        raise CaptureError(INSIDE_COMPILED)
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -300,9 +325,21 @@ class Capture(TorchFunctionMode):
 
         return hook
 
+    def __enter__(self) -> Capture:
+        outside_compiled_code()
+        self._stance = torch.compiler.set_stance("force_eager")  # applies now; its __exit__ restores the previous
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._stance.__exit__(None, None, None)
+            raise
+
     def __exit__(self, *exc: Any) -> Any:
         self._transposed.clear()
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._stance.__exit__(None, None, None)
 
     # -- results ------------------------------------------------------------------------------------
     def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:

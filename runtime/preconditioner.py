@@ -40,6 +40,13 @@ clipping mean what they meant for the raw gradients. kfac-pytorch's answer, a KL
 the learning rate inside the preconditioner and still lets a layer's step be large where g is small.
 ``graft=None`` gives the raw F^-1 g.
 
+Distributed (DDP): when torch.distributed is initialised with more than one rank (or a ``process_group`` is
+given), each statistics step's mini-batch factors are averaged across the ranks, weighted by their numbers of
+examples, in one all_reduce before they are folded into the EMAs (runtime/distributed.py). Every rank then
+holds the same factors and computes the same inverses, so DDP's averaged .grad is preconditioned identically
+everywhere and the replicas stay in step. Every rank must take part in every statistics step (``step()`` at
+a due step, ``update_statistics(x)``); inverses are computed on every rank (no split of that work yet).
+
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
 are named in the dict ``step()`` returns. Parameters without a Kronecker block keep their .grad.
@@ -52,11 +59,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.blocks import KroneckerBlock
-from kronograph.runtime.capture import Capture
+from kronograph.runtime.capture import Capture, outside_compiled_code
+from kronograph.runtime.distributed import Statistics, active_group, average_statistics
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.inverse import all_finite
 from kronograph.runtime.statistics import (
@@ -69,8 +78,6 @@ from kronograph.runtime.statistics import (
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.wbar import gather_grad, scatter
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class KFACPreconditioner:
@@ -89,6 +96,9 @@ class KFACPreconditioner:
         factor_dtype: dtype of factors and inverses (float32 or float64), independent of the model's.
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
         graft: "norm" (each layer's new .grad has the norm of its gradient; module docstring) or None.
+        process_group: the data-parallel ranks whose statistics are averaged (module docstring); None: the
+            default group whenever torch.distributed is initialised with more than one rank (checked at each
+            statistics step). Under pipeline or tensor parallelism pass the data-parallel group.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype = torch.float32,
         seed: int | None = None,
         graft: str | None = "norm",
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -129,6 +140,9 @@ class KFACPreconditioner:
         self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
         self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
         self.generator = make_generator(next(self.module.parameters()).device, seed)
+        self.process_group = process_group
+        if (group := active_group(process_group)) is not None:  # each rank its own subsets and sampled targets
+            self.generator.manual_seed(self.generator.initial_seed() + dist.get_rank(group))
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
         self._pending: list[tuple[Capture, dict, int, float]] = []  # tracked passes of the coming step
@@ -146,7 +160,8 @@ class KFACPreconditioner:
 
         Each forward of the module inside the block is one micro-batch, so one ``track()`` may hold all the
         micro-batches of an accumulation step; they pool as one mini-batch. Forwards with gradients disabled
-        (a validation pass under ``torch.no_grad()``) are ignored.
+        (a validation pass under ``torch.no_grad()``) are ignored. A ``torch.compile``'d model (of the same
+        module) runs eagerly inside the block when statistics are due (runtime/capture.py) and compiled otherwise.
 
         Args:
             batch_size: examples in each forward; default: dim 0 of the module's first tensor input.
@@ -154,6 +169,7 @@ class KFACPreconditioner:
                 GradScaler's ``get_scale()``, times 1/k for k accumulated micro-batches); default: 1/k for the
                 k micro-batches of this block (the accumulation idiom ``(loss / k).backward()``), 1 for one.
         """
+        outside_compiled_code()  # before dynamo meets this generator: our error, not an internal one
         if self.fisher != "empirical" or not self.statistics_due:
             yield
             return
@@ -189,16 +205,17 @@ class KFACPreconditioner:
             self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator,
             select=self.compiled.select_output,
         )
-        factors = {
-            name: batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype)
+        stats = {
+            name: (*batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype), m)
             for name, records in records.items()
             if records and any(r.g is not None for r in records)
         }
-        self._folded = self._fold(factors)
+        self._folded = self._fold(stats, collective=True)
         return self._folded
 
-    def _tracked_factors(self) -> Factors:
-        """The mini-batch factors of the pending tracked captures, pooled weighted by examples."""
+    def _tracked_factors(self) -> Statistics:
+        """The mini-batch factors of the pending tracked captures, pooled weighted by examples, with the
+        number of examples of each layer."""
         pending, self._pending = self._pending, []
         sums: dict[str, list[Any]] = {}
         for capture, part, n, loss_scale in pending:
@@ -215,16 +232,24 @@ class KFACPreconditioner:
                 total[0], total[1], total[2] = total[0] + m * a, total[1] + m * g, total[2] + m
         if pending and not sums:
             raise KronographError("track() saw a forward but no backward reached its layers; run loss.backward()")
-        return {name: (a / m, g / m) for name, (a, g, m) in sums.items()}
+        return {name: (a / m, g / m, m) for name, (a, g, m) in sums.items()}
 
-    def _fold(self, factors: Factors) -> dict[str, Any]:
-        """Fold one mini-batch's factors into the EMAs (the first estimate replaces the empty one)."""
-        if not factors:
+    def _fold(self, stats: Statistics, collective: bool = False) -> dict[str, Any]:
+        """Fold one mini-batch's factors into the EMAs (the first estimate replaces the empty one).
+
+        ``collective``: this is a statistics step, so under torch.distributed the factors are first averaged
+        across the ranks (one all_reduce, which every rank joins, with or without statistics of its own).
+        """
+        if collective and (group := active_group(self.process_group)) is not None:
+            layers = {name: block.layer for name, block in self.blocks.items()}
+            device = next(self.module.parameters()).device
+            stats = average_statistics(stats, layers, group, self.factor_dtype, device)
+        if not stats:
             return {"statistics_updated": False, "rejected_statistics": []}
         self.stats_updates += 1
         decay = ema_decay(self.stats_updates, self.ema_decay)
-        rejected = [name for name, (a, g) in factors.items() if not self.blocks[name].update_factors(a, g, decay)]
-        return {"statistics_updated": len(rejected) < len(factors), "rejected_statistics": rejected}
+        rejected = [name for name, (a, g, _) in stats.items() if not self.blocks[name].update_factors(a, g, decay)]
+        return {"statistics_updated": len(rejected) < len(stats), "rejected_statistics": rejected}
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor | Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -243,7 +268,7 @@ class KFACPreconditioner:
             if due and not self._pending:
                 raise KronographError(f"statistics are due at step {self.steps + 1}: run the forward and backward "
                                       "inside `with precond.track():` before precond.step()")
-            info = self._fold(self._tracked_factors())
+            info = self._fold(self._tracked_factors(), collective=due)
         elif self._folded is not None:  # update_statistics(x) ran since the last step
             info = dict(self._folded)
         elif due and x is not None:

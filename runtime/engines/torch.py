@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kronograph.errors import KronographError
-from kronograph.runtime.capture import Capture, SiteRecord
+from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.quadratic import output_tangents
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
@@ -86,6 +86,7 @@ class TorchEngine:
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
         """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too."""
+        outside_compiled_code()  # KFAC.step inside a torch.compile'd function: our error, not dynamo's
         self.module.zero_grad(set_to_none=True)
         capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
         with capturing:
@@ -106,6 +107,7 @@ class TorchEngine:
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
                      minimum: int = 1) -> tuple[Records, int]:
         """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
+        outside_compiled_code()
         return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum,
                                   select=self.compiled.select_output)
 

@@ -1,0 +1,155 @@
+"""KFACPreconditioner in the README's DDP-ready loop: two CPU processes (gloo), a small MLP in
+DistributedDataParallel, each rank taking half of every batch.
+
+One spawn runs every distributed scenario (process start-up and compile dominate the time) and saves what
+each rank ends with; the tests compare the ranks with each other and with a single process on the full
+batches. DDP averages the ranks' gradients of their half-batch mean losses, which is the full batch's
+gradient, and the preconditioner averages the halves' factors, which are the full batch's factors: the
+distributed run must be the single-process run, to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import kronograph
+from kronograph.runtime.distributed import average_statistics
+from kronograph.runtime.inverse import StatisticsWarning
+
+WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
+SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
+
+
+def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The same MLP and batches on every process (labels from a random teacher)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+    batches = []
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, FEATURES)
+        batches.append((x, teacher(x).argmax(1).detach()))
+    return model, batches
+
+
+def train(model: nn.Module, forward: nn.Module, precond, batches, rank: int = 0, world: int = 1) -> list[float]:
+    """The README loop on this rank's share of each batch; returns the local losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        with precond.track():
+            loss = F.cross_entropy(forward(x), y)
+            loss.backward()
+        info = precond.step(x)
+        assert info["preconditioned"] == 3 and not info["rejected_statistics"]
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _worker(rank: int, init_method: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead
+    try:
+        model, batches = problem()
+        initial = copy.deepcopy(model.state_dict())
+        cm = kronograph.compile(model, (batches[0][0][:2],))  # the unwrapped module
+        ddp = DistributedDataParallel(model)
+        results: dict = {}
+        for fisher in ("empirical", "mc"):
+            model.load_state_dict(initial)
+            precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
+            losses = train(model, ddp, precond, batches, rank, WORLD)
+            results[fisher] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
+                               "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
+
+        # a rank's non-finite statistics: every rank rejects them, and keeps its previous factors
+        precond = kronograph.optim.KFACPreconditioner(cm, fisher="mc", **SETTINGS)
+        x = batches[0][0].chunk(WORLD)[rank]
+        precond.update_statistics(x)
+        before = {name: block.a.clone() for name, block in precond.blocks.items()}
+        with pytest.warns(StatisticsWarning):
+            info = precond.update_statistics(torch.full_like(x, math.nan) if rank == 1 else x)
+        kept = all(torch.equal(before[name], block.a) for name, block in precond.blocks.items())
+        results["non_finite"] = {"rejected": sorted(info["rejected_statistics"]), "kept": kept}
+
+        # a rank without statistics for a layer joins the same collective; the others' factors count
+        layers = {name: block.layer for name, block in precond.blocks.items()}
+
+        def stats(name: str, value: float, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+            layer = layers[name]
+            return (torch.full((1, layer.a_dim, layer.a_dim), value), torch.ones(1, layer.g_dim, layer.g_dim), m)
+
+        local = {"2": stats("2", 1.0, 10)} if rank == 0 else {"2": stats("2", 4.0, 30), "4": stats("4", 2.0, 5)}
+        averaged = average_statistics(local, layers, None, torch.float32, torch.device("cpu"))
+        results["missing"] = {name: (a[0, 0, 0].item(), g[0, 0, 0].item(), m) for name, (a, g, m) in averaged.items()}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(f"file://{out / 'rendezvous'}", str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict:
+    """The same loop on the full batches in one process (torch.distributed not initialised)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, batches = problem()
+        precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)), **SETTINGS)
+        losses = train(model, model, precond, batches)
+        return {"params": model.state_dict(), "losses": losses}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_ranks_hold_identical_factors_and_parameters(ranks, fisher):
+    first, second = (r[fisher] for r in ranks)
+    for name in first["factors"]:
+        assert torch.equal(first["factors"][name], second["factors"][name]), name
+    for name in first["params"]:
+        assert torch.equal(first["params"][name], second["params"][name]), name
+
+
+def test_ddp_run_equals_the_single_process_run_on_full_batches(ranks, single_process):
+    for name, value in single_process["params"].items():
+        torch.testing.assert_close(ranks[0]["empirical"]["params"][name], value, rtol=1e-4, atol=1e-5)
+    full_batch_losses = [sum(pair) / WORLD for pair in zip(*(r["empirical"]["losses"] for r in ranks))]
+    assert full_batch_losses == pytest.approx(single_process["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_loss_falls(ranks, fisher):
+    losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
+    assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
+
+
+def test_non_finite_statistics_on_one_rank_are_rejected_on_every_rank(ranks):
+    for r in ranks:
+        assert r["non_finite"] == {"rejected": ["0", "2", "4"], "kept": True}
+
+
+def test_a_rank_missing_a_layer_takes_part_and_the_others_statistics_count(ranks):
+    for r in ranks:
+        assert r["missing"] == {"2": (3.25, 1.0, 40), "4": (2.0, 1.0, 5)}  # (10 * 1 + 30 * 4) / 40
