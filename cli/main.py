@@ -13,7 +13,7 @@ import click
 import kronograph
 from kronograph.cli.bench import bench
 from kronograph.cli.builtins import BUILTINS
-from kronograph.cli.models import resolve_model
+from kronograph.cli.models import resolve_model, verbose
 from kronograph.cli.report import format_plan, summary
 from kronograph.cli.train import train
 from kronograph.errors import KronographError
@@ -45,7 +45,8 @@ _loss = click.option(
 
 def _compile(model: str, input_shapes: tuple[str, ...], input_dtype: str, loss: str | None):
     resolved = resolve_model(model, input_shapes, input_dtype)
-    return kronograph.compile(resolved.model, example_inputs=resolved.example_inputs, loss=loss or resolved.default_loss)
+    return kronograph.compile(resolved.model, example_inputs=resolved.example_inputs, loss=loss or resolved.default_loss,
+                              verbose=verbose())
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -76,7 +77,9 @@ class _Command(click.Group):
 
 @click.group(cls=_Command, help=f"Compile models into Kronecker-factored graphs and train them with K-FAC.\n\n{_MODEL_HELP}")
 @click.version_option(package_name="kronograph")
-def main() -> None:
+@click.option("--verbose", is_flag=True,
+              help="Show torch's exporter output: warnings, progress and the graph dumps of a failed trace.")
+def main(verbose: bool) -> None:  # noqa: ARG001 - the commands read it through cli.models.verbose()
     pass
 
 

@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import onnx
 import torch
 
@@ -20,6 +21,13 @@ class ResolvedModel:
     model: torch.nn.Module | Path
     example_inputs: tuple[torch.Tensor, ...]
     default_loss: str
+
+
+def verbose() -> bool:
+    """`kronograph --verbose` was given: compile shows torch's exporter output. Read from click's context, so that
+    the commands (and cli/prepare.py for train and bench) need no parameter of their own for it."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

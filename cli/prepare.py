@@ -20,7 +20,7 @@ import torch
 
 import kronograph
 from kronograph.cli.builtins import BUILTINS
-from kronograph.cli.models import is_onnx_model, onnx_input_rows, resolve_model
+from kronograph.cli.models import is_onnx_model, onnx_input_rows, resolve_model, verbose
 from kronograph.cli.train_data import (BUILTIN_DATA, TrainData, cast_inputs, check_forward_on_data,
                                        check_model_on_data, default_loss, prepare_data)
 from kronograph.errors import KronographError
@@ -85,7 +85,7 @@ class Source:
             compiled = kronograph.compile(self.model, loss=self.loss)
         else:
             compiled = kronograph.compile(self.model if module is None else module, example_inputs=(self.data.x[:2],),
-                                          loss=self.loss, engine=engine)
+                                          loss=self.loss, engine=engine, verbose=verbose())
         if compiled.engine == "onnxruntime":
             cast_inputs(self.data, graph_input(compiled, self.name, self.onnx_file))
         return compiled

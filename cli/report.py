@@ -53,11 +53,13 @@ def summary(plan: LayerPlan) -> dict[str, Any]:
 
 
 def format_plan(plan: LayerPlan, title: str) -> str:
-    """The inspect table: one row per layer, totals, then the unmatched parameters with reasons."""
+    """The inspect table: the model output the loss is put on, one row per layer, totals, then the unmatched
+    parameters with reasons."""
     rows = [_row(layer) for layer in plan.layers]
     totals = summary(plan)
     parts = [
         f"{title}: {totals['layers']} Kronecker-factored layers, {totals['unmatched']} unmatched parameters",
+        *([f"loss on: {plan.output}"] if plan.output else []),
         "",
         _table(["layer", "kind", "weight", "A", "G", "factors (fp32)"], rows) if rows else "(no layers matched)",
         "",

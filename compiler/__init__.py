@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def compile(  # noqa: A001 - the contract's name
     engine: str | None = None,
     trainable: Sequence[str] | None = None,
     output: OutputChoice = None,
+    verbose: bool = False,
 ) -> CompiledModel:
     """Export or load ``model``, match its linear and convolution layers and return a CompiledModel.
 
@@ -40,7 +42,9 @@ def compile(  # noqa: A001 - the contract's name
         output: the model output the loss is put on, when forward() returns more than a tensor: a key of a
             dict or Hugging Face ModelOutput, a position in a tuple, or a callable (default: "logits", or
             element 0 of a tuple; compiler/outputs.py). For an .onnx file, the graph output's position
-            (default 0). ``cm.output`` says what was chosen.
+            (default 0). ``cm.output`` and ``cm.plan.output`` say what was chosen.
+        verbose: show torch's exporter output (warnings, progress, the graph dumps of a failed trace); by
+            default it is silenced and a failure is one KronographError naming the fix.
     """
     check_loss(loss)
     if engine is not None and engine not in ENGINES:
@@ -55,9 +59,8 @@ def compile(  # noqa: A001 - the contract's name
             raise KronographError(f"output={output}, but the graph has {len(graph.graph.outputs)} output(s)")
         put_first(graph, output)
         parameters = onnx_parameters(graph, trainable)
-        plan = build_plan(graph, parameters)
-        return CompiledModel(engine="onnxruntime", plan=plan, graph=graph, loss=loss,
-                             output=f"graph output {output or 0}")
+        plan = dataclasses.replace(build_plan(graph, parameters), output=f"graph output {output or 0}")
+        return CompiledModel(engine="onnxruntime", plan=plan, graph=graph, loss=loss, output=plan.output)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         # torch.compile(model): its parameters are the original module's; K-FAC's passes run that module.
         model = model._orig_mod
@@ -70,12 +73,12 @@ def compile(  # noqa: A001 - the contract's name
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    graph = export_module(model, example_inputs)
+    graph = export_module(model, example_inputs, verbose=verbose)
     selector = OutputSelector(output, example_outputs(model, example_inputs))
     put_first(graph, selector.graph_index)
     parameters, missing = module_parameters(model, graph)
-    plan = build_plan(graph, parameters, missing)
+    plan = dataclasses.replace(build_plan(graph, parameters, missing), output=selector.description)
     return CompiledModel(
         engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs,
-        select=selector, output=selector.description,
+        select=selector, output=plan.output, verbose=verbose,
     )

@@ -32,7 +32,8 @@ class CompiledModel:
         module: the source nn.Module (None for an .onnx file); with engine "onnxruntime" it is only the source
             of the graph: training updates the engine's weights (``state_dict``), not the module.
         loss: the loss name ("cross_entropy", "sigmoid_cross_entropy" or "mse").
-        output: in words, the model output the loss is put on (compile's ``output=``).
+        output: in words, the model output the loss is put on (compile's ``output=``; also ``plan.output``).
+        verbose: whether exporting the module again (``export_onnx``) shows torch's exporter output, as compile did.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class CompiledModel:
         example_inputs: tuple[torch.Tensor, ...] = (),
         select: Callable[[Any], torch.Tensor] | None = None,
         output: str = "the model's output tensor",
+        verbose: bool = False,
     ) -> None:
         self.engine = engine
         self.plan = plan
@@ -54,6 +56,7 @@ class CompiledModel:
         self.module = module
         self.example_inputs = example_inputs
         self.output = output
+        self.verbose = verbose
         self._select = select
         self._onnxruntime = None  # the OnnxRuntimeEngine holding the weights once training started
 
@@ -109,7 +112,7 @@ class CompiledModel:
             return self._onnxruntime.export_onnx(path)
         if self.engine == "onnxruntime":
             return write_graph(self.graph, path)
-        export_inference(self.module, self.example_inputs, path)
+        export_inference(self.module, self.example_inputs, path, verbose=self.verbose)
         return path
 
     def __repr__(self) -> str:

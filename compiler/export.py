@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,7 +48,8 @@ _EXPORT_LOGGERS = ("torch.export", "torch.onnx", "torch.fx")
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporter's progress lines, graph dumps, warnings and log lines (kronograph's error says why)."""
+    """Silence the exporter's progress lines, graph dumps, warnings and log lines (kronograph's error says why;
+    ``verbose=True``, on the command line ``kronograph --verbose``, shows them)."""
     loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -75,8 +77,9 @@ def kept_state(model: torch.nn.Module):
                 value.copy_(state[key])
 
 
-def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ir.Model:
+def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], verbose: bool = False) -> ir.Model:
     """Trace ``model`` on ``example_inputs`` and return the ONNX graph (onnx_ir) without changing the model.
+    ``verbose`` shows the exporter's own output (see ``_export``).
 
     Raises:
         KronographError: when the exporter cannot trace the model; the message carries its reason.
@@ -87,10 +90,11 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
     if not inputs:
         raise KronographError("example_inputs is empty; pass example_inputs=(x,) with a batch the model accepts")
     with kept_state(model):
-        return _export(model, inputs, optimize=False).model
+        return _export(model, inputs, optimize=False, verbose=verbose).model
 
 
-def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path) -> None:
+def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path,
+                     verbose: bool = False) -> None:
     """Write ``model`` in eval mode (batch norm from running statistics) as an .onnx file.
 
     Not through the exporter's optimiser: it folds constant parameters away (an all-zero bias vanishes
@@ -99,7 +103,7 @@ def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tens
     was_training = model.training
     model.eval()
     try:
-        _export(model, tuple(example_inputs), optimize=False).save(str(path))
+        _export(model, tuple(example_inputs), optimize=False, verbose=verbose).save(str(path))
     finally:
         model.train(was_training)
 
@@ -119,15 +123,17 @@ def write_graph(graph: ir.Model, path: Path, weights: Mapping[str, np.ndarray] |
     return path
 
 
-def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool):
+def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool, verbose: bool = False):
+    """Quiet unless ``verbose``: then the exporter's warnings, log lines and graph dumps reach the user as torch
+    writes them, and its progress lines too, moved to stderr so that stdout stays the command's output (JSON)."""
     try:
-        with _quiet():
+        with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet():
             return torch.onnx.export(
                 model,
                 inputs,
                 dynamo=True,
                 optimize=optimize,
-                verbose=False,
+                verbose=verbose,
                 dynamic_shapes=_batch_dynamic_shapes(inputs),
                 report=False,
             )

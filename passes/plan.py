@@ -104,6 +104,8 @@ class LayerPlan:
     parameters: tuple[str, ...] = field(default=())  # every trainable parameter, in model order
     inputs: tuple[str, ...] = field(default=())  # data inputs of the graph
     outputs: tuple[str, ...] = field(default=())
+    # In words, the model output the loss is put on (compile's ``output=``); "" in plans written before it was kept.
+    output: str = ""
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -138,6 +140,7 @@ class LayerPlan:
             parameters=tuple(data.get("parameters", ())),
             inputs=tuple(data.get("inputs", ())),
             outputs=tuple(data.get("outputs", ())),
+            output=data.get("output", ""),
         )
 
     @classmethod

@@ -23,3 +23,32 @@ def tiny_classifier() -> nn.Module:
 def tiny_wide_classifier() -> nn.Module:
     """Same data as tiny_classifier but other layer shapes: a checkpoint of one does not fit the other."""
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.layer(x) if x.sum() > 0 else -self.layer(x)
+
+
+def value_branch() -> nn.Module:
+    """forward() branches on a tensor's value: torch.export cannot trace it (a failure with graph dumps)."""
+    return _ValueBranch()
+
+
+class _DictHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = self.body(x).tanh()
+        return {"hidden": hidden, "logits": self.head(hidden)}
+
+
+def dict_heads() -> nn.Module:
+    """Returns a dict, the logits among other tensors: the loss goes on its 'logits'."""
+    return _DictHeads()

@@ -14,7 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from click.testing import CliRunner
 
+from kronograph import LayerPlan, Unmatched
 from kronograph.cli.main import main
+from kronograph.cli.report import format_plan
 
 TESTS = Path(__file__).parent
 
@@ -61,6 +63,25 @@ def test_compile_writes_plan_graph_and_training_artifacts(run, tmp_path):
     training = [path.name for path in (out / "training").iterdir()]
     assert any(name.startswith("training_model") for name in training), training
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def test_the_plan_records_the_output_the_loss_is_put_on(run, tmp_path):
+    out = tmp_path / "compiled"
+    result = run("compile", "factories:dict_heads", "--input-shape", "4,6", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["output"] == "'logits' of the model's dict"
+    assert LayerPlan.from_json(json.dumps(plan)).output == plan["output"]
+    shown = run("inspect", "factories:dict_heads", "--input-shape", "4,6")
+    assert shown.exit_code == 0 and "loss on: 'logits' of the model's dict" in shown.output, shown.output
+
+
+def test_an_old_plan_without_output_still_loads():
+    old = LayerPlan((), (Unmatched("w", (2, 3), "not matched"),), parameters=("w",)).to_dict()
+    del old["output"]  # plans written before the field existed
+    plan = LayerPlan.from_json(json.dumps(old))
+    assert plan.output == "" and plan.unmatched[0].shape == (2, 3)
+    assert "loss on" not in format_plan(plan, "old")
 
 
 def test_compile_refuses_a_non_empty_folder_and_keeps_it(run, tmp_path):

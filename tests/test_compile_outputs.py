@@ -49,7 +49,7 @@ def test_the_loss_is_put_on_the_chosen_output(kind, output, description):
     model = Heads(kind)
     x, y = data()
     cm = kronograph.compile(model, (x,), output=output)
-    assert cm.output == description and [layer.name for layer in cm.layers] == ["body", "head"]
+    assert cm.output == cm.plan.output == description and [layer.name for layer in cm.layers] == ["body", "head"]
     with torch.no_grad():
         expected = float(F.cross_entropy(model.head(torch.tanh(model.body(x))), y))
     opt = kronograph.optim.KFAC(cm, seed=0)
