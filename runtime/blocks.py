@@ -103,19 +103,22 @@ class KroneckerBlock:
         self.updates += 1
         return True
 
-    def update_factors(self, a: torch.Tensor, g: torch.Tensor, decay: float) -> bool:
+    def update_factors(self, a: torch.Tensor, g: torch.Tensor, decay: float, in_place: bool = True) -> bool:
         """new = decay * old + (1 - decay) * batch for both factors (the first update copies the batch).
 
         A batch with NaN/Inf in either factor is not folded in (a poisoned EMA would never recover):
-        returns False and raises a StatisticsWarning through ``warnings``.
+        returns False and raises a StatisticsWarning through ``warnings``. ``in_place=False`` writes the new
+        EMAs into new tensors and leaves the old ones untouched, so that a caller holding them can put them
+        back if its step fails later (KFACPreconditioner's steps are atomic).
         """
         device = self.device if self.device is not None else a.device
         a, g = a.to(device=device, dtype=self.dtype), g.to(device=device, dtype=self.dtype)
         if not all_finite((a, g)):
             self._warn_non_finite()
             return False
-        self.a = ema_(self.a, a, decay)
-        self.g = ema_(self.g, g, decay)
+        old_a, old_g = (self.a, self.g) if in_place or self.a is None else (self.a.clone(), self.g.clone())
+        self.a = ema_(old_a, a, decay)
+        self.g = ema_(old_g, g, decay)
         self.updates += 1
         return True
 

@@ -17,7 +17,7 @@ Two sources of statistics (``fisher``):
   loss, a mean over the batch (``loss_reduction="mean"``: per-example g = n * captured) or a sum.
   ``track()`` captures only at steps whose statistics are due (otherwise it costs nothing); the k
   micro-batches of an accumulation step pool as one mini-batch, whether inside one ``track()`` (each forward
-  is one; loss_scale 1/k is then assumed) or in k ``track(loss_scale=1/k)`` blocks before one ``step()``.
+  is one) or in k ``track()`` blocks before one ``step()``; without ``loss_scale``, 1/k is assumed either way.
 * ``"mc"`` (paper sec 5): targets sampled from the model's predictive distribution (``cm.loss``) on a
   random fraction tau_1 of the inputs, in an extra forward/backward of the preconditioner's own that
   touches no ``.grad`` and no batch-norm running statistic. Pass the inputs: ``precond.step(x)`` folds
@@ -49,12 +49,18 @@ a due step, ``update_statistics(x)``); inverses are computed on every rank (no s
 
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
-are named in the dict ``step()`` returns. Parameters without a Kronecker block keep their .grad.
+are named in the dict ``step()`` returns. A mini-batch refused by every layer (NaN inputs, say) is skipped
+whole: it is no EMA update and gives back its random draws. Parameters without a Kronecker block keep their
+.grad. ``step()`` and ``update_statistics()`` are atomic: when they raise (misuse, a warning turned into an
+error, an exception in a layer), the counters, factors, inverses, generator, pending ``track()`` captures
+and every .grad are as before the call, so the call can be retried once its cause is fixed (under DDP on every
+rank: a statistics step's all_reduce is part of it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -67,7 +73,7 @@ from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.distributed import Statistics, active_group, average_statistics
 from kronograph.runtime.factors import batch_factors
-from kronograph.runtime.inverse import all_finite
+from kronograph.runtime.inverse import CurvatureWarning, all_finite
 from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
@@ -78,6 +84,10 @@ from kronograph.runtime.statistics import (
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.wbar import gather_grad, scatter
+
+
+class LossScaleWarning(CurvatureWarning):
+    """Several ``track()`` blocks before one ``step()`` gave no ``loss_scale``; 1/k was assumed."""
 
 
 class KFACPreconditioner:
@@ -145,8 +155,9 @@ class KFACPreconditioner:
             self.generator.manual_seed(self.generator.initial_seed() + dist.get_rank(group))
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
-        self._pending: list[tuple[Capture, dict, int, float]] = []  # tracked passes of the coming step
+        self._pending: list[tuple[Capture, dict, int, float | None]] = []  # tracked passes of the coming step
         self._folded: dict[str, Any] | None = None  # what update_statistics folded since the last step()
+        self._warned_scale = False  # LossScaleWarning is given once
 
     @property
     def statistics_due(self) -> bool:
@@ -167,7 +178,14 @@ class KFACPreconditioner:
             batch_size: examples in each forward; default: dim 0 of the module's first tensor input.
             loss_scale: what each differentiated loss was multiplied by, divided out of the captured g (an AMP
                 GradScaler's ``get_scale()``, times 1/k for k accumulated micro-batches); default: 1/k for the
-                k micro-batches of this block (the accumulation idiom ``(loss / k).backward()``), 1 for one.
+                k micro-batches tracked without loss_scale before the coming ``step()``, in this block or in
+                several (the accumulation idiom ``(loss / k).backward()``), 1 for one.
+
+        Why 1/k also across blocks, with a LossScaleWarning once: the captured g cannot tell k undivided
+        losses summed (``loss.backward()`` per micro-batch; loss_scale=1 is right) from the idiom's k divided
+        ones (1/k is right): they differ by k, so G by k^2. 1/k is what one block around the k micro-batches
+        assumes and what the common loops (Hugging Face's Trainer) do, so a loop gets the same factors in
+        either form; the warning names the fix for a loop that sums, and is silenced by any loss_scale.
         """
         outside_compiled_code()  # before dynamo meets this generator: our error, not an internal one
         if self.fisher != "empirical" or not self.statistics_due:
@@ -190,7 +208,7 @@ class KFACPreconditioner:
         finally:
             handle.remove()
         passes = [(part, n) for part, n in zip(capture.passes(), sizes) if part]
-        scale = float(loss_scale) if loss_scale is not None else 1.0 / max(1, len(passes))
+        scale = None if loss_scale is None else float(loss_scale)  # None: 1/k, k counted at step()
         for part, n in passes:
             n = batch_size or n or min(r.a.shape[0] for sites in part.values() for r in sites)
             self._pending.append((capture, part, int(n), scale))
@@ -201,24 +219,36 @@ class KFACPreconditioner:
         if self.fisher != "mc":
             raise KronographError("update_statistics(x) is for fisher='mc'; with 'empirical' use precond.track()")
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        records, m = sampled_statistics(
-            self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator,
-            select=self.compiled.select_output,
-        )
-        stats = {
-            name: (*batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype), m)
-            for name, records in records.items()
-            if records and any(r.g is not None for r in records)
-        }
-        self._folded = self._fold(stats, collective=True)
+        with self._atomic() as drawn:
+            records, m = sampled_statistics(
+                self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator,
+                select=self.compiled.select_output,
+            )
+            stats = {
+                name: (*batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype), m)
+                for name, records in records.items()
+                if records and any(r.g is not None for r in records)
+            }
+            self._folded = self._fold(stats, collective=True, drawn=drawn)
         return self._folded
 
     def _tracked_factors(self) -> Statistics:
         """The mini-batch factors of the pending tracked captures, pooled weighted by examples, with the
         number of examples of each layer."""
         pending, self._pending = self._pending, []
+        unscaled = [capture for capture, _, _, loss_scale in pending if loss_scale is None]
+        blocks = len(set(map(id, unscaled)))
+        if blocks > 1 and not self._warned_scale:
+            k = len(unscaled)
+            warnings.warn(f"{blocks} `with precond.track():` blocks before one step() gave no loss_scale, so each of "
+                          f"their {k} micro-batches was taken as `(loss / {k}).backward()`, as in one track() around "
+                          f"them: pass track(loss_scale=1/{k}) to confirm, or track(loss_scale=1) if each backward is "
+                          f"of the undivided loss (a sum over micro-batches; else G is {k * k} times too large)",
+                          LossScaleWarning, stacklevel=3)
+            self._warned_scale = True
         sums: dict[str, list[Any]] = {}
         for capture, part, n, loss_scale in pending:
+            loss_scale = 1.0 / len(unscaled) if loss_scale is None else loss_scale
             capture.release_outputs()
             index = subset(n, self.stats_fraction, self.generator)
             m = n if index is None else int(index.numel())
@@ -234,11 +264,15 @@ class KFACPreconditioner:
             raise KronographError("track() saw a forward but no backward reached its layers; run loss.backward()")
         return {name: (a / m, g / m, m) for name, (a, g, m) in sums.items()}
 
-    def _fold(self, stats: Statistics, collective: bool = False) -> dict[str, Any]:
+    def _fold(self, stats: Statistics, collective: bool = False, drawn: torch.Tensor | None = None) -> dict[str, Any]:
         """Fold one mini-batch's factors into the EMAs (the first estimate replaces the empty one).
 
         ``collective``: this is a statistics step, so under torch.distributed the factors are first averaged
         across the ranks (one all_reduce, which every rank joins, with or without statistics of its own).
+        A batch that every layer rejects (not finite) is skipped whole: not counted as an update, and the
+        generator goes back to ``drawn``, its state before the batch's draws, so the statistics go on as if
+        the batch had not been seen (on every rank alike: the ranks reject the same averaged factors).
+        The EMAs are replaced, not written in place, so that ``_atomic`` can put the old ones back.
         """
         if collective and (group := active_group(self.process_group)) is not None:
             layers = {name: block.layer for name, block in self.blocks.items()}
@@ -246,10 +280,31 @@ class KFACPreconditioner:
             stats = average_statistics(stats, layers, group, self.factor_dtype, device)
         if not stats:
             return {"statistics_updated": False, "rejected_statistics": []}
-        self.stats_updates += 1
-        decay = ema_decay(self.stats_updates, self.ema_decay)
-        rejected = [name for name, (a, g, _) in stats.items() if not self.blocks[name].update_factors(a, g, decay)]
+        decay = ema_decay(self.stats_updates + 1, self.ema_decay)
+        rejected = [name for name, (a, g, _) in stats.items()
+                    if not self.blocks[name].update_factors(a, g, decay, in_place=False)]
+        if len(rejected) < len(stats):
+            self.stats_updates += 1
+        elif drawn is not None:
+            self.generator.set_state(drawn)
         return {"statistics_updated": len(rejected) < len(stats), "rejected_statistics": rejected}
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[torch.Tensor]:
+        """Put back everything a step or a statistics update changes if it raises; yields the generator's state.
+        Cheap: the blocks' factors and inverses are replaced, never written in place, so references are kept,
+        not copies; .grad is written only at the very end of a step (``_precondition`` computes first)."""
+        blocks = {name: (block.a, block.g, block.inverses, block.updates) for name, block in self.blocks.items()}
+        saved = (self.steps, self.stats_updates, self.generator.get_state(), list(self._pending), self._folded)
+        try:
+            yield saved[2]
+        except BaseException:
+            self.steps, self.stats_updates, generator_state, self._pending, self._folded = saved
+            self.generator.set_state(generator_state)
+            for name, (a, g, inverses, updates) in blocks.items():
+                block = self.blocks[name]
+                block.a, block.g, block.inverses, block.updates = a, g, inverses, updates
+            raise
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, x: torch.Tensor | Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -264,25 +319,29 @@ class KFACPreconditioner:
             names; "no_curvature" holds layers with a .grad but no statistics yet (left as they are).
         """
         due = self.statistics_due
-        if self.fisher == "empirical":
-            if due and not self._pending:
-                raise KronographError(f"statistics are due at step {self.steps + 1}: run the forward and backward "
-                                      "inside `with precond.track():` before precond.step()")
-            info = self._fold(self._tracked_factors(), collective=due)
-        elif self._folded is not None:  # update_statistics(x) ran since the last step
-            info = dict(self._folded)
-        elif due and x is not None:
-            info = self.update_statistics(x)
-        elif due:
-            raise KronographError(f"fisher='mc' needs the inputs at step {self.steps + 1}: precond.step(x), "
-                                  "or precond.update_statistics(x) before precond.step()")
-        else:
-            info = self._fold({})
-        self._folded = None
-        self.steps += 1
-        inverted, failed = self._invert()
-        info.update(step=self.steps, inverses_updated=inverted, failed_inverses=failed)
-        info.update(self._precondition())
+        with self._atomic() as drawn:
+            if self.fisher == "empirical":
+                if due and not self._pending:
+                    raise KronographError(f"statistics are due at step {self.steps + 1}: run the forward and "
+                                          "backward inside `with precond.track():` before precond.step()")
+                info = self._fold(self._tracked_factors(), collective=due, drawn=drawn)
+            elif self._folded is not None:  # update_statistics(x) ran since the last step
+                info = dict(self._folded)
+            elif due and x is not None:
+                info = self.update_statistics(x)
+            elif due:
+                raise KronographError(f"fisher='mc' needs the inputs at step {self.steps + 1}: precond.step(x), "
+                                      "or precond.update_statistics(x) before precond.step()")
+            else:
+                info = self._fold({})
+            self._folded = None
+            self.steps += 1
+            inverted, failed = self._invert()
+            info.update(step=self.steps, inverses_updated=inverted, failed_inverses=failed)
+            counts, writes = self._precondition()
+            info.update(counts)
+            for grad, value in writes:  # last: nothing after this can raise and leave some layers rewritten
+                grad.copy_(value)
         return info
 
     def _invert(self) -> tuple[bool, list[str]]:
@@ -296,9 +355,10 @@ class KFACPreconditioner:
                     failed.append(name)
         return inverted, failed
 
-    def _precondition(self) -> dict[str, Any]:
-        """Replace each matched layer's .grad by its damped Kronecker solve; others are left alone."""
-        done, bad, missing = 0, [], []
+    def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is
+        computed (a layer that raises then leaves all .grad as they were); others are left alone."""
+        done, bad, missing, writes = 0, [], [], []
         for name, block in self.blocks.items():
             layer = block.layer
             targets = [self.params[layer.weight]] + ([self.params[layer.bias]] if layer.bias else [None])
@@ -313,9 +373,9 @@ class KFACPreconditioner:
                 continue
             for param, value in zip(targets, scatter(layer, self._grafted(grad_bar, block.precondition(grad_bar)))):
                 if param is not None and param.grad is not None:
-                    param.grad.copy_(value)
+                    writes.append((param.grad, value))
             done += 1
-        return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}
+        return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}, writes
 
     def _grafted(self, grad_bar: torch.Tensor, solved: torch.Tensor) -> torch.Tensor:
         """K-FAC's direction with the gradient's norm (graft="norm"), or the raw solve."""
