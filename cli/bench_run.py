@@ -112,6 +112,8 @@ class Problem:
     workdir: Path | None = None
     initial: dict[str, torch.Tensor] | None = None
     figures: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(init=False)
+    #: the compiled model's output selection (a module returning a dict or a tuple); set by ``fresh``
+    select: Callable[[Any], torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.figures = {"loss": get_loss(self.loss).per_example}
@@ -138,6 +140,7 @@ class Problem:
         module = None if self.source.onnx_file else copy.deepcopy(self.source.model)
         compiled = self.source.compile(self.engine, module)
         if compiled.engine == "torch":
+            self.select = compiled.select_output
             return module, make_optimizer(contender.name, compiled, contender.options, seed=self.seed)
         engine = self.source.open_engine(compiled, self.workdir / (folder or contender.name))
         engine.set_parameters({name: self.initial[name] for name in engine.trainable})  # before the optimizer
@@ -148,10 +151,11 @@ class Problem:
         and of the averaged parameters and, as the paper reports, the smaller of the two."""
         x, y = self.data.x[:self.eval_examples], self.data.y[:self.eval_examples]
         live = model if isinstance(model, torch.nn.Module) else engine_forward(model)
-        current = evaluate_many(live, self.figures, x, y, EVAL_BATCH)
+        select = self.select if isinstance(model, torch.nn.Module) else None
+        current = evaluate_many(live, self.figures, x, y, EVAL_BATCH, select)
         if average is None:
             return current
-        averaged = evaluate_many(average.module(), self.figures, x, y, EVAL_BATCH)
+        averaged = evaluate_many(average.module(), self.figures, x, y, EVAL_BATCH, select)
         point = {key: _smaller(current[key], averaged[key]) for key in current}
         for key in current:
             point[f"{key}_current"], point[f"{key}_averaged"] = current[key], averaged[key]

@@ -111,9 +111,14 @@ class _Run:
             return self.compiled.module
         return engine_forward(self.compiled.onnxruntime())
 
+    def select(self):
+        """The output the loss is put on, out of what the module returns (the onnxruntime graph's first output
+        is already that one)."""
+        return self.compiled.select_output if self.compiled.engine == "torch" else None
+
     def valid_loss(self) -> float:
         valid_x, valid_y = self.validation()
-        return evaluate(self.forward(), self.settings["loss"], valid_x, valid_y, self.order.batch_size)
+        return evaluate(self.forward(), self.settings["loss"], valid_x, valid_y, self.order.batch_size, self.select())
 
     def valid_losses(self) -> dict[str, float]:
         """The validation loss, and with --average the averaged weights' too."""
@@ -121,7 +126,7 @@ class _Run:
         if self.average is not None:
             valid_x, valid_y = self.validation()
             losses["valid_loss_average"] = evaluate(self.average.module(), self.settings["loss"], valid_x, valid_y,
-                                                    self.order.batch_size)
+                                                    self.order.batch_size, self.select())
         return losses
 
     def settings_json(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ target of both splits fits the model's outputs and the loss (labels in range, dt
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.datasets import DATASETS, INPUT, Dataset, load_data, split
 from kronograph.cli.models import parse_shape
+from kronograph.compiler.outputs import OutputSelector
 from kronograph.errors import KronographError
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.statistics import preserved_buffers
@@ -130,8 +132,7 @@ def check_forward_on_data(forward: Callable[[torch.Tensor], torch.Tensor], loss_
             f"the model cannot run on {where}: a forward pass on inputs of shape {list(sample.shape)} raised "
             f"{type(error).__name__}: {text[:300].rstrip('.')}; {fix}"
         ) from None
-    if not isinstance(outputs, torch.Tensor):
-        raise KronographError(f"the model returns a {type(outputs).__name__}; training needs one output tensor")
+    outputs = OutputSelector(None, outputs).select(outputs)  # compile's default: "logits" of a dict, element 0
     loss = get_loss(loss_name)
     for targets in (data.y, data.valid_y):
         try:
@@ -230,34 +231,40 @@ class ScheduledOrder(DataOrder):
 
 def evaluate_many(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
                   figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
-                  x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+                  x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                  select: Callable[[Any], torch.Tensor] | None = None) -> dict[str, float]:
     """Means over (x, y) of per-example ``figures(outputs, targets)``, without gradients, in batches: of a
-    module in eval mode, or of any forward function (the onnxruntime engine's); draws no random numbers."""
+    module in eval mode, or of any forward function (the onnxruntime engine's); draws no random numbers.
+    ``select`` reduces what a module returns (a dict, a tuple, a ModelOutput) to the tensor the loss is put
+    on: the compiled model's ``select_output``."""
     if not isinstance(model, torch.nn.Module):
-        return evaluate_forward(model, figures, x, y, batch_size)
+        return evaluate_forward(model, figures, x, y, batch_size, select)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return evaluate_forward(model, figures, x, y, batch_size)
+            return evaluate_forward(model, figures, x, y, batch_size, select)
     finally:
         model.train(was_training)
 
 
 def evaluate_forward(forward: Callable[[torch.Tensor], torch.Tensor],
                      figures: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
-                     x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+                     x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     select: Callable[[Any], torch.Tensor] | None = None) -> dict[str, float]:
     """Means over (x, y) of per-example ``figures`` of ``forward``'s outputs (a module in eval mode, or the
     onnxruntime engine's inference graph), in batches."""
     totals = dict.fromkeys(figures, 0.0)
     for start in range(0, len(x), batch_size):
         outputs, targets = forward(x[start:start + batch_size]), y[start:start + batch_size]
+        if select is not None:
+            outputs = select(outputs)
         for name, figure in figures.items():
             totals[name] += float(figure(outputs, targets).sum())
     return {name: total / max(1, len(x)) for name, total in totals.items()}
 
 
 def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], loss_name: str, x: torch.Tensor,
-             y: torch.Tensor, batch_size: int) -> float:
+             y: torch.Tensor, batch_size: int, select: Callable[[Any], torch.Tensor] | None = None) -> float:
     """Mean loss on (x, y) (``evaluate_many``)."""
-    return evaluate_many(model, {"loss": get_loss(loss_name).per_example}, x, y, batch_size)["loss"]
+    return evaluate_many(model, {"loss": get_loss(loss_name).per_example}, x, y, batch_size, select)["loss"]

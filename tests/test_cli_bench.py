@@ -177,3 +177,14 @@ def test_bad_input_in_a_real_process(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kronograph.cli", "bench", "mnist-autoencoder", "--seconds", "1",
                            "--steps", "1", "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error:"), done.stderr
+
+
+def test_a_model_returning_a_dict_is_evaluated_on_its_logits(bench, data, tmp_path):
+    """The evaluation puts the loss on the output compile chose ('logits' of the dict), averaged weights too."""
+    out = tmp_path / "bench"
+    result = bench("factories:dict_heads", data["classes"], "--optimizers", "kfac,adam", "--steps", "6",
+                   "--average", "0.9", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for run in json.loads((out / "results.json").read_text())["optimizers"].values():
+        assert all(math.isfinite(point["loss"]) for point in run["curve"])
+        assert run["final"]["loss"] < run["curve"][0]["loss"]

@@ -334,3 +334,13 @@ def test_tensorboard_events_hold_the_metrics(train, tmp_path):
     expected = [(r["step"], r["loss"]) for r in metrics(tmp_path / "run")]
     assert [step for step, _ in losses] == [step for step, _ in expected]
     assert np.allclose([v for _, v in losses], [v for _, v in expected], rtol=1e-6)
+
+
+def test_a_model_returning_a_dict_trains_and_validates_on_its_logits(train, tmp_path):
+    """Validation (and the averaged weights' validation) puts the loss on the output compile chose."""
+    out = tmp_path / "run"
+    result = train("--optimizer", "kfac", "--steps", "4", "--eval-every", "2", "--average", "0.9", "--out", str(out),
+                   model="factories:dict_heads")
+    assert result.exit_code == 0, result.output
+    records = [r for r in metrics(out) if "valid_loss" in r]
+    assert records and all(math.isfinite(r["valid_loss"]) and math.isfinite(r["valid_loss_average"]) for r in records)
