@@ -39,7 +39,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
 from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
-from kronograph.runtime.engines.torch import TorchEngine
+from kronograph.runtime.engines.torch import GradientPass, TorchEngine
 from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
     curvature_scale,
@@ -62,6 +62,7 @@ from kronograph.runtime.statistics import (
 from kronograph.runtime.quadratic import curvature_gram, inner, solve_quadratic_model
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
+SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
 Direction = dict[str, torch.Tensor]
 
@@ -129,6 +130,13 @@ class KFAC:
             tied weights), whose length the quadratic model chooses: "gradient" (-grad h) or "rms" (-grad h /
             sqrt(v), v an EMA of grad^2 with decay 0.999: every coordinate moves, rare embedding rows and
             small-gradient norm scales included); "rms" needs re-scaling, without it the gradient is used.
+        signal_scaling: multiply the update by (1 + s) / 2, s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g) in [0, 1]
+            (EMAs with decay 0.9; g_A, g_B the gradients of the two halves of the batch, computed by two half
+            passes instead of one, F^-1 the damped K-FAC inverse): the share of signal in the natural gradient.
+            The quadratic model's minimiser fits the mini-batch it was built on; where the batch's gradient is
+            mostly noise (s ~ 0: small batches) its step is about twice too long, where it is signal (s ~ 1)
+            the step is the model's own. The steps that capture the gradient pass's sites (the empirical
+            Fisher's statistics, the low-rank products of sec 8) take one pass and leave s as it was.
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
@@ -224,6 +232,8 @@ class KFAC:
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
+        self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
+        self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -296,13 +306,19 @@ class KFAC:
         left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
         best = None
         tangent_cache: dict[str, Any] = {}
+        lr = self.lr
         for gamma in gammas:
             with self._timed("inverses"):
                 inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
                 proposal = {name: value for name, value in self._proposal(grads, inverses).items() if name not in left_out}
+                if gamma == gammas[0] and self._half_difference is not None:  # once a step, with gamma's inverses
+                    self._update_signal(grads, proposal, inverses)
+                if self.signal is not None:
+                    lr = self.lr * (1 + self._signal_share()) / 2
+                    info["signal"] = self._signal_share()
             with self._timed("qmodel"):
-                update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache)
+                update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr)
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
         gamma, inverses, update, decrease, figures = best
@@ -400,7 +416,11 @@ class KFAC:
         fisher="empirical", whose statistics come from this same forward and backward)."""
         n = inputs[0].shape[0]
         captured = capture or self._low_rank_possible(n)
-        result = self.engine.gradient_pass(inputs, y, capture=captured)
+        self._half_difference = None
+        if self.settings.signal_scaling and self.rescale and not captured and n >= 4:  # halves of >= 2 (batch norm)
+            result = self._gradient_of_halves(inputs, y)
+        else:
+            result = self.engine.gradient_pass(inputs, y, capture=captured)
         self._rows = {}
         if captured:
             self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
@@ -413,6 +433,43 @@ class KFAC:
                 norm += float(param.double().pow(2).sum())
             grads[name] = grad
         return result.loss, result.loss + 0.5 * self.weight_decay * norm, grads, result.records
+
+    def _gradient_of_halves(self, inputs, y) -> GradientPass:
+        """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
+        one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
+        each half as a batch."""
+        n = inputs[0].shape[0]
+        half = n // 2
+        try:
+            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=False)
+            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=False)
+        except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
+            return self.engine.gradient_pass(inputs, y, capture=False)
+        w = half / n
+        grads = {name: w * first.grads[name] + (1 - w) * second.grads[name] for name in first.grads}
+        self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
+        return GradientPass(w * first.loss + (1 - w) * second.loss, grads)
+
+    def _update_signal(self, grads: Direction, proposal: Direction, inverses) -> None:
+        """Fold this step's g^T F^-1 g and g_A^T F^-1 g_B into their EMAs. With Delta = -F^-1 g and
+        d = (g_A - g_B) / 2: g^T F^-1 g - d^T F^-1 d = g_A^T F^-1 g_B, an unbiased estimate of the signal's part
+        of g^T F^-1 g, whose expectation also holds the noise's tr(F^-1 Sigma) / n."""
+        difference = self._half_difference
+        solved = self.curvature.direction(difference, inverses, {})
+        total = -inner(grads, proposal)
+        cross = total + inner(difference, {name: solved[name] for name in proposal})
+        if not (math.isfinite(total) and math.isfinite(cross)) or total <= 0:
+            return
+        if self.signal is None:
+            self.signal = (total, cross)
+        else:
+            self.signal = tuple(SIGNAL_DECAY * old + (1 - SIGNAL_DECAY) * new
+                                for old, new in zip(self.signal, (total, cross)))
+
+    def _signal_share(self) -> float:
+        """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]."""
+        total, cross = self.signal
+        return min(1.0, max(0.0, cross / total))
 
     def _low_rank_possible(self, n: int) -> bool:
         """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
@@ -452,11 +509,11 @@ class KFAC:
         return direction
 
     def _final_update(self, inputs, grads: Direction, proposal: Direction, fallback: Direction,
-                      cache: dict) -> tuple[Direction, dict, float]:
+                      cache: dict, lr: float) -> tuple[Direction, dict, float]:
         """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
         if not self.rescale:
             momentum = self.momentum if isinstance(self.momentum, (int, float)) else 0.0
-            return heavy_ball({**proposal, **fallback}, self.lr, momentum, self.previous), {}, 0.0
+            return heavy_ball({**proposal, **fallback}, lr, momentum, self.previous), {}, 0.0
         directions: list[Direction] = [proposal]
         labels = ["alpha"]
         if fallback:
@@ -486,9 +543,9 @@ class KFAC:
         update: Direction = {name: torch.zeros_like(param) for name, param in self.engine.parameters().items()}
         for coefficient, direction in zip(solution.coefficients, directions):
             for name, value in direction.items():
-                update[name] += (self.lr * coefficient) * value
+                update[name] += (lr * coefficient) * value
         # M(lr c) - M(0) = lr (2 - lr) (M(c) - M(0)) at the minimiser c: the decrease of the applied update.
-        return update, figures, solution.decrease * self.lr * (2 - self.lr)
+        return update, figures, solution.decrease * lr * (2 - lr)
 
     def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> tuple[float, float]:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to
@@ -514,6 +571,7 @@ class KFAC:
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
+            "signal": self.signal,
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
         }
@@ -530,5 +588,7 @@ class KFAC:
         self.gamma_streak = int(state.get("gamma_streak", 0))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.unmatched_moments = {n: t.clone() for n, t in state.get("unmatched_moments", {}).items()}
+        signal = state.get("signal")
+        self.signal = None if signal is None else tuple(float(v) for v in signal)
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])

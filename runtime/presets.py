@@ -9,7 +9,9 @@
   ill-conditioned system (nearly parallel directions) solved without one of them, and gamma's damping of A
   applied in coordinates centred on the layer's mean input (sigmoid units near 1/2 no longer hide their
   variation under a damping sized by their mean; the paper's sec 10 invariance kept under damping), and the
-  parameters outside every block (norms, embeddings) stepping along RMSprop's shape of their gradient.
+  parameters outside every block (norms, embeddings) stepping along RMSprop's shape of their gradient, and the
+  update shortened by (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the
+  quadratic model's step fits the mini-batch's noise (``signal_scaling``).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -56,6 +58,7 @@ class KFACSettings:
     descent_only: bool = True
     centered_damping: bool = True
     unmatched_direction: str = "rms"
+    signal_scaling: bool = True
     max_condition: float | None = 1e8
     min_damping: float = 1e-8
     factor_dtype: torch.dtype = torch.float32
@@ -68,6 +71,7 @@ PRESETS: dict[str, KFACSettings] = {
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
         lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         descent_only=False, max_condition=None, centered_damping=False, unmatched_direction="gradient",
+        signal_scaling=False,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))

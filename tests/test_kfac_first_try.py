@@ -103,9 +103,11 @@ def test_initial_lambda_follows_the_curvature_scale():
 
 def test_a_step_that_raises_h_is_undone_and_lambda_rises():
     """lr = 3 overshoots the quadratic model's minimiser (M(3c) - M(0) = -3 (M(c) - M(0)) > 0): every such step
-    must be undone, with the weights exactly as before and lambda raised."""
+    must be undone, with the weights exactly as before and lambda raised (signal_scaling off: it would shorten
+    the step to as little as lr / 2)."""
     model = mlp()
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=3.0, seed=0)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=3.0, seed=0,
+                                signal_scaling=False)
     for k, (x, y) in enumerate(batches(3)):
         before, damping = params(model), opt.damping
         info = opt.step(x, y)
@@ -190,7 +192,8 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
                     "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None,
-                    "centered_damping": False, "unmatched_direction": "gradient"}):
+                    "centered_damping": False, "unmatched_direction": "gradient",
+                    "signal_scaling": False}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
         runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))
@@ -206,7 +209,7 @@ def test_unmatched_parameters_step_along_the_gradient_over_its_root_mean_square(
     on a copy of the model and v = g_1^2, then 0.999 v + 0.001 g^2 (momentum off to isolate the direction)."""
     model = normed_mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
-                                reject_steps=False)
+                                reject_steps=False, signal_scaling=False)
     names = ["1.weight", "1.bias"]
     assert sorted(opt.unmatched) == sorted(names)
     v: dict[str, torch.Tensor] = {}

@@ -309,7 +309,7 @@ def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor():
     step 6 its A is the batch's own (not (1 - decay) of it) and it is inverted at once."""
     model = Branching()
     cm = kronograph.compile(model, (torch.randn(2, 5),))
-    opt = kronograph.optim.KFAC(cm, seed=0, stats_every=5, momentum=None, reject_steps=False)
+    opt = kronograph.optim.KFAC(cm, seed=0, stats_every=5, momentum=None, reject_steps=False, signal_scaling=False)
     generator = torch.Generator().manual_seed(2)
     model.branch = False
     with pytest.warns(Warning, match="not seen"):
