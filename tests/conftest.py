@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
 import torch
 
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
@@ -51,3 +52,13 @@ def import_torchvision() -> None:
 
 
 import_torchvision()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread (on a busy 2-core machine, OpenMP hand-offs cost more than they save). A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,6 +13,8 @@ from torch import nn
 import kronograph
 from kronograph.runtime.inverse import SkippedStepWarning
 
+from equality import same
+
 
 def model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -29,15 +31,6 @@ def batches(loss: str, steps: int = 4, n: int = 16) -> list[tuple[torch.Tensor, 
     return out
 
 
-def same(a, b) -> bool:
-    """Exact equality of two state_dict()s (tensors bit for bit, the generator state included)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def run(loss: str, bad: tuple[torch.Tensor, torch.Tensor] | None, expect) -> tuple[list[torch.Tensor], dict]:

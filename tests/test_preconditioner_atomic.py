@@ -22,15 +22,12 @@ import kronograph
 from kronograph.runtime.inverse import InverseWarning, StatisticsWarning
 from kronograph.runtime.preconditioner import LossScaleWarning
 
+from equality import same
+
 N = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:
@@ -65,15 +62,6 @@ def good_step(model: nn.Module, precond, seed: int) -> dict:
     return precond.step(x)
 
 
-def same(a, b) -> bool:
-    """Exact equality (tensors bit for bit, the generator's state included)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def snapshot(model: nn.Module, precond) -> tuple[dict, list]:

@@ -23,13 +23,7 @@ from kronograph.runtime.losses import get_loss
 N, CLASSES = 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread (on a busy 2-core machine, OpenMP hand-offs cost ~10 ms per matmul)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:
