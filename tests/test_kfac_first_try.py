@@ -281,3 +281,40 @@ def test_a_batch_of_nans_is_skipped_without_reaching_the_weights(loss):
     assert "skipped" in info
     assert all(torch.equal(p, q) for p, q in zip(before, params(model)))
     assert all(torch.equal(block.a, factors[name]) for name, block in opt.blocks.items())
+
+
+def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients():
+    """After one step, signal_scaling's EMAs hold g^T P g and g_A^T P g_B: g_A, g_B the gradients of the batch's
+    two halves recomputed here by autograd on a copy of the model, g their mean, P the step's K-FAC inverse
+    (the negated proposal map). The update is then (1 + s) / 2 of the one without signal scaling."""
+    runs = {}
+    for scaling in (True, False):
+        model = mlp()
+        probe = copy.deepcopy(model)
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
+                                    reject_steps=False, signal_scaling=scaling)
+        (x, y), = batches(1)
+        before = params(model)
+        opt.step(x, y)
+        runs[scaling] = (opt, [p - q for p, q in zip(params(model), before)])
+    opt = runs[True][0]
+
+    def gradient(xs, ys):
+        probe.zero_grad()
+        torch.nn.functional.cross_entropy(probe(xs), ys).backward()
+        return {name: p.grad.clone() for name, p in probe.named_parameters()}
+
+    g_a, g_b = gradient(x[:16], y[:16]), gradient(x[16:], y[16:])
+    g = {name: (g_a[name] + g_b[name]) / 2 for name in g_a}
+    inverses = opt.curvature.current()
+
+    def dot_p(u, v):  # u^T P v
+        solved = opt.curvature.direction(v, inverses, {})
+        return -sum(float((u[name] * solved[name]).sum()) for name in solved)
+
+    total, cross = opt.signal
+    assert total == pytest.approx(dot_p(g, g), rel=1e-4)
+    assert cross == pytest.approx(dot_p(g_a, g_b), rel=1e-3, abs=1e-6 * total)
+    share = min(1.0, max(0.0, cross / total))
+    for scaled, plain in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(scaled, (1 + share) / 2 * plain, rtol=1e-4, atol=1e-7)
