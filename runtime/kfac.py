@@ -6,7 +6,8 @@ else is shared. One ``step(x, y)``:
 1. statistics (every ``stats_every`` steps): a forward pass on a random fraction tau_1 of the batch,
    targets sampled from the model (``fisher="mc"``) or the labels, a backward pass of that loss;
    the factors' EMAs take the mini-batch factors (decay min(1 - 1/k, 0.95) unless ``ema_decay`` is set);
-2. the gradient of h = mean loss + eta/2 |theta|^2 on the whole batch (a plain forward and backward);
+2. the gradient of h = mean loss + eta/2 |theta|^2 on the whole batch (a plain forward and backward; with
+   ``signal_scaling`` one on each half of the batch, whose difference measures the gradient's noise);
 3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps
    for the three candidates gamma, omega2 gamma, gamma / omega2, keeping the one whose update lowers the
    quadratic model most, sec 6.6);
@@ -15,9 +16,10 @@ else is shared. One ``step(x, y)``:
 5. re-scaling and momentum (6.4, 7): the coefficients of Delta, of the unmatched direction and of the
    previous update minimise M(delta) with the exact Fisher on a fraction tau_2 of the batch;
    without re-scaling: delta = Delta (+ heavy-ball momentum) times lr;
-6. theta += lr * delta (lr = 1 is the paper's algorithm), then every ``damping_every`` steps the
-   Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from rho = (h(theta+delta) - h) / (M(delta) - M(0))
-   (by up to omega1^lm_acceleration while rho keeps its verdict), and a step that made h much worse is undone.
+6. theta += lr * delta (lr = 1 is the paper's algorithm; ``signal_scaling`` shortens it by (1 + s) / 2), then
+   every ``damping_every`` steps the Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from
+   rho = (h(theta+delta) - h) / (M(delta) - M(0)) (by up to omega1^lm_acceleration while rho keeps its verdict),
+   and a step that made h much worse is undone.
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
