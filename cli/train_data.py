@@ -8,9 +8,9 @@ target of both splits fits the model's outputs and the loss (labels in range, dt
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
