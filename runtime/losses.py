@@ -50,6 +50,11 @@ class Loss(ABC):
         """h without weight decay: the mean of the per-example losses."""
         return self.per_example(outputs, targets).mean()
 
+    def positions(self, targets: Any) -> int:
+        """Loss terms per example with a target of their own (sampled independently for the statistics):
+        1 except for cross-entropy over positions (a sequence's tokens). Read from the targets' shape."""
+        return 1
+
     def statistics_scale(self, targets: Any) -> float:
         """The factor between ``statistics_loss`` and the loss: 1 except for cross-entropy over positions.
 
@@ -75,8 +80,11 @@ class CrossEntropy(Loss):
         losses = F.cross_entropy(outputs.reshape(-1, classes), targets.reshape(-1), reduction="none")
         return losses.reshape(n, -1).mean(dim=1)
 
+    def positions(self, targets: Any) -> int:
+        return math.prod(targets.shape[1:])  # targets [n, positions...]: one label per position
+
     def statistics_scale(self, targets: Any) -> float:
-        return math.sqrt(math.prod(targets.shape[1:]))  # targets [n, positions...]: one label per position
+        return math.sqrt(self.positions(targets))
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)

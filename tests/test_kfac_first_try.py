@@ -318,3 +318,23 @@ def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients():
     share = min(1.0, max(0.0, cross / total))
     for scaled, plain in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(scaled, (1 + share) / 2 * plain, rtol=1e-4, atol=1e-7)
+
+
+def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
+    """64 loss terms at least: 32 sequences of 16 tokens need 4 of them (tau_1 = 1/8), 32 single labels all 32."""
+    torch.manual_seed(0)
+    sizes = []
+    for shape in ((32, 16), (32,)):
+        model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+        x = torch.randint(0, 10, shape)
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+        sampled_pass = opt.engine.sampled_pass
+
+        def spy(*args, **kwargs):
+            records, n = sampled_pass(*args, **kwargs)
+            sizes.append(n)
+            return records, n
+
+        opt.engine.sampled_pass = spy
+        assert math.isfinite(opt.step(x, torch.randint(0, 10, shape))["loss"])
+    assert sizes == [4, 32]
