@@ -16,6 +16,8 @@
 - ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
 - ``kfac``: ``kronograph.optim.KFAC``; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
 - ``distributed``: the preconditioner's mini-batch factors averaged across data-parallel ranks (one all_reduce).
+- ``quasi_newton``: BFGS and L-BFGS (compact form) with the thesis's damped pairs (DD, D_P D_LM), for K-BFGS.
+- ``input_action``: A s of a layer's mini-batch input factor and its mean input, without forming A (K-BFGS's pair).
 - ``presets``: K-FAC's settings dataclass and its two presets ("default", "paper").
 - ``huggingface``: ``KFACTrainerCallback``, the preconditioner in Hugging Face's Trainer (imports transformers).
 """

@@ -99,7 +99,7 @@ def site_rows(
     return SiteRows(p, q)
 
 
-def _examples(batch_size: int, index: torch.Tensor | None) -> int:
+def examples_kept(batch_size: int, index: torch.Tensor | None) -> int:
     if index is None:
         return batch_size
     return int(index.numel()) if index.dtype != torch.bool else int(index.sum())
@@ -113,7 +113,7 @@ def _layer_rows(
         raise CaptureError(f"layer {layer.name!r} has no captured site")
     if all(r.g is None for r in records):
         raise CaptureError(f"layer {layer.name!r}: no site received a gradient; run backward or gradients_from first")
-    m = _examples(batch_size, index)
+    m = examples_kept(batch_size, index)
     if m < 1:
         raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
     sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype) for record in records]
