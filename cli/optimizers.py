@@ -82,6 +82,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("rescale", bool, "Re-scale the update by the exact Fisher (sec 6.4).", _K, switch=True),
     OptionSpec("adapt_damping", bool, "Adapt lambda (sec 6.5; None: on with re-scaling).", _K, switch=True),
     OptionSpec("adapt_gamma", bool, "Adapt gamma (sec 6.6; None: on with re-scaling).", _K, switch=True),
+    OptionSpec("fisher_products", click.Choice(["forward", "differences"]),
+               "The quadratic model's J d: forward mode (exact) or central differences of two forwards (cheaper).", _K),
     OptionSpec("structure", click.Choice(["diagonal", "tridiagonal"]), "Inverse structure (sec 4.2 / 4.3).", _K),
     OptionSpec("beta1", click.FloatRange(min=0, max=1, max_open=True), "First-moment decay.", ("adam",)),
     OptionSpec("beta2", click.FloatRange(min=0, max=1, max_open=True), "Second-moment decay.", ("adam",)),

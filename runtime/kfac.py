@@ -140,6 +140,11 @@ class KFAC:
             mostly noise (s ~ 0: small batches) its step is about twice too long, where it is signal (s ~ 1)
             the step is the model's own. The steps that capture the gradient pass's sites (the empirical
             Fisher's statistics, the low-rank products of sec 8) take one pass and leave s as it was.
+        fisher_products: how the quadratic model's J d are computed on the torch engine: "forward" (forward
+            mode, exact; the math attention kernel) or "differences" (central differences of two no-grad
+            forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
+            transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md). The onnxruntime engine always
+            uses differences.
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
@@ -198,6 +203,8 @@ class KFAC:
                 raise KronographError(f"{name}={value} must be a positive whole number")
         if s.unmatched_direction not in ("gradient", "rms"):
             raise KronographError(f"unmatched_direction={s.unmatched_direction!r}; choose 'rms' or 'gradient'")
+        if s.fisher_products not in ("forward", "differences"):
+            raise KronographError(f"fisher_products={s.fisher_products!r}; choose 'forward' or 'differences'")
         if s.damping is not None and not s.damping >= 0:
             raise KronographError(f"damping={s.damping} must be >= 0 (or None: relative to the curvature's scale)")
         if not s.relative_damping > 0:
@@ -206,6 +213,8 @@ class KFAC:
         self.module = compiled.module
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss)
+        if self.engine.name == "torch":  # onnxruntime has only differences (no forward mode there)
+            self.engine.products = s.fisher_products
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
         self.damping = None if s.damping is None else float(s.damping)
         self.gamma = float(s.factor_damping) if s.factor_damping is not None else (

@@ -59,6 +59,7 @@ class KFACSettings:
     centered_damping: bool = True
     unmatched_direction: str = "rms"
     signal_scaling: bool = True
+    fisher_products: str = "forward"
     max_condition: float | None = 1e8
     min_damping: float = 1e-8
     factor_dtype: torch.dtype = torch.float32

@@ -23,7 +23,6 @@ gradient and the taps come from the training-mode one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,10 +32,8 @@ import torch
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.engines.torch import GradientPass, Records
 from kronograph.runtime.losses import Loss
+from kronograph.runtime.quadratic import central_differences
 from kronograph.runtime.statistics import subset
-
-#: the largest relative change of a parameter tensor in a central-difference step (see _difference_step).
-DIFFERENCE_STEP = 3e-4
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -121,45 +118,15 @@ class OnnxRuntimePasses:
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
         """(outputs, [J d for d in directions]) by central differences of the forward graph's outputs."""
         arrays = [_numpy(x) for x in inputs]
-        outputs = torch.from_numpy(self.engine.forward(arrays)).double()
         theta = self.parameters()
-        sizes = _sizes(theta)
-        tangents = []
-        for direction in directions:
-            h = _difference_step(direction, sizes)
-            if h is None:
-                tangents.append(torch.zeros_like(outputs))
-                continue
-            shifted = []
-            for sign in (1.0, -1.0):
-                values = {name: (theta[name] + (sign * h) * d.to(theta[name].dtype)).numpy()
-                          for name, d in direction.items()}
-                shifted.append(torch.from_numpy(self.engine.forward(arrays, values)).double())
-            tangents.append((shifted[0] - shifted[1]) / (2 * h))
-        return outputs, tangents
+
+        def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+            values = None if shift is None else {
+                name: (theta[name] + d.to(theta[name].dtype)).numpy() for name, d in shift.items()}
+            return torch.from_numpy(self.engine.forward(arrays, values) if values else self.engine.forward(arrays))
+
+        return central_differences(forward_at, theta, directions)
 
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         outputs = torch.from_numpy(self.engine.forward([_numpy(x) for x in inputs]))
         return float(self.loss(outputs, targets))
-
-
-def _sizes(theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Each tensor's size for the difference step: its norm, or its share of |theta| when larger (an all-zero
-    bias), or 1 when theta is all zero. A function of the current weights only: a resumed run takes the
-    same steps as an uninterrupted one."""
-    norms = {name: float(t.double().norm()) for name, t in theta.items()}
-    total = sum(t.numel() for t in theta.values())
-    whole = math.sqrt(sum(n * n for n in norms.values()))
-    return {name: max(norms[name], (t.numel() / total) ** 0.5 * whole) or 1.0 for name, t in theta.items()}
-
-
-def _difference_step(direction: Mapping[str, torch.Tensor], sizes: Mapping[str, float]) -> float | None:
-    """h such that no parameter tensor moves by more than DIFFERENCE_STEP of its size; None for d = 0.
-
-    Relative to each tensor, not to the whole theta: K-FAC's updates are concentrated on a few small
-    tensors, and a step scaled to |theta| moves those far out of the linear range (33% error measured on
-    the paper's autoencoder, against 1.5e-4 this way)."""
-    largest = max((float(d.double().norm()) / sizes[name] for name, d in direction.items()), default=0.0)
-    if largest == 0 or not math.isfinite(largest):
-        return None
-    return DIFFERENCE_STEP / largest

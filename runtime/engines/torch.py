@@ -6,7 +6,8 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
 - ``gradient_pass``: loss, grad of the mean loss on the whole batch and, when asked, the captured sites
   (for statistics from the labels and the low-rank products of sec 8);
 - ``sampled_pass``: the sites of a statistics pass on some examples with targets sampled from the model;
-- ``output_tangents``: the outputs and J d for directions d (forward-mode, appendix C);
+- ``output_tangents``: the outputs and J d for directions d (forward mode, appendix C, or central differences
+  of plain forwards: ``products``);
 - ``loss_value``: the mean loss at the current weights (for rho);
 - ``parameters`` and ``add_``: the weights, updated in place.
 """
@@ -23,7 +24,7 @@ import torch
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.losses import Loss
-from kronograph.runtime.quadratic import output_tangents
+from kronograph.runtime.quadratic import central_differences, output_tangents
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
 
 Records = dict[str, list[SiteRecord]]
@@ -48,6 +49,9 @@ class TorchEngine:
     """The compiled module's trainable parameters (those of the plan), trained in place."""
 
     name = "torch"
+    #: how ``output_tangents`` computes J d: "forward" (forward mode, exact) or "differences" (central
+    #: differences of two no-grad forwards, which keep the fused attention kernels: cheaper on transformers)
+    products = "forward"
 
     def __init__(self, compiled: Any, loss: Loss) -> None:
         if compiled.module is None:
@@ -112,8 +116,24 @@ class TorchEngine:
                                   select=self.compiled.select_output)
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
-        """(outputs, [J d for d in directions]) by forward-mode differentiation (quadratic.output_tangents)."""
-        return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
+        """(outputs, [J d for d in directions]) by forward mode (quadratic.output_tangents) or central differences."""
+        if self.products == "forward":
+            return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
+        theta = self.parameters()
+
+        def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+            saved = {name: theta[name].clone() for name in shift or {}}
+            try:
+                for name, d in (shift or {}).items():
+                    theta[name].add_(d.to(theta[name].dtype))
+                with preserved_buffers(self.module):
+                    return self.compiled.forward(*inputs).detach()
+            finally:
+                for name, value in saved.items():  # bit for bit as before
+                    theta[name].copy_(value)
+
+        with torch.no_grad():
+            return central_differences(forward_at, theta, directions)
 
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
