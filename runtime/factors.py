@@ -99,24 +99,27 @@ def site_rows(
     return SiteRows(p, q)
 
 
-def examples_kept(batch_size: int, index: torch.Tensor | None) -> int:
+def _examples(batch_size: int, index: torch.Tensor | None) -> int:
     if index is None:
         return batch_size
     return int(index.numel()) if index.dtype != torch.bool else int(index.sum())
 
 
-def _layer_rows(
-    layer: Layer, records: Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None, dtype: torch.dtype
+def layer_rows(
+    layer: Layer, records: Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None, dtype: torch.dtype,
+    with_gradient: bool = True,
 ) -> tuple[list[SiteRows], int, int]:
-    """The rows of every site of a layer, the number of examples m and the total number of rows R."""
+    """The rows of every site of a layer, the number of examples m and the total number of rows R
+    (the gradient rows too unless ``with_gradient`` is False: then no site needs a gradient)."""
     if not records:
         raise CaptureError(f"layer {layer.name!r} has no captured site")
-    if all(r.g is None for r in records):
+    if with_gradient and all(r.g is None for r in records):
         raise CaptureError(f"layer {layer.name!r}: no site received a gradient; run backward or gradients_from first")
-    m = examples_kept(batch_size, index)
+    m = _examples(batch_size, index)
     if m < 1:
         raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
-    sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype) for record in records]
+    sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient)
+             for record in records]
     return sites, m, sum(site.p.shape[1] for site in sites)
 
 
@@ -143,7 +146,7 @@ def batch_factors(
         index: examples to use (indices or a boolean mask over the batch), default all.
         dtype: the factors' dtype (float32 or float64, independent of the model's).
     """
-    sites, m, rows = _layer_rows(layer, records, batch_size, index, dtype)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
     scale = _grad_scale(m, grad_scale)
     a = accumulate_grams(None, [site.p for site in sites], 1.0 / m, 0.0)
     g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
@@ -172,7 +175,7 @@ def fold_factors_(
     Returns None, leaving A and G untouched, when the batch's rows hold NaN/Inf or are large enough for a
     factor entry to overflow (|entry| <= sum over rows of max|row|^2): a poisoned EMA would never recover.
     """
-    sites, m, rows = _layer_rows(layer, records, batch_size, index, dtype)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
     scale = _grad_scale(m, grad_scale)
     if a is None or g is None:  # a layer's first estimate is its batch factor (a layer first seen late, too)
         a = g = None

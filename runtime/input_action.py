@@ -32,33 +32,18 @@ from collections.abc import Sequence
 import torch
 
 from kronograph.passes.plan import Layer
-from kronograph.runtime.capture import CaptureError, SiteRecord
-from kronograph.runtime.factors import examples_kept, site_rows
-
-
-def _records(layer: Layer, records: SiteRecord | Sequence[SiteRecord]) -> list[SiteRecord]:
-    found = [records] if isinstance(records, SiteRecord) else list(records)
-    if not found:
-        raise CaptureError(f"layer {layer.name!r} has no captured site")
-    return found
+from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.factors import layer_rows
 
 
 def _rows(
-    layer: Layer,
-    records: SiteRecord | Sequence[SiteRecord],
-    batch_size: int,
-    index: torch.Tensor | None,
+    layer: Layer, records: SiteRecord | Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None,
     dtype: torch.dtype,
-) -> tuple[list[torch.Tensor], int]:
-    """The activation rows P [groups, R_site, a_dim] of every site (gradients not needed) and m."""
-    m = examples_kept(batch_size, index)
-    if m < 1:
-        raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
-    parts = [
-        site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=False).p
-        for record in _records(layer, records)
-    ]
-    return parts, m
+) -> tuple[list[torch.Tensor], int, int]:
+    """The activation rows P [groups, R_site, a_dim] of every site (no gradient needed), m and R."""
+    records = [records] if isinstance(records, SiteRecord) else list(records)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, with_gradient=False)
+    return [site.p for site in sites], m, rows
 
 
 def _as_grouped(layer: Layer, s: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
@@ -110,7 +95,7 @@ def input_factor_action(
     dtype = s.dtype if dtype is None else dtype
     view, grouped, vector = _as_grouped(layer, s)
     view = view.to(dtype)
-    parts, m = _rows(layer, records, batch_size, index, dtype)
+    parts, m, _ = _rows(layer, records, batch_size, index, dtype)
     total = None
     for p in parts:  # p [groups, R, d]: p^T (p s), two skinny products
         part = torch.bmm(p.transpose(1, 2), torch.bmm(p, view.to(p.device)))
@@ -132,8 +117,7 @@ def mean_input(
     """a_hat = E_n[(1/|T|) sum_t a_t(n)]: the mean of all activation rows (patches for conv layers),
     homogeneous 1 included when the layer has a bias. Shape [a_dim], or [groups, a_dim] for a grouped
     convolution. Same arguments as ``input_factor_action``."""
-    parts, _ = _rows(layer, records, batch_size, index, dtype)
-    rows = sum(p.shape[1] for p in parts)
+    parts, _, rows = _rows(layer, records, batch_size, index, dtype)
     total = sum(p.sum(dim=1) for p in parts) / rows
     return total if layer.groups > 1 else total.squeeze(0)
 

@@ -69,10 +69,11 @@ SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 Direction = dict[str, torch.Tensor]
 
 
-def make_engine(compiled: CompiledModel, loss) -> TorchEngine | OnnxRuntimePasses:
-    """The engine that runs the compiled model's passes: its own module (torch) or onnxruntime-training."""
+def make_engine(compiled: CompiledModel, loss, products: str = "forward") -> TorchEngine | OnnxRuntimePasses:
+    """The engine that runs the compiled model's passes: its own module (torch) or onnxruntime-training.
+    ``products`` chooses the torch engine's J d (onnxruntime has only central differences)."""
     if compiled.engine == "torch":
-        return TorchEngine(compiled, loss)
+        return TorchEngine(compiled, loss, products)
     return OnnxRuntimePasses(compiled, loss)
 
 
@@ -212,9 +213,7 @@ class KFAC:
         self.compiled = compiled
         self.module = compiled.module
         self.loss = get_loss(compiled.loss)
-        self.engine = make_engine(compiled, self.loss)
-        if self.engine.name == "torch":  # onnxruntime has only differences (no forward mode there)
-            self.engine.products = s.fisher_products
+        self.engine = make_engine(compiled, self.loss, s.fisher_products)
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
         self.damping = None if s.damping is None else float(s.damping)
         self.gamma = float(s.factor_damping) if s.factor_damping is not None else (

@@ -227,8 +227,7 @@ def test_central_differences_on_the_torch_engine_equal_the_explicit_jacobian_and
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).train()
     x = torch.randn(7, 3)
-    engine = TorchEngine(kronograph.compile(model, (x[:2],), loss="mse"), get_loss("mse"))
-    engine.products = "differences"
+    engine = TorchEngine(kronograph.compile(model, (x[:2],), loss="mse"), get_loss("mse"), products="differences")
     params = dict(model.named_parameters())
     before = {k: v.detach().clone() for k, v in params.items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}

@@ -123,7 +123,7 @@ class OnnxRuntimePasses:
         def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
             values = None if shift is None else {
                 name: (theta[name] + d.to(theta[name].dtype)).numpy() for name, d in shift.items()}
-            return torch.from_numpy(self.engine.forward(arrays, values) if values else self.engine.forward(arrays))
+            return torch.from_numpy(self.engine.forward(arrays, values))
 
         return central_differences(forward_at, theta, directions)
 

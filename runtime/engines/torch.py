@@ -49,11 +49,11 @@ class TorchEngine:
     """The compiled module's trainable parameters (those of the plan), trained in place."""
 
     name = "torch"
-    #: how ``output_tangents`` computes J d: "forward" (forward mode, exact) or "differences" (central
-    #: differences of two no-grad forwards, which keep the fused attention kernels: cheaper on transformers)
-    products = "forward"
 
-    def __init__(self, compiled: Any, loss: Loss) -> None:
+    def __init__(self, compiled: Any, loss: Loss, products: str = "forward") -> None:
+        """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact) or "differences"
+        (central differences of two no-grad forwards, which keep the fused attention kernels)."""
+        self.products = products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
         self.compiled, self.module, self.loss = compiled, compiled.module, loss
