@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from kronograph.cli.optimizers import DEFAULTS, OPTION_KEYS, OPTIONS, OPTIMIZERS, resolve_options
 from kronograph.compiler.compiled import ENGINES, LOSSES
+from kronograph.runtime.methods import METHODS
 from kronograph.errors import KronographError
 
 _PATH = click.Path(path_type=Path)
@@ -39,7 +40,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "engine": (click.Choice(ENGINES), None, "Where training runs: torch (the module's own parameters) or onnxruntime "
                                            "(onnxruntime-training; an .onnx MODEL runs only there) [default: torch for "
                                            "a module, onnxruntime for an .onnx file]."),
-    "optimizer": (click.Choice(OPTIMIZERS), "kfac", "kfac (the paper's algorithm), sgd (Nesterov momentum) or adam."),
+    "optimizer": (click.Choice(OPTIMIZERS), "kfac", "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in METHODS.items()) + "."),
     "batch_size": (click.IntRange(min=1), 512, "Examples per step (--batch-schedule fixed)."),
     "batch_schedule": (click.Choice(["fixed", "exp"]), "fixed", "fixed: --batch-size every step; exp: the paper's "
                                                                "m_k = min(m_1 exp((k-1)/b), |S|) (sec 13)."),

@@ -197,7 +197,7 @@ def _build(model: str, settings: dict[str, Any], run_dir: Path, checkpoint: tupl
                 compiled.module.load_state_dict(weights)
             else:
                 engine.set_parameters({name: weights[name] for name in engine.trainable})
-        optimizer = make_optimizer(settings["optimizer"], compiled, {k: settings[k] for k in OPTION_KEYS}, seed=seed)
+        optimizer = make_optimizer(settings["optimizer"], compiled, {k: settings.get(k) for k in OPTION_KEYS}, seed=seed)
         average = iterate_average(compiled.module if engine is None else engine, settings["average"])
         if checkpoint is not None:
             optimizer.load_state_dict(state["optimizer"])

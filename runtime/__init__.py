@@ -14,10 +14,10 @@
 - ``tridiagonal``: the block-tridiagonal inverse of sec 4.3; ``curvature``: both structures behind one API.
 - ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7.
 - ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
-- ``kfac``: ``kronograph.optim.KFAC``; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
+- ``methods``: one module per optimizer (``methods.kfac``: ``kronograph.optim.KFAC``), the settings dataclasses and
+  ``METHODS``, the registry the CLI is built from; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
 - ``distributed``: the preconditioner's mini-batch factors averaged across data-parallel ranks (one all_reduce).
 - ``quasi_newton``: BFGS and L-BFGS (compact form) with the thesis's damped pairs (DD, D_P D_LM), for K-BFGS.
 - ``input_action``: A s of a layer's mini-batch input factor and its mean input, without forming A (K-BFGS's pair).
-- ``presets``: K-FAC's settings dataclass and its two presets ("default", "paper").
 - ``huggingface``: ``KFACTrainerCallback``, the preconditioner in Hugging Face's Trainer (imports transformers).
 """

@@ -23,7 +23,7 @@ import factories
 from kronograph.cli import train as train_module
 from kronograph.cli.checkpoint import load_checkpoint, save_checkpoint
 from kronograph.cli.main import main
-from kronograph.runtime.kfac import KFAC
+from kronograph.runtime.methods.kfac import KFAC
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -1,4 +1,4 @@
-"""The first-try defaults of KFAC (runtime/presets.py, issue 10) on constructed cases, and the paper preset.
+"""The first-try defaults of KFAC (runtime/methods/kfac_settings.py, issue 10) on constructed cases, and the paper preset.
 
 Independent checks: the curvature scale against the eigenvalues of the dense Kronecker product, the
 initial lambda against a regression whose inputs are scaled by a known factor, a step that raises h
@@ -24,7 +24,7 @@ from kronograph.runtime.damping import (
     gamma_streak,
     levenberg_marquardt,
 )
-from kronograph.runtime.presets import PRESETS
+from kronograph.runtime.methods.kfac_settings import PRESETS
 
 # The paper's sec 13 settings as KFAC's arguments were before presets existed.
 PAPER_ARGUMENTS = dict(lr=1.0, damping=150.0, factor_damping=None, weight_decay=0.0, ema_decay=None, fisher="mc",

@@ -1,4 +1,4 @@
-"""runtime/engines: what runs a compiled model's passes for K-FAC.
+"""runtime/engines: what runs a compiled model's passes for every method (K-FAC, K-BFGS, the baselines).
 
 - ``torch``: ``TorchEngine``, the user's own nn.Module (parameters shared, updated in place).
 - ``onnxruntime``: ``OnnxRuntimeEngine``, an ONNX graph on onnxruntime-training; each step returns the
@@ -9,5 +9,16 @@
 """
 
 from kronograph.runtime.engines.onnxruntime import OnnxRuntimeEngine, StepResult
+from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
+from kronograph.runtime.engines.torch import TorchEngine
 
-__all__ = ["OnnxRuntimeEngine", "StepResult"]
+
+def make_engine(compiled, loss, products: str = "forward") -> TorchEngine | OnnxRuntimePasses:
+    """The engine that runs a compiled model's passes for every method: its own module (torch) or
+    onnxruntime-training. ``products`` chooses the torch engine's J d (onnxruntime has only central differences)."""
+    if compiled.engine == "torch":
+        return TorchEngine(compiled, loss, products)
+    return OnnxRuntimePasses(compiled, loss)
+
+
+__all__ = ["OnnxRuntimeEngine", "OnnxRuntimePasses", "StepResult", "TorchEngine", "make_engine"]

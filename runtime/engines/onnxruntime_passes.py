@@ -1,6 +1,6 @@
 """runtime/engines/onnxruntime_passes: the passes K-FAC needs, on an ONNX graph run by onnxruntime-training.
 
-``OnnxRuntimePasses`` gives ``runtime.kfac.KFAC`` the same verbs as ``engines.torch.TorchEngine``, so the
+``OnnxRuntimePasses`` gives ``runtime.methods.kfac.KFAC`` the same verbs as ``engines.torch.TorchEngine``, so the
 whole algorithm of the paper (MC Fisher, tau_1 and tau_2 subsets, re-scaling, qmodel momentum, adaptive
 lambda and gamma) runs on an .onnx model:
 

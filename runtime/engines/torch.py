@@ -1,6 +1,6 @@
 """runtime/engines/torch: the user's own nn.Module as the model K-FAC trains (parameters shared, in place).
 
-``TorchEngine`` gives ``runtime.kfac.KFAC`` the passes it needs, in torch terms; the onnxruntime engine
+``TorchEngine`` gives ``runtime.methods.kfac.KFAC`` the passes it needs, in torch terms; the onnxruntime engine
 gives the same ones for an ONNX graph, so that one K-FAC serves both:
 
 - ``gradient_pass``: loss, grad of the mean loss on the whole batch and, when asked, the captured sites

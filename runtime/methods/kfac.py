@@ -23,7 +23,7 @@ else is shared. One ``step(x, y)``:
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
-The settings come from a preset (runtime/presets.py): "default", the first try on any model, or "paper".
+The settings come from a preset (runtime/methods/kfac_settings.py): "default", the first try on any model, or "paper".
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
-from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
-from kronograph.runtime.engines.torch import GradientPass, TorchEngine
+from kronograph.runtime.engines import make_engine
+from kronograph.runtime.engines.torch import GradientPass
 from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
     curvature_scale,
@@ -53,7 +53,8 @@ from kronograph.runtime.damping import (
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows
 from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.presets import FROM_PRESET, SETTING_NAMES, settings_for
+from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
+from kronograph.runtime.methods.settings import FROM_PRESET, resolve
 from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
@@ -69,14 +70,6 @@ SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 Direction = dict[str, torch.Tensor]
 
 
-def make_engine(compiled: CompiledModel, loss, products: str = "forward") -> TorchEngine | OnnxRuntimePasses:
-    """The engine that runs the compiled model's passes: its own module (torch) or onnxruntime-training.
-    ``products`` chooses the torch engine's J d (onnxruntime has only central differences)."""
-    if compiled.engine == "torch":
-        return TorchEngine(compiled, loss, products)
-    return OnnxRuntimePasses(compiled, loss)
-
-
 def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction | None) -> Direction:
     """The update without re-scaling: lr * step, plus momentum times the previous update."""
     if momentum and previous is not None:
@@ -88,7 +81,7 @@ class KFAC:
     """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
     onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
 
-    ``KFAC(cm)`` with no other argument is the recommended first try (``preset="default"``, runtime/presets.py):
+    ``KFAC(cm)`` with no other argument is the recommended first try (``preset="default"``, runtime/methods/kfac_settings.py):
     the paper's algorithm with lambda started from the curvature's scale (``relative_damping`` times the mean
     eigenvalue of the factored Fisher at step 1), LM every step and the gamma rule every 5, both accelerated
     while their verdict stays the same, steps that wreck h undone, tau_2 = 1 for small batches, and the quadratic
@@ -152,6 +145,10 @@ class KFAC:
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
     """
 
+    SUMMARY = "K-FAC with the paper's damping scheme (Martens & Grosse 2015); presets default (first try) and paper"
+    Settings = KFACSettings
+    PRESETS = PRESETS
+
     def __init__(
         self,
         compiled: CompiledModel,
@@ -178,38 +175,10 @@ class KFAC:
         preset: str = "default",
         **settings: Any,
     ) -> None:
-        unknown = sorted(set(settings) - set(SETTING_NAMES))
-        if unknown:
-            raise KronographError(f"KFAC got unknown arguments {unknown}; the settings are {', '.join(SETTING_NAMES)}")
         given = {name: value for name, value in locals().items() if name in SETTING_NAMES}
-        self.settings = s = settings_for(preset, {**given, **settings})
+        self.settings = s = resolve(self.PRESETS, preset, {**given, **settings}, "KFAC")
         self.preset = preset
         fisher, momentum, rescale, structure = s.fisher, s.momentum, s.rescale, s.structure
-        if fisher not in ("mc", "empirical"):
-            raise KronographError(f"fisher={fisher!r}; choose 'mc' (sampled targets) or 'empirical' (labels)")
-        if momentum == "qmodel" and not rescale:
-            raise KronographError("momentum='qmodel' needs rescale=True; pass a float for heavy-ball momentum")
-        if structure not in ("diagonal", "tridiagonal"):
-            raise KronographError(f"structure={structure!r}; choose 'diagonal' or 'tridiagonal'")
-        if not (isinstance(momentum, (int, float)) or momentum in ("qmodel", None)):
-            raise KronographError(f"momentum={momentum!r}; choose 'qmodel', a float or None")
-        for name, value in (("stats_fraction", s.stats_fraction), ("qmodel_fraction", s.qmodel_fraction)):
-            if not 0 < value <= 1:
-                raise KronographError(f"{name}={value} must lie in (0, 1]")
-        for name, value in (("stats_every", s.stats_every), ("inverse_every", s.inverse_every),
-                            ("damping_every", s.damping_every), ("gamma_every", s.gamma_every),
-                            ("lm_acceleration", s.lm_acceleration), ("min_stats_examples", s.min_stats_examples),
-                            ("min_qmodel_examples", s.min_qmodel_examples)):
-            if int(value) < 1:
-                raise KronographError(f"{name}={value} must be a positive whole number")
-        if s.unmatched_direction not in ("gradient", "rms"):
-            raise KronographError(f"unmatched_direction={s.unmatched_direction!r}; choose 'rms' or 'gradient'")
-        if s.fisher_products not in ("forward", "differences"):
-            raise KronographError(f"fisher_products={s.fisher_products!r}; choose 'forward' or 'differences'")
-        if s.damping is not None and not s.damping >= 0:
-            raise KronographError(f"damping={s.damping} must be >= 0 (or None: relative to the curvature's scale)")
-        if not s.relative_damping > 0:
-            raise KronographError(f"relative_damping={s.relative_damping} must be positive (try 1)")
         self.compiled = compiled
         self.module = compiled.module
         self.loss = get_loss(compiled.loss)
@@ -224,8 +193,6 @@ class KFAC:
         self.momentum, self.rescale = momentum, bool(rescale)
         self.adapt_damping = self.rescale if s.adapt_damping is None else bool(s.adapt_damping)
         self.adapt_gamma = self.rescale if s.adapt_gamma is None else bool(s.adapt_gamma)
-        if (self.adapt_damping or self.adapt_gamma) and not self.rescale:
-            raise KronographError("adapting lambda or gamma needs rescale=True (both use the exact-F quadratic model)")
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure

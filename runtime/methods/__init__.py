@@ -1,0 +1,17 @@
+"""runtime/methods: one module per optimizer of the papers, on the shared runtime (capture, factors, engines,
+losses, W_bar, the quadratic model), and the registry the command line is built from.
+
+Every method is a class with the same face: ``Method(compiled, preset="default", seed=None, **settings)``,
+``step(x, y) -> info``, ``state_dict`` / ``load_state_dict`` (exact resume); and three class attributes:
+``SUMMARY`` (one line for --help), ``Settings`` (a typed frozen dataclass whose fields, declared with
+``settings.setting``, carry their help and valid values) and ``PRESETS`` (named instances of it, "default"
+first). `kronograph train` and `bench` build their flags, TOML keys and defaults from ``METHODS``: adding a
+method is adding its module and one entry here.
+"""
+
+from kronograph.runtime.methods.first_order import SGD, Adam
+from kronograph.runtime.methods.kfac import KFAC
+
+METHODS: dict[str, type] = {"kfac": KFAC, "sgd": SGD, "adam": Adam}
+
+__all__ = ["METHODS", "KFAC", "SGD", "Adam"]

@@ -1,0 +1,141 @@
+"""K-FAC's settings as one typed frozen dataclass, and the two named presets users choose between.
+
+- ``"default"``: the recommended first try on any model (issue 10): lambda starts from the curvature's own
+  scale (so the loss's reduction and the batch size do not decide it), Levenberg-Marquardt every step and
+  the gamma rule every 5 steps, both with moves that grow while the verdict stays the same (up to omega^8),
+  inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
+  never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
+  coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, an
+  ill-conditioned system (nearly parallel directions) solved without one of them, and gamma's damping of A
+  applied in coordinates centred on the layer's mean input (sigmoid units near 1/2 no longer hide their
+  variation under a damping sized by their mean; the paper's sec 10 invariance kept under damping), and the
+  parameters outside every block (norms, embeddings) stepping along RMSprop's shape of their gradient, and the
+  update shortened by (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the
+  quadratic model's step fits the mini-batch's noise (``signal_scaling``).
+- ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
+  tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kronograph.errors import KronographError
+from kronograph.runtime.methods.settings import check, setting
+
+_UNIT = dict(low=0, high=1, low_open=True)  # a fraction of the batch, (0, 1]
+_DECAY = dict(low=0, high=1, high_open=True)
+
+
+def parse_momentum(value: Any) -> str | float | None:
+    """K-FAC's momentum as text or value: "qmodel" (sec 7), "none" or a heavy-ball coefficient in [0, 1)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        text = str(value).strip().lower()
+        if text in ("qmodel", "none"):
+            return None if text == "none" else "qmodel"
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"momentum {value!r} is not qmodel, none or a number") from None
+    if number is not None and not 0 <= number < 1:
+        raise ValueError(f"momentum {number} must lie in [0, 1)")
+    return number
+
+
+@dataclass(frozen=True)
+class KFACSettings:
+    """Every K-FAC setting; ``KFAC``'s docstring says more of what each one does."""
+
+    lr: float = setting(1.0, "Multiplies the re-scaled update (1 is the paper's algorithm).", low=0, low_open=True)
+    damping: float | None = setting(None, "Initial Tikhonov damping lambda (auto: relative_damping times the "
+                                    "curvature's mean eigenvalue at step 1).", low=0)
+    relative_damping: float = setting(1.0, "Initial lambda / mean eigenvalue of the factored Fisher, when damping "
+                                      "is auto.", low=0, low_open=True)
+    factor_damping: float | None = setting(None, "Factored-Tikhonov strength gamma (auto: sqrt(lambda + eta)).",
+                                           low=0, low_open=True)
+    weight_decay: float = setting(0.0, "l2 coefficient eta of the objective.", low=0)
+    ema_decay: float | None = setting(None, "Fixed EMA decay of the factors (auto: the paper's min(1 - 1/k, 0.95)).",
+                                      **_DECAY)
+    fisher: str = setting("mc", "Fisher targets: mc (sampled from the model) or empirical (the labels).",
+                          choices=("mc", "empirical"))
+    stats_fraction: float = setting(1 / 8, "Fraction tau_1 of the batch for the statistics.", **_UNIT)
+    qmodel_fraction: float = setting(1 / 4, "Fraction tau_2 of the batch for the exact-Fisher products.", **_UNIT)
+    min_stats_examples: int = setting(64, "Floor of the statistics' sub-batch in loss terms (a sequence of T "
+                                      "tokens counts T).", low=1)
+    min_qmodel_examples: int = setting(256, "Floor of the exact-Fisher products' sub-batch in examples (sec 8).",
+                                       low=1)
+    stats_every: int = setting(1, "Refresh the factor statistics every N steps.", low=1)
+    inverse_every: int = setting(20, "Recompute the damped inverses every N steps (T_3).", low=1)
+    momentum: str | float | None = setting("qmodel", "qmodel (sec 7), none, or a heavy-ball coefficient with "
+                                           "--no-rescale (none when re-scaling is off and momentum is not given).",
+                                           parse=parse_momentum)
+    rescale: bool = setting(True, "Re-scale the update by the exact Fisher (sec 6.4).")
+    adapt_damping: bool | None = setting(None, "Adapt lambda (sec 6.5; auto: on with re-scaling).")
+    adapt_gamma: bool | None = setting(None, "Adapt gamma (sec 6.6; auto: on with re-scaling).")
+    damping_every: int = setting(1, "Levenberg-Marquardt update of lambda every N steps (T_1).", low=1)
+    gamma_every: int = setting(5, "Try the gamma candidates every N steps (T_2).", low=1)
+    lm_acceleration: int = setting(8, "Largest power of omega one LM move or gamma candidate may take after "
+                                   "equal verdicts (1: the paper's rules).", low=1)
+    refresh_ratio: float | None = setting(2.0, "Also refresh the inverses when gamma has moved by this factor "
+                                          "(auto: never).", low=1, low_open=True)
+    reject_steps: bool = setting(True, "Undo steps that make the objective much worse, raise lambda, go on.")
+    reject_rho: float = setting(-0.5, "A step with rho below this is undone (with reject_steps).")
+    reject_rise: float = setting(0.25, "A step that raises h by more than this times |h| is undone.", low=0)
+    descent_only: bool = setting(True, "Never take K-FAC's proposal or the unmatched gradient step uphill in the "
+                                 "quadratic model.")
+    centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
+                                     "invariance kept under damping).")
+    unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
+                                       "shape) or gradient.", choices=("rms", "gradient"))
+    signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
+                                   "natural gradient.")
+    fisher_products: str = setting("forward", "The quadratic model's J d: forward (forward mode, exact) or "
+                                   "differences (two forwards per direction, cheaper).",
+                                   choices=("forward", "differences"))
+    max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
+                                          "worse conditioned than this (auto: only when singular).", low=1)
+    min_damping: float = setting(1e-8, "Floor of lambda.", low=0)
+    factor_dtype: torch.dtype = setting(torch.float32, "dtype of factors and inverses.", cli=False)
+    structure: str = setting("diagonal", "Inverse structure: diagonal (sec 4.2) or tridiagonal (sec 4.3).",
+                             choices=("diagonal", "tridiagonal"))
+
+    def __post_init__(self) -> None:
+        check(self, "KFAC")
+        try:
+            parse_momentum(self.momentum)
+        except ValueError as error:
+            raise KronographError(f"KFAC: {error}; choose 'qmodel', a float in [0, 1) or None") from None
+        if self.momentum == "qmodel" and not self.rescale:
+            raise KronographError("KFAC: momentum='qmodel' needs rescale=True; pass a float for heavy-ball momentum "
+                                  "(--momentum 0.9 with --no-rescale) or none")
+        if isinstance(self.momentum, float) and self.rescale:
+            raise KronographError(f"KFAC: momentum={self.momentum} is heavy-ball momentum, which K-FAC takes only "
+                                  "with rescale=False (--no-rescale); with re-scaling use 'qmodel' (the paper's) or none")
+        adapting = self.adapt_damping or self.adapt_gamma
+        if adapting and not self.rescale:
+            raise KronographError("KFAC: adapting lambda or gamma needs rescale=True (both use the exact-F quadratic model)")
+
+    def complete(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The given settings, completed: without re-scaling there is no quadratic model for momentum, so a
+        preset's "qmodel" becomes none unless momentum was asked for."""
+        if not given.get("rescale", self.rescale) and "momentum" not in given and self.momentum == "qmodel":
+            return {**given, "momentum": None}
+        return given
+
+
+PRESETS: dict[str, KFACSettings] = {
+    "default": KFACSettings(),
+    "paper": KFACSettings(
+        damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
+        lm_acceleration=1, refresh_ratio=None, reject_steps=False,
+        descent_only=False, max_condition=None, centered_damping=False, unmatched_direction="gradient",
+        signal_scaling=False,
+    ),
+}
+SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
