@@ -10,8 +10,9 @@ method is adding its module and one entry here.
 """
 
 from kronograph.runtime.methods.first_order import SGD, Adam
+from kronograph.runtime.methods.kbfgs import KBFGS, KBFGSL
 from kronograph.runtime.methods.kfac import KFAC
 
-METHODS: dict[str, type] = {"kfac": KFAC, "sgd": SGD, "adam": Adam}
+METHODS: dict[str, type] = {"kfac": KFAC, "kbfgs": KBFGS, "kbfgsl": KBFGSL, "sgd": SGD, "adam": Adam}
 
-__all__ = ["METHODS", "KFAC", "SGD", "Adam"]
+__all__ = ["METHODS", "KBFGS", "KBFGSL", "KFAC", "SGD", "Adam"]
