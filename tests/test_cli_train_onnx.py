@@ -53,8 +53,8 @@ def _engine_output(model: Path, weights: dict[str, torch.Tensor], x: np.ndarray,
     return engine.forward([x])
 
 
-@pytest.mark.parametrize("optimizer", [["kfac", "--damping", "0.1"], ["sgd", "--lr", "0.2"], ["adam", "--lr", "0.05"]],
-                         ids=["kfac", "sgd", "adam"])
+@pytest.mark.parametrize("optimizer", [["kfac", "--damping", "0.1"], ["kbfgs", "--lr", "0.1"], ["sgd", "--lr", "0.2"],
+                                       ["adam", "--lr", "0.05"]], ids=["kfac", "kbfgs", "sgd", "adam"])
 def test_an_onnx_file_trains_with_each_optimizer(train, tmp_path, onnx_model, optimizer):
     out = tmp_path / "run"
     result = train("--optimizer", *optimizer, "--steps", "12", "--eval-every", "6", "--out", str(out))
