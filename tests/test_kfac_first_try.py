@@ -101,13 +101,15 @@ def test_initial_lambda_follows_the_curvature_scale():
     assert first_lambda(10.0) / first_lambda(1.0) == pytest.approx(100.0, rel=1e-4)
 
 
-def test_a_step_that_raises_h_is_undone_and_lambda_rises():
-    """lr = 3 overshoots the quadratic model's minimiser (M(3c) - M(0) = -3 (M(c) - M(0)) > 0): every such step
-    must be undone, with the weights exactly as before and lambda raised (signal_scaling off: it would shorten
-    the step to as little as lr / 2)."""
+@pytest.mark.parametrize("lr, reject_rho", [(30.0, None), (3.0, -0.5)], ids=["h-rises", "rho-below"])
+def test_a_step_that_raises_h_is_undone_and_lambda_rises(lr, reject_rho):
+    """lr > 2 overshoots the quadratic model's minimiser (M(lr c) - M(0) = lr (2 - lr) (M(c) - M(0)) > 0): lr = 30
+    raises h by more than a quarter (the default's test), lr = 3 gives rho < -1/2 (the test when reject_rho is
+    set). Every such step must be undone, with the weights exactly as before and lambda raised (signal_scaling
+    off: it would shorten the step to as little as lr / 2)."""
     model = mlp()
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=3.0, seed=0,
-                                signal_scaling=False)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=lr, seed=0,
+                                signal_scaling=False, reject_rho=reject_rho)
     for k, (x, y) in enumerate(batches(3)):
         before, damping = params(model), opt.damping
         info = opt.step(x, y)

@@ -85,7 +85,8 @@ class KFACSettings:
     refresh_ratio: float | None = setting(2.0, "Also refresh the inverses when gamma has moved by this factor "
                                           "(auto: never).", low=1, low_open=True)
     reject_steps: bool = setting(True, "Undo steps that make the objective much worse, raise lambda, go on.")
-    reject_rho: float = setting(-0.5, "A step with rho below this is undone (with reject_steps).")
+    reject_rho: float | None = setting(None, "Also undo a step whose rho is below this (auto: judge by h's rise "
+                                       "alone, which wins on the first-try suite).")
     reject_rise: float = setting(0.25, "A step that raises h by more than this times |h| is undone.", low=0)
     descent_only: bool = setting(True, "Never take K-FAC's proposal or the unmatched gradient step uphill in the "
                                  "quadratic model.")
