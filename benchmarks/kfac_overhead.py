@@ -7,7 +7,9 @@ Every figure is a ratio to an SGD step measured in the same process, on the same
 - peer: empirical Fisher, statistics on the whole batch every step, inverses every 20, no re-scaling (what
   kfac-pytorch, ASDL and BackPACK users run);
 - paper: ``KFAC(cm, preset="paper")`` (tau_1 = 1/8, tau_2 = 1/4, MC Fisher, re-scaling, qmodel momentum, adaptive
-  lambda and gamma).
+  lambda and gamma);
+- default: ``KFAC(cm)``, the first-try preset;
+- K-BFGS and K-BFGS(L): ``KBFGS(cm)`` and ``KBFGSL(cm)`` with the thesis's defaults (curvature every step, T = 1).
 kfac-pytorch is measured beside when it is importable (it is not on the package index: install it from its
 repository with `pip install --no-deps <checkout>`). Prints a Markdown table for BENCHMARKS.md.
 """
@@ -87,14 +89,14 @@ def state_bytes(state) -> int:
     return 0
 
 
-def time_kronograph(data: list[torch.Tensor], warmup: int, settings: dict) -> tuple[float, dict[str, float], int]:
+def time_kronograph(data: list[torch.Tensor], warmup: int, settings: dict,
+                    method: type = kronograph.optim.KFAC) -> tuple[float, dict[str, float], int]:
     model = fresh_model()
-    optimizer = kronograph.optim.KFAC(
-        kronograph.compile(model, (data[0][:8],), loss="sigmoid_cross_entropy"), seed=0, **settings
-    )
-    per_step = timed(lambda x: optimizer.step(x, x), data, warmup, on_start=optimizer.timings.clear)
+    optimizer = method(kronograph.compile(model, (data[0][:8],), loss="sigmoid_cross_entropy"), seed=0, **settings)
+    timings = getattr(optimizer, "timings", {})  # K-FAC's seconds per phase
+    per_step = timed(lambda x: optimizer.step(x, x), data, warmup, on_start=timings.clear)
     steps = len(data) - warmup
-    phases = {phase: seconds / steps for phase, seconds in optimizer.timings.items()}
+    phases = {phase: seconds / steps for phase, seconds in timings.items()}
     return per_step, phases, state_bytes(optimizer.state_dict())
 
 
@@ -129,8 +131,13 @@ def main() -> None:
 
     sgd = time_sgd(data, args.warmup)
     rows = [("SGD (Nesterov)", sgd, {}, 0)]
-    for name, settings in (("kronograph, peer configuration", PEER), ("kronograph, paper configuration", PAPER)):
-        per_step, phases, memory = time_kronograph(data, args.warmup, settings)
+    optim = kronograph.optim
+    for name, settings, method in (("kronograph, peer configuration", PEER, optim.KFAC),
+                                   ("kronograph, paper configuration", PAPER, optim.KFAC),
+                                   ("kronograph, KFAC(cm) default", {}, optim.KFAC),
+                                   ("kronograph, KBFGS(cm)", {}, optim.KBFGS),
+                                   ("kronograph, KBFGSL(cm)", {}, optim.KBFGSL)):
+        per_step, phases, memory = time_kronograph(data, args.warmup, settings, method)
         rows.append((name, per_step, phases, memory))
     for method in ("inverse", "eigen"):
         measured = time_kfac_pytorch(data, args.warmup, method)

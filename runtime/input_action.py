@@ -28,22 +28,39 @@ as factors.py treats them: more positions of the same example (summed in A, aver
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
-from kronograph.runtime.factors import layer_rows
+from kronograph.runtime.factors import SiteRows, layer_rows
+
+
+@dataclass
+class LayerRows:
+    """A layer's rows of one pass, gathered once (``gather_rows``) for several of the functions below."""
+
+    sites: list[SiteRows]
+    m: int  # examples used
+    rows: int  # total rows R of all sites
+
+
+def gather_rows(layer: Layer, records: SiteRecord | Sequence[SiteRecord], batch_size: int,
+                index: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                with_gradient: bool = False) -> LayerRows:
+    """The rows of every site of ``layer`` (conv patches extracted once), with the gradient rows on request."""
+    records = [records] if isinstance(records, SiteRecord) else list(records)
+    return LayerRows(*layer_rows(layer, records, batch_size, index, dtype, with_gradient=with_gradient))
 
 
 def _rows(
-    layer: Layer, records: SiteRecord | Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None,
-    dtype: torch.dtype,
+    layer: Layer, records: SiteRecord | Sequence[SiteRecord] | LayerRows, batch_size: int,
+    index: torch.Tensor | None, dtype: torch.dtype,
 ) -> tuple[list[torch.Tensor], int, int]:
-    """The activation rows P [groups, R_site, a_dim] of every site (no gradient needed), m and R."""
-    records = [records] if isinstance(records, SiteRecord) else list(records)
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, with_gradient=False)
-    return [site.p for site in sites], m, rows
+    """The activation rows P [groups, R_site, a_dim] of every site (gathered now unless given), m and R."""
+    rows = records if isinstance(records, LayerRows) else gather_rows(layer, records, batch_size, index, dtype)
+    return [site.p.to(dtype) for site in rows.sites], rows.m, rows.rows
 
 
 def _as_grouped(layer: Layer, s: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
@@ -67,7 +84,7 @@ def _as_grouped(layer: Layer, s: torch.Tensor) -> tuple[torch.Tensor, bool, bool
 
 def input_factor_action(
     layer: Layer,
-    records: SiteRecord | Sequence[SiteRecord],
+    records: SiteRecord | Sequence[SiteRecord] | LayerRows,
     s: torch.Tensor,
     *,
     batch_size: int,
@@ -81,7 +98,8 @@ def input_factor_action(
     Args:
         layer: the plan's Layer (kind, bias, groups, conv geometry as factors.py reads them).
         records: the layer's captured site(s) (only their inputs ``a`` and conv ``geometry`` are read;
-            no gradient is needed).
+            no gradient is needed), or their rows already gathered by ``gather_rows`` (then ``batch_size``
+            and ``index`` are those rows' own).
         s: [a_dim] or [a_dim, k] for an ungrouped layer; [groups, a_dim] or [groups, a_dim, k] for a
             grouped convolution (one block per group, as kronograph's A [groups, a_dim, a_dim]).
             a_dim includes the homogeneous coordinate when the layer has a bias.
@@ -108,7 +126,7 @@ def input_factor_action(
 
 def mean_input(
     layer: Layer,
-    records: SiteRecord | Sequence[SiteRecord],
+    records: SiteRecord | Sequence[SiteRecord] | LayerRows,
     *,
     batch_size: int,
     index: torch.Tensor | None = None,
@@ -124,7 +142,7 @@ def mean_input(
 
 def input_secant_pair(
     layer: Layer,
-    records: SiteRecord | Sequence[SiteRecord],
+    records: SiteRecord | Sequence[SiteRecord] | LayerRows,
     h_a: torch.Tensor,
     damping: float,
     *,

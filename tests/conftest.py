@@ -16,6 +16,7 @@ C++ ops load, declaring them first would make its own registration of the same o
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -52,6 +53,17 @@ def import_torchvision() -> None:
 
 
 import_torchvision()
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n 2`` in pyproject.toml), each worker takes its share of the cores for torch's
+    threads, so that two workers on a 2-core machine do not fight over four OpenMP threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture(scope="module")

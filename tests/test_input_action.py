@@ -16,7 +16,7 @@ from torch import nn
 
 from kronograph.runtime.capture import Capture, SiteRecord
 from kronograph.runtime.factors import batch_factors
-from kronograph.runtime.input_action import input_factor_action, input_secant_pair, mean_input
+from kronograph.runtime.input_action import gather_rows, input_factor_action, input_secant_pair, mean_input
 
 from plan_helpers import conv_layer, linear_layer
 
@@ -161,10 +161,12 @@ def test_secant_pair_matches_dense_formula() -> None:
     dense = rows.T @ rows / n
     m = torch.randn(layer.a_dim, layer.a_dim, generator=gen, dtype=F64)
     h_a = m @ m.T + torch.eye(layer.a_dim, dtype=F64)
-    s_a, y_a = input_secant_pair(layer, cap.records["0"], h_a, 0.3, batch_size=n)
     want_s = h_a @ rows.mean(dim=0)
-    torch.testing.assert_close(s_a, want_s, **TOL)
-    torch.testing.assert_close(y_a, dense @ want_s + 0.3 * want_s, **TOL)
+    gathered = gather_rows(layer, cap.records["0"], n, dtype=F64)  # the patches extracted once, used twice
+    for records in (cap.records["0"], gathered):
+        s_a, y_a = input_secant_pair(layer, records, h_a, 0.3, batch_size=n)
+        torch.testing.assert_close(s_a, want_s, **TOL)
+        torch.testing.assert_close(y_a, dense @ want_s + 0.3 * want_s, **TOL)
 
 
 def test_rejects_a_mis_shaped_vector() -> None:

@@ -54,7 +54,7 @@ from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.factors import batch_factors, layer_rows
-from kronograph.runtime.input_action import input_secant_pair, mean_input
+from kronograph.runtime.input_action import LayerRows, gather_rows, input_secant_pair, mean_input
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite, damped_inverse
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.settings import check, resolve, setting
@@ -155,20 +155,22 @@ class _Operator:
         return self.matrix.matmul(v)
 
 
-def mean_preactivation(layer: Layer, records: Sequence[SiteRecord], weight: torch.Tensor,
+def mean_preactivation(layer: Layer, records: Sequence[SiteRecord] | LayerRows, weight: torch.Tensor,
                        bias: torch.Tensor | None, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
     """h_bar [groups, out_g], the layer's output averaged over examples and locations (3.12): the output is
-    linear in the input rows, so h_bar = W_bar a_hat per group and needs no capture of the outputs."""
+    linear in the input rows, so h_bar = W_bar a_hat per group and needs no capture of the outputs. ``records``
+    may be the rows already gathered."""
     a_hat = mean_input(layer, records, batch_size=batch_size, dtype=dtype).reshape(layer.groups, layer.a_dim, 1)
     return (gather(layer, weight, bias).to(dtype) @ a_hat).squeeze(-1)
 
 
-def mean_output_gradient(layer: Layer, records: Sequence[SiteRecord], batch_size: int,
+def mean_output_gradient(layer: Layer, records: Sequence[SiteRecord] | LayerRows, batch_size: int,
                          dtype: torch.dtype) -> torch.Tensor:
     """Dh_bar [groups, out_g], the per-example pre-activation gradient averaged over examples and locations
-    (3.13): (1/R) sum over the R rows of m g, g captured for the mean loss over m examples."""
-    sites, m, rows = layer_rows(layer, records, batch_size, None, dtype)
-    return sum(site.q.sum(dim=1) for site in sites if site.q is not None) * (m / rows)
+    (3.13): (1/R) sum over the R rows of m g, g captured for the mean loss over m examples. ``records`` may be
+    the rows already gathered with their gradients."""
+    rows = records if isinstance(records, LayerRows) else gather_rows(layer, records, batch_size, None, dtype, True)
+    return sum(site.q.sum(dim=1).to(dtype) for site in rows.sites if site.q is not None) * (rows.m / rows.rows)
 
 
 class KBFGS:
@@ -213,7 +215,8 @@ class KBFGS:
         # Nothing of the state changes until the update is known to be finite.
         records = first.records or {}
         curvature = {**self.curvature, **self._initialize(records, n)}
-        before = self._layer_means(curvature, records, n) if due else {}
+        rows = self._gather(curvature, records, n) if due else {}  # conv patches extracted once per pass
+        before = self._layer_means(rows, n)  # h_bar = W_bar a_hat at the weights of the first pass
         momentum = self._accumulate_momentum(first.grads)
         update = self._update(self._precondition(curvature, momentum))
         if not all_finite(update.values()):
@@ -222,7 +225,7 @@ class KBFGS:
         self.engine.add_(update)
         if due:
             info["curvature_updated"] = True
-            info["skipped_pairs"] = self._update_curvature(inputs, y, records, before, n)
+            info["skipped_pairs"] = self._update_curvature(inputs, y, records, rows, before, n)
         return info
 
     def _seen(self, records: Records) -> list[str]:
@@ -296,33 +299,39 @@ class KBFGS:
                 for name, p in direction.items() if name not in frozen}
 
     # -- the curvature --------------------------------------------------------------------------------
-    def _layer_means(self, curvature: Mapping[str, LayerCurvature], records: Records,
-                     n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(h_bar, Dh_bar) of every layer with curvature captured in a pass, at the current weights."""
+    def _gather(self, curvature: Mapping[str, LayerCurvature], records: Records, n: int) -> dict[str, LayerRows]:
+        """The rows (activations and gradients) of every layer with curvature captured in a pass."""
+        dtype = self.settings.factor_dtype
+        return {name: gather_rows(self.layers[name], records[name], n, None, dtype, with_gradient=True)
+                for name in self._seen(records) if name in curvature}
+
+    def _layer_means(self, rows: Mapping[str, LayerRows], n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(h_bar, Dh_bar) of every layer of ``rows``, at the current weights."""
         params, dtype = self.engine.parameters(), self.settings.factor_dtype
         means = {}
-        for name in self._seen(records):
-            if name in curvature:
-                layer, sites = self.layers[name], records[name]
-                h_bar = mean_preactivation(layer, sites, params[layer.weight], params.get(layer.bias), n, dtype)
-                means[name] = (h_bar, mean_output_gradient(layer, sites, n, dtype))
+        for name, gathered in rows.items():
+            layer = self.layers[name]
+            h_bar = mean_preactivation(layer, gathered, params[layer.weight], params.get(layer.bias), n, dtype)
+            means[name] = (h_bar, mean_output_gradient(layer, gathered, n, dtype))
         return means
 
     def _update_curvature(self, inputs: Sequence[torch.Tensor], y: torch.Tensor, records: Records,
-                          before: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n: int) -> int:
-        """Lines 13-22: the second pass, then each layer's pairs and BFGS updates. A layer missing from either
-        pass keeps its state. Returns the number of layers whose pairs were not finite (state kept)."""
+                          rows: Mapping[str, LayerRows], before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                          n: int) -> int:
+        """Lines 13-22: the second pass, then each layer's pairs and BFGS updates, from the first pass's rows and
+        means (taken before the step) and the second's. A layer missing from either pass keeps its state. Returns
+        the number of layers whose pairs were not finite (state kept)."""
         module = getattr(self.engine, "module", None)
         with preserved_buffers(module) if module is not None else contextlib.nullcontext():
             second = self.engine.gradient_pass(inputs, y, capture=True)
-        after = self._layer_means(self.curvature, second.records, n)
+        after = self._layer_means(self._gather(self.curvature, second.records, n), n)
         skipped = 0
         for name, (h_bar, dh_bar) in before.items():
             if name not in after:
                 continue
             state, layer = self.curvature[name], self.layers[name]
             s_g, y_g = self._secant_pair_g(state, (h_bar, dh_bar), after[name])
-            s_a, y_a, a_ema = self._secant_pair_a(layer, state, records[name], n)
+            s_a, y_a, a_ema = self._secant_pair_a(layer, state, records[name], rows[name], n)
             if not all_finite([s_g, y_g, s_a, y_a]):
                 skipped += 1
                 continue
@@ -338,7 +347,7 @@ class KBFGS:
         (h, dh), (h_plus, dh_plus) = before, after
         return beta * state.s_g + (1 - beta) * (h_plus - h), beta * state.y_g + (1 - beta) * (dh_plus - dh)
 
-    def _secant_pair_a(self, layer: Layer, state: LayerCurvature, records: Sequence[SiteRecord],
+    def _secant_pair_a(self, layer: Layer, state: LayerCurvature, records: Sequence[SiteRecord], rows: LayerRows,
                        n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(s_A, y_A) [groups, a_dim] and the new EMA of A (variant "ema"). Chapter 3 (3.14): s_A = H_A a_hat,
         y_A = A s_A + lambda_A s_A with the mini-batch's A, never formed. Chapter 2 (Alg. 4 lines 20-22): A =
@@ -346,11 +355,11 @@ class KBFGS:
         shape = (layer.groups, layer.a_dim)
         if self.settings.variant == "minibatch":
             h_a = state.h_a if layer.groups > 1 else state.h_a[0]
-            s_a, y_a = input_secant_pair(layer, records, h_a, state.lambda_a, batch_size=n)
+            s_a, y_a = input_secant_pair(layer, rows, h_a, state.lambda_a, batch_size=n)
             return s_a.reshape(shape), y_a.reshape(shape), None
         beta, dtype = self.settings.beta, self.settings.factor_dtype
         a_ema = beta * state.a_ema + (1 - beta) * batch_factors(layer, records, batch_size=n, dtype=dtype)[0]
-        a_hat = mean_input(layer, records, batch_size=n, dtype=dtype).reshape(*shape, 1)
+        a_hat = mean_input(layer, rows, batch_size=n, dtype=dtype).reshape(*shape, 1)
         s_a = state.h_a @ a_hat
         return s_a.squeeze(-1), (a_ema @ s_a).squeeze(-1) + state.lambda_a * s_a.squeeze(-1), a_ema
 
