@@ -127,6 +127,10 @@ class OnnxRuntimePasses:
 
         return central_differences(forward_at, theta, directions)
 
+    def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The forward graph's outputs at the current weights (the inference graph: see the module's note)."""
+        return torch.from_numpy(self.engine.forward([_numpy(x) for x in inputs]))
+
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         outputs = torch.from_numpy(self.engine.forward([_numpy(x) for x in inputs]))
         return float(self.loss(outputs, targets))

@@ -135,6 +135,11 @@ class TorchEngine:
         with torch.no_grad():
             return central_differences(forward_at, theta, directions)
 
+    def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The outputs the loss is put on, at the current weights (no grad, buffers untouched)."""
+        with torch.no_grad(), preserved_buffers(self.module):
+            return self.compiled.forward(*inputs).detach()
+
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
         with torch.no_grad(), preserved_buffers(self.module):
