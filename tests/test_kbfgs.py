@@ -23,6 +23,16 @@ import kronograph
 from kronograph.runtime.capture import Capture
 from kronograph.runtime.inverse import SkippedStepWarning
 from kronograph.runtime.methods.kbfgs import KBFGS, KBFGSL, mean_preactivation
+from equality import same
+from method_problems import (
+    assert_engines_agree,
+    best_sgd_momentum_loss,
+    digits_on_onnxruntime,
+    digits_problem,
+    tiny_cnn,
+    tiny_mlp,
+    training_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,24 +186,12 @@ def w_bars(model: nn.Module) -> list[torch.Tensor]:
 # -- models ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 5, generator=generator, dtype=F64), torch.randint(0, 3, (8,), generator=generator))
-               for _ in range(6)]
-    cm = kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy")
-    return cm, copy.deepcopy(model.state_dict()), batches
+    return tiny_mlp()
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)).double()
-    generator = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(6, 2, 5, 5, generator=generator, dtype=F64), torch.randint(0, 4, (6,), generator=generator))
-               for _ in range(4)]
-    cm = kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy")
-    return cm, copy.deepcopy(model.state_dict()), batches
+    return tiny_cnn()
 
 
 def run(cm, initial, batches, method=KBFGS, **settings):
@@ -249,21 +247,6 @@ def test_cnn_steps_equal_dense_algorithm(cnn, settings) -> None:
 
 
 # -- 3, 4: checkpoints and atomic steps ------------------------------------------------------------------
-def assert_same_state(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_state(a[key], b[key])
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_state(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("method", [KBFGS, KBFGSL])
 def test_resume_is_exact(mlp, method) -> None:
     cm, initial, batches = mlp
@@ -302,29 +285,15 @@ def test_nan_batch_changes_nothing(mlp, method) -> None:
     with pytest.warns(SkippedStepWarning, match="not finite"):
         info = optimizer.step(poisoned, y)
     assert "skipped" in info and not info["curvature_updated"]
-    assert_same_state(cm.module.state_dict(), weights)
-    assert_same_state(optimizer.state_dict(), state)
+    assert same(cm.module.state_dict(), weights)
+    assert same(optimizer.state_dict(), state)
     assert math.isfinite(optimizer.step(x, y)["loss"])
 
 
 # -- 5: a real small problem -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    x, y = datasets.load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-    generator = torch.Generator().manual_seed(0)
-    order = torch.cat([torch.randperm(len(x), generator=generator) for _ in range(5)])
-    batches = [order[i * 128:(i + 1) * 128] for i in range(60)]  # 60 steps, batch 128 (~4 epochs)
-    cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")
-    return model, copy.deepcopy(model.state_dict()), x, y, batches, cm
-
-
-def training_loss(model, x, y) -> float:
-    with torch.no_grad():
-        return float(F.cross_entropy(model(x), y))
+    return digits_problem()
 
 
 def test_digits_beats_tuned_sgd_momentum(digits) -> None:
@@ -334,21 +303,13 @@ def test_digits_beats_tuned_sgd_momentum(digits) -> None:
     {0.03, 0.1, 0.3, 1} (1: 0.089; 2 diverges). A K-BFGS whose curvature does nothing is SGD-m at lr / lambda = 1
     (0.089, measured: it fails this test, as does the momentum with chapter 2's (1 - beta) factor, 0.29)."""
     model, initial, x, y, batches, cm = digits
-    sgd = []
-    for lr in (0.03, 0.1, 0.3, 1.0):
-        model.load_state_dict(initial)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        for index in batches:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-        sgd.append(training_loss(model, x, y))
+    sgd = best_sgd_momentum_loss(digits)
     for method in (KBFGS, KBFGSL):
         model.load_state_dict(initial)
         optimizer = method(cm, lr=0.3, damping=0.3)
         for index in batches:
             optimizer.step(x[index], y[index])
-        assert training_loss(model, x, y) < min(sgd) / 2, (method.__name__, training_loss(model, x, y), sgd)
+        assert training_loss(model, x, y) < sgd / 2, (method.__name__, training_loss(model, x, y), sgd)
 
 
 # -- 6: settings ------------------------------------------------------------------------------------------
@@ -378,26 +339,13 @@ def test_presets_hold_table_3_5(mlp) -> None:
 # -- 7: the onnxruntime engine ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_onnx(digits):
-    """The digits model as its exported graph on onnxruntime-training (whose engine then holds the weights)."""
-    pytest.importorskip("onnxruntime.training")
-    model, initial, x = digits[:3]
-    model.load_state_dict(initial)
-    return kronograph.compile(model, (x[:2],), loss="cross_entropy", engine="onnxruntime")
+    return digits_on_onnxruntime(digits)
 
 
 @pytest.mark.parametrize("method", [KBFGS, KBFGSL])
 def test_onnxruntime_engine_follows_torch(digits, digits_onnx, method) -> None:
     """The same three steps on the module and on its exported graph agree to float32 rounding."""
-    model, initial, x, y, batches, torch_cm = digits
-    model.load_state_dict(initial)
-    digits_onnx.onnxruntime().set_parameters({name: value.numpy() for name, value in initial.items()})
-    on_torch, on_onnx = method(torch_cm), method(digits_onnx)
-    for index in batches[:3]:
-        on_torch.step(x[index], y[index])
-        on_onnx.step(x[index], y[index])
-    weights = digits_onnx.state_dict()
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(torch.as_tensor(weights[name]), value, rtol=1e-4, atol=1e-5)
+    assert_engines_agree(method, digits, digits_onnx)
 
 
 # -- grouped convolution, batch norm ------------------------------------------------------------------------

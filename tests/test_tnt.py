@@ -24,6 +24,16 @@ import kronograph
 from kronograph.runtime.inverse import SkippedStepWarning
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.tnt import TNT, TNTEF, mode_products, normalized_factors
+from equality import same
+from method_problems import (
+    assert_engines_agree,
+    best_sgd_momentum_loss,
+    digits_on_onnxruntime,
+    digits_problem,
+    tiny_cnn,
+    tiny_mlp,
+    training_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,24 +158,12 @@ def reference(model: nn.Module, batches, *, lr, damping, beta=0.9, momentum=0.9,
 
 @pytest.fixture(scope="module")
 def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 5, generator=generator, dtype=F64), torch.randint(0, 3, (8,), generator=generator))
-               for _ in range(6)]
-    cm = kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy")
-    return cm, copy.deepcopy(model.state_dict()), batches
+    return tiny_mlp()
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)).double()
-    generator = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(6, 2, 5, 5, generator=generator, dtype=F64), torch.randint(0, 4, (6,), generator=generator))
-               for _ in range(4)]
-    cm = kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy")
-    return cm, copy.deepcopy(model.state_dict()), batches
+    return tiny_cnn()
 
 
 def run(cm, initial, batches, method=TNT, seed=0, **settings):
@@ -252,21 +250,6 @@ def test_per_example_statistics_have_the_batch_form_expectation(mlp) -> None:
 
 
 # -- 5: checkpoints, atomic steps, settings --------------------------------------------------------------
-def assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("method", [TNT, TNTEF])
 def test_resume_is_exact(cnn, method) -> None:
     cm, initial, batches = cnn
@@ -301,8 +284,8 @@ def test_nan_batch_changes_nothing(mlp, method) -> None:
     with pytest.warns(SkippedStepWarning, match="not finite|non-finite"):
         info = optimizer.step(poisoned, y)
     assert "skipped" in info
-    assert_same(cm.module.state_dict(), weights)
-    assert_same(optimizer.state_dict(), state)
+    assert same(cm.module.state_dict(), weights)
+    assert same(optimizer.state_dict(), state)
     assert math.isfinite(optimizer.step(x, y)["loss"])
 
 
@@ -335,21 +318,7 @@ def test_presets(mlp) -> None:
 # -- 6: a real small problem -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    x, y = datasets.load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-    generator = torch.Generator().manual_seed(0)
-    order = torch.cat([torch.randperm(len(x), generator=generator) for _ in range(5)])
-    batches = [order[i * 128:(i + 1) * 128] for i in range(60)]  # 60 steps, batch 128
-    cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")
-    return model, copy.deepcopy(model.state_dict()), x, y, batches, cm
-
-
-def training_loss(model, x, y) -> float:
-    with torch.no_grad():
-        return float(F.cross_entropy(model(x), y))
+    return digits_problem()
 
 
 DIGITS_TNT = dict(lr=0.01, damping=0.1, stats_every=1, inverse_every=5)
@@ -361,44 +330,23 @@ def test_digits_beats_tuned_sgd_momentum(digits) -> None:
     60 steps over lr {1e-3, 3e-3, 0.01, 0.03} x eps {1e-3, 0.01, 0.1}: 0.038 / 0.036 at (0.01, 0.1), 0.085 / 0.090
     at (3e-3, 0.1), 0.14 / 0.072 at (0.03, 0.1); eps <= 0.01 diverges except (1e-3, 0.01): 0.11 / 0.020."""
     model, initial, x, y, batches, cm = digits
-    sgd = []
-    for lr in (0.03, 0.1, 0.3, 1.0):
-        model.load_state_dict(initial)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        for index in batches:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-        sgd.append(training_loss(model, x, y))
+    sgd = best_sgd_momentum_loss(digits)
     for method in (TNT, TNTEF):
         model.load_state_dict(initial)
         optimizer = method(cm, seed=0, **DIGITS_TNT)
         for index in batches:
             optimizer.step(x[index], y[index])
-        assert training_loss(model, x, y) < min(sgd), (method.__name__, training_loss(model, x, y), sgd)
+        assert training_loss(model, x, y) < sgd, (method.__name__, training_loss(model, x, y), sgd)
 
 
 # -- 7: the onnxruntime engine (its ``outputs`` verb for the sampled targets) ---------------------------------
 @pytest.fixture(scope="module")
 def digits_onnx(digits):
-    pytest.importorskip("onnxruntime.training")
-    model, initial, x = digits[:3]
-    model.load_state_dict(initial)
-    return kronograph.compile(model, (x[:2],), loss="cross_entropy", engine="onnxruntime")
+    return digits_on_onnxruntime(digits)
 
 
 @pytest.mark.parametrize("method", [TNT, TNTEF])
 def test_onnxruntime_engine_follows_torch(digits, digits_onnx, method) -> None:
     """The same three steps (statistics and inverses every step, the same seed: the same sampled targets) on
     the module and on its exported graph agree to float32 rounding."""
-    model, initial, x, y, batches, torch_cm = digits
-    model.load_state_dict(initial)
-    digits_onnx.onnxruntime().set_parameters({name: value.numpy() for name, value in initial.items()})
-    settings = dict(seed=3, lr=0.01, damping=0.1, stats_every=1, inverse_every=1)
-    on_torch, on_onnx = method(torch_cm, **settings), method(digits_onnx, **settings)
-    for index in batches[:3]:
-        on_torch.step(x[index], y[index])
-        on_onnx.step(x[index], y[index])
-    weights = digits_onnx.state_dict()
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(torch.as_tensor(weights[name]), value, rtol=1e-4, atol=1e-5)
+    assert_engines_agree(method, digits, digits_onnx, seed=3, lr=0.01, damping=0.1, stats_every=1, inverse_every=1)
