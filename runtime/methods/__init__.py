@@ -12,9 +12,10 @@ method is adding its module and one entry here.
 from kronograph.runtime.methods.first_order import SGD, Adam
 from kronograph.runtime.methods.kbfgs import KBFGS, KBFGSL
 from kronograph.runtime.methods.kfac import KFAC
+from kronograph.runtime.methods.shampoo import Shampoo
 from kronograph.runtime.methods.tnt import TNT, TNTEF
 
-METHODS: dict[str, type] = {"kfac": KFAC, "kbfgs": KBFGS, "kbfgsl": KBFGSL, "tnt": TNT, "tnt-ef": TNTEF, "sgd": SGD,
-                            "adam": Adam}
+METHODS: dict[str, type] = {"kfac": KFAC, "kbfgs": KBFGS, "kbfgsl": KBFGSL, "tnt": TNT, "tnt-ef": TNTEF,
+                            "shampoo": Shampoo, "sgd": SGD, "adam": Adam}
 
-__all__ = ["METHODS", "KBFGS", "KBFGSL", "KFAC", "SGD", "TNT", "TNTEF", "Adam"]
+__all__ = ["METHODS", "KBFGS", "KBFGSL", "KFAC", "SGD", "Shampoo", "TNT", "TNTEF", "Adam"]

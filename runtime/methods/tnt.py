@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,23 @@ def damped_inverses(factors: Sequence[torch.Tensor], damping: float) -> list[tor
         else:
             out.append(damped_inverse(u[None], damping)[0][0])
     return out
+
+
+def mode_update(engine, momentum: Tensors, factors: Mapping[str, list[torch.Tensor]],
+                modes: Callable[[str, torch.Tensor], Sequence[int]], lr: float, weight_decay: float) -> Tensors:
+    """The last lines of Algorithms 15 and 16: -lr (g_hat x_1 F_1 ... x_k F_k + weight_decay W) for every parameter
+    the engine does not hold frozen, F_i the mode factors (TNT's damped inverses, Shampoo's inverse roots)."""
+    params, frozen = engine.parameters(), engine.frozen()
+    update = {}
+    for name, g_hat in momentum.items():
+        if name in frozen:
+            continue
+        w = params[name]
+        p = mode_products(g_hat.reshape(modes(name, w)), factors[name]).reshape(w.shape)
+        if weight_decay:
+            p = p + weight_decay * w.to(p.dtype)
+        update[name] = -lr * p
+    return update
 
 
 class TNT:
@@ -305,18 +322,7 @@ class TNT:
     # -- the update (lines 18-20) --------------------------------------------------------------------------
     def _update(self, momentum: Tensors, inverses: Mapping[str, list[torch.Tensor]]) -> Tensors:
         """-lr (g_hat x_1 (U~_1 + eps I)^-1 ... x_k (U~_k + eps I)^-1 + gamma W); frozen parameters stay."""
-        lr, decay = self.settings.lr, self.settings.weight_decay
-        params, frozen = self.engine.parameters(), self.engine.frozen()
-        update = {}
-        for name, g_hat in momentum.items():
-            if name in frozen:
-                continue
-            w = params[name]
-            p = mode_products(g_hat.reshape(self._modes(name, w)), inverses[name]).reshape(w.shape)
-            if decay:
-                p = p + decay * w.to(p.dtype)
-            update[name] = -lr * p
-        return update
+        return mode_update(self.engine, momentum, inverses, self._modes, self.settings.lr, self.settings.weight_decay)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
