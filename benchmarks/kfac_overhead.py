@@ -9,7 +9,9 @@ Every figure is a ratio to an SGD step measured in the same process, on the same
 - paper: ``KFAC(cm, preset="paper")`` (tau_1 = 1/8, tau_2 = 1/4, MC Fisher, re-scaling, qmodel momentum, adaptive
   lambda and gamma);
 - default: ``KFAC(cm)``, the first-try preset;
-- K-BFGS and K-BFGS(L): ``KBFGS(cm)`` and ``KBFGSL(cm)`` with the thesis's defaults (curvature every step, T = 1).
+- K-BFGS and K-BFGS(L): ``KBFGS(cm)`` and ``KBFGSL(cm)`` with the thesis's defaults (curvature every step, T = 1);
+- TNT and Shampoo: ``TNT(cm)`` and ``Shampoo(cm)`` with the thesis's defaults (statistics every 10 steps, inverses
+  every 100).
 kfac-pytorch is measured beside when it is importable (it is not on the package index: install it from its
 repository with `pip install --no-deps <checkout>`). Prints a Markdown table for BENCHMARKS.md.
 """
@@ -136,7 +138,9 @@ def main() -> None:
                                    ("kronograph, paper configuration", PAPER, optim.KFAC),
                                    ("kronograph, KFAC(cm) default", {}, optim.KFAC),
                                    ("kronograph, KBFGS(cm)", {}, optim.KBFGS),
-                                   ("kronograph, KBFGSL(cm)", {}, optim.KBFGSL)):
+                                   ("kronograph, KBFGSL(cm)", {}, optim.KBFGSL),
+                                   ("kronograph, TNT(cm)", {}, optim.TNT),
+                                   ("kronograph, Shampoo(cm)", {}, optim.Shampoo)):
         per_step, phases, memory = time_kronograph(data, args.warmup, settings, method)
         rows.append((name, per_step, phases, memory))
     for method in ("inverse", "eigen"):
