@@ -23,7 +23,15 @@ import kronograph
 from kronograph.runtime.inverse import SkippedStepWarning
 from kronograph.runtime.methods.shampoo import Shampoo, coupled_newton_inverse_root, damped_inverse_root
 from equality import same
-from method_problems import best_sgd_momentum_loss, digits_problem, tiny_cnn, tiny_mlp, training_loss
+from method_problems import (
+    assert_engines_agree,
+    best_sgd_momentum_loss,
+    digits_on_onnxruntime,
+    digits_problem,
+    tiny_cnn,
+    tiny_mlp,
+    training_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -274,3 +282,14 @@ def test_digits_beats_tuned_sgd_momentum(digits) -> None:
     for index in batches:
         optimizer.step(x[index], y[index])
     assert training_loss(model, x, y) < sgd, (training_loss(model, x, y), sgd)
+
+
+# -- 5: the onnxruntime engine ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_onnx(digits):
+    return digits_on_onnxruntime(digits)
+
+
+def test_onnxruntime_engine_follows_torch(digits, digits_onnx) -> None:
+    """Three steps (statistics and roots every step) on the module and on its exported graph agree."""
+    assert_engines_agree(Shampoo, digits, digits_onnx, lr=0.03, damping=3e-4, stats_every=1, inverse_every=1)
