@@ -1,5 +1,6 @@
-"""Small problems shared by the tests of the methods (K-BFGS, TNT, ...): tiny float64 models for the dense
-checks, scikit-learn's digits for a real run against SGD with momentum, and the torch / onnxruntime comparison."""
+"""Small problems shared by the tests of the methods (K-BFGS, TNT, Shampoo): tiny float64 models for the dense
+checks, scikit-learn's digits for a real run against SGD with momentum, the torch / onnxruntime comparison, and
+the tensor methods' vec / mat / Kronecker conventions for their dense references."""
 
 from __future__ import annotations
 
@@ -92,3 +93,22 @@ def assert_engines_agree(method, digits, digits_onnx, steps: int = 3, **settings
     weights = digits_onnx.state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(torch.as_tensor(weights[name]), value, rtol=1e-4, atol=1e-5)
+
+
+# -- dense references of the tensor methods (TNT, Shampoo): the thesis's conventions written out ------------
+def mat(g: torch.Tensor, i: int) -> torch.Tensor:
+    """mat_i(G): the mode-i slices' row-major vecs as rows (sec 4.2.1)."""
+    return torch.movedim(g, i, 0).reshape(g.shape[i], -1)
+
+
+def kron_all(factors) -> torch.Tensor:
+    """U_1 (x) ... (x) U_k by torch.kron, the order of the thesis's Proposition 1 with the row-major vec."""
+    out = factors[0]
+    for u in factors[1:]:
+        out = torch.kron(out, u)
+    return out
+
+
+def modes_of(shape) -> tuple[int, ...]:
+    """The thesis's modes (line 2249): a conv weight [out, in, kh, kw] as [out, in, kh * kw]."""
+    return (shape[0], shape[1], shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)

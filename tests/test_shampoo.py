@@ -28,6 +28,9 @@ from method_problems import (
     best_sgd_momentum_loss,
     digits_on_onnxruntime,
     digits_problem,
+    kron_all,
+    mat,
+    modes_of,
     tiny_cnn,
     tiny_mlp,
     training_loss,
@@ -36,17 +39,6 @@ from method_problems import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
-
-
-def mat(g: torch.Tensor, i: int) -> torch.Tensor:
-    return torch.movedim(g, i, 0).reshape(g.shape[i], -1)
-
-
-def kron_all(factors) -> torch.Tensor:
-    out = factors[0]
-    for u in factors[1:]:
-        out = torch.kron(out, u)
-    return out
 
 
 def eig_root(a: torch.Tensor, p: int) -> torch.Tensor:
@@ -100,11 +92,6 @@ def test_non_convergence_is_reported_and_the_fallback_is_finite() -> None:
 
 
 # -- 2: Algorithm 16 step by step, densely ----------------------------------------------------------------
-def modes_of(shape) -> tuple[int, ...]:
-    """The thesis's modes (line 2249): a conv weight [out, in, kh, kw] as [out, in, kh * kw]."""
-    return (shape[0], shape[1], shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)
-
-
 def reference(model: nn.Module, batches, *, lr, damping, beta=0.9, momentum=0.9, weight_decay=0.0, stats_every=1,
               inverse_every=1, max_dense_dim=10**9, **_):
     """Algorithm 16 with dense Kronecker products of eigendecomposition roots; [(weights, loss)] after each step."""
