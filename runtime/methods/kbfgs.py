@@ -98,12 +98,10 @@ class KBFGSSettings:
     weight_decay: float = setting(0.0, "gamma in W -= lr (p + gamma W) (sec 3.7.2); default: none, as in the "
                                   "MLP experiments (sec 3.7.2)", low=0)
     factor_dtype: torch.dtype = setting(torch.float32, "dtype of H_A, H_G and the pairs, independent of the "
-                                        "model's", cli=False)
+                                        "model's", choices=(torch.float32, torch.float64), cli=False)
 
     def __post_init__(self) -> None:
         check(self, "K-BFGS")
-        if self.factor_dtype not in (torch.float32, torch.float64):
-            raise KronographError(f"K-BFGS: factor_dtype={self.factor_dtype} must be torch.float32 or torch.float64")
         if self.variant == "ema" and self.damping > 1:
             raise KronographError(f"K-BFGS: damping={self.damping} must be <= 1 with variant='ema' (Algorithm 3's "
                                   "mu2 = sqrt(damping) lies in (0, 1]); use variant='minibatch' for a larger one")

@@ -21,7 +21,7 @@ from typing import Any
 from kronograph.errors import KronographError
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
             high: float | None = None, low_open: bool = False, high_open: bool = False,
             parse: Callable[[str], Any] | None = None, cli: bool = True) -> Any:
     """A dataclass field with its help and valid values: ``choices`` for a string, the interval ``low``..``high``
@@ -42,7 +42,7 @@ class SettingInfo:
     help: str
     kind: type  # bool, int, float or str (str also for a field of several kinds, read by ``parse``)
     optional: bool  # None is a valid value ("auto")
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -78,8 +78,8 @@ class SettingInfo:
         """Why ``value`` is not valid for this field (None when it is)."""
         if value is None:
             return None if self.optional else "must be given"
-        if self.choices is not None and isinstance(value, str) and value not in self.choices:
-            return f"must be one of {', '.join(self.choices)}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(str(choice) for choice in self.choices)}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value) and not (self.high is None and value == math.inf):
                 return "must be a finite number"

@@ -65,12 +65,11 @@ from typing import Any
 import torch
 
 from kronograph.compiler.compiled import CompiledModel
-from kronograph.errors import KronographError
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.settings import check, resolve, setting
-from kronograph.runtime.methods.tnt import contraction, mode_update, tensor_modes
+from kronograph.runtime.methods.tnt import contraction, mode_update, refuse_foreign_statistics, tensor_modes
 
 Tensors = dict[str, torch.Tensor]
 
@@ -102,12 +101,11 @@ class ShampooSettings:
     max_dense_dim: int = setting(4096, "a mode larger than this keeps only the diagonal of its statistic (as "
                                  "TNT's), whose root is elementwise", low=1)
     factor_dtype: torch.dtype = setting(torch.float32, "dtype of the statistics and roots, independent of the "
-                                        "model's (the Newton iteration itself runs in float64)", cli=False)
+                                        "model's (the Newton iteration itself runs in float64)",
+                                        choices=(torch.float32, torch.float64), cli=False)
 
     def __post_init__(self) -> None:
         check(self, "Shampoo")
-        if self.factor_dtype not in (torch.float32, torch.float64):
-            raise KronographError(f"Shampoo: factor_dtype={self.factor_dtype} must be torch.float32 or torch.float64")
 
 
 # -- inverse p-th roots (Alg. 16 line 12) ----------------------------------------------------------------------
@@ -236,15 +234,12 @@ class Shampoo:
                       "weights and the optimizer's state are as before it", SkippedStepWarning, stacklevel=3)
         return {**info, "skipped": f"{why}; the weights were left unchanged"}
 
-    def _modes(self, tensor: torch.Tensor) -> tuple[int, ...]:
-        return tensor_modes(tensor.shape)
-
     # -- statistics (line 9) and roots (line 12) ------------------------------------------------------------
     def _fold(self, grads: Mapping[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """G_hat^(i) = beta G_hat^(i) + (1 - beta) mat_i(g_bar) mat_i(g_bar)^T; the first fold replaces."""
         beta, folded = self.settings.beta, dict(self.statistics)
         for name, g in grads.items():
-            modes = self._modes(g)
+            modes = tensor_modes(g.shape)
             g = g.reshape(modes)
             new = [contraction(g, i, d > self.settings.max_dense_dim) for i, d in enumerate(modes)]
             old = self.statistics.get(name)
@@ -263,8 +258,7 @@ class Shampoo:
     # -- the update (lines 14-16) --------------------------------------------------------------------------
     def _update(self, momentum: Tensors, roots: Mapping[str, list[torch.Tensor]]) -> Tensors:
         """-lr (g_hat x_1 R_1 ... x_k R_k + gamma W); frozen parameters stay."""
-        return mode_update(self.engine, momentum, roots, lambda name, w: self._modes(w), self.settings.lr,
-                           self.settings.weight_decay)
+        return mode_update(self.engine, momentum, roots, self.settings.lr, self.settings.weight_decay)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -276,11 +270,7 @@ class Shampoo:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (tensors cloned)."""
-        params = self.engine.parameters()
-        for name, stats in state["statistics"].items():
-            if name not in params or [s.shape[0] for s in stats] != list(self._modes(params[name])):
-                raise KronographError(f"{type(self).__name__}: the optimizer state has a parameter {name!r} this "
-                                      "model does not have (or of another shape); it is from another model")
+        refuse_foreign_statistics(type(self).__name__, self.engine.parameters(), state["statistics"])
         self.steps = int(state["steps"])
         self.momentum = {name: t.clone() for name, t in state["momentum"].items()}
         self.statistics = {name: [t.clone() for t in ts] for name, ts in state["statistics"].items()}

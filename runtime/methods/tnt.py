@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,12 +105,10 @@ class TNTSettings:
                                  "O(d^3) to invert, beyond every mode of the thesis's models (widths <= 2000)",
                                  low=1)
     factor_dtype: torch.dtype = setting(torch.float32, "dtype of the statistics and inverses, independent of the "
-                                        "model's", cli=False)
+                                        "model's", choices=(torch.float32, torch.float64), cli=False)
 
     def __post_init__(self) -> None:
         check(self, "TNT")
-        if self.factor_dtype not in (torch.float32, torch.float64):
-            raise KronographError(f"TNT: factor_dtype={self.factor_dtype} must be torch.float32 or torch.float64")
 
 
 # -- the tensor algebra of sec 4.2.1 -------------------------------------------------------------------------
@@ -173,8 +171,8 @@ def damped_inverses(factors: Sequence[torch.Tensor], damping: float) -> list[tor
     return out
 
 
-def mode_update(engine, momentum: Tensors, factors: Mapping[str, list[torch.Tensor]],
-                modes: Callable[[str, torch.Tensor], Sequence[int]], lr: float, weight_decay: float) -> Tensors:
+def mode_update(engine, momentum: Tensors, factors: Mapping[str, list[torch.Tensor]], lr: float,
+                weight_decay: float) -> Tensors:
     """The last lines of Algorithms 15 and 16: -lr (g_hat x_1 F_1 ... x_k F_k + weight_decay W) for every parameter
     the engine does not hold frozen, F_i the mode factors (TNT's damped inverses, Shampoo's inverse roots)."""
     params, frozen = engine.parameters(), engine.frozen()
@@ -183,11 +181,20 @@ def mode_update(engine, momentum: Tensors, factors: Mapping[str, list[torch.Tens
         if name in frozen:
             continue
         w = params[name]
-        p = mode_products(g_hat.reshape(modes(name, w)), factors[name]).reshape(w.shape)
+        p = mode_products(g_hat.reshape(tensor_modes(w.shape)), factors[name]).reshape(w.shape)
         if weight_decay:
             p = p + weight_decay * w.to(p.dtype)
         update[name] = -lr * p
     return update
+
+
+def refuse_foreign_statistics(owner: str, params: Mapping[str, torch.Tensor],
+                              statistics: Mapping[str, Sequence[torch.Tensor]]) -> None:
+    """A checkpoint's mode statistics must be of this model's parameters, mode for mode; else KronographError."""
+    for name, stats in statistics.items():
+        if name not in params or [s.shape[0] for s in stats] != list(tensor_modes(params[name].shape)):
+            raise KronographError(f"{owner}: the optimizer state has a parameter {name!r} this model does not have "
+                                  "(or of another shape); it is from another model")
 
 
 class TNT:
@@ -251,9 +258,6 @@ class TNT:
                       "and the optimizer's state are as before it", SkippedStepWarning, stacklevel=3)
         return {**info, "skipped": f"{why}; the weights were left unchanged"}
 
-    def _modes(self, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
-        return tensor_modes(tensor.shape)
-
     def _diagonal(self, d: int) -> bool:
         return d > self.settings.max_dense_dim
 
@@ -300,7 +304,7 @@ class TNT:
             gradients = {name: (g.to(dtype) * scale)[None] for name, g in grads.items()}
         out = {}
         for name, g in gradients.items():
-            modes = self._modes(name, g[0])
+            modes = tensor_modes(g[0].shape)
             g = g.reshape(g.shape[0], *modes)
             out[name] = [_summed_contraction(g, i, self._diagonal(d)) for i, d in enumerate(modes)]
         return out
@@ -322,7 +326,7 @@ class TNT:
     # -- the update (lines 18-20) --------------------------------------------------------------------------
     def _update(self, momentum: Tensors, inverses: Mapping[str, list[torch.Tensor]]) -> Tensors:
         """-lr (g_hat x_1 (U~_1 + eps I)^-1 ... x_k (U~_k + eps I)^-1 + gamma W); frozen parameters stay."""
-        return mode_update(self.engine, momentum, inverses, self._modes, self.settings.lr, self.settings.weight_decay)
+        return mode_update(self.engine, momentum, inverses, self.settings.lr, self.settings.weight_decay)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -334,11 +338,7 @@ class TNT:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (tensors cloned)."""
-        params = self.engine.parameters()
-        for name, stats in state["statistics"].items():
-            if name not in params or [s.shape[0] for s in stats] != list(self._modes(name, params[name])):
-                raise KronographError(f"{type(self).__name__}: the optimizer state has a parameter {name!r} this "
-                                      "model does not have (or of another shape); it is from another model")
+        refuse_foreign_statistics(type(self).__name__, self.engine.parameters(), state["statistics"])
         self.steps = int(state["steps"])
         self.generator.set_state(state["generator"])
         self.momentum = {name: t.clone() for name, t in state["momentum"].items()}
