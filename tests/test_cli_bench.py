@@ -54,7 +54,8 @@ def bench(monkeypatch):
 
 def test_bench_writes_table_results_and_plots_from_the_same_start(bench, data, tmp_path):
     out = tmp_path / "bench"
-    result = bench("factories:tiny_classifier", data["classes"], "--optimizers", "kfac,kbfgs,tnt,adam,sgd", "--steps", "12",
+    result = bench("factories:tiny_classifier", data["classes"], "--optimizers", "kfac,kbfgs,tnt,smw-ng-bd,centered-sgd,adam,sgd",
+                   "--steps", "12",
                    "--option", "adam.lr=0.01", "--option", "weight_decay=1e-5", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {"table.md", "results.json", "loss_vs_time.png", "loss_vs_iterations.png"}
@@ -63,7 +64,7 @@ def test_bench_writes_table_results_and_plots_from_the_same_start(bench, data, t
     table = (out / "table.md").read_text()
     assert table.strip() in result.stdout and str(out / "loss_vs_time.png") in result.stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row.split("|")[1].strip() for row in rows[1:]] == ["kfac", "kbfgs", "tnt", "adam", "sgd"]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["kfac", "kbfgs", "tnt", "smw-ng-bd", "centered-sgd", "adam", "sgd"]
     assert "time to loss" in rows[0] and "x SGD step" in rows[0] and "reconstruction" not in rows[0]
     results = json.loads((out / "results.json").read_text())
     runs = results["optimizers"]

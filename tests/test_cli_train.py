@@ -115,7 +115,7 @@ def whole_and_resumed(train, tmp_path: Path, common: tuple, total: int, *, torn_
     return whole, parts
 
 
-@pytest.mark.parametrize("optimizer", ["kfac", "kbfgsl", "sgd"])
+@pytest.mark.parametrize("optimizer", ["kfac", "kbfgsl", "smw-gn", "acp", "sgd"])
 def test_resume_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path, optimizer):
     common = ("--optimizer", optimizer, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
     whole, parts = whole_and_resumed(train, tmp_path, common, 6)

@@ -9,13 +9,17 @@ first). `kronograph train` and `bench` build their flags, TOML keys and defaults
 method is adding its module and one entry here.
 """
 
+from kronograph.runtime.methods.centered import ACP, CenteredSGD
 from kronograph.runtime.methods.first_order import SGD, Adam
 from kronograph.runtime.methods.kbfgs import KBFGS, KBFGSL
 from kronograph.runtime.methods.kfac import KFAC
 from kronograph.runtime.methods.shampoo import Shampoo
+from kronograph.runtime.methods.smw import SMWGN, SMWNG, SMWNGBD
 from kronograph.runtime.methods.tnt import TNT, TNTEF
 
 METHODS: dict[str, type] = {"kfac": KFAC, "kbfgs": KBFGS, "kbfgsl": KBFGSL, "tnt": TNT, "tnt-ef": TNTEF,
-                            "shampoo": Shampoo, "sgd": SGD, "adam": Adam}
+                            "shampoo": Shampoo, "smw-ng": SMWNG, "smw-gn": SMWGN, "smw-ng-bd": SMWNGBD,
+                            "centered-sgd": CenteredSGD, "acp": ACP, "sgd": SGD, "adam": Adam}
 
-__all__ = ["METHODS", "KBFGS", "KBFGSL", "KFAC", "SGD", "Shampoo", "TNT", "TNTEF", "Adam"]
+__all__ = ["ACP", "METHODS", "KBFGS", "KBFGSL", "KFAC", "SGD", "SMWGN", "SMWNG", "SMWNGBD", "CenteredSGD", "Shampoo",
+           "TNT", "TNTEF", "Adam"]
