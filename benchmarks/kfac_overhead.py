@@ -10,8 +10,8 @@ Every figure is a ratio to an SGD step measured in the same process, on the same
   lambda and gamma);
 - default: ``KFAC(cm)``, the first-try preset;
 - K-BFGS and K-BFGS(L): ``KBFGS(cm)`` and ``KBFGSL(cm)`` with the thesis's defaults (curvature every step, T = 1);
-- TNT and Shampoo: ``TNT(cm)`` and ``Shampoo(cm)`` with the thesis's defaults (statistics every 10 steps, inverses
-  every 100).
+- TNT and Shampoo: ``TNT(cm)`` and ``Shampoo(cm)`` with the thesis's autoencoder defaults (statistics every step,
+  inverses every 20; BENCHMARKS.md's first TNT and Shampoo table was at its CNN set-up, 10 and 100).
 kfac-pytorch is measured beside when it is importable (it is not on the package index: install it from its
 repository with `pip install --no-deps <checkout>`). Prints a Markdown table for BENCHMARKS.md.
 """

@@ -158,6 +158,7 @@ CASES = {
                                                                    inverse_every=3, weight_decay=0.01, beta=0.5,
                                                                    momentum=0.7, **EXACT), 1e-10),
     "cnn": ("cnn", dict(lr=0.05, damping=0.01, **EXACT), 1e-10),
+    "cnn, roots by eigendecomposition": ("cnn", dict(lr=0.05, damping=0.01, roots="eigh"), 1e-10),
     "cnn, diagonal modes > 4": ("cnn", dict(lr=0.05, damping=0.01, max_dense_dim=4, **EXACT), 1e-10),
 }
 
@@ -243,7 +244,9 @@ def test_invalid_settings_name_the_argument(mlp, arguments, message) -> None:
 def test_presets(mlp) -> None:
     s = Shampoo(mlp[0]).settings
     assert (s.lr, s.damping, s.beta, s.momentum, s.weight_decay, s.stats_every, s.inverse_every, s.max_iterations,
-            s.tolerance) == (3e-4, 3e-4, 0.9, 0.9, 0.0, 10, 100, 100, 1e-6)
+            s.tolerance) == (3e-4, 3e-4, 0.9, 0.9, 0.0, 1, 20, 100, 1e-6)  # Table 4.3; T1, T2 of the autoencoders
+    s = Shampoo(mlp[0], preset="cnn").settings
+    assert (s.lr, s.damping, s.weight_decay, s.stats_every, s.inverse_every) == (0.01, 0.01, 0.1, 10, 100)  # Table 4.4
 
 
 # -- 4: a real small problem -------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ Where Algorithm 16 is ambiguous:
   than 20% (stagnation at rounding level; the previous iterate is kept). Here reaching the tolerance is what
   counts as convergence, the other two stops fall back to the eigendecomposition. The iteration runs in float64
   whatever factor_dtype is (a 1e-6 tolerance on max |M - I| is at float32's rounding level for d >= 10) and the
-  root is stored in factor_dtype.
+  root is stored in factor_dtype. ``roots="eigh"`` takes the eigendecomposition's root directly: the same root,
+  about ten times cheaper on a CPU for the widest factors (the Newton iteration is the GPU's way).
 
 Scale of the statistics: g_bar is the gradient of the MEAN loss, G_bar^(i) its contraction with no batch-size
 factor (as TNT's); eps is added to that scale, so the thesis's (lr, eps) pairs (Tables 4.3, 4.4) hold for it.
@@ -89,10 +90,16 @@ class ShampooSettings:
                               "factor, line 2129)", low=0, high=1, high_open=True)
     weight_decay: float = setting(0.0, "gamma in p = p + gamma W after the preconditioning (Alg. 16 line 15); "
                                   "default: none, as in the autoencoder experiments (line 2194)", low=0)
-    stats_every: int = setting(10, "T1: the statistics are updated at steps t = 1 and t % T1 == 0 (Alg. 16 line "
-                               "8); default: the CNN experiments, thesis line 2104", low=1)
-    inverse_every: int = setting(100, "T2: the inverse roots are recomputed at steps t = 1 and t % T2 == 0 (Alg. "
-                                 "16 line 11); default: the CNN experiments, thesis line 2104", low=1)
+    stats_every: int = setting(1, "T1: the statistics are updated at steps t = 1 and t % T1 == 0 (Alg. 16 line "
+                               "8); default: the autoencoder experiments, thesis line 2082 (preset 'cnn': 10, "
+                               "line 2104)", low=1)
+    inverse_every: int = setting(20, "T2: the inverse roots are recomputed at steps t = 1 and t % T2 == 0 (Alg. "
+                                 "16 line 11); default: the autoencoder experiments, thesis line 2082 (preset "
+                                 "'cnn': 100, line 2104)", low=1)
+    roots: str = setting("newton", "how the inverse roots are computed: 'newton', the coupled Newton iteration the "
+                         "thesis used (line 2140, matrix products only: the GPU's way), or 'eigh', one symmetric "
+                         "eigendecomposition per factor (the same root to ~1e-8; ~10x cheaper on a CPU for a 1000 x "
+                         "1000 factor: benchmarks/shampoo_roots.py)", choices=("newton", "eigh"))
     max_iterations: int = setting(100, "most coupled Newton iterations for one inverse root (thesis line 2140); "
                                   "one that does not reach the tolerance falls back to an eigendecomposition",
                                   low=1)
@@ -158,9 +165,10 @@ def eigh_inverse_root(a: torch.Tensor, p: int, floor: float) -> torch.Tensor:
 
 
 def damped_inverse_root(statistic: torch.Tensor, p: int, damping: float, max_iterations: int = 100,
-                        tolerance: float = 1e-6) -> tuple[torch.Tensor, bool]:
-    """(G + eps I)^(-1/p) (Alg. 16 line 12), in ``statistic``'s dtype, and whether the Newton iteration gave it
-    (False: the eigendecomposition did). A 1-D ``statistic`` is a diagonal one: (g + eps)^(-1/p) elementwise."""
+                        tolerance: float = 1e-6, method: str = "newton") -> tuple[torch.Tensor, bool]:
+    """(G + eps I)^(-1/p) (Alg. 16 line 12), in ``statistic``'s dtype, and whether the chosen ``method`` gave it
+    (False: the Newton iteration failed and the eigendecomposition did). A 1-D ``statistic`` is a diagonal one:
+    (g + eps)^(-1/p) elementwise."""
     if statistic.dim() == 1:
         root = (statistic.to(torch.float64).clamp_min(0) + damping) ** (-1.0 / p)
         good = torch.isfinite(root)
@@ -168,6 +176,8 @@ def damped_inverse_root(statistic: torch.Tensor, p: int, damping: float, max_ite
         return root.to(statistic.dtype), bool(good.all())
     damped = statistic.to(torch.float64) + damping * torch.eye(statistic.shape[0], dtype=torch.float64,
                                                                device=statistic.device)
+    if method == "eigh":
+        return eigh_inverse_root(damped, p, damping).to(statistic.dtype), True
     root, converged, _ = coupled_newton_inverse_root(damped, p, max_iterations, tolerance)
     if not converged:
         root = eigh_inverse_root(damped, p, damping)
@@ -180,7 +190,11 @@ class Shampoo:
     SUMMARY = "Shampoo (Ren's thesis, Algorithm 16): empirical mode statistics, coupled-Newton -1/2k roots, no grafting"
     Settings = ShampooSettings
     PRESETS: dict[str, ShampooSettings] = {
-        "default": ShampooSettings(),  # Table 4.3: (lr, eps) = (3e-4, 3e-4) (line 2184); T1, T2 = 10, 100 (line 2104)
+        # The MNIST autoencoder (batch 1000): Table 4.3's (lr, eps) = (3e-4, 3e-4), T1, T2 = 1, 20 (line 2082).
+        "default": ShampooSettings(),
+        # The CNNs (batch 128): Table 4.4's ResNet-32 on CIFAR-10 (lr, weight decay, eps) = (0.01, 0.1, 0.01),
+        # T1, T2 = 10, 100 (line 2104).
+        "cnn": ShampooSettings(lr=0.01, weight_decay=0.1, damping=0.01, stats_every=10, inverse_every=100),
     }
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
@@ -250,7 +264,7 @@ class Shampoo:
         s, p = self.settings, 2 * len(stats)
         out, fallbacks = [], 0
         for statistic in stats:
-            root, converged = damped_inverse_root(statistic, p, s.damping, s.max_iterations, s.tolerance)
+            root, converged = damped_inverse_root(statistic, p, s.damping, s.max_iterations, s.tolerance, s.roots)
             out.append(root)
             fallbacks += not converged
         return out, fallbacks
