@@ -52,6 +52,15 @@ def import_torchvision() -> None:
         import torchvision  # noqa: F401
 
 
+def _interpret_triton_without_a_gpu() -> None:
+    """Without CUDA, the Triton kernels (triton_kernels/) run in Triton's CPU interpreter. Triton reads
+    TRITON_INTERPRET when triton.language is first imported (its own helpers, tl.zeros and the like, are
+    built then), and importing torchvision imports it: so this runs before import_torchvision()."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()
 import_torchvision()
 
 

@@ -1,0 +1,46 @@
+"""One rule for every kernel: Triton for CUDA tensors, the torch reference elsewhere; a setting forces either.
+
+Each kernel module pairs ``<name>_triton`` with ``<name>_reference`` (same signature, same result up to
+rounding) and exposes ``<name>(..., backend="auto")``, which calls ``use_triton(backend, tensor)`` to pick.
+On a CPU, Triton runs only under its interpreter (``TRITON_INTERPRET=1``, read when a kernel module is first
+imported): that is how CI proves the kernels correct without a GPU. The interpreter is far too slow to train
+with, so "auto" never picks it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (set before the kernel modules are imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """True to run the Triton kernel on ``tensor``'s device: "auto" picks it for CUDA tensors when Triton is
+    installed, "triton" demands it (a CUDA tensor, or the interpreter on a CPU one), "torch" never."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if not (tensor.is_cuda or interpreting()):
+        raise RuntimeError("backend='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before kronograph is imported, or use backend='torch'")
+    return True
