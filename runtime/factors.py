@@ -191,11 +191,14 @@ def fold_factors_(
 
 
 def _gram_bound(parts: Sequence[torch.Tensor]) -> float:
-    """An upper bound of |entry| of sum_parts rows^T rows: sum of R max|x|^2 (inf when a row is not finite)."""
+    """An upper bound of |entry| of sum_parts rows^T rows: sum of R max|x|^2 (inf when a row is not finite).
+    The parts' extremes are read by the host at once (one synchronisation on a GPU)."""
+    if not parts:
+        return 0.0
+    extremes = torch.stack([torch.stack(torch.aminmax(rows)).to(parts[0].device) for rows in parts]).tolist()
     total = 0.0
-    for rows in parts:
-        low, high = torch.aminmax(rows)
-        largest = max(abs(float(low)), abs(float(high)))
+    for rows, (low, high) in zip(parts, extremes):
+        largest = max(abs(low), abs(high))
         if not math.isfinite(largest):
             return math.inf
         total += rows.shape[1] * largest * largest

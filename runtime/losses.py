@@ -90,9 +90,9 @@ class CrossEntropy(Loss):
         probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)
         # A row with a non-finite output draws uniformly instead of crashing multinomial; its gradient is
         # not finite, so the statistics refuse it (factors.fold_factors_) and nothing reaches the weights.
+        # (Replaced unconditionally: no host read of whether any row needs it.)
         finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
-        if not bool(finite.all()):
-            probs = torch.where(finite, probs, torch.ones_like(probs))
+        probs = torch.where(finite, probs, torch.ones_like(probs))
         return torch.multinomial(probs, 1, generator=generator).reshape(outputs.shape[:-1])
 
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -111,9 +111,10 @@ class CrossEntropy(Loss):
                 f"cross_entropy needs one label per output row (shape {tuple(outputs.shape[:-1])})"
             )
         classes = outputs.shape[-1]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+        low, high = _extremes(targets)
+        if low < 0 or high >= classes:
             raise KronographError(
-                f"labels range over [{int(targets.min())}, {int(targets.max())}] but the model has {classes} "
+                f"labels range over [{low}, {high}] but the model has {classes} "
                 f"classes; labels must lie in [0, {classes - 1}]"
             )
 
@@ -135,7 +136,8 @@ class SigmoidCrossEntropy(Loss):
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         _same_shape(self.name, outputs, targets)
-        if targets.numel() and (float(targets.min()) < 0 or float(targets.max()) > 1):
+        low, high = _extremes(targets)
+        if low < 0 or high > 1:
             raise KronographError("sigmoid_cross_entropy needs targets in [0, 1]; rescale the data (for images: / 255)")
 
 
@@ -154,6 +156,13 @@ class MeanSquaredError(Loss):
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         _same_shape(self.name, outputs, targets)
+
+
+def _extremes(targets: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of the targets, read by the host at once (one synchronisation on a GPU); (0, 0) when empty."""
+    if not targets.numel():
+        return 0, 0
+    return tuple(torch.stack([targets.min(), targets.max()]).tolist())
 
 
 def _same_shape(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:

@@ -73,11 +73,12 @@ from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.distributed import Statistics, active_group, average_statistics
 from kronograph.runtime.factors import batch_factors
-from kronograph.runtime.inverse import CurvatureWarning, all_finite
+from kronograph.runtime.inverse import CurvatureWarning
 from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
     make_generator,
+    on_device,
     sampled_statistics,
     subset,
 )
@@ -358,7 +359,7 @@ class KFACPreconditioner:
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is
         computed (a layer that raises then leaves all .grad as they were); others are left alone."""
-        done, bad, missing, writes = 0, [], [], []
+        done, bad, missing, writes, ready = 0, [], [], [], []
         for name, block in self.blocks.items():
             layer = block.layer
             targets = [self.params[layer.weight]] + ([self.params[layer.bias]] if layer.bias else [None])
@@ -367,8 +368,13 @@ class KFACPreconditioner:
             if block.inverses is None:
                 missing.append(name)
                 continue
-            grad_bar = gather_grad(layer, self.params)
-            if not all_finite([grad_bar]):
+            ready.append((name, block, targets, gather_grad(layer, self.params)))
+        # which gradients are finite: read by the host once for all layers (one synchronisation on a GPU)
+        checks = [torch.isfinite(grad_bar).all().to(ready[0][3].device) for *_, grad_bar in ready]
+        finite = torch.stack(checks).tolist() if checks else []
+        for (name, block, targets, grad_bar), ok in zip(ready, finite):
+            layer = block.layer
+            if not ok:
                 bad.append(name)
                 continue
             for param, value in zip(targets, scatter(layer, self._grafted(grad_bar, block.precondition(grad_bar)))):
@@ -382,9 +388,8 @@ class KFACPreconditioner:
         if self.graft is None:
             return solved
         norm = torch.linalg.vector_norm(solved)
-        if not torch.isfinite(norm) or norm == 0:
-            return grad_bar
-        return solved * (torch.linalg.vector_norm(grad_bar) / norm)
+        usable = torch.isfinite(norm) & (norm != 0)  # else the gradient itself; chosen on the device, no host read
+        return torch.where(usable, solved * (torch.linalg.vector_norm(grad_bar) / norm), grad_bar)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -397,9 +402,10 @@ class KFACPreconditioner:
         missing = set(self.blocks) - set(state["blocks"])
         if missing:
             raise KronographError(f"the state has no blocks for layers {sorted(missing)}; it is from another model")
+        blocks = on_device(state["blocks"], next(self.module.parameters()).device)
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping = float(state["damping"])
         for name, block in self.blocks.items():
-            block.load_state_dict(state["blocks"][name])
+            block.load_state_dict(blocks[name])
         self.generator.set_state(state["generator"])
         self._pending, self._folded = [], None

@@ -112,7 +112,7 @@ def difference_step(direction: Direction, sizes: Mapping[str, float]) -> float |
 def curvature_gram(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
     """[k, k] matrix of (J d_a)^T H (J d_b) averaged over the examples (float64): d_a^T F d_b."""
     k = len(tangents)
-    gram = torch.zeros(k, k, dtype=torch.float64)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=outputs.device)
     for a in range(k):
         for b in range(a, k):
             gram[a, b] = gram[b, a] = loss.curvature(outputs, tangents[a], tangents[b]).double().mean()
@@ -129,13 +129,27 @@ def fisher_gram(
     """[k, k] matrix of d_a^T F d_b for the k directions, F the exact Fisher on ``inputs`` (float64)."""
     outputs, tangents = output_tangents(module, params, inputs, directions)
     if outputs is None:
-        return torch.zeros(0, 0, dtype=torch.float64)
+        return torch.zeros(0, 0, dtype=torch.float64, device=inputs[0].device)
     return curvature_gram(loss, outputs, tangents)
 
 
 def inner(x: Direction, y: Direction) -> float:
-    """sum over shared parameters of <x_p, y_p> (each dot product in the tensors' dtype, summed in Python)."""
-    return sum(float(torch.vdot(x[name].reshape(-1), y[name].reshape(-1))) for name in x if name in y)
+    """sum over shared parameters of <x_p, y_p> (each dot product in the tensors' dtype, summed in float64)."""
+    return float(inner_tensor(x, y))
+
+
+def inner_tensor(x: Direction, y: Direction) -> torch.Tensor:
+    """``inner`` as a float64 0-dim tensor on the directions' device, without a host synchronisation. The dot
+    products are added one by one in float64, as Python's sum of floats did: the same value, bit for bit."""
+    total = None
+    for name in x:
+        if name in y:
+            dot = torch.vdot(x[name].reshape(-1), y[name].reshape(-1)).double()
+            total = dot if total is None else total + dot
+    if total is None:
+        device = next((t.device for t in (*x.values(), *y.values())), torch.device("cpu"))
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return total
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,7 @@ def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: 
     exact: with bounds at zero it is the unconstrained minimiser over some subset of the directions, so every
     subset is solved (k <= 3 here) and the feasible one with the lowest model value is kept.
     """
+    gram_f, gram_i, gradient = _on_host(gram_f, gram_i, gradient)
     matrix = (gram_f + damping * gram_i).double()
     gradient = gradient.double()
     keep = [a for a in range(len(gradient)) if float(gram_i[a, a]) > 0 and torch.isfinite(matrix[a]).all()]
@@ -180,6 +195,15 @@ def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: 
             if nonnegative is None or all(c >= 0 or not bound for c, bound in zip(solution.coefficients, nonnegative)):
                 best = solution
     return best
+
+
+def _on_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The quadratic model's small matrices, built on the model's device, copied to the host in one transfer (the
+    step's one synchronisation for the model): its k <= 3 system is solved there, branch by branch."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).cpu()
+    return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _solve_on(matrix: torch.Tensor, gradient: torch.Tensor, keep: list[int],

@@ -33,10 +33,22 @@ def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
 
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
     """The optimizer's own generator, on the parameters' device (sampling needs it there); None seeds it
-    from torch's global generator, so that torch.manual_seed makes runs repeatable."""
+    from torch's global generator, so that torch.manual_seed makes runs repeatable (a host draw, at construction)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+    generator.manual_seed(int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else int(seed))
     return generator
+
+
+def on_device(state: Any, device: torch.device) -> Any:
+    """A checkpoint's tensors (in nested dicts, lists and tuples) on ``device``: a state saved from, or mapped to,
+    another device resumes on the model's."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {key: on_device(value, device) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_device(value, device) for value in state)
+    return state
 
 
 def subset(n: int, fraction: float, generator: torch.Generator, minimum: int = 1) -> torch.Tensor | None:

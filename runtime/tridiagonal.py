@@ -181,8 +181,8 @@ class TridiagonalInverse:
                 )
         # damping on the diagonal factors only (sec 6.3), pi from the undamped traces
         self.pi = [float(trace_pi(ai[None], gi[None])[0]) for ai, gi in zip(a, g)]
-        a_damped = [ai + p * gamma * torch.eye(ai.shape[0], dtype=ai.dtype) for ai, p in zip(a, self.pi)]
-        g_damped = [gi + gamma / p * torch.eye(gi.shape[0], dtype=gi.dtype) for gi, p in zip(g, self.pi)]
+        a_damped = [ai + p * gamma * torch.eye(ai.shape[0], dtype=ai.dtype, device=ai.device) for ai, p in zip(a, self.pi)]
+        g_damped = [gi + gamma / p * torch.eye(gi.shape[0], dtype=gi.dtype, device=gi.device) for gi, p in zip(g, self.pi)]
         chol_a = [self._cholesky(m, f"damped A of layer {n!r}") for m, n in zip(a_damped, self.names)]
         chol_g = [self._cholesky(m, f"damped G of layer {n!r}") for m, n in zip(g_damped, self.names)]
         # Psi^A_i = A_cross_i A_d{i+1}^-1 and Psi^G_i = G_cross_i G_d{i+1}^-1 (solves against symmetric factors)
@@ -281,7 +281,7 @@ class TridiagonalInverse:
         sizes = [k_g.shape[0] * k_a.shape[0] for k_a, k_g in zip(self.k_a, self.k_g)]
         total = sum(sizes)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        xi = torch.eye(total, dtype=self.dtype)
+        xi = torch.eye(total, dtype=self.dtype, device=self.k_a[0].device)
         for i in range(len(self) - 1):
             block = torch.kron(self.psi_a[i], self.psi_g[i])
             xi[offsets[i] : offsets[i] + sizes[i], offsets[i + 1] : offsets[i + 1] + sizes[i + 1]] = -block

@@ -24,6 +24,21 @@ Non-finite losses, gradients or coefficients never reach the weights: the step i
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
 The settings come from a preset (runtime/methods/kfac_settings.py): "default", the first try on any model, or "paper".
+
+Devices: every tensor of a step (batch, factors, inverses, generator, temporaries, the quadratic model's small
+matrices) is made on the model's device, factors and inverses in ``factor_dtype`` whatever the model's dtype
+(tests/test_device_placement.py). Host synchronisations per step, the scalars the host's decisions need:
+- the batch's loss (one per gradient pass: two with signal scaling's halves), the label range check (one),
+  and whether the gradient is finite (one, ``inverse.all_finite``);
+- statistics: per layer, the largest entry of the batch's rows (the overflow guard of ``fold_factors_``);
+- the quadratic model: its k x k matrices copied to the host at once (one per gamma candidate), where the
+  coefficients alpha, mu (and the unmatched scale) and M(delta) - M(0) are solved for;
+- signal scaling: g^T F^-1 g and g_A^T F^-1 g_B (one); whether the update is finite (one);
+- the damping rule, when it runs: h after the step for rho (one); with weight decay, |theta|^2 (one per h);
+- steps that refresh the inverses: per layer, whether a group failed (one; its warning names it) and whether
+  a float32 Cholesky must be retried in float64 (one per factor), plus the centred damping's check (one);
+  the tridiagonal structure reads its pi's and checks each factorisation. At step 1, the curvature's scale for
+  lambda_0; with ``fisher_products="differences"``, each tensor's norm for the difference step.
 """
 
 from __future__ import annotations
@@ -59,10 +74,11 @@ from kronograph.runtime.statistics import (
     ema_decay,
     inverses_due,
     make_generator,
+    on_device,
     statistics_due,
     subset,
 )
-from kronograph.runtime.quadratic import curvature_gram, inner, solve_quadratic_model
+from kronograph.runtime.quadratic import curvature_gram, inner_tensor, solve_quadratic_model
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
@@ -230,8 +246,9 @@ class KFAC:
         which includes the statistics' capture when they come from the same pass —, inverses, precondition,
         qmodel, update, damping).
         """
-        inputs = tuple(torch.as_tensor(t) for t in (x if isinstance(x, (tuple, list)) else (x,)))
-        y = torch.as_tensor(y)
+        device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
+        inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
+        y = torch.as_tensor(y, device=device)
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -413,14 +430,22 @@ class KFAC:
         if captured:
             self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         grads: Direction = {}
-        norm = 0.0
         for name, param in self.engine.parameters().items():
             grad = result.grads[name]
             if self.weight_decay:
                 grad = grad + self.weight_decay * param
-                norm += float(param.double().pow(2).sum())
             grads[name] = grad
-        return result.loss, result.loss + 0.5 * self.weight_decay * norm, grads, result.records
+        return result.loss, result.loss + 0.5 * self.weight_decay * self._squared_norm(), grads, result.records
+
+    def _squared_norm(self) -> float:
+        """|theta|^2 for the weight decay's term of h (0 without weight decay): summed on the device, one host read."""
+        if not self.weight_decay:
+            return 0.0
+        total = None
+        for param in self.engine.parameters().values():
+            square = param.double().pow(2).sum()
+            total = square if total is None else total + square
+        return 0.0 if total is None else float(total)
 
     def _gradient_of_halves(self, inputs, y) -> GradientPass:
         """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
@@ -444,8 +469,10 @@ class KFAC:
         of g^T F^-1 g, whose expectation also holds the noise's tr(F^-1 Sigma) / n."""
         difference = self._half_difference
         solved = self.curvature.direction(difference, inverses, {})
-        total = -inner(grads, proposal)
-        cross = total + inner(difference, {name: solved[name] for name in proposal})
+        products = [inner_tensor(grads, proposal), inner_tensor(difference, {name: solved[name] for name in proposal})]
+        together, apart = torch.stack(products).tolist()  # one host read
+        total = -together
+        cross = total + apart
         if not (math.isfinite(total) and math.isfinite(cross)) or total <= 0:
             return
         if self.signal is None:
@@ -469,7 +496,7 @@ class KFAC:
     def _objective(self, inputs, y) -> float:
         value = self.engine.loss_value(inputs, y)
         if self.weight_decay:
-            value += 0.5 * self.weight_decay * sum(float(p.double().pow(2).sum()) for p in self.engine.parameters().values())
+            value += 0.5 * self.weight_decay * self._squared_norm()
         return value
 
     def _proposal(self, grads: Direction, inverses) -> Direction:
@@ -487,10 +514,11 @@ class KFAC:
         for name in names:
             grad = grads[name]
             v = self.unmatched_moments.get(name)
-            if v is None or not bool(v.any()):  # starts at the first gradient (a layer not called had none)
+            if v is None:
                 v = grad.square()
-            else:
-                v = v.mul_(UNMATCHED_DECAY).addcmul_(grad, grad, value=1 - UNMATCHED_DECAY)
+            else:  # starts again at the gradient while v is all zero (a layer not called had none): no host read
+                v = torch.where(v.any(), torch.addcmul(v * UNMATCHED_DECAY, grad, grad, value=1 - UNMATCHED_DECAY),
+                                grad.square())
             self.unmatched_moments[name] = v
             # |grad| / sqrt(v) <= 1 / sqrt(1 - decay) where v > 0; a coordinate that never had a gradient stays.
             direction[name] = torch.where(v > 0, -grad * v.rsqrt(), torch.zeros_like(grad))
@@ -521,8 +549,8 @@ class KFAC:
             tangents = tangents + cache["shared"]
         outputs = cache["outputs"]
         gram_f = curvature_gram(self.loss, outputs, tangents)
-        gram_i = torch.tensor([[inner(a, b) for b in directions] for a in directions], dtype=torch.float64)
-        gradient = torch.tensor([inner(grads, d) for d in directions], dtype=torch.float64)
+        gram_i = torch.stack([torch.stack([inner_tensor(a, b) for b in directions]) for a in directions])
+        gradient = torch.stack([inner_tensor(grads, d) for d in directions])
         nonnegative = [label != "mu" for label in labels] if self.settings.descent_only else None
         solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, nonnegative,
                                          self.settings.max_condition)
@@ -568,6 +596,8 @@ class KFAC:
         missing = set(self.blocks) - set(state["curvature"]["blocks"])
         if missing:
             raise KronographError(f"the optimizer state has no blocks for layers {sorted(missing)}; it is from another model")
+        device = self.engine.device  # the generator's state stays a host byte tensor, whatever its device
+        state = {key: value if key == "generator" else on_device(value, device) for key, value in state.items()}
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping = None if state["damping"] is None else float(state["damping"])
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
