@@ -246,7 +246,7 @@ def test_presets(mlp) -> None:
     assert (s.lr, s.damping, s.beta, s.momentum, s.weight_decay, s.stats_every, s.inverse_every, s.max_iterations,
             s.tolerance) == (3e-4, 3e-4, 0.9, 0.9, 0.0, 1, 20, 100, 1e-6)  # Table 4.3; T1, T2 of the autoencoders
     s = Shampoo(mlp[0], preset="cnn").settings
-    assert (s.lr, s.damping, s.weight_decay, s.stats_every, s.inverse_every) == (0.01, 0.01, 0.1, 10, 100)  # Table 4.4
+    assert (s.lr, s.damping, s.weight_decay, s.stats_every, s.inverse_every) == (0.001, 0.1, 1.0, 10, 100)  # Table 4.4
 
 
 # -- 4: a real small problem -------------------------------------------------------------------------------

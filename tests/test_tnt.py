@@ -300,7 +300,7 @@ def test_presets(mlp) -> None:
     assert (s.lr, s.damping, s.beta, s.momentum, s.stats_every, s.inverse_every, s.fisher) == (
         1e-4, 0.1, 0.9, 0.9, 1, 20, "mc")  # Table 4.3, MNIST autoencoder; T1, T2 of the autoencoders
     s = TNT(mlp[0], preset="cnn").settings
-    assert (s.lr, s.damping, s.weight_decay, s.stats_every, s.inverse_every) == (1e-4, 0.01, 10.0, 10, 100)  # Table 4.4
+    assert (s.lr, s.damping, s.weight_decay, s.stats_every, s.inverse_every) == (1e-4, 0.1, 10.0, 10, 100)  # Table 4.4
     s = TNTEF(mlp[0]).settings
     assert (s.fisher, s.lr, s.damping, s.stats_every, s.inverse_every) == ("empirical", 3e-6, 0.01, 1, 20)  # Table 4.5
     assert TNTEF(mlp[0], preset="cnn").settings.fisher == "empirical"
