@@ -140,9 +140,16 @@ def problems() -> dict[str, Callable[[], Problem]]:
         x, y = _text()
         return Problem(TinyLM, x, y, "cross_entropy", 32)
 
+    def mnist_classifier() -> Problem:
+        """Ren's thesis's sec 5.8 network (784-500-10 logistic) at its batch of 60: small batches, where the
+        quadratic model fits the batch's noise (BENCHMARKS.md, "K-FAC's defaults at batch 60")."""
+        x, y = _images("mnist")
+        return Problem(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.Sigmoid(), nn.Linear(500, 10)),
+                       x, y, "cross_entropy", 60)
+
     return {"digits-mlp": digits_mlp, "diabetes-mlp": diabetes_mlp, "autoencoder-default": autoencoder(False),
             "autoencoder-sparse": autoencoder(True), "fashion-cnn": fashion_cnn, "fashion-resnet": fashion_resnet,
-            "text-lm": text_lm}
+            "text-lm": text_lm, "mnist-classifier": mnist_classifier}
 
 
 def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0) -> dict:
