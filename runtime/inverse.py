@@ -54,8 +54,39 @@ def _try_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # LAPACK's potri from the Cholesky factor: ~1.6x faster than a triangular solve against I and L^-T L^-1
     # for d ~ 1000 on CPU (torch 2.13, 2 threads).
     inverse = torch.cholesky_inverse(factor)
-    ok = ok & _finite_per_group(inverse)
+    ok = ok & finite_per_group(inverse)
     return inverse, ok
+
+
+def cholesky_inverse(m: torch.Tensor, retry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse, ok [groups]) of SPD matrices [groups, d, d] by Cholesky, the failed groups among ``retry`` (all
+    when None) tried again in float64 when m is float32 or narrower; failed groups hold garbage."""
+    inverse, ok = _try_inverse(m)
+    retry = ~ok if retry is None else retry & ~ok
+    if m.dtype != torch.float64 and bool(retry.any()):  # the one host read of an inversion (float32 factors)
+        again, ok64 = _try_inverse(m[retry].double())
+        again = again.to(m.dtype)
+        inverse[retry] = again
+        ok = ok.clone()
+        ok[retry] = ok64 & finite_per_group(again)
+    return inverse, ok
+
+
+def safe_damped(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M + damping I with non-finite groups replaced by damping I, the damping per group clamped at 0 (0 where it
+    was not finite), finite [groups]: whether the group's M and damping were finite)."""
+    groups, d = m.shape[0], m.shape[-1]
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
+    finite = finite_per_group(m) & torch.isfinite(damping)
+    damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
+    safe = torch.where(finite[:, None, None], m, torch.zeros_like(m))
+    return safe + damping[:, None, None] * torch.eye(d, dtype=m.dtype, device=m.device), damping, finite
+
+
+def damping_inverse(damping: torch.Tensor) -> torch.Tensor:
+    """[groups] 1/damping (1 where damping is 0): the scale of the identity a failed group's inverse becomes."""
+    tiny = torch.finfo(damping.dtype).tiny
+    return torch.where(damping > 0, 1.0 / damping.clamp_min(tiny), torch.ones_like(damping))
 
 
 def all_finite(tensors) -> bool:
@@ -76,7 +107,7 @@ def all_finite(tensors) -> bool:
     return True
 
 
-def _finite_per_group(x: torch.Tensor) -> torch.Tensor:
+def finite_per_group(x: torch.Tensor) -> torch.Tensor:
     """[groups] bool: all entries finite (on the device: no host read)."""
     return torch.isfinite(x).all(dim=(-2, -1))
 
@@ -90,24 +121,11 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torc
         m: symmetric PSD factors [groups, d, d].
         damping: a scalar or one value per group (added to the diagonal).
     """
-    groups, d = m.shape[0], m.shape[-1]
-    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
-    eye = torch.eye(d, dtype=m.dtype, device=m.device)
-    finite = _finite_per_group(m) & torch.isfinite(damping)
-    damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
-    safe = torch.where(finite[:, None, None], m, torch.zeros_like(m))
-    damped = safe + damping[:, None, None] * eye
-    inverse, ok = _try_inverse(damped)
-    retry = finite & ~ok
-    if m.dtype != torch.float64 and bool(retry.any()):  # the one host read of an inversion (float32 factors)
-        again, ok64 = _try_inverse(damped[retry].double())
-        again = again.to(m.dtype)
-        inverse[retry] = again
-        ok = ok.clone()
-        ok[retry] = ok64 & _finite_per_group(again)
+    damped, damping, finite = safe_damped(m, damping)
+    inverse, ok = cholesky_inverse(damped, retry=finite)
     ok = ok & finite
-    scale = torch.where(damping > 0, 1.0 / damping.clamp_min(torch.finfo(m.dtype).tiny), torch.ones_like(damping))
-    return torch.where(ok[:, None, None], inverse, scale[:, None, None] * eye), ~ok
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    return torch.where(ok[:, None, None], inverse, damping_inverse(damping)[:, None, None] * eye), ~ok
 
 
 @dataclass

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kronograph.runtime.inverse import cholesky_inverse, damping_inverse, finite_per_group, safe_damped
 from kronograph.triton_kernels.dispatch import interpreting, use_triton
 
 try:
@@ -186,41 +187,9 @@ class NewtonSchulzResult:
     residual: torch.Tensor  # [groups]: ||I - M_d X|| of the last iterate (inf norm), before any fallback
 
 
-def _finite_per_group(x: torch.Tensor) -> torch.Tensor:
-    """[groups] bool: all entries finite (one sum per group first, a full scan only when needed)."""
-    sums = x.sum(dim=(-2, -1))
-    if bool(torch.isfinite(sums).all()):
-        return torch.ones_like(sums, dtype=torch.bool)
-    return torch.isfinite(x).all(dim=(-2, -1))
-
-
 def _norm(r: torch.Tensor) -> torch.Tensor:
     """[groups] induced infinity norm (max absolute row sum); NaN propagates."""
     return r.abs().sum(-1).amax(-1)
-
-
-def _try_cholesky_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inverse, ok [groups]) of SPD matrices by cholesky_ex + cholesky_inverse; failed groups hold garbage."""
-    factor, info = torch.linalg.cholesky_ex(m)
-    ok = info == 0
-    if not bool(ok.all()):
-        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-        factor = torch.where(ok[:, None, None], factor, eye)
-    inverse = torch.cholesky_inverse(factor)
-    return inverse, ok & _finite_per_group(inverse)
-
-
-def _cholesky_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_try_cholesky_inverse`` with a float64 retry of the groups that failed (runtime/inverse.py's rule)."""
-    inverse, ok = _try_cholesky_inverse(m)
-    retry = ~ok
-    if bool(retry.any()) and m.dtype != torch.float64:
-        again, ok64 = _try_cholesky_inverse(m[retry].double())
-        again = again.to(m.dtype)
-        inverse[retry] = again
-        ok = ok.clone()
-        ok[retry] = ok64 & _finite_per_group(again)
-    return inverse, ok
 
 
 def _newton_schulz(m, damping, previous, tolerance, max_iterations, blocks, gemm) -> NewtonSchulzResult:
@@ -236,11 +205,7 @@ def _newton_schulz(m, damping, previous, tolerance, max_iterations, blocks, gemm
         none = torch.zeros(groups, dtype=torch.bool, device=device)
         return NewtonSchulzResult(m.clone(), none, ~none, none, none.long(), none.to(work))
     eye = torch.eye(d, dtype=work, device=device)
-    damping = torch.as_tensor(damping, dtype=work, device=device).expand(groups)
-    mw = m.to(work)
-    finite = _finite_per_group(mw) & torch.isfinite(damping)
-    damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
-    damped = torch.where(finite[:, None, None], mw, torch.zeros_like(mw)) + damping[:, None, None] * eye
+    damped, damping, finite = safe_damped(m.to(work), damping)
 
     def matmul(a, b, addend=None, alpha=1.0, shift=0.0):
         return gemm(a, b, addend, alpha, 1.0, shift, blocks)
@@ -253,7 +218,7 @@ def _newton_schulz(m, damping, previous, tolerance, max_iterations, blocks, gemm
     warm = torch.zeros(groups, dtype=torch.bool, device=device)
     if previous is not None and groups:
         prev = previous.to(device=device, dtype=work)
-        usable = finite & _finite_per_group(prev)
+        usable = finite & finite_per_group(prev)
         prev = torch.where(usable[:, None, None], prev, torch.zeros_like(prev))
         r_prev = matmul(damped, prev, alpha=-1.0, shift=1.0)
         warm = usable & (_norm(r_prev) < 1)
@@ -285,21 +250,19 @@ def _newton_schulz(m, damping, previous, tolerance, max_iterations, blocks, gemm
             x[index], r[index], residual[index], active[index] = x_next, r_next, res_next, going
         iterations[index] += 1
 
-    converged = finite & (residual <= tolerance) & _finite_per_group(x)
+    converged = finite & (residual <= tolerance) & finite_per_group(x)
     inverse = x
     ok = converged
     fallback = finite & ~converged
     if bool(fallback.any()):
-        again, ok_again = _cholesky_inverse(damped[fallback])
+        again, ok_again = cholesky_inverse(damped[fallback])
         inverse = inverse.clone()
         inverse[fallback] = again
         ok = ok.clone()
         ok[fallback] = ok_again
     failed = ~ok
     if bool(failed.any()):
-        tiny = torch.finfo(work).tiny
-        value = torch.where(damping > 0, 1.0 / damping.clamp_min(tiny), torch.ones_like(damping))
-        inverse = torch.where(failed[:, None, None], value[:, None, None] * eye, inverse)
+        inverse = torch.where(failed[:, None, None], damping_inverse(damping)[:, None, None] * eye, inverse)
     inverse = inverse.to(m.dtype)
     if inverse.dtype != work:  # an entry beyond bf16/fp16 range becomes the largest finite value
         inverse = torch.nan_to_num(inverse)
