@@ -278,16 +278,25 @@ def low_rank_rows(
     """(P [groups, R, a_dim], Q [groups, R, g_dim]) of the layers whose gradient Q^T P is cheaper to
     precondition by rows (``low_rank_pays``); the rows of all sites are stacked. Q is the captured
     gradient of the loss itself, so Q^T P is exactly the weight gradient (tests check this)."""
+    return low_rank_rows_of_parts(blocks, [(records, batch_size, 1.0)])
+
+
+def low_rank_rows_of_parts(
+    blocks: Mapping[str, Any], parts: Sequence[tuple[Mapping[str, Sequence[SiteRecord]], int, float]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``low_rank_rows`` of a batch passed in parts (records, batch size, weight) whose gradients are added with
+    those weights (the halves of ``signal_scaling``, each weighted by its share of the batch): each part's Q is
+    scaled by its weight, so Q^T P is the whole batch's weight gradient."""
     found = {}
     for name, block in blocks.items():
-        sites = records.get(name)
-        if not sites or any(r.g is None for r in sites):
+        sites = [(r, size, weight) for records, size, weight in parts for r in records.get(name) or ()]
+        if not sites or any(r.g is None for r, _, _ in sites) or any(not records.get(name) for records, _, _ in parts):
             continue
         layer = block.layer
-        parts = [site_rows(layer, r, batch_size=batch_size, dtype=block.dtype) for r in sites]
-        rows = sum(part.p.shape[1] for part in parts)
-        if low_rank_pays(layer, rows):
-            found[name] = (torch.cat([part.p for part in parts], dim=1), torch.cat([part.q for part in parts], dim=1))
+        rows = [(site_rows(layer, r, batch_size=size, dtype=block.dtype), weight) for r, size, weight in sites]
+        if low_rank_pays(layer, sum(part.p.shape[1] for part, _ in rows)):
+            found[name] = (torch.cat([part.p for part, _ in rows], dim=1),
+                           torch.cat([part.q if weight == 1.0 else weight * part.q for part, weight in rows], dim=1))
     return found
 
 

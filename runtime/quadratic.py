@@ -161,39 +161,45 @@ class QuadraticSolution:
 
 
 def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: torch.Tensor, damping: float,
-                          nonnegative: Sequence[bool] | None = None, max_condition: float | None = None) -> QuadraticSolution:
+                          bounds: Sequence[tuple[float, float]] | None = None,
+                          max_condition: float | None = None) -> QuadraticSolution:
     """Minimise 1/2 c^T (gram_f + damping gram_i) c + gradient^T c over c (paper sec 7's 2x2 system).
 
     ``gram_f`` holds d_a^T F d_b, ``gram_i`` d_a^T d_b and ``gradient`` grad^T d_a; damping = lambda + eta.
     Directions that are zero or make the system singular (the first step has no previous update) are
     dropped, so the result is the best combination of the others. At the optimum M - M(0) = 1/2 grad^T c.
 
-    Bounds (the default preset's; the paper's algorithm has none): ``nonnegative[a]`` keeps c_a >= 0, so a
-    descent direction is never taken uphill, and a system whose matrix, scaled to a unit diagonal, has a
-    condition number above ``max_condition`` is treated as singular (nearly parallel directions give
-    coefficients of opposite sign and huge size that fit the sub-batch's noise). The bounded minimiser is
-    exact: with bounds at zero it is the unconstrained minimiser over some subset of the directions, so every
-    subset is solved (k <= 3 here) and the feasible one with the lowest model value is kept.
+    Bounds (the default preset's; the paper's algorithm has none): ``bounds[a] = (low, high)`` keeps
+    low <= c_a <= high (each may be infinite, 0 lies inside), so a descent direction is never taken uphill and
+    the previous update's coefficient stays in a set range (K-FAC's ``max_momentum``); and a system whose
+    matrix, scaled to a unit diagonal, has a condition number above ``max_condition`` is treated as singular
+    (nearly parallel directions give coefficients of opposite sign and huge size that fit the sub-batch's
+    noise). The bounded
+    minimiser is exact: each coefficient is free or at one of its bounds, every such choice is solved (k <= 3
+    here: at most 27; 0 is always a choice) and the feasible one with the lowest model value is kept.
     """
     gram_f, gram_i, gradient = _on_host(gram_f, gram_i, gradient)
     matrix = (gram_f + damping * gram_i).double()
     gradient = gradient.double()
     keep = [a for a in range(len(gradient)) if float(gram_i[a, a]) > 0 and torch.isfinite(matrix[a]).all()]
-    if nonnegative is None and max_condition is None:
+    if bounds is None and max_condition is None:
         while keep:  # the paper's rule: drop the last direction until the system is solvable
             solution = _solve_on(matrix, gradient, keep)
             if solution is not None:
                 return solution
             keep = keep[:-1]
         return QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
+    limits = list(bounds) if bounds is not None else [(-math.inf, math.inf)] * len(gradient)
     best = QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
-    for size in range(len(keep), 0, -1):
-        for subset in itertools.combinations(keep, size):
-            solution = _solve_on(matrix, gradient, list(subset), max_condition)
-            if solution is None or solution.decrease >= best.decrease:
-                continue
-            if nonnegative is None or all(c >= 0 or not bound for c, bound in zip(solution.coefficients, nonnegative)):
-                best = solution
+    states = [[None, 0.0] + [value for value in limits[a] if math.isfinite(value) and value != 0] for a in keep]
+    for choice in itertools.product(*states):
+        free = [a for a, state in zip(keep, choice) if state is None]
+        fixed = {a: state for a, state in zip(keep, choice) if state}  # those at 0 are left out
+        solution = _solve_on(matrix, gradient, free, max_condition, fixed)
+        if solution is None or solution.decrease >= best.decrease:
+            continue
+        if all(low <= c <= high for c, (low, high) in zip(solution.coefficients, limits)):
+            best = solution
     return best
 
 
@@ -206,21 +212,27 @@ def _on_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _solve_on(matrix: torch.Tensor, gradient: torch.Tensor, keep: list[int],
-              max_condition: float | None = None) -> QuadraticSolution | None:
-    """The minimiser over the directions ``keep`` (the others at 0), or None where their system is singular,
-    not positive definite, or (scaled to a unit diagonal) worse conditioned than ``max_condition``."""
-    sub = matrix[keep][:, keep]
-    if torch.linalg.matrix_rank(sub) < len(keep):
-        return None
-    scale = sub.diagonal().clamp_min(torch.finfo(sub.dtype).tiny).rsqrt()
-    eigenvalues = torch.linalg.eigvalsh(sub * scale[:, None] * scale[None, :])
-    if float(eigenvalues.min()) <= 0:
-        return None
-    if max_condition is not None and float(eigenvalues.max() / eigenvalues.min()) > max_condition:
-        return None
-    solved = -torch.linalg.solve(sub, gradient[keep])
-    coefficients = [0.0] * len(gradient)
-    for a, value in zip(keep, solved.tolist()):
+def _solve_on(matrix: torch.Tensor, gradient: torch.Tensor, keep: list[int], max_condition: float | None = None,
+              fixed: Mapping[int, float] | None = None) -> QuadraticSolution | None:
+    """The minimiser over the directions ``keep`` with those in ``fixed`` at their values and the others at 0,
+    or None where the system of ``keep`` is singular, not positive definite, or (scaled to a unit diagonal)
+    worse conditioned than ``max_condition``."""
+    coefficients = torch.zeros(len(gradient), dtype=matrix.dtype, device=matrix.device)
+    for a, value in (fixed or {}).items():
         coefficients[a] = value
-    return QuadraticSolution(tuple(coefficients), 0.5 * float(gradient[keep] @ solved))
+    if keep:
+        sub = matrix[keep][:, keep]
+        if torch.linalg.matrix_rank(sub) < len(keep):
+            return None
+        scale = sub.diagonal().clamp_min(torch.finfo(sub.dtype).tiny).rsqrt()
+        eigenvalues = torch.linalg.eigvalsh(sub * scale[:, None] * scale[None, :])
+        if float(eigenvalues.min()) <= 0:
+            return None
+        if max_condition is not None and float(eigenvalues.max() / eigenvalues.min()) > max_condition:
+            return None
+        solved = -torch.linalg.solve(sub, gradient[keep] + matrix[keep] @ coefficients)
+        coefficients[keep] = solved
+        if not fixed:  # M - M(0) = 1/2 grad^T c at the unconstrained optimum (the paper's rule, bit for bit)
+            return QuadraticSolution(tuple(coefficients.tolist()), 0.5 * float(gradient[keep] @ solved))
+    decrease = 0.5 * coefficients @ matrix @ coefficients + gradient @ coefficients
+    return QuadraticSolution(tuple(coefficients.tolist()), float(decrease))

@@ -139,6 +139,22 @@ def test_default_steps_never_take_a_descent_direction_uphill():
         assert info["alpha"] >= 0 and info["unmatched_scale"] >= 0
 
 
+@pytest.mark.parametrize("max_momentum", [2.0, None])
+def test_default_momentum_coefficient_stays_in_its_range(max_momentum):
+    """A batch of 6 against a 5-8-3 MLP (the regime where the sub-batch's curvature along the previous update
+    is mostly missing): the default keeps mu in [0, 2]; the paper's free mu leaves that range (so the bound
+    is what keeps it there)."""
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
+                                max_momentum=max_momentum)
+    mus = [opt.step(x, y)["mu"] for x, y in batches(40, n=6)]
+    inside = [0.0 <= mu <= 2.0 for mu in mus]
+    if max_momentum is None:
+        assert not all(inside)
+    else:
+        assert all(inside) and any(mu > 0 for mu in mus)
+
+
 def test_gamma_follows_lambda_when_the_gamma_rule_is_off():
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
@@ -184,6 +200,7 @@ def test_paper_preset_has_the_papers_settings():
     assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
     assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
     assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
+    assert settings.max_momentum is None
     assert settings.unmatched_direction == "gradient"
 
 
@@ -193,8 +210,8 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     runs = []
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
-                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_condition": None,
-                    "centered_damping": False, "unmatched_direction": "gradient",
+                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_momentum": None,
+                    "max_condition": None, "centered_damping": False, "unmatched_direction": "gradient",
                     "signal_scaling": False}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)

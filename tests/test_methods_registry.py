@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 import click
 import pytest
+import torch
+from torch import nn
+
+import kronograph
 
 from kronograph.cli import optimizers
 from kronograph.errors import KronographError
@@ -25,6 +29,18 @@ def test_every_method_has_the_common_face_and_documented_settings(name):
     for key, value in optimizers.DEFAULTS[name].items():
         if key != "preset":
             assert value == getattr(cls.PRESETS["default"], key)
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in ("sgd", "adam")])
+def test_no_method_leaves_a_gradient_of_its_own_passes_in_grad(name):
+    # The methods run their own passes (half batches, sampled targets, per-example ones): none may leave a
+    # gradient other than the step's in .grad, so none is left (sgd and adam keep torch's own: the step's).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    optimizer = METHODS[name](kronograph.compile(model, (torch.randn(2, 4),), loss="cross_entropy"), seed=0)
+    for _ in range(2):
+        optimizer.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    assert all(param.grad is None for param in model.parameters())
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -161,42 +163,52 @@ def test_inner():
     assert inner(x, y) == 8.0
 
 
-def _kkt_residual(matrix, g, c, nonnegative):
-    """The largest violation of the bounded problem's optimality conditions at c (KKT: c >= 0 where bounded,
-    the model's gradient zero on the free and the positive coordinates, >= 0 on the bounded ones at 0)."""
+def _kkt_residual(matrix, g, c, bounds):
+    """The largest violation of the bounded problem's optimality conditions at c (KKT: low <= c <= high, the
+    model's gradient zero where c is strictly inside, >= 0 where c sits at a finite lower bound, <= 0 at an
+    upper one)."""
     slope = matrix @ c + g
     worst = 0.0
-    for a, bounded in enumerate(nonnegative):
-        if bounded and c[a] == 0:
+    for a, (low, high) in enumerate(bounds):
+        value = float(c[a])
+        if value == low:
             worst = max(worst, float(-slope[a]))
+        elif value == high:
+            worst = max(worst, float(slope[a]))
         else:
             worst = max(worst, abs(float(slope[a])))
-        if bounded:
-            worst = max(worst, float(-c[a]))
+        worst = max(worst, low - value, value - high)
     return worst
 
 
-def test_bounded_quadratic_model_meets_the_kkt_conditions():
+@pytest.mark.parametrize("mu_bounds", [(-math.inf, math.inf), (0.0, 1.0)])
+def test_bounded_quadratic_model_meets_the_kkt_conditions(mu_bounds):
     # Random 3-direction models (K-FAC's proposal, the unmatched gradient step, the previous update): the
-    # bounded minimiser keeps the first two coefficients >= 0 and satisfies the optimality conditions of the
-    # bounded problem, which for a positive definite matrix identify its unique minimiser.
+    # bounded minimiser keeps the first two coefficients >= 0 (and mu in [0, 1] where asked) and satisfies the
+    # optimality conditions of the bounded problem, which for a positive definite matrix identify its unique
+    # minimiser.
     generator = torch.Generator().manual_seed(5)
-    negative_seen = 0
+    bounds = [(0.0, math.inf), (0.0, math.inf), mu_bounds]
+    negative_seen = above_one_seen = at_one = 0
     for _ in range(200):
         basis = torch.randn(8, 3, generator=generator, dtype=torch.float64)
         curvature = torch.randn(8, 8, generator=generator, dtype=torch.float64)
         curvature = curvature @ curvature.T
-        grad = torch.randn(8, generator=generator, dtype=torch.float64)
+        grad = 10 * torch.randn(8, generator=generator, dtype=torch.float64)  # coefficients of size ~1
         gram_f, gram_i, g = basis.T @ curvature @ basis, basis.T @ basis, basis.T @ grad
         free = solve_quadratic_model(gram_f, gram_i, g, 0.1)
-        negative_seen += min(free.coefficients[:2]) < 0
-        bounded = solve_quadratic_model(gram_f, gram_i, g, 0.1, nonnegative=[True, True, False])
+        negative_seen += min(free.coefficients) < 0
+        above_one_seen += free.coefficients[2] > 1
+        bounded = solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds=bounds)
+        at_one += bounded.coefficients[2] == 1.0
         c = torch.tensor(bounded.coefficients, dtype=torch.float64)
-        assert _kkt_residual(gram_f + 0.1 * gram_i, g, c, [True, True, False]) < 1e-9
+        assert _kkt_residual(gram_f + 0.1 * gram_i, g, c, bounds) < 1e-9
         value = 0.5 * c @ (gram_f + 0.1 * gram_i) @ c + g @ c
         assert bounded.decrease == pytest.approx(float(value), abs=1e-9)
         assert bounded.decrease >= free.decrease - 1e-12
     assert negative_seen > 20  # the bounds were active in many of the cases
+    if mu_bounds[1] == 1.0:
+        assert above_one_seen > 10 and at_one > 10
 
 
 def test_ill_conditioned_quadratic_model_drops_the_near_parallel_direction():

@@ -106,6 +106,9 @@ class TorchEngine:
             name: param.grad.detach() if param.grad is not None else torch.zeros_like(param)
             for name, param in self.params.items()
         }
+        # The pass's gradients are returned, not left in .grad: an optimizer's later pass (a half batch, sampled
+        # targets) would otherwise leave a gradient other than the step's there, and .grad's memory is freed.
+        self.module.zero_grad(set_to_none=True)
         return GradientPass(float(loss.detach()), grads, records)
 
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,

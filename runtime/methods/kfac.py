@@ -65,7 +65,7 @@ from kronograph.runtime.damping import (
     gamma_streak,
     lm_omega,
 )
-from kronograph.runtime.factors import low_rank_pays, low_rank_rows
+from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
 from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
@@ -136,7 +136,11 @@ class KFAC:
             rise of h was mostly the mini-batch's noise (19 of 110 steps undone against 10, loss 101.6
             against 79.0 after 110 steps); the other first-try problems reject the same steps either way.
         descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
-            >= 0 in the quadratic model (the exact bounded minimiser; mu stays free), so neither is taken uphill.
+            >= 0 in the quadratic model (the exact bounded minimiser), so neither is taken uphill.
+        max_momentum: keep the quadratic model's momentum coefficient mu in [0, max_momentum] (None: free, the
+            paper's). The curvature along the previous update comes from a sub-batch that did not make it; where
+            the batch is small against the model (784-500-10 at 60 examples) that curvature is mostly missing,
+            and a free mu swings between -10 and +5 from step to step and the loss rises.
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
@@ -151,8 +155,9 @@ class KFAC:
             passes instead of one, F^-1 the damped K-FAC inverse): the share of signal in the natural gradient.
             The quadratic model's minimiser fits the mini-batch it was built on; where the batch's gradient is
             mostly noise (s ~ 0: small batches) its step is about twice too long, where it is signal (s ~ 1)
-            the step is the model's own. The steps that capture the gradient pass's sites (the empirical
-            Fisher's statistics, the low-rank products of sec 8) take one pass and leave s as it was.
+            the step is the model's own. Where the low-rank products of sec 8 pay, the halves' captured rows
+            make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
+            one pass and leave s as it was.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "forward" (forward
             mode, exact; the math attention kernel) or "differences" (central differences of two no-grad
             forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
@@ -420,15 +425,15 @@ class KFAC:
         """Loss, objective h, grad h on the whole batch and the captured sites (with ``capture``, for
         fisher="empirical", whose statistics come from this same forward and backward)."""
         n = inputs[0].shape[0]
-        captured = capture or self._low_rank_possible(n)
+        low_rank = self._low_rank_possible(n)
         self._half_difference = None
-        if self.settings.signal_scaling and self.rescale and not captured and n >= 4:  # halves of >= 2 (batch norm)
-            result = self._gradient_of_halves(inputs, y)
-        else:
-            result = self.engine.gradient_pass(inputs, y, capture=captured)
         self._rows = {}
-        if captured:
-            self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
+        if self.settings.signal_scaling and self.rescale and not capture and n >= 4:  # halves of >= 2 (batch norm)
+            result = self._gradient_of_halves(inputs, y, low_rank)
+        else:
+            result = self.engine.gradient_pass(inputs, y, capture=capture or low_rank)
+            if low_rank:
+                self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         grads: Direction = {}
         for name, param in self.engine.parameters().items():
             grad = result.grads[name]
@@ -447,18 +452,24 @@ class KFAC:
             total = square if total is None else total + square
         return 0.0 if total is None else float(total)
 
-    def _gradient_of_halves(self, inputs, y) -> GradientPass:
+    def _gradient_of_halves(self, inputs, y, low_rank: bool) -> GradientPass:
         """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
         one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
-        each half as a batch."""
+        each half as a batch. With ``low_rank`` the halves' rows make this step's low-rank products."""
         n = inputs[0].shape[0]
         half = n // 2
         try:
-            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=False)
-            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=False)
+            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=low_rank)
+            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=low_rank)
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
-            return self.engine.gradient_pass(inputs, y, capture=False)
+            result = self.engine.gradient_pass(inputs, y, capture=low_rank)
+            if low_rank:
+                self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
+            return result
         w = half / n
+        if low_rank:
+            self._rows = low_rank_rows_of_parts(self.curvature.blocks,
+                                                [(first.records, half, w), (second.records, n - half, 1 - w)])
         grads = {name: w * first.grads[name] + (1 - w) * second.grads[name] for name in first.grads}
         self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
         return GradientPass(w * first.loss + (1 - w) * second.loss, grads)
@@ -524,6 +535,16 @@ class KFAC:
             direction[name] = torch.where(v > 0, -grad * v.rsqrt(), torch.zeros_like(grad))
         return direction
 
+    def _coefficient_bounds(self, labels: Sequence[str]) -> list[tuple[float, float]] | None:
+        """Bounds of the quadratic model's coefficients: alpha and the unmatched step's >= 0 (``descent_only``),
+        mu in [0, ``max_momentum``]; None for the paper's unbounded model."""
+        s = self.settings
+        if not s.descent_only and s.max_momentum is None:
+            return None
+        free = (-math.inf, math.inf)
+        return [(free if s.max_momentum is None else (0.0, s.max_momentum)) if label == "mu"
+                else (0.0, math.inf) if s.descent_only else free for label in labels]
+
     def _final_update(self, inputs, grads: Direction, proposal: Direction, fallback: Direction,
                       cache: dict, lr: float) -> tuple[Direction, dict, float]:
         """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
@@ -551,8 +572,8 @@ class KFAC:
         gram_f = curvature_gram(self.loss, outputs, tangents)
         gram_i = torch.stack([torch.stack([inner_tensor(a, b) for b in directions]) for a in directions])
         gradient = torch.stack([inner_tensor(grads, d) for d in directions])
-        nonnegative = [label != "mu" for label in labels] if self.settings.descent_only else None
-        solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, nonnegative,
+        bounds = self._coefficient_bounds(labels)
+        solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, bounds,
                                          self.settings.max_condition)
         figures = dict(zip(labels, solution.coefficients))
         figures.setdefault("mu", 0.0)

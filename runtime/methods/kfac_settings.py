@@ -5,13 +5,14 @@
   the gamma rule every 5 steps, both with moves that grow while the verdict stays the same (up to omega^8),
   inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
   never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
-  coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, an
-  ill-conditioned system (nearly parallel directions) solved without one of them, and gamma's damping of A
-  applied in coordinates centred on the layer's mean input (sigmoid units near 1/2 no longer hide their
-  variation under a damping sized by their mean; the paper's sec 10 invariance kept under damping), and the
-  parameters outside every block (norms, embeddings) stepping along RMSprop's shape of their gradient, and the
-  update shortened by (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the
-  quadratic model's step fits the mini-batch's noise (``signal_scaling``).
+  coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, the
+  momentum coefficient in [0, 2] (a free one fits a small batch's noise), an ill-conditioned system (nearly
+  parallel directions) solved without one of them, and gamma's damping of A applied in coordinates centred
+  on the layer's mean input (sigmoid units near 1/2 no longer hide their variation under a damping sized by
+  their mean; the paper's sec 10 invariance kept under damping), and the parameters outside every block
+  (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
+  (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
+  fits the mini-batch's noise (``signal_scaling``).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -90,6 +91,8 @@ class KFACSettings:
     reject_rise: float = setting(0.25, "A step that raises h by more than this times |h| is undone.", low=0)
     descent_only: bool = setting(True, "Never take K-FAC's proposal or the unmatched gradient step uphill in the "
                                  "quadratic model.")
+    max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
+                                         "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -135,8 +138,8 @@ PRESETS: dict[str, KFACSettings] = {
     "paper": KFACSettings(
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
         lm_acceleration=1, refresh_ratio=None, reject_steps=False,
-        descent_only=False, max_condition=None, centered_damping=False, unmatched_direction="gradient",
-        signal_scaling=False,
+        descent_only=False, max_momentum=None, max_condition=None, centered_damping=False,
+        unmatched_direction="gradient", signal_scaling=False,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
