@@ -32,6 +32,7 @@ import torch
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import CaptureError, SiteRecord
 from kronograph.runtime.patches import conv_patches, gradient_rows
+from kronograph.triton_kernels.dispatch import use_triton
 
 
 @dataclass
@@ -210,7 +211,8 @@ def accumulate_grams(
     panels: int = 4, min_size: int = 256,
 ) -> torch.Tensor:
     """out <- beta out + alpha sum_parts rows^T rows per group ([groups, r, d] rows -> [groups, d, d]), in
-    place (out None: a new tensor, beta ignored), exactly symmetric.
+    place (out None: a new tensor, beta ignored), exactly symmetric. On CUDA (float32 factors) this is the
+    Triton kernel ``triton_kernels.statistics.factor_update_``; elsewhere the torch way below.
 
     Only the upper triangle is computed: for d >= ``min_size``, ``panels`` block-rows right of the diagonal,
     each one baddbmm into out's storage ((k+1)/2k of the work; k = 4 is fastest here, about 0.67 of a full
@@ -222,6 +224,13 @@ def accumulate_grams(
     d = first.shape[-1]
     if out is None:
         out, beta = first.new_empty(first.shape[0], d, d), 0.0
+    if out.dtype == torch.float32 and use_triton("auto", first):
+        from kronograph.triton_kernels.statistics import ROW_DTYPES, factor_update_  # imports triton: only here
+
+        if all(rows.dtype in ROW_DTYPES for rows in parts):
+            for number, rows in enumerate(parts):  # one triangle, EMA and mirror fused; exactly symmetric
+                factor_update_(out, rows, alpha, beta if number == 0 else 1.0, backend="triton")
+            return out
     k = panels if d >= min_size else 1
     edges = [round(i * d / k) for i in range(k + 1)]
     for number, rows in enumerate(parts):

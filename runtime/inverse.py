@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kronograph.triton_kernels.dispatch import use_triton
+
 
 class CurvatureWarning(RuntimeWarning):
     """Base of the warnings of the curvature state (turn them into errors with a warnings filter)."""
@@ -112,15 +114,25 @@ def finite_per_group(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(dim=(-2, -1))
 
 
-def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M + damping I)^-1 per group, NaN-safe: returns (inverse in M's dtype, failed [groups] bool).
 
-    Failed groups hold the inverse of the damping term alone, 1/damping I (I when damping is 0).
+    Failed groups hold the inverse of the damping term alone, 1/damping I (I when damping is 0). On CUDA
+    (float32 factors) by the Triton kernel's Newton-Schulz iteration warm-started from ``previous`` (the
+    inverse in use: factors move slowly), with its residual check and this Cholesky as fallback
+    (``triton_kernels.inverse``); elsewhere by Cholesky, ``previous`` unused.
 
     Args:
         m: symmetric PSD factors [groups, d, d].
         damping: a scalar or one value per group (added to the diagonal).
+        previous: [groups, d, d] the last inverse of these factors, or None.
     """
+    if m.dtype == torch.float32 and use_triton("auto", m):
+        from kronograph.triton_kernels.inverse import damped_inverse_ns  # imports triton: only here
+
+        usable = previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
+        return damped_inverse_ns(m, damping, previous if usable else None, backend="triton")
     damped, damping, finite = safe_damped(m, damping)
     inverse, ok = cholesky_inverse(damped, retry=finite)
     ok = ok & finite
@@ -204,8 +216,8 @@ def factored_inverses(
         a_inv, a_failed = centered_damped_inverse(split[0], split[1], pi * gamma)
     else:
         pi = trace_pi(a, g)
-        a_inv, a_failed = damped_inverse(a, pi * gamma)
-    g_inv, g_failed = damped_inverse(g, gamma / pi)
+        a_inv, a_failed = damped_inverse(a, pi * gamma, None if previous is None else previous.a_inv)
+    g_inv, g_failed = damped_inverse(g, gamma / pi, None if previous is None else previous.g_inv)
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole

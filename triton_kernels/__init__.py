@@ -3,8 +3,12 @@
 - ``statistics``: C <- beta C + alpha X~^T X~ (the homogeneous 1 appended virtually, one triangle computed);
 - ``conv_statistics``: a convolution's KFC A factor straight from its input feature map (implicit patches);
 - ``inverse``: batched damped inverses of SPD factors by Newton-Schulz, warm-started, with a Cholesky fallback;
+- ``update``: the step scale G^-1 V A^-1 + momentum + decay, written to the weights in the GEMM's epilogue;
 - ``dispatch``: the one rule that picks Triton (CUDA tensors) or the reference (elsewhere).
 
 CI proves them against independent computations in Triton's CPU interpreter (TRITON_INTERPRET=1). They have not
-run compiled on a GPU yet, and the runtime does not call them yet (issue 15).
+run compiled on a GPU yet. The runtime calls ``statistics`` (every factor EMA: runtime.factors.accumulate_grams)
+and ``inverse`` (every damped inverse, warm-started from the one in use except the centred A's inner block:
+runtime.inverse.damped_inverse) where the dispatch picks Triton; ``conv_statistics`` and ``update`` are not
+called by it yet (conv A still comes from explicit patches, the update from torch matmuls) (issue 15).
 """
