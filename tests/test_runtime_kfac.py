@@ -272,14 +272,17 @@ def test_tridiagonal_diagonal_factors_equal_the_block_diagonal_ones():
         assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
 
 
-def test_low_rank_product_of_section_8_equals_the_direct_one():
+def wide_mlp_after_one_step(n: int, **settings):
+    """A 40-50-3 MLP (float64) after one K-FAC step on a batch of n, the batch, and the optimizer."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 3)).double()
-    x, y = torch.randn(4, 40, dtype=torch.float64), torch.randint(0, 3, (4,))
-    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **{**SETTINGS, "weight_decay": 0.0})
+    x, y = torch.randn(n, 40, dtype=torch.float64), torch.randint(0, 3, (n,))
+    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **{**SETTINGS, **settings})
     optimizer.step(x, y)
-    loss, _, grads, _ = optimizer._gradient((x,), y)
-    assert set(optimizer._rows) == {"0"}  # 4 rows against 41 x 50; the 51 x 3 head is cheaper directly
+    return model, x, y, optimizer
+
+
+def assert_rows_give_the_direct_proposal(optimizer, grads) -> None:
     inverses = optimizer.curvature.current()
     by_rows = optimizer._proposal(grads, inverses)
     optimizer._rows = {}
@@ -288,37 +291,30 @@ def test_low_rank_product_of_section_8_equals_the_direct_one():
         assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
 
 
+def test_low_rank_product_of_section_8_equals_the_direct_one():
+    _, x, y, optimizer = wide_mlp_after_one_step(4, weight_decay=0.0)
+    loss, _, grads, _ = optimizer._gradient((x,), y)
+    assert set(optimizer._rows) == {"0"}  # 4 rows against 41 x 50; the 51 x 3 head is cheaper directly
+    assert_rows_give_the_direct_proposal(optimizer, grads)
+
+
 def test_low_rank_product_from_signal_scalings_halves_equals_the_direct_one():
     # signal_scaling passes the batch as two halves; their rows, each half's Q weighted by its share, make
     # the same low-rank product as the whole batch's gradient (an odd batch: halves of 3 and 4).
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 3)).double()
-    x, y = torch.randn(7, 40, dtype=torch.float64), torch.randint(0, 3, (7,))
-    settings = {**SETTINGS, "weight_decay": 0.0, "fisher": "mc", "signal_scaling": True}
-    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **settings)
-    optimizer.step(x, y)
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
     loss, _, grads, _ = optimizer._gradient((x,), y)
     assert optimizer._half_difference is not None and set(optimizer._rows) == {"0"}
     whole = torch.func.grad(lambda p: nn.functional.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(
         dict(model.named_parameters()))
     for name in whole:
         assert torch.allclose(grads[name], whole[name], atol=1e-12)
-    inverses = optimizer.curvature.current()
-    by_rows = optimizer._proposal(grads, inverses)
-    optimizer._rows = {}
-    direct = optimizer._proposal(grads, inverses)
-    for name in direct:
-        assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
+    assert_rows_give_the_direct_proposal(optimizer, grads)
 
 
 def test_weight_decay_keeps_the_low_rank_product_off_with_the_empirical_fisher():
     # The rows carry the loss's gradient only; eta W is full rank, so with weight decay the proposal is the
     # direct one even where the empirical Fisher's pass captured the rows (it was not before).
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 3)).double()
-    x, y = torch.randn(4, 40, dtype=torch.float64), torch.randint(0, 3, (4,))
-    optimizer = kronograph.optim.KFAC(kronograph.compile(model, (x,)), **SETTINGS)
-    optimizer.step(x, y)
+    _, x, y, optimizer = wide_mlp_after_one_step(4)
     optimizer._gradient((x,), y, capture=True)
     assert optimizer._rows == {}
 

@@ -4,6 +4,7 @@
 - ``conv_statistics``: a convolution's KFC A factor straight from its input feature map (implicit patches);
 - ``inverse``: batched damped inverses of SPD factors by Newton-Schulz, warm-started, with a Cholesky fallback;
 - ``update``: the step scale G^-1 V A^-1 + momentum + decay, written to the weights in the GEMM's epilogue;
+- ``tiles``: the GEMM tile loop the batched GEMM and the fused update share;
 - ``dispatch``: the one rule that picks Triton (CUDA tensors) or the reference (elsewhere).
 
 CI proves them against independent computations in Triton's CPU interpreter (TRITON_INTERPRET=1). They have not

@@ -43,6 +43,7 @@ import torch
 
 from kronograph.runtime.inverse import cholesky_inverse, damping_inverse, finite_per_group, safe_damped
 from kronograph.triton_kernels.dispatch import interpreting, use_triton
+from kronograph.triton_kernels.tiles import tile_product
 
 try:
     import triton
@@ -84,26 +85,8 @@ if triton is not None:
         group = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inner = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + group * stride_ag + rows[:, None] * stride_am + inner[None, :] * stride_ak
-        b_ptrs = b_ptr + group * stride_bg + inner[:, None] * stride_bk + cols[None, :] * stride_bn
-        # tl.full, a builtin, not tl.zeros (a @jit helper of triton.language.standard): the interpreter can only
-        # patch helpers that were created after TRITON_INTERPRET was set, and tests/conftest.py imports
-        # torchvision, which imports triton.language, before it sets the variable.
-        if FP64:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float64)
-        else:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            left = K - start
-            a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (inner[None, :] < left), other=0.0)
-            b = tl.load(b_ptrs, mask=(inner[:, None] < left) & (cols[None, :] < N), other=0.0)
-            if UPCAST:  # the interpreter keeps bf16 as uint16 bits and would multiply those: exact in float32
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = tile_product(a_ptr, b_ptr, group, rows, cols, M, N, K, stride_ag, stride_am, stride_ak,
+                           stride_bg, stride_bk, stride_bn, UPCAST, FP64, "ieee", BLOCK_M, BLOCK_N, BLOCK_K)
         acc = acc * alpha
         inside = (rows[:, None] < M) & (cols[None, :] < N)
         if HAS_C:

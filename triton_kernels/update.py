@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import interpreting, use_triton
+from .tiles import tile_product
 
 try:
     import triton
@@ -160,23 +161,8 @@ if triton is not None:
         group = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inner = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + group * stride_ag + rows[:, None] * stride_am + inner[None, :] * stride_ak
-        b_ptrs = b_ptr + group * stride_bg + inner[:, None] * stride_bk + cols[None, :] * stride_bn
-        if FP64:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float64)
-        else:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            left = K - start
-            a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (inner[None, :] < left), other=0.0)
-            b = tl.load(b_ptrs, mask=(inner[:, None] < left) & (cols[None, :] < N), other=0.0)
-            if WIDEN:  # operands of two dtypes (or bf16 in the interpreter, kept there as raw uint16 bits)
-                a = a.to(acc.dtype)
-                b = b.to(acc.dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = tile_product(a_ptr, b_ptr, group, rows, cols, M, N, K, stride_ag, stride_am, stride_ak,
+                           stride_bg, stride_bk, stride_bn, WIDEN, FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
         if not INTERPRETED:  # compiled, the coefficients arrive as float64 (see the signature): round them once to
             # acc's dtype (the interpreter passes the Python floats themselves, which numpy treats alike)
