@@ -176,11 +176,13 @@ def fold_factors_(
     Returns None, leaving A and G untouched, when the batch's rows hold NaN/Inf or are large enough for a
     factor entry to overflow (|entry| <= sum over rows of max|row|^2): a poisoned EMA would never recover.
     """
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
-    scale = _grad_scale(m, grad_scale)
     if a is None or g is None:  # a layer's first estimate is its batch factor (a layer first seen late, too)
         a = g = None
         decay = 0.0
+    if _conv_on_kernel(records, dtype):
+        return _fold_conv_on_kernel(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
+    scale = _grad_scale(m, grad_scale)
     p_parts = [site.p.to(device) for site in sites]
     q_parts = [site.q.to(device) for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
@@ -189,6 +191,51 @@ def fold_factors_(
         return None
     return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
+
+
+def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:
+    """Whether a conv layer's A comes from ``triton_kernels.conv_statistics`` (implicit patches): float32
+    factors, conv1d/conv2d sites, and the dispatch picks Triton for their inputs (CUDA)."""
+    return (dtype == torch.float32
+            and all(r.geometry is not None and len(r.geometry.kernel) in (1, 2)
+                    and r.a.dim() == len(r.geometry.kernel) + 2 for r in records)
+            and use_triton("auto", records[0].a))
+
+
+def _fold_conv_on_kernel(layer: Layer, records: Sequence[SiteRecord], a: torch.Tensor | None,
+                         g: torch.Tensor | None, decay: float, batch_size: int, grad_scale: float | None,
+                         index: torch.Tensor | None, dtype: torch.dtype, device
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``fold_factors_`` of a conv layer with A straight from each site's input feature map (no patch tensor in
+    memory; the kernel adds the homogeneous 1 itself) and G from the output-gradient rows as elsewhere."""
+    from kronograph.triton_kernels.conv_statistics import conv_factor_update_, geometry_arguments
+
+    m = _examples(batch_size, index)
+    inputs, q_parts = [], []
+    for record in records:
+        record.check_unchanged()
+        inputs.append(_select(record.a, batch_size, index).to(device=device, dtype=dtype))
+        if record.g is not None:
+            q = gradient_rows(_select(record.g, batch_size, index).to(dtype))
+            q_parts.append(q.reshape(q.shape[0], layer.groups, layer.out_features).transpose(0, 1).to(device))
+    if not q_parts:
+        raise CaptureError(f"layer {layer.name!r}: no site received a gradient; run backward or gradients_from first")
+    rows = sum(q.shape[1] for q in q_parts)
+    scale = _grad_scale(m, grad_scale)
+    a_alpha, g_alpha = 1.0 / m, scale * scale / rows
+    limit = torch.finfo(dtype).max / 8
+    # a patch entry is an input entry, a padding 0 or the homogeneous 1: |A entry| <= rows max(|x|, 1)^2 / m
+    largest = max(1.0, *(float(x.abs().amax()) if x.numel() else 0.0 for x in inputs))
+    if not (math.isfinite(largest) and rows * largest * largest * a_alpha < limit
+            and _gram_bound(q_parts) * g_alpha < limit):
+        return None
+    if a is None:
+        a = torch.empty(layer.groups, layer.a_dim, layer.a_dim, dtype=dtype, device=inputs[0].device)
+    for number, (record, x) in enumerate(zip(records, inputs)):
+        conv_factor_update_(a, x, **geometry_arguments(record.geometry, x.shape[2:]),
+                            homogeneous=layer.bias is not None, alpha=(1 - decay) * a_alpha,
+                            beta=decay if number == 0 else 1.0, backend="triton")
+    return a, accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay)
 
 
 def _gram_bound(parts: Sequence[torch.Tensor]) -> float:

@@ -3,8 +3,8 @@ dispatch picks Triton (CUDA tensors; here, forced under the interpreter that con
 GPU), and a K-FAC run on the kernels equals the same run on the torch references.
 
 The kernels themselves are proven against float64 algebra in tests/test_kernels_*.py; this file proves the
-wiring: which runtime calls reach which kernel, the warm start of the inverses from the ones in use, and that
-the steps agree.
+wiring: which runtime calls reach which kernel (a conv layer's A from its feature map), the warm start of the
+inverses from the ones in use, and that the steps agree.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kronograph
+from kronograph.triton_kernels import conv_statistics as conv_kernels
 from kronograph.triton_kernels import inverse as inverse_kernels
 from kronograph.triton_kernels import statistics as statistics_kernels
 from kronograph.triton_kernels.dispatch import forced_backend, triton_available, use_triton
@@ -49,8 +50,14 @@ def run(name: str, backend: str, steps: int = 3, **settings) -> list[torch.Tenso
 
 @pytest.mark.parametrize("name, preset", [("mlp", "paper"), ("cnn", "paper"), ("mlp", "default")])
 def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeypatch):
-    calls = {"statistics": 0, "inverse": 0, "warm": 0}
-    statistics_kernel, inverse_kernel = statistics_kernels.factor_update_triton, inverse_kernels.damped_inverse_ns_triton
+    calls = {"statistics": 0, "conv": 0, "inverse": 0, "warm": 0}
+    statistics_kernel = statistics_kernels.factor_update_triton
+    inverse_kernel = inverse_kernels.damped_inverse_ns_triton
+    conv_kernel = conv_kernels.conv_factor_update_triton
+
+    def counted_conv(*args, **kwargs):
+        calls["conv"] += 1
+        return conv_kernel(*args, **kwargs)
 
     def counted_statistics(*args, **kwargs):
         calls["statistics"] += 1
@@ -63,10 +70,12 @@ def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeyp
 
     monkeypatch.setattr(statistics_kernels, "factor_update_triton", counted_statistics)
     monkeypatch.setattr(inverse_kernels, "damped_inverse_ns_triton", counted_inverse)
+    monkeypatch.setattr(conv_kernels, "conv_factor_update_triton", counted_conv)
     on_references = run(name, "torch", preset=preset)
-    assert calls == {"statistics": 0, "inverse": 0, "warm": 0}
+    assert calls == {"statistics": 0, "conv": 0, "inverse": 0, "warm": 0}
     on_kernels = run(name, "triton", preset=preset)
-    assert calls["statistics"] >= 3 * 2 * 2  # every step folds A and G of both layers
+    convs = 1 if name == "cnn" else 0  # a conv layer's A from its feature map, its G and the rest from rows
+    assert calls["conv"] == 3 * convs and calls["statistics"] == 3 * (4 - convs)
     assert calls["inverse"] > 0 and calls["warm"] > 0  # refreshes after the first start from the inverses in use
     # Newton-Schulz stops at its residual tolerance, not at Cholesky's rounding: the paper's steps agree to
     # 1e-5; the default's (gamma candidates chosen by the model's values, signal scaling) to ~2e-4.

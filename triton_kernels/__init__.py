@@ -8,8 +8,8 @@
 - ``dispatch``: the one rule that picks Triton (CUDA tensors) or the reference (elsewhere).
 
 CI proves them against independent computations in Triton's CPU interpreter (TRITON_INTERPRET=1). They have not
-run compiled on a GPU yet. The runtime calls ``statistics`` (every factor EMA: runtime.factors.accumulate_grams)
-and ``inverse`` (every damped inverse, warm-started from the one in use except the centred A's inner block:
-runtime.inverse.damped_inverse) where the dispatch picks Triton; ``conv_statistics`` and ``update`` are not
-called by it yet (conv A still comes from explicit patches, the update from torch matmuls) (issue 15).
+run compiled on a GPU yet. Where the dispatch picks Triton the runtime calls ``statistics`` (every factor EMA:
+runtime.factors.accumulate_grams), ``conv_statistics`` (a conv1d/conv2d layer's A from its input feature map:
+runtime.factors.fold_factors_) and ``inverse`` (every damped inverse, warm-started from the one in use except the
+centred A's inner block: runtime.inverse.damped_inverse); ``update`` is not called by it yet (issue 15).
 """
