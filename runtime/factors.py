@@ -95,9 +95,12 @@ def site_rows(
     p = p.reshape(p.shape[0], groups, layer.in_features).transpose(0, 1)
     if layer.bias is not None:
         p = torch.cat([p, p.new_ones(groups, p.shape[1], 1)], dim=2)
-    if q is not None:
-        q = q.reshape(q.shape[0], groups, layer.out_features).transpose(0, 1)
-    return SiteRows(p, q)
+    return SiteRows(p, None if q is None else _by_group(layer, q))
+
+
+def _by_group(layer: Layer, q: torch.Tensor) -> torch.Tensor:
+    """Output-gradient rows [R, groups * out] as [groups, R, out]."""
+    return q.reshape(q.shape[0], layer.groups, layer.out_features).transpose(0, 1)
 
 
 def _examples(batch_size: int, index: torch.Tensor | None) -> int:
@@ -216,8 +219,7 @@ def _fold_conv_on_kernel(layer: Layer, records: Sequence[SiteRecord], a: torch.T
         record.check_unchanged()
         inputs.append(_select(record.a, batch_size, index).to(device=device, dtype=dtype))
         if record.g is not None:
-            q = gradient_rows(_select(record.g, batch_size, index).to(dtype))
-            q_parts.append(q.reshape(q.shape[0], layer.groups, layer.out_features).transpose(0, 1).to(device))
+            q_parts.append(_by_group(layer, gradient_rows(_select(record.g, batch_size, index).to(dtype))).to(device))
     if not q_parts:
         raise CaptureError(f"layer {layer.name!r}: no site received a gradient; run backward or gradients_from first")
     rows = sum(q.shape[1] for q in q_parts)

@@ -24,13 +24,17 @@ def forced_backend(backend: str) -> Iterator[None]:
     """Inside it, every ``backend="auto"`` choice (the runtime's own calls included) is ``backend``: the tests
     run a whole K-FAC step on the kernels under the interpreter, or keep a CUDA run on the references."""
     global _forced
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check(backend)
     saved, _forced = _forced, None if backend == "auto" else backend
     try:
         yield
     finally:
         _forced = saved
+
+
+def _check(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def interpreting() -> bool:
@@ -50,8 +54,7 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     """True to run the Triton kernel on ``tensor``'s device: "auto" picks it for CUDA tensors when Triton is
     installed, "triton" demands it (a CUDA tensor, or the interpreter on a CPU one), "torch" never; inside
     ``forced_backend`` "auto" is the forced one."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check(backend)
     if backend == "auto" and _forced is not None:
         backend = _forced
     if backend == "torch":
