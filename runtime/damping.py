@@ -39,6 +39,17 @@ def _extend(streak: int, side: int) -> int:
     return streak + side if streak * side > 0 else side
 
 
+def gamma_interval(interval: int, streak: int, shortest: int, longest: int | None) -> int:
+    """Steps to the next gamma-rule round, given the rounds' signed ``streak`` after this one: T_2 (``shortest``)
+    while one side has won at least twice running (gamma is on its way somewhere), otherwise (gamma kept, or a
+    move against the last one: gamma has found its range and the verdicts are the batches' noise) double the
+    interval, up to ``longest``; always T_2 when ``longest`` is None (the paper's). A settled gamma then costs
+    the rule's extra inverses a quarter as often; a moving one is tried as often as before."""
+    if longest is None or abs(streak) >= 2:
+        return shortest
+    return max(shortest, min(2 * interval, longest))
+
+
 def gamma_streak(streak: int, chosen: int) -> int:
     """The signed count of consecutive rounds won by the smaller (+) or the larger (-) candidate; ``chosen``
     is the index in ``gamma_candidates`` (0: gamma kept, which resets the count)."""

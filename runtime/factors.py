@@ -336,25 +336,29 @@ def low_rank_rows(
     """(P [groups, R, a_dim], Q [groups, R, g_dim]) of the layers whose gradient Q^T P is cheaper to
     precondition by rows (``low_rank_pays``); the rows of all sites are stacked. Q is the captured
     gradient of the loss itself, so Q^T P is exactly the weight gradient (tests check this)."""
-    return low_rank_rows_of_parts(blocks, [(records, batch_size, 1.0)])
+    return low_rank_rows_of_parts(blocks, [(records, batch_size)], [(1.0,)])[0]
 
 
 def low_rank_rows_of_parts(
-    blocks: Mapping[str, Any], parts: Sequence[tuple[Mapping[str, Sequence[SiteRecord]], int, float]]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``low_rank_rows`` of a batch passed in parts (records, batch size, weight) whose gradients are added with
-    those weights (the halves of ``signal_scaling``, each weighted by its share of the batch): each part's Q is
-    scaled by its weight, so Q^T P is the whole batch's weight gradient."""
-    found = {}
+    blocks: Mapping[str, Any], parts: Sequence[tuple[Mapping[str, Sequence[SiteRecord]], int]],
+    weightings: Sequence[Sequence[float]],
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``low_rank_rows`` of a batch passed in parts (records, batch size), one dict per weighting: a weighting
+    gives each part's gradient a weight (its Q rows are scaled by it), so Q^T P is that weighted sum of the
+    parts' gradients. ``signal_scaling``'s halves use (w, 1 - w), the whole batch's gradient, and (1/2, -1/2),
+    half their difference; the weightings share P (the same rows of inputs)."""
+    found: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in weightings]
     for name, block in blocks.items():
-        sites = [(r, size, weight) for records, size, weight in parts for r in records.get(name) or ()]
-        if not sites or any(r.g is None for r, _, _ in sites) or any(not records.get(name) for records, _, _ in parts):
+        sites = [(r, size, index) for index, (records, size) in enumerate(parts) for r in records.get(name) or ()]
+        if not sites or any(r.g is None for r, _, _ in sites) or any(not records.get(name) for records, _ in parts):
             continue
         layer = block.layer
-        rows = [(site_rows(layer, r, batch_size=size, dtype=block.dtype), weight) for r, size, weight in sites]
+        rows = [(site_rows(layer, r, batch_size=size, dtype=block.dtype), index) for r, size, index in sites]
         if low_rank_pays(layer, sum(part.p.shape[1] for part, _ in rows)):
-            found[name] = (torch.cat([part.p for part, _ in rows], dim=1),
-                           torch.cat([part.q if weight == 1.0 else weight * part.q for part, weight in rows], dim=1))
+            p = torch.cat([part.p for part, _ in rows], dim=1)
+            for weights, out in zip(weightings, found):
+                out[name] = (p, torch.cat([part.q if weights[index] == 1.0 else weights[index] * part.q
+                                           for part, index in rows], dim=1))
     return found
 
 

@@ -20,10 +20,12 @@ from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
     curvature_scale,
     gamma_candidates,
+    gamma_interval,
     gamma_power,
     gamma_streak,
     levenberg_marquardt,
 )
+from kronograph.runtime.methods import kfac as kfac_module
 from kronograph.runtime.methods.kfac_settings import PRESETS
 
 # The paper's sec 13 settings as KFAC's arguments were before presets existed.
@@ -187,6 +189,40 @@ def test_gamma_rule_moves_faster_while_one_side_keeps_winning():
         streak = gamma_streak(streak, 1)  # the smaller candidate won again
         assert streak == j and gamma_power(streak, 8) == j + 1
     assert gamma_power(20, 8) == 8 and gamma_streak(streak, 2) == -1 and gamma_streak(streak, 0) == 0
+
+
+def test_gamma_rule_waits_longer_while_it_keeps_gamma(monkeypatch):
+    # settled (gamma kept: streak 0; a move against the last one: streak +-1): the interval doubles, up to 20
+    assert [gamma_interval(5, 0, 5, 20), gamma_interval(10, -1, 5, 20), gamma_interval(20, 1, 5, 20)] == [10, 20, 20]
+    # moving (one side won twice running), or the paper's rule: T_2
+    assert gamma_interval(20, 2, 5, 20) == gamma_interval(20, -3, 5, 20) == gamma_interval(10, 0, 5, None) == 5
+    # In the optimizer: each round is due the interval after the last one, doubled when it kept gamma.
+    rounds = []  # (step, candidates)
+    original = kfac_module.gamma_candidates
+
+    def recording(gamma, every, power=1):
+        candidates = original(gamma, every, power)
+        rounds.append((opt.steps, every, candidates))
+        return candidates
+
+    monkeypatch.setattr(kfac_module, "gamma_candidates", recording)
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # learnable: gamma moves, then settles
+    opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (x[:2],), loss="cross_entropy"), seed=0, gamma_every=2,
+                                max_gamma_every=8)
+    streaks = {}
+    for _ in range(60):
+        steps = opt.steps + 1
+        opt.step(x, y)
+        if rounds and rounds[-1][0] == steps:
+            streaks[steps] = opt.gamma_streak
+    assert rounds[0][:2] == (2, 2) and len(rounds) >= 4
+    interval = 2
+    for (step, every, _), (following, next_every, _) in zip(rounds, rounds[1:]):
+        assert every == interval
+        interval = gamma_interval(interval, streaks[step], 2, 8)
+        assert following == step + interval and next_every == interval
+    assert {every for _, every, _ in rounds} == {2, 4, 8}  # it lengthened, and came back to T_2
 
 
 def test_paper_preset_has_the_papers_settings():

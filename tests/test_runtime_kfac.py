@@ -311,6 +311,28 @@ def test_low_rank_product_from_signal_scalings_halves_equals_the_direct_one():
     assert_rows_give_the_direct_proposal(optimizer, grads)
 
 
+def test_low_rank_rows_of_the_halves_difference_equal_the_direct_solve():
+    # signal_scaling preconditions d = (g_A - g_B) / 2 every step; its rows (the halves' Q weighted +1/2, -1/2)
+    # give F^-1 d by the low-rank product, equal to the direct solve of d from the halves' autograd gradients.
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
+    optimizer._gradient((x,), y)
+    assert set(optimizer._difference_rows) == {"0"}
+    params = dict(model.named_parameters())
+
+    def half(rows):
+        return torch.func.grad(lambda p: nn.functional.cross_entropy(torch.func.functional_call(model, p, (x[rows],)),
+                                                                     y[rows]))(params)
+    first, second = half(slice(0, 3)), half(slice(3, 7))
+    difference = {name: (first[name] - second[name]) / 2 for name in params}
+    for name in difference:
+        assert torch.allclose(optimizer._half_difference[name], difference[name], atol=1e-12)
+    inverses = optimizer.curvature.current()
+    by_rows = optimizer.curvature.direction(difference, inverses, optimizer._difference_rows)
+    direct = optimizer.curvature.direction(difference, inverses, {})
+    for name in direct:
+        assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
+
+
 def test_weight_decay_keeps_the_low_rank_product_off_with_the_empirical_fisher():
     # The rows carry the loss's gradient only; eta W is full rank, so with weight decay the proposal is the
     # direct one even where the empirical Fisher's pass captured the rows (it was not before).

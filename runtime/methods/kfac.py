@@ -8,9 +8,9 @@ else is shared. One ``step(x, y)``:
    the factors' EMAs take the mini-batch factors (decay min(1 - 1/k, 0.95) unless ``ema_decay`` is set);
 2. the gradient of h = mean loss + eta/2 |theta|^2 on the whole batch (a plain forward and backward; with
    ``signal_scaling`` one on each half of the batch, whose difference measures the gradient's noise);
-3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps
-   for the three candidates gamma, omega2 gamma, gamma / omega2, keeping the one whose update lowers the
-   quadratic model most, sec 6.6);
+3. damped inverses with strength gamma (steps 1-3 and every ``inverse_every``; every ``gamma_every`` steps, up
+   to every ``max_gamma_every`` once gamma has settled, for the three candidates gamma, omega2 gamma and
+   gamma / omega2, keeping the one whose update lowers the quadratic model most, sec 6.6);
 4. the proposal Delta = -F^-1 grad h per layer; the unmatched parameters' direction is -grad h (the default
    preset divides it by the root of an EMA of grad^2, RMSprop's shape);
 5. re-scaling and momentum (6.4, 7): the coefficients of Delta, of the unmatched direction and of the
@@ -61,6 +61,7 @@ from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
     curvature_scale,
     gamma_candidates,
+    gamma_interval,
     gamma_power,
     gamma_streak,
     lm_omega,
@@ -127,6 +128,10 @@ class KFAC:
         rescale: re-scale by the exact Fisher (6.4).
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
         damping_every, gamma_every: T_1 and T_2.
+        max_gamma_every: the gamma rule's interval doubles after each round that keeps gamma or reverses the last
+            move, up to this, and is T_2 again while one side keeps winning (None: always T_2). On the batch-60
+            MNIST classifier gamma alternated between its smaller and larger candidates, re-tried every 5 steps
+            at three inversions each (half the step's time).
         lm_acceleration: the largest power of omega1 one LM move (and of omega2 one gamma-rule candidate) may
             take after consecutive equal verdicts (1: the paper's rules).
         refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.
@@ -229,9 +234,12 @@ class KFAC:
         self.rejected = 0  # steps undone because they made h worse
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
+        self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
+        self.next_gamma_round = self.gamma_every  # the step of the next round
         self.inverted_gamma: float | None = None  # the gamma of the inverses in use
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
+        self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
         self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
@@ -296,9 +304,10 @@ class KFAC:
         info: dict[str, Any] = {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
                                 "rejected_steps": self.rejected}
         gammas = [self.gamma]
-        if self.adapt_gamma and k % self.gamma_every == 0:
+        if self.adapt_gamma and k >= self.next_gamma_round:
             power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
-            gammas = gamma_candidates(self.gamma, self.gamma_every, power)
+            gammas = gamma_candidates(self.gamma, self.gamma_interval, power)
+            self.next_gamma_round = k + self.gamma_interval
         # A layer first seen late (a branch taken, a layer unfrozen) is inverted as soon as it has statistics.
         refresh = (inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
                    or bool(self.curvature.uninverted()))
@@ -327,6 +336,9 @@ class KFAC:
         gamma, inverses, update, decrease, figures = best
         if len(gammas) > 1:
             self.gamma_streak = gamma_streak(self.gamma_streak, gammas.index(gamma))
+            self.gamma_interval = gamma_interval(self.gamma_interval, self.gamma_streak, self.gamma_every,
+                                                 self.settings.max_gamma_every)
+            self.next_gamma_round = k + self.gamma_interval
         info.update(figures, model_decrease=decrease)
         if not all_finite(update.values()):
             info["skipped"] = "non-finite update; the weights were left unchanged"
@@ -427,7 +439,7 @@ class KFAC:
         n = inputs[0].shape[0]
         low_rank = self._low_rank_possible(n)
         self._half_difference = None
-        self._rows = {}
+        self._rows, self._difference_rows = {}, {}
         if self.settings.signal_scaling and self.rescale and not capture and n >= 4:  # halves of >= 2 (batch norm)
             result = self._gradient_of_halves(inputs, y, low_rank)
         else:
@@ -468,8 +480,8 @@ class KFAC:
             return result
         w = half / n
         if low_rank:
-            self._rows = low_rank_rows_of_parts(self.curvature.blocks,
-                                                [(first.records, half, w), (second.records, n - half, 1 - w)])
+            self._rows, self._difference_rows = low_rank_rows_of_parts(
+                self.curvature.blocks, [(first.records, half), (second.records, n - half)], [(w, 1 - w), (0.5, -0.5)])
         grads = {name: w * first.grads[name] + (1 - w) * second.grads[name] for name in first.grads}
         self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
         return GradientPass(w * first.loss + (1 - w) * second.loss, grads)
@@ -479,7 +491,7 @@ class KFAC:
         d = (g_A - g_B) / 2: g^T F^-1 g - d^T F^-1 d = g_A^T F^-1 g_B, an unbiased estimate of the signal's part
         of g^T F^-1 g, whose expectation also holds the noise's tr(F^-1 Sigma) / n."""
         difference = self._half_difference
-        solved = self.curvature.direction(difference, inverses, {})
+        solved = self.curvature.direction(difference, inverses, self._difference_rows)
         products = [inner_tensor(grads, proposal), inner_tensor(difference, {name: solved[name] for name in proposal})]
         together, apart = torch.stack(products).tolist()  # one host read
         total = -together
@@ -605,6 +617,8 @@ class KFAC:
             "rejected": self.rejected,
             "streak": self.streak,
             "gamma_streak": self.gamma_streak,
+            "gamma_interval": self.gamma_interval,
+            "next_gamma_round": self.next_gamma_round,
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
@@ -625,6 +639,8 @@ class KFAC:
         self.rejected, self.streak = int(state.get("rejected", 0)), int(state.get("streak", 0))
         self.inverted_gamma = state.get("inverted_gamma")
         self.gamma_streak = int(state.get("gamma_streak", 0))
+        self.gamma_interval = int(state.get("gamma_interval", self.gamma_every))
+        self.next_gamma_round = int(state.get("next_gamma_round", (self.steps // self.gamma_every + 1) * self.gamma_every))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.unmatched_moments = {n: t.clone() for n, t in state.get("unmatched_moments", {}).items()}
         signal = state.get("signal")

@@ -2,7 +2,8 @@
 
 - ``"default"``: the recommended first try on any model (issue 10): lambda starts from the curvature's own
   scale (so the loss's reduction and the batch size do not decide it), Levenberg-Marquardt every step and
-  the gamma rule every 5 steps, both with moves that grow while the verdict stays the same (up to omega^8),
+  the gamma rule every 5 steps (10, then 20 once gamma has settled), both with moves that grow while the
+  verdict stays the same (up to omega^8),
   inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
   never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
   coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, the
@@ -81,6 +82,9 @@ class KFACSettings:
     adapt_gamma: bool | None = setting(None, "Adapt gamma (sec 6.6; auto: on with re-scaling).")
     damping_every: int = setting(1, "Levenberg-Marquardt update of lambda every N steps (T_1).", low=1)
     gamma_every: int = setting(5, "Try the gamma candidates every N steps (T_2).", low=1)
+    max_gamma_every: int | None = setting(20, "Double the gamma rule's interval after each round that keeps gamma "
+                                          "or reverses its last move, up to N steps (auto: always gamma_every, the "
+                                          "paper's).", low=1)
     lm_acceleration: int = setting(8, "Largest power of omega one LM move or gamma candidate may take after "
                                    "equal verdicts (1: the paper's rules).", low=1)
     refresh_ratio: float | None = setting(2.0, "Also refresh the inverses when gamma has moved by this factor "
@@ -137,7 +141,7 @@ PRESETS: dict[str, KFACSettings] = {
     "default": KFACSettings(),
     "paper": KFACSettings(
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
-        lm_acceleration=1, refresh_ratio=None, reject_steps=False,
+        max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False,
         unmatched_direction="gradient", signal_scaling=False,
     ),
