@@ -19,6 +19,11 @@ registers, float32 products are IEEE (no TF32). The epilogue reads previous only
 and param for the decay only when weight_decay is non-zero (a fresh momentum buffer may hold anything), and
 rounds once into each tensor's own dtype (param + lr delta is formed in float32, then stored).
 
+The runtime calls it where its semantics are K-FAC's exactly: the heavy-ball update without re-scaling
+(``KFAC(rescale=False)``, scale = -lr, lr = 1 here, weight_decay = 0 as eta W is already in V) of a bias-free
+layer whose W_bar is a view of its weight, where the dispatch picks Triton (``runtime/fused_step.py``;
+tests/test_kernels_fused_step.py). Re-scaled K-FAC and layers with a bias stay on torch.
+
 ``tests/test_kernels_update.py`` proves, under TRITON_INTERPRET=1 on CPU (and compiled on CUDA when present),
 against a float64 G^-1 V A^-1 and epilogue written in the test: sizes that are not multiples of the 16-wide
 test tiles, one and three groups, each of the momentum and decay terms on and off, write on and off, the

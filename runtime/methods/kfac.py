@@ -38,7 +38,8 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
 - steps that refresh the inverses: per layer, whether a group failed (one; its warning names it) and whether
   a float32 Cholesky must be retried in float64 (one per factor), plus the centred damping's check (one);
   the tridiagonal structure reads its pi's and checks each factorisation. At step 1, the curvature's scale for
-  lambda_0; with ``fisher_products="differences"``, each tensor's norm for the difference step.
+  lambda_0; with ``fisher_products="differences"``, each tensor's norm for the difference step; on the fused
+  heavy ball (``runtime.fused_step``), the norms that bound its update (one).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from kronograph.runtime.damping import (
     lm_omega,
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
+from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers
 from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
@@ -316,6 +318,9 @@ class KFAC:
                                       if name]
         fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in frozen])
         left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
+        # Without re-scaling, the bias-free layers' heavy ball runs fused on the kernel where Triton is picked.
+        fused, rest = ([], self.curvature) if self.rescale else fused_layers(self.engine, self.curvature, grads,
+                                                                             self._rows, left_out)
         best = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
@@ -323,7 +328,7 @@ class KFAC:
             with self._timed("inverses"):
                 inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
-                proposal = {name: value for name, value in self._proposal(grads, inverses).items() if name not in left_out}
+                proposal = {name: value for name, value in self._proposal(grads, inverses, rest).items() if name not in left_out}
                 if gamma == gammas[0] and self._half_difference is not None:  # once a step, with gamma's inverses
                     self._update_signal(grads, proposal, inverses)
                 if self.signal is not None:
@@ -351,6 +356,10 @@ class KFAC:
         saved = {n: p.clone() for n, p in self.engine.parameters().items()} if check and self.settings.reject_steps else None
         with self._timed("update"):
             self.engine.add_(update)
+            if fused:  # lr Delta + momentum previous and theta += it, in the kernel's epilogue (runtime/fused_step.py)
+                momentum = self.momentum if isinstance(self.momentum, (int, float)) else 0.0
+                update = {**update, **fused_heavy_ball_(self.engine, self.curvature, fused, grads, inverses,
+                                                        self.previous, lr, momentum, self._rows)}
         self.previous = update
         if check:
             with self._timed("damping"):
@@ -522,9 +531,10 @@ class KFAC:
             value += 0.5 * self.weight_decay * self._squared_norm()
         return value
 
-    def _proposal(self, grads: Direction, inverses) -> Direction:
-        """Delta = -F^-1 grad h for every layer (the low-rank product where this step's rows make it pay)."""
-        return self.curvature.direction(grads, inverses, self._rows)
+    def _proposal(self, grads: Direction, inverses, curvature: Any = None) -> Direction:
+        """Delta = -F^-1 grad h for every layer of ``curvature`` (default: all; the low-rank product where this
+        step's rows make it pay)."""
+        return (self.curvature if curvature is None else curvature).direction(grads, inverses, self._rows)
 
     def _unmatched_direction(self, grads: Direction, names: Sequence[str]) -> Direction:
         """The step direction of the parameters outside every Kronecker block (norms, embeddings, tied
