@@ -39,6 +39,19 @@ class Loss(ABC):
         """Targets drawn from the model's predictive distribution at ``outputs`` (paper sec 5)."""
 
     @abstractmethod
+    def sampling_noise(self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        """The random numbers ``sample_targets`` draws for outputs of ``shape`` and ``dtype``, drawn alone.
+
+        Data-parallel K-FAC draws them for a sub-batch spread over ranks (every rank the whole, from the shared
+        generator) and each rank makes its rows' targets with ``targets_from_noise``: the targets do not depend
+        on the number of ranks. On the CPU generator the draws are those of ``sample_targets`` itself, bit for
+        bit (tests/test_kfac_distributed.py); elsewhere they have the same distribution."""
+
+    @abstractmethod
+    def targets_from_noise(self, outputs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``sample_targets`` with its random numbers given (``sampling_noise``'s rows of these outputs)."""
+
+    @abstractmethod
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u_i^T H_i v_i for every example, shape [n]; u and v have the shape of ``outputs``."""
 
@@ -87,13 +100,25 @@ class CrossEntropy(Loss):
         return math.sqrt(self.positions(targets))
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)
-        # A row with a non-finite output draws uniformly instead of crashing multinomial; its gradient is
-        # not finite, so the statistics refuse it (factors.fold_factors_) and nothing reaches the weights.
-        # (Replaced unconditionally: no host read of whether any row needs it.)
-        finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
-        probs = torch.where(finite, probs, torch.ones_like(probs))
+        probs = self._probabilities(outputs)
         return torch.multinomial(probs, 1, generator=generator).reshape(outputs.shape[:-1])
+
+    @staticmethod
+    def _probabilities(outputs: torch.Tensor) -> torch.Tensor:
+        """softmax rows [rows, classes] in float64. A row with a non-finite output draws uniformly instead of
+        crashing multinomial; its gradient is not finite, so the statistics refuse it (factors.fold_factors_)
+        and nothing reaches the weights. (Replaced unconditionally: no host read of whether any row needs it.)"""
+        probs = torch.softmax(outputs.detach().reshape(-1, outputs.shape[-1]).double(), dim=-1)
+        finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
+        return torch.where(finite, probs, torch.ones_like(probs))
+
+    def sampling_noise(self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        # multinomial's one draw per row is argmax(p / q), q ~ Exp(1) for every class (the Gumbel-max trick)
+        return torch.empty(shape, dtype=torch.float64, device=generator.device).exponential_(1, generator=generator)
+
+    def targets_from_noise(self, outputs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        probs = self._probabilities(outputs).reshape(outputs.shape)
+        return torch.argmax(probs / noise, dim=-1)
 
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(outputs, dim=-1)
@@ -130,6 +155,13 @@ class SigmoidCrossEntropy(Loss):
         p = torch.sigmoid(outputs.detach())
         return torch.bernoulli(torch.nan_to_num(p, nan=0.5), generator=generator)  # NaN outputs: see CrossEntropy
 
+    def sampling_noise(self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(shape, dtype=dtype, device=generator.device, generator=generator)  # bernoulli's: u < p
+
+    def targets_from_noise(self, outputs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        p = torch.nan_to_num(torch.sigmoid(outputs.detach()), nan=0.5)
+        return (noise < p).to(p.dtype)
+
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(outputs)
         return (p * (1 - p) * u * v).reshape(outputs.shape[0], -1).sum(dim=1)
@@ -149,6 +181,12 @@ class MeanSquaredError(Loss):
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+        return outputs.detach() + noise
+
+    def sampling_noise(self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
+
+    def targets_from_noise(self, outputs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return outputs.detach() + noise
 
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

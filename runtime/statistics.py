@@ -98,11 +98,25 @@ def sampled_statistics(
     """
     index = subset(inputs[0].shape[0], fraction, generator, minimum)
     sub = tuple(inputs) if index is None else tuple(t[index] for t in inputs)
+    records = statistics_pass(module, plan, loss, sub, lambda outputs: loss.sample_targets(outputs, generator), select)
+    return records, sub[0].shape[0]
+
+
+def statistics_pass(
+    module: torch.nn.Module,
+    plan: LayerPlan,
+    loss: Loss,
+    inputs: Sequence[torch.Tensor],
+    sample: Callable[[torch.Tensor], torch.Tensor],
+    select: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[str, list[SiteRecord]]:
+    """The captured sites of a forward on ``inputs`` and the backward of the statistics loss of the targets
+    ``sample(outputs)`` (no .grad and no buffer changes)."""
     with torch.enable_grad(), preserved_buffers(module):
         with Capture(module, plan, hooks=False) as capture:
-            outputs = module(*sub)
+            outputs = module(*inputs)
             outputs = outputs if select is None else select(outputs)
-        targets = loss.sample_targets(outputs, generator)
+        targets = sample(outputs)
         capture.gradients_from(loss.statistics_loss(outputs, targets))
     capture.release_outputs()
-    return capture.records, sub[0].shape[0]
+    return capture.records

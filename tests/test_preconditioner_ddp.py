@@ -11,14 +11,10 @@ distributed run must be the single-process run, to float32 rounding.
 from __future__ import annotations
 
 import copy
-import datetime
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 import kronograph
 from kronograph.runtime.distributed import average_statistics
 from kronograph.runtime.inverse import StatisticsWarning
+
+from ranks import on_one_thread, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
@@ -60,67 +58,58 @@ def train(model: nn.Module, forward: nn.Module, precond, batches, rank: int = 0,
     return losses
 
 
-def _worker(rank: int, init_method: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead
-    try:
-        model, batches = problem()
-        initial = copy.deepcopy(model.state_dict())
-        cm = kronograph.compile(model, (batches[0][0][:2],))  # the unwrapped module
-        ddp = DistributedDataParallel(model)
-        results: dict = {}
-        for fisher in ("empirical", "mc"):
-            model.load_state_dict(initial)
-            precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
-            losses = train(model, ddp, precond, batches, rank, WORLD)
-            results[fisher] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
-                               "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
+def run_ranks(rank: int, world: int) -> dict:
+    """Every distributed scenario on this rank (tests/ranks.py spawns the processes)."""
+    model, batches = problem()
+    initial = copy.deepcopy(model.state_dict())
+    cm = kronograph.compile(model, (batches[0][0][:2],))  # the unwrapped module
+    ddp = DistributedDataParallel(model)
+    results: dict = {}
+    for fisher in ("empirical", "mc"):
+        model.load_state_dict(initial)
+        precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
+        losses = train(model, ddp, precond, batches, rank, world)
+        results[fisher] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
+                           "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
 
-        # a rank's non-finite statistics: every rank rejects them, and keeps its previous factors
-        precond = kronograph.optim.KFACPreconditioner(cm, fisher="mc", **SETTINGS)
-        x = batches[0][0].chunk(WORLD)[rank]
-        precond.update_statistics(x)
-        before = {name: block.a.clone() for name, block in precond.blocks.items()}
-        with pytest.warns(StatisticsWarning):
-            info = precond.update_statistics(torch.full_like(x, math.nan) if rank == 1 else x)
-        kept = all(torch.equal(before[name], block.a) for name, block in precond.blocks.items())
-        results["non_finite"] = {"rejected": sorted(info["rejected_statistics"]), "kept": kept}
+    # a rank's non-finite statistics: every rank rejects them, and keeps its previous factors
+    precond = kronograph.optim.KFACPreconditioner(cm, fisher="mc", **SETTINGS)
+    x = batches[0][0].chunk(world)[rank]
+    precond.update_statistics(x)
+    before = {name: block.a.clone() for name, block in precond.blocks.items()}
+    with pytest.warns(StatisticsWarning):
+        info = precond.update_statistics(torch.full_like(x, math.nan) if rank == 1 else x)
+    kept = all(torch.equal(before[name], block.a) for name, block in precond.blocks.items())
+    results["non_finite"] = {"rejected": sorted(info["rejected_statistics"]), "kept": kept}
 
-        # a rank without statistics for a layer joins the same collective; the others' factors count
-        layers = {name: block.layer for name, block in precond.blocks.items()}
+    # a rank without statistics for a layer joins the same collective; the others' factors count
+    layers = {name: block.layer for name, block in precond.blocks.items()}
 
-        def stats(name: str, value: float, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-            layer = layers[name]
-            return (torch.full((1, layer.a_dim, layer.a_dim), value), torch.ones(1, layer.g_dim, layer.g_dim), m)
+    def stats(name: str, value: float, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        layer = layers[name]
+        return (torch.full((1, layer.a_dim, layer.a_dim), value), torch.ones(1, layer.g_dim, layer.g_dim), m)
 
-        local = {"2": stats("2", 1.0, 10)} if rank == 0 else {"2": stats("2", 4.0, 30), "4": stats("4", 2.0, 5)}
-        averaged = average_statistics(local, layers, None, torch.float32, torch.device("cpu"))
-        results["missing"] = {name: (a[0, 0, 0].item(), g[0, 0, 0].item(), m) for name, (a, g, m) in averaged.items()}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    local = {"2": stats("2", 1.0, 10)} if rank == 0 else {"2": stats("2", 4.0, 30), "4": stats("4", 2.0, 5)}
+    averaged = average_statistics(local, layers, None, torch.float32, torch.device("cpu"))
+    results["missing"] = {name: (a[0, 0, 0].item(), g[0, 0, 0].item(), m) for name, (a, g, m) in averaged.items()}
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(f"file://{out / 'rendezvous'}", str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_on_ranks(run_ranks, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
 def single_process() -> dict:
     """The same loop on the full batches in one process (torch.distributed not initialised)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    def run() -> dict:
         model, batches = problem()
         precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)), **SETTINGS)
         losses = train(model, model, precond, batches)
         return {"params": model.state_dict(), "losses": losses}
-    finally:
-        torch.set_num_threads(threads)
+
+    return on_one_thread(run)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])

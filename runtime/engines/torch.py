@@ -5,7 +5,8 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
 
 - ``gradient_pass``: loss, grad of the mean loss on the whole batch and, when asked, the captured sites
   (for statistics from the labels and the low-rank products of sec 8);
-- ``sampled_pass``: the sites of a statistics pass on some examples with targets sampled from the model;
+- ``sampled_pass``: the sites of a statistics pass on some examples with targets sampled from the model
+  (``sampled_pass_of_slice``: a data-parallel rank's share of it, runtime/data_parallel.py);
 - ``output_tangents``: the outputs and J d for directions d (forward mode, appendix C, or central differences
   of plain forwards: ``products``);
 - ``loss_value``: the mean loss at the current weights (for rho);
@@ -23,6 +24,7 @@ import torch
 
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
+from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.quadratic import central_differences, output_tangents
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
@@ -117,6 +119,14 @@ class TorchEngine:
         outside_compiled_code()
         return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum,
                                   select=self.compiled.select_output)
+
+    def sampled_pass_of_slice(self, inputs: Sequence[torch.Tensor], part: Any, fraction: float,
+                              generator: torch.Generator, minimum: int = 1) -> tuple[Records, int]:
+        """``sampled_pass`` of a global batch whose slice ``part`` (data_parallel.BatchSlice) this rank holds: the
+        sites of this rank's members of the subset, and their number."""
+        outside_compiled_code()
+        return sampled_statistics_of_slice(self.module, self.compiled.plan, self.loss, inputs, part, fraction,
+                                           generator, minimum, select=self.compiled.select_output)
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
         """(outputs, [J d for d in directions]) by forward mode (quadratic.output_tangents) or central differences."""

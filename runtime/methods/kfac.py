@@ -40,6 +40,8 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
   the tridiagonal structure reads its pi's and checks each factorisation. At step 1, the curvature's scale for
   lambda_0; with ``fisher_products="differences"``, each tensor's norm for the difference step; on the fused
   heavy ball (``runtime.fused_step``), the norms that bound its update (one).
+- data-parallel (KFAC's docstring, "Distributed"): the ranks' batch sizes (one), and each subset's members (one
+  per subset).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
+from kronograph.runtime.data_parallel import BatchSlice, batch_slice, fold_across_ranks, shared_seed
+from kronograph.runtime.distributed import active_group
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.engines.torch import GradientPass
 from kronograph.runtime.damping import (
@@ -81,7 +85,7 @@ from kronograph.runtime.statistics import (
     statistics_due,
     subset,
 )
-from kronograph.runtime.quadratic import curvature_gram, inner_tensor, solve_quadratic_model
+from kronograph.runtime.quadratic import curvature_gram, curvature_gram_sum, inner_tensor, solve_quadratic_model
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
@@ -109,6 +113,28 @@ class KFAC:
     ``KFAC(cm, preset="paper")`` is the paper's sec 13 exactly: lambda = 150 adapted every 5 steps, gamma
     adapted every 20 from three candidates, inverses every 20, tau_1 = 1/8, tau_2 = 1/4. Any argument given
     replaces the preset's value.
+
+    Distributed (data parallel, runtime/data_parallel.py): when torch.distributed is initialised with more than one
+    rank, or ``process_group`` is given (decided at construction), every rank calls ``step(x, y)`` with its own
+    slice of each batch, the slices in rank order making the global batch of N examples (sizes may differ), and
+    every rank takes the same step: the single process's on the whole batch, to float32 rounding
+    (tests/test_kfac_distributed.py). No DistributedDataParallel wrapper is needed: KFAC sums the gradient itself.
+    Collectives per step, each one all_reduce of one flat buffer: the ranks' n_r (one host read); the loss and the
+    gradient, each rank's weighted by n_r / N (with ``signal_scaling`` the halves' difference too); on statistics
+    steps every layer's m A, m G and m (``distributed.average_statistics``); per gamma candidate the quadratic
+    model's k x k Fisher sums over the tau_2 subset; when the damping rule runs, the loss after the step. The
+    tau_1 and tau_2 subsets are drawn from the global batch by the generator every rank shares (``seed=None``:
+    rank 0's seed, broadcast at construction), each rank using its rows, and the sampled targets from noise drawn
+    for the whole subset (``Loss.sampling_noise``; on the CPU generator the single process's draws bit for bit;
+    where a rank has no row of the tau_1 subset, one more all_reduce tells it the outputs' shape). The halves of
+    ``signal_scaling`` are the global batch's, each rank passing its rows of each. So nothing depends on the number
+    of ranks, except batch norm (each rank's pass normalises over its own rows) and a rank boundary that leaves
+    a piece of one example in a half (that step passes whole slices and s keeps its value). Every rank computes
+    every inverse (splitting them across ranks by a cost model is the next phase), and every decision (skipped
+    steps, rho, rejections) comes from all-reduced values, the same on every rank. Not distributed yet: the
+    low-rank products of sec 8 (off: the full solve, same result), structure="tridiagonal" and the onnxruntime
+    engine (both raise a KronographError). A rank that raises leaves the others waiting in their next collective
+    until the process group's timeout.
 
     Args:
         preset: "default" (first try) or "paper".
@@ -174,6 +200,8 @@ class KFAC:
         factor_dtype: dtype of factors and inverses, independent of the model's.
         structure: "diagonal" (sec 4.2) or "tridiagonal" (sec 4.3: a chain of linear layers in plan order).
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
+        process_group: the data-parallel ranks (see Distributed above); None: torch.distributed's default group when
+            it is initialised with more than one rank, else one process.
     """
 
     SUMMARY = "K-FAC with the paper's damping scheme (Martens & Grosse 2015); presets default (first try) and paper"
@@ -204,6 +232,7 @@ class KFAC:
         seed: int | None = None,
         structure: str = FROM_PRESET,
         preset: str = "default",
+        process_group: Any = None,
         **settings: Any,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in SETTING_NAMES}
@@ -212,6 +241,14 @@ class KFAC:
         fisher, momentum, rescale, structure = s.fisher, s.momentum, s.rescale, s.structure
         self.compiled = compiled
         self.module = compiled.module
+        self.process_group = process_group
+        self._group = active_group(process_group)  # data-parallel ranks (runtime/data_parallel.py); None: one process
+        if self._group is not None:
+            if compiled.engine != "torch":
+                raise KronographError("data-parallel K-FAC runs on the torch engine only so far, not on onnxruntime; "
+                                      "compile the nn.Module (engine='torch'), or run one process")
+            if structure != "diagonal":
+                raise KronographError(f"data-parallel K-FAC has structure='diagonal' only so far, not {structure!r}")
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss, s.fisher_products)
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
@@ -230,7 +267,10 @@ class KFAC:
         self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping))
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
+        if self._group is not None:
+            seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
         self.generator = make_generator(self.engine.device, seed)
+        self._slice: BatchSlice | None = None  # this step's slice of the global batch (data-parallel)
         self.steps = 0
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
@@ -264,6 +304,7 @@ class KFAC:
         device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
         inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y, device=device)
+        self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -276,8 +317,7 @@ class KFAC:
         try:
             if statistics and not fused:
                 with self._timed("statistics"):
-                    sampled = self.engine.sampled_pass(inputs, self.stats_fraction, self.generator,
-                                                       self._min_stats_examples(y))
+                    sampled = self._sampled_pass(inputs, y)
             with self._timed("gradient"):
                 loss, objective, grads, records = self._gradient(inputs, y, capture=fused)
         except BaseException:
@@ -296,7 +336,9 @@ class KFAC:
                 self._fold(*sampled)
             elif fused:  # rows tau_1 of the labels' own pass; captured g is of the mean loss over n
                 n = inputs[0].shape[0]
-                index = subset(n, self.stats_fraction, self.generator, self._min_stats_examples(y))
+                index = subset(self._batch_size(n), self.stats_fraction, self.generator, self._min_stats_examples(y))
+                if self._slice is not None:  # this rank's rows of the global batch's subset
+                    index = self._slice.members(index).rows
                 self._fold(records, n, index, grad_scale=n * self.loss.statistics_scale(y))
         if self.damping is None:
             self._initial_damping()
@@ -374,6 +416,18 @@ class KFAC:
         info["rejected_steps"] = self.rejected
         return info
 
+    def _batch_size(self, n: int) -> int:
+        """The number of examples of the batch the step is on: n, or data-parallel the global batch's."""
+        return n if self._slice is None else self._slice.total
+
+    def _sampled_pass(self, inputs, y) -> tuple[Mapping[str, list], int]:
+        """The statistics pass with sampled targets on tau_1 of the batch (data-parallel: this rank's members of
+        the global batch's subset, runtime/data_parallel.py): the captured sites and their number of examples."""
+        minimum = self._min_stats_examples(y)
+        if self._slice is None:
+            return self.engine.sampled_pass(inputs, self.stats_fraction, self.generator, minimum)
+        return self.engine.sampled_pass_of_slice(inputs, self._slice, self.stats_fraction, self.generator, minimum)
+
     def _min_stats_examples(self, y: torch.Tensor) -> int:
         """The statistics' floor in examples: ``min_stats_examples`` loss terms, each position of a sequence
         one term (its target is sampled on its own). Measured on the first-try suite's character LM (batch
@@ -426,11 +480,18 @@ class KFAC:
     # -- pieces -------------------------------------------------------------------------------------
     def _fold(self, records: Mapping[str, list], batch_size: int, index: torch.Tensor | None = None,
               grad_scale: float | None = None) -> None:
-        """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs."""
+        """Fold the captured sites (rows ``index`` of the batch) into the factors' EMAs (data-parallel: the
+        ranks' factors averaged, runtime/data_parallel.py)."""
         self.stats_updates += 1
-        self.curvature.fold(records, batch_size, ema_decay(self.stats_updates, self.ema_decay), index, grad_scale)
+        decay = ema_decay(self.stats_updates, self.ema_decay)
+        if self._slice is None:
+            self.curvature.fold(records, batch_size, decay, index, grad_scale)
+            seen = [name for name in self.blocks if records.get(name)]
+        else:
+            seen = fold_across_ranks(self.curvature.blocks, records, batch_size, index, grad_scale, decay, self._slice,
+                                     self.settings.factor_dtype, self.engine.device)
         if self.stats_updates == 1:
-            unseen = [name for name in self.blocks if not records.get(name)]
+            unseen = [name for name in self.blocks if name not in seen]
             if unseen:
                 warnings.warn(
                     f"K-FAC: the layers {unseen} of the plan were not seen in the forward pass (called inside a "
@@ -449,7 +510,11 @@ class KFAC:
         low_rank = self._low_rank_possible(n)
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
-        if self.settings.signal_scaling and self.rescale and not capture and n >= 4:  # halves of >= 2 (batch norm)
+        halves = self.settings.signal_scaling and self.rescale and not capture
+        if self._slice is not None:
+            pieces = self._slice.halves() if halves else None
+            result = self._gradient_across_ranks(inputs, y, capture, pieces)
+        elif halves and n >= 4:  # halves of >= 2 (batch norm)
             result = self._gradient_of_halves(inputs, y, low_rank)
         else:
             result = self.engine.gradient_pass(inputs, y, capture=capture or low_rank)
@@ -495,6 +560,30 @@ class KFAC:
         self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
         return GradientPass(w * first.loss + (1 - w) * second.loss, grads)
 
+    def _gradient_across_ranks(self, inputs, y, capture: bool, pieces: tuple[int, int] | None) -> GradientPass:
+        """Data-parallel: the global batch's loss and gradient (and with ``pieces`` the halves' difference of
+        ``signal_scaling``) from this rank's passes and one all_reduce of a flat buffer, each rank's shares weighted
+        by its examples / N. The halves are the global batch's (``BatchSlice.halves``): this rank passes its
+        rows of each, one pass where its slice lies in one half, so (g_A - g_B) / 2 is the single process's."""
+        part = self._slice
+        if pieces is None:
+            result = self.engine.gradient_pass(inputs, y, capture=capture)
+            shares = [(part.weight, 0.0, result)]
+        else:
+            total, half = part.total, part.total // 2
+            bounds = [(0, pieces[0], 1 / half), (pieces[0], part.size, -1 / (total - half))]
+            shares = [(count / total, 0.5 * count * sign,
+                       self.engine.gradient_pass(tuple(t[start:stop] for t in inputs), y[start:stop], capture=False))
+                      for start, stop, sign in bounds if (count := stop - start)]
+        names = list(self.engine.parameters())
+        loss = torch.tensor(sum(weight * result.loss for weight, _, result in shares), device=self.engine.device)
+        grads = [sum(weight * result.grads[name] for weight, _, result in shares) for name in names]
+        differences = [sum(weight * result.grads[name] for _, weight, result in shares) for name in names]
+        summed = part.sum([loss, *grads, *(differences if pieces is not None else [])])
+        if pieces is not None:
+            self._half_difference = dict(zip(names, summed[1 + len(names):]))
+        return GradientPass(float(summed[0]), dict(zip(names, summed[1:1 + len(names)])), shares[0][2].records)
+
     def _update_signal(self, grads: Direction, proposal: Direction, inverses) -> None:
         """Fold this step's g^T F^-1 g and g_A^T F^-1 g_B into their EMAs. With Delta = -F^-1 g and
         d = (g_A - g_B) / 2: g^T F^-1 g - d^T F^-1 d = g_A^T F^-1 g_B, an unbiased estimate of the signal's part
@@ -521,12 +610,14 @@ class KFAC:
     def _low_rank_possible(self, n: int) -> bool:
         """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
         a full-rank eta W to the gradient, which the trick cannot carry)."""
-        if self.structure != "diagonal" or self.weight_decay:
+        if self.structure != "diagonal" or self.weight_decay or self._group is not None:  # (not data-parallel yet)
             return False
         return any(low_rank_pays(block.layer, n) for block in self.curvature.blocks.values())
 
     def _objective(self, inputs, y) -> float:
         value = self.engine.loss_value(inputs, y)
+        if self._slice is not None:
+            value = self._slice.mean(value)
         if self.weight_decay:
             value += 0.5 * self.weight_decay * self._squared_norm()
         return value
@@ -581,17 +672,7 @@ class KFAC:
         if self.momentum == "qmodel" and self.previous is not None:
             directions.append(self.previous)
             labels.append("mu")
-        if "inputs" not in cache:
-            index = subset(inputs[0].shape[0], self.qmodel_fraction, self.generator, self.settings.min_qmodel_examples)
-            cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
-        if "outputs" not in cache:  # the first candidate: every direction in one pass
-            outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
-            cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
-        else:
-            outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1])
-            tangents = tangents + cache["shared"]
-        outputs = cache["outputs"]
-        gram_f = curvature_gram(self.loss, outputs, tangents)
+        gram_f = self._fisher_gram(inputs, directions, cache)
         gram_i = torch.stack([torch.stack([inner_tensor(a, b) for b in directions]) for a in directions])
         gradient = torch.stack([inner_tensor(grads, d) for d in directions])
         bounds = self._coefficient_bounds(labels)
@@ -605,6 +686,35 @@ class KFAC:
                 update[name] += (lr * coefficient) * value
         # M(lr c) - M(0) = lr (2 - lr) (M(c) - M(0)) at the minimiser c: the decrease of the applied update.
         return update, figures, solution.decrease * lr * (2 - lr)
+
+    def _fisher_gram(self, inputs, directions: list[Direction], cache: dict) -> torch.Tensor:
+        """d_a^T F d_b on the tau_2 subset; ``cache`` keeps the subset, its outputs and the tangents of the
+        directions after the first, which the gamma candidates share. Data-parallel: this rank's members' sums
+        (zeros where it has none), added up by one all_reduce, over the subset's size."""
+        if "inputs" not in cache:
+            index = subset(self._batch_size(inputs[0].shape[0]), self.qmodel_fraction, self.generator,
+                           self.settings.min_qmodel_examples)
+            if self._slice is None:
+                cache["inputs"] = inputs if index is None else tuple(t[index] for t in inputs)
+            else:
+                members = self._slice.members(index)
+                cache["count"] = members.count
+                cache["inputs"] = (inputs if members.rows is None else tuple(t[members.rows] for t in inputs)
+                                   if members.local else None)
+        if cache["inputs"] is None:
+            local = torch.zeros(len(directions), len(directions), dtype=torch.float64, device=self.engine.device)
+        else:
+            if "outputs" not in cache:  # the first candidate: every direction in one pass
+                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
+                cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
+            else:
+                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1])
+                tangents = tangents + cache["shared"]
+            outputs = cache["outputs"]
+            if self._slice is None:
+                return curvature_gram(self.loss, outputs, tangents)
+            local = curvature_gram_sum(self.loss, outputs, tangents)
+        return self._slice.sum([local])[0] / cache["count"]
 
     def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> tuple[float, float]:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to

@@ -1,0 +1,227 @@
+"""A KFAC step across data-parallel ranks: each rank steps on its slice of the global batch, all take one step.
+
+``kronograph.optim.KFAC`` under torch.distributed: rank r holds rows offset_r .. offset_r + n_r of the global
+batch (the slices in rank order). Everything random is drawn for the global batch from the generator every
+rank shares (same seed, same draws), and everything the step decides comes from sums over the ranks, so every
+rank takes the same step: the one a single process would take on the whole batch, to float32 rounding.
+
+* ``batch_slice``: the ranks' n_r, by one tiny all_reduce per step (slices may be unequal), as a ``BatchSlice``;
+* ``BatchSlice.members``: which rows of a subset of the global batch (tau_1, tau_2) are this rank's;
+* ``BatchSlice.halves``: this rank's rows of the global batch's two halves (``signal_scaling``);
+* ``BatchSlice.sum``: one all_reduce of any tensors, flattened into one buffer (the gradient, the losses,
+  the quadratic model's Gram sums);
+* ``sampled_statistics_of_slice``: the statistics pass on this rank's members of the tau_1 subset, its sampled
+  targets made from noise drawn for the whole subset (``Loss.sampling_noise``);
+* ``fold_across_ranks``: the members' mini-batch factors averaged over the ranks (``distributed.average_statistics``)
+  and folded into the EMAs;
+* ``shared_seed``: rank 0's seed for the generator when none is given.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kronograph.errors import KronographError
+from kronograph.passes.plan import LayerPlan
+from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.distributed import average_statistics
+from kronograph.runtime.factors import batch_factors
+from kronograph.runtime.losses import Loss
+from kronograph.runtime.statistics import statistics_pass, subset
+
+Records = dict[str, list[SiteRecord]]
+
+#: dtypes of model outputs that ``example_shape`` can tell the other ranks (an index into this tuple, from 1)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_DIMS = 8  # of an example's outputs
+
+
+def shared_seed(group: dist.ProcessGroup, seed: int | None, device: torch.device) -> int:
+    """The generator's seed on every rank: ``seed``, or the one the group's rank 0 draws from torch's global
+    generator (as ``statistics.make_generator`` would), broadcast (a collective at construction)."""
+    if seed is not None:
+        return int(seed)
+    drawn = torch.randint(0, 2**62, (1,), device="cpu").to(device)
+    dist.broadcast(drawn, src=dist.get_global_rank(group, 0), group=group)
+    return int(drawn.item())
+
+
+@dataclass(frozen=True)
+class Members:
+    """This rank's part of a subset of the global batch: ``positions`` in the subset (ascending) and the
+    matching ``rows`` of this rank's slice; ``count`` the subset's size over all ranks; ``everyone``: whether
+    every rank has at least one member."""
+
+    positions: torch.Tensor
+    rows: torch.Tensor | None  # None: the whole slice (the subset is the whole batch)
+    count: int
+    everyone: bool
+
+    @property
+    def local(self) -> int:
+        return int(self.positions.numel())
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """This rank's rows offset .. offset + size of the global batch of ``total`` examples, in ``group``."""
+
+    group: dist.ProcessGroup
+    counts: tuple[int, ...]
+    rank: int
+    device: torch.device
+
+    @property
+    def offset(self) -> int:
+        return sum(self.counts[:self.rank])
+
+    @property
+    def size(self) -> int:
+        return self.counts[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def weight(self) -> float:
+        """n_r / N: this rank's share of a mean over the global batch."""
+        return self.size / self.total
+
+    def members(self, index: torch.Tensor | None) -> Members:
+        """This rank's members of the subset ``index`` of the global batch (None: all of it); one host read."""
+        if index is None:
+            positions = torch.arange(self.offset, self.offset + self.size, device=self.device)
+            return Members(positions, None, self.total, all(n > 0 for n in self.counts))
+        drawn = index.tolist()
+        ends = list(itertools.accumulate(self.counts))
+        owners = [bisect.bisect_right(ends, i) for i in drawn]
+        mine = [j for j, owner in enumerate(owners) if owner == self.rank]
+        positions = torch.tensor(mine, dtype=torch.long, device=self.device)
+        rows = torch.tensor([drawn[j] - self.offset for j in mine], dtype=torch.long, device=self.device)
+        return Members(positions, rows, len(drawn), len(set(owners)) == len(self.counts))
+
+    def halves(self) -> tuple[int, int] | None:
+        """This rank's numbers of rows in the global batch's first half (its first N // 2 examples, as a single
+        process splits it) and in its second half, or None where the halves cannot be passed: N < 4, or some
+        rank would pass a piece of one example (batch norm cannot). The same answer on every rank."""
+        half, pieces, offset = self.total // 2, [], 0
+        for n in self.counts:
+            first = min(max(half - offset, 0), n)
+            pieces += [first, n - first]
+            offset += n
+        if self.total < 4 or any(0 < piece < 2 for piece in pieces):
+            return None
+        return pieces[2 * self.rank], pieces[2 * self.rank + 1]
+
+    def sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors summed over the ranks, by one all_reduce of one flat buffer (in the widest of their
+        dtypes, float32 at least); each comes back in its own dtype and shape."""
+        dtype = torch.float32
+        for t in tensors:
+            dtype = torch.promote_types(dtype, t.dtype)
+        buffer = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        parts = buffer.split([t.numel() for t in tensors])
+        return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
+
+    def mean(self, value: float) -> float:
+        """The example-weighted mean over the ranks of a mean over each rank's slice (one all_reduce)."""
+        return float(self.sum([torch.tensor(self.weight * value, dtype=torch.float64, device=self.device)])[0])
+
+
+def batch_slice(group: dist.ProcessGroup, size: int, device: torch.device) -> BatchSlice:
+    """Every rank's number of examples in this step, by one all_reduce (one host read)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    counts = torch.zeros(world, dtype=torch.int64, device=device)
+    counts[rank] = size
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    counts = tuple(int(n) for n in counts.tolist())
+    if 0 in counts:  # every rank raises the same error: none is left waiting in a collective
+        raise KronographError(f"data-parallel K-FAC: the ranks' batches have {list(counts)} examples; every rank needs "
+                              "at least one in every step (drop the last partial batch, or pad it)")
+    return BatchSlice(group, counts, rank, device)
+
+
+def example_shape(group: dist.ProcessGroup, outputs: torch.Tensor | None,
+                  device: torch.device) -> tuple[torch.Size, torch.dtype]:
+    """One example's output shape and the outputs' dtype, told by the ranks that have outputs to those that have
+    none (one all_reduce of a few integers; only on steps where some rank has no member of the subset)."""
+    known = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=device)
+    if outputs is not None:
+        shape = outputs.shape[1:]
+        known[0], known[1] = _DTYPES.index(outputs.dtype) + 1, len(shape)
+        known[2:2 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+    dist.all_reduce(known, op=dist.ReduceOp.MAX, group=group)
+    code, dims, *sizes = known.tolist()
+    return torch.Size(sizes[:dims]), _DTYPES[code - 1]
+
+
+def sampled_statistics_of_slice(
+    module: torch.nn.Module,
+    plan: LayerPlan,
+    loss: Loss,
+    inputs: Sequence[torch.Tensor],
+    part: BatchSlice,
+    fraction: float,
+    generator: torch.Generator,
+    minimum: int = 1,
+    select: Callable[[Any], torch.Tensor] | None = None,
+) -> tuple[Records, int]:
+    """``statistics.sampled_statistics`` of the global batch, this rank's share: the tau_1 subset of the global
+    batch, the sampling noise of all its examples (every rank draws it all, so the generators stay together),
+    a forward and backward on this rank's members with their rows of the noise. Returns the captured sites
+    and the number of members ({} and 0 for a rank with none: no pass)."""
+    members = part.members(subset(part.total, fraction, generator, minimum))
+
+    def sample(outputs: torch.Tensor | None) -> torch.Tensor | None:
+        if members.everyone:
+            shape, dtype = outputs.shape[1:], outputs.dtype
+        else:
+            shape, dtype = example_shape(part.group, outputs, generator.device)
+        noise = loss.sampling_noise(torch.Size((members.count, *shape)), dtype, generator)
+        return None if outputs is None else loss.targets_from_noise(outputs, noise[members.positions])
+
+    if not members.local:
+        sample(None)
+        return {}, 0
+    sub = tuple(inputs) if members.rows is None else tuple(t[members.rows] for t in inputs)
+    return statistics_pass(module, plan, loss, sub, sample, select), members.local
+
+
+def fold_across_ranks(
+    blocks: Mapping[str, Any],
+    records: Records | None,
+    batch_size: int,
+    rows: torch.Tensor | None,
+    grad_scale: float | None,
+    decay: float,
+    part: BatchSlice,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[str]:
+    """Fold the example-weighted mean over the ranks of each layer's mini-batch factors into its EMAs: this
+    rank's are those of ``rows`` of its captured sites (None: all ``batch_size``), every rank joins the one
+    all_reduce (a rank with no rows or no sites adds zeros and m = 0). Returns the layers folded (some rank had
+    their statistics); a layer whose averaged factors are not finite keeps its EMAs on every rank."""
+    m = batch_size if rows is None else int(rows.numel())
+    stats = {}
+    if records and m:
+        for name, block in blocks.items():
+            sites = records.get(name)
+            if sites and any(record.g is not None for record in sites):
+                a, g = batch_factors(block.layer, sites, batch_size=batch_size, grad_scale=grad_scale, index=rows,
+                                     dtype=dtype)
+                stats[name] = (a, g, m)
+    layers = {name: block.layer for name, block in blocks.items()}
+    averaged = average_statistics(stats, layers, part.group, dtype, device)
+    for name, (a, g, _) in averaged.items():
+        blocks[name].update_factors(a, g, decay)
+    return list(averaged)

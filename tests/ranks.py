@@ -1,0 +1,40 @@
+"""Distributed tests' processes: ``run_on_ranks`` spawns ``world`` CPU processes on gloo, each running
+``body(rank, world)`` and saving what it returns, and gives back every rank's result. One spawn per test module
+(process start-up and compile dominate the time); a hang fails the test after the group's timeout instead."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, body: Callable[[int, int], Any], world: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out) / 'rendezvous'}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(body(rank, world), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(body: Callable[[int, int], Any], world: int, out: Path) -> list[Any]:
+    """Every rank's ``body(rank, world)``, in rank order (``body``: a module-level function, pickled by name)."""
+    mp.spawn(_worker, args=(body, world, str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+
+
+def on_one_thread(body: Callable[[], Any]) -> Any:
+    """``body()`` with torch on one thread, as each rank runs (the single-process run the ranks are held to)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return body()
+    finally:
+        torch.set_num_threads(threads)
