@@ -9,7 +9,7 @@ gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,10 +48,11 @@ class BlockDiagonalCurvature:
             if records.get(name) and any(record.g is not None for record in records[name]):
                 block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
 
-    def invert(self, gamma: float) -> dict[str, DampedInverses | None]:
-        """Damped inverses for strength gamma (None for a layer never called: it has no statistics)."""
+    def invert(self, gamma: float, only: Container[str] | None = None) -> dict[str, DampedInverses | None]:
+        """Damped inverses for strength gamma (None for a layer never called: it has no statistics); ``only``: the
+        layers to invert, None for the others (a data-parallel rank's share, runtime/data_parallel.py)."""
         return {
-            name: None if block.a is None else factored_inverses(
+            name: None if block.a is None or (only is not None and name not in only) else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
                 centered=self.centered and block.layer.bias is not None)
             for name, block in self.blocks.items()

@@ -14,7 +14,30 @@ rank takes the same step: the one a single process would take on the whole batch
   targets made from noise drawn for the whole subset (``Loss.sampling_noise``);
 * ``fold_across_ranks``: the members' mini-batch factors averaged over the ranks (``distributed.average_statistics``)
   and folded into the EMAs;
-* ``shared_seed``: rank 0's seed for the generator when none is given.
+* ``shared_seed``: rank 0's seed for the generator when none is given;
+* ``inverse_owners``: which rank inverts which layer's damped factors (``assign_inverses``, a greedy cost model);
+* ``invert_across_ranks``: each rank inverts its layers only, and one all_reduce gives every rank every layer's.
+
+The inverse work is split as KAISA splits it (Pauloski et al. 2021, kfac-pytorch; the design, not its code): a
+layer's A and G are inverted together on one rank, its owner, the layers dealt out once at construction by
+``assign_inverses`` (cost groups * (a_dim^3 + g_dim^3), largest first, each to the least-loaded rank: the same
+assignment on every rank, computed from the plan alone). Each inversion round (each gamma candidate of a
+refresh) every rank runs ``factored_inverses`` on its own layers (the damping, the centred path, the float64
+retry, a failed group keeping its previous inverse: all as one process does it) and writes, for every layer
+with statistics in plan order, a_inv, g_inv, pi and the failed flags (as 0/1) into one flat buffer in the
+factors' dtype, zeros for the layers it does not own; one all_reduce(SUM) of that buffer gives every rank every
+layer's result. Exactly one rank adds a non-zero to each entry (x + 0 = x; a -0.0 comes back +0.0), so every rank
+ends with the owner's inverses bit for bit and the same failure decisions; the failure's InverseWarning is raised
+on the owner only.
+Communicated per inversion round: sum over the layers with statistics of groups * (a_dim^2 + g_dim^2 + 2)
+entries, 4 bytes each in float32 (8 in float64): the inverses, and pi and the flag per group. One all_reduce
+rather than a broadcast from each owner (``world`` collectives, or one per layer as KAISA issues them) or an
+all_gather of the owners' packed pieces (each padded to the largest rank's bytes, which the cost model, balancing
+n^3 work and not n^2 bytes, leaves unequal): one collective per round whose size depends on the plan only; a
+ring all_reduce moves about twice the bytes of an ideal all_gather, the price of that. Every rank then holds
+every inverse and preconditions the whole gradient itself; KAISA's other mode (the owner preconditions its
+layers' gradients and broadcasts them, so the other ranks need not hold those inverses: less memory, more
+communication per step) is not built.
 """
 
 from __future__ import annotations
@@ -29,10 +52,12 @@ import torch
 import torch.distributed as dist
 
 from kronograph.errors import KronographError
-from kronograph.passes.plan import LayerPlan
+from kronograph.passes.plan import Layer, LayerPlan
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.distributed import average_statistics
+from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.factors import batch_factors
+from kronograph.runtime.inverse import DampedInverses
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.statistics import statistics_pass, subset
 
@@ -225,3 +250,78 @@ def fold_across_ranks(
     for name, (a, g, _) in averaged.items():
         blocks[name].update_factors(a, g, decay)
     return list(averaged)
+
+
+def inverse_cost(groups: int, a_dim: int, g_dim: int) -> int:
+    """The cost model of one layer's inverses: groups * (a_dim^3 + g_dim^3), its A and G inverted together."""
+    return groups * (a_dim ** 3 + g_dim ** 3)
+
+
+def assign_inverses(costs: Sequence[float], world: int) -> list[int]:
+    """The rank that inverts each layer (``costs`` in plan order): the layers by cost, largest first (ties in plan
+    order), each given to the least-loaded rank so far (ties: the lowest rank). Greedy list scheduling: the
+    most-loaded rank exceeds the least-loaded one by at most the largest single cost, so its load is at most the
+    mean plus that. Deterministic: every rank computes the same assignment."""
+    if world < 1:
+        raise ValueError(f"world must be at least 1, got {world}")
+    loads = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def rank_loads(costs: Sequence[float], owners: Sequence[int], world: int) -> list[float]:
+    """Each rank's summed cost under an assignment."""
+    loads = [0.0] * world
+    for cost, rank in zip(costs, owners):
+        loads[rank] += cost
+    return loads
+
+
+def inverse_owners(layers: Sequence[Layer], world: int) -> dict[str, int]:
+    """Layer name -> the rank that inverts its factors (``assign_inverses`` of the plan's layers)."""
+    costs = [inverse_cost(layer.groups, layer.a_dim, layer.g_dim) for layer in layers]
+    return {layer.name: rank for layer, rank in zip(layers, assign_inverses(costs, world))}
+
+
+def inverse_entries(groups: int, a_dim: int, g_dim: int) -> int:
+    """One layer's entries in ``invert_across_ranks``'s buffer: a_inv, g_inv, and pi and the failed flag per group."""
+    return groups * (a_dim * a_dim + g_dim * g_dim + 2)
+
+
+def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners: Mapping[str, int],
+                        group: dist.ProcessGroup) -> dict[str, DampedInverses | None]:
+    """``curvature.invert(gamma)`` split across the ranks: this rank inverts the layers ``owners`` gives it, and
+    one all_reduce of one flat buffer (every layer with statistics in plan order; zeros where a rank is not the
+    owner) gives every rank every layer's inverses, pi and failed groups, those of its owner bit for bit. Every
+    rank must call this in the same round (the layers with statistics are the same on every rank: their factors
+    are folded from all-reduced statistics). None for a layer with no statistics, as ``invert``."""
+    rank = dist.get_rank(group)
+    local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank})
+    estimated = {name: block for name, block in curvature.blocks.items() if block.estimated}
+    result: dict[str, DampedInverses | None] = {name: None for name in curvature.blocks}
+    if not estimated:
+        return result
+    first = next(iter(estimated.values()))
+    dtype, device = first.dtype, first.a.device
+    parts = []
+    for name, block in estimated.items():
+        layer, mine = block.layer, local[name]
+        if mine is None:
+            parts.append(torch.zeros(inverse_entries(layer.groups, layer.a_dim, layer.g_dim), dtype=dtype,
+                                     device=device))
+        else:
+            parts += [mine.a_inv.reshape(-1).to(dtype), mine.g_inv.reshape(-1).to(dtype), mine.pi.reshape(-1).to(dtype),
+                      mine.failed.reshape(-1).to(dtype)]
+    buffer = torch.cat(parts)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for name, block in estimated.items():
+        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
+        a_inv, g_inv, pi, failed = buffer[offset:offset + inverse_entries(n, a, g)].split([n * a * a, n * g * g, n, n])
+        offset += inverse_entries(n, a, g)
+        result[name] = DampedInverses(a_inv.view(n, a, a), g_inv.view(n, g, g), pi, failed > 0.5)
+    return result

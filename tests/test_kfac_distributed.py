@@ -4,12 +4,18 @@ One spawn runs every scenario (process start-up and compile dominate the time) a
 with; the tests compare the ranks with each other and with a single process stepping on the full batches.
 The ranks all-reduce the gradient, the factors, the quadratic model's Fisher products and the loss after the
 step, and draw subsets and sampled targets for the global batch from one shared generator, so the distributed
-run must be the single-process run, to float32 rounding, whatever the slices.
+run must be the single-process run, to float32 rounding, whatever the slices. The inverse work is split: each
+rank runs ``factored_inverses`` (counted by a wrapper in each process) for its own layers only, the assignment
+``data_parallel.assign_inverses`` deals out, and one all_reduce gives every rank every layer's inverses.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import random
+import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +23,16 @@ from torch import nn
 
 import kronograph
 from kronograph.errors import KronographError
+from kronograph.runtime import curvature as curvature_module
+from kronograph.runtime.curvature import BlockDiagonalCurvature
+from kronograph.runtime.data_parallel import (
+    assign_inverses,
+    inverse_cost,
+    inverse_owners,
+    invert_across_ranks,
+    rank_loads,
+)
+from kronograph.runtime.inverse import InverseWarning
 from kronograph.runtime.losses import LOSSES
 
 from ranks import on_one_thread, run_on_ranks
@@ -51,7 +67,19 @@ def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor, torch.T
 
 def run_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
     """Every scenario from the same weights on this rank's slice of every batch (world 1: the full batches);
-    one compile for all."""
+    one compile for all. Each scenario's ``inverted`` counts this process's ``factored_inverses`` calls per layer."""
+    counts: collections.Counter = collections.Counter()
+    original = curvature_module.factored_inverses
+
+    def counted(*args, name: str = "", **kwargs):
+        counts[name] += 1
+        return original(*args, name=name, **kwargs)
+
+    with mock.patch.object(curvature_module, "factored_inverses", counted):
+        return scenarios(rank, world, counts)
+
+
+def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, dict]:
     model, batches = problem()
     initial = copy.deepcopy(model.state_dict())
     cm = kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy")
@@ -71,7 +99,11 @@ def run_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
             assert "skipped" not in info, info
             infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal") if key in info})
         results[name] = {"params": copy.deepcopy(model.state_dict()), "infos": infos,
-                         "factors": {layer: block.a.clone() for layer, block in opt.blocks.items()}}
+                         "factors": {layer: block.a.clone() for layer, block in opt.blocks.items()},
+                         "inverses": {layer: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone(),
+                                              block.inverses.pi.clone()) for layer, block in opt.blocks.items()},
+                         "inverted": dict(counts), "owners": opt.inverse_owners}
+        counts.clear()
     if world > 1:  # no seed: rank 0's is broadcast, so the ranks draw the same subsets and targets
         model.load_state_dict(initial)
         torch.manual_seed(1000 + rank)
@@ -83,7 +115,32 @@ def run_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
         on_onnxruntime.engine = "onnxruntime"  # as compile(model, ..., engine="onnxruntime") makes it
         results["refused"] = [refusal(lambda: kronograph.optim.KFAC(on_onnxruntime)),
                               refusal(lambda: kronograph.optim.KFAC(cm, structure="tridiagonal"))]
+        results["failure"] = failed_inversion(cm.layers, world)
     return results
+
+
+def failed_inversion(layers, world: int) -> dict:
+    """``invert_across_ranks`` on factors made the same on every rank, then again with one layer's A poisoned
+    (NaN): what each rank gets, the local one-process inverses to compare with, and the warnings raised here."""
+    owners = inverse_owners(layers, world)
+    curvature = BlockDiagonalCurvature(layers, torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    for block in curvature.blocks.values():
+        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
+        x, y = torch.randn(n, 4 * a, a, generator=generator), torch.randn(n, 4 * g, g, generator=generator)
+        block.a, block.g = x.transpose(1, 2) @ x / (4 * a), y.transpose(1, 2) @ y / (4 * g)
+    local = {name: (r.a_inv.clone(), r.g_inv.clone(), r.pi.clone()) for name, r in curvature.invert(0.1).items()}
+    first = invert_across_ranks(curvature, 0.1, owners, torch.distributed.group.WORLD)
+    curvature.adopt(first)
+    poisoned = max(owners, key=owners.get)  # a layer of the last rank's
+    curvature.blocks[poisoned].a = torch.full_like(curvature.blocks[poisoned].a, float("nan"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = invert_across_ranks(curvature, 0.2, owners, torch.distributed.group.WORLD)
+    return {"owners": owners, "poisoned": poisoned, "local": local,
+            "first": {name: (r.a_inv, r.g_inv, r.pi, r.failed) for name, r in first.items()},
+            "second": {name: (r.a_inv, r.g_inv, r.pi, r.failed) for name, r in second.items()},
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, InverseWarning)]}
 
 
 def refusal(make) -> str | None:
@@ -126,6 +183,78 @@ def test_distributed_run_equals_the_single_process_run_on_full_batches(ranks, si
         assert set(mine) == set(theirs), step
         for key, value in theirs.items():  # rho: a difference of two losses over M(delta), rounding grown most
             assert mine[key] == pytest.approx(value, rel=1e-3 if key == "rho" else 1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_each_layer_is_inverted_by_its_owner_only(ranks, single_process, name):
+    owners = ranks[0][name]["owners"]
+    layers = set(single_process[name]["inverted"])
+    assert owners == ranks[1][name]["owners"] and set(owners) == layers == {"0", "2", "4"}
+    assert owners == {"2": 0, "4": 1, "0": 1}  # costs 9009, 4940, 4439: the largest to rank 0, the others to 1
+    rounds = set(single_process[name]["inverted"].values())  # one process inverts every layer every round
+    assert len(rounds) == 1 and rounds.pop() > 1
+    covered = set()
+    for rank, result in enumerate(ranks):
+        mine = {layer for layer, owner in owners.items() if owner == rank}
+        assert mine and set(result[name]["inverted"]) == mine, (rank, result[name]["inverted"])
+        for layer in mine:  # as often as one process inverts it: every round, on its owner alone
+            assert result[name]["inverted"][layer] == single_process[name]["inverted"][layer], (rank, layer)
+        covered |= mine
+    assert covered == layers
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ranks_hold_identical_inverses(ranks, single_process, name):
+    first, second = (r[name]["inverses"] for r in ranks)
+    assert set(first) == set(second) == set(single_process[name]["inverses"])
+    for layer in first:
+        for mine, theirs in zip(first[layer], second[layer]):
+            assert torch.equal(mine, theirs) and mine.view(torch.int32).equal(theirs.view(torch.int32)), layer
+        for mine, theirs in zip(first[layer], single_process[name]["inverses"][layer]):
+            assert torch.allclose(mine, theirs, rtol=1e-3, atol=1e-5), layer
+
+
+def test_a_failed_inversion_keeps_the_previous_inverse_on_every_rank_and_warns_on_its_owner(ranks):
+    results = [r["failure"] for r in ranks]
+    owners, poisoned = results[0]["owners"], results[0]["poisoned"]
+    for result in results:
+        for layer, (a_inv, g_inv, pi, failed) in result["first"].items():  # the owner's, as one process makes it
+            local = result["local"][layer]
+            assert torch.equal(a_inv, local[0]) and torch.equal(g_inv, local[1]) and torch.equal(pi, local[2])
+            assert not failed.any()
+        for layer, (a_inv, g_inv, pi, failed) in result["second"].items():
+            assert failed.tolist() == [layer == poisoned], layer
+            if layer == poisoned:  # kept the previous pair and pi, on every rank
+                previous = result["first"][layer]
+                assert torch.equal(a_inv, previous[0]) and torch.equal(g_inv, previous[1])
+                assert torch.equal(pi, previous[2])
+    for layer in results[0]["second"]:
+        for mine, theirs in zip(results[0]["second"][layer], results[1]["second"][layer]):
+            assert torch.equal(mine, theirs), layer
+    for rank, result in enumerate(results):
+        expected = 1 if owners[poisoned] == rank else 0
+        assert len(result["warnings"]) == expected, (rank, result["warnings"])
+        assert all(f"block {poisoned}" in message for message in result["warnings"])
+
+
+def test_inverse_assignment_greedy_by_cost():
+    # costs in plan order; the largest first, each to the least-loaded rank, ties to the lowest rank / plan order
+    assert assign_inverses([4439, 9009, 4940], 2) == [1, 0, 1]
+    assert assign_inverses([5, 5, 5, 5], 2) == [0, 1, 0, 1]
+    assert assign_inverses([1, 8, 3, 3, 2], 3) == [2, 0, 1, 2, 1]
+    assert assign_inverses([7, 7], 4) == [0, 1]  # more ranks than layers: the others own nothing
+    assert assign_inverses([3, 1, 2], 1) == [0, 0, 0]
+    assert assign_inverses([], 2) == []
+    assert inverse_cost(2, 3, 4) == 2 * (27 + 64)
+    rng = random.Random(0)
+    for world in (2, 3, 4, 8, 16):
+        costs = [inverse_cost(rng.choice([1, 1, 2]), rng.randint(2, 2000), rng.randint(2, 1000)) for _ in range(60)]
+        owners = assign_inverses(costs, world)
+        assert owners == assign_inverses(list(costs), world)  # deterministic
+        loads = rank_loads(costs, owners, world)
+        assert sum(loads) == sum(costs)
+        assert max(loads) - min(loads) <= max(costs)  # greedy list scheduling's bound
+        assert max(loads) <= sum(costs) / world + max(costs)
 
 
 def test_what_is_not_distributed_yet_is_refused_clearly(ranks):

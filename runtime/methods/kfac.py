@@ -41,7 +41,7 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
   lambda_0; with ``fisher_products="differences"``, each tensor's norm for the difference step; on the fused
   heavy ball (``runtime.fused_step``), the norms that bound its update (one).
 - data-parallel (KFAC's docstring, "Distributed"): the ranks' batch sizes (one), and each subset's members (one
-  per subset).
+  per subset); a refresh's per-layer reads above happen on each layer's owner only.
 """
 
 from __future__ import annotations
@@ -58,7 +58,14 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.curvature import make_curvature
-from kronograph.runtime.data_parallel import BatchSlice, batch_slice, fold_across_ranks, shared_seed
+from kronograph.runtime.data_parallel import (
+    BatchSlice,
+    batch_slice,
+    fold_across_ranks,
+    invert_across_ranks,
+    inverse_owners,
+    shared_seed,
+)
 from kronograph.runtime.distributed import active_group
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.engines.torch import GradientPass
@@ -129,12 +136,18 @@ class KFAC:
     where a rank has no row of the tau_1 subset, one more all_reduce tells it the outputs' shape). The halves of
     ``signal_scaling`` are the global batch's, each rank passing its rows of each. So nothing depends on the number
     of ranks, except batch norm (each rank's pass normalises over its own rows) and a rank boundary that leaves
-    a piece of one example in a half (that step passes whole slices and s keeps its value). Every rank computes
-    every inverse (splitting them across ranks by a cost model is the next phase), and every decision (skipped
-    steps, rho, rejections) comes from all-reduced values, the same on every rank. Not distributed yet: the
-    low-rank products of sec 8 (off: the full solve, same result), structure="tridiagonal" and the onnxruntime
-    engine (both raise a KronographError). A rank that raises leaves the others waiting in their next collective
-    until the process group's timeout.
+    a piece of one example in a half (that step passes whole slices and s keeps its value). The inverse work is
+    split across the ranks, KAISA's way: each layer's A and G are inverted on one rank, ``inverse_owners`` (dealt
+    out at construction by the cost groups * (a_dim^3 + g_dim^3), largest first to the least-loaded rank), and
+    each inversion round (every gamma candidate of a refresh) is followed by one all_reduce of one flat buffer
+    holding every layer's a_inv, g_inv, pi and failed flags, zeros from the non-owners: sum over the layers of
+    groups * (a_dim^2 + g_dim^2 + 2) entries, 4 bytes each in float32. So every rank holds every inverse, the
+    owner's bit for bit, and the same failure decisions (a failed group keeps its previous inverse everywhere;
+    the owner alone warns). KAISA's other mode, the owner preconditioning its layers' gradients and broadcasting
+    them (less memory, more communication), is not built. Every decision (skipped steps, rho, rejections) comes
+    from all-reduced values, the same on every rank. Not distributed yet: the low-rank products of sec 8 (off: the
+    full solve, same result), structure="tridiagonal" and the onnxruntime engine (both raise a KronographError).
+    A rank that raises leaves the others waiting in their next collective until the process group's timeout.
 
     Args:
         preset: "default" (first try) or "paper".
@@ -267,8 +280,11 @@ class KFAC:
         self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping))
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
+        # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)
+        self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
             seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
+            self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group))
         self.generator = make_generator(self.engine.device, seed)
         self._slice: BatchSlice | None = None  # this step's slice of the global batch (data-parallel)
         self.steps = 0
@@ -368,7 +384,7 @@ class KFAC:
         lr = self.lr
         for gamma in gammas:
             with self._timed("inverses"):
-                inverses = self.curvature.invert(gamma) if refresh else self.curvature.current()
+                inverses = self._invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
                 proposal = {name: value for name, value in self._proposal(grads, inverses, rest).items() if name not in left_out}
                 if gamma == gammas[0] and self._half_difference is not None:  # once a step, with gamma's inverses
@@ -415,6 +431,12 @@ class KFAC:
         info["damping"] = self.damping
         info["rejected_steps"] = self.rejected
         return info
+
+    def _invert(self, gamma: float) -> Any:
+        """Every layer's damped inverses for gamma: here, or data-parallel each rank its share and one all_reduce."""
+        if self._group is None:
+            return self.curvature.invert(gamma)
+        return invert_across_ranks(self.curvature, gamma, self.inverse_owners, self._group)
 
     def _batch_size(self, n: int) -> int:
         """The number of examples of the batch the step is on: n, or data-parallel the global batch's."""
