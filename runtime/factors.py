@@ -74,8 +74,10 @@ def site_rows(
     index: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     with_gradient: bool = True,
+    ones_column: bool = True,
 ) -> SiteRows:
-    """P and Q of one site, in ``dtype`` (independent of the model's dtype)."""
+    """P and Q of one site, in ``dtype`` (independent of the model's dtype); ``ones_column=False`` leaves out
+    the homogeneous 1 of a layer with a bias (for the statistics kernel, which appends it virtually)."""
     record.check_unchanged()
     a = _select(record.a, batch_size, index).to(dtype)
     g = None
@@ -93,7 +95,7 @@ def site_rows(
             f"the plan says {groups} x {layer.in_features}"
         )
     p = p.reshape(p.shape[0], groups, layer.in_features).transpose(0, 1)
-    if layer.bias is not None:
+    if layer.bias is not None and ones_column:
         p = torch.cat([p, p.new_ones(groups, p.shape[1], 1)], dim=2)
     return SiteRows(p, None if q is None else _by_group(layer, q))
 
@@ -111,7 +113,7 @@ def _examples(batch_size: int, index: torch.Tensor | None) -> int:
 
 def layer_rows(
     layer: Layer, records: Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None, dtype: torch.dtype,
-    with_gradient: bool = True,
+    with_gradient: bool = True, ones_column: bool = True,
 ) -> tuple[list[SiteRows], int, int]:
     """The rows of every site of a layer, the number of examples m and the total number of rows R
     (the gradient rows too unless ``with_gradient`` is False: then no site needs a gradient)."""
@@ -122,8 +124,8 @@ def layer_rows(
     m = _examples(batch_size, index)
     if m < 1:
         raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
-    sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient)
-             for record in records]
+    sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient,
+                       ones_column=ones_column) for record in records]
     return sites, m, sum(site.p.shape[1] for site in sites)
 
 
@@ -184,16 +186,24 @@ def fold_factors_(
         decay = 0.0
     if _conv_on_kernel(records, dtype):
         return _fold_conv_on_kernel(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device)
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
+    # On the statistics kernel a bias's homogeneous 1 is appended virtually: the rows are not copied to add it.
+    virtual = layer.bias is not None and _on_statistics_kernel(records[0].a, dtype)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not virtual)
     scale = _grad_scale(m, grad_scale)
     p_parts = [site.p.to(device) for site in sites]
     q_parts = [site.q.to(device) for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8
-    if not (_gram_bound(p_parts) * a_alpha < limit and _gram_bound(q_parts) * g_alpha < limit):
+    if not (_gram_bound(p_parts, at_least=1.0 if virtual else 0.0) * a_alpha < limit
+            and _gram_bound(q_parts) * g_alpha < limit):
         return None
-    return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror),
+    return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=virtual),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
+
+
+def _on_statistics_kernel(rows: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``accumulate_grams`` of float32 factors from these rows runs on the statistics kernel."""
+    return dtype == torch.float32 and use_triton("auto", rows)
 
 
 def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:
@@ -240,15 +250,16 @@ def _fold_conv_on_kernel(layer: Layer, records: Sequence[SiteRecord], a: torch.T
     return a, accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay)
 
 
-def _gram_bound(parts: Sequence[torch.Tensor]) -> float:
-    """An upper bound of |entry| of sum_parts rows^T rows: sum of R max|x|^2 (inf when a row is not finite).
-    The parts' extremes are read by the host at once (one synchronisation on a GPU)."""
+def _gram_bound(parts: Sequence[torch.Tensor], at_least: float = 0.0) -> float:
+    """An upper bound of |entry| of sum_parts rows^T rows: sum of R max(max|x|, ``at_least``)^2 (inf when a row
+    is not finite; ``at_least`` 1 counts a ones column appended virtually). The parts' extremes are read by the
+    host at once (one synchronisation on a GPU)."""
     if not parts:
         return 0.0
     extremes = torch.stack([torch.stack(torch.aminmax(rows)).to(parts[0].device) for rows in parts]).tolist()
     total = 0.0
     for rows, (low, high) in zip(parts, extremes):
-        largest = max(abs(low), abs(high))
+        largest = max(abs(low), abs(high), at_least)
         if not math.isfinite(largest):
             return math.inf
         total += rows.shape[1] * largest * largest
@@ -257,7 +268,7 @@ def _gram_bound(parts: Sequence[torch.Tensor]) -> float:
 
 def accumulate_grams(
     out: torch.Tensor | None, parts: Sequence[torch.Tensor], alpha: float, beta: float, *, mirror: bool = True,
-    panels: int = 4, min_size: int = 256,
+    panels: int = 4, min_size: int = 256, homogeneous: bool = False,
 ) -> torch.Tensor:
     """out <- beta out + alpha sum_parts rows^T rows per group ([groups, r, d] rows -> [groups, d, d]), in
     place (out None: a new tensor, beta ignored), exactly symmetric. On CUDA (float32 factors) this is the
@@ -268,9 +279,11 @@ def accumulate_grams(
     Gram for d ~ 1000). Writing in place also spares a fresh d x d tensor (page faults) and separate EMA
     passes. ``mirror=False`` skips copying the upper triangle to the lower one (``mirror_upper_``), which
     on CPU costs as much as the products for 64 rows: an EMA read once per inversion mirrors only then.
+    ``homogeneous``: each part's rows are X, and the Gram is of [X, 1] (the kernel appends the ones column
+    virtually; the torch way concatenates it).
     """
     first = parts[0]
-    d = first.shape[-1]
+    d = first.shape[-1] + int(homogeneous)
     if out is None:
         out, beta = first.new_empty(first.shape[0], d, d), 0.0
     if out.dtype == torch.float32 and use_triton("auto", first):
@@ -278,8 +291,11 @@ def accumulate_grams(
 
         if all(rows.dtype in ROW_DTYPES for rows in parts):
             for number, rows in enumerate(parts):  # one triangle, EMA and mirror fused; exactly symmetric
-                factor_update_(out, rows, alpha, beta if number == 0 else 1.0, backend="triton")
+                factor_update_(out, rows, alpha, beta if number == 0 else 1.0, homogeneous=homogeneous,
+                               backend="triton")
             return out
+    if homogeneous:
+        parts = [torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2) for rows in parts]
     k = panels if d >= min_size else 1
     edges = [round(i * d / k) for i in range(k + 1)]
     for number, rows in enumerate(parts):

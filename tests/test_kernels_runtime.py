@@ -50,7 +50,7 @@ def run(name: str, backend: str, steps: int = 3, **settings) -> list[torch.Tenso
 
 @pytest.mark.parametrize("name, preset", [("mlp", "paper"), ("cnn", "paper"), ("mlp", "default")])
 def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeypatch):
-    calls = {"statistics": 0, "conv": 0, "inverse": 0, "warm": 0}
+    calls = {"statistics": 0, "homogeneous": 0, "conv": 0, "inverse": 0, "warm": 0}
     statistics_kernel = statistics_kernels.factor_update_triton
     inverse_kernel = inverse_kernels.damped_inverse_ns_triton
     conv_kernel = conv_kernels.conv_factor_update_triton
@@ -59,9 +59,12 @@ def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeyp
         calls["conv"] += 1
         return conv_kernel(*args, **kwargs)
 
-    def counted_statistics(*args, **kwargs):
+    def counted_statistics(out, rows, alpha, beta, homogeneous=False):
         calls["statistics"] += 1
-        return statistics_kernel(*args, **kwargs)
+        if homogeneous:  # a bias's ones column appended by the kernel: the rows were not copied to add it
+            calls["homogeneous"] += 1
+            assert rows.shape[-1] + 1 == out.shape[-1]
+        return statistics_kernel(out, rows, alpha, beta, homogeneous)
 
     def counted_inverse(m, damping, previous=None, *args, **kwargs):
         calls["inverse"] += 1
@@ -72,10 +75,11 @@ def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeyp
     monkeypatch.setattr(inverse_kernels, "damped_inverse_ns_triton", counted_inverse)
     monkeypatch.setattr(conv_kernels, "conv_factor_update_triton", counted_conv)
     on_references = run(name, "torch", preset=preset)
-    assert calls == {"statistics": 0, "conv": 0, "inverse": 0, "warm": 0}
+    assert calls == {"statistics": 0, "homogeneous": 0, "conv": 0, "inverse": 0, "warm": 0}
     on_kernels = run(name, "triton", preset=preset)
     convs = 1 if name == "cnn" else 0  # a conv layer's A from its feature map, its G and the rest from rows
     assert calls["conv"] == 3 * convs and calls["statistics"] == 3 * (4 - convs)
+    assert calls["homogeneous"] == 3 * (2 - convs)  # every linear layer's A (all have a bias), every step
     assert calls["inverse"] > 0 and calls["warm"] > 0  # refreshes after the first start from the inverses in use
     # Newton-Schulz stops at its residual tolerance, not at Cholesky's rounding: the paper's steps agree to
     # 1e-5; the default's (gamma candidates chosen by the model's values, signal scaling) to ~2e-4.
