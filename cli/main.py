@@ -15,6 +15,7 @@ from kronograph.cli.bench import bench
 from kronograph.cli.builtins import BUILTINS
 from kronograph.cli.models import resolve_model, verbose
 from kronograph.cli.report import format_plan, summary
+from kronograph.cli.torchrun import rank_prefix
 from kronograph.cli.train import train
 from kronograph.errors import KronographError
 from kronograph.passes.instrument import instrument
@@ -56,10 +57,11 @@ class _Command(click.Group):
     """The root group: bad input ends with one line on stderr and exit code 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ARG002
+        self.argv = list(sys.argv[1:] if args is None else args)  # what `train --nproc N` runs again under torchrun
         try:
             return super().main(args, prog_name or "kronograph", complete_var, standalone_mode=False, **extra)
         except KronographError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {rank_prefix()}{error}", err=True)
             sys.exit(2)
         except _NO_ARGS_IS_HELP as error:
             click.echo(error.ctx.get_help() if error.ctx else str(error))

@@ -64,6 +64,9 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
 #: The settings that define a run: a resumed run must keep them.
 RUN_KEYS = ("data", "input", "target", "input_shape", "loss", "engine", "optimizer", "batch_size", "batch_schedule",
             "batch_start", "batch_growth", "average", "seed", "valid_fraction", *OPTION_KEYS)
+#: The train command's parameters that are no settings of the run (not in --config, not in the checkpoint): the
+#: number of processes (--nproc) is not part of what a run computes, a checkpoint resumes on any number of them.
+NOT_SETTINGS = ("config", "resume", "model", "nproc", "dist_timeout")
 #: Settings that only --batch-schedule exp reads.
 _EXP_KEYS = ("batch_start", "batch_growth")
 
@@ -106,7 +109,7 @@ def load_config(path: Path, ctx: click.Context) -> dict[str, Any]:
         raise KronographError(f"--config {path}: cannot read it ({error})") from None
     except tomllib.TOMLDecodeError as error:
         raise KronographError(f"--config {path} is not valid TOML ({error}); fix that line") from None
-    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "resume", "model")}
+    params = {p.name: p for p in ctx.command.params if p.name not in NOT_SETTINGS}
     settings: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
