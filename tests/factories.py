@@ -1,5 +1,8 @@
 """Factories named as package.module:factory by the CLI tests (PYTHONPATH=tests)."""
 
+from pathlib import Path
+
+import numpy as np
 from torch import nn
 
 
@@ -52,3 +55,12 @@ class _DictHeads(nn.Module):
 def dict_heads() -> nn.Module:
     """Returns a dict, the logits among other tensors: the loss goes on its 'logits'."""
     return _DictHeads()
+
+
+def write_tiny_data(path: Path) -> Path:
+    """200 examples of 6 features and 3 classes (``tiny_classifier``'s shapes; the label counts the positive
+    first two features) as an .npz for the CLI tests."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    np.savez(path, x=x, y=((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)))
+    return path

@@ -28,6 +28,8 @@ from kronograph.cli.checkpoint import load_checkpoint
 from kronograph.cli.main import main
 from kronograph.cli.torchrun import FAIL_AT, without_nproc
 
+from factories import write_tiny_data
+
 TESTS = Path(__file__).parent
 MODEL = "factories:tiny_classifier"
 RUN = ("--batch-size", "32", "--steps", "6", "--checkpoint-every", "3", "--eval-every", "3", "--seed", "3")
@@ -72,12 +74,7 @@ def _launch(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[subproc
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """200 examples of 6 features and 3 classes (the tiny classifier's shapes), as in test_cli_train."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 6)).astype(np.float32)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)))
-    return path
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.npz")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from kronograph.cli.checkpoint import load_checkpoint, save_checkpoint
 from kronograph.cli.main import main
 from kronograph.runtime.methods.kfac import KFAC
 
+from factories import write_tiny_data
+
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 MODEL = "factories:tiny_classifier"
@@ -35,12 +37,7 @@ PAPER = ("--batch-schedule", "exp", "--batch-start", "8", "--batch-growth", "2",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """200 examples of 6 features and 3 classes (the tiny classifier's shapes)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 6)).astype(np.float32)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)))
-    return path
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.npz")
 
 
 @pytest.fixture
