@@ -133,16 +133,17 @@ class BatchSlice:
         rows = torch.tensor([drawn[j] - self.offset for j in mine], dtype=torch.long, device=self.device)
         return Members(positions, rows, len(drawn), len(set(owners)) == len(self.counts))
 
-    def halves(self) -> tuple[int, int] | None:
+    def halves(self, batch_norm: bool = True) -> tuple[int, int] | None:
         """This rank's numbers of rows in the global batch's first half (its first N // 2 examples, as a single
-        process splits it) and in its second half, or None where the halves cannot be passed: N < 4, or some
-        rank would pass a piece of one example (batch norm cannot). The same answer on every rank."""
+        process splits it) and in its second half, or None where the halves cannot be passed: N < 4, or, for a
+        model with ``batch_norm`` (which cannot normalise one example), some rank would pass a piece of one
+        example. The same answer on every rank."""
         half, pieces, offset = self.total // 2, [], 0
         for n in self.counts:
             first = min(max(half - offset, 0), n)
             pieces += [first, n - first]
             offset += n
-        if self.total < 4 or any(0 < piece < 2 for piece in pieces):
+        if self.total < 4 or batch_norm and any(0 < piece < 2 for piece in pieces):
             return None
         return pieces[2 * self.rank], pieces[2 * self.rank + 1]
 

@@ -135,10 +135,11 @@ class KFAC:
     for the whole subset (``Loss.sampling_noise``; on the CPU generator the single process's draws bit for bit;
     where a rank has no row of the tau_1 subset, one more all_reduce tells it the outputs' shape). The halves of
     ``signal_scaling`` are the global batch's, each rank passing its rows of each. So nothing depends on the number
-    of ranks, except batch norm (each rank's pass normalises over its own rows) and a rank boundary that leaves
-    a piece of one example in a half (that step passes whole slices and s keeps its value). The inverse work is
-    split across the ranks, KAISA's way: each layer's A and G are inverted on one rank, ``inverse_owners`` (dealt
-    out at construction by the cost groups * (a_dim^3 + g_dim^3), largest first to the least-loaded rank), and
+    of ranks, except batch norm (each rank's pass normalises over its own rows; with batch norm, a rank boundary
+    that leaves a piece of one example in a half makes that step pass whole slices, s keeping its value). The
+    inverse work is split across the ranks, KAISA's way: each layer's A and G are inverted on one rank,
+    ``inverse_owners`` (dealt out at construction by the cost groups * (a_dim^3 + g_dim^3), largest first to the
+    least-loaded rank), and
     each inversion round (every gamma candidate of a refresh) is followed by one all_reduce of one flat buffer
     holding every layer's a_inv, g_inv, pi and failed flags, zeros from the non-owners: sum over the layers of
     groups * (a_dim^2 + g_dim^2 + 2) entries, 4 bytes each in float32. So every rank holds every inverse, the
@@ -287,6 +288,9 @@ class KFAC:
             self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group))
         self.generator = make_generator(self.engine.device, seed)
         self._slice: BatchSlice | None = None  # this step's slice of the global batch (data-parallel)
+        # data-parallel halves may pass a one-example piece only where no batch norm normalises over the rows
+        self._batch_norm = self.module is None or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                      for m in self.module.modules())
         self.steps = 0
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
@@ -534,7 +538,7 @@ class KFAC:
         self._rows, self._difference_rows = {}, {}
         halves = self.settings.signal_scaling and self.rescale and not capture
         if self._slice is not None:
-            pieces = self._slice.halves() if halves else None
+            pieces = self._slice.halves(self._batch_norm) if halves else None
             result = self._gradient_across_ranks(inputs, y, capture, pieces)
         elif halves and n >= 4:  # halves of >= 2 (batch norm)
             result = self._gradient_of_halves(inputs, y, low_rank)
