@@ -51,8 +51,10 @@ def _try_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(inverse, ok [groups]) of SPD matrices [groups, d, d]; failed groups hold garbage."""
     factor, info = torch.linalg.cholesky_ex(m)
     ok = info == 0
-    # A failed factorisation leaves a zero pivot: failed groups get a harmless factor (always applied: no host read).
-    factor = torch.where(ok[:, None, None], factor, torch.eye(m.shape[-1], dtype=m.dtype, device=m.device))
+    # A failed factorisation leaves a zero pivot: failed groups get a unit diagonal, so potri cannot divide by zero
+    # (always applied, no host read; their inverse is garbage and flagged). O(d), not a d x d select.
+    diagonal = factor.diagonal(dim1=-2, dim2=-1)
+    diagonal.copy_(torch.where(ok[:, None], diagonal, 1.0))
     # LAPACK's potri from the Cholesky factor: ~1.6x faster than a triangular solve against I and L^-T L^-1
     # for d ~ 1000 on CPU (torch 2.13, 2 threads).
     inverse = torch.cholesky_inverse(factor)
@@ -77,12 +79,13 @@ def cholesky_inverse(m: torch.Tensor, retry: torch.Tensor | None = None) -> tupl
 def safe_damped(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M + damping I with non-finite groups replaced by damping I, the damping per group clamped at 0 (0 where it
     was not finite), finite [groups]: whether the group's M and damping were finite)."""
-    groups, d = m.shape[0], m.shape[-1]
+    groups = m.shape[0]
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
     finite = finite_per_group(m) & torch.isfinite(damping)
     damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
-    safe = torch.where(finite[:, None, None], m, torch.zeros_like(m))
-    return safe + damping[:, None, None] * torch.eye(d, dtype=m.dtype, device=m.device), damping, finite
+    safe = torch.where(finite[:, None, None], m, 0.0)  # a new tensor: the damping goes onto its diagonal in place
+    safe.diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
+    return safe, damping, finite
 
 
 def damping_inverse(damping: torch.Tensor) -> torch.Tensor:
@@ -136,8 +139,10 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: tor
     damped, damping, finite = safe_damped(m, damping)
     inverse, ok = cholesky_inverse(damped, retry=finite)
     ok = ok & finite
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    return torch.where(ok[:, None, None], inverse, damping_inverse(damping)[:, None, None] * eye), ~ok
+    # failed groups become damping_inverse * I in place (one masked pass, no host read; ok groups untouched)
+    inverse.masked_fill_(~ok[:, None, None], 0.0)
+    inverse.diagonal(dim1=-2, dim2=-1).add_(torch.where(ok, 0.0, damping_inverse(damping))[:, None])
+    return inverse, ~ok
 
 
 @dataclass
