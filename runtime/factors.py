@@ -186,24 +186,20 @@ def fold_factors_(
         decay = 0.0
     if _conv_on_kernel(records, dtype):
         return _fold_conv_on_kernel(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device)
-    # On the statistics kernel a bias's homogeneous 1 is appended virtually: the rows are not copied to add it.
-    virtual = layer.bias is not None and _on_statistics_kernel(records[0].a, dtype)
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not virtual)
+    # A bias's homogeneous 1 is appended by accumulate_grams: virtually on the statistics kernel (no copy of the
+    # rows), by one concatenation on the torch way.
+    homogeneous = layer.bias is not None
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous)
     scale = _grad_scale(m, grad_scale)
     p_parts = [site.p.to(device) for site in sites]
     q_parts = [site.q.to(device) for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8
-    if not (_gram_bound(p_parts, at_least=1.0 if virtual else 0.0) * a_alpha < limit
+    if not (_gram_bound(p_parts, at_least=1.0 if homogeneous else 0.0) * a_alpha < limit
             and _gram_bound(q_parts) * g_alpha < limit):
         return None
-    return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=virtual),
+    return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
-
-
-def _on_statistics_kernel(rows: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``accumulate_grams`` of float32 factors from these rows runs on the statistics kernel."""
-    return dtype == torch.float32 and use_triton("auto", rows)
 
 
 def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:

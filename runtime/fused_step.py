@@ -1,4 +1,5 @@
-"""K-FAC's update without re-scaling, on the fused kernel (``triton_kernels.update.fused_update``) where it is exact.
+"""K-FAC's update without re-scaling, the heavy ball: in torch (``heavy_ball``), and on the fused kernel
+(``triton_kernels.update.fused_update``) where it is exact (``fused_layers``, ``fused_heavy_ball_``).
 
 Why: ``KFAC(rescale=False)`` applies delta = lr Delta + momentum previous with Delta = -G^-1 V A^-1 (V = grad h,
 weight decay included), then theta += delta and previous <- delta. In torch that is the two matmuls, then the
@@ -32,6 +33,14 @@ from kronograph.runtime.wbar import gather
 from kronograph.triton_kernels.dispatch import use_triton
 
 _LIMIT = torch.finfo(torch.float32).max / 1024  # margin for float32 rounding of the bounded sums
+
+
+def heavy_ball(step: Mapping[str, torch.Tensor], lr: float, momentum: float,
+               previous: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The update without re-scaling in torch: lr * step, plus momentum times the previous update."""
+    if momentum and previous is not None:
+        return {name: d * lr + momentum * previous[name] for name, d in step.items()}
+    return {name: d * lr for name, d in step.items()}
 
 
 def _w_bar_view(layer: Layer, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -101,11 +110,10 @@ def fused_heavy_ball_(engine, curvature, layers: list[Layer], grads: Mapping[str
                              scale=-lr, previous=_w_bar_view(layer, buffer), momentum=0.0 if last is None else momentum,
                              param=_w_bar_view(layer, param), weight_decay=0.0, lr=1.0, backend="triton")
         deltas[layer.weight] = buffer
-    if fallback:  # the torch path's own formulas (curvature.direction, kfac.heavy_ball), checked before written
+    if fallback:  # the torch path's own formulas (curvature.direction, heavy_ball), checked before written
         subset = copy.copy(curvature)
         subset.blocks = {layer.name: curvature.blocks[layer.name] for layer in fallback}
-        for name, d in subset.direction(grads, inverses, rows).items():
-            update = d * lr + momentum * lasts[name] if lasts[name] is not None else d * lr
+        for name, update in heavy_ball(subset.direction(grads, inverses, rows), lr, momentum, previous).items():
             if all_finite([update]):
                 engine.add_({name: update})
                 deltas[name] = update

@@ -79,7 +79,7 @@ from kronograph.runtime.damping import (
     lm_omega,
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
-from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers
+from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
 from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
@@ -98,13 +98,6 @@ UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms"
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
 Direction = dict[str, torch.Tensor]
-
-
-def heavy_ball(step: Direction, lr: float, momentum: float, previous: Direction | None) -> Direction:
-    """The update without re-scaling: lr * step, plus momentum times the previous update."""
-    if momentum and previous is not None:
-        return {name: d * lr + momentum * previous[name] for name, d in step.items()}
-    return {name: d * lr for name, d in step.items()}
 
 
 class KFAC:
@@ -139,10 +132,9 @@ class KFAC:
     that leaves a piece of one example in a half makes that step pass whole slices, s keeping its value). The
     inverse work is split across the ranks, KAISA's way: each layer's A and G are inverted on one rank,
     ``inverse_owners`` (dealt out at construction by the cost groups * (a_dim^3 + g_dim^3), largest first to the
-    least-loaded rank), and
-    each inversion round (every gamma candidate of a refresh) is followed by one all_reduce of one flat buffer
-    holding every layer's a_inv, g_inv, pi and failed flags, zeros from the non-owners: sum over the layers of
-    groups * (a_dim^2 + g_dim^2 + 2) entries, 4 bytes each in float32. So every rank holds every inverse, the
+    least-loaded rank), and each inversion round (every gamma candidate of a refresh) is followed by one
+    all_reduce of one flat buffer holding every layer's a_inv, g_inv, pi and failed flags, zeros from the
+    non-owners: sum over the layers of groups * (a_dim^2 + g_dim^2 + 2) entries, 4 bytes each in float32. So every rank holds every inverse, the
     owner's bit for bit, and the same failure decisions (a failed group keeps its previous inverse everywhere;
     the owner alone warns). KAISA's other mode, the owner preconditioning its layers' gradients and broadcasting
     them (less memory, more communication), is not built. Every decision (skipped steps, rho, rejections) comes
@@ -255,7 +247,6 @@ class KFAC:
         fisher, momentum, rescale, structure = s.fisher, s.momentum, s.rescale, s.structure
         self.compiled = compiled
         self.module = compiled.module
-        self.process_group = process_group
         self._group = active_group(process_group)  # data-parallel ranks (runtime/data_parallel.py); None: one process
         if self._group is not None:
             if compiled.engine != "torch":
