@@ -8,6 +8,7 @@ gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Container, Mapping, Sequence
 from typing import Any
@@ -73,9 +74,17 @@ class BlockDiagonalCurvature:
         for name, block in self.blocks.items():
             block.inverses = inverses[name]
 
-    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows) -> list[torch.Tensor]:
+    def restricted(self, names: Container[str]) -> BlockDiagonalCurvature:
+        """A shallow copy holding only the blocks of the layers ``names``: its verbs act on those layers."""
+        subset = copy.copy(self)
+        subset.blocks = {name: block for name, block in self.blocks.items() if name in names}
+        return subset
+
+    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows,
+              right_rows: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """F^-1 applied to each layer's grad W_bar; where ``rows`` holds the batch's (P, Q) of a layer, by the
-        low-rank product of sec 8, (G^-1 Q^T)(P A^-1). A layer without inverses keeps its gradient."""
+        low-rank product of sec 8, (G^-1 Q^T)(P A^-1), whose P A^-1 is kept in ``right_rows`` when given (for
+        ``quadratic_form_by_rows``). A layer without inverses keeps its gradient."""
         solved = []
         for (name, _), bar in zip(self.blocks.items(), bars):
             inverse = inverses[name]
@@ -83,17 +92,33 @@ class BlockDiagonalCurvature:
                 solved.append(bar)
             elif name in rows:
                 p_rows, q_rows = rows[name]
-                solved.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ (p_rows @ inverse.a_inv))
+                right = p_rows @ inverse.a_inv
+                if right_rows is not None:
+                    right_rows[name] = right
+                solved.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ right)
             else:
                 solved.append(precondition(bar, inverse))
         return solved
 
-    def direction(self, grads: Mapping[str, torch.Tensor], inverses: Any, rows: Rows) -> dict[str, torch.Tensor]:
-        """The K-FAC proposal Delta = -F^-1 grad for every layer's weight and bias, shaped as the parameters."""
+    def quadratic_form_by_rows(self, rows: Rows, inverses: Any, right_rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """x^T F^-1 x summed over the layers of ``right_rows``, x = Q^T P a layer's gradient given by its ``rows``
+        (P, Q), whose P A^-1 ``solve`` kept (the same P): tr((Q G^-1 Q^T)(P A^-1 P^T)) per group, R^2 (g + a) + R g^2
+        multiply-adds against a solve's R (g^2 + a^2 + g a); no g x a matrix is formed."""
+        total = torch.zeros((), dtype=torch.float64, device=next(iter(right_rows.values())).device)
+        for name, right in right_rows.items():
+            p_rows, q_rows = rows[name]
+            left = q_rows @ (inverses[name].g_inv @ q_rows.transpose(1, 2))  # Q G^-1 Q^T [groups, R, R]
+            total = total + (left * (right @ p_rows.transpose(1, 2)).transpose(1, 2)).sum(dtype=torch.float64)
+        return total
+
+    def direction(self, grads: Mapping[str, torch.Tensor], inverses: Any, rows: Rows,
+                  right_rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The K-FAC proposal Delta = -F^-1 grad for every layer's weight and bias, shaped as the parameters
+        (``right_rows``: see ``solve``)."""
         layers = [block.layer for block in self.blocks.values()]
         bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
         proposal: dict[str, torch.Tensor] = {}
-        for layer, solved in zip(layers, self.solve(bars, inverses, rows)):
+        for layer, solved in zip(layers, self.solve(bars, inverses, rows, right_rows)):
             weight, bias = scatter(layer, solved)
             proposal[layer.weight] = -weight.to(grads[layer.weight].dtype)
             if layer.bias:
@@ -164,10 +189,11 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
             self.inverse = None
             super().adopt(inverses)
 
-    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows) -> list[torch.Tensor]:
+    def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows,
+              right_rows: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         if isinstance(inverses, TridiagonalInverse):
             return inverses.apply(bars)
-        return super().solve(bars, inverses, rows)
+        return super().solve(bars, inverses, rows, right_rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {

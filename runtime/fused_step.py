@@ -20,7 +20,6 @@ Inf still never reaches the weights.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Collection, Mapping
 
@@ -70,10 +69,8 @@ def fused_layers(engine, curvature, grads: Mapping[str, torch.Tensor], rows: Col
     ]
     if not chosen:
         return [], curvature
-    rest = copy.copy(curvature)
     taken = {layer.name for layer in chosen}
-    rest.blocks = {name: block for name, block in curvature.blocks.items() if name not in taken}
-    return chosen, rest
+    return chosen, curvature.restricted([name for name in curvature.blocks if name not in taken])
 
 
 def fused_heavy_ball_(engine, curvature, layers: list[Layer], grads: Mapping[str, torch.Tensor], inverses: Mapping,
@@ -111,8 +108,7 @@ def fused_heavy_ball_(engine, curvature, layers: list[Layer], grads: Mapping[str
                              param=_w_bar_view(layer, param), weight_decay=0.0, lr=1.0, backend="triton")
         deltas[layer.weight] = buffer
     if fallback:  # the torch path's own formulas (curvature.direction, heavy_ball), checked before written
-        subset = copy.copy(curvature)
-        subset.blocks = {layer.name: curvature.blocks[layer.name] for layer in fallback}
+        subset = curvature.restricted([layer.name for layer in fallback])
         for name, update in heavy_ball(subset.direction(grads, inverses, rows), lr, momentum, previous).items():
             if all_finite([update]):
                 engine.add_({name: update})

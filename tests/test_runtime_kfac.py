@@ -333,6 +333,24 @@ def test_low_rank_rows_of_the_halves_difference_equal_the_direct_solve():
         assert torch.allclose(by_rows[name], direct[name], atol=1e-12, rtol=1e-9), name
 
 
+def test_quadratic_form_by_rows_equals_the_dense_kronecker_form():
+    # signal_scaling's d^T F^-1 d from the halves' rows and the proposal's P A^-1, against vec(D)^T (A^-1 kron G^-1)
+    # vec(D) with the Kronecker product formed explicitly from d's W_bar = [grad W, grad b].
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
+    _, _, grads, _ = optimizer._gradient((x,), y)
+    inverses = optimizer.curvature.current()
+    right_rows: dict = {}
+    optimizer.curvature.direction(grads, inverses, optimizer._rows, right_rows)
+    assert set(right_rows) == {"0"}
+    by_rows = float(optimizer.curvature.quadratic_form_by_rows(optimizer._difference_rows, inverses, right_rows))
+    d = optimizer._half_difference
+    bar = torch.cat([d["0.weight"], d["0.bias"][:, None]], dim=1)  # [g, a]
+    inverse = inverses["0"]
+    dense = torch.kron(inverse.a_inv[0], inverse.g_inv[0])  # vec(G^-1 X A^-1) = (A^-1 kron G^-1) vec(X), columns
+    vec = bar.T.reshape(-1)
+    assert by_rows == pytest.approx(float(vec @ dense @ vec), rel=1e-9)
+
+
 def test_weight_decay_keeps_the_low_rank_product_off_with_the_empirical_fisher():
     # The rows carry the loss's gradient only; eta W is full rank, so with weight decay the proposal is the
     # direct one even where the empirical Fisher's pass captured the rows (it was not before).

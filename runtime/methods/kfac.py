@@ -381,9 +381,12 @@ class KFAC:
             with self._timed("inverses"):
                 inverses = self._invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
-                proposal = {name: value for name, value in self._proposal(grads, inverses, rest).items() if name not in left_out}
-                if gamma == gammas[0] and self._half_difference is not None:  # once a step, with gamma's inverses
-                    self._update_signal(grads, proposal, inverses)
+                signal = gamma == gammas[0] and self._half_difference is not None  # once a step, gamma's inverses
+                right_rows: dict[str, torch.Tensor] | None = {} if signal else None
+                proposal = {name: value for name, value in self._proposal(grads, inverses, rest, right_rows).items()
+                            if name not in left_out}
+                if signal:
+                    self._update_signal(grads, proposal, inverses, right_rows)
                 if self.signal is not None:
                     lr = self.lr * (1 + self._signal_share()) / 2
                     info["signal"] = self._signal_share()
@@ -601,16 +604,24 @@ class KFAC:
             self._half_difference = dict(zip(names, summed[1 + len(names):]))
         return GradientPass(float(summed[0]), dict(zip(names, summed[1:1 + len(names)])), shares[0][2].records)
 
-    def _update_signal(self, grads: Direction, proposal: Direction, inverses) -> None:
+    def _update_signal(self, grads: Direction, proposal: Direction, inverses, right_rows: Mapping[str, torch.Tensor]
+                       ) -> None:
         """Fold this step's g^T F^-1 g and g_A^T F^-1 g_B into their EMAs. With Delta = -F^-1 g and
         d = (g_A - g_B) / 2: g^T F^-1 g - d^T F^-1 d = g_A^T F^-1 g_B, an unbiased estimate of the signal's part
-        of g^T F^-1 g, whose expectation also holds the noise's tr(F^-1 Sigma) / n."""
+        of g^T F^-1 g, whose expectation also holds the noise's tr(F^-1 Sigma) / n. d^T F^-1 d by the halves' rows
+        where the proposal's low-rank product kept P A^-1 (``quadratic_form_by_rows``: no g x a solve), by the
+        solve elsewhere."""
         difference = self._half_difference
-        solved = self.curvature.direction(difference, inverses, self._difference_rows)
-        products = [inner_tensor(grads, proposal), inner_tensor(difference, {name: solved[name] for name in proposal})]
-        together, apart = torch.stack(products).tolist()  # one host read
+        by_rows = {name: right for name, right in right_rows.items() if name in self._difference_rows
+                   and all(p in proposal for p in (self.blocks[name].layer.weight, self.blocks[name].layer.bias) if p)}
+        rest = self.curvature.restricted([name for name in self.blocks if name not in by_rows])
+        solved = rest.direction(difference, inverses, self._difference_rows)
+        products = [inner_tensor(grads, proposal), inner_tensor(difference, {n: solved[n] for n in proposal if n in solved})]
+        if by_rows:
+            products.append(-self.curvature.quadratic_form_by_rows(self._difference_rows, inverses, by_rows))
+        together, *apart = torch.stack(products).tolist()  # one host read
         total = -together
-        cross = total + apart
+        cross = total + sum(apart)
         if not (math.isfinite(total) and math.isfinite(cross)) or total <= 0:
             return
         if self.signal is None:
@@ -639,10 +650,11 @@ class KFAC:
             value += 0.5 * self.weight_decay * self._squared_norm()
         return value
 
-    def _proposal(self, grads: Direction, inverses, curvature: Any = None) -> Direction:
+    def _proposal(self, grads: Direction, inverses, curvature: Any = None,
+                  right_rows: dict[str, torch.Tensor] | None = None) -> Direction:
         """Delta = -F^-1 grad h for every layer of ``curvature`` (default: all; the low-rank product where this
-        step's rows make it pay)."""
-        return (self.curvature if curvature is None else curvature).direction(grads, inverses, self._rows)
+        step's rows make it pay, keeping P A^-1 in ``right_rows`` when given)."""
+        return (self.curvature if curvature is None else curvature).direction(grads, inverses, self._rows, right_rows)
 
     def _unmatched_direction(self, grads: Direction, names: Sequence[str]) -> Direction:
         """The step direction of the parameters outside every Kronecker block (norms, embeddings, tied
