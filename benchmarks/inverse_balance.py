@@ -5,15 +5,19 @@
 
 ``kronograph.optim.KFAC`` under torch.distributed inverts each layer's damped A and G on one rank, assigned by
 ``runtime.data_parallel.assign_inverses`` (cost groups * (a_dim^3 + g_dim^3), largest first to the least-loaded
-rank), and shares the results by one all_reduce of a buffer of every layer's inverses, pi and failed flags
-(``invert_across_ranks``). This prints, for the MNIST autoencoder (784-1000-500-250-30 and mirror, biases: a_dim
-= in + 1) and a ResNet-50's layers (53 convolutions without bias, a_dim = in * k * k, and the 2048 -> 1000 head
-with bias), at each number of ranks: every rank's cost (in units of 10^9 n^3), max / mean (1: perfect balance;
-the slowest rank sets the round's time) and the largest single layer's cost against the mean (no assignment of
-whole layers beats max(1, that)); then the buffer's bytes per inversion round (float32) and what a ring
-all_reduce sends per rank, 2 (W - 1) / W times it. No timing: a cost model only. ``--check`` also compiles the
-two models (the ResNet-50 built here, torchvision's layout: torchvision itself is not needed) with
-kronograph.compile and checks that the layers it finds are the ones listed.
+rank), and shares the results by one all_gather of the owners' buffers, each the upper triangles of its layers'
+inverses, pi and failed flags, zero-padded to the largest rank's share (``invert_across_ranks``). This prints, for
+the MNIST autoencoder (784-1000-500-250-30 and mirror, biases: a_dim = in + 1) and a ResNet-50's layers (53
+convolutions without bias, a_dim = in * k * k, and the 2048 -> 1000 head with bias), at each number of ranks: every
+rank's cost (in units of 10^9 n^3), max / mean (1: perfect balance; the slowest rank sets the round's time) and the
+largest single layer's cost against the mean (no assignment of whole layers beats max(1, that)); then the bytes of
+every layer's triangles, pi and flags per inversion round (float32), and at each number of ranks the largest rank's
+share (the buffer every rank contributes, padded to it) and what a ring all_gather sends per rank, (W - 1) times
+that share (the gathered buffer, W shares, less the rank's own), against what a ring all_reduce of every layer's
+triangles would send, 2 (W - 1) / W of them (the padding makes the all_gather the dearer one once W times the
+largest share passes twice the total; ``invert_across_ranks`` then takes the all_reduce, last column). No timing: a cost model only. ``--check`` also compiles the two models (the
+ResNet-50 built here, torchvision's layout: torchvision itself is not needed) with kronograph.compile and checks
+that the layers it finds are the ones listed.
 """
 
 from __future__ import annotations
@@ -101,19 +105,24 @@ def check(name: str, shapes: Shapes) -> None:
 def report(name: str, shapes: Shapes, ranks: list[int]) -> None:
     costs = [inverse_cost(*shape) for shape in shapes]
     total = sum(costs)
-    entries = sum(inverse_entries(*shape) for shape in shapes)
-    matrices = sum(groups * (a * a + g * g) for groups, a, g in shapes)
+    sizes = [inverse_entries(*shape) for shape in shapes]
+    entries = sum(sizes)
+    matrices = sum(groups * (a * (a + 1) // 2 + g * (g + 1) // 2) for groups, a, g in shapes)
     print(f"\n{name}: {len(shapes)} layers, total cost {total / 1e9:.2f}e9 n^3, largest layer {max(costs) / 1e9:.2f}e9")
-    print(f"bytes per inversion round (float32): {4 * entries:,} ({4 * matrices:,} of inverses, "
+    print(f"bytes per inversion round (float32, upper triangles): {4 * entries:,} ({4 * matrices:,} of inverses, "
           f"{4 * (entries - matrices):,} of pi and flags)\n")
-    print("| ranks | per-rank cost (1e9 n^3) | max / mean | largest layer / mean | all_reduce bytes sent per rank |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+    print("| ranks | per-rank cost (1e9 n^3) | max / mean | largest layer / mean | largest share bytes "
+          "| all_gather bytes sent per rank | all_reduce of the triangles | the round's collective |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for world in ranks:
-        loads = rank_loads(costs, assign_inverses(costs, world), world)
+        owners = assign_inverses(costs, world)
+        loads = rank_loads(costs, owners, world)
+        share = 4 * int(max(rank_loads(sizes, owners, world)))  # every rank's buffer is padded to the largest
         mean = total / world
-        sent = 0 if world == 1 else round(2 * (world - 1) / world * 4 * entries)
+        reduced = round(2 * (world - 1) / world * 4 * entries)
         print(f"| {world} | {' '.join(f'{load / 1e9:.2f}' for load in loads)} | {max(loads) / mean:.3f} | "
-              f"{max(costs) / mean:.3f} | {sent:,} |")
+              f"{max(costs) / mean:.3f} | {share:,} | {(world - 1) * share:,} | {reduced:,} | "
+              f"{'-' if world == 1 else 'all_gather' if world * share <= 2 * 4 * entries else 'all_reduce'} |")
 
 
 def main() -> None:

@@ -16,25 +16,30 @@ rank takes the same step: the one a single process would take on the whole batch
   and folded into the EMAs;
 * ``shared_seed``: rank 0's seed for the generator when none is given;
 * ``inverse_owners``: which rank inverts which layer's damped factors (``assign_inverses``, a greedy cost model);
-* ``invert_across_ranks``: each rank inverts its layers only, and one all_reduce gives every rank every layer's.
+* ``invert_across_ranks``: each rank inverts its layers only, and one all_gather gives every rank every layer's.
 
 The inverse work is split as KAISA splits it (Pauloski et al. 2021, kfac-pytorch; the design, not its code): a
 layer's A and G are inverted together on one rank, its owner, the layers dealt out once at construction by
 ``assign_inverses`` (cost groups * (a_dim^3 + g_dim^3), largest first, each to the least-loaded rank: the same
 assignment on every rank, computed from the plan alone). Each inversion round (each gamma candidate of a
 refresh) every rank runs ``factored_inverses`` on its own layers (the damping, the centred path, the float64
-retry, a failed group keeping its previous inverse: all as one process does it) and writes, for every layer
-with statistics in plan order, a_inv, g_inv, pi and the failed flags (as 0/1) into one flat buffer in the
-factors' dtype, zeros for the layers it does not own; one all_reduce(SUM) of that buffer gives every rank every
-layer's result. Exactly one rank adds a non-zero to each entry (x + 0 = x; a -0.0 comes back +0.0), so every rank
-ends with the owner's inverses bit for bit and the same failure decisions; the failure's InverseWarning is raised
-on the owner only.
-Communicated per inversion round: sum over the layers with statistics of groups * (a_dim^2 + g_dim^2 + 2)
-entries, 4 bytes each in float32 (8 in float64): the inverses, and pi and the flag per group. One all_reduce
-rather than a broadcast from each owner (``world`` collectives, or one per layer as KAISA issues them) or an
-all_gather of the owners' packed pieces (each padded to the largest rank's bytes, which the cost model, balancing
-n^3 work and not n^2 bytes, leaves unequal): one collective per round whose size depends on the plan only; a
-ring all_reduce moves about twice the bytes of an ideal all_gather, the price of that. Every rank then holds
+retry, a failed group keeping its previous inverse: all as one process does it) and packs, for each layer it
+owns with statistics in plan order, the upper triangles of a_inv and g_inv, pi and the failed flags (as 0/1)
+into one flat buffer in the factors' dtype, zero-padded to the largest rank's share (every rank knows every
+share: they follow from the plan, the layers with statistics and the assignment); one all_gather_into_tensor
+gives every rank every rank's buffer, and each layer is unpacked from its owner's segment, the triangles
+mirrored. Every rank, the owner too, then uses the unpacked inverses, so all hold the same bits even where an
+inverse was not exactly symmetric (the Triton Newton-Schulz path), and the same failure decisions; the
+failure's InverseWarning is raised on the owner only.
+Communicated per inversion round: each rank's buffer holds the largest share, max over the ranks of the sum over
+its layers of groups * (a_dim (a_dim + 1) / 2 + g_dim (g_dim + 1) / 2 + 2) entries (4 bytes each in float32, 8
+in float64); a ring all_gather sends (W - 1) such buffers per rank. Against the former zero-padded all_reduce of
+every layer's full matrices (2 (W - 1) / W of groups * (a_dim^2 + g_dim^2 + 2) entries per rank) that is about
+a quarter of the bytes when the shares are even; the cost model balances n^3 work, not n^2 bytes, so uneven
+shares add padding, and once W times the largest share passes twice the total an all_reduce of the triangles
+sends less (benchmarks/inverse_balance.py: the MNIST autoencoder at 16 ranks, ResNet-50 at 16), so that round is
+one all_reduce of every layer's piece in plan order, zeros from the non-owners (x + 0 = x: the owner's bits). One
+collective per round whose kind and size depend on the plan (and the layers with statistics) only. Every rank then holds
 every inverse and preconditions the whole gradient itself; KAISA's other mode (the owner preconditions its
 layers' gradients and broadcasts them, so the other ranks need not hold those inverses: less memory, more
 communication per step) is not built.
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +60,7 @@ import torch.distributed as dist
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer, LayerPlan
 from kronograph.runtime.capture import SiteRecord
-from kronograph.runtime.distributed import average_statistics
+from kronograph.runtime.distributed import average_statistics, pack_triangle, triangle_entries, unpack_triangle
 from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.inverse import DampedInverses
@@ -289,18 +295,21 @@ def inverse_owners(layers: Sequence[Layer], world: int) -> dict[str, int]:
 
 
 def inverse_entries(groups: int, a_dim: int, g_dim: int) -> int:
-    """One layer's entries in ``invert_across_ranks``'s buffer: a_inv, g_inv, and pi and the failed flag per group."""
-    return groups * (a_dim * a_dim + g_dim * g_dim + 2)
+    """One layer's entries in ``invert_across_ranks``'s buffer: the upper triangles of a_inv and g_inv, and pi and
+    the failed flag per group."""
+    return groups * (triangle_entries(a_dim) + triangle_entries(g_dim) + 2)
 
 
 def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners: Mapping[str, int],
                         group: dist.ProcessGroup) -> dict[str, DampedInverses | None]:
-    """``curvature.invert(gamma)`` split across the ranks: this rank inverts the layers ``owners`` gives it, and
-    one all_reduce of one flat buffer (every layer with statistics in plan order; zeros where a rank is not the
-    owner) gives every rank every layer's inverses, pi and failed groups, those of its owner bit for bit. Every
-    rank must call this in the same round (the layers with statistics are the same on every rank: their factors
-    are folded from all-reduced statistics). None for a layer with no statistics, as ``invert``."""
-    rank = dist.get_rank(group)
+    """``curvature.invert(gamma)`` split across the ranks: this rank inverts the layers ``owners`` gives it and packs
+    them (triangles, pi, failed flags) into its segment, padded to the largest rank's share; one all_gather gives
+    every rank every segment (or, where the padding would make that send more, one all_reduce of every layer's
+    piece, zeros from the non-owners), and every rank (the owner too) unpacks every layer's inverses, mirrored: the
+    same bits on every rank. Every rank must call this in the same round (the layers with statistics are the same on
+    every rank: their factors are folded from all-reduced statistics). None for a layer with no statistics, as
+    ``invert``."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank})
     estimated = {name: block for name, block in curvature.blocks.items() if block.estimated}
     result: dict[str, DampedInverses | None] = {name: None for name in curvature.blocks}
@@ -308,21 +317,38 @@ def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners:
         return result
     first = next(iter(estimated.values()))
     dtype, device = first.dtype, first.a.device
-    parts = []
-    for name, block in estimated.items():
-        layer, mine = block.layer, local[name]
-        if mine is None:
-            parts.append(torch.zeros(inverse_entries(layer.groups, layer.a_dim, layer.g_dim), dtype=dtype,
-                                     device=device))
-        else:
-            parts += [mine.a_inv.reshape(-1).to(dtype), mine.g_inv.reshape(-1).to(dtype), mine.pi.reshape(-1).to(dtype),
-                      mine.failed.reshape(-1).to(dtype)]
-    buffer = torch.cat(parts)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
+    sizes = {name: inverse_entries(b.layer.groups, b.layer.a_dim, b.layer.g_dim) for name, b in estimated.items()}
+    shares = [0] * world
+    for name, size in sizes.items():
+        shares[owners[name]] += size
+    width = max(shares)
+    pieces = {}
+    for name in estimated:
+        if owners[name] == rank:
+            mine = local[name]
+            pieces[name] = torch.cat([pack_triangle(mine.a_inv.to(dtype)).reshape(-1),
+                                      pack_triangle(mine.g_inv.to(dtype)).reshape(-1),
+                                      mine.pi.reshape(-1).to(dtype), mine.failed.reshape(-1).to(dtype)])
+    if world * width <= 2 * sum(shares):  # a ring all_gather sends (W - 1) width, an all_reduce 2 (W - 1) / W total
+        segments = [*pieces.values(), torch.zeros(width - shares[rank], dtype=dtype, device=device)]
+        buffer = torch.empty(world * width, dtype=dtype, device=device)
+        with warnings.catch_warnings():  # torch 2.13 deprecates the name for all_gather_single, absent from older torch
+            warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
+            dist.all_gather_into_tensor(buffer, torch.cat(segments), group=group)
+        offsets = [r * width for r in range(world)]
+        starts = {}
+        for name in estimated:  # each owner's layers in plan order from its segment's start
+            starts[name] = offsets[owners[name]]
+            offsets[owners[name]] += sizes[name]
+    else:  # shares too uneven for the padding: every layer in plan order, zeros from the non-owners, summed
+        starts = dict(zip(sizes, itertools.accumulate([0, *sizes.values()])))
+        buffer = torch.cat([pieces.get(name, torch.zeros(size, dtype=dtype, device=device))
+                            for name, size in sizes.items()])
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     for name, block in estimated.items():
         n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
-        a_inv, g_inv, pi, failed = buffer[offset:offset + inverse_entries(n, a, g)].split([n * a * a, n * g * g, n, n])
-        offset += inverse_entries(n, a, g)
-        result[name] = DampedInverses(a_inv.view(n, a, a), g_inv.view(n, g, g), pi, failed > 0.5)
+        start = starts[name]
+        a_inv, g_inv, pi, failed = buffer[start:start + sizes[name]].split(
+            [n * triangle_entries(a), n * triangle_entries(g), n, n])
+        result[name] = DampedInverses(unpack_triangle(a_inv, a), unpack_triangle(g_inv, g), pi, failed > 0.5)
     return result

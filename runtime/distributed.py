@@ -3,10 +3,13 @@
 Under DistributedDataParallel each rank sees its own slice of the batch and DDP averages the gradients;
 K-FAC must precondition that average with the same factors on every rank, or the replicas drift apart.
 A and G are means over examples, so the whole batch's factors are the ranks' factors weighted by their
-numbers of examples m. Each rank packs, for every layer of the plan in plan order, m * A, m * G and m into
-one flat buffer (zeros and m = 0 for a layer it has no statistics for); one all_reduce sums the buffers
-and each layer's sums divided by its total m are the global factors, the same on every rank, so the EMAs
-and the inverses computed from them stay the same too (inverses are computed on every rank).
+numbers of examples m. Each rank packs, for every layer of the plan in plan order, the upper triangles of
+m * A and m * G (A and G are symmetric: half the bytes, as kfac-pytorch's ``symmetry_aware``) and then every
+layer's m into one flat buffer (zeros and m = 0 for a layer it has no statistics for); one all_reduce sums the
+buffers, and each layer's sums divided by its total m, mirrored into full matrices (exactly symmetric), are the
+global factors, the same on every rank, so the EMAs and the inverses computed from them stay the same too.
+Communicated per statistics step: sum over the plan's layers of groups * (a_dim (a_dim + 1) / 2 + g_dim (g_dim
++ 1) / 2) entries, plus one count per layer, in the factors' dtype.
 
 * The layout depends on the plan only, never on what a rank captured: the collective cannot hang on a rank
   that missed a layer, and it runs once per statistics step, not once per layer.
@@ -16,6 +19,7 @@ and the inverses computed from them stay the same too (inverses are computed on 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -37,9 +41,40 @@ def active_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     return None
 
 
-def _shapes(layer: Layer) -> tuple[torch.Size, torch.Size]:
-    return (torch.Size((layer.groups, layer.a_dim, layer.a_dim)),
-            torch.Size((layer.groups, layer.g_dim, layer.g_dim)))
+def triangle_entries(d: int) -> int:
+    """Entries of a d x d matrix's upper triangle, diagonal included."""
+    return d * (d + 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _triangle_index(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in a d x d matrix of its upper triangle (row-major) and of their mirror images; cached per
+    size and device, as the same few sizes recur every step."""
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows * d + cols, cols * d + rows
+
+
+def pack_triangle(m: torch.Tensor) -> torch.Tensor:
+    """[groups, d(d+1)/2]: the upper triangles of symmetric matrices [groups, d, d] (a copy)."""
+    d = m.shape[-1]
+    upper, _ = _triangle_index(d, m.device)
+    return m.reshape(-1, d * d).index_select(1, upper)
+
+
+def unpack_triangle(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """[groups, d, d] from ``pack_triangle``'s [groups, d(d+1)/2] (or its flat view), the lower triangle
+    mirrored from the upper: exactly symmetric, the same bits wherever the same triangle is unpacked."""
+    packed = packed.reshape(-1, triangle_entries(d))
+    upper, lower = _triangle_index(d, packed.device)
+    out = packed.new_empty(packed.shape[0], d * d)
+    out[:, upper] = packed
+    out[:, lower] = packed
+    return out.view(-1, d, d)
+
+
+def factor_entries(layer: Layer) -> int:
+    """One layer's entries in ``average_statistics``'s buffer, its count aside: the triangles of m A and m G."""
+    return layer.groups * (triangle_entries(layer.a_dim) + triangle_entries(layer.g_dim))
 
 
 def average_statistics(
@@ -52,30 +87,32 @@ def average_statistics(
     """The example-weighted mean over the group's ranks of each layer's (A, G), by one all_reduce.
 
     Every rank must call this at the same statistics step with the same ``layers`` (in the same order).
-    Buffer: m * A and m * G of each layer in order, then the layers' m. Returns the layers that some rank
-    had statistics for, with their global factors and the total number of examples.
+    Buffer: the upper triangles of m * A and m * G of each layer in order, then the layers' m. Returns the layers
+    that some rank had statistics for, with their global factors (exactly symmetric) and the total number of
+    examples.
     """
     if not layers:
         return {}
+    device = torch.device(device)
     parts: list[torch.Tensor] = []
     counts = [float(stats[name][2]) if name in stats else 0.0 for name in layers]
     for name, layer in layers.items():
-        a_shape, g_shape = _shapes(layer)
         if name in stats:
             a, g, m = stats[name]
-            parts += [a.to(device, dtype).reshape(-1) * m, g.to(device, dtype).reshape(-1) * m]
+            parts += [pack_triangle(a.to(device, dtype)).reshape(-1) * m,
+                      pack_triangle(g.to(device, dtype)).reshape(-1) * m]
         else:
-            parts.append(torch.zeros(a_shape.numel() + g_shape.numel(), dtype=dtype, device=device))
+            parts.append(torch.zeros(factor_entries(layer), dtype=dtype, device=device))
     buffer = torch.cat(parts + [torch.tensor(counts, dtype=dtype, device=device)])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     totals = buffer[-len(layers):].tolist()
     result: Statistics = {}
     offset = 0
     for (name, layer), m in zip(layers.items(), totals):
-        a_shape, g_shape = _shapes(layer)
-        a = buffer[offset:offset + a_shape.numel()].view(a_shape)
-        g = buffer[offset + a_shape.numel():offset + a_shape.numel() + g_shape.numel()].view(g_shape)
-        offset += a_shape.numel() + g_shape.numel()
+        a_size, g_size = layer.groups * triangle_entries(layer.a_dim), layer.groups * triangle_entries(layer.g_dim)
         if m > 0:
+            a = unpack_triangle(buffer[offset:offset + a_size], layer.a_dim)
+            g = unpack_triangle(buffer[offset + a_size:offset + a_size + g_size], layer.g_dim)
             result[name] = (a / m, g / m, int(round(m)))
+        offset += a_size + g_size
     return result

@@ -6,7 +6,8 @@ The ranks all-reduce the gradient, the factors, the quadratic model's Fisher pro
 step, and draw subsets and sampled targets for the global batch from one shared generator, so the distributed
 run must be the single-process run, to float32 rounding, whatever the slices. The inverse work is split: each
 rank runs ``factored_inverses`` (counted by a wrapper in each process) for its own layers only, the assignment
-``data_parallel.assign_inverses`` deals out, and one all_reduce gives every rank every layer's inverses.
+``data_parallel.assign_inverses`` deals out, and one all_gather of the owners' triangles gives every rank every
+layer's inverses, the same bits on every rank.
 """
 
 from __future__ import annotations

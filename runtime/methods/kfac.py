@@ -121,26 +121,29 @@ class KFAC:
     (tests/test_kfac_distributed.py). No DistributedDataParallel wrapper is needed: KFAC sums the gradient itself.
     Collectives per step, each one all_reduce of one flat buffer: the ranks' n_r (one host read); the loss and the
     gradient, each rank's weighted by n_r / N (with ``signal_scaling`` the halves' difference too); on statistics
-    steps every layer's m A, m G and m (``distributed.average_statistics``); per gamma candidate the quadratic
-    model's k x k Fisher sums over the tau_2 subset; when the damping rule runs, the loss after the step. The
-    tau_1 and tau_2 subsets are drawn from the global batch by the generator every rank shares (``seed=None``:
-    rank 0's seed, broadcast at construction), each rank using its rows, and the sampled targets from noise drawn
-    for the whole subset (``Loss.sampling_noise``; on the CPU generator the single process's draws bit for bit;
-    where a rank has no row of the tau_1 subset, one more all_reduce tells it the outputs' shape). The halves of
-    ``signal_scaling`` are the global batch's, each rank passing its rows of each. So nothing depends on the number
-    of ranks, except batch norm (each rank's pass normalises over its own rows; with batch norm, a rank boundary
-    that leaves a piece of one example in a half makes that step pass whole slices, s keeping its value). The
-    inverse work is split across the ranks, KAISA's way: each layer's A and G are inverted on one rank,
-    ``inverse_owners`` (dealt out at construction by the cost groups * (a_dim^3 + g_dim^3), largest first to the
-    least-loaded rank), and each inversion round (every gamma candidate of a refresh) is followed by one
-    all_reduce of one flat buffer holding every layer's a_inv, g_inv, pi and failed flags, zeros from the
-    non-owners: sum over the layers of groups * (a_dim^2 + g_dim^2 + 2) entries, 4 bytes each in float32. So every rank holds every inverse, the
-    owner's bit for bit, and the same failure decisions (a failed group keeps its previous inverse everywhere;
-    the owner alone warns). KAISA's other mode, the owner preconditioning its layers' gradients and broadcasting
-    them (less memory, more communication), is not built. Every decision (skipped steps, rho, rejections) comes
-    from all-reduced values, the same on every rank. Not distributed yet: the low-rank products of sec 8 (off: the
-    full solve, same result), structure="tridiagonal" and the onnxruntime engine (both raise a KronographError).
-    A rank that raises leaves the others waiting in their next collective until the process group's timeout.
+    steps the upper triangles of every layer's m A and m G, and its m (``distributed.average_statistics``; the
+    factors come back mirrored, exactly symmetric); per gamma candidate the quadratic model's k x k Fisher sums over
+    the tau_2 subset; when the damping rule runs, the loss after the step. The tau_1 and tau_2 subsets are drawn
+    from the global batch by the generator every rank shares (``seed=None``: rank 0's seed, broadcast at
+    construction), each rank using its rows, and the sampled targets from noise drawn for the whole subset
+    (``Loss.sampling_noise``; on the CPU generator the single process's draws bit for bit; where a rank has no row
+    of the tau_1 subset, one more all_reduce tells it the outputs' shape). The halves of ``signal_scaling`` are the
+    global batch's, each rank passing its rows of each. So nothing depends on the number of ranks, except batch norm
+    (each rank's pass normalises over its own rows; with batch norm, a rank boundary that leaves a piece of one
+    example in a half makes that step pass whole slices, s keeping its value). The inverse work is split across the
+    ranks, KAISA's way: each layer's A and G are inverted on one rank, ``inverse_owners`` (dealt out at construction
+    by the cost groups * (a_dim^3 + g_dim^3), largest first to the least-loaded rank), and each inversion round
+    (every gamma candidate of a refresh) is followed by one all_gather: each rank sends its own layers' upper
+    triangles of a_inv and g_inv, pi and failed flags, zero-padded to the largest rank's share (where the padding
+    would send more than an all_reduce of every layer's piece, that all_reduce instead), and every rank, the owner
+    too, unpacks every layer from its owner's segment, the triangles mirrored. So every rank holds every inverse,
+    the same bits on every rank, and the same failure decisions (a failed group keeps its previous inverse
+    everywhere; the owner alone warns). KAISA's other mode, the owner preconditioning its layers' gradients and
+    broadcasting them (less memory, more communication), is not built. Every decision (skipped steps, rho,
+    rejections) comes from all-reduced values, the same on every rank. Not distributed yet: the low-rank products of
+    sec 8 (off: the full solve, same result), structure="tridiagonal" and the onnxruntime engine (both raise a
+    KronographError). A rank that raises leaves the others waiting in their next collective until the process
+    group's timeout.
 
     Args:
         preset: "default" (first try) or "paper".
