@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -64,3 +65,17 @@ def write_tiny_data(path: Path) -> Path:
     x = rng.normal(size=(200, 6)).astype(np.float32)
     np.savez(path, x=x, y=((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)))
     return path
+
+
+def curvature_with_random_factors(layers, seed: int = 5):
+    """A BlockDiagonalCurvature of ``layers`` whose A and G are random SPD Grams, the same for a given seed (the
+    distributed tests' ranks build the same factors without folding any statistics)."""
+    from kronograph.runtime.curvature import BlockDiagonalCurvature
+
+    curvature = BlockDiagonalCurvature(layers, torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    for block in curvature.blocks.values():
+        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
+        x, y = torch.randn(n, 4 * a, a, generator=generator), torch.randn(n, 4 * g, g, generator=generator)
+        block.a, block.g = x.transpose(1, 2) @ x / (4 * a), y.transpose(1, 2) @ y / (4 * g)
+    return curvature

@@ -19,11 +19,11 @@ from torch import nn
 
 import kronograph
 from kronograph.passes.plan import Layer
-from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.data_parallel import inverse_entries, inverse_owners, invert_across_ranks
 from kronograph.runtime.distributed import average_statistics, pack_triangle, triangle_entries, unpack_triangle
 from kronograph.runtime.inverse import DampedInverses
 
+from factories import curvature_with_random_factors
 from ranks import run_on_ranks
 
 WORLD, BATCH, STEPS = 2, 16, 3
@@ -108,12 +108,7 @@ def asymmetric_owners(layers, rank: int, world: int) -> dict:
     """``invert_across_ranks`` where each owner's inverses are made asymmetric: what every rank gets, and the
     owner's own (asymmetric) inverses."""
     owners = inverse_owners(layers, world)
-    curvature = BlockDiagonalCurvature(layers, torch.float32)
-    generator = torch.Generator().manual_seed(5)
-    for block in curvature.blocks.values():
-        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
-        x, y = torch.randn(n, 4 * a, a, generator=generator), torch.randn(n, 4 * g, g, generator=generator)
-        block.a, block.g = x.transpose(1, 2) @ x / (4 * a), y.transpose(1, 2) @ y / (4 * g)
+    curvature = curvature_with_random_factors(layers)
     invert = curvature.invert
     made = {}
 

@@ -25,7 +25,6 @@ from torch import nn
 import kronograph
 from kronograph.errors import KronographError
 from kronograph.runtime import curvature as curvature_module
-from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.data_parallel import (
     assign_inverses,
     inverse_cost,
@@ -36,6 +35,7 @@ from kronograph.runtime.data_parallel import (
 from kronograph.runtime.inverse import InverseWarning
 from kronograph.runtime.losses import LOSSES
 
+from factories import curvature_with_random_factors
 from ranks import on_one_thread, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 10, 32, 6, 3
@@ -126,12 +126,7 @@ def failed_inversion(layers, world: int) -> dict:
     """``invert_across_ranks`` on factors made the same on every rank, then again with one layer's A poisoned
     (NaN): what each rank gets, the local one-process inverses to compare with, and the warnings raised here."""
     owners = inverse_owners(layers, world)
-    curvature = BlockDiagonalCurvature(layers, torch.float32)
-    generator = torch.Generator().manual_seed(5)
-    for block in curvature.blocks.values():
-        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
-        x, y = torch.randn(n, 4 * a, a, generator=generator), torch.randn(n, 4 * g, g, generator=generator)
-        block.a, block.g = x.transpose(1, 2) @ x / (4 * a), y.transpose(1, 2) @ y / (4 * g)
+    curvature = curvature_with_random_factors(layers)
     local = {name: (r.a_inv.clone(), r.g_inv.clone(), r.pi.clone()) for name, r in curvature.invert(0.1).items()}
     first = invert_across_ranks(curvature, 0.1, owners, torch.distributed.group.WORLD)
     curvature.adopt(first)
