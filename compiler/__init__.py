@@ -14,6 +14,7 @@ from kronograph.compiler.export import export_module
 from kronograph.compiler.load import load_onnx
 from kronograph.compiler.outputs import OutputChoice, OutputSelector, example_outputs, put_first
 from kronograph.compiler.parameters import module_parameters, onnx_parameters
+from kronograph.compiler.wrappers import refuse_sharded, unwrapped
 from kronograph.errors import KronographError
 from kronograph.passes.match import build_plan
 
@@ -32,7 +33,11 @@ def compile(  # noqa: A001 - the contract's name
     """Export or load ``model``, match its linear and convolution layers and return a CompiledModel.
 
     Args:
-        model: an nn.Module (with ``example_inputs``) or the path of an .onnx file.
+        model: an nn.Module (with ``example_inputs``) or the path of an .onnx file. A ``torch.compile`` or
+            ``DistributedDataParallel`` wrapper is seen through: the module inside is planned and trained (its
+            parameters are the wrapper's), so DDP's reducer never runs and KFAC's own all_reduce is the only
+            one. An FSDP-sharded module (fully_shard, FullyShardedDataParallel, DTensor parameters) raises
+            KronographError: K-FAC needs whole weights (compiler/wrappers.py).
         example_inputs: a batch the module's forward() accepts (a tensor or a tuple of tensors).
         loss: "cross_entropy" (softmax, integer labels), "sigmoid_cross_entropy" or "mse".
         engine: "torch" for a module, "onnxruntime" for an ONNX file (the defaults); a module compiled with
@@ -61,13 +66,14 @@ def compile(  # noqa: A001 - the contract's name
         parameters = onnx_parameters(graph, trainable)
         plan = dataclasses.replace(build_plan(graph, parameters), output=f"graph output {output or 0}")
         return CompiledModel(engine="onnxruntime", plan=plan, graph=graph, loss=loss, output=plan.output)
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        # torch.compile(model): its parameters are the original module's; K-FAC's passes run that module.
-        model = model._orig_mod
     if not isinstance(model, torch.nn.Module):
         raise KronographError(
             f"cannot compile a {type(model).__name__}; pass a torch.nn.Module with example_inputs, or an .onnx path"
         )
+    # torch.compile and DistributedDataParallel wrappers: K-FAC's passes run the module inside (DDP's reducer
+    # must not sum the gradient KFAC sums itself); FSDP's sharded parameters are refused (compiler/wrappers.py).
+    model = unwrapped(model)
+    refuse_sharded(model)
     if example_inputs is None:
         raise KronographError("a PyTorch module needs example_inputs=(x,): a batch its forward() accepts")
     if isinstance(example_inputs, torch.Tensor):

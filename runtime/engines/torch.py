@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
@@ -58,6 +59,8 @@ class TorchEngine:
         self.products = products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
+        # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
+        refuse_sharded(compiled.module)
         self.compiled, self.module, self.loss = compiled, compiled.module, loss
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}

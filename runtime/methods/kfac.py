@@ -118,7 +118,11 @@ class KFAC:
     rank, or ``process_group`` is given (decided at construction), every rank calls ``step(x, y)`` with its own
     slice of each batch, the slices in rank order making the global batch of N examples (sizes may differ), and
     every rank takes the same step: the single process's on the whole batch, to float32 rounding
-    (tests/test_kfac_distributed.py). No DistributedDataParallel wrapper is needed: KFAC sums the gradient itself.
+    (tests/test_kfac_distributed.py). No DistributedDataParallel wrapper is needed: KFAC sums the gradient itself;
+    a model compiled already wrapped in DDP is seen through (compile plans and KFAC steps the module inside, so
+    DDP's reducer never runs: the unwrapped run, bit for bit; give ``process_group`` DDP's group if it is not the
+    default one), while an FSDP-sharded model (fully_shard, FullyShardedDataParallel) is refused with a
+    KronographError: K-FAC needs each layer's whole weight (compiler/wrappers.py, tests/test_kfac_ddp_wrapped.py).
     Collectives per step, each one all_reduce of one flat buffer: the ranks' n_r (one host read); the loss and the
     gradient, each rank's weighted by n_r / N (with ``signal_scaling`` the halves' difference too); on statistics
     steps the upper triangles of every layer's m A and m G, and its m (``distributed.average_statistics``; the
