@@ -79,3 +79,18 @@ def curvature_with_random_factors(layers, seed: int = 5):
         x, y = torch.randn(n, 4 * a, a, generator=generator), torch.randn(n, 4 * g, g, generator=generator)
         block.a, block.g = x.transpose(1, 2) @ x / (4 * a), y.transpose(1, 2) @ y / (4 * g)
     return curvature
+
+
+def teacher_problem(steps: int, batch: int, features: int = 6, classes: int = 3):
+    """The distributed tests' MLP (features-16-16-classes, tanh) and ``steps`` batches of (inputs, a random
+    teacher's labels, its outputs), the same on every process (seeded here)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(features, 8), nn.Tanh(), nn.Linear(8, classes))
+    model = nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, classes))
+    batches = []
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.randn(batch, features)
+            outputs = teacher(x)
+            batches.append((x, outputs.argmax(1), outputs))
+    return model, batches

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 import kronograph
 from kronograph.errors import KronographError
 
+from factories import teacher_problem
 from ranks import run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 5, 32, 6, 3
@@ -33,15 +34,8 @@ WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 5, 32, 6, 3
 
 def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same MLP and batches on every process (labels from a random teacher)."""
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
-    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-    batches = []
-    with torch.no_grad():
-        for _ in range(STEPS):
-            x = torch.randn(BATCH, FEATURES)
-            batches.append((x, teacher(x).argmax(1)))
-    return model, batches
+    model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
+    return model, [(x, labels) for x, labels, _ in batches]
 
 
 def refusal(make) -> str | None:

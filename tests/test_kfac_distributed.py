@@ -35,7 +35,7 @@ from kronograph.runtime.data_parallel import (
 from kronograph.runtime.inverse import InverseWarning
 from kronograph.runtime.losses import LOSSES
 
-from factories import curvature_with_random_factors
+from factories import curvature_with_random_factors, teacher_problem
 from ranks import on_one_thread, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 10, 32, 6, 3
@@ -57,15 +57,7 @@ SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
 
 def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """The same MLP and batches on every process: inputs, a random teacher's labels and its outputs."""
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
-    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-    batches = []
-    with torch.no_grad():
-        for _ in range(STEPS):
-            x = torch.randn(BATCH, FEATURES)
-            batches.append((x, teacher(x).argmax(1), teacher(x)))
-    return model, batches
+    return teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
 
 
 def run_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
