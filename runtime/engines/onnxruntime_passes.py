@@ -32,7 +32,7 @@ import torch
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.engines.torch import GradientPass, Records
 from kronograph.runtime.losses import Loss
-from kronograph.runtime.quadratic import central_differences
+from kronograph.runtime.quadratic import difference_products
 from kronograph.runtime.statistics import subset
 
 
@@ -115,8 +115,10 @@ class OnnxRuntimePasses:
         result = self.engine.forward_backward(sub, _numpy(targets))
         return self._records(result.taps, self.loss.statistics_scale(targets)), sub[0].shape[0]
 
-    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
-        """(outputs, [J d for d in directions]) by central differences of the forward graph's outputs."""
+    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],
+                        outputs: torch.Tensor | None = None):
+        """(outputs, [J d for d in directions]) by central differences of the forward graph's outputs (``outputs``,
+        the forward at these weights when the caller has it, saves that forward)."""
         arrays = [_numpy(x) for x in inputs]
         theta = self.parameters()
 
@@ -125,7 +127,7 @@ class OnnxRuntimePasses:
                 name: (theta[name] + d.to(theta[name].dtype)).numpy() for name, d in shift.items()}
             return torch.from_numpy(self.engine.forward(arrays, values))
 
-        return central_differences(forward_at, theta, directions)
+        return difference_products(forward_at, theta, directions, outputs=outputs)
 
     def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The forward graph's outputs at the current weights (the inference graph: see the module's note)."""

@@ -7,8 +7,8 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
   (for statistics from the labels and the low-rank products of sec 8);
 - ``sampled_pass``: the sites of a statistics pass on some examples with targets sampled from the model
   (``sampled_pass_of_slice``: a data-parallel rank's share of it, runtime/data_parallel.py);
-- ``output_tangents``: the outputs and J d for directions d (forward mode, appendix C, or central differences
-  of plain forwards: ``products``);
+- ``output_tangents``: the outputs and J d for directions d (forward mode, appendix C, or differences of plain
+  forwards, central or one-sided: ``products``);
 - ``loss_value``: the mean loss at the current weights (for rho);
 - ``parameters`` and ``add_``: the weights, updated in place.
 """
@@ -27,7 +27,7 @@ from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
-from kronograph.runtime.quadratic import central_differences, output_tangents
+from kronograph.runtime.quadratic import difference_products, output_tangents
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
 
 Records = dict[str, list[SiteRecord]]
@@ -54,8 +54,9 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, compiled: Any, loss: Loss, products: str = "forward") -> None:
-        """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact) or "differences"
-        (central differences of two no-grad forwards, which keep the fused attention kernels)."""
+        """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
+        (central differences of two no-grad forwards a direction, which keep the fused attention kernels) or
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta)."""
         self.products = products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
@@ -131,25 +132,33 @@ class TorchEngine:
         return sampled_statistics_of_slice(self.module, self.compiled.plan, self.loss, inputs, part, fraction,
                                            generator, minimum, select=self.compiled.select_output)
 
-    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]):
-        """(outputs, [J d for d in directions]) by forward mode (quadratic.output_tangents) or central differences."""
+    def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],
+                        outputs: torch.Tensor | None = None):
+        """(outputs, [J d for d in directions]) by forward mode (quadratic.output_tangents) or differences.
+
+        ``outputs``: the outputs at these weights on these inputs where the caller has them (the differences
+        then skip that forward). Every forward of the differences draws the same random numbers (dropout's
+        masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
         if self.products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
+        randomness = _RandomState(self.device)
 
         def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
             saved = {name: theta[name].clone() for name in shift or {}}
             try:
                 for name, d in (shift or {}).items():
                     theta[name].add_(d.to(theta[name].dtype))
+                randomness.replay()
                 with preserved_buffers(self.module):
                     return self.compiled.forward(*inputs).detach()
             finally:
                 for name, value in saved.items():  # bit for bit as before
                     theta[name].copy_(value)
 
+        scheme = "one-sided" if self.products == "one-sided" else "central"
         with torch.no_grad():
-            return central_differences(forward_at, theta, directions)
+            return difference_products(forward_at, theta, directions, scheme, outputs)
 
     def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The outputs the loss is put on, at the current weights (no grad, buffers untouched)."""
@@ -160,3 +169,18 @@ class TorchEngine:
         """The mean loss at the current weights (buffers untouched)."""
         with torch.no_grad(), preserved_buffers(self.module):
             return float(self.loss(self.compiled.forward(*inputs), targets))
+
+
+class _RandomState:
+    """The global generators' state (the CPU's, and the device's on an accelerator) when made; ``replay`` puts it
+    back, so that each forward of a finite difference draws the same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.cuda.set_rng_state(self.accelerator, self.device)

@@ -744,7 +744,7 @@ class KFAC:
                 outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
                 cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
             else:
-                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1])
+                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1], cache["outputs"])
                 tangents = tangents + cache["shared"]
             outputs = cache["outputs"]
             if self._slice is None:

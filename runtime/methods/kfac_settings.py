@@ -103,9 +103,10 @@ class KFACSettings:
                                        "shape) or gradient.", choices=("rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
-    fisher_products: str = setting("forward", "The quadratic model's J d: forward (forward mode, exact) or "
-                                   "differences (two forwards per direction, cheaper).",
-                                   choices=("forward", "differences"))
+    fisher_products: str = setting("forward", "The quadratic model's J d: forward (forward mode, exact), "
+                                   "differences (central: two plain forwards a direction) or one-sided (one a "
+                                   "direction beside a shared forward; the cheapest).",
+                                   choices=("forward", "differences", "one-sided"))
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
     min_damping: float = setting(1e-8, "Floor of lambda.", low=0)
