@@ -203,19 +203,24 @@ def solve_quadratic_model(gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: 
     keep = [a for a in range(len(gradient)) if gram_i[a, a] > 0 and np.isfinite(matrix[a]).all()]
     if bounds is None and max_condition is None:
         while keep:  # the paper's rule: drop the last direction until the system is solvable
-            solution = _solve_on(matrix, gradient, keep)
-            if solution is not None:
-                return solution
+            if _solvable(matrix, keep):
+                return _solve_on(matrix, gradient, keep)
             keep = keep[:-1]
         return QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
     limits = list(bounds) if bounds is not None else [(-math.inf, math.inf)] * len(gradient)
     best = QuadraticSolution(tuple(0.0 for _ in range(len(gradient))), 0.0)
     states = [[None, 0.0] + [value for value in limits[a] if math.isfinite(value) and value != 0] for a in keep]
+    inverses: dict[tuple[int, ...], np.ndarray | None] = {}  # the branches share at most 2^k systems
     for choice in itertools.product(*states):
-        free = [a for a, state in zip(keep, choice) if state is None]
+        free = tuple(a for a, state in zip(keep, choice) if state is None)
         fixed = {a: state for a, state in zip(keep, choice) if state}  # those at 0 are left out
-        solution = _solve_on(matrix, gradient, free, max_condition, fixed)
-        if solution is None or solution.decrease >= best.decrease:
+        if free not in inverses:  # None: not solvable (or no free direction)
+            inverses[free] = (np.linalg.inv(matrix[np.ix_(free, free)])
+                              if free and _solvable(matrix, list(free), max_condition) else None)
+        if free and inverses[free] is None:
+            continue
+        solution = _solve_on(matrix, gradient, list(free), fixed, inverses[free])
+        if solution.decrease >= best.decrease:
             continue
         if all(low <= c <= high for c, (low, high) in zip(solution.coefficients, limits)):
             best = solution
@@ -231,25 +236,31 @@ def _on_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _solve_on(matrix: np.ndarray, gradient: np.ndarray, keep: list[int], max_condition: float | None = None,
-              fixed: Mapping[int, float] | None = None) -> QuadraticSolution | None:
-    """The minimiser over the directions ``keep`` with those in ``fixed`` at their values and the others at 0,
-    or None where the system of ``keep`` is singular, not positive definite, or (scaled to a unit diagonal)
-    worse conditioned than ``max_condition``."""
+def _solvable(matrix: np.ndarray, keep: list[int], max_condition: float | None = None) -> bool:
+    """Whether the system of the directions ``keep`` is nonsingular (numpy's matrix_rank criterion: its singular
+    values, the eigenvalues' moduli here, above k eps times the largest), positive definite and, scaled to a unit
+    diagonal, no worse conditioned than ``max_condition``."""
+    sub = matrix[np.ix_(keep, keep)]
+    moduli = np.abs(np.linalg.eigvalsh(sub))
+    if moduli.min() <= moduli.max() * len(keep) * np.finfo(sub.dtype).eps:
+        return False
+    scale = 1 / np.sqrt(np.maximum(sub.diagonal(), np.finfo(sub.dtype).tiny))
+    eigenvalues = np.linalg.eigvalsh(sub * scale[:, None] * scale[None, :])
+    if eigenvalues.min() <= 0:
+        return False
+    return max_condition is None or eigenvalues.max() / eigenvalues.min() <= max_condition
+
+
+def _solve_on(matrix: np.ndarray, gradient: np.ndarray, keep: list[int], fixed: Mapping[int, float] | None = None,
+              inverse: np.ndarray | None = None) -> QuadraticSolution:
+    """The minimiser over the directions ``keep`` (a ``_solvable`` system, whose inverse may be given: the bounded
+    branches share it) with those in ``fixed`` at their values and the others at 0."""
     coefficients = np.zeros(len(gradient))
     for a, value in (fixed or {}).items():
         coefficients[a] = value
     if keep:
-        sub = matrix[np.ix_(keep, keep)]
-        if np.linalg.matrix_rank(sub) < len(keep):
-            return None
-        scale = 1 / np.sqrt(np.maximum(sub.diagonal(), np.finfo(sub.dtype).tiny))
-        eigenvalues = np.linalg.eigvalsh(sub * scale[:, None] * scale[None, :])
-        if eigenvalues.min() <= 0:
-            return None
-        if max_condition is not None and eigenvalues.max() / eigenvalues.min() > max_condition:
-            return None
-        solved = -np.linalg.solve(sub, gradient[keep] + matrix[keep] @ coefficients)
+        rhs = gradient[keep] + matrix[keep] @ coefficients
+        solved = -(inverse @ rhs if inverse is not None else np.linalg.solve(matrix[np.ix_(keep, keep)], rhs))
         coefficients[keep] = solved
         if not fixed:  # M - M(0) = 1/2 grad^T c at the unconstrained optimum (the paper's rule)
             return QuadraticSolution(tuple(coefficients.tolist()), 0.5 * float(gradient[keep] @ solved))
