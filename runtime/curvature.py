@@ -37,9 +37,11 @@ Rows = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 class BlockDiagonalCurvature:
     """One KroneckerBlock per layer, inverted independently."""
 
-    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False) -> None:
+    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
+                 knob: str = "factor_damping") -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
         self.centered = centered  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
+        self.knob = knob  # the owner's name for gamma, which a failed inversion's warning tells the user to raise
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None) -> None:
@@ -55,7 +57,7 @@ class BlockDiagonalCurvature:
         return {
             name: None if block.a is None or (only is not None and name not in only) else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
-                centered=self.centered and block.layer.bias is not None)
+                centered=self.centered and block.layer.bias is not None, knob=self.knob)
             for name, block in self.blocks.items()
         }
 

@@ -43,9 +43,11 @@ the learning rate inside the preconditioner and still lets a layer's step be lar
 Distributed (DDP): when torch.distributed is initialised with more than one rank (or a ``process_group`` is
 given), each statistics step's mini-batch factors are averaged across the ranks, weighted by their numbers of
 examples, in one all_reduce before they are folded into the EMAs (runtime/distributed.py). Every rank then
-holds the same factors and computes the same inverses, so DDP's averaged .grad is preconditioned identically
-everywhere and the replicas stay in step. Every rank must take part in every statistics step (``step()`` at
-a due step, ``update_statistics(x)``); inverses are computed on every rank (no split of that work yet).
+holds the same factors; the inverse work is split as KFAC splits it (runtime/data_parallel.py): each layer's
+A and G are inverted on one rank, its owner (a greedy cost model over the plan), and one all_gather of the
+owners' triangles gives every rank every inverse, the same bits everywhere, so DDP's averaged .grad is
+preconditioned identically and the replicas stay in step. Every rank must take part in every statistics step
+(``step()`` at a due step, ``update_statistics(x)``) and in every step that refreshes inverses.
 
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
@@ -69,8 +71,9 @@ import torch.distributed as dist
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
-from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture, outside_compiled_code
+from kronograph.runtime.curvature import BlockDiagonalCurvature
+from kronograph.runtime.data_parallel import invert_across_ranks, inverse_owners
 from kronograph.runtime.distributed import Statistics, active_group, average_statistics
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.inverse import CurvatureWarning
@@ -107,9 +110,10 @@ class KFACPreconditioner:
         factor_dtype: dtype of factors and inverses (float32 or float64), independent of the model's.
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
         graft: "norm" (each layer's new .grad has the norm of its gradient; module docstring) or None.
-        process_group: the data-parallel ranks whose statistics are averaged (module docstring); None: the
-            default group whenever torch.distributed is initialised with more than one rank (checked at each
-            statistics step). Under pipeline or tensor parallelism pass the data-parallel group.
+        process_group: the data-parallel ranks whose statistics are averaged and who share the inverse work
+            (module docstring); None: the default group whenever torch.distributed is initialised with more than
+            one rank (checked at each statistics step and refresh). Under pipeline or tensor parallelism pass the
+            data-parallel group.
     """
 
     def __init__(
@@ -149,7 +153,8 @@ class KFACPreconditioner:
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
-        self.blocks = {layer.name: KroneckerBlock(layer, factor_dtype) for layer in compiled.layers}
+        self.curvature = BlockDiagonalCurvature(compiled.layers, factor_dtype, knob="damping")
+        self.blocks = self.curvature.blocks
         self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.process_group = process_group
         if (group := active_group(process_group)) is not None:  # each rank its own subsets and sampled targets
@@ -346,15 +351,20 @@ class KFACPreconditioner:
         return info
 
     def _invert(self) -> tuple[bool, list[str]]:
-        """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous."""
+        """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous.
+        Data-parallel: each layer on its owner, one all_gather (the layers due are the same on every rank)."""
         due = inverses_due(self.steps, self.inverse_every)
-        inverted, failed = False, []
-        for name, block in self.blocks.items():
-            if block.a is not None and (due or block.inverses is None):
-                inverted = True
-                if not block.invert(self.damping, knob="damping"):
-                    failed.append(name)
-        return inverted, failed
+        names = [name for name, block in self.blocks.items() if block.a is not None and (due or block.inverses is None)]
+        if (group := active_group(self.process_group)) is None:
+            failed = [name for name in names if not self.blocks[name].invert(self.damping, knob="damping")]
+            return bool(names), failed
+        if not names:
+            return False, []
+        owners = inverse_owners(self.compiled.layers, dist.get_world_size(group))  # from the plan: the same everywhere
+        inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
+        for name in names:
+            self.blocks[name].inverses = inverses[name]
+        return True, [name for name in names if not inverses[name].ok]
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is

@@ -10,8 +10,12 @@ distributed run must be the single-process run, to float32 rounding.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kronograph
+from kronograph.runtime import blocks as blocks_module
+from kronograph.runtime import curvature as curvature_module
+from kronograph.runtime.data_parallel import inverse_owners
 from kronograph.runtime.distributed import average_statistics
 from kronograph.runtime.inverse import StatisticsWarning
 
@@ -58,6 +65,24 @@ def train(model: nn.Module, forward: nn.Module, precond, batches, rank: int = 0,
     return losses
 
 
+@contextlib.contextmanager
+def counted_inversions() -> Iterator[collections.Counter]:
+    """Counts this process's ``factored_inverses`` calls per layer (a single process inverts through the blocks,
+    data-parallel ranks through the curvature's split)."""
+    counts: collections.Counter = collections.Counter()
+    patches = []
+    for module in (blocks_module, curvature_module):
+        original = module.factored_inverses
+
+        def counted(*args, name: str = "", original=original, **kwargs):
+            counts[name] += 1
+            return original(*args, name=name, **kwargs)
+
+        patches.append(mock.patch.object(module, "factored_inverses", counted))
+    with patches[0], patches[1]:
+        yield counts
+
+
 def run_ranks(rank: int, world: int) -> dict:
     """Every distributed scenario on this rank (tests/ranks.py spawns the processes)."""
     model, batches = problem()
@@ -68,9 +93,13 @@ def run_ranks(rank: int, world: int) -> dict:
     for fisher in ("empirical", "mc"):
         model.load_state_dict(initial)
         precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
-        losses = train(model, ddp, precond, batches, rank, world)
+        with counted_inversions() as counts:
+            losses = train(model, ddp, precond, batches, rank, world)
         results[fisher] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
-                           "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
+                           "factors": {name: block.a.clone() for name, block in precond.blocks.items()},
+                           "inverses": {name: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone())
+                                        for name, block in precond.blocks.items()},
+                           "inverted": dict(counts)}
 
     # a rank's non-finite statistics: every rank rejects them, and keeps its previous factors
     precond = kronograph.optim.KFACPreconditioner(cm, fisher="mc", **SETTINGS)
@@ -106,8 +135,10 @@ def single_process() -> dict:
     def run() -> dict:
         model, batches = problem()
         precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)), **SETTINGS)
-        losses = train(model, model, precond, batches)
-        return {"params": model.state_dict(), "losses": losses}
+        with counted_inversions() as counts:
+            losses = train(model, model, precond, batches)
+        return {"params": model.state_dict(), "losses": losses, "inverted": dict(counts),
+                "layers": [layer for layer in precond.compiled.layers]}
 
     return on_one_thread(run)
 
@@ -119,6 +150,18 @@ def test_ranks_hold_identical_factors_and_parameters(ranks, fisher):
         assert torch.equal(first["factors"][name], second["factors"][name]), name
     for name in first["params"]:
         assert torch.equal(first["params"][name], second["params"][name]), name
+
+
+def test_each_layer_is_inverted_by_its_owner_only_and_the_ranks_hold_the_same_inverses(ranks, single_process):
+    owners = inverse_owners(single_process["layers"], WORLD)
+    assert set(owners.values()) == {0, 1}  # both ranks have work
+    assert set(single_process["inverted"]) == set(owners) and min(single_process["inverted"].values()) > 1
+    for rank, result in enumerate(ranks):
+        mine = {layer: count for layer, count in single_process["inverted"].items() if owners[layer] == rank}
+        assert result["empirical"]["inverted"] == mine, rank  # as often as one process, on the owner alone
+    first, second = (r["empirical"]["inverses"] for r in ranks)
+    for name in first:
+        assert all(torch.equal(x, y) for x, y in zip(first[name], second[name])), name
 
 
 def test_ddp_run_equals_the_single_process_run_on_full_batches(ranks, single_process):
