@@ -33,7 +33,7 @@ def bfgs_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tens
     # expanded with H = H^T: H - rho (s h^T + h s^T) + (rho + rho^2 y^T H y) s s^T, h = H y
     new = H - rho * (torch.outer(s, h) + torch.outer(h, s)) + (rho + rho * rho * (y @ h)) * torch.outer(s, s)
     new = (new + new.mT) / 2
-    return torch.where(torch.isfinite(new).all(), new, H.clone())
+    return torch.where(ok & torch.isfinite(new).all(), new, H.clone())  # skipped: H bit for bit, unsymmetrised
 
 
 def _powell(u: torch.Tensor, w: torch.Tensor, mw: torch.Tensor, mu: float) -> torch.Tensor:
