@@ -2,7 +2,7 @@
 (issue 16, "Performance").
 
     python benchmarks/distributed_step.py [--ranks 1,2] [--steps 20] [--warm-up 5]
-                                          [--optimizers kfac-default,kfac-paper,precond,kaisa,kaisa-matched]
+                                          [--optimizers kfac-default,kfac-paper,precond,kaisa,...]
 
 Problem: the first-try suite's "autoencoder-default" (benchmarks/first_try.py: MNIST, 784-1000-500-250-30 and
 mirror, PyTorch's default initialisation, sigmoid cross-entropy), a global batch of 1000 per step, rank r taking
@@ -15,6 +15,8 @@ on the gloo backend (as tests/ranks.py spawns them), one torch thread each; ever
 * ``precond``: ``kronograph.optim.KFACPreconditioner(cm, seed=0)`` (defaults: empirical Fisher, stats_every=1,
   inverse_every=20, damping 1e-3, graft="norm") in a torch.optim.SGD loop (lr 1e-3, momentum 0.9), the model in
   DistributedDataParallel (also at W = 1).
+* ``kfac-paper-bf16``, ``precond-bf16``: the same with ``communication_dtype="bfloat16"`` (the factors' all_reduce
+  in bfloat16, the counts in a second, float64 one).
 * ``kaisa``: kfac-pytorch's ``kfac.preconditioner.KFACPreconditioner(ddp_model, lr=1e-3)`` with its defaults
   (factor_update_steps=1, inv_update_steps=1, eigen decompositions, COMM_OPT), the same SGD loop and DDP;
   ``kaisa-matched``: the same with kronograph's schedule, factor_update_steps=1, inv_update_steps=20 (damping
@@ -71,7 +73,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-OPTIMIZERS = ("kfac-default", "kfac-paper", "precond", "kaisa", "kaisa-matched")
+OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "kaisa", "kaisa-matched")
 KAISA = ("kaisa", "kaisa-matched")
 PHASES = ("gradient", "factors", "inverses", "other")
 LR, MOMENTUM, INVERSE_EVERY = 1e-3, 0.9, 20
@@ -241,15 +243,16 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
     torch.manual_seed(0)
     model = problem.model()
     loss_fn = get_loss(problem.loss)
+    narrow = {"communication_dtype": "bfloat16"} if name.endswith("-bf16") else {}
     if name.startswith("kfac-"):
         cm = kronograph.compile(model, (example,), loss=problem.loss)
-        opt = kronograph.optim.KFAC(cm, preset=name.removeprefix("kfac-"), seed=0)
+        opt = kronograph.optim.KFAC(cm, preset=name.removeprefix("kfac-").removesuffix("-bf16"), seed=0, **narrow)
         return lambda x, y: float(opt.step(x, y)["loss"])
     ddp = _ddp(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    if name == "precond":
+    if name.startswith("precond"):
         cm = kronograph.compile(model, (example,), loss=problem.loss)  # the unwrapped module
-        precond = kronograph.optim.KFACPreconditioner(cm, seed=0)
+        precond = kronograph.optim.KFACPreconditioner(cm, seed=0, **narrow)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> float:
             sgd.zero_grad()

@@ -238,11 +238,13 @@ def fold_across_ranks(
     part: BatchSlice,
     dtype: torch.dtype,
     device: torch.device,
+    communication_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Fold the example-weighted mean over the ranks of each layer's mini-batch factors into its EMAs: this
     rank's are those of ``rows`` of its captured sites (None: all ``batch_size``), every rank joins the one
-    all_reduce (a rank with no rows or no sites adds zeros and m = 0). Returns the layers folded (some rank had
-    their statistics); a layer whose averaged factors are not finite keeps its EMAs on every rank."""
+    all_reduce (a rank with no rows or no sites adds zeros and m = 0; ``communication_dtype``: see
+    ``average_statistics``). Returns the layers folded (some rank had their statistics); a layer whose averaged
+    factors are not finite keeps its EMAs on every rank."""
     m = batch_size if rows is None else int(rows.numel())
     stats = {}
     if records and m:
@@ -253,7 +255,7 @@ def fold_across_ranks(
                                      dtype=dtype)
                 stats[name] = (a, g, m)
     layers = {name: block.layer for name, block in blocks.items()}
-    averaged = average_statistics(stats, layers, part.group, dtype, device)
+    averaged = average_statistics(stats, layers, part.group, dtype, device, communication_dtype)
     for name, (a, g, _) in averaged.items():
         blocks[name].update_factors(a, g, decay)
     return list(averaged)

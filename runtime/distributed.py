@@ -9,7 +9,8 @@ layer's m into one flat buffer (zeros and m = 0 for a layer it has no statistics
 buffers, and each layer's sums divided by its total m, mirrored into full matrices (exactly symmetric), are the
 global factors, the same on every rank, so the EMAs and the inverses computed from them stay the same too.
 Communicated per statistics step: sum over the plan's layers of groups * (a_dim (a_dim + 1) / 2 + g_dim (g_dim
-+ 1) / 2) entries, plus one count per layer, in the factors' dtype.
++ 1) / 2) entries, plus one count per layer, in the factors' dtype (or the entries in a narrower
+``communication_dtype``, bfloat16 say, and the counts apart).
 
 * The layout depends on the plan only, never on what a rank captured: the collective cannot hang on a rank
   that missed a layer, and it runs once per statistics step, not once per layer.
@@ -83,13 +84,17 @@ def average_statistics(
     group: dist.ProcessGroup | None,
     dtype: torch.dtype,
     device: torch.device | str,
+    communication_dtype: torch.dtype | None = None,
 ) -> Statistics:
     """The example-weighted mean over the group's ranks of each layer's (A, G), by one all_reduce.
 
     Every rank must call this at the same statistics step with the same ``layers`` (in the same order).
     Buffer: the upper triangles of m * A and m * G of each layer in order, then the layers' m. Returns the layers
     that some rank had statistics for, with their global factors (exactly symmetric) and the total number of
-    examples.
+    examples. ``communication_dtype`` (bfloat16, float16: half of float32's bytes) is the dtype the triangles
+    travel and are summed in, back in ``dtype`` after (every rank gets the same bits; the factors' relative
+    rounding is that dtype's, 4e-3 for bfloat16); the counts then go in a second, tiny all_reduce in float64, as
+    a narrow dtype would not hold them exactly.
     """
     if not layers:
         return {}
@@ -103,9 +108,17 @@ def average_statistics(
                       pack_triangle(g.to(device, dtype)).reshape(-1) * m]
         else:
             parts.append(torch.zeros(factor_entries(layer), dtype=dtype, device=device))
-    buffer = torch.cat(parts + [torch.tensor(counts, dtype=dtype, device=device)])
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    totals = buffer[-len(layers):].tolist()
+    narrow = communication_dtype is not None and communication_dtype != dtype
+    if narrow:
+        buffer = torch.cat(parts).to(communication_dtype)
+        totals_buffer = torch.tensor(counts, dtype=torch.float64, device=device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(totals_buffer, op=dist.ReduceOp.SUM, group=group)
+        buffer, totals = buffer.to(dtype), totals_buffer.tolist()
+    else:
+        buffer = torch.cat(parts + [torch.tensor(counts, dtype=dtype, device=device)])
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        totals = buffer[-len(layers):].tolist()
     result: Statistics = {}
     offset = 0
     for (name, layer), m in zip(layers.items(), totals):

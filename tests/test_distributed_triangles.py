@@ -71,6 +71,28 @@ def test_the_factor_buffer_holds_triangles_and_counts():
         assert torch.equal(a, stats[name][0]) and torch.equal(g, stats[name][1]) and m == 4
 
 
+def test_factors_travel_in_bfloat16_and_their_counts_apart():
+    """``communication_dtype=bfloat16``: the triangles in one bfloat16 all_reduce (half of float32's bytes), the
+    counts in a float64 one (bfloat16 holds integers exactly only up to 256); the averaged factors are back in
+    float32, exactly symmetric, within bfloat16's rounding of the float32 result."""
+    torch.manual_seed(0)
+    shapes = {"x": (1, 6, 7), "y": (2, 8, 3)}
+    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g) for name, (n, a, g) in shapes.items()}
+    stats = {name: (symmetric(n, a, 1), symmetric(n, g, 2), 300) for name, (n, a, g) in shapes.items()}
+    sent = []
+    with mock.patch.object(dist, "all_reduce", lambda buffer, **_: sent.append(buffer.clone())):
+        averaged = average_statistics(stats, layers, None, torch.float32, "cpu", torch.bfloat16)
+    entries = sum(n * (a * (a + 1) // 2 + g * (g + 1) // 2) for n, a, g in shapes.values())
+    assert [(b.dtype, b.numel()) for b in sent] == [(torch.bfloat16, entries), (torch.float64, 2)]
+    assert sent[1].tolist() == [300.0, 300.0]
+    for name, (a, g, m) in averaged.items():
+        assert m == 300 and a.dtype == torch.float32
+        assert torch.equal(a, a.transpose(-1, -2)) and torch.equal(g, g.transpose(-1, -2))
+        torch.testing.assert_close(a, stats[name][0], rtol=8e-3, atol=1e-6)
+        torch.testing.assert_close(g, stats[name][1], rtol=8e-3, atol=1e-6)
+        assert not torch.equal(a, stats[name][0])  # it did travel narrower
+
+
 def test_inverse_entries_are_triangles_pi_and_flags():
     assert inverse_entries(2, 6, 7) == 2 * (21 + 28 + 2)
 

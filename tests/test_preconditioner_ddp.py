@@ -101,6 +101,13 @@ def run_ranks(rank: int, world: int) -> dict:
                                         for name, block in precond.blocks.items()},
                            "inverted": dict(counts)}
 
+    # the factors all-reduced in bfloat16 (half the bytes)
+    model.load_state_dict(initial)
+    precond = kronograph.optim.KFACPreconditioner(cm, communication_dtype="bfloat16", **SETTINGS)
+    train(model, ddp, precond, batches, rank, world)
+    results["bfloat16"] = {"params": copy.deepcopy(model.state_dict()),
+                           "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
+
     # a rank's non-finite statistics: every rank rejects them, and keeps its previous factors
     precond = kronograph.optim.KFACPreconditioner(cm, fisher="mc", **SETTINGS)
     x = batches[0][0].chunk(world)[rank]
@@ -162,6 +169,16 @@ def test_each_layer_is_inverted_by_its_owner_only_and_the_ranks_hold_the_same_in
     first, second = (r["empirical"]["inverses"] for r in ranks)
     for name in first:
         assert all(torch.equal(x, y) for x, y in zip(first[name], second[name])), name
+
+
+def test_factors_all_reduced_in_bfloat16_are_the_same_on_every_rank_and_near_float32s(ranks):
+    first, second = (r["bfloat16"] for r in ranks)
+    for name in first["factors"]:
+        assert torch.equal(first["factors"][name], second["factors"][name]), name
+        want = ranks[0]["empirical"]["factors"][name]
+        assert float((first["factors"][name] - want).norm() / want.norm()) < 2e-2, name
+    for name in first["params"]:
+        assert torch.equal(first["params"][name], second["params"][name]), name
 
 
 def test_ddp_run_equals_the_single_process_run_on_full_batches(ranks, single_process):

@@ -33,6 +33,15 @@ _UNIT = dict(low=0, high=1, low_open=True)  # a fraction of the batch, (0, 1]
 _DECAY = dict(low=0, high=1, high_open=True)
 
 
+#: the dtypes the factors may travel in across data-parallel ranks, by name (a setting the command line takes)
+COMMUNICATION_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """The torch dtype a ``communication_dtype`` setting names (None: the factors' own)."""
+    return None if name is None else getattr(torch, name)
+
+
 def parse_momentum(value: Any) -> str | float | None:
     """K-FAC's momentum as text or value: "qmodel" (sec 7), "none" or a heavy-ball coefficient in [0, 1)."""
     if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -111,6 +120,9 @@ class KFACSettings:
                                           "worse conditioned than this (auto: only when singular).", low=1)
     min_damping: float = setting(1e-8, "Floor of lambda.", low=0)
     factor_dtype: torch.dtype = setting(torch.float32, "dtype of factors and inverses.", cli=False)
+    communication_dtype: str | None = setting(None, "dtype the factors are all-reduced in across data-parallel "
+                                              "ranks: bfloat16 or float16 halve float32's bytes (auto: the factors' "
+                                              "dtype).", choices=COMMUNICATION_DTYPES)
     structure: str = setting("diagonal", "Inverse structure: diagonal (sec 4.2) or tridiagonal (sec 4.3).",
                              choices=("diagonal", "tridiagonal"))
 
