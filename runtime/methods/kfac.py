@@ -38,8 +38,8 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
 - steps that refresh the inverses: per layer, whether a group failed (one; its warning names it) and whether
   a float32 Cholesky must be retried in float64 (one per factor), plus the centred damping's check (one);
   the tridiagonal structure reads its pi's and checks each factorisation. At step 1, the curvature's scale for
-  lambda_0; with ``fisher_products`` "differences" or "one-sided", each tensor's norm for the difference step; on the fused
-  heavy ball (``runtime.fused_step``), the norms that bound its update (one).
+  lambda_0; with ``fisher_products`` "differences" or "one-sided", each tensor's norm for the difference step; on
+  the fused heavy ball (``runtime.fused_step``), the norms that bound its update (one).
 - data-parallel (KFAC's docstring, "Distributed"): the ranks' batch sizes (one), and each subset's members (one
   per subset); a refresh's per-layer reads above happen on each layer's owner only.
 """
@@ -209,8 +209,9 @@ class KFAC:
             forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
             transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md) or "one-sided" (one no-grad
             forward per direction beside one shared forward at theta, Gram entries within ~1e-4 of forward
-            mode's). Every forward of a difference draws the same dropout masks. The onnxruntime engine always
-            uses central differences.
+            mode's, but its O(h) error misleads the autoencoder's nearly parallel directions: BENCHMARKS.md).
+            Every forward of a difference draws the same dropout masks. The onnxruntime engine always uses
+            central differences.
         min_damping: floor of lambda.
         factor_dtype: dtype of factors and inverses, independent of the model's.
         communication_dtype: data-parallel: the dtype ("bfloat16", "float16", ...) the factors' all_reduce
