@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 
 #: one layer's mini-batch statistics: (A, G, number of examples they are a mean over)
@@ -40,6 +41,18 @@ def active_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+def refuse_data_parallel(method: str) -> None:
+    """A KronographError for a method that does not run data-parallel yet, made under torch.distributed with more
+    than one rank: each rank would step on its own slice of the batch alone and the replicas would drift apart
+    without a word. KFAC and KFACPreconditioner are the ones that run there."""
+    if (group := active_group(None)) is not None:
+        raise KronographError(
+            f"{method} does not run data-parallel yet: under torch.distributed with {dist.get_world_size(group)} "
+            f"ranks each rank would train its own replica on its own slice and the replicas would drift apart; "
+            "use kronograph.optim.KFAC (or KFACPreconditioner in your loop) there, or run "
+            f"{method} in one process")
 
 
 def triangle_entries(d: int) -> int:

@@ -100,3 +100,21 @@ def test_make_optimizer_builds_the_method_with_its_resolved_settings(monkeypatch
     built = optimizers.make_optimizer("toy", "CM", {"mode": "exact"}, seed=3)
     assert (built.compiled, built.preset, built.seed) == ("CM", "default", 3)
     assert built.settings == {"lr": 0.5, "rank": 4, "mode": "exact", "warm": False}
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name != "kfac"])
+def test_a_method_that_does_not_run_data_parallel_is_refused_under_several_ranks(name):
+    """Under torch.distributed with 2 ranks (faked: the group is found, no collective runs) each rank would
+    train its own replica and the replicas would drift apart silently; only KFAC (and KFACPreconditioner) run there."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from kronograph.runtime import distributed
+
+    cm = kronograph.compile(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), loss="cross_entropy")
+    with mock.patch.object(distributed, "active_group", return_value="the default group"), \
+            mock.patch.object(dist, "get_world_size", return_value=2):
+        with pytest.raises(KronographError, match=f"{METHODS[name].__name__} does not run data-parallel yet.*KFAC"):
+            METHODS[name](cm)
+    METHODS[name](cm)  # one process: made as before

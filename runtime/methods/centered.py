@@ -52,6 +52,7 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.input_action import LayerRows, gather_rows, mean_input
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite
@@ -151,6 +152,7 @@ class CenteredSGD:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.engine = make_engine(compiled, get_loss(compiled.loss))
         if not self.engine.parameters():

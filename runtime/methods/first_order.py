@@ -18,6 +18,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.settings import check, resolve, setting
@@ -61,6 +62,7 @@ class FirstOrder:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.engine = make_engine(compiled, get_loss(compiled.loss))
         self.named = self.engine.parameters()

@@ -52,6 +52,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.factors import batch_factors, layer_rows
 from kronograph.runtime.input_action import LayerRows, gather_rows, input_secant_pair, mean_input
@@ -186,6 +187,7 @@ class KBFGS:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.engine = make_engine(compiled, get_loss(compiled.loss))
         self.layers = {layer.name: layer for layer in compiled.layers}

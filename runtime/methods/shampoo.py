@@ -66,6 +66,7 @@ from typing import Any
 import torch
 
 from kronograph.compiler.compiled import CompiledModel
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite
 from kronograph.runtime.losses import get_loss
@@ -199,6 +200,7 @@ class Shampoo:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss)

@@ -60,6 +60,7 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.input_action import gather_rows
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite
@@ -168,6 +169,7 @@ class SMWNG:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss)

@@ -65,6 +65,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.runtime.distributed import refuse_data_parallel
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.inverse import SkippedStepWarning, all_finite, damped_inverse
 from kronograph.runtime.losses import get_loss
@@ -215,6 +216,7 @@ class TNT:
 
     def __init__(self, compiled: CompiledModel, preset: str = "default", seed: int | None = None,
                  **settings: Any) -> None:
+        refuse_data_parallel(type(self).__name__)
         self.settings = resolve(self.PRESETS, preset, settings, type(self).__name__)
         self.loss = get_loss(compiled.loss)
         self.engine = make_engine(compiled, self.loss)
