@@ -102,8 +102,13 @@ def test_make_optimizer_builds_the_method_with_its_resolved_settings(monkeypatch
     assert built.settings == {"lr": 0.5, "rank": 4, "mode": "exact", "warm": False}
 
 
+@pytest.fixture(scope="module")
+def linear_model() -> kronograph.CompiledModel:
+    return kronograph.compile(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), loss="cross_entropy")
+
+
 @pytest.mark.parametrize("name", [name for name in METHODS if name != "kfac"])
-def test_a_method_that_does_not_run_data_parallel_is_refused_under_several_ranks(name):
+def test_a_method_that_does_not_run_data_parallel_is_refused_under_several_ranks(name, linear_model):
     """Under torch.distributed with 2 ranks (faked: the group is found, no collective runs) each rank would
     train its own replica and the replicas would drift apart silently; only KFAC (and KFACPreconditioner) run there."""
     from unittest import mock
@@ -112,7 +117,7 @@ def test_a_method_that_does_not_run_data_parallel_is_refused_under_several_ranks
 
     from kronograph.runtime import distributed
 
-    cm = kronograph.compile(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), loss="cross_entropy")
+    cm = linear_model
     with mock.patch.object(distributed, "active_group", return_value="the default group"), \
             mock.patch.object(dist, "get_world_size", return_value=2):
         with pytest.raises(KronographError, match=f"{METHODS[name].__name__} does not run data-parallel yet.*KFAC"):
