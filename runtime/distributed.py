@@ -29,8 +29,17 @@ import torch.distributed as dist
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 
+#: the dtypes the factors may travel in across the ranks, by name (KFAC's and KFACPreconditioner's
+#: ``communication_dtype``, a setting the command line takes)
+COMMUNICATION_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
 #: one layer's mini-batch statistics: (A, G, number of examples they are a mean over)
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """The torch dtype a ``communication_dtype`` setting names (None: the factors' own)."""
+    return None if name is None else getattr(torch, name)
 
 
 def active_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -74,7 +74,13 @@ from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.data_parallel import invert_across_ranks, inverse_owners
-from kronograph.runtime.distributed import Statistics, active_group, average_statistics
+from kronograph.runtime.distributed import (
+    COMMUNICATION_DTYPES,
+    Statistics,
+    active_group,
+    average_statistics,
+    dtype_named,
+)
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.inverse import CurvatureWarning
 from kronograph.runtime.statistics import (
@@ -87,7 +93,6 @@ from kronograph.runtime.statistics import (
 )
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.methods.kfac_settings import COMMUNICATION_DTYPES, dtype_named
 from kronograph.runtime.wbar import gather_grad, scatter
 
 

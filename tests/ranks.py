@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kronograph.errors import KronographError
+
 
 def _worker(rank: int, body: Callable[[int, int], Any], world: int, out: str) -> None:
     torch.set_num_threads(1)
@@ -38,3 +40,13 @@ def on_one_thread(body: Callable[[], Any]) -> Any:
         return body()
     finally:
         torch.set_num_threads(threads)
+
+
+def refusal(make: Callable[[], Any]) -> str | None:
+    """The KronographError's message ``make()`` raises on this rank (None when it raises none): a rank's refusal,
+    saved for the test process to check."""
+    try:
+        make()
+    except KronographError as error:
+        return str(error)
+    return None

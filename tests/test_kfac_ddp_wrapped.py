@@ -27,7 +27,7 @@ import kronograph
 from kronograph.errors import KronographError
 
 from factories import teacher_problem
-from ranks import run_on_ranks
+from ranks import refusal, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 5, 32, 6, 3
 
@@ -36,14 +36,6 @@ def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same MLP and batches on every process (labels from a random teacher)."""
     model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
     return model, [(x, labels) for x, labels, _ in batches]
-
-
-def refusal(make) -> str | None:
-    try:
-        make()
-    except KronographError as error:
-        return str(error)
-    return None
 
 
 def kfac(model: nn.Module, compiled, batches, rank: int, world: int) -> dict:

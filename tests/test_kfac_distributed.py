@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import kronograph
-from kronograph.errors import KronographError
 from kronograph.runtime import curvature as curvature_module
 from kronograph.runtime.data_parallel import (
     assign_inverses,
@@ -36,7 +35,7 @@ from kronograph.runtime.inverse import InverseWarning
 from kronograph.runtime.losses import LOSSES
 
 from factories import curvature_with_random_factors, teacher_problem
-from ranks import on_one_thread, run_on_ranks
+from ranks import on_one_thread, refusal, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 10, 32, 6, 3
 
@@ -131,14 +130,6 @@ def failed_inversion(layers, world: int) -> dict:
             "first": {name: (r.a_inv, r.g_inv, r.pi, r.failed) for name, r in first.items()},
             "second": {name: (r.a_inv, r.g_inv, r.pi, r.failed) for name, r in second.items()},
             "warnings": [str(w.message) for w in caught if issubclass(w.category, InverseWarning)]}
-
-
-def refusal(make) -> str | None:
-    try:
-        make()
-    except KronographError as error:
-        return str(error)
-    return None
 
 
 @pytest.fixture(scope="module")

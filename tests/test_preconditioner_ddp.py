@@ -30,6 +30,7 @@ from kronograph.runtime.data_parallel import inverse_owners
 from kronograph.runtime.distributed import average_statistics
 from kronograph.runtime.inverse import StatisticsWarning
 
+from factories import teacher_problem
 from ranks import on_one_thread, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
@@ -38,14 +39,8 @@ SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
 
 def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same MLP and batches on every process (labels from a random teacher)."""
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
-    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-    batches = []
-    for _ in range(STEPS):
-        x = torch.randn(BATCH, FEATURES)
-        batches.append((x, teacher(x).argmax(1).detach()))
-    return model, batches
+    model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
+    return model, [(x, labels) for x, labels, _ in batches]
 
 
 def train(model: nn.Module, forward: nn.Module, precond, batches, rank: int = 0, world: int = 1) -> list[float]:

@@ -66,7 +66,7 @@ from kronograph.runtime.data_parallel import (
     inverse_owners,
     shared_seed,
 )
-from kronograph.runtime.distributed import active_group
+from kronograph.runtime.distributed import active_group, dtype_named
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.engines.torch import GradientPass
 from kronograph.runtime.damping import (
@@ -82,7 +82,7 @@ from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_ro
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
 from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings, dtype_named
+from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
 from kronograph.runtime.statistics import (
     ema_decay,

@@ -27,19 +27,11 @@ from typing import Any
 import torch
 
 from kronograph.errors import KronographError
+from kronograph.runtime.distributed import COMMUNICATION_DTYPES
 from kronograph.runtime.methods.settings import check, setting
 
 _UNIT = dict(low=0, high=1, low_open=True)  # a fraction of the batch, (0, 1]
 _DECAY = dict(low=0, high=1, high_open=True)
-
-
-#: the dtypes the factors may travel in across data-parallel ranks, by name (a setting the command line takes)
-COMMUNICATION_DTYPES = ("bfloat16", "float16", "float32", "float64")
-
-
-def dtype_named(name: str | None) -> torch.dtype | None:
-    """The torch dtype a ``communication_dtype`` setting names (None: the factors' own)."""
-    return None if name is None else getattr(torch, name)
 
 
 def parse_momentum(value: Any) -> str | float | None:
