@@ -37,7 +37,8 @@ def compile(  # noqa: A001 - the contract's name
             ``DistributedDataParallel`` wrapper is seen through: the module inside is planned and trained (its
             parameters are the wrapper's), so DDP's reducer never runs and KFAC's own all_reduce is the only
             one. An FSDP-sharded module (fully_shard, FullyShardedDataParallel, DTensor parameters) raises
-            KronographError: K-FAC needs whole weights (compiler/wrappers.py).
+            KronographError: compile the plain module, then shard it in place (fully_shard) for
+            KFACPreconditioner, which runs in an FSDP2 loop (compiler/wrappers.py).
         example_inputs: a batch the module's forward() accepts (a tensor or a tuple of tensors).
         loss: "cross_entropy" (softmax, integer labels), "sigmoid_cross_entropy" or "mse".
         engine: "torch" for a module, "onnxruntime" for an ONNX file (the defaults); a module compiled with

@@ -12,9 +12,10 @@
   The plan, ``cm.state_dict()`` and the parameter names are the inner module's (no ``module.`` prefix).
 * Sharded parameters are refused (``refuse_sharded``): FSDP2's ``fully_shard``, FSDP1's
   ``FullyShardedDataParallel`` and any other DTensor parameter (tensor parallelism) leave each rank a shard
-  of a layer's weight (or gather it only inside forward and backward), and K-FAC needs each layer's whole
-  weight, its whole gradient and its layer's inputs and output gradients to form and apply the Kronecker
-  factors. Without this check the export fails on the DTensors with an unrelated message.
+  of a layer's weight (or gather it only inside forward and backward); the export fails on the DTensors with an
+  unrelated message, and KFAC's own passes (its exact-Fisher products among them) need the whole weights. The
+  fix the message names: compile the plain module, then ``fully_shard`` it in place, and use
+  ``KFACPreconditioner`` in the FSDP loop (runtime/sharded.py: it gathers one layer's gradient at a time).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 from kronograph.errors import KronographError
 
 _SHARDED_FIX = (
-    "K-FAC needs each layer's whole weight: compile the plain module (without fully_shard or "
-    "FullyShardedDataParallel) and let kronograph.optim.KFAC do the data parallelism itself (process_group=..., "
-    "default torch.distributed's group), or wrap it in DistributedDataParallel; sharded K-FAC is not supported"
+    "compile the plain module first, then shard it (fully_shard works in place) and precondition your FSDP loop "
+    "with kronograph.optim.KFACPreconditioner, which gathers each layer's gradient; kronograph.optim.KFAC needs "
+    "each layer's whole weight and runs data-parallel by itself (process_group=..., default torch.distributed's "
+    "group) or inside DistributedDataParallel, not on sharded parameters"
 )
 
 

@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
-from kronograph.runtime import attention
+from kronograph.runtime import attention, sharded
 from kronograph.runtime.patches import call_geometry
 
 
@@ -168,6 +168,8 @@ class Capture(TorchFunctionMode):
                 raise CaptureError(f"layer {layer.name!r}: the module has no parameter {layer.weight!r}")
             self._by_weight[id(params[layer.weight])] = layer
         self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()}
+        self._module = module
+        self._rebinding: list[Any] = []  # forward pre-hooks following FSDP2's unsharded weights (``_follow_unsharded``)
         self.hooks = hooks
         self.strict = strict
         self.records: dict[str, list[SiteRecord]] = {}
@@ -329,17 +331,46 @@ class Capture(TorchFunctionMode):
         outside_compiled_code()
         self._stance = torch.compiler.set_stance("force_eager")  # applies now; its __exit__ restores the previous
         try:
+            self._follow_unsharded()
             return super().__enter__()
         except BaseException:
+            self._unfollow()
             self._stance.__exit__(None, None, None)
             raise
 
     def __exit__(self, *exc: Any) -> Any:
         self._transposed.clear()
+        self._unfollow()
         try:
             return super().__exit__(*exc)
         finally:
             self._stance.__exit__(None, None, None)
+
+    def _follow_unsharded(self) -> None:
+        """On a module sharded by FSDP2, a layer's sites are calls with the unsharded Parameter FSDP sets on the
+        layer's module around its forward (runtime/sharded.py), not with the DTensor of ``named_parameters()``: a
+        forward pre-hook on each layer's module (after FSDP's own, which unshards) binds the layer to it."""
+        if not sharded.any_sharded(self._module):
+            return
+        for layer in self.layers.values():
+            owner = layer.weight.rpartition(".")[0]
+            holder = self._module.get_submodule(owner) if owner else self._module
+            self._rebinding.append(holder.register_forward_pre_hook(
+                lambda _module, _args, layer=layer: self._bind(layer, sharded.unsharded_weight(self._module,
+                                                                                                layer.weight))))
+
+    def _unfollow(self) -> None:
+        for handle in self._rebinding:
+            handle.remove()
+        self._rebinding.clear()
+
+    def _bind(self, layer: Layer, weight: Any) -> None:
+        """Make ``weight`` the tensor whose calls are ``layer``'s sites (its previous one no longer is)."""
+        if not isinstance(weight, torch.Tensor):
+            return
+        for key in [key for key, known in self._by_weight.items() if known is layer]:
+            del self._by_weight[key], self._weights[key]
+        self._by_weight[id(weight)], self._weights[id(weight)] = layer, weight
 
     # -- results ------------------------------------------------------------------------------------
     def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:

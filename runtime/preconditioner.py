@@ -49,6 +49,12 @@ owners' triangles gives every rank every inverse, the same bits everywhere, so D
 preconditioned identically and the replicas stay in step. Every rank must take part in every statistics step
 (``step()`` at a due step, ``update_statistics(x)``) and in every step that refreshes inverses.
 
+FSDP2 (``fully_shard``, applied in place after ``kronograph.compile`` of the plain module): the capture follows
+the unsharded weights FSDP computes with (runtime/capture.py), the statistics are averaged as under DDP, and
+``step()`` gathers each layer's row-sharded gradient whole (one all_gather a layer, in the plan's order: every
+rank calls every ``step()``), solves it as under DDP and writes this rank's rows (runtime/sharded.py): K-FAC's
+result exactly. The factors and inverses are not sharded.
+
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
 are named in the dict ``step()`` returns. A mini-batch refused by every layer (NaN inputs, say) is skipped
@@ -93,7 +99,8 @@ from kronograph.runtime.statistics import (
 )
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.wbar import gather_grad, scatter
+from kronograph.runtime.sharded import check_row_sharded, is_sharded, local_rows, whole
+from kronograph.runtime.wbar import gather, scatter
 
 
 class LossScaleWarning(CurvatureWarning):
@@ -164,7 +171,7 @@ class KFACPreconditioner:
         self.damping, self.ema_decay, self.graft = float(damping), ema_decay, graft
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
-        self.params, self.factor_dtype = dict(self.module.named_parameters()), factor_dtype
+        self.factor_dtype = factor_dtype
         self.curvature = BlockDiagonalCurvature(compiled.layers, factor_dtype, knob="damping")
         self.blocks = self.curvature.blocks
         self.generator = make_generator(next(self.module.parameters()).device, seed)
@@ -381,17 +388,20 @@ class KFACPreconditioner:
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is
-        computed (a layer that raises then leaves all .grad as they were); others are left alone."""
+        computed (a layer that raises then leaves all .grad as they were); others are left alone. A layer sharded
+        by FSDP2 is solved whole and each rank writes its rows (runtime/sharded.py)."""
+        params = dict(self.module.named_parameters())  # read now: fully_shard replaces them with DTensors
         done, bad, missing, writes, ready = 0, [], [], [], []
         for name, block in self.blocks.items():
             layer = block.layer
-            targets = [self.params[layer.weight]] + ([self.params[layer.bias]] if layer.bias else [None])
+            targets = [params[layer.weight]] + ([params[layer.bias]] if layer.bias else [None])
             if all(p is None or p.grad is None for p in targets):
                 continue  # no gradient to rewrite (frozen or unused layer)
             if block.inverses is None:
                 missing.append(name)
                 continue
-            ready.append((name, block, targets, gather_grad(layer, self.params)))
+            grads = (self._whole_grad(key, params[key]) if key else None for key in (layer.weight, layer.bias))
+            ready.append((name, block, targets, gather(layer, *grads)))
         # which gradients are finite: read by the host once for all layers (one synchronisation on a GPU)
         checks = [torch.isfinite(grad_bar).all().to(ready[0][3].device) for *_, grad_bar in ready]
         finite = torch.stack(checks).tolist() if checks else []
@@ -402,9 +412,20 @@ class KFACPreconditioner:
                 continue
             for param, value in zip(targets, scatter(layer, self._grafted(grad_bar, block.precondition(grad_bar)))):
                 if param is not None and param.grad is not None:
-                    writes.append((param.grad, value))
+                    sharded = is_sharded(param.grad)
+                    writes.append((param.grad.to_local() if sharded else param.grad,
+                                   local_rows(param.grad, value) if sharded else value))
             done += 1
         return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}, writes
+
+    @staticmethod
+    def _whole_grad(name: str, param: torch.Tensor) -> torch.Tensor:
+        """A parameter's whole .grad (zeros when it has none; a sharded one gathered from the ranks)."""
+        if is_sharded(param):
+            check_row_sharded(name, param)
+        if param.grad is None:
+            return torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+        return whole(param.grad)
 
     def _grafted(self, grad_bar: torch.Tensor, solved: torch.Tensor) -> torch.Tensor:
         """K-FAC's direction with the gradient's norm (graft="norm"), or the raw solve."""

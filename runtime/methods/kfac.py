@@ -122,7 +122,8 @@ class KFAC:
     a model compiled already wrapped in DDP is seen through (compile plans and KFAC steps the module inside, so
     DDP's reducer never runs: the unwrapped run, bit for bit; give ``process_group`` DDP's group if it is not the
     default one), while an FSDP-sharded model (fully_shard, FullyShardedDataParallel) is refused with a
-    KronographError: K-FAC needs each layer's whole weight (compiler/wrappers.py, tests/test_kfac_ddp_wrapped.py).
+    KronographError: K-FAC needs each layer's whole weight (compiler/wrappers.py, tests/test_kfac_ddp_wrapped.py);
+    in an FSDP loop use KFACPreconditioner (tests/test_preconditioner_fsdp.py).
     Collectives per step, each one all_reduce of one flat buffer: the ranks' n_r (one host read); the loss and the
     gradient, each rank's weighted by n_r / N (with ``signal_scaling`` the halves' difference too); on statistics
     steps the upper triangles of every layer's m A and m G, and its m (``distributed.average_statistics``; the

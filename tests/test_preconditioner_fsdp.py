@@ -1,0 +1,116 @@
+"""KFACPreconditioner in an FSDP2 loop: two CPU processes (gloo), the distributed tests' MLP compiled plain, then
+sharded by ``fully_shard`` (each Linear and the root), each rank taking half of every batch.
+
+FSDP averages the ranks' gradients into each rank's rows, the preconditioner averages the halves' factors and
+solves each layer's gathered whole gradient (runtime/sharded.py): the run must be the single-process run on the
+full batches, to float32 rounding, with the ranks' parameters identical. The last layer (3 outputs) is split
+unevenly (rows 2 and 1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kronograph
+
+from factories import teacher_problem
+from ranks import on_one_thread, refusal, run_on_ranks
+
+WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
+SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
+
+
+def train(model, precond, batches, rank: int = 0, world: int = 1) -> list[float]:
+    """The README loop on this rank's share of each batch; returns the local losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        with precond.track():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        info = precond.step(x)
+        assert info["preconditioned"] == 3 and not info["rejected_statistics"], info
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def whole_state(model) -> dict[str, torch.Tensor]:
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
+            for name, value in model.state_dict().items()}
+
+
+def run_ranks(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    results: dict = {}
+    for fisher in ("empirical", "mc"):
+        model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
+        batches = [(x, labels) for x, labels, _ in batches]
+        cm = kronograph.compile(model, (batches[0][0][:2],))  # the plain module, then sharded in place
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
+        losses = train(model, precond, batches, rank, world)
+        results[fisher] = {"params": whole_state(model), "losses": losses,
+                           "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
+    results["kfac"] = refusal(lambda: kronograph.optim.KFAC(cm))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return run_on_ranks(run_ranks, WORLD, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict:
+    def run() -> dict:
+        results = {}
+        for fisher in ("empirical", "mc"):
+            model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
+            batches = [(x, labels) for x, labels, _ in batches]
+            precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)),
+                                                          fisher=fisher, **SETTINGS)
+            results[fisher] = {"params": model.state_dict(), "losses": train(model, precond, batches)}
+        return results
+
+    return on_one_thread(run)
+
+
+def test_parameters_are_sharded_by_rows_unevenly(ranks):
+    assert ranks[0]["empirical"]["local"]["4.weight"] == (2, 16)
+    assert ranks[1]["empirical"]["local"]["4.weight"] == (1, 16)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_ranks_hold_identical_parameters(ranks, fisher):
+    first, second = (r[fisher]["params"] for r in ranks)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("fisher", ["empirical"])
+def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, fisher):
+    for name, value in single_process[fisher]["params"].items():
+        torch.testing.assert_close(ranks[0][fisher]["params"][name], value, rtol=1e-4, atol=1e-5)
+    full_batch_losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
+    assert full_batch_losses == pytest.approx(single_process[fisher]["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_loss_falls(ranks, fisher):
+    losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
+    assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
+
+
+def test_kfac_refuses_the_sharded_model_and_names_the_preconditioner(ranks):
+    for r in ranks:
+        assert r["kfac"] is not None and "KFACPreconditioner" in r["kfac"]
