@@ -15,6 +15,10 @@ on the gloo backend (as tests/ranks.py spawns them), one torch thread each; ever
 * ``precond``: ``kronograph.optim.KFACPreconditioner(cm, seed=0)`` (defaults: empirical Fisher, stats_every=1,
   inverse_every=20, damping 1e-3, graft="norm") in a torch.optim.SGD loop (lr 1e-3, momentum 0.9), the model in
   DistributedDataParallel (also at W = 1).
+* ``precond-fsdp``: the same preconditioner loop on the model compiled plain, then sharded by FSDP2's
+  ``fully_shard`` (each Linear, then the root) instead of DDP: FSDP's parameter all_gathers and gradient
+  reduce_scatters, and the preconditioner's all_gather of each layer's gradient (``DTensor.full_tensor``, counted
+  as the all_gather of the rank's shard).
 * ``kfac-paper-bf16``, ``precond-bf16``: the same with ``communication_dtype="bfloat16"`` (the factors' all_reduce
   in bfloat16, the counts in a second, float64 one).
 * ``kaisa``: kfac-pytorch's ``kfac.preconditioner.KFACPreconditioner(ddp_model, lr=1e-3)`` with its defaults
@@ -36,7 +40,8 @@ hook that calls torch's own ``allreduce_hook``, whose ``dist.all_reduce`` of eac
 then counts: exact, not an estimate. What a rank "sends" as counted here: an all_reduce's buffer (every rank),
 a broadcast's buffer at its root only (the other ranks receive), an all_gather's input, a reduce_scatter's input.
 Each collective is put in a phase by the Python function that issued it (the call stack at the collective):
-gradient (DDP's buckets, KFAC's loss + gradient buffer, KAISA's gradient broadcasts), factors (kronograph's
+parameters (FSDP's all_gathers of the weights), gradient (DDP's buckets, KFAC's loss + gradient buffer, KAISA's
+gradient broadcasts, FSDP's reduce_scatters, the preconditioner's all_gather of a sharded gradient), factors (kronograph's
 ``average_statistics``, kfac-pytorch's factor all-reduce buckets), inverses (kronograph's
 ``invert_across_ranks``, kfac-pytorch's eigen-decomposition broadcasts), other (batch sizes, the quadratic
 model's Gram sums, the loss after the step, ...). Only the timed steps are counted; construction-time collectives
@@ -73,9 +78,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "kaisa", "kaisa-matched")
+OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "precond-fsdp", "kaisa",
+              "kaisa-matched")
 KAISA = ("kaisa", "kaisa-matched")
-PHASES = ("gradient", "factors", "inverses", "other")
+PHASES = ("parameters", "gradient", "factors", "inverses", "other")
 LR, MOMENTUM, INVERSE_EVERY = 1e-3, 0.9, 20
 
 #: function on the call stack at a collective -> (phase, label); the innermost match wins
@@ -89,6 +95,9 @@ ISSUERS = {
     "reduce_a_factor": ("factors", "kfac-pytorch factor all_reduce"),
     "reduce_g_factor": ("factors", "kfac-pytorch factor all_reduce"),
     "invert_across_ranks": ("inverses", "kronograph inverse all_gather"),
+    "foreach_all_gather": ("parameters", "FSDP parameter all_gather"),
+    "foreach_reduce": ("gradient", "FSDP gradient reduce_scatter"),
+    "_whole_grad": ("gradient", "kronograph gradient all_gather (FSDP)"),
     "broadcast_a_inv": ("inverses", "kfac-pytorch A eigen broadcast"),
     "broadcast_g_inv": ("inverses", "kfac-pytorch G eigen broadcast"),
     "batch_slice": ("other", "KFAC batch sizes"),
@@ -99,7 +108,8 @@ ISSUERS = {
 }
 COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "broadcast", "all_gather", "all_gather_into_tensor",
                "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "reduce", "gather", "scatter",
-               "all_to_all_single", "_all_gather_base", "_reduce_scatter_base")
+               "all_to_all_single", "_all_gather_base", "_reduce_scatter_base", "all_gather_single",
+               "reduce_scatter_single")
 
 
 # -- counting ------------------------------------------------------------------------------------------
@@ -161,7 +171,7 @@ def _sent(kind: str, args: tuple, kwargs: dict) -> tuple[Any, str]:
     if kind in ("all_gather", "all_gather_coalesced"):
         return arg(1, "tensor" if kind == "all_gather" else "input_tensor_list"), "all"
     if kind in ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor", "_reduce_scatter_base",
-                "all_to_all_single"):
+                "all_to_all_single", "all_gather_single", "reduce_scatter_single"):
         return arg(1, "input_tensor" if "gather" in kind else "input"), "all"
     if kind == "reduce_scatter":
         return arg(1, "input_list"), "all"
@@ -196,6 +206,26 @@ def install_counters() -> None:
         wrapper._counted = True  # type: ignore[attr-defined]
         wrapper.__name__ = kind
         setattr(dist, kind, wrapper)
+
+
+def count_full_tensor() -> None:
+    """DTensor.full_tensor gathers through torch's functional collectives, past ``dist``: counted here as the
+    all_gather of its local shard (what a rank sends)."""
+    from torch.distributed.tensor import DTensor
+
+    original = DTensor.full_tensor
+    if getattr(original, "_counted", False):
+        return
+
+    def full_tensor(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if COUNTER.on and getattr(COUNTER.local, "depth", 0) == 0:
+            phase, label = _issuer()
+            local = self.to_local()
+            COUNTER.records.append(("all_gather", phase, label, _nbytes(local), "all", _dtype(local)))
+        return original(self, *args, **kwargs)
+
+    full_tensor._counted = True  # type: ignore[attr-defined]
+    DTensor.full_tensor = full_tensor
 
 
 def _ddp_gradient_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -248,16 +278,26 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
         cm = kronograph.compile(model, (example,), loss=problem.loss)
         opt = kronograph.optim.KFAC(cm, preset=name.removeprefix("kfac-").removesuffix("-bf16"), seed=0, **narrow)
         return lambda x, y: float(opt.step(x, y)["loss"])
-    ddp = _ddp(model)
+    if name == "precond-fsdp":  # compiled plain, then each Linear and the root sharded in place
+        from torch.distributed.fsdp import fully_shard
+
+        cm = kronograph.compile(model, (example,), loss=problem.loss)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        wrapped = fully_shard(model)
+    else:
+        wrapped = _ddp(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     if name.startswith("precond"):
-        cm = kronograph.compile(model, (example,), loss=problem.loss)  # the unwrapped module
+        if name != "precond-fsdp":
+            cm = kronograph.compile(model, (example,), loss=problem.loss)  # the unwrapped module
         precond = kronograph.optim.KFACPreconditioner(cm, seed=0, **narrow)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> float:
             sgd.zero_grad()
             with precond.track():
-                loss = loss_fn(ddp(x), y)
+                loss = loss_fn(wrapped(x), y)
                 loss.backward()
             precond.step(x)
             sgd.step()
@@ -267,11 +307,11 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
     schedule = {} if name == "kaisa" else {"factor_update_steps": 1, "inv_update_steps": INVERSE_EVERY}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precond = module.KFACPreconditioner(ddp, lr=LR, **schedule)
+        precond = module.KFACPreconditioner(wrapped, lr=LR, **schedule)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         sgd.zero_grad()
-        loss = loss_fn(ddp(x), y)
+        loss = loss_fn(wrapped(x), y)
         loss.backward()
         precond.step()
         sgd.step()
@@ -289,6 +329,7 @@ def _worker(rank: int, world: int, options: dict, out: str) -> None:
         from first_try import problems
 
         install_counters()
+        count_full_tensor()
         problem = problems()["autoencoder-default"]()
         steps, warm_up, batch = options["steps"], options["warm_up"], options["batch"]
         order = torch.Generator().manual_seed(0)
@@ -364,7 +405,8 @@ def modelled(table: dict[tuple, dict], world: int, measured_world: int) -> dict[
             totals[phase] += per_rank * measured_world / world
         elif kind in ("all_reduce", "all_reduce_coalesced"):
             totals[phase] += 2 * (world - 1) / world * per_rank
-        elif kind in ("all_gather", "all_gather_into_tensor", "all_gather_coalesced", "_all_gather_base"):
+        elif kind in ("all_gather", "all_gather_into_tensor", "all_gather_coalesced", "_all_gather_base",
+                      "all_gather_single"):
             # the gathered buffer (W inputs) is the model's; at W ranks each input is taken as its W-th part (even
             # shares: kronograph's owners' triangles, whose padding benchmarks/inverse_balance.py gives exactly)
             totals[phase] += (world - 1) * per_rank * measured_world / world
@@ -379,9 +421,9 @@ def _b(value: float) -> str:
 
 def report(results: dict[int, list[dict]], names: list[str]) -> None:
     print("\n## Measured (bytes: what each rank hands to collectives per step, mean over timed steps and ranks)\n")
-    print("| optimizer | ranks | ms/step (median, rank 0) | collectives/step | gradient B | factors B | inverses B "
-          "| other B | total B/step/rank | steps with inverse traffic | last loss (rank 0) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| optimizer | ranks | ms/step (median, rank 0) | collectives/step | parameters B | gradient B | factors B "
+          "| inverses B | other B | total B/step/rank | steps with inverse traffic | last loss (rank 0) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         for world, ranks in sorted(results.items()):
             if name not in ranks[0]:
@@ -391,7 +433,8 @@ def report(results: dict[int, list[dict]], names: list[str]) -> None:
             inverse_steps = sum(any(rec[1] == "inverses" for rec in records)
                                 for result in ranks for records in result[name]["records"]) / len(ranks)
             ms = 1000 * statistics.median(ranks[0][name]["times"])
-            print(f"| {name} | {world} | {ms:.0f} | {calls:.1f} | {_b(sent['gradient'])} | {_b(sent['factors'])} | "
+            print(f"| {name} | {world} | {ms:.0f} | {calls:.1f} | {_b(sent['parameters'])} | {_b(sent['gradient'])} | "
+                  f"{_b(sent['factors'])} | "
                   f"{_b(sent['inverses'])} | {_b(sent['other'])} | {_b(sum(sent.values()))} | {inverse_steps:g} | "
                   f"{ranks[0][name]['loss']:.4g} |", flush=True)
     if 1 in results:
@@ -423,16 +466,16 @@ def report(results: dict[int, list[dict]], names: list[str]) -> None:
           "2 (W - 1) / W of the buffer per rank; broadcast: the buffer once, at its root (mean over ranks: the "
           "total / W); all_gather: (W - 1) times the input, the input the gathered buffer's W-th part (even "
           "shares); reduce_scatter: (W - 1) / W of the input.\n")
-    print("| optimizer | W | gradient B | factors B | inverses B | other B | total B/step/rank |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| optimizer | W | parameters B | gradient B | factors B | inverses B | other B | total B/step/rank |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         if name not in results[base][0]:
             continue
         table = collectives(results[base], name)
         for world in sorted({1, base, 4, 8}):
             model = modelled(table, world, base)
-            print(f"| {name} | {world} | {_b(model['gradient'])} | {_b(model['factors'])} | {_b(model['inverses'])} | "
-                  f"{_b(model['other'])} | {_b(sum(model.values()))} |")
+            print(f"| {name} | {world} | {_b(model['parameters'])} | {_b(model['gradient'])} | {_b(model['factors'])} | "
+                  f"{_b(model['inverses'])} | {_b(model['other'])} | {_b(sum(model.values()))} |")
 
 
 def main() -> None:
