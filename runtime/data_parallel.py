@@ -305,13 +305,11 @@ def inverse_entries(groups: int, a_dim: int, g_dim: int) -> int:
 def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners: Mapping[str, int],
                         group: dist.ProcessGroup) -> dict[str, DampedInverses | None]:
     """``curvature.invert(gamma)`` split across the ranks: this rank inverts the layers ``owners`` gives it and packs
-    them (triangles, pi, failed flags) into its segment, padded to the largest rank's share; one all_gather gives
-    every rank every segment (or, where the padding would make that send more, one all_reduce of every layer's
-    piece, zeros from the non-owners), and every rank (the owner too) unpacks every layer's inverses, mirrored: the
-    same bits on every rank. Every rank must call this in the same round (the layers with statistics are the same on
-    every rank: their factors are folded from all-reduced statistics). None for a layer with no statistics, as
-    ``invert``."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    them (triangles, pi, failed flags), and ``exchange_from_owners`` gives every rank every layer's piece, which
+    every rank (the owner too) unpacks, mirrored: the same bits on every rank. Every rank must call this in the same
+    round (the layers with statistics are the same on every rank: their factors are folded from all-reduced
+    statistics). None for a layer with no statistics, as ``invert``."""
+    rank = dist.get_rank(group)
     local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank})
     estimated = {name: block for name, block in curvature.blocks.items() if block.estimated}
     result: dict[str, DampedInverses | None] = {name: None for name in curvature.blocks}
@@ -320,10 +318,6 @@ def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners:
     first = next(iter(estimated.values()))
     dtype, device = first.dtype, first.a.device
     sizes = {name: inverse_entries(b.layer.groups, b.layer.a_dim, b.layer.g_dim) for name, b in estimated.items()}
-    shares = [0] * world
-    for name, size in sizes.items():
-        shares[owners[name]] += size
-    width = max(shares)
     pieces = {}
     for name in estimated:
         if owners[name] == rank:
@@ -331,26 +325,42 @@ def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners:
             pieces[name] = torch.cat([pack_triangle(mine.a_inv.to(dtype)).reshape(-1),
                                       pack_triangle(mine.g_inv.to(dtype)).reshape(-1),
                                       mine.pi.reshape(-1).to(dtype), mine.failed.reshape(-1).to(dtype)])
+    flat = exchange_from_owners(pieces, sizes, owners, group, dtype, device)
+    for name, block in estimated.items():
+        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
+        a_inv, g_inv, pi, failed = flat[name].split([n * triangle_entries(a), n * triangle_entries(g), n, n])
+        result[name] = DampedInverses(unpack_triangle(a_inv, a), unpack_triangle(g_inv, g), pi, failed > 0.5)
+    return result
+
+
+def exchange_from_owners(pieces: Mapping[str, torch.Tensor], sizes: Mapping[str, int], owners: Mapping[str, int],
+                         group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every layer's flat piece on every rank, each computed by its owner alone.
+
+    ``pieces``: this rank's (the layers ``owners`` gives it, ``sizes[name]`` entries each, in ``dtype``); ``sizes``:
+    every layer's, in plan order, the same on every rank. One all_gather of the ranks' segments (each owner's layers
+    in plan order), padded to the largest rank's share, or, where the padding would make that send more, one
+    all_reduce of every layer's piece with zeros from the non-owners: the same bits on every rank either way."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shares = [0] * world
+    for name, size in sizes.items():
+        shares[owners[name]] += size
+    width = max(shares)
     if world * width <= 2 * sum(shares):  # a ring all_gather sends (W - 1) width, an all_reduce 2 (W - 1) / W total
-        segments = [*pieces.values(), torch.zeros(width - shares[rank], dtype=dtype, device=device)]
+        segments = [pieces[name] for name in sizes if owners[name] == rank]
+        segments.append(torch.zeros(width - shares[rank], dtype=dtype, device=device))
         buffer = torch.empty(world * width, dtype=dtype, device=device)
         with warnings.catch_warnings():  # torch 2.13 deprecates the name for all_gather_single, absent from older torch
             warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
             dist.all_gather_into_tensor(buffer, torch.cat(segments), group=group)
         offsets = [r * width for r in range(world)]
         starts = {}
-        for name in estimated:  # each owner's layers in plan order from its segment's start
+        for name in sizes:  # each owner's layers in plan order from its segment's start
             starts[name] = offsets[owners[name]]
             offsets[owners[name]] += sizes[name]
     else:  # shares too uneven for the padding: every layer in plan order, zeros from the non-owners, summed
         starts = dict(zip(sizes, itertools.accumulate([0, *sizes.values()])))
-        buffer = torch.cat([pieces.get(name, torch.zeros(size, dtype=dtype, device=device))
+        buffer = torch.cat([pieces[name] if owners[name] == rank else torch.zeros(size, dtype=dtype, device=device)
                             for name, size in sizes.items()])
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    for name, block in estimated.items():
-        n, a, g = block.layer.groups, block.layer.a_dim, block.layer.g_dim
-        start = starts[name]
-        a_inv, g_inv, pi, failed = buffer[start:start + sizes[name]].split(
-            [n * triangle_entries(a), n * triangle_entries(g), n, n])
-        result[name] = DampedInverses(unpack_triangle(a_inv, a), unpack_triangle(g_inv, g), pi, failed > 0.5)
-    return result
+    return {name: buffer[starts[name]:starts[name] + size] for name, size in sizes.items()}

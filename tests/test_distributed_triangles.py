@@ -1,5 +1,6 @@
 """Data-parallel K-FAC's collectives send symmetric matrices as one triangle (issue 16): the factors' all_reduce
-(``distributed.average_statistics``) and the owners' inverses by one all_gather (``data_parallel.invert_across_ranks``).
+(``distributed.average_statistics``) and the owners' inverses by one all_gather (``data_parallel.invert_across_ranks``, through
+``exchange_from_owners``).
 
 The packing is tested in this process; the byte counts and the ranks' identical inverses on two CPU processes
 (gloo, one spawn for the module): a tiny two-layer MLP under ``kronograph.optim.KFAC``, every ``dist.all_reduce``
@@ -28,7 +29,7 @@ from ranks import run_on_ranks
 
 WORLD, BATCH, STEPS = 2, 16, 3
 WIDTHS = (5, 7, 3)  # Linear(5, 7), Tanh, Linear(7, 3): layers "0" and "2", with biases
-ISSUERS = ("average_statistics", "invert_across_ranks")
+ISSUERS = ("average_statistics", "exchange_from_owners")
 
 
 def symmetric(groups: int, d: int, seed: int) -> torch.Tensor:
@@ -164,7 +165,7 @@ def test_collectives_send_triangles(ranks):
     assert ranks[0]["owners"] == {"0": 0, "2": 1}
     for r in ranks:
         kinds = {(kind, issuer) for kind, issuer, _, _ in r["calls"]}
-        assert kinds == {("all_reduce", "average_statistics"), ("all_gather_into_tensor", "invert_across_ranks")}
+        assert kinds == {("all_reduce", "average_statistics"), ("all_gather_into_tensor", "exchange_from_owners")}
         for kind, issuer, entries, size in r["calls"]:
             expected = factors if issuer == "average_statistics" else max(shares)  # padded to the largest share
             assert entries == expected and size == 4 * expected, (kind, issuer, entries)
@@ -210,7 +211,7 @@ def run_uneven(rank: int, world: int) -> dict:
             mock.patch.object(dist, "all_gather_into_tensor", recorded("all_gather_into_tensor", calls)):
         for x, y in batches:
             opt.step(x.chunk(world)[rank], y.chunk(world)[rank])
-    return {"calls": [call for call in calls if call[1] == "invert_across_ranks"],
+    return {"calls": [call for call in calls if call[1] == "exchange_from_owners"],
             "inverses": {name: (b.inverses.a_inv, b.inverses.g_inv, b.inverses.pi) for name, b in opt.blocks.items()},
             "parameters": {name: p.detach().clone() for name, p in model.named_parameters()}}
 
