@@ -1,6 +1,6 @@
 """Data-parallel K-FAC's collectives send symmetric matrices as one triangle (issue 16): the factors' all_reduce
-(``distributed.average_statistics``) and the owners' inverses by one all_gather (``data_parallel.invert_across_ranks``, through
-``exchange_from_owners``).
+(``distributed.average_statistics``) and the owners' inverses by one all_gather (``data_parallel.invert_across_ranks``,
+through ``exchange_from_owners``).
 
 The packing is tested in this process; the byte counts and the ranks' identical inverses on two CPU processes
 (gloo, one spawn for the module): a tiny two-layer MLP under ``kronograph.optim.KFAC``, every ``dist.all_reduce``
