@@ -15,6 +15,8 @@ on the gloo backend (as tests/ranks.py spawns them), one torch thread each; ever
 * ``precond``: ``kronograph.optim.KFACPreconditioner(cm, seed=0)`` (defaults: empirical Fisher, stats_every=1,
   inverse_every=20, damping 1e-3, graft="norm") in a torch.optim.SGD loop (lr 1e-3, momentum 0.9), the model in
   DistributedDataParallel (also at W = 1).
+* ``precond-owners``: ``precond`` with ``grad_worker_fraction=1/W`` (KAISA's memory-optimal mode: each layer's
+  inverses on its owner alone, which solves the layer's gradient and shares it in one all_gather a step).
 * ``precond-fsdp``: the same preconditioner loop on the model compiled plain, then sharded by FSDP2's
   ``fully_shard`` (each Linear, then the root) instead of DDP: FSDP's parameter all_gathers and gradient
   reduce_scatters, and the preconditioner's all_gather of each layer's gradient (``DTensor.full_tensor``, counted
@@ -78,8 +80,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "precond-fsdp", "kaisa",
-              "kaisa-matched")
+OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "precond-owners",
+              "precond-fsdp", "kaisa", "kaisa-matched")
 KAISA = ("kaisa", "kaisa-matched")
 PHASES = ("parameters", "gradient", "factors", "inverses", "other")
 LR, MOMENTUM, INVERSE_EVERY = 1e-3, 0.9, 20
@@ -98,6 +100,7 @@ ISSUERS = {
     "foreach_all_gather": ("parameters", "FSDP parameter all_gather"),
     "foreach_reduce": ("gradient", "FSDP gradient reduce_scatter"),
     "_whole_grad": ("gradient", "kronograph gradient all_gather (FSDP)"),
+    "_from_owners": ("gradient", "kronograph solves from their owners"),
     "broadcast_a_inv": ("inverses", "kfac-pytorch A eigen broadcast"),
     "broadcast_g_inv": ("inverses", "kfac-pytorch G eigen broadcast"),
     "batch_slice": ("other", "KFAC batch sizes"),
@@ -274,6 +277,8 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
     model = problem.model()
     loss_fn = get_loss(problem.loss)
     narrow = {"communication_dtype": "bfloat16"} if name.endswith("-bf16") else {}
+    if name == "precond-owners":
+        narrow = {"grad_worker_fraction": 1 / dist.get_world_size()}
     if name.startswith("kfac-"):
         cm = kronograph.compile(model, (example,), loss=problem.loss)
         opt = kronograph.optim.KFAC(cm, preset=name.removeprefix("kfac-").removesuffix("-bf16"), seed=0, **narrow)

@@ -55,6 +55,11 @@ the unsharded weights FSDP computes with (runtime/capture.py), the statistics ar
 rank calls every ``step()``), solves it as under DDP and writes this rank's rows (runtime/sharded.py): K-FAC's
 result exactly. The factors and inverses are not sharded.
 
+With ``grad_worker_fraction=1/W`` each layer's inverses stay on their owner, which solves that layer's averaged
+gradient at every step; one all_gather (``exchange_from_owners``) then gives every rank every solve, the same on
+every rank, and the same steps to rounding as when every rank holds every inverse (those are mirrored from their
+upper triangles; KAISA's memory-optimal mode; tests/test_preconditioner_ddp.py).
+
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
 are named in the dict ``step()`` returns. A mini-batch refused by every layer (NaN inputs, say) is skipped
@@ -79,7 +84,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.curvature import BlockDiagonalCurvature
-from kronograph.runtime.data_parallel import invert_across_ranks, inverse_owners
+from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
 from kronograph.runtime.distributed import (
     COMMUNICATION_DTYPES,
     Statistics,
@@ -129,6 +134,10 @@ class KFACPreconditioner:
             data-parallel group.
         communication_dtype: the dtype ("bfloat16", "float16", ...) the factors' all_reduce sends and sums (None:
             the factors' own); bfloat16 halves float32's bytes at a relative rounding of 4e-3.
+        grad_worker_fraction: KAISA's trade of memory for communication, data-parallel: 1 (every rank holds every
+            layer's inverses and solves every gradient) or 1/W on W ranks (each layer's inverses live on its owner
+            alone, which solves the layer's gradient and shares the solve: 1/W of the inverses' memory a rank, the
+            gradients' bytes every step instead of the inverses' at refreshes); fractions between are refused.
     """
 
     def __init__(
@@ -146,6 +155,7 @@ class KFACPreconditioner:
         graft: str | None = "norm",
         process_group: dist.ProcessGroup | None = None,
         communication_dtype: str | None = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -158,6 +168,9 @@ class KFACPreconditioner:
         if communication_dtype not in (None, *COMMUNICATION_DTYPES):
             raise KronographError(f"communication_dtype={communication_dtype!r}; choose one of "
                                   f"{', '.join(COMMUNICATION_DTYPES)} or None (the factors' dtype)")
+        if not 0 < grad_worker_fraction <= 1:
+            raise KronographError(f"grad_worker_fraction={grad_worker_fraction} must lie in (0, 1]: 1 (every rank holds "
+                                  "every inverse) or 1/world (each layer's inverses on one rank)")
         if not damping > 0:
             raise KronographError(f"damping={damping} must be positive (try 1e-3 to 1e-1)")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -177,8 +190,11 @@ class KFACPreconditioner:
         self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.process_group = process_group
         self.communication_dtype = dtype_named(communication_dtype)
+        self.grad_worker_fraction = float(grad_worker_fraction)
+        self._inverted: set[str] = set()  # layers with inverses (with owners alone: on their owner)
         if (group := active_group(process_group)) is not None:  # each rank its own subsets and sampled targets
             self.generator.manual_seed(self.generator.initial_seed() + dist.get_rank(group))
+            self._owners_alone()  # a fraction between 1/world and 1 is refused now
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
         self._pending: list[tuple[Capture, dict, int, float | None]] = []  # tracked passes of the coming step
@@ -321,11 +337,12 @@ class KFACPreconditioner:
         Cheap: the blocks' factors and inverses are replaced, never written in place, so references are kept,
         not copies; .grad is written only at the very end of a step (``_precondition`` computes first)."""
         blocks = {name: (block.a, block.g, block.inverses, block.updates) for name, block in self.blocks.items()}
-        saved = (self.steps, self.stats_updates, self.generator.get_state(), list(self._pending), self._folded)
+        saved = (self.steps, self.stats_updates, self.generator.get_state(), list(self._pending), self._folded,
+                 set(self._inverted))
         try:
             yield saved[2]
         except BaseException:
-            self.steps, self.stats_updates, generator_state, self._pending, self._folded = saved
+            self.steps, self.stats_updates, generator_state, self._pending, self._folded, self._inverted = saved
             self.generator.set_state(generator_state)
             for name, (a, g, inverses, updates) in blocks.items():
                 block = self.blocks[name]
@@ -372,19 +389,39 @@ class KFACPreconditioner:
 
     def _invert(self) -> tuple[bool, list[str]]:
         """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous.
-        Data-parallel: each layer on its owner, one all_gather (the layers due are the same on every rank)."""
+        Data-parallel: each layer on its owner, then one all_gather gives every rank every inverse, or, with
+        ``grad_worker_fraction`` 1/W, the owner keeps them (the layers due are the same on every rank)."""
         due = inverses_due(self.steps, self.inverse_every)
-        names = [name for name, block in self.blocks.items() if block.a is not None and (due or block.inverses is None)]
+        names = [name for name, block in self.blocks.items() if block.a is not None and (due or name not in self._inverted)]
         if (group := active_group(self.process_group)) is None:
             failed = [name for name in names if not self.blocks[name].invert(self.damping, knob="damping")]
-            return bool(names), failed
-        if not names:
+        elif not names:
             return False, []
-        owners = inverse_owners(self.compiled.layers, dist.get_world_size(group))  # from the plan: the same everywhere
-        inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
-        for name in names:
-            self.blocks[name].inverses = inverses[name]
-        return True, [name for name in names if not inverses[name].ok]
+        elif (alone := self._owners_alone()) is not None:
+            rank = dist.get_rank(group)
+            failed = [name for name in names
+                      if alone[name] == rank and not self.blocks[name].invert(self.damping, knob="damping")]
+        else:
+            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group))  # from the plan: the same everywhere
+            inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
+            for name in names:
+                self.blocks[name].inverses = inverses[name]
+            failed = [name for name in names if not inverses[name].ok]
+        self._inverted.update(names)
+        return bool(names), failed
+
+    def _owners_alone(self) -> dict[str, int] | None:
+        """Each layer's owner when it alone holds the layer's inverses and solves its gradient (data-parallel with
+        ``grad_worker_fraction`` <= 1/W: KAISA's memory-optimal mode); None when every rank holds every inverse."""
+        group = active_group(self.process_group)
+        if group is None or self.grad_worker_fraction == 1:
+            return None
+        world = dist.get_world_size(group)
+        if self.grad_worker_fraction * world > 1 + 1e-9:
+            raise KronographError(f"grad_worker_fraction={self.grad_worker_fraction} on {world} ranks: choose 1 (every "
+                                  f"rank holds every inverse) or 1/{world} (each layer's inverses on one rank, which "
+                                  "solves its gradient for all); the fractions between are not built")
+        return inverse_owners(self.compiled.layers, world)
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is
@@ -397,7 +434,7 @@ class KFACPreconditioner:
             targets = [params[layer.weight]] + ([params[layer.bias]] if layer.bias else [None])
             if all(p is None or p.grad is None for p in targets):
                 continue  # no gradient to rewrite (frozen or unused layer)
-            if block.inverses is None:
+            if name not in self._inverted:
                 missing.append(name)
                 continue
             grads = (self._whole_grad(key, params[key]) if key else None for key in (layer.weight, layer.bias))
@@ -405,18 +442,38 @@ class KFACPreconditioner:
         # which gradients are finite: read by the host once for all layers (one synchronisation on a GPU)
         checks = [torch.isfinite(grad_bar).all().to(ready[0][3].device) for *_, grad_bar in ready]
         finite = torch.stack(checks).tolist() if checks else []
-        for (name, block, targets, grad_bar), ok in zip(ready, finite):
-            layer = block.layer
+        alone = self._owners_alone()
+        rank = None if alone is None else dist.get_rank(active_group(self.process_group))
+        solved = {}
+        for (name, block, _, grad_bar), ok in zip(ready, finite):
             if not ok:
                 bad.append(name)
+            elif alone is None or alone[name] == rank:
+                solved[name] = self._grafted(grad_bar, block.precondition(grad_bar))
+            else:
+                solved[name] = None  # solved by its owner
+        if alone is not None:
+            solved = self._from_owners(solved, {name: grad_bar.shape for name, _, _, grad_bar in ready}, alone)
+        for name, block, targets, _ in ready:
+            if name not in solved:
                 continue
-            for param, value in zip(targets, scatter(layer, self._grafted(grad_bar, block.precondition(grad_bar)))):
+            for param, value in zip(targets, scatter(block.layer, solved[name])):
                 if param is not None and param.grad is not None:
                     sharded = is_sharded(param.grad)
                     writes.append((param.grad.to_local() if sharded else param.grad,
                                    local_rows(param.grad, value) if sharded else value))
             done += 1
         return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}, writes
+
+    def _from_owners(self, solved: Mapping[str, torch.Tensor | None], shapes: Mapping[str, torch.Size],
+                     owners: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Every layer's solve from its owner (``solved``: this rank's layers', None for the others'), by one
+        ``exchange_from_owners`` a step: the gradients' size in bytes instead of the inverses' at refreshes."""
+        sizes = {name: shapes[name].numel() for name in solved}  # plan order, the same on every rank
+        device = next(self.module.parameters()).device
+        pieces = {name: value.reshape(-1).to(self.factor_dtype) for name, value in solved.items() if value is not None}
+        flat = exchange_from_owners(pieces, sizes, owners, active_group(self.process_group), self.factor_dtype, device)
+        return {name: flat[name].reshape(shapes[name]) for name in solved}
 
     @staticmethod
     def _whole_grad(name: str, param: torch.Tensor) -> torch.Tensor:
@@ -451,5 +508,7 @@ class KFACPreconditioner:
         self.damping = float(state["damping"])
         for name, block in self.blocks.items():
             block.load_state_dict(blocks[name])
+        # with owners alone, rank 0's checkpoint holds its layers' inverses: the others are made at the next step
+        self._inverted = {name for name, block in self.blocks.items() if block.inverses is not None}
         self.generator.set_state(state["generator"])
         self._pending, self._folded = [], None

@@ -31,7 +31,7 @@ from kronograph.runtime.distributed import average_statistics
 from kronograph.runtime.inverse import StatisticsWarning
 
 from factories import teacher_problem
-from ranks import on_one_thread, run_on_ranks
+from ranks import on_one_thread, refusal, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
@@ -95,6 +95,14 @@ def run_ranks(rank: int, world: int) -> dict:
                            "inverses": {name: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone())
                                         for name, block in precond.blocks.items()},
                            "inverted": dict(counts)}
+
+    # each layer's inverses on its owner alone, which solves the layer's gradient for every rank
+    model.load_state_dict(initial)
+    precond = kronograph.optim.KFACPreconditioner(cm, grad_worker_fraction=1 / world, **SETTINGS)
+    losses = train(model, ddp, precond, batches, rank, world)
+    results["owners_alone"] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
+                               "holds": sorted(name for name, block in precond.blocks.items() if block.inverses)}
+    results["between"] = refusal(lambda: kronograph.optim.KFACPreconditioner(cm, grad_worker_fraction=0.75))
 
     # the factors all-reduced in bfloat16 (half the bytes)
     model.load_state_dict(initial)
@@ -164,6 +172,23 @@ def test_each_layer_is_inverted_by_its_owner_only_and_the_ranks_hold_the_same_in
     first, second = (r["empirical"]["inverses"] for r in ranks)
     for name in first:
         assert all(torch.equal(x, y) for x, y in zip(first[name], second[name])), name
+
+
+def test_owners_alone_hold_their_layers_inverses_and_take_the_same_steps(ranks, single_process):
+    owners = inverse_owners(single_process["layers"], WORLD)
+    for rank, result in enumerate(ranks):
+        assert result["owners_alone"]["holds"] == sorted(name for name, owner in owners.items() if owner == rank)
+        # the steps of every rank holding every inverse, to rounding (theirs are mirrored from the upper triangles)
+        for name, value in result["empirical"]["params"].items():
+            torch.testing.assert_close(result["owners_alone"]["params"][name], value, rtol=1e-5, atol=1e-6)
+        assert result["owners_alone"]["losses"] == pytest.approx(result["empirical"]["losses"], rel=1e-6)
+    for name, value in ranks[0]["owners_alone"]["params"].items():  # the ranks identical
+        assert torch.equal(ranks[1]["owners_alone"]["params"][name], value), name
+
+
+def test_a_grad_worker_fraction_between_one_rank_and_all_is_refused(ranks):
+    for r in ranks:
+        assert r["between"] is not None and "grad_worker_fraction=0.75" in r["between"] and "1/2" in r["between"]
 
 
 def test_factors_all_reduced_in_bfloat16_are_the_same_on_every_rank_and_near_float32s(ranks):
