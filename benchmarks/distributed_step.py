@@ -26,7 +26,8 @@ on the gloo backend (as tests/ranks.py spawns them), one torch thread each; ever
 * ``kaisa``: kfac-pytorch's ``kfac.preconditioner.KFACPreconditioner(ddp_model, lr=1e-3)`` with its defaults
   (factor_update_steps=1, inv_update_steps=1, eigen decompositions, COMM_OPT), the same SGD loop and DDP;
   ``kaisa-matched``: the same with kronograph's schedule, factor_update_steps=1, inv_update_steps=20 (damping
-  1e-3 and factor_decay 0.95 are already its defaults and kronograph's). Run when ``import kfac`` works (set
+  1e-3 and factor_decay 0.95 are already its defaults and kronograph's); ``kaisa-mem``: ``kaisa-matched`` with
+  grad_worker_fraction=1/W (its MEM-OPT, beside ``precond-owners``). Run when ``import kfac`` works (set
   KFAC_PYTORCH_PATH to a checkout of github.com/gpauloski/kfac-pytorch to put it on sys.path); otherwise the
   script says "kfac-pytorch: not importable" and goes on without it.
 
@@ -81,8 +82,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 
 OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "precond-owners",
-              "precond-fsdp", "kaisa", "kaisa-matched")
-KAISA = ("kaisa", "kaisa-matched")
+              "precond-fsdp", "kaisa", "kaisa-matched", "kaisa-mem")
+KAISA = ("kaisa", "kaisa-matched", "kaisa-mem")
 PHASES = ("parameters", "gradient", "factors", "inverses", "other")
 LR, MOMENTUM, INVERSE_EVERY = 1e-3, 0.9, 20
 
@@ -310,6 +311,8 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
         return step
     module, _ = kfac_pytorch()
     schedule = {} if name == "kaisa" else {"factor_update_steps": 1, "inv_update_steps": INVERSE_EVERY}
+    if name == "kaisa-mem":  # its MEM-OPT: one grad worker per layer, which broadcasts the preconditioned gradient
+        schedule["grad_worker_fraction"] = 1 / dist.get_world_size()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         precond = module.KFACPreconditioner(wrapped, lr=LR, **schedule)
