@@ -1,5 +1,6 @@
 """KFACPreconditioner in an FSDP2 loop: two CPU processes (gloo), the distributed tests' MLP compiled plain, then
-sharded by ``fully_shard`` (each Linear and the root), each rank taking half of every batch.
+sharded by ``fully_shard`` (each Linear and the root, or the root alone), and a small conv net, each rank taking
+half of every batch.
 
 FSDP averages the ranks' gradients into each rank's rows, the preconditioner averages the halves' factors and
 solves each layer's gathered whole gradient (runtime/sharded.py): the run must be the single-process run on the
@@ -14,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import kronograph
 
@@ -35,7 +37,7 @@ def train(model, precond, batches, rank: int = 0, world: int = 1) -> list[float]
             loss = F.cross_entropy(model(x), y)
             loss.backward()
         info = precond.step(x)
-        assert info["preconditioned"] == 3 and not info["rejected_statistics"], info
+        assert info["preconditioned"] == len(precond.blocks) and not info["rejected_statistics"], info
         opt.step()
         losses.append(float(loss.detach()))
     return losses
@@ -46,21 +48,42 @@ def whole_state(model) -> dict[str, torch.Tensor]:
             for name, value in model.state_dict().items()}
 
 
+def conv_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A small conv net (conv 1 -> 5 channels, 3 x 3; Linear 5 * 4 * 4 -> 3) and 6 x 6 images labelled by a random
+    linear teacher."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 5, 3), nn.Tanh(), nn.Flatten(), nn.Linear(80, CLASSES))
+    teacher = torch.randn(36, CLASSES)
+    images = [torch.randn(BATCH, 1, 6, 6) for _ in range(STEPS)]
+    return model, [(x, (x.flatten(1) @ teacher).argmax(1)) for x in images]
+
+
+def mlp_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
+    return model, [(x, labels) for x, labels, _ in batches]
+
+
+#: scenario -> (problem, fisher, whether each Linear / Conv2d is sharded on its own before the root)
+SCENARIOS = {"empirical": (mlp_problem, "empirical", True), "mc": (mlp_problem, "mc", True),
+             "root only": (mlp_problem, "empirical", False), "conv": (conv_problem, "empirical", True)}
+
+
 def run_ranks(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     results: dict = {}
-    for fisher in ("empirical", "mc"):
-        model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
-        batches = [(x, labels) for x, labels, _ in batches]
+    for scenario, (make, fisher, per_layer) in SCENARIOS.items():
+        model, batches = make()
         cm = kronograph.compile(model, (batches[0][0][:2],))  # the plain module, then sharded in place
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer)
+        if per_layer:
+            for layer in model:
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    fully_shard(layer)
         fully_shard(model)
         precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
         losses = train(model, precond, batches, rank, world)
-        results[fisher] = {"params": whole_state(model), "losses": losses,
-                           "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
+        results[scenario] = {"params": whole_state(model), "losses": losses,
+                             "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
     results["kfac"] = refusal(lambda: kronograph.optim.KFAC(cm))
     return results
 
@@ -74,12 +97,11 @@ def ranks(tmp_path_factory) -> list[dict]:
 def single_process() -> dict:
     def run() -> dict:
         results = {}
-        for fisher in ("empirical", "mc"):
-            model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
-            batches = [(x, labels) for x, labels, _ in batches]
+        for scenario, (make, fisher, _) in SCENARIOS.items():
+            model, batches = make()
             precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)),
                                                           fisher=fisher, **SETTINGS)
-            results[fisher] = {"params": model.state_dict(), "losses": train(model, precond, batches)}
+            results[scenario] = {"params": model.state_dict(), "losses": train(model, precond, batches)}
         return results
 
     return on_one_thread(run)
@@ -88,16 +110,17 @@ def single_process() -> dict:
 def test_parameters_are_sharded_by_rows_unevenly(ranks):
     assert ranks[0]["empirical"]["local"]["4.weight"] == (2, 16)
     assert ranks[1]["empirical"]["local"]["4.weight"] == (1, 16)
+    assert ranks[1]["conv"]["local"]["0.weight"] == (2, 1, 3, 3)  # output channels 3 and 2
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("fisher", list(SCENARIOS))
 def test_ranks_hold_identical_parameters(ranks, fisher):
     first, second = (r[fisher]["params"] for r in ranks)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("fisher", ["empirical"])
+@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv"])  # (mc: each rank draws its own targets)
 def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, fisher):
     for name, value in single_process[fisher]["params"].items():
         torch.testing.assert_close(ranks[0][fisher]["params"][name], value, rtol=1e-4, atol=1e-5)
@@ -105,10 +128,10 @@ def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_pr
     assert full_batch_losses == pytest.approx(single_process[fisher]["losses"], rel=1e-4)
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "mc"])
-def test_loss_falls(ranks, fisher):
+@pytest.mark.parametrize("fisher, by", [("empirical", 0.7), ("mc", 0.7), ("root only", 0.7), ("conv", 0.9)])
+def test_loss_falls(ranks, fisher, by):
     losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
-    assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
+    assert sum(losses[-2:]) < by * sum(losses[:2]), losses
 
 
 def test_kfac_refuses_the_sharded_model_and_names_the_preconditioner(ranks):
