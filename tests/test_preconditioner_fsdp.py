@@ -1,6 +1,6 @@
 """KFACPreconditioner in an FSDP2 loop: two CPU processes (gloo), the distributed tests' MLP compiled plain, then
-sharded by ``fully_shard`` (each Linear and the root, or the root alone), and a small conv net, each rank taking
-half of every batch.
+sharded by ``fully_shard`` (each Linear and the root, or the root alone; every inverse on every rank, or each on its
+owner alone), and a small conv net, each rank taking half of every batch.
 
 FSDP averages the ranks' gradients into each rank's rows, the preconditioner averages the halves' factors and
 solves each layer's gathered whole gradient (runtime/sharded.py): the run must be the single-process run on the
@@ -63,16 +63,18 @@ def mlp_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, [(x, labels) for x, labels, _ in batches]
 
 
-#: scenario -> (problem, fisher, whether each Linear / Conv2d is sharded on its own before the root)
-SCENARIOS = {"empirical": (mlp_problem, "empirical", True), "mc": (mlp_problem, "mc", True),
-             "root only": (mlp_problem, "empirical", False), "conv": (conv_problem, "empirical", True)}
+#: scenario -> (problem, fisher, whether each Linear / Conv2d is sharded on its own before the root, the
+#: fraction of ranks holding a layer's inverses)
+SCENARIOS = {"empirical": (mlp_problem, "empirical", True, 1.0), "mc": (mlp_problem, "mc", True, 1.0),
+             "root only": (mlp_problem, "empirical", False, 1.0), "conv": (conv_problem, "empirical", True, 1.0),
+             "owners alone": (mlp_problem, "empirical", True, 1 / WORLD)}
 
 
 def run_ranks(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     results: dict = {}
-    for scenario, (make, fisher, per_layer) in SCENARIOS.items():
+    for scenario, (make, fisher, per_layer, fraction) in SCENARIOS.items():
         model, batches = make()
         cm = kronograph.compile(model, (batches[0][0][:2],))  # the plain module, then sharded in place
         if per_layer:
@@ -80,7 +82,7 @@ def run_ranks(rank: int, world: int) -> dict:
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     fully_shard(layer)
         fully_shard(model)
-        precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
+        precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, grad_worker_fraction=fraction, **SETTINGS)
         losses = train(model, precond, batches, rank, world)
         results[scenario] = {"params": whole_state(model), "losses": losses,
                              "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
@@ -97,7 +99,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def single_process() -> dict:
     def run() -> dict:
         results = {}
-        for scenario, (make, fisher, _) in SCENARIOS.items():
+        for scenario, (make, fisher, *_) in SCENARIOS.items():
             model, batches = make()
             precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)),
                                                           fisher=fisher, **SETTINGS)
@@ -120,15 +122,17 @@ def test_ranks_hold_identical_parameters(ranks, fisher):
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv"])  # (mc: each rank draws its own targets)
+@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv", "owners alone"])
 def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, fisher):
+    """(Not fisher="mc": each rank draws its own sampled targets.)"""
     for name, value in single_process[fisher]["params"].items():
         torch.testing.assert_close(ranks[0][fisher]["params"][name], value, rtol=1e-4, atol=1e-5)
     full_batch_losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
     assert full_batch_losses == pytest.approx(single_process[fisher]["losses"], rel=1e-4)
 
 
-@pytest.mark.parametrize("fisher, by", [("empirical", 0.7), ("mc", 0.7), ("root only", 0.7), ("conv", 0.9)])
+@pytest.mark.parametrize("fisher, by", [("empirical", 0.7), ("mc", 0.7), ("root only", 0.7), ("conv", 0.9),
+                                        ("owners alone", 0.7)])
 def test_loss_falls(ranks, fisher, by):
     losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
     assert sum(losses[-2:]) < by * sum(losses[:2]), losses
