@@ -94,3 +94,9 @@ def teacher_problem(steps: int, batch: int, features: int = 6, classes: int = 3)
             outputs = teacher(x)
             batches.append((x, outputs.argmax(1), outputs))
     return model, batches
+
+
+def teacher_classification(steps: int, batch: int, features: int = 6, classes: int = 3):
+    """``teacher_problem``'s MLP and its batches as (inputs, labels)."""
+    model, batches = teacher_problem(steps, batch, features, classes)
+    return model, [(x, labels) for x, labels, _ in batches]

@@ -50,3 +50,21 @@ def refusal(make: Callable[[], Any]) -> str | None:
     except KronographError as error:
         return str(error)
     return None
+
+
+def preconditioned_loop(model, forward, precond, batches, rank: int = 0, world: int = 1) -> list[float]:
+    """The README's KFACPreconditioner loop (SGD with momentum, cross-entropy) on this rank's share of each batch,
+    ``forward`` the wrapper called (DDP, or the FSDP-sharded model itself); returns the local losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        with precond.track():
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+            loss.backward()
+        info = precond.step(x)
+        assert info["preconditioned"] == len(precond.blocks) and not info["rejected_statistics"], info
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -19,8 +19,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kronograph
@@ -30,34 +28,11 @@ from kronograph.runtime.data_parallel import inverse_owners
 from kronograph.runtime.distributed import average_statistics
 from kronograph.runtime.inverse import StatisticsWarning
 
-from factories import teacher_problem
-from ranks import on_one_thread, refusal, run_on_ranks
+from factories import teacher_classification
+from ranks import on_one_thread, preconditioned_loop, refusal, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
-
-
-def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The same MLP and batches on every process (labels from a random teacher)."""
-    model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
-    return model, [(x, labels) for x, labels, _ in batches]
-
-
-def train(model: nn.Module, forward: nn.Module, precond, batches, rank: int = 0, world: int = 1) -> list[float]:
-    """The README loop on this rank's share of each batch; returns the local losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for x, y in batches:
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        opt.zero_grad()
-        with precond.track():
-            loss = F.cross_entropy(forward(x), y)
-            loss.backward()
-        info = precond.step(x)
-        assert info["preconditioned"] == 3 and not info["rejected_statistics"]
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 @contextlib.contextmanager
@@ -80,7 +55,7 @@ def counted_inversions() -> Iterator[collections.Counter]:
 
 def run_ranks(rank: int, world: int) -> dict:
     """Every distributed scenario on this rank (tests/ranks.py spawns the processes)."""
-    model, batches = problem()
+    model, batches = teacher_classification(STEPS, BATCH, FEATURES, CLASSES)
     initial = copy.deepcopy(model.state_dict())
     cm = kronograph.compile(model, (batches[0][0][:2],))  # the unwrapped module
     ddp = DistributedDataParallel(model)
@@ -89,7 +64,7 @@ def run_ranks(rank: int, world: int) -> dict:
         model.load_state_dict(initial)
         precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, **SETTINGS)
         with counted_inversions() as counts:
-            losses = train(model, ddp, precond, batches, rank, world)
+            losses = preconditioned_loop(model, ddp, precond, batches, rank, world)
         results[fisher] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
                            "factors": {name: block.a.clone() for name, block in precond.blocks.items()},
                            "inverses": {name: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone())
@@ -99,7 +74,7 @@ def run_ranks(rank: int, world: int) -> dict:
     # each layer's inverses on its owner alone, which solves the layer's gradient for every rank
     model.load_state_dict(initial)
     precond = kronograph.optim.KFACPreconditioner(cm, grad_worker_fraction=1 / world, **SETTINGS)
-    losses = train(model, ddp, precond, batches, rank, world)
+    losses = preconditioned_loop(model, ddp, precond, batches, rank, world)
     results["owners_alone"] = {"params": copy.deepcopy(model.state_dict()), "losses": losses,
                                "holds": sorted(name for name, block in precond.blocks.items() if block.inverses)}
     results["between"] = refusal(lambda: kronograph.optim.KFACPreconditioner(cm, grad_worker_fraction=0.75))
@@ -107,7 +82,7 @@ def run_ranks(rank: int, world: int) -> dict:
     # the factors all-reduced in bfloat16 (half the bytes)
     model.load_state_dict(initial)
     precond = kronograph.optim.KFACPreconditioner(cm, communication_dtype="bfloat16", **SETTINGS)
-    train(model, ddp, precond, batches, rank, world)
+    preconditioned_loop(model, ddp, precond, batches, rank, world)
     results["bfloat16"] = {"params": copy.deepcopy(model.state_dict()),
                            "factors": {name: block.a.clone() for name, block in precond.blocks.items()}}
 
@@ -143,10 +118,10 @@ def ranks(tmp_path_factory) -> list[dict]:
 def single_process() -> dict:
     """The same loop on the full batches in one process (torch.distributed not initialised)."""
     def run() -> dict:
-        model, batches = problem()
+        model, batches = teacher_classification(STEPS, BATCH, FEATURES, CLASSES)
         precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)), **SETTINGS)
         with counted_inversions() as counts:
-            losses = train(model, model, precond, batches)
+            losses = preconditioned_loop(model, model, precond, batches)
         return {"params": model.state_dict(), "losses": losses, "inverted": dict(counts),
                 "layers": [layer for layer in precond.compiled.layers]}
 

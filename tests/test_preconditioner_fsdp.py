@@ -10,37 +10,17 @@ unevenly (rows 2 and 1).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kronograph
 
-from factories import teacher_problem
-from ranks import on_one_thread, refusal, run_on_ranks
+from factories import teacher_classification
+from ranks import on_one_thread, preconditioned_loop, refusal, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
-
-
-def train(model, precond, batches, rank: int = 0, world: int = 1) -> list[float]:
-    """The README loop on this rank's share of each batch; returns the local losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for x, y in batches:
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        opt.zero_grad()
-        with precond.track():
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-        info = precond.step(x)
-        assert info["preconditioned"] == len(precond.blocks) and not info["rejected_statistics"], info
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def whole_state(model) -> dict[str, torch.Tensor]:
@@ -58,16 +38,15 @@ def conv_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, [(x, (x.flatten(1) @ teacher).argmax(1)) for x in images]
 
 
-def mlp_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    model, batches = teacher_problem(STEPS, BATCH, FEATURES, CLASSES)
-    return model, [(x, labels) for x, labels, _ in batches]
+def mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    return teacher_classification(STEPS, BATCH, FEATURES, CLASSES)
 
 
 #: scenario -> (problem, fisher, whether each Linear / Conv2d is sharded on its own before the root, the
 #: fraction of ranks holding a layer's inverses)
-SCENARIOS = {"empirical": (mlp_problem, "empirical", True, 1.0), "mc": (mlp_problem, "mc", True, 1.0),
-             "root only": (mlp_problem, "empirical", False, 1.0), "conv": (conv_problem, "empirical", True, 1.0),
-             "owners alone": (mlp_problem, "empirical", True, 1 / WORLD)}
+SCENARIOS = {"empirical": (mlp, "empirical", True, 1.0), "mc": (mlp, "mc", True, 1.0),
+             "root only": (mlp, "empirical", False, 1.0), "conv": (conv_problem, "empirical", True, 1.0),
+             "owners alone": (mlp, "empirical", True, 1 / WORLD)}
 
 
 def run_ranks(rank: int, world: int) -> dict:
@@ -83,7 +62,7 @@ def run_ranks(rank: int, world: int) -> dict:
                     fully_shard(layer)
         fully_shard(model)
         precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, grad_worker_fraction=fraction, **SETTINGS)
-        losses = train(model, precond, batches, rank, world)
+        losses = preconditioned_loop(model, model, precond, batches, rank, world)
         results[scenario] = {"params": whole_state(model), "losses": losses,
                              "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
     results["kfac"] = refusal(lambda: kronograph.optim.KFAC(cm))
@@ -103,7 +82,7 @@ def single_process() -> dict:
             model, batches = make()
             precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (batches[0][0][:2],)),
                                                           fisher=fisher, **SETTINGS)
-            results[scenario] = {"params": model.state_dict(), "losses": train(model, precond, batches)}
+            results[scenario] = {"params": model.state_dict(), "losses": preconditioned_loop(model, model, precond, batches)}
         return results
 
     return on_one_thread(run)
