@@ -58,7 +58,9 @@ result exactly. The factors and inverses are not sharded.
 With ``grad_worker_fraction=1/W`` each layer's inverses stay on their owner, which solves that layer's averaged
 gradient at every step; one all_gather (``exchange_from_owners``) then gives every rank every solve, the same on
 every rank, and the same steps to rounding as when every rank holds every inverse (those are mirrored from their
-upper triangles; KAISA's memory-optimal mode; tests/test_preconditioner_ddp.py).
+upper triangles; KAISA's memory-optimal mode; tests/test_preconditioner_ddp.py). ``failed_inverses`` then names
+the layers that failed on this rank, and every rank must load the same state (rank 0's checkpoint: the layers
+whose inverses it lacks are inverted again at the next step).
 
 Safety: a mini-batch's non-finite statistics are not folded in (KroneckerBlock), a failed inverse keeps
 the previous one (factored_inverses), and a layer whose .grad is not finite is left untouched; all three
