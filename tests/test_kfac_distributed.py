@@ -262,3 +262,26 @@ def test_targets_from_the_whole_subsets_noise_are_the_single_process_draws(loss)
     # the rows of a sub-batch's noise make those rows' targets (a rank's members of the subset)
     rows = torch.tensor([1, 4, 5, 11])
     assert torch.equal(fn.targets_from_noise(outputs[rows], noise[rows]), expected[rows])
+
+
+def one_rank_fails(rank: int, world: int) -> None:
+    """Rank 1 steps on a batch whose labels do not fit the model (KFAC raises before its first collective);
+    rank 0 steps on a good batch and waits in the gradient's all_reduce for a peer that is gone."""
+    model, batches = problem()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy"), seed=0)
+    x, labels, _ = batches[0]
+    x, labels = x.chunk(world)[rank], labels.chunk(world)[rank]
+    opt.step(x, labels + CLASSES if rank == 1 else labels)
+
+
+def test_an_exception_on_one_rank_ends_the_python_api_run_with_that_error_instead_of_a_hang(tmp_path):
+    """The peer's exit breaks rank 0's collective at once (gloo: connection closed), well before the group's
+    60 s timeout (tests/ranks.py), and the launcher reports the failing rank's own error."""
+    import time
+
+    from torch.multiprocessing import ProcessRaisedException
+
+    start = time.monotonic()
+    with pytest.raises(ProcessRaisedException, match="KronographError"):
+        run_on_ranks(one_rank_fails, WORLD, tmp_path)
+    assert time.monotonic() - start < 40
