@@ -44,8 +44,8 @@ then counts: exact, not an estimate. What a rank "sends" as counted here: an all
 a broadcast's buffer at its root only (the other ranks receive), an all_gather's input, a reduce_scatter's input.
 Each collective is put in a phase by the Python function that issued it (the call stack at the collective):
 parameters (FSDP's all_gathers of the weights), gradient (DDP's buckets, KFAC's loss + gradient buffer, KAISA's
-gradient broadcasts, FSDP's reduce_scatters, the preconditioner's all_gather of a sharded gradient), factors (kronograph's
-``average_statistics``, kfac-pytorch's factor all-reduce buckets), inverses (kronograph's
+gradient broadcasts, FSDP's reduce_scatters, the preconditioner's all_gather of a sharded gradient), factors
+(kronograph's ``average_statistics``, kfac-pytorch's factor all-reduce buckets), inverses (kronograph's
 ``invert_across_ranks``, kfac-pytorch's eigen-decomposition broadcasts), other (batch sizes, the quadratic
 model's Gram sums, the loss after the step, ...). Only the timed steps are counted; construction-time collectives
 (DDP's parameter broadcast, kfac-pytorch's new_group, ...) are not.
@@ -482,8 +482,9 @@ def report(results: dict[int, list[dict]], names: list[str]) -> None:
         table = collectives(results[base], name)
         for world in sorted({1, base, 4, 8}):
             model = modelled(table, world, base)
-            print(f"| {name} | {world} | {_b(model['parameters'])} | {_b(model['gradient'])} | {_b(model['factors'])} | "
-                  f"{_b(model['inverses'])} | {_b(model['other'])} | {_b(sum(model.values()))} |")
+            print(f"| {name} | {world} | {_b(model['parameters'])} | {_b(model['gradient'])} | "
+                  f"{_b(model['factors'])} | {_b(model['inverses'])} | {_b(model['other'])} | "
+                  f"{_b(sum(model.values()))} |")
 
 
 def main() -> None:
