@@ -25,6 +25,7 @@ import sys
 import torch
 
 from kronograph.errors import KronographError
+from kronograph.runtime.sharded import is_sharded
 
 _SHARDED_FIX = (
     "compile the plain module first, then shard it (fully_shard works in place) and precondition your FSDP loop "
@@ -60,9 +61,7 @@ def refuse_sharded(model: torch.nn.Module) -> None:
             if isinstance(module, fsdp.FullyShardedDataParallel):
                 raise KronographError(f"{where} is wrapped in FullyShardedDataParallel, which shards the "
                                       f"parameters; {_SHARDED_FIX}")
-    tensor = sys.modules.get("torch.distributed.tensor")
-    if tensor is not None:
-        for name, param in model.named_parameters():
-            if isinstance(param, tensor.DTensor):
-                raise KronographError(f"parameter {name!r} is a DTensor (FSDP or tensor parallelism shards it "
-                                      f"over a device mesh); {_SHARDED_FIX}")
+    for name, param in model.named_parameters():
+        if is_sharded(param):
+            raise KronographError(f"parameter {name!r} is a DTensor (FSDP or tensor parallelism shards it "
+                                  f"over a device mesh); {_SHARDED_FIX}")

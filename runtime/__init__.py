@@ -17,6 +17,8 @@
 - ``methods``: one module per optimizer (``methods.kfac``: ``kronograph.optim.KFAC``), the settings dataclasses and
   ``METHODS``, the registry the CLI is built from; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
 - ``distributed``: the preconditioner's mini-batch factors averaged across data-parallel ranks (one all_reduce).
+- ``sharded``: FSDP2's row-sharded parameters as the preconditioner meets them (the weight a layer computes with,
+  a layer's whole gradient, this rank's rows).
 - ``quasi_newton``: BFGS and L-BFGS (compact form) with the thesis's damped pairs (DD, D_P D_LM), for K-BFGS.
 - ``input_action``: A s of a layer's mini-batch input factor and its mean input, without forming A (K-BFGS's pair).
 - ``huggingface``: ``KFACTrainerCallback``, the preconditioner in Hugging Face's Trainer (imports transformers).

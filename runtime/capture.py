@@ -353,11 +353,12 @@ class Capture(TorchFunctionMode):
         if not sharded.any_sharded(self._module):
             return
         for layer in self.layers.values():
-            owner = layer.weight.rpartition(".")[0]
-            holder = self._module.get_submodule(owner) if owner else self._module
-            self._rebinding.append(holder.register_forward_pre_hook(
-                lambda _module, _args, layer=layer: self._bind(layer, sharded.unsharded_weight(self._module,
-                                                                                                layer.weight))))
+            holder, attribute = sharded.parameter_holder(self._module, layer.weight)
+
+            def bind(module: torch.nn.Module, _args: tuple, layer: Layer = layer, attribute: str = attribute) -> None:
+                self._bind(layer, getattr(module, attribute, None))
+
+            self._rebinding.append(holder.register_forward_pre_hook(bind))
 
     def _unfollow(self) -> None:
         for handle in self._rebinding:

@@ -4,7 +4,7 @@ and this rank's rows of a preconditioned gradient.
 FSDP2 keeps each parameter as a DTensor sharded by rows (``Shard(0)`` over a 1-D device mesh: rank r holds
 ``torch.chunk(W, world)[r]``). Around a module's forward it all-gathers them and sets the module's attributes
 to plain unsharded Parameters (the same objects at every forward), so a layer's site is a call with that
-Parameter, not with the DTensor ``named_parameters()`` returns (``unsharded_weight``). After the backward each
+Parameter, not with the DTensor ``named_parameters()`` returns (``parameter_holder``). After the backward each
 rank holds its rows of the ranks' mean gradient. K-FAC's solve G^-1 grad_W A^-1 mixes every row (G is
 out x out), so ``KFACPreconditioner`` gathers one layer's whole gradient at a time (``whole``: an all_gather,
 the size of the layer, which FSDP's own forward also pays), solves it as DDP would and keeps this rank's rows
@@ -37,15 +37,11 @@ def any_sharded(module: torch.nn.Module) -> bool:
     return dtensor_class() is not None and any(is_sharded(p) for p in module.parameters())
 
 
-def unsharded_weight(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """The tensor at parameter path ``name`` of ``module`` now (inside FSDP2's forward: the unsharded
-    Parameter it computes with), or None when the path is not there."""
+def parameter_holder(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The submodule holding parameter path ``name`` of ``module`` and its attribute there: inside FSDP2's forward
+    that attribute is the unsharded Parameter the layer computes with."""
     owner, _, attribute = name.rpartition(".")
-    try:
-        holder = module.get_submodule(owner) if owner else module
-    except AttributeError:
-        return None
-    return getattr(holder, attribute, None)
+    return (module.get_submodule(owner) if owner else module), attribute
 
 
 def check_row_sharded(name: str, param: torch.Tensor) -> None:
