@@ -21,6 +21,9 @@ on the gloo backend (as tests/ranks.py spawns them), one torch thread each; ever
   ``fully_shard`` (each Linear, then the root) instead of DDP: FSDP's parameter all_gathers and gradient
   reduce_scatters, and the preconditioner's all_gather of each layer's gradient (``DTensor.full_tensor``, counted
   as the all_gather of the rank's shard).
+* ``kfac-paper-fsdp``: ``kfac-paper`` on the model compiled plain, then sharded by ``fully_shard`` (each Linear,
+  then the root): each step gathers the weights whole once (FSDP's all_gathers, "parameters") and KFAC runs as
+  without FSDP.
 * ``kfac-paper-bf16``, ``precond-bf16``: the same with ``communication_dtype="bfloat16"`` (the factors' all_reduce
   in bfloat16, the counts in a second, float64 one).
 * ``kaisa``: kfac-pytorch's ``kfac.preconditioner.KFACPreconditioner(ddp_model, lr=1e-3)`` with its defaults
@@ -81,8 +84,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "precond", "precond-bf16", "precond-owners",
-              "precond-fsdp", "kaisa", "kaisa-matched", "kaisa-mem")
+OPTIMIZERS = ("kfac-default", "kfac-paper", "kfac-paper-bf16", "kfac-paper-fsdp", "precond", "precond-bf16",
+              "precond-owners", "precond-fsdp", "kaisa", "kaisa-matched", "kaisa-mem")
 KAISA = ("kaisa", "kaisa-matched", "kaisa-mem")
 PHASES = ("parameters", "gradient", "factors", "inverses", "other")
 LR, MOMENTUM, INVERSE_EVERY = 1e-3, 0.9, 20
@@ -280,11 +283,7 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
     narrow = {"communication_dtype": "bfloat16"} if name.endswith("-bf16") else {}
     if name == "precond-owners":
         narrow = {"grad_worker_fraction": 1 / dist.get_world_size()}
-    if name.startswith("kfac-"):
-        cm = kronograph.compile(model, (example,), loss=problem.loss)
-        opt = kronograph.optim.KFAC(cm, preset=name.removeprefix("kfac-").removesuffix("-bf16"), seed=0, **narrow)
-        return lambda x, y: float(opt.step(x, y)["loss"])
-    if name == "precond-fsdp":  # compiled plain, then each Linear and the root sharded in place
+    if name.endswith("-fsdp"):  # compiled plain, then each Linear and the root sharded in place
         from torch.distributed.fsdp import fully_shard
 
         cm = kronograph.compile(model, (example,), loss=problem.loss)
@@ -292,7 +291,13 @@ def _runner(name: str, problem: Any, example: torch.Tensor):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
         wrapped = fully_shard(model)
-    else:
+    if name.startswith("kfac-"):
+        if not name.endswith("-fsdp"):
+            cm = kronograph.compile(model, (example,), loss=problem.loss)
+        preset = name.removeprefix("kfac-").removesuffix("-bf16").removesuffix("-fsdp")
+        opt = kronograph.optim.KFAC(cm, preset=preset, seed=0, **narrow)
+        return lambda x, y: float(opt.step(x, y)["loss"])
+    if name != "precond-fsdp":
         wrapped = _ddp(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     if name.startswith("precond"):

@@ -12,10 +12,11 @@
   The plan, ``cm.state_dict()`` and the parameter names are the inner module's (no ``module.`` prefix).
 * Sharded parameters are refused (``refuse_sharded``): FSDP2's ``fully_shard``, FSDP1's
   ``FullyShardedDataParallel`` and any other DTensor parameter (tensor parallelism) leave each rank a shard
-  of a layer's weight (or gather it only inside forward and backward); the export fails on the DTensors with an
-  unrelated message, and KFAC's own passes (its exact-Fisher products among them) need the whole weights. The
-  fix the message names: compile the plain module, then ``fully_shard`` it in place, and use
-  ``KFACPreconditioner`` in the FSDP loop (runtime/sharded.py: it gathers one layer's gradient at a time).
+  of a layer's weight (or gather it only inside forward and backward), and the export fails on the DTensors
+  with an unrelated message. The fix the message names: compile the plain module, then ``fully_shard`` it in
+  place; ``KFAC`` steps it (each step gathers the weights whole, runtime/sharded.py) and ``KFACPreconditioner``
+  preconditions the user's FSDP loop (it gathers one layer's gradient at a time). FSDP1 and tensor parallelism
+  stay refused by both.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from kronograph.errors import KronographError
 from kronograph.runtime.sharded import is_sharded
 
 _SHARDED_FIX = (
-    "compile the plain module first, then shard it (fully_shard works in place) and precondition your FSDP loop "
-    "with kronograph.optim.KFACPreconditioner, which gathers each layer's gradient; kronograph.optim.KFAC needs "
-    "each layer's whole weight and runs data-parallel by itself (process_group=..., default torch.distributed's "
-    "group) or inside DistributedDataParallel, not on sharded parameters"
+    "compile the plain module first, then shard it with FSDP2's fully_shard (it works in place): "
+    "kronograph.optim.KFAC steps the sharded module (each step gathers its weights whole) and "
+    "kronograph.optim.KFACPreconditioner preconditions your FSDP loop; FSDP1 (FullyShardedDataParallel) and "
+    "tensor parallelism are not supported"
 )
 
 

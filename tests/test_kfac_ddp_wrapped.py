@@ -8,9 +8,11 @@ One spawn of two CPU processes (gloo) runs every scenario and saves what each ra
   run's, and the same on both ranks. The DDP wrapper still trains afterwards (no reduction left pending).
 * KFACPreconditioner in the user's DDP loop, compiled from the DDP module, against one compiled from the
   inner module.
-* FSDP2 (``fully_shard``, which runs on CPU and gloo): compile refuses it, and KFAC refuses a module sharded
-  after compile. FSDP1 cannot be built without an accelerator; its detection is tested on an instance made
-  without FullyShardedDataParallel's constructor.
+* FSDP2 (``fully_shard``, which runs on CPU and gloo): compile refuses a sharded module, naming the fix (compile
+  the plain module, then shard it); KFAC steps a module one of whose layers was sharded after compile, as the
+  unwrapped run (tests/test_kfac_fsdp.py holds whole sharded models to one process). FSDP1 cannot be built
+  without an accelerator; its detection is tested on an instance made without FullyShardedDataParallel's
+  constructor.
 """
 
 from __future__ import annotations
@@ -93,8 +95,12 @@ def run_ranks(rank: int, world: int) -> dict:
     results["fsdp2_compile"] = refusal(lambda: kronograph.compile(sharded, example))
     later, _ = problem()
     compiled_first = kronograph.compile(later, example)
+    later.load_state_dict(initial)
     fully_shard(later[2])  # one layer sharded after compile: its parameters become DTensors in place
-    results["fsdp2_after_compile"] = refusal(lambda: kronograph.optim.KFAC(compiled_first))
+    run = kfac(later, compiled_first, batches, rank, world)
+    run["params"] = {name: value.full_tensor() if hasattr(value, "full_tensor") else value
+                     for name, value in run["params"].items()}
+    results["fsdp2_after_compile"] = run
     return results
 
 
@@ -126,13 +132,15 @@ def test_preconditioner_compiled_from_the_ddp_module_is_the_inner_modules(ranks)
         assert torch.equal(ranks[1]["precond_ddp"]["params"][name], value), name
 
 
-def test_fsdp2_is_refused_with_the_fix(ranks):
+def test_compile_refuses_fsdp2_with_the_fix_and_kfac_steps_a_model_sharded_after_compile(ranks):
     for r in ranks:
         message = r["fsdp2_compile"]
         assert message is not None and "FSDP" in message and "fully_shard" in message
-        assert "whole weight" in message and "process_group" in message and "DistributedDataParallel" in message
+        assert "compile the plain module first" in message and "KFACPreconditioner" in message
         later = r["fsdp2_after_compile"]
-        assert later is not None and "'2'" in later and "whole weight" in later
+        assert later["losses"] == r["unwrapped"]["losses"]
+        for name, value in r["unwrapped"]["params"].items():
+            assert torch.equal(later["params"][name], value), name
 
 
 def test_fsdp1_is_refused_with_the_fix():
@@ -143,5 +151,5 @@ def test_fsdp1_is_refused_with_the_fix():
     stand_in = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
     nn.Module.__init__(stand_in)
     model = nn.Sequential(nn.Linear(FEATURES, 4), stand_in)
-    with pytest.raises(KronographError, match=r"submodule '1' is wrapped in FullyShardedDataParallel.*whole weight"):
+    with pytest.raises(KronographError, match=r"submodule '1' is wrapped in FullyShardedDataParallel.*fully_shard"):
         kronograph.compile(model, (torch.randn(2, FEATURES),))

@@ -17,7 +17,7 @@ from torch import nn
 import kronograph
 
 from factories import teacher_classification
-from ranks import on_one_thread, preconditioned_loop, refusal, run_on_ranks
+from ranks import on_one_thread, preconditioned_loop, run_on_ranks
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
@@ -65,7 +65,6 @@ def run_ranks(rank: int, world: int) -> dict:
         losses = preconditioned_loop(model, model, precond, batches, rank, world)
         results[scenario] = {"params": whole_state(model), "losses": losses,
                              "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
-    results["kfac"] = refusal(lambda: kronograph.optim.KFAC(cm))
     return results
 
 
@@ -116,7 +115,3 @@ def test_loss_falls(ranks, fisher, by):
     losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
     assert sum(losses[-2:]) < by * sum(losses[:2]), losses
 
-
-def test_kfac_refuses_the_sharded_model_and_names_the_preconditioner(ranks):
-    for r in ranks:
-        assert r["kfac"] is not None and "KFACPreconditioner" in r["kfac"]

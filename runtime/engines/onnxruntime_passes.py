@@ -23,6 +23,8 @@ gradient and the taps come from the training-mode one.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +54,12 @@ class OnnxRuntimePasses:
         self.layers = {layer.name: layer for layer in compiled.layers}
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
+
+    sharded = None  # an ONNX graph's weights are whole
+
+    def stepping(self) -> contextlib.AbstractContextManager[None]:
+        """The span of one optimizer step: nothing to set up on this engine."""
+        return contextlib.nullcontext()
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The trainable weights by ONNX initializer name: the optimizer's copy, re-read when someone else

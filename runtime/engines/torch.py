@@ -16,7 +16,7 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 
 from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
+from kronograph.runtime import sharded
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
@@ -53,18 +54,38 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, compiled: Any, loss: Loss, products: str = "forward") -> None:
+    def __init__(self, compiled: Any, loss: Loss, products: str = "forward", sharded_for: str | None = None) -> None:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels) or
-        "one-sided" (one no-grad forward a direction beside the shared forward at theta)."""
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta). ``sharded_for``: the
+        method's name where it trains an FSDP2-sharded module (each step inside ``stepping()``); None refuses one."""
         self.products = products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
-        # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
-        refuse_sharded(compiled.module)
         self.compiled, self.module, self.loss = compiled, compiled.module, loss
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
+        self.sharded: sharded.ShardedWeights | None = None
+        if sharded_for is not None and sharded.fsdp_modules(self.module):
+            self.sharded = sharded.ShardedWeights(self.module, list(self.params), sharded_for)
+        else:  # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
+            refuse_sharded(compiled.module)
+
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """The span of one optimizer step: on an FSDP2-sharded module every parameter is whole in it, and FSDP
+        runs no collective (runtime/sharded.py), so the passes and updates below work as on a plain module."""
+        if self.sharded is None:
+            yield
+            return
+        idle = self.params
+        with sharded.unsharded(self.module):
+            named = dict(self.module.named_parameters())  # FSDP's unsharded Parameters while unsharded
+            self.params = {name: named[name] for name in idle}
+            try:
+                yield
+            finally:
+                self.params = idle
 
     @property
     def device(self) -> torch.device:
@@ -87,12 +108,16 @@ class TorchEngine:
         with torch.no_grad():
             for name, delta in update.items():
                 self.params[name].add_(delta.to(self.params[name].dtype))
+        if self.sharded is not None:  # the whole weights are FSDP's gathered copies: this rank's rows too
+            self.sharded.add_(update)
 
     def set_(self, values: Mapping[str, torch.Tensor]) -> None:
         """theta = values (copies of ``parameters()`` taken earlier), in place in the module."""
         with torch.no_grad():
             for name, value in values.items():
                 self.params[name].copy_(value)
+        if self.sharded is not None:
+            self.sharded.copy_(values)
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
         """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too."""

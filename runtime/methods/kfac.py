@@ -121,9 +121,10 @@ class KFAC:
     (tests/test_kfac_distributed.py). No DistributedDataParallel wrapper is needed: KFAC sums the gradient itself;
     a model compiled already wrapped in DDP is seen through (compile plans and KFAC steps the module inside, so
     DDP's reducer never runs: the unwrapped run, bit for bit; give ``process_group`` DDP's group if it is not the
-    default one), while an FSDP-sharded model (fully_shard, FullyShardedDataParallel) is refused with a
-    KronographError: K-FAC needs each layer's whole weight (compiler/wrappers.py, tests/test_kfac_ddp_wrapped.py);
-    in an FSDP loop use KFACPreconditioner (tests/test_preconditioner_fsdp.py).
+    default one). A model sharded by FSDP2's fully_shard after compile is stepped too: each step gathers its
+    weights whole once and keeps FSDP from communicating (runtime/sharded.py), the update goes to the whole
+    weights and to this rank's rows, and the run is the unsharded one (tests/test_kfac_fsdp.py); FSDP1 and other
+    DTensor parameters are refused with a KronographError (compiler/wrappers.py).
     Collectives per step, each one all_reduce of one flat buffer: the ranks' n_r (one host read); the loss and the
     gradient, each rank's weighted by n_r / N (with ``signal_scaling`` the halves' difference too); on statistics
     steps the upper triangles of every layer's m A and m G, and its m (``distributed.average_statistics``; the
@@ -269,7 +270,9 @@ class KFAC:
             if structure != "diagonal":
                 raise KronographError(f"data-parallel K-FAC has structure='diagonal' only so far, not {structure!r}")
         self.loss = get_loss(compiled.loss)
-        self.engine = make_engine(compiled, self.loss, s.fisher_products)
+        self.engine = make_engine(compiled, self.loss, s.fisher_products, sharded_for="KFAC")
+        if self.engine.sharded is not None:
+            self.engine.sharded.check_ranks(self._group)
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
         self.damping = None if s.damping is None else float(s.damping)
         self.gamma = float(s.factor_damping) if s.factor_damping is not None else (
@@ -326,6 +329,10 @@ class KFAC:
         which includes the statistics' capture when they come from the same pass —, inverses, precondition,
         qmodel, update, damping).
         """
+        with self.engine.stepping():  # an FSDP2-sharded module's weights whole for the step (runtime/sharded.py)
+            return self._step(x, y)
+
+    def _step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
         device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
         inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y, device=device)
@@ -385,9 +392,11 @@ class KFAC:
                                       if name]
         fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in frozen])
         left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
-        # Without re-scaling, the bias-free layers' heavy ball runs fused on the kernel where Triton is picked.
-        fused, rest = ([], self.curvature) if self.rescale else fused_layers(self.engine, self.curvature, grads,
-                                                                             self._rows, left_out)
+        # Without re-scaling, the bias-free layers' heavy ball runs fused on the kernel where Triton is picked (not
+        # on FSDP's gathered weights, whose update must reach the shards too).
+        unfused = self.rescale or self.engine.sharded is not None
+        fused, rest = ([], self.curvature) if unfused else fused_layers(self.engine, self.curvature, grads, self._rows,
+                                                                        left_out)
         best = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
