@@ -110,7 +110,41 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
         results["refused"] = [refusal(lambda: kronograph.optim.KFAC(on_onnxruntime)),
                               refusal(lambda: kronograph.optim.KFAC(cm, structure="tridiagonal"))]
         results["failure"] = failed_inversion(cm.layers, world)
+        results["branch"] = branch_on_one_rank(rank, world)
     return results
+
+
+class Branching(nn.Module):
+    """An MLP whose middle layer is called only while ``use_middle`` holds (compiled with it on, so the layer is in
+    the plan; rank 1 then turns it off: it has no gradient and no statistics for that layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.middle, self.last = nn.Linear(FEATURES, 16), nn.Linear(16, 16), nn.Linear(16, CLASSES)
+        self.use_middle = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if self.use_middle:
+            h = torch.tanh(self.middle(h))
+        return self.last(h)
+
+
+def branch_on_one_rank(rank: int, world: int) -> dict:
+    """KFAC (default preset) where one rank's forward skips a layer: every collective still matches (that rank
+    sends zeros for the layer's gradient and m = 0 for its statistics), so the run ends, the ranks agree, and the
+    layer trains on the other rank's rows."""
+    _, batches = problem()
+    torch.manual_seed(2)
+    model = Branching()
+    before = model.middle.weight.detach().clone()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy"), seed=0)
+    model.use_middle = rank == 0
+    for x, labels, _ in batches:
+        info = opt.step(x.chunk(world)[rank], labels.chunk(world)[rank])
+        assert "skipped" not in info, info
+    return {"params": copy.deepcopy(model.state_dict()), "moved": float((model.middle.weight - before).abs().max()),
+            "estimated": [block.layer.name for block in opt.blocks.values() if block.estimated]}
 
 
 def failed_inversion(layers, world: int) -> dict:
@@ -243,6 +277,14 @@ def test_what_is_not_distributed_yet_is_refused_clearly(ranks):
         onnxruntime, tridiagonal = r["refused"]
         assert "torch engine only" in onnxruntime and "onnxruntime" in onnxruntime
         assert "tridiagonal" in tridiagonal
+
+
+def test_a_layer_one_rank_never_calls_hangs_nobody_and_trains_on_the_others_rows(ranks):
+    first, second = (r["branch"] for r in ranks)
+    for key, value in first["params"].items():
+        assert torch.equal(second["params"][key], value), key
+    assert first["moved"] == second["moved"] > 0
+    assert first["estimated"] == second["estimated"] == ["first", "middle", "last"]
 
 
 def test_the_runs_train(single_process):
