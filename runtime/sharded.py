@@ -134,26 +134,32 @@ class ShardedWeights:
     """The row-sharded DTensor parameters of an FSDP2 model, by name, checked once: updates to the whole weights
     inside ``unsharded`` are written to this rank's rows as well (``add_``, ``copy_``)."""
 
-    def __init__(self, module: torch.nn.Module, names: list[str], method: str) -> None:
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
         named = dict(module.named_parameters())
         self.params = {name: named[name] for name in names if is_sharded(named.get(name))}
-        if self.params and not fsdp_modules(module):
-            raise KronographError(f"the parameters {sorted(self.params)} are DTensors not managed by FSDP2's "
-                                  f"fully_shard (tensor parallelism?); {method} supports fully_shard only")
         for name, param in self.params.items():
             check_row_sharded(name, param)
 
     def check_ranks(self, group) -> None:
-        """Raise KronographError unless the shards' mesh spans the ranks of ``group`` (the data-parallel ranks the
-        method steps with; None: this process alone)."""
+        """Raise KronographError unless the shards' mesh spans the ranks of ``group`` (the data-parallel ranks
+        K-FAC steps with; None: this process alone)."""
         if not self.params:
             return
-        mesh = next(iter(self.params.values())).device_mesh
-        ranks = [0] if group is None else torch.distributed.get_process_group_ranks(group)
-        if sorted(mesh.mesh.flatten().tolist()) != sorted(ranks) and not (group is None and mesh.size() == 1):
-            raise KronographError(f"the model is sharded over the ranks {mesh.mesh.flatten().tolist()} but K-FAC "
-                                  f"steps with the ranks {ranks}; give process_group the group fully_shard's mesh "
-                                  "spans (its data-parallel ranks)")
+        sharded_over = sorted(next(iter(self.params.values())).device_mesh.mesh.flatten().tolist())
+        ranks = [torch.distributed.get_rank()] if group is None else torch.distributed.get_process_group_ranks(group)
+        if sharded_over != sorted(ranks):
+            raise KronographError(f"the model is sharded over the ranks {sharded_over} but K-FAC steps with the ranks "
+                                  f"{sorted(ranks)}; give process_group the group fully_shard's mesh spans (its "
+                                  "data-parallel ranks)")
+
+    @staticmethod
+    def check_whole(params: Mapping[str, torch.Tensor]) -> None:
+        """Raise KronographError where a parameter is still a DTensor inside ``unsharded``: FSDP2 does not manage
+        it (a DTensor made otherwise, tensor parallelism's), so nothing gathered it."""
+        left = sorted(name for name, param in params.items() if is_sharded(param))
+        if left:
+            raise KronographError(f"the parameters {left} are DTensors that FSDP2's fully_shard does not manage "
+                                  "(tensor parallelism?); K-FAC supports models sharded by fully_shard only")
 
     def add_(self, update: Mapping[str, torch.Tensor]) -> None:
         """This rank's rows of each sharded parameter += its rows of the whole ``update``."""

@@ -92,13 +92,15 @@ def run_ranks(rank: int, world: int) -> dict:
         if scenario == "paper":  # a sharded model KFAC cannot step: refused when made, not at the first step
             results["tridiagonal"] = refusal(lambda: kronograph.optim.KFAC(cm, structure="tridiagonal"))
             results["fsdp loop"] = _fsdp_loop_loss(model, cm, batches, rank, world)
-    results["column sharded"] = _column_sharded_refusal(world)
+    results["column sharded"] = _foreign_dtensor_refusal(world, dim=1)
+    results["row sharded"] = _foreign_dtensor_refusal(world, dim=0)
     return results
 
 
-def _column_sharded_refusal(world: int) -> str | None:
-    """KFAC on a model whose last layer is FSDP2's and whose first weight is a DTensor sharded by columns (tensor
-    parallelism's layout): refused when made."""
+def _foreign_dtensor_refusal(world: int, dim: int) -> str | None:
+    """KFAC on a model whose last layer is FSDP2's and whose first weight is a DTensor that FSDP does not manage,
+    sharded on ``dim`` (tensor parallelism's layouts): refused when made (columns) or at the first step, which
+    finds it still sharded after FSDP's gather (rows)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -107,8 +109,9 @@ def _column_sharded_refusal(world: int) -> str | None:
     cm = kronograph.compile(model, (batches[0][0][:2],))
     fully_shard(model[4])
     mesh = init_device_mesh("cpu", (world,))
-    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(1)]))
-    return refusal(lambda: kronograph.optim.KFAC(cm))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(dim)]))
+    x, y = batches[0]
+    return refusal(lambda: kronograph.optim.KFAC(cm).step(x.chunk(world)[0], y.chunk(world)[0]))
 
 
 def _fsdp_loop_loss(model, cm, batches, rank: int, world: int) -> float:
@@ -183,3 +186,5 @@ def test_fsdp_runs_as_before_after_the_steps_and_unsupported_settings_are_refuse
         assert r["tridiagonal"] is not None and "tridiagonal" in r["tridiagonal"]
         assert r["column sharded"] is not None and "'0.weight'" in r["column sharded"]
         assert "Shard(dim=1)" in r["column sharded"] and "tensor parallelism" in r["column sharded"]
+        assert r["row sharded"] is not None and "['0.weight']" in r["row sharded"]
+        assert "fully_shard does not manage" in r["row sharded"]

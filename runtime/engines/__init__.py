@@ -13,13 +13,12 @@ from kronograph.runtime.engines.onnxruntime_passes import OnnxRuntimePasses
 from kronograph.runtime.engines.torch import TorchEngine
 
 
-def make_engine(compiled, loss, products: str = "forward", sharded_for: str | None = None
-                ) -> TorchEngine | OnnxRuntimePasses:
+def make_engine(compiled, loss, products: str = "forward", fsdp: bool = False) -> TorchEngine | OnnxRuntimePasses:
     """The engine that runs a compiled model's passes for every method: its own module (torch) or
     onnxruntime-training. ``products`` chooses the torch engine's J d (onnxruntime has only central differences);
-    ``sharded_for`` names the method that takes an FSDP2-sharded module (TorchEngine.stepping), else it is refused."""
+    ``fsdp``: the method steps an FSDP2-sharded module inside ``TorchEngine.stepping`` (else one is refused)."""
     if compiled.engine == "torch":
-        return TorchEngine(compiled, loss, products, sharded_for)
+        return TorchEngine(compiled, loss, products, fsdp)
     return OnnxRuntimePasses(compiled, loss)
 
 

@@ -24,7 +24,6 @@ gradient and the taps come from the training-mode one.
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ class OnnxRuntimePasses:
 
     name = "onnxruntime"
     device = torch.device("cpu")
+    sharded = None  # an ONNX graph's weights are whole
 
     def __init__(self, compiled: Any, loss: Loss) -> None:
         self.compiled, self.loss = compiled, loss
@@ -54,8 +54,6 @@ class OnnxRuntimePasses:
         self.layers = {layer.name: layer for layer in compiled.layers}
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
-
-    sharded = None  # an ONNX graph's weights are whole
 
     def stepping(self) -> contextlib.AbstractContextManager[None]:
         """The span of one optimizer step: nothing to set up on this engine."""

@@ -54,11 +54,11 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, compiled: Any, loss: Loss, products: str = "forward", sharded_for: str | None = None) -> None:
+    def __init__(self, compiled: Any, loss: Loss, products: str = "forward", fsdp: bool = False) -> None:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels) or
-        "one-sided" (one no-grad forward a direction beside the shared forward at theta). ``sharded_for``: the
-        method's name where it trains an FSDP2-sharded module (each step inside ``stepping()``); None refuses one."""
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta). ``fsdp``: the method
+        takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise one is refused."""
         self.products = products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
@@ -66,8 +66,8 @@ class TorchEngine:
         named = dict(self.module.named_parameters())
         self.params = {name: named[name] for name in compiled.plan.parameters if name in named}
         self.sharded: sharded.ShardedWeights | None = None
-        if sharded_for is not None and sharded.fsdp_modules(self.module):
-            self.sharded = sharded.ShardedWeights(self.module, list(self.params), sharded_for)
+        if fsdp and sharded.fsdp_modules(self.module):
+            self.sharded = sharded.ShardedWeights(self.module, list(self.params))
         else:  # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
             refuse_sharded(compiled.module)
 
@@ -83,6 +83,7 @@ class TorchEngine:
             named = dict(self.module.named_parameters())  # FSDP's unsharded Parameters while unsharded
             self.params = {name: named[name] for name in idle}
             try:
+                sharded.ShardedWeights.check_whole(self.params)
                 yield
             finally:
                 self.params = idle

@@ -270,7 +270,7 @@ class KFAC:
             if structure != "diagonal":
                 raise KronographError(f"data-parallel K-FAC has structure='diagonal' only so far, not {structure!r}")
         self.loss = get_loss(compiled.loss)
-        self.engine = make_engine(compiled, self.loss, s.fisher_products, sharded_for="KFAC")
+        self.engine = make_engine(compiled, self.loss, s.fisher_products, fsdp=True)
         if self.engine.sharded is not None:
             self.engine.sharded.check_ranks(self._group)
         self.lr, self.weight_decay = float(s.lr), float(s.weight_decay)
