@@ -3,6 +3,7 @@ momentum, at equal wall time, from the same PyTorch-default weights and the same
 nobody tuned K-FAC for.
 
     python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,diabetes-mlp,...] [--kfac paper]
+                                   [--device cuda]
 
 Prints, per problem, the training loss (on a fixed evaluation sample of the training set, not charged to
 the clock) at half and at the whole budget, the steps taken, and each optimizer's time to Adam's final
@@ -153,9 +154,12 @@ def problems() -> dict[str, Callable[[], Problem]]:
 
 
 def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0) -> dict:
-    """One optimizer for ``seconds`` of optimizer time from the seed's weights; losses on a fixed sample."""
+    """One optimizer for ``seconds`` of optimizer time from the seed's weights; losses on a fixed sample.
+    The model lives where the problem's data do; on CUDA the clock waits for the GPU at both ends of a step."""
+    device = problem.x.device
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
-    model = problem.model()
+    model = problem.model().to(device)
     cm = kronograph.compile(model, (problem.x[:2],), loss=problem.loss)
     opt = make_optimizer(name, cm, options, seed=seed)
     loss = get_loss(problem.loss)
@@ -177,8 +181,11 @@ def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 
             permutation, position = torch.randperm(len(problem.x), generator=order), 0
         index = permutation[position : position + problem.batch]
         position += problem.batch
+        x, y = problem.x[index], problem.y[index]
+        synchronize()
         start = time.perf_counter()
-        info = opt.step(problem.x[index], problem.y[index])
+        info = opt.step(x, y)
+        synchronize()
         clock += time.perf_counter() - start
         steps += 1
         rejected = info.get("rejected_steps", 0)
@@ -205,6 +212,7 @@ def main() -> None:
     parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
     parser.add_argument("--baselines", default="adam,sgd", help="first-order contenders (adam is always needed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "first_try.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models and data live")
     args = parser.parse_args()
     torch.set_num_threads(2)
     contenders = [(f"kfac-{p}", "kfac", {"preset": p}) for p in args.kfac.split(",")]
@@ -215,6 +223,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for key in args.problems.split(","):
         problem = problems()[key]()
+        problem.x, problem.y = problem.x.to(args.device), problem.y.to(args.device)
         runs = {label: run(problem, name, options, args.seconds) for label, name, options in contenders}
         target = runs["adam"]["curve"][-1][1]
         for label, result in runs.items():
@@ -225,7 +234,8 @@ def main() -> None:
         results[key] = runs
         # After every problem, so that a crash later in the suite keeps the curves already measured.
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"seconds": args.seconds, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"seconds": args.seconds, "device": args.device, "results": results},
+                                             indent=1))
 
 
 if __name__ == "__main__":

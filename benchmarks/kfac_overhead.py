@@ -1,6 +1,6 @@
 """Step cost of K-FAC relative to an SGD step on the K-FAC paper's MNIST autoencoder (issue 4's workload).
 
-    python benchmarks/kfac_overhead.py [--threads 2] [--batch 512] [--steps 60]
+    python benchmarks/kfac_overhead.py [--threads 2] [--batch 512] [--steps 60] [--device cuda] [--backend torch]
 
 Every figure is a ratio to an SGD step measured in the same process, on the same model and batches:
 784-1000-500-250-30-250-500-1000-784, float32. Configurations:
@@ -28,6 +28,7 @@ import kronograph
 from kronograph.cli.builtins import DeepAutoencoder
 from kronograph.cli.datasets import load_dataset
 from kronograph.errors import KronographError
+from kronograph.triton_kernels.dispatch import BACKENDS, forced_backend
 
 PEER = dict(preset="paper", fisher="empirical", stats_fraction=1.0, stats_every=1, inverse_every=20,
             rescale=False, momentum=0.9, lr=1e-3, factor_damping=1e-3)
@@ -45,7 +46,16 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fresh_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return DeepAutoencoder()
+    return DeepAutoencoder().to(DEVICE)
+
+
+#: Where the models and batches live (``--device``); on CUDA the clock waits for the GPU at both ends.
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def mnist_batches(size: int, count: int) -> tuple[list[torch.Tensor], str]:
@@ -54,7 +64,7 @@ def mnist_batches(size: int, count: int) -> tuple[list[torch.Tensor], str]:
         x, source = torch.from_numpy(load_dataset("mnist", "train").x), "MNIST train"
     except KronographError:
         x, source = torch.rand(10000, 784), "uniform noise (MNIST not installed)"
-    return batches(x, size, count), source
+    return [batch.to(DEVICE) for batch in batches(x, size, count)], source
 
 
 def timed(step, data: list[torch.Tensor], warmup: int, on_start=None) -> float:
@@ -62,10 +72,12 @@ def timed(step, data: list[torch.Tensor], warmup: int, on_start=None) -> float:
     starts)."""
     for i, x in enumerate(data):
         if i == warmup:
+            synchronize()
             if on_start is not None:
                 on_start()
             start = time.perf_counter()
         step(x)
+    synchronize()
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
@@ -127,8 +139,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models and batches live")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="the runtime's kernels: auto (Triton on CUDA), triton or torch (triton_kernels/dispatch.py)")
     args = parser.parse_args()
+    with forced_backend(args.backend):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     data, source = mnist_batches(args.batch, args.warmup + args.steps)
 
     sgd = time_sgd(data, args.warmup)
@@ -148,8 +170,9 @@ def main() -> None:
         if measured is not None:
             rows.append((f"kfac-pytorch ({method}), same schedule", measured, {}, 0))
 
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or platform.machine()
     print(f"{source}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}; {args.steps} steps after {args.warmup} warm-up steps\n")
+          f"{where}, kernels {args.backend}; {args.steps} steps after {args.warmup} warm-up steps\n")
     print("| optimizer | ms/step | x SGD | breakdown (x SGD) | optimizer state |")
     print("| --- | ---: | ---: | --- | ---: |")
     for name, per_step, phases, memory in rows:

@@ -83,3 +83,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def on_kernel_device():
+    """Tensors and modules made without a device land on ``devices.DEVICE``: on a CUDA machine the kernel tests
+    then check the compiled kernels, on a CPU one Triton's interpreter. A module opts in through pytestmark;
+    a test that is about CPU tensors names ``device="cpu"``."""
+    from devices import DEVICE
+
+    with torch.device(DEVICE):
+        yield

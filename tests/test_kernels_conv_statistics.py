@@ -26,13 +26,11 @@ from kronograph.triton_kernels.conv_statistics import (
     geometry_arguments,
 )
 
-from devices import requires_cuda
+from devices import DEVICE, requires_cuda
 from plan_helpers import conv_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: where the kernel runs: the GPU when there is one (the interpreter is then off), else the CPU interpreter
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = dict(block_rows=16, block_d=16)  # the interpreter's blocks (tl.dot needs at least 16)
 
 # name, x shape, kernel, stride, padding as passed, (begin, end) pads, dilation, groups, homogeneous

@@ -20,7 +20,9 @@ from kronograph.runtime import fused_step
 from kronograph.triton_kernels import update as update_kernels
 from kronograph.triton_kernels.dispatch import forced_backend, triton_available
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
+from devices import DEVICE
+
+pytestmark = [pytest.mark.usefixtures("one_thread", "on_kernel_device"),
               pytest.mark.skipif(not triton_available(), reason="needs the triton package")]
 
 LR, MOMENTUM = 0.1, 0.9
@@ -38,7 +40,7 @@ def models() -> dict[str, nn.Module]:
 
 
 def batches(name: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(DEVICE).manual_seed(1)
     shape = (16, 2, 5, 5) if name == "cnn" else (16, 6)
     return [(torch.randn(*shape, generator=generator), torch.randint(0, 4, (16,), generator=generator))
             for _ in range(steps)]
@@ -99,7 +101,7 @@ def test_kfac_heavy_ball_on_the_kernels_equals_the_torch_path(name, steps, kerne
 
 
 def only_the_fused_step_on_the_kernel(monkeypatch) -> None:
-    """The fused step takes the kernel (interpreted) on CPU tensors; every other choice stays on torch."""
+    """The fused step takes the kernel (interpreted on CPU tensors); every other choice stays on torch."""
     monkeypatch.setattr(fused_step, "use_triton", lambda backend, tensor: True)
 
 
@@ -118,12 +120,14 @@ def test_the_fused_step_equals_the_torch_path_to_rounding_and_resumes(kernel_cal
     data = batches("mlp", 3)
     resumed_model = models()["mlp"]
     first = optimizer(resumed_model, data[0][0])
-    first.step(*data[0])
+    with forced_backend("torch"):
+        first.step(*data[0])
     state = first.state_dict()
     second = optimizer(resumed_model, data[0][0])
     second.load_state_dict(state)
-    for x, y in data[1:]:
-        second.step(x, y)
+    with forced_backend("torch"):  # as run() stepped (on CUDA, "auto" would take the other kernels too)
+        for x, y in data[1:]:
+            second.step(x, y)
     for resumed, straight in zip(resumed_model.parameters(), model.parameters()):
         assert torch.equal(resumed, straight)
 
@@ -145,12 +149,14 @@ def test_fused_step_equals_a_dense_heavy_ball_in_float32(kernel_calls, monkeypat
     (x1, y1), (x2, y2) = batches("mlp", 2)
     x1, x2, y1, y2 = x1[:, :5], x2[:, :5], y1 % 3, y2 % 3
     opt = optimizer(model, x1)
-    opt.step(x1, y1)
+    with forced_backend("torch"):  # Cholesky inverses, as the dense check; the fused step alone on the kernel
+        opt.step(x1, y1)
     theta = [p.detach().clone() for p in model.parameters()]
     previous = {name: t.clone() for name, t in opt.previous.items()}
     loss = nn.functional.cross_entropy(model(x2), y2)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    opt.step(x2, y2)
+    with forced_backend("torch"):
+        opt.step(x2, y2)
     assert len(kernel_calls) == 4  # both layers, both steps
     gamma = opt.inverted_gamma
     for (name, param), before, grad in zip(model.named_parameters(), theta, grads):
@@ -172,7 +178,8 @@ def test_which_layers_take_the_fused_step(monkeypatch):
     opt.step(x, y)  # statistics: the blocks are estimated
     grads = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     names = list(opt.blocks)
-    assert fused_step.fused_layers(opt.engine, opt.curvature, grads, {}, set())[0] == []  # auto on CPU: torch
+    chosen, _ = fused_step.fused_layers(opt.engine, opt.curvature, grads, {}, set())  # auto: the kernel on CUDA
+    assert [layer.name for layer in chosen] == (names if x.is_cuda else [])
     with forced_backend("triton"):
         chosen, rest = fused_step.fused_layers(opt.engine, opt.curvature, grads, {}, set())
         assert [layer.name for layer in chosen] == names and rest.blocks == {} and len(opt.blocks) == 2

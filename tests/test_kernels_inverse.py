@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from devices import requires_cuda
+from devices import DEVICE, requires_cuda
 
 from kronograph.triton_kernels import inverse as ns
 from kronograph.triton_kernels.inverse import (
@@ -22,7 +22,7 @@ from kronograph.triton_kernels.inverse import (
     newton_schulz_triton,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "on_kernel_device")
 
 SMALL = (16, 16, 16)  # several tiles per matrix at d = 17, 40, with ragged edges: the GEMM tests, and some below
 ONE = (64, 64, 64)  # one tile per matrix (d <= 64): the interpreter costs per program, so most inverses use it
@@ -31,14 +31,14 @@ F64 = torch.float64
 
 def spd(groups: int, d: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
     """Random PSD factors [groups, d, d] of moderate condition (a covariance of 2d samples)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     x = torch.randn(groups, d, 2 * d, dtype=F64, generator=generator)
     return (x @ x.transpose(1, 2) / (2 * d)).to(dtype)
 
 
 def conditioned(groups: int, d: int, cond: float, damping: float, seed: int) -> torch.Tensor:
     """PSD factors whose damped matrix M + damping I has eigenvalues from 1/cond to 1 (condition ``cond``)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(groups, d, d, dtype=F64, generator=generator))
     eigenvalues = torch.logspace(-torch.log10(torch.tensor(cond)).item(), 0, d, dtype=F64) - damping
     return q @ torch.diag_embed(eigenvalues.expand(groups, d)) @ q.transpose(1, 2)
@@ -63,7 +63,7 @@ def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 17, 40), (2, 17, 33, 5), (1, 40, 40, 40)])
 def test_gemm_matches_bmm(shape, dtype):
     groups, m, k, n = shape
-    generator = torch.Generator().manual_seed(sum(shape))
+    generator = torch.Generator(DEVICE).manual_seed(sum(shape))
     a = torch.randn(groups, m, k, dtype=dtype, generator=generator)
     b = torch.randn(groups, k, n, dtype=dtype, generator=generator)
     c = torch.randn(groups, m, n, dtype=dtype, generator=generator)
@@ -76,7 +76,7 @@ def test_gemm_matches_bmm(shape, dtype):
 
 
 def test_gemm_strided_and_bf16_operands():
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(DEVICE).manual_seed(0)
     a = torch.randn(3, 33, 17, generator=generator).transpose(1, 2)  # [3, 17, 33], not contiguous
     b = torch.randn(3, 33, 19, generator=generator)
     torch.testing.assert_close(batched_gemm_triton(a, b, blocks=SMALL), torch.bmm(a, b), rtol=1e-5, atol=1e-5)
@@ -122,7 +122,7 @@ def test_float32_default_tolerance():
 def test_ill_conditioned():
     damping = 0.5e-4
     m = conditioned(1, 40, cond=1e4, damping=damping, seed=2)
-    assert torch.linalg.cond(m + damping * torch.eye(40, dtype=F64)).max() == pytest.approx(1e4, rel=1e-6)
+    assert float(torch.linalg.cond(m + damping * torch.eye(40, dtype=F64)).max()) == pytest.approx(1e4, rel=1e-6)
     result = newton_schulz(m, damping, tolerance=1e-10, blocks=ONE, backend="triton")
     assert result.converged.all() and not result.failed.any()
     assert relative_error(result.inverse, exact(m, damping)) <= 1e-9
@@ -234,26 +234,27 @@ def test_dispatch(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(ns, "damped_inverse_ns_triton", spy)
-    for backend in ("torch", "auto"):  # "auto" never picks the interpreter on a CPU tensor
+    auto = ["triton"] if m.is_cuda else []  # "auto": the kernel on CUDA, never the interpreter on a CPU tensor
+    for backend in ("torch", "auto"):
         inverse, _ = damped_inverse_ns(m, 0.1, backend=backend)
         assert relative_error(inverse, exact(m, 0.1)) <= 1e-9
-    assert calls == []
-    inverse, _ = damped_inverse_ns(m, 0.1, blocks=ONE, backend="triton")  # the interpreter, on a CPU tensor
-    assert calls == ["triton"] and relative_error(inverse, exact(m, 0.1)) <= 1e-9
+    assert calls == auto
+    inverse, _ = damped_inverse_ns(m, 0.1, blocks=ONE, backend="triton")  # on a CPU tensor, the interpreter
+    assert calls == auto + ["triton"] and relative_error(inverse, exact(m, 0.1)) <= 1e-9
 
     gemm_calls = []
     monkeypatch.setattr(ns, "batched_gemm_triton", lambda *args: gemm_calls.append(1) or torch.bmm(*args[:2]))
     batched_gemm(m, m, backend="auto")
-    assert gemm_calls == []
+    assert gemm_calls == [1] * len(auto)
     batched_gemm(m, m, backend="triton")
-    assert gemm_calls == [1]
+    assert gemm_calls == [1] * len(auto) + [1]
     with pytest.raises(ValueError, match="backend"):
         damped_inverse_ns(m, 0.1, backend="cuda")
 
 
 @requires_cuda
 def test_compiled_kernels_on_cuda():
-    generator = torch.Generator().manual_seed(13)
+    generator = torch.Generator(DEVICE).manual_seed(13)
     for groups, m_, k, n in [(3, 17, 40, 5), (2, 200, 300, 130)]:
         a = torch.randn(groups, m_, k, generator=generator).cuda()
         b = torch.randn(groups, k, n, generator=generator).cuda()
@@ -263,9 +264,9 @@ def test_compiled_kernels_on_cuda():
         m = spd(4, d, seed=d)
         cold = newton_schulz(m.cuda(), 0.1, tolerance=1e-10)
         assert cold.inverse.is_cuda and cold.converged.all() and not cold.failed.any()
-        assert relative_error(cold.inverse.cpu(), exact(m, 0.1)) <= 1e-9
+        assert relative_error(cold.inverse, exact(m, 0.1)) <= 1e-9
         moved = m + 1e-3 * spd(4, d, seed=d + 1)
         warm = newton_schulz(moved.float().cuda(), 0.1, previous=cold.inverse.float())
         assert warm.warm.all() and warm.converged.all()
         assert (warm.iterations < newton_schulz(moved.float().cuda(), 0.1).iterations).all()
-        assert relative_error(warm.inverse.cpu(), exact(moved, 0.1)) <= 2e-3
+        assert relative_error(warm.inverse, exact(moved, 0.1)) <= 2e-3

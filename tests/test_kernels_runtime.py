@@ -19,7 +19,9 @@ from kronograph.triton_kernels import inverse as inverse_kernels
 from kronograph.triton_kernels import statistics as statistics_kernels
 from kronograph.triton_kernels.dispatch import forced_backend, triton_available, use_triton
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
+from devices import DEVICE
+
+pytestmark = [pytest.mark.usefixtures("one_thread", "on_kernel_device"),
               pytest.mark.skipif(not triton_available(), reason="needs the triton package")]
 
 
@@ -31,7 +33,7 @@ def models() -> dict[str, nn.Module]:
 
 
 def batches(name: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(DEVICE).manual_seed(1)
     shape = (16, 6) if name == "mlp" else (16, 2, 5, 5)
     return [(torch.randn(*shape, generator=generator), torch.randint(0, 4, (16,), generator=generator))
             for _ in range(steps)]
@@ -90,13 +92,14 @@ def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeyp
 
 def test_forced_backend_is_scoped_and_checked():
     x = torch.zeros(2, 2)
-    assert not use_triton("auto", x)
+    auto = x.is_cuda  # "auto" outside any forcing: the kernels on CUDA, the references on the CPU
+    assert use_triton("auto", x) == auto
     with forced_backend("triton"):
         assert use_triton("auto", x) and not use_triton("torch", x)
         with forced_backend("torch"):
             assert not use_triton("auto", x)
         assert use_triton("auto", x)
-    assert not use_triton("auto", x)
+    assert use_triton("auto", x) == auto
     with pytest.raises(ValueError, match="choose one of"):
         with forced_backend("cuda"):
             pass

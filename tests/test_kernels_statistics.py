@@ -13,7 +13,9 @@ import torch
 from kronograph.triton_kernels import statistics
 from kronograph.triton_kernels.statistics import factor_update_, factor_update_reference, factor_update_triton
 
-from devices import requires_cuda
+from devices import DEVICE, requires_cuda
+
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 SMALL = {"block_d": 16, "block_r": 16}
 
@@ -28,18 +30,19 @@ def expected(out: torch.Tensor | None, rows: torch.Tensor, alpha: float, beta: f
     return gram if out is None or beta == 0 else beta * out.double() + gram
 
 
-def assert_gram_close(actual: torch.Tensor, wanted: torch.Tensor) -> None:
+def assert_gram_close(actual: torch.Tensor, wanted: torch.Tensor, tolerance: float = 2e-6) -> None:
     """float32 accumulation against float64: relative to the largest entry of each group's result."""
     scale = wanted.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1.0)
-    assert torch.all((actual.double() - wanted).abs() <= 2e-6 * scale), (actual.double() - wanted).abs().max()
+    error = (actual.double() - wanted).abs()
+    assert torch.all(error <= tolerance * scale), error.max()
 
 
 def assert_symmetric(out: torch.Tensor) -> None:
     assert torch.equal(out, out.transpose(1, 2))
 
 
-def rows_of(groups: int, count: int, d: int, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+def rows_of(groups: int, count: int, d: int, dtype=torch.float32, device=DEVICE, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     return torch.randn(groups, count, d, generator=generator).to(device=device, dtype=dtype)
 
 
@@ -197,8 +200,8 @@ def test_torch_backend_never_calls_triton(monkeypatch):
 def test_auto_on_cpu_picks_the_reference(monkeypatch):
     monkeypatch.setattr(statistics, "_factor_update_kernel", _NoKernel())
     monkeypatch.setattr(statistics, "factor_update_triton", _refuse)
-    rows = rows_of(1, 5, 6)
-    out = factor_update_(torch.empty(1, 6, 6), rows, 1.0, 0.0)
+    rows = rows_of(1, 5, 6, device="cpu")
+    out = factor_update_(torch.empty(1, 6, 6, device="cpu"), rows, 1.0, 0.0)
     assert_gram_close(out, expected(None, rows, 1.0, 0.0, False))
 
 
@@ -216,15 +219,18 @@ def test_triton_backend_on_cpu_runs_the_interpreter(monkeypatch):
 @pytest.mark.parametrize(("groups", "count", "d"), [(1, 1, 1), (3, 129, 70), (2, 1000, 257), (4, 512, 784)])
 def test_compiled_kernel_on_cuda(groups, count, d, dtype, monkeypatch):
     monkeypatch.setattr(statistics, "factor_update_reference", _refuse)  # "auto" must pick the kernel on cuda
+    # 16-bit rows go through the tensor cores, whose float32 accumulation is not rounded as IEEE sums are: on an
+    # H200, 2.5e-6 of the largest entry at R = 1000 (the float32 products of the CPU paths stay under 2e-6)
+    tolerance = 2e-6 if dtype == torch.float32 else 1e-5
     rows = rows_of(groups, count, d, dtype=dtype, device="cuda", seed=count + d)
     start = expected(None, rows_of(groups, 16, d, device="cuda", seed=9), 1.0 / 16, 0.0, True).float()
     for homogeneous, out in ((True, start.clone()), (False, start[:, :d, :d].contiguous())):
         wanted = expected(out, rows, 0.05 / count, 0.95, homogeneous)
         factor_update_(out, rows, 0.05 / count, 0.95, homogeneous)
-        assert_gram_close(out, wanted)
+        assert_gram_close(out, wanted, tolerance)
         assert_symmetric(out)
         nan = torch.full_like(out, float("nan"))
         factor_update_(nan, rows, 1.0 / count, 0.0, homogeneous)
-        assert_gram_close(nan, expected(None, rows, 1.0 / count, 0.0, homogeneous))
+        assert_gram_close(nan, expected(None, rows, 1.0 / count, 0.0, homogeneous), tolerance)
     small = statistics._launch(torch.empty(groups, d + 1, d + 1, device="cuda"), rows, 1.0, 0.0, True, **SMALL)
-    assert_gram_close(small, expected(None, rows, 1.0, 0.0, True))
+    assert_gram_close(small, expected(None, rows, 1.0, 0.0, True), tolerance)

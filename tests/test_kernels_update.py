@@ -13,12 +13,12 @@ import math
 
 import pytest
 import torch
-from devices import requires_cuda
+from devices import DEVICE, requires_cuda
 
 from kronograph.triton_kernels import update
 from kronograph.triton_kernels.update import fused_update, fused_update_reference, fused_update_triton
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "on_kernel_device")
 
 SMALL = (16, 16, 16)
 F64 = torch.float64
@@ -26,10 +26,10 @@ SHAPES = [(1, 19, 23), (3, 19, 23), (2, 5, 33)]  # (groups, out, in)
 SENTINEL = 1234.5
 
 
-def operands(groups, out, inn, dtype=torch.float32, inverse_dtype=None, device="cpu", seed=0):
+def operands(groups, out, inn, dtype=torch.float32, inverse_dtype=None, device=DEVICE, seed=0):
     """g_inv [g, out, out], v [g, out, in], a_inv [g, in, in] with entries of order 1/sqrt(d) in the
     inverses, so that U = G^-1 V A^-1 is of order 1."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     inverse_dtype = inverse_dtype or dtype
     g_inv = torch.randn(groups, out, out, generator=generator) / math.sqrt(out)
     v = torch.randn(groups, out, inn, generator=generator)
@@ -37,10 +37,10 @@ def operands(groups, out, inn, dtype=torch.float32, inverse_dtype=None, device="
     return g_inv.to(device, inverse_dtype), v.to(device, dtype), a_inv.to(device, inverse_dtype)
 
 
-def embedded(groups, out, inn, dtype=torch.float32, device="cpu", seed=1, fill=None):
+def embedded(groups, out, inn, dtype=torch.float32, device=DEVICE, seed=1, fill=None):
     """(buffer, view): a [groups, out, in] view strictly inside a sentinel-filled [groups, out + 2, in + 3]
     buffer (not contiguous), holding random values (or ``fill``)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     buffer = torch.full((groups, out + 2, inn + 3), SENTINEL, dtype=dtype, device=device)
     view = buffer[:, 1:out + 1, 2:inn + 2]
     values = torch.randn(groups, out, inn, generator=generator) if fill is None else torch.full(view.shape, fill)
@@ -181,7 +181,7 @@ def test_no_buffers_gives_delta_in_the_working_or_param_dtype():
 @pytest.mark.parametrize("run", [fused_update_triton, fused_update_reference], ids=["kernel", "reference"])
 def test_strided_operands(run):
     """Transposed views everywhere, and inverses shared by the groups (stride 0 over the group)."""
-    generator = torch.Generator().manual_seed(11)
+    generator = torch.Generator(DEVICE).manual_seed(11)
     g_inv = torch.randn(3, 19, 19, generator=generator).transpose(1, 2) / math.sqrt(19)
     v = torch.randn(3, 23, 19, generator=generator).transpose(1, 2)
     a_inv = (torch.randn(1, 23, 23, generator=generator) / math.sqrt(23)).expand(3, 23, 23)
@@ -242,11 +242,12 @@ def test_dispatch(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(update, "fused_update_triton", spy)
-    for backend in ("torch", "auto"):  # "auto" never picks the interpreter on a CPU tensor
+    auto = ["triton"] if g_inv.is_cuda else []  # "auto": the kernel on CUDA, never the interpreter on a CPU tensor
+    for backend in ("torch", "auto"):
         assert_near(fused_update(g_inv, v, a_inv, scale=-1.0, backend=backend), wanted)
-    assert calls == []
+    assert calls == auto
     assert_near(fused_update(g_inv, v, a_inv, scale=-1.0, blocks=SMALL, backend="triton"), wanted)
-    assert calls == ["triton"]
+    assert calls == auto + ["triton"]
     with pytest.raises(ValueError, match="backend"):
         fused_update(g_inv, v, a_inv, scale=-1.0, backend="cuda")
 

@@ -46,7 +46,10 @@ if triton is not None:
             if WIDEN:
                 a = a.to(acc.dtype)
                 b = b.to(acc.dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if FP64:  # tl.dot's out_dtype defaults to float32; compiled (not interpreted) it must match acc's
+                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float64)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         return acc
