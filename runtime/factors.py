@@ -208,7 +208,7 @@ def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:
     return (dtype == torch.float32
             and all(r.geometry is not None and len(r.geometry.kernel) in (1, 2)
                     and r.a.dim() == len(r.geometry.kernel) + 2 for r in records)
-            and use_triton("auto", records[0].a))
+            and use_triton("auto", records[0].a, "conv_statistics"))
 
 
 def _fold_conv_on_kernel(layer: Layer, records: Sequence[SiteRecord], a: torch.Tensor | None,
@@ -282,7 +282,7 @@ def accumulate_grams(
     d = first.shape[-1] + int(homogeneous)
     if out is None:
         out, beta = first.new_empty(first.shape[0], d, d), 0.0
-    if out.dtype == torch.float32 and use_triton("auto", first):
+    if out.dtype == torch.float32 and use_triton("auto", first, "statistics"):
         from kronograph.triton_kernels.statistics import ROW_DTYPES, factor_update_  # imports triton: only here
 
         if all(rows.dtype in ROW_DTYPES for rows in parts):

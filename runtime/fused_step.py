@@ -65,7 +65,7 @@ def fused_layers(engine, curvature, grads: Mapping[str, torch.Tensor], rows: Col
         and block.dtype == torch.float32 and params[block.layer.weight].dtype == torch.float32
         and grads[block.layer.weight].dtype == torch.float32
         and _w_bar_view(block.layer, params[block.layer.weight]) is not None
-        and use_triton("auto", params[block.layer.weight])
+        and use_triton("auto", params[block.layer.weight], "update")
     ]
     if not chosen:
         return [], curvature

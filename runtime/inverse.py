@@ -133,7 +133,7 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: tor
         damping: a scalar or one value per group (added to the diagonal).
         previous: [groups, d, d] the last inverse of these factors, or None.
     """
-    if m.dtype == torch.float32 and use_triton("auto", m):
+    if m.dtype == torch.float32 and use_triton("auto", m, "inverse"):
         from kronograph.triton_kernels.inverse import damped_inverse_ns  # imports triton: only here
 
         usable = previous is not None and previous.shape == m.shape and previous.dtype == m.dtype

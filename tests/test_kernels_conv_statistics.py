@@ -177,8 +177,8 @@ def test_dispatch(monkeypatch) -> None:
     want = run(conv_factor_update_reference, out.clone(), x, case)
     conv_factor_update_(*args, homogeneous=homogeneous, backend="torch")
     assert calls == ["conv_factor_update_reference"] and torch.equal(out, want)
-    conv_factor_update_(*args, homogeneous=homogeneous)  # "auto"
-    assert calls[-1] == ("conv_factor_update_triton" if x.is_cuda else "conv_factor_update_reference")
+    conv_factor_update_(*args, homogeneous=homogeneous)  # "auto": unfold wins on CUDA too (dispatch.AUTO_ON_CUDA)
+    assert calls[-1] == "conv_factor_update_reference"
     conv_factor_update_(*args, homogeneous=homogeneous, backend="triton", **SMALL)  # the interpreter on a CPU
     assert calls[-1] == "conv_factor_update_triton"
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)

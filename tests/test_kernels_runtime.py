@@ -92,14 +92,16 @@ def test_kfac_on_the_kernels_equals_kfac_on_the_references(name, preset, monkeyp
 
 def test_forced_backend_is_scoped_and_checked():
     x = torch.zeros(2, 2)
-    auto = x.is_cuda  # "auto" outside any forcing: the kernels on CUDA, the references on the CPU
-    assert use_triton("auto", x) == auto
+    auto = x.is_cuda  # "auto" outside any forcing: the statistics kernel on CUDA, the references on the CPU
+    assert use_triton("auto", x, "statistics") == auto and not use_triton("auto", x, "inverse")
     with forced_backend("triton"):
-        assert use_triton("auto", x) and not use_triton("torch", x)
+        assert use_triton("auto", x, "inverse") and not use_triton("torch", x, "statistics")
         with forced_backend("torch"):
-            assert not use_triton("auto", x)
-        assert use_triton("auto", x)
-    assert use_triton("auto", x) == auto
+            assert not use_triton("auto", x, "statistics")
+        assert use_triton("auto", x, "update")
+    assert use_triton("auto", x, "statistics") == auto
+    with pytest.raises(ValueError, match="choose one of"):
+        use_triton("auto", x, "softmax")
     with pytest.raises(ValueError, match="choose one of"):
         with forced_backend("cuda"):
             pass

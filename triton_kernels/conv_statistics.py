@@ -363,7 +363,7 @@ def conv_factor_update_(
     is alpha = 1/m (an EMA step: alpha = (1 - decay) / m, beta = decay). ``tuning`` (block_rows, block_d,
     splits) reaches the Triton kernel; ``backend`` as in triton_kernels/dispatch.py.
     """
-    fn = conv_factor_update_triton if use_triton(backend, x) else conv_factor_update_reference
+    fn = conv_factor_update_triton if use_triton(backend, x, "conv_statistics") else conv_factor_update_reference
     return fn(out, x, kernel_size, stride, padding, dilation, groups, homogeneous=homogeneous, alpha=alpha,
               beta=beta, **tuning)
 

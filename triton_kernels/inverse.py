@@ -153,8 +153,8 @@ def batched_gemm_reference(a: torch.Tensor, b: torch.Tensor, addend: torch.Tenso
 def batched_gemm(a: torch.Tensor, b: torch.Tensor, addend: torch.Tensor | None = None, alpha: float = 1.0,
                  beta: float = 1.0, shift: float = 0.0, blocks: tuple[int, int, int] = BLOCKS,
                  backend: str = "auto") -> torch.Tensor:
-    """alpha a @ b + beta addend + shift I per group, on the kernel ``use_triton(backend, a)`` picks."""
-    gemm = batched_gemm_triton if use_triton(backend, a) else batched_gemm_reference
+    """alpha a @ b + beta addend + shift I per group, on the kernel ``use_triton`` picks."""
+    gemm = batched_gemm_triton if use_triton(backend, a, "inverse") else batched_gemm_reference
     return gemm(a, b, addend, alpha, beta, shift, blocks)
 
 
@@ -279,8 +279,8 @@ def newton_schulz_reference(m: torch.Tensor, damping: torch.Tensor | float, prev
 def newton_schulz(m: torch.Tensor, damping: torch.Tensor | float, previous: torch.Tensor | None = None,
                   tolerance: float | None = None, max_iterations: int = MAX_ITERATIONS,
                   blocks: tuple[int, int, int] = BLOCKS, backend: str = "auto") -> NewtonSchulzResult:
-    """``newton_schulz_triton`` or ``newton_schulz_reference``, as ``use_triton(backend, m)`` picks."""
-    run = newton_schulz_triton if use_triton(backend, m) else newton_schulz_reference
+    """``newton_schulz_triton`` or ``newton_schulz_reference``, as ``use_triton`` picks."""
+    run = newton_schulz_triton if use_triton(backend, m, "inverse") else newton_schulz_reference
     return run(m, damping, previous, tolerance, max_iterations, blocks)
 
 
@@ -306,6 +306,6 @@ def damped_inverse_ns(m: torch.Tensor, damping: torch.Tensor | float, previous: 
                       tolerance: float | None = None, max_iterations: int = MAX_ITERATIONS,
                       blocks: tuple[int, int, int] = BLOCKS, backend: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M + damping I)^-1 per group and the failed groups, on the backend ``use_triton(backend, m)`` picks."""
-    run = damped_inverse_ns_triton if use_triton(backend, m) else damped_inverse_ns_reference
+    """(M + damping I)^-1 per group and the failed groups, on the backend ``use_triton`` picks."""
+    run = damped_inverse_ns_triton if use_triton(backend, m, "inverse") else damped_inverse_ns_reference
     return run(m, damping, previous, tolerance, max_iterations, blocks)

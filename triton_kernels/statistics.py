@@ -60,7 +60,7 @@ def factor_update_(
         backend: "auto" runs the Triton kernel on CUDA tensors (float32 out) and the reference elsewhere,
             "triton" demands the kernel (the interpreter on a CPU tensor), "torch" the reference.
     """
-    if use_triton(backend, rows) and (backend == "triton" or out.dtype == torch.float32):
+    if use_triton(backend, rows, "statistics") and (backend == "triton" or out.dtype == torch.float32):
         return factor_update_triton(out, rows, alpha, beta, homogeneous)
     return factor_update_reference(out, rows, alpha, beta, homogeneous)
 

@@ -277,6 +277,6 @@ def fused_update(
         delta [groups, out, in]: ``previous`` when given, else a new tensor in param's dtype when param is given,
         else in the working dtype (float64 when an operand is float64, else float32).
     """
-    run = fused_update_triton if use_triton(backend, v) else fused_update_reference
+    run = fused_update_triton if use_triton(backend, v, "update") else fused_update_reference
     return run(g_inv, v, a_inv, scale=scale, previous=previous, momentum=momentum, param=param,
                weight_decay=weight_decay, lr=lr, write=write, blocks=blocks)
