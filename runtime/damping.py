@@ -15,6 +15,21 @@ def levenberg_marquardt(damping: float, rho: float, omega: float, minimum: float
     return damping
 
 
+#: float32's unit roundoff: the losses are float32 sums, so h resolves relative changes no finer than this.
+_FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def below_rounding(objective: float, after: float, decrease: float, roundings: int = 16) -> bool:
+    """Whether a step left h exactly as it was, or changed it, and was predicted to, by no more than a few float32
+    roundings of h. rho = (after - objective) / decrease is then rounding noise (a batch fitted to a loss
+    of 1e-10: the paper's rule reads rho = 0 as distrust and grows lambda every step, by the accelerated rule
+    past 1e300 within a few thousand steps, where no later step can bring it back)."""
+    if after == objective:
+        return True  # nothing float32 h can show changed (a loss that rounds to 0 stays 0 whatever was predicted)
+    resolution = roundings * _FLOAT32_ROUNDOFF * max(abs(objective), abs(after))
+    return abs(after - objective) <= resolution and -decrease <= resolution
+
+
 def lm_omega(every: int) -> float:
     """omega1 = (19/20)^T1: the paper's decay for an adjustment every T1 steps."""
     return (19 / 20) ** every

@@ -18,6 +18,7 @@ from torch import nn
 import kronograph
 from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
+    below_rounding,
     curvature_scale,
     gamma_candidates,
     gamma_interval,
@@ -83,6 +84,33 @@ def test_accelerated_lm_is_the_papers_rule_at_cap_one_and_speeds_up_on_a_streak(
     damping, streak = accelerated_levenberg_marquardt(damping, 0.1, omega, streak, 8)  # verdict flips: one step
     assert streak == -1
     assert accelerated_levenberg_marquardt(damping, 0.5, omega, streak, 8) == (damping, 0)
+
+
+def test_below_rounding_is_a_change_float32_h_cannot_show():
+    eps = 2.0**-24
+    assert below_rounding(0.0, 0.0, -1e-30)  # a loss that rounds to 0 stays 0: whatever was predicted
+    assert below_rounding(1.0, 1.0, -1e-3)  # h did not move at all
+    assert below_rounding(2e-10, 2e-10 * (1 + 4 * eps), -2e-10 * eps)  # both within 16 roundings of h
+    assert not below_rounding(1.0, 1.0 - 1e-3, -2e-3)  # a step h can resolve: rho = 1/2 is information
+    assert not below_rounding(1.0, 1.0 + 20 * eps, -1e-9)  # h rose by more than its rounding
+    assert not below_rounding(1.0, 1.0 + eps, -1e-3)  # a resolvable decrease was predicted and did not come
+
+
+def test_a_fitted_batch_leaves_lambda_where_it_was():
+    """One batch of 16 fitted until h rounds to 0 in float32: from then on every step leaves h exactly as it was,
+    and the paper's LM rule (rho = 0: distrust), accelerated, grows lambda by 1.5x a step without end (past 1e23
+    in 200 steps, on to overflow); the default keeps lambda once the steps are below h's rounding."""
+    final = {}
+    for keep in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
+                                    keep_damping_at_rounding=keep)
+        infos = [opt.step(x, y) for _ in range(200)]
+        assert infos[-1]["loss"] < 1e-6
+        final[keep] = opt.damping
+    assert final[True] < 10.0 and final[False] > 1e15
 
 
 def test_initial_lambda_follows_the_curvature_scale():
@@ -246,7 +274,8 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
     runs = []
     for kwargs in ({"preset": "paper"},
                    {**PAPER_ARGUMENTS, "min_stats_examples": 1, "min_qmodel_examples": 1, "lm_acceleration": 1,
-                    "refresh_ratio": None, "reject_steps": False, "descent_only": False, "max_momentum": None,
+                    "refresh_ratio": None, "reject_steps": False, "keep_damping_at_rounding": False,
+                    "descent_only": False, "max_momentum": None,
                     "max_condition": None, "centered_damping": False, "unmatched_direction": "gradient",
                     "signal_scaling": False}):
         model = mlp()

@@ -71,6 +71,7 @@ from kronograph.runtime.engines import make_engine
 from kronograph.runtime.engines.torch import GradientPass
 from kronograph.runtime.damping import (
     accelerated_levenberg_marquardt,
+    below_rounding,
     curvature_scale,
     gamma_candidates,
     gamma_interval,
@@ -183,6 +184,10 @@ class KFAC:
             says so. Judging by h's rise alone: on the default-init autoencoder a rho below -1/2 on a small
             rise of h was mostly the mini-batch's noise (19 of 110 steps undone against 10, loss 101.6
             against 79.0 after 110 steps); the other first-try problems reject the same steps either way.
+        keep_damping_at_rounding: leave lambda (and the LM streak) as they are when a step changed h, and the
+            quadratic model predicted it would, by no more than 16 float32 roundings of h
+            (``damping.below_rounding``): on a batch fitted to a loss of 1e-10 rho is rounding noise, and the
+            paper's rule, reading it as distrust, grew lambda past 1e260 in 4000 steps on scikit-learn's digits.
         descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
             >= 0 in the quadratic model (the exact bounded minimiser), so neither is taken uphill.
         max_momentum: keep the quadratic model's momentum coefficient mu in [0, max_momentum] (None: free, the
@@ -774,6 +779,8 @@ class KFAC:
         omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
         after = self._objective(inputs, y)
         rho = (after - objective) / decrease if decrease < 0 and math.isfinite(after) else -math.inf
+        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease):
+            return rho, after  # rho is rounding noise: lambda and the LM streak stay
         self.damping, self.streak = accelerated_levenberg_marquardt(
             self.damping, rho, lm_omega(self.damping_every), self.streak, self.settings.lm_acceleration,
             self.min_damping)
