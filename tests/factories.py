@@ -100,3 +100,13 @@ def teacher_classification(steps: int, batch: int, features: int = 6, classes: i
     """``teacher_problem``'s MLP and its batches as (inputs, labels)."""
     model, batches = teacher_problem(steps, batch, features, classes)
     return model, [(x, labels) for x, labels, _ in batches]
+
+
+def conv_teacher_classification(steps: int, batch: int, classes: int = 3):
+    """A small conv net (conv 1 -> 5 channels, 3 x 3; Linear 5 * 4 * 4 -> classes) and 6 x 6 images labelled by a
+    random linear teacher, as (inputs, labels)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 5, 3), nn.Tanh(), nn.Flatten(), nn.Linear(80, classes))
+    teacher = torch.randn(36, classes)
+    images = [torch.randn(batch, 1, 6, 6) for _ in range(steps)]
+    return model, [(x, (x.flatten(1) @ teacher).argmax(1)) for x in images]

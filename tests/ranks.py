@@ -68,3 +68,9 @@ def preconditioned_loop(model, forward, precond, batches, rank: int = 0, world: 
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def whole_state(model) -> dict[str, torch.Tensor]:
+    """A model's state with every sharded tensor (an FSDP2 DTensor) gathered whole."""
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
+            for name, value in model.state_dict().items()}

@@ -16,26 +16,15 @@ from torch import nn
 
 import kronograph
 
-from factories import teacher_classification
-from ranks import on_one_thread, preconditioned_loop, run_on_ranks
+from factories import conv_teacher_classification, teacher_classification
+from ranks import on_one_thread, preconditioned_loop, run_on_ranks, whole_state
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 SETTINGS = dict(damping=0.03, inverse_every=3, seed=0)
 
 
-def whole_state(model) -> dict[str, torch.Tensor]:
-    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
-            for name, value in model.state_dict().items()}
-
-
 def conv_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """A small conv net (conv 1 -> 5 channels, 3 x 3; Linear 5 * 4 * 4 -> 3) and 6 x 6 images labelled by a random
-    linear teacher."""
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 5, 3), nn.Tanh(), nn.Flatten(), nn.Linear(80, CLASSES))
-    teacher = torch.randn(36, CLASSES)
-    images = [torch.randn(BATCH, 1, 6, 6) for _ in range(STEPS)]
-    return model, [(x, (x.flatten(1) @ teacher).argmax(1)) for x in images]
+    return conv_teacher_classification(STEPS, BATCH, CLASSES)
 
 
 def mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
