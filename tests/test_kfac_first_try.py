@@ -98,8 +98,8 @@ def test_below_rounding_is_a_change_float32_h_cannot_show():
 
 def test_a_fitted_batch_leaves_lambda_where_it_was():
     """One batch of 16 fitted until h rounds to 0 in float32: from then on every step leaves h exactly as it was,
-    and the paper's LM rule (rho = 0: distrust), accelerated, grows lambda by 1.5x a step without end (past 1e23
-    in 200 steps, on to overflow); the default keeps lambda once the steps are below h's rounding."""
+    and the paper's LM rule (rho = 0: distrust), accelerated, grows lambda by 1.5x a step without end (past 1e14
+    in 150 steps, on to overflow); the default keeps lambda once the steps are below h's rounding."""
     final = {}
     for keep in (True, False):
         torch.manual_seed(0)
@@ -107,10 +107,10 @@ def test_a_fitted_batch_leaves_lambda_where_it_was():
         x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
                                     keep_damping_at_rounding=keep)
-        infos = [opt.step(x, y) for _ in range(200)]
+        infos = [opt.step(x, y) for _ in range(150)]
         assert infos[-1]["loss"] < 1e-6
         final[keep] = opt.damping
-    assert final[True] < 10.0 and final[False] > 1e15
+    assert final[True] < 10.0 and final[False] > 1e10
 
 
 def test_initial_lambda_follows_the_curvature_scale():

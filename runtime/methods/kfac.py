@@ -184,8 +184,8 @@ class KFAC:
             says so. Judging by h's rise alone: on the default-init autoencoder a rho below -1/2 on a small
             rise of h was mostly the mini-batch's noise (19 of 110 steps undone against 10, loss 101.6
             against 79.0 after 110 steps); the other first-try problems reject the same steps either way.
-        keep_damping_at_rounding: leave lambda (and the LM streak) as they are when a step changed h, and the
-            quadratic model predicted it would, by no more than 16 float32 roundings of h
+        keep_damping_at_rounding: leave lambda (and the LM streak) as they are when a step left h exactly as it
+            was, or changed it, and the quadratic model predicted it would, by no more than 16 float32 roundings of h
             (``damping.below_rounding``): on a batch fitted to a loss of 1e-10 rho is rounding noise, and the
             paper's rule, reading it as distrust, grew lambda past 1e260 in 4000 steps on scikit-learn's digits.
         descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
