@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models and batches live")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="the runtime's kernels: auto (Triton on CUDA), triton or torch (triton_kernels/dispatch.py)")
+                        help="the runtime's kernels: auto (dispatch.AUTO_ON_CUDA), triton or torch (triton_kernels/dispatch.py)")
     args = parser.parse_args()
     with forced_backend(args.backend):
         measure(args)
