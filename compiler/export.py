@@ -11,6 +11,8 @@ The TorchScript exporter is deprecated and renames initializers (``onnx::MatMul_
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import logging
 import sys
@@ -62,6 +64,54 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@functools.cache
+def _onnx_registry():
+    """torch.onnx's private registry class and its classmethod that builds one, imported on the first export (not
+    with kronograph: ~0.7 s); None where its layout differs, and then every export builds its own, as torch's does."""
+    try:
+        from torch.onnx._internal.exporter import _constants
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+        build = ONNXRegistry.__dict__["from_torchlib"]
+        if isinstance(build, classmethod) and isinstance(ONNXRegistry().functions, dict) \
+                and isinstance(_constants.TORCHLIB_OPSET, int):
+            return ONNXRegistry, build, _constants.TORCHLIB_OPSET
+    except (ImportError, KeyError, AttributeError, TypeError):
+        pass
+    return None
+
+
+@functools.cache
+def _built_registry(opset_version: int):
+    registry_class, build, _ = _onnx_registry()
+    return build.__func__(registry_class, opset_version)
+
+
+def _registry_copy(cls, opset_version: int | None = None):
+    """A copy of the registry built once per process and opset (its lists copied: an export may add to them)."""
+    built = _built_registry(_onnx_registry()[2] if opset_version is None else opset_version)
+    registry = copy.copy(built)
+    registry.functions = {target: list(metas) for target, metas in built.functions.items()}
+    return registry
+
+
+@contextlib.contextmanager
+def _reused_registry():
+    """torch.onnx rebuilds its table of ~1100 ONNX functions from onnxscript for every export, several times: ~2 s
+    on CPU-2, over half of compiling a small MLP. Inside, each export gets a copy of one table built once per
+    process; torch's own classmethod is put back on the way out."""
+    found = _onnx_registry()
+    if found is None:
+        yield
+        return
+    registry_class, build, _ = found
+    registry_class.from_torchlib = classmethod(_registry_copy)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = build
 
 
 @contextlib.contextmanager
@@ -127,7 +177,7 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
     """Quiet unless ``verbose``: then the exporter's warnings, log lines and graph dumps reach the user as torch
     writes them, and its progress lines too, moved to stderr so that stdout stays the command's output (JSON)."""
     try:
-        with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet():
+        with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet(), _reused_registry():
             return torch.onnx.export(
                 model,
                 inputs,

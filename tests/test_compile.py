@@ -174,3 +174,31 @@ def test_a_branch_on_tensor_values_gets_the_fix_and_no_graph_dump(capfd):
         kronograph.compile(ValueBranch(), example_inputs=(torch.randn(4, 3),))
     out, err = capfd.readouterr()
     assert "def forward" not in out + err and "Unable to find user code" not in out + err
+
+
+def test_exports_reuse_one_onnx_registry_with_the_graph_torchs_own_gives(monkeypatch):
+    """compiler/export.py builds torch.onnx's function registry once per process (torch builds it for every
+    export): the graph is the one torch's own registry gives, torch's classmethod is back after each export, and
+    an export that adds to its copy leaves the next one's alone."""
+    import contextlib
+
+    import onnx_ir as ir
+
+    from kronograph.compiler import export
+
+    found = export._onnx_registry()
+    if found is None:
+        pytest.skip("this torch's onnx registry has another layout: every export builds its own, as torch's does")
+    registry_class, build, _ = found
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    reused = [ir.to_proto(kronograph.compile(model, (x,)).graph).SerializeToString() for _ in range(2)]
+    assert registry_class.__dict__["from_torchlib"] is build
+    monkeypatch.setattr(export, "_reused_registry", contextlib.nullcontext)
+    own = ir.to_proto(kronograph.compile(model, (x,)).graph).SerializeToString()
+    assert reused[0] == reused[1] == own
+    with export._reused_registry():
+        first, second = registry_class.from_torchlib(), registry_class.from_torchlib()
+    target = next(iter(first.functions))
+    first.functions[target].clear()
+    assert second.functions[target] and first.functions is not second.functions
