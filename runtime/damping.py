@@ -19,14 +19,23 @@ def levenberg_marquardt(damping: float, rho: float, omega: float, minimum: float
 _FLOAT32_ROUNDOFF = 2.0**-24
 
 
-def below_rounding(objective: float, after: float, decrease: float, roundings: int = 16) -> bool:
+def rounding_of_h(*values: float, roundings: int = 16) -> float:
+    """A few float32 roundings of the largest of ``values`` (h before and after a step, and the loss's floor,
+    ``Loss.rounding_floor``): changes of h below this are rounding noise. The floor counts because some losses
+    keep an absolute error however small they get: near a perfect fit each example's cross-entropy, a log-sum-exp
+    minus the label's logit, is a multiple of 2^-24, so h moves in steps of 2^-24 / n at a loss of 1e-9."""
+    return roundings * _FLOAT32_ROUNDOFF * max(abs(value) for value in values)
+
+
+def below_rounding(objective: float, after: float, decrease: float, floor: float = 0.0, roundings: int = 16) -> bool:
     """Whether a step left h exactly as it was, or changed it, and was predicted to, by no more than a few float32
-    roundings of h. rho = (after - objective) / decrease is then rounding noise (a batch fitted to a loss
-    of 1e-10: the paper's rule reads rho = 0 as distrust and grows lambda every step, by the accelerated rule
-    past 1e300 within a few thousand steps, where no later step can bring it back)."""
+    roundings of h (``rounding_of_h``, with the loss's ``floor``). rho = (after - objective) / decrease is then
+    rounding noise (a batch fitted to a loss of 1e-10: the paper's rule reads rho = 0 as distrust and grows lambda
+    every step, by the accelerated rule past 1e300 within a few thousand steps, where no later step can bring it
+    back)."""
     if after == objective:
         return True  # nothing float32 h can show changed (a loss that rounds to 0 stays 0 whatever was predicted)
-    resolution = roundings * _FLOAT32_ROUNDOFF * max(abs(objective), abs(after))
+    resolution = rounding_of_h(objective, after, floor, roundings=roundings)
     return abs(after - objective) <= resolution and -decrease <= resolution
 
 

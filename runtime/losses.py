@@ -68,6 +68,12 @@ class Loss(ABC):
         1 except for cross-entropy over positions (a sequence's tokens). Read from the targets' shape."""
         return 1
 
+    def rounding_floor(self, targets: Any) -> float:
+        """The float32 error an example's loss keeps however small the loss gets, in units of float32's roundoff
+        2^-24 (runtime/damping.rounding_of_h): 0 where there is none (mse: the square of a small difference is
+        exact to its own size). Read from the targets' shape."""
+        return 0.0
+
     def statistics_scale(self, targets: Any) -> float:
         """The factor between ``statistics_loss`` and the loss: 1 except for cross-entropy over positions.
 
@@ -98,6 +104,10 @@ class CrossEntropy(Loss):
 
     def statistics_scale(self, targets: Any) -> float:
         return math.sqrt(self.positions(targets))
+
+    def rounding_floor(self, targets: Any) -> float:
+        # a log-sum-exp minus the label's logit: near a perfect fit a multiple of 2^-24 (the positions' mean too)
+        return 1.0
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = self._probabilities(outputs)
@@ -150,6 +160,9 @@ class SigmoidCrossEntropy(Loss):
     def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
         return losses.reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def rounding_floor(self, targets: Any) -> float:
+        return float(math.prod(targets.shape[1:]))  # one log(1 + e^-|s|) term, rounded on its own, per output
 
     def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         p = torch.sigmoid(outputs.detach())

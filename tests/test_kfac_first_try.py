@@ -26,6 +26,7 @@ from kronograph.runtime.damping import (
     gamma_streak,
     levenberg_marquardt,
 )
+from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods import kfac as kfac_module
 from kronograph.runtime.methods.kfac_settings import PRESETS
 
@@ -94,6 +95,13 @@ def test_below_rounding_is_a_change_float32_h_cannot_show():
     assert not below_rounding(1.0, 1.0 - 1e-3, -2e-3)  # a step h can resolve: rho = 1/2 is information
     assert not below_rounding(1.0, 1.0 + 20 * eps, -1e-9)  # h rose by more than its rounding
     assert not below_rounding(1.0, 1.0 + eps, -1e-3)  # a resolvable decrease was predicted and did not come
+    # a loss with a floor (cross-entropy: 2^-24 an example) keeps it however small h gets; mse has none
+    assert below_rounding(2e-9, 3e-9, -1e-9, floor=1.0) and not below_rounding(2e-9, 3e-9, -1e-9)
+    assert not below_rounding(2e-9, 2e-6, -1e-9, floor=1.0)  # far beyond 16 roundings of the floor
+    y_classes, y_pixels = torch.zeros(8, dtype=torch.long), torch.zeros(8, 784)
+    assert get_loss("cross_entropy").rounding_floor(y_classes) == 1.0
+    assert get_loss("sigmoid_cross_entropy").rounding_floor(y_pixels) == 784.0
+    assert get_loss("mse").rounding_floor(y_pixels) == 0.0
 
 
 def test_a_fitted_batch_leaves_lambda_where_it_was():
@@ -111,6 +119,20 @@ def test_a_fitted_batch_leaves_lambda_where_it_was():
         assert infos[-1]["loss"] < 1e-6
         final[keep] = opt.damping
     assert final[True] < 10.0 and final[False] > 1e10
+
+
+def test_on_a_fitted_batch_gamma_stays_and_no_step_is_undone_for_a_rise_below_rounding():
+    """The same fitted batch: once its cross-entropy is within 16 roundings of its float32 floor (2^-24 an
+    example), every gamma candidate's predicted decrease is noise too, and so is a rise of h: lambda, gamma and
+    the count of undone steps stay as they were (before, lambda rose 2e4-fold there and gamma wandered)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    infos = [opt.step(x, y) for _ in range(150)]
+    assert max(info["loss"] for info in infos[40:]) < 16 * 2.0**-24
+    settled = {(info["damping"], info["factor_damping"], info["rejected_steps"]) for info in infos[40:]}
+    assert len(settled) == 1, sorted(settled)
 
 
 def test_initial_lambda_follows_the_curvature_scale():

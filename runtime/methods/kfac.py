@@ -78,6 +78,7 @@ from kronograph.runtime.damping import (
     gamma_power,
     gamma_streak,
     lm_omega,
+    rounding_of_h,
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
@@ -186,8 +187,10 @@ class KFAC:
             against 79.0 after 110 steps); the other first-try problems reject the same steps either way.
         keep_damping_at_rounding: leave lambda (and the LM streak) as they are when a step left h exactly as it
             was, or changed it, and the quadratic model predicted it would, by no more than 16 float32 roundings of h
-            (``damping.below_rounding``): on a batch fitted to a loss of 1e-10 rho is rounding noise, and the
-            paper's rule, reading it as distrust, grew lambda past 1e260 in 4000 steps on scikit-learn's digits.
+            or of the loss's floor (``damping.below_rounding``, ``Loss.rounding_floor``): on a batch fitted to a
+            loss of 1e-10 rho is rounding noise, and the paper's rule, reading it as distrust, grew lambda past
+            1e260 in 4000 steps on scikit-learn's digits. Likewise gamma stays when every candidate's predicted
+            decrease is below that rounding, and a rise of h below it is not a step to undo.
         descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
             >= 0 in the quadratic model (the exact bounded minimiser), so neither is taken uphill.
         max_momentum: keep the quadratic model's momentum coefficient mu in [0, max_momentum] (None: free, the
@@ -308,6 +311,7 @@ class KFAC:
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
+        self.loss_floor = 0.0  # the loss's float32 error however small it gets (Loss.rounding_floor)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
         self.next_gamma_round = self.gamma_every  # the step of the next round
@@ -379,6 +383,7 @@ class KFAC:
                 self._fold(records, n, index, grad_scale=n * self.loss.statistics_scale(y))
         if self.damping is None:
             self._initial_damping()
+        self.loss_floor = self.loss.rounding_floor(y)  # of this batch's targets' shape
         frozen = self.engine.frozen()
         if frozen and self.previous is not None:  # a layer frozen since the last step keeps no momentum
             self.previous = {name: torch.zeros_like(v) if name in frozen else v for name, v in self.previous.items()}
@@ -402,7 +407,7 @@ class KFAC:
         unfused = self.rescale or self.engine.sharded is not None
         fused, rest = ([], self.curvature) if unfused else fused_layers(self.engine, self.curvature, grads, self._rows,
                                                                         left_out)
-        best = None
+        best = kept = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
         for gamma in gammas:
@@ -422,6 +427,10 @@ class KFAC:
                 update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr)
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
+            if kept is None:
+                kept = best
+        if self.settings.keep_damping_at_rounding and -best[3] <= rounding_of_h(objective, self.loss_floor):
+            best = kept  # every candidate's predicted effect on h is rounding noise: the choice would be too
         gamma, inverses, update, decrease, figures = best
         if len(gammas) > 1:
             self.gamma_streak = gamma_streak(self.gamma_streak, gammas.index(gamma))
@@ -448,7 +457,7 @@ class KFAC:
         if check:
             with self._timed("damping"):
                 info["rho"], after = self._adapt_damping(inputs, y, objective, decrease)
-            if saved is not None and self._wrecks(info["rho"], objective, after):
+            if saved is not None and self._wrecks(info["rho"], objective, after, decrease):
                 self._reject(saved)
                 info["rejected"] = True
         if not self.adapt_gamma and self.settings.factor_damping is None:
@@ -503,11 +512,16 @@ class KFAC:
             return False
         return max(self.gamma / self.inverted_gamma, self.inverted_gamma / self.gamma) > ratio
 
-    def _wrecks(self, rho: float, before: float, after: float) -> bool:
-        """A step is undone when h rose by more than ``reject_rise`` |h| (or rho is below ``reject_rho``, if set)."""
+    def _wrecks(self, rho: float, before: float, after: float, decrease: float) -> bool:
+        """A step is undone when h rose by more than ``reject_rise`` |h| (or rho is below ``reject_rho``, if set),
+        unless the step and its prediction are below h's rounding (``keep_damping_at_rounding``): a fitted batch's
+        h moves by its float32 steps, and rho with it."""
         s = self.settings
-        below = s.reject_rho is not None and rho < s.reject_rho
-        return not math.isfinite(after) or below or after - before > s.reject_rise * abs(before)
+        if not math.isfinite(after):
+            return True
+        if s.keep_damping_at_rounding and below_rounding(before, after, decrease, self.loss_floor):
+            return False
+        return (s.reject_rho is not None and rho < s.reject_rho) or after - before > s.reject_rise * abs(before)
 
     def _reject(self, saved: Direction) -> None:
         """Put the weights back as they were before the step, forget it as momentum, and raise lambda by
@@ -779,7 +793,7 @@ class KFAC:
         omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
         after = self._objective(inputs, y)
         rho = (after - objective) / decrease if decrease < 0 and math.isfinite(after) else -math.inf
-        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease):
+        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease, self.loss_floor):
             return rho, after  # rho is rounding noise: lambda and the LM streak stay
         self.damping, self.streak = accelerated_levenberg_marquardt(
             self.damping, rho, lm_omega(self.damping_every), self.streak, self.settings.lm_acceleration,

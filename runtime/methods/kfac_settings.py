@@ -91,8 +91,9 @@ class KFACSettings:
     refresh_ratio: float | None = setting(2.0, "Also refresh the inverses when gamma has moved by this factor "
                                           "(auto: never).", low=1, low_open=True)
     reject_steps: bool = setting(True, "Undo steps that make the objective much worse, raise lambda, go on.")
-    keep_damping_at_rounding: bool = setting(True, "Keep lambda when a step changed h, and was predicted to, by no "
-                                             "more than h's float32 rounding (a fitted batch: rho is noise there).")
+    keep_damping_at_rounding: bool = setting(True, "Keep lambda and gamma when a step changed h, and was predicted "
+                                             "to, by no more than h's float32 rounding (a fitted batch: rho is noise "
+                                             "there), and undo no step for a rise below it.")
     reject_rho: float | None = setting(None, "Also undo a step whose rho is below this (auto: judge by h's rise "
                                        "alone, which wins on the first-try suite).")
     reject_rise: float = setting(0.25, "A step that raises h by more than this times |h| is undone.", low=0)
