@@ -311,7 +311,6 @@ class KFAC:
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
-        self.loss_floor = 0.0  # the loss's float32 error however small it gets (Loss.rounding_floor)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
         self.next_gamma_round = self.gamma_every  # the step of the next round
@@ -383,7 +382,7 @@ class KFAC:
                 self._fold(records, n, index, grad_scale=n * self.loss.statistics_scale(y))
         if self.damping is None:
             self._initial_damping()
-        self.loss_floor = self.loss.rounding_floor(y)  # of this batch's targets' shape
+        floor = self.loss.rounding_floor(y)  # the loss's float32 error however small it gets
         frozen = self.engine.frozen()
         if frozen and self.previous is not None:  # a layer frozen since the last step keeps no momentum
             self.previous = {name: torch.zeros_like(v) if name in frozen else v for name, v in self.previous.items()}
@@ -429,7 +428,7 @@ class KFAC:
                 best = (gamma, inverses, update, decrease, figures)
             if kept is None:
                 kept = best
-        if self.settings.keep_damping_at_rounding and -best[3] <= rounding_of_h(objective, self.loss_floor):
+        if self.settings.keep_damping_at_rounding and -best[3] <= rounding_of_h(objective, floor):
             best = kept  # every candidate's predicted effect on h is rounding noise: the choice would be too
         gamma, inverses, update, decrease, figures = best
         if len(gammas) > 1:
@@ -456,8 +455,8 @@ class KFAC:
         self.previous = update
         if check:
             with self._timed("damping"):
-                info["rho"], after = self._adapt_damping(inputs, y, objective, decrease)
-            if saved is not None and self._wrecks(info["rho"], objective, after, decrease):
+                info["rho"], after = self._adapt_damping(inputs, y, objective, decrease, floor)
+            if saved is not None and self._wrecks(info["rho"], objective, after, decrease, floor):
                 self._reject(saved)
                 info["rejected"] = True
         if not self.adapt_gamma and self.settings.factor_damping is None:
@@ -512,14 +511,14 @@ class KFAC:
             return False
         return max(self.gamma / self.inverted_gamma, self.inverted_gamma / self.gamma) > ratio
 
-    def _wrecks(self, rho: float, before: float, after: float, decrease: float) -> bool:
+    def _wrecks(self, rho: float, before: float, after: float, decrease: float, floor: float) -> bool:
         """A step is undone when h rose by more than ``reject_rise`` |h| (or rho is below ``reject_rho``, if set),
         unless the step and its prediction are below h's rounding (``keep_damping_at_rounding``): a fitted batch's
         h moves by its float32 steps, and rho with it."""
         s = self.settings
         if not math.isfinite(after):
             return True
-        if s.keep_damping_at_rounding and below_rounding(before, after, decrease, self.loss_floor):
+        if s.keep_damping_at_rounding and below_rounding(before, after, decrease, floor):
             return False
         return (s.reject_rho is not None and rho < s.reject_rho) or after - before > s.reject_rise * abs(before)
 
@@ -788,12 +787,12 @@ class KFAC:
             local = curvature_gram_sum(self.loss, outputs, tangents)
         return self._slice.sum([local])[0] / cache["count"]
 
-    def _adapt_damping(self, inputs, y, objective: float, decrease: float) -> tuple[float, float]:
+    def _adapt_damping(self, inputs, y, objective: float, decrease: float, floor: float) -> tuple[float, float]:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to
         omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
         after = self._objective(inputs, y)
         rho = (after - objective) / decrease if decrease < 0 and math.isfinite(after) else -math.inf
-        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease, self.loss_floor):
+        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease, floor):
             return rho, after  # rho is rounding noise: lambda and the LM streak stay
         self.damping, self.streak = accelerated_levenberg_marquardt(
             self.damping, rho, lm_omega(self.damping_every), self.streak, self.settings.lm_acceleration,
