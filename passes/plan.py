@@ -56,7 +56,7 @@ class Layer:
     """
 
     name: str
-    kind: str  # "linear", "conv1d", "conv2d", "conv3d"
+    kind: str  # "linear", "conv1d", "conv2d", "conv3d", "embedding" (a linear layer on one-hot rows)
     weight: str
     bias: str | None
     weight_shape: tuple[int, ...]

@@ -2,7 +2,8 @@
 
 No module hooks: a TorchFunctionMode sees every call of ``F.linear``, ``torch.conv1d/2d/3d``,
 ``torch.matmul`` / ``Tensor.__matmul__`` / ``torch.mm`` and ``torch.addmm`` (GPT-2's Conv1D:
-``addmm(b, x.view(-1, in), W)`` with W stored [in, out]). A call is a site of a layer when its weight
+``addmm(b, x.view(-1, in), W)`` with W stored [in, out]), and ``F.embedding`` (an embedding layer's a is the
+one-hot rows of its indices, ``layer_input``). A call is a site of a layer when its weight
 argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. Outside ``with Capture(...)`` nothing is intercepted: the normal forward costs nothing.
@@ -57,6 +58,14 @@ from kronograph.runtime import attention, sharded
 from kronograph.runtime.patches import call_geometry
 
 
+def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A site's input as its statistics read it: an embedding's indices become one-hot rows (in ``dtype``, by
+    default float32), so that it is a linear layer on [..., rows] inputs; any other layer's input as it is."""
+    if layer.kind != "embedding":
+        return a
+    return torch.nn.functional.one_hot(a.long(), layer.in_features).to(dtype or torch.float32)
+
+
 class CaptureError(KronographError):
     """The executed program does not fit the LayerPlan (extra calls, a layout mismatch, a stale input)."""
 
@@ -103,6 +112,7 @@ _LINEAR = {torch.nn.functional.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
+_EMBEDDING = {torch.nn.functional.embedding}
 _TRANSPOSE_METHODS = {torch.Tensor.t}
 _TRANSPOSE_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)
 
@@ -211,6 +221,8 @@ class Capture(TorchFunctionMode):
             self._addmm(args, kwargs, result)
         elif func in _CONV:
             self._conv(args, kwargs, result)
+        elif func in _EMBEDDING:
+            self._embedding(args, kwargs, result)
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight[id(args[0])])
         return result
@@ -300,6 +312,18 @@ class Capture(TorchFunctionMode):
             )
         self._record(layer, _arg(args, kwargs, 0, "input"), result, geometry)
 
+    def _embedding(self, args: tuple, kwargs: dict, result: Any) -> None:
+        """F.embedding(indices, table): a site with one-hot rows. A call that renormalises the table in place
+        (max_norm), scales its gradient by frequency or makes it sparse is not the plan's linear map: unrecorded,
+        the layer then steps as an unmatched parameter."""
+        layer, _ = self._find(_arg(args, kwargs, 1, "weight"))
+        if layer is None or layer.kind != "embedding":
+            return
+        if (_arg(args, kwargs, 3, "max_norm") is not None or _arg(args, kwargs, 5, "scale_grad_by_freq", False)
+                or _arg(args, kwargs, 6, "sparse", False)):
+            return
+        self._record(layer, _arg(args, kwargs, 0, "input"), result, None)
+
     def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None) -> None:
         if not torch.is_grad_enabled():
             return  # no backward will reach it: nothing to learn from this call
@@ -311,7 +335,7 @@ class Capture(TorchFunctionMode):
                 f"{len(layer.sites)} site(s): the forward differs from the traced one; recompile with inputs that "
                 "take the same path, or capture with strict=False to pool the extra calls"
             )
-        a = a.detach()
+        a = layer_input(layer, a.detach(), output.dtype if isinstance(output, torch.Tensor) else None)
         record = SiteRecord(layer.name, len(sites), a, output, geometry, a_version=a._version)
         sites.append(record)
         if self.hooks and isinstance(output, torch.Tensor) and output.requires_grad:

@@ -47,7 +47,7 @@ def check_chain(layers: Sequence[Layer]) -> None:
     """Raise UnsupportedChainError unless every layer is an ungrouped linear with a single site: the
     cross-moments pair one input row of a layer with one input row of the next, per example."""
     for layer in layers:
-        if layer.kind != "linear" or layer.groups != 1:
+        if layer.kind not in ("linear", "embedding") or layer.groups != 1:
             raise UnsupportedChainError(
                 f"layer {layer.name!r} ({layer.kind}): the block-tridiagonal inverse supports linear layers only; "
                 "use the block-diagonal inverse for models with convolutions"

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ def _worker(rank: int, body: Callable[[int, int], Any], world: int, out: str) ->
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.save(body(rank, world), Path(out) / f"rank{rank}.pt")
+    except KronographError:
+        raise
+    except Exception:
+        # Most likely a collective broken by a peer that raised and left: exit after it, so that the launcher
+        # (which reports the first rank to end) names the peer's own error, not this consequence of it.
+        time.sleep(2)
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""passes/match: find the linear and convolution layers of an ONNX graph and build the LayerPlan."""
+"""passes/match: find the linear, convolution and embedding layers of an ONNX graph and build the LayerPlan."""
 
 from __future__ import annotations
 

@@ -64,10 +64,12 @@ def verify(
             layer_node = sites[0].site.nodes[-1]
             reasons[weight] = (
                 f"shared: a layer at node '{layer_node}' uses it, but {_describe(extra[0], nodes)}; "
-                "a weight with a use that is not a linear or convolution layer gets no Kronecker block"
+                "a weight with a use that is not a linear, convolution or embedding layer gets no Kronecker block"
             )
         elif len({_signature(site) for site in sites}) > 1:
-            reasons[weight] = f"shared by {len(sites)} layers that differ in kind, layout, bias or geometry"
+            uses_of = ", ".join(f"{site.kind} at {node_label(nodes[site.site.nodes[-1]])}" for site in sites)
+            reasons[weight] = (f"shared: {len(sites)} layer sites that differ in kind, layout, bias or geometry "
+                               f"({uses_of}); a weight gets a Kronecker block only when all its uses are alike")
         elif weight in {site.bias.name for group in by_weight.values() for site in group if site.bias}:
             reasons[weight] = "used both as a weight and as a bias"
         else:
@@ -104,7 +106,7 @@ def verify(
                 f"bias of a layer whose weight '{weight}' gets no Kronecker block (see that weight's reason)"
             )
         else:
-            reasons[name] = f"not a linear or convolution weight: {_describe(sorted(found)[0], nodes)}"
+            reasons[name] = f"not a linear, convolution or embedding weight: {_describe(sorted(found)[0], nodes)}"
     return Verdict(accepted=accepted, reasons=reasons)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kronograph.runtime.capture import SiteRecord
+from kronograph.runtime.capture import SiteRecord, layer_input
 from kronograph.runtime.engines.torch import GradientPass, Records
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.quadratic import difference_products
@@ -98,7 +98,8 @@ class OnnxRuntimePasses:
         for (name, index), (a, g) in sorted(taps.items()):
             gradient = torch.from_numpy(np.asarray(g))
             records.setdefault(name, []).append(
-                SiteRecord(layer=name, index=index, a=torch.from_numpy(np.asarray(a)), output=None,
+                SiteRecord(layer=name, index=index, a=layer_input(self.layers[name], torch.from_numpy(np.asarray(a))),
+                           output=None,
                            geometry=self.layers[name].geometry, g=gradient * scale if scale != 1 else gradient)
             )
         return records

@@ -1,0 +1,50 @@
+"""Embedding tables: Gather(table, indices) on a 2-D parameter, the indices a data input of the graph.
+
+An embedding is a linear layer whose input is the one-hot vector of the index: s = W^T e_k with W the [rows,
+dim] table, so its block has A = E[e_k e_k^T] (diagonal: how often each row is read) and G as for any linear
+layer, in the table's own [in, out] layout. The runtime gives its statistics one-hot rows
+(``capture.layer_input``). A is kept dense, so only tables of up to ``MAX_EMBEDDING_ROWS`` rows get a block
+(character and categorical vocabularies); a word vocabulary stays unmatched. Indices computed inside the graph
+(position ids from a buffer, expanded over the batch) are not per-example rows and stay unmatched too.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from kronograph.passes.graph import int_attr, trace_parameter
+from kronograph.passes.match.base import LayerMatch, MatchContext, source_location
+from kronograph.passes.plan import Site
+
+#: Largest table with a block: its dense A (rows x rows) is inverted with the other factors.
+MAX_EMBEDDING_ROWS = 1024
+_INDEX_STEPS = frozenset({"Identity", "Cast"})
+
+
+def _data_indices(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a graph input (per-example indices), seen through Identity and Cast."""
+    while value is not None:
+        producer = value.producer()
+        if producer is None:
+            return not value.is_initializer() and value.const_value is None
+        if producer.op_type not in _INDEX_STEPS or producer.domain not in ("", "ai.onnx"):
+            return False
+        value = producer.inputs[0]
+    return False
+
+
+def match_gather(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
+    """Gather along axis 0 of a [rows, dim] parameter (rows <= MAX_EMBEDDING_ROWS) at the graph's own indices."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or int_attr(node, "axis", 0) != 0:
+        return None
+    traced = trace_parameter(node.inputs[0], ctx.parameters)
+    if traced is None or traced.transposed or not _data_indices(node.inputs[1]):
+        return None
+    shape = ctx.shapes[traced.name]
+    if len(shape) != 2 or shape[0] > MAX_EMBEDDING_ROWS:
+        return None
+    module, call = source_location(node)
+    site = Site(activation=node.inputs[1].name, preactivation=node.outputs[0].name, nodes=(*traced.nodes, node.name),
+                module=module, call=call)
+    return LayerMatch(kind="embedding", weight=traced, bias=None, weight_layout="in_out", weight_shape=shape,
+                      in_features=shape[0], out_features=shape[1], site=site, weight_use=(node.name, 0), bias_use=None)

@@ -1,0 +1,106 @@
+"""nn.Embedding as a Kronecker block: a linear layer on one-hot rows (passes/match/embedding.py).
+
+The independent reference is the same model with the table as an explicit ``one_hot(t) @ W`` (a plain linear
+layer, whose K-FAC the dense-maths tests pin down): K-FAC must take the same steps on both, and the embedding's
+A must be the diagonal of how often each row was read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS
+
+ROWS, DIM = 12, 6
+
+
+class EmbeddingLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(ROWS, DIM)
+        self.fc = nn.Linear(DIM, ROWS)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.emb(tokens)))
+
+
+class OneHotLM(nn.Module):
+    """EmbeddingLM with the table applied as a linear layer on one-hot rows."""
+
+    def __init__(self, twin: EmbeddingLM) -> None:
+        super().__init__()
+        self.table = nn.Linear(ROWS, DIM, bias=False)
+        self.fc = nn.Linear(DIM, ROWS)
+        with torch.no_grad():
+            self.table.weight.copy_(twin.emb.weight.T)
+            self.fc.load_state_dict(twin.fc.state_dict())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.table(nn.functional.one_hot(tokens, ROWS).float())))
+
+
+def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, ROWS, (8, 5), generator=generator), torch.randint(0, ROWS, (8, 5), generator=generator))
+            for _ in range(count)]
+
+
+def test_an_embedding_table_is_a_layer_on_one_hot_rows_in_its_own_layout():
+    cm = kronograph.compile(EmbeddingLM(), (torch.randint(0, ROWS, (2, 5)),), loss="cross_entropy")
+    layer = cm.plan.layer("emb")
+    assert (layer.kind, layer.weight, layer.bias, layer.weight_layout) == ("embedding", "emb.weight", None, "in_out")
+    assert (layer.in_features, layer.out_features, layer.a_dim, layer.g_dim) == (ROWS, DIM, ROWS, DIM)
+    assert cm.unmatched == []
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_the_embeddings_a_is_the_diagonal_of_how_often_each_row_was_read(engine):
+    torch.manual_seed(0)
+    (x, y), = _batches(1)
+    cm = kronograph.compile(EmbeddingLM(), (x[:2],), loss="cross_entropy", engine=engine)
+    opt = kronograph.optim.KFAC(cm, seed=0)
+    opt.step(x, y)  # 40 tokens, below the statistics' floor of 64 terms: all 8 sequences, first EMA = the batch's
+    a = opt.blocks["emb"].a[0]
+    expected = torch.diag(torch.bincount(x.flatten(), minlength=ROWS).float() / len(x))  # summed over a sequence
+    torch.testing.assert_close(a, expected)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_kfac_steps_an_embedding_as_its_one_hot_linear_layer(preset):
+    torch.manual_seed(0)
+    model = EmbeddingLM()
+    twin = OneHotLM(model)
+    batches = _batches(6)
+    runs = []
+    for net in (model, twin):
+        cm = kronograph.compile(net, (batches[0][0][:2],), loss="cross_entropy")
+        opt = kronograph.optim.KFAC(cm, preset=preset, seed=0)
+        runs.append([opt.step(x, y)["loss"] for x, y in batches])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    torch.testing.assert_close(model.emb.weight, twin.table.weight.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.fc.weight, twin.fc.weight, rtol=1e-4, atol=1e-6)
+
+
+class Positions(nn.Module):
+    """A position table read at indices made inside the model: the same rows for every example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(5, DIM)
+        self.register_buffer("index", torch.arange(5))
+        self.fc = nn.Linear(DIM, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + self.pos(self.index))
+
+
+def test_tables_too_large_or_read_at_the_models_own_indices_stay_unmatched():
+    big = nn.Sequential(nn.Embedding(MAX_EMBEDDING_ROWS + 1, 4), nn.Linear(4, 3))
+    cm = kronograph.compile(big, (torch.randint(0, 10, (2, 5)),), loss="cross_entropy")
+    assert [layer.name for layer in cm.layers] == ["1"]
+    assert "Gather" in dict((u.name, u.reason) for u in cm.plan.unmatched)["0.weight"]
+    cm = kronograph.compile(Positions(), (torch.randn(2, 5, DIM),), loss="cross_entropy")
+    assert [layer.name for layer in cm.layers] == ["fc"] and cm.unmatched == ["pos.weight"]
