@@ -444,3 +444,23 @@ def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
         opt.engine.sampled_pass = spy
         assert math.isfinite(opt.step(x, torch.randint(0, 10, shape))["loss"])
     assert sizes == [4, 32]
+
+
+def test_the_quadratic_models_products_are_differences_where_the_model_calls_attention():
+    """fisher_products="auto": central differences for a transformer (forward mode would need attention's math
+    kernel), forward mode for an MLP and in the paper preset; the detecting forward leaves the RNG as it was."""
+    torch.manual_seed(0)
+    attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(), nn.Linear(32, 3))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
+    chosen = {}
+    for label, model, preset in (("attention", attention, "default"), ("mlp", mlp, "default"),
+                                 ("attention, paper", attention, "paper")):
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), preset=preset, seed=0)
+        assert opt.engine.resolved_products == (None if preset == "default" else "forward")  # auto: not yet decided
+        state = torch.get_rng_state()
+        assert opt.engine._calls_attention((x,)) == label.startswith("attention")
+        assert torch.equal(torch.get_rng_state(), state)
+        assert math.isfinite(opt.step(x, y)["loss"])
+        chosen[label] = opt.engine.resolved_products
+    assert chosen == {"attention": "differences", "mlp": "forward", "attention, paper": "forward"}

@@ -24,7 +24,7 @@ import torch
 
 from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
-from kronograph.runtime import sharded
+from kronograph.runtime import attention, sharded
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
@@ -56,10 +56,13 @@ class TorchEngine:
 
     def __init__(self, compiled: Any, loss: Loss, products: str = "forward", fsdp: bool = False) -> None:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
-        (central differences of two no-grad forwards a direction, which keep the fused attention kernels) or
-        "one-sided" (one no-grad forward a direction beside the shared forward at theta). ``fsdp``: the method
-        takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise one is refused."""
+        (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (differences
+        where the model calls attention, forward mode elsewhere; decided at the first call, ``resolved_products``).
+        ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
+        one is refused."""
         self.products = products
+        self.resolved_products: str | None = None if products == "auto" else products
         if compiled.module is None:
             raise KronographError("the torch engine trains an nn.Module; this CompiledModel has none")
         self.compiled, self.module, self.loss = compiled, compiled.module, loss
@@ -165,7 +168,9 @@ class TorchEngine:
         ``outputs``: the outputs at these weights on these inputs where the caller has them (the differences
         then skip that forward). Every forward of the differences draws the same random numbers (dropout's
         masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
-        if self.products == "forward":
+        if self.resolved_products is None:
+            self.resolved_products = "differences" if self._calls_attention(inputs) else "forward"
+        if self.resolved_products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
         randomness = _RandomState(self.device)
@@ -182,9 +187,20 @@ class TorchEngine:
                 for name, value in saved.items():  # bit for bit as before
                     theta[name].copy_(value)
 
-        scheme = "one-sided" if self.products == "one-sided" else "central"
+        scheme = "one-sided" if self.resolved_products == "one-sided" else "central"
         with torch.no_grad():
             return difference_products(forward_at, theta, directions, scheme, outputs)
+
+    def _calls_attention(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether the model's forward calls fused attention (one no-grad forward; buffers and the random
+        generators left as they were). Forward mode must run attention on its math kernel, 1.6x dearer on the
+        first-try suite's transformer, where central differences keep the fused one (BENCHMARKS.md)."""
+        randomness = _RandomState(self.device)
+        try:
+            with torch.no_grad(), preserved_buffers(self.module):
+                return attention.calls_attention(lambda: self.compiled.forward(*inputs))
+        finally:
+            randomness.replay()
 
     def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The outputs the loss is put on, at the current weights (no grad, buffers untouched)."""

@@ -13,7 +13,8 @@
   their mean; the paper's sec 10 invariance kept under damping), and the parameters outside every block
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
-  fits the mini-batch's noise (``signal_scaling``).
+  fits the mini-batch's noise (``signal_scaling``), and the quadratic model's products by central differences
+  where the model calls attention (forward mode needs attention's math kernel there).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -107,10 +108,12 @@ class KFACSettings:
                                        "shape) or gradient.", choices=("rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
-    fisher_products: str = setting("forward", "The quadratic model's J d: forward (forward mode, exact), "
-                                   "differences (central: two plain forwards a direction) or one-sided (one a "
-                                   "direction beside a shared forward; the cheapest).",
-                                   choices=("forward", "differences", "one-sided"))
+    fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
+                                   "differences (central: two plain forwards a direction), one-sided (one a "
+                                   "direction beside a shared forward; the cheapest) or auto (differences where "
+                                   "the model calls attention, whose fused kernels forward mode cannot use; "
+                                   "forward mode elsewhere).",
+                                   choices=("auto", "forward", "differences", "one-sided"))
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
     min_damping: float = setting(1e-8, "Floor of lambda.", low=0)
@@ -152,7 +155,7 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False,
-        unmatched_direction="gradient", signal_scaling=False,
+        unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
