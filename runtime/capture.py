@@ -58,12 +58,18 @@ from kronograph.runtime import attention, sharded
 from kronograph.runtime.patches import call_geometry
 
 
-def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None,
+                padding_idx: int | None = None) -> torch.Tensor:
     """A site's input as its statistics read it: an embedding's indices become one-hot rows (in ``dtype``, by
-    default float32), so that it is a linear layer on [..., rows] inputs; any other layer's input as it is."""
+    default float32), so that it is a linear layer on [..., rows] inputs; any other layer's input as it is.
+    The ``padding_idx`` row takes no gradient in torch (it is no parameter of the linear map): its column is
+    zero, so neither its count in A nor a gradient made from the rows (sec 8's low-rank products) moves it."""
     if layer.kind != "embedding":
         return a
-    return torch.nn.functional.one_hot(a.long(), layer.in_features).to(dtype or torch.float32)
+    rows = torch.nn.functional.one_hot(a.long(), layer.in_features).to(dtype or torch.float32)
+    if padding_idx is not None:
+        rows[..., padding_idx % layer.in_features] = 0
+    return rows
 
 
 class CaptureError(KronographError):
@@ -322,9 +328,10 @@ class Capture(TorchFunctionMode):
         if (_arg(args, kwargs, 3, "max_norm") is not None or _arg(args, kwargs, 5, "scale_grad_by_freq", False)
                 or _arg(args, kwargs, 6, "sparse", False)):
             return
-        self._record(layer, _arg(args, kwargs, 0, "input"), result, None)
+        self._record(layer, _arg(args, kwargs, 0, "input"), result, None, _arg(args, kwargs, 2, "padding_idx"))
 
-    def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None) -> None:
+    def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None,
+                padding_idx: int | None = None) -> None:
         if not torch.is_grad_enabled():
             return  # no backward will reach it: nothing to learn from this call
         sites = self.records.setdefault(layer.name, [])
@@ -335,7 +342,7 @@ class Capture(TorchFunctionMode):
                 f"{len(layer.sites)} site(s): the forward differs from the traced one; recompile with inputs that "
                 "take the same path, or capture with strict=False to pool the extra calls"
             )
-        a = layer_input(layer, a.detach(), output.dtype if isinstance(output, torch.Tensor) else None)
+        a = layer_input(layer, a.detach(), output.dtype if isinstance(output, torch.Tensor) else None, padding_idx)
         record = SiteRecord(layer.name, len(sites), a, output, geometry, a_version=a._version)
         sites.append(record)
         if self.hooks and isinstance(output, torch.Tensor) and output.requires_grad:

@@ -104,3 +104,20 @@ def test_tables_too_large_or_read_at_the_models_own_indices_stay_unmatched():
     assert "Gather" in dict((u.name, u.reason) for u in cm.plan.unmatched)["0.weight"]
     cm = kronograph.compile(Positions(), (torch.randn(2, 5, DIM),), loss="cross_entropy")
     assert [layer.name for layer in cm.layers] == ["fc"] and cm.unmatched == ["pos.weight"]
+
+
+def test_the_padding_row_is_no_parameter_of_the_block():
+    """torch gives nn.Embedding's padding_idx row no gradient; where sec 8's low-rank products rebuild the gradient
+    from the rows (300 x 200 table, 20 rows a batch) it must not move either, and A does not count it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 200, padding_idx=0), nn.Linear(200, 5))
+    x, y = torch.randint(0, 300, (4, 5)), torch.randint(0, 5, (4, 5))
+    x[:, 0] = 0
+    before = model[0].weight.detach().clone()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    for _ in range(3):
+        opt.step(x, y)
+    assert opt._rows  # the low-rank products ran
+    assert torch.equal(model[0].weight[0], before[0])
+    assert not torch.equal(model[0].weight[1:], before[1:])
+    assert opt.blocks["0"].a[0, 0, 0] == 0
