@@ -67,8 +67,8 @@ def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None,
     if layer.kind != "embedding":
         return a
     rows = torch.nn.functional.one_hot(a.long(), layer.in_features).to(dtype or torch.float32)
-    if padding_idx is not None:
-        rows[..., padding_idx % layer.in_features] = 0
+    if padding_idx is not None:  # out of place: the record checks the version of what it holds
+        rows = rows.index_fill(-1, torch.tensor([padding_idx % layer.in_features], device=rows.device), 0)
     return rows
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import kronograph
+from kronograph.cli.optimizers import make_optimizer
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS
 
 ROWS, DIM = 12, 6
@@ -121,3 +122,20 @@ def test_the_padding_row_is_no_parameter_of_the_block():
     assert torch.equal(model[0].weight[0], before[0])
     assert not torch.equal(model[0].weight[1:], before[1:])
     assert opt.blocks["0"].a[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("method", ["KFAC", "Adam"])
+def test_the_padding_row_stays_on_the_onnxruntime_engine_too(method):
+    """The ONNX export drops padding_idx, so onnxruntime's gradient of that row is not zero; the engine's passes zero
+    it, as torch does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(ROWS, DIM, padding_idx=2), nn.Linear(DIM, 5))
+    x, y = torch.randint(0, ROWS, (8, 5)), torch.randint(0, 5, (8, 5))
+    x[:, 0] = 2
+    cm = kronograph.compile(model, (x[:2],), loss="cross_entropy", engine="onnxruntime")
+    before = torch.as_tensor(cm.state_dict()["0.weight"]).clone()
+    opt = kronograph.optim.KFAC(cm, seed=0) if method == "KFAC" else make_optimizer("adam", cm, {}, seed=0)
+    for _ in range(3):
+        opt.step(x, y)
+    after = torch.as_tensor(cm.state_dict()["0.weight"])
+    assert torch.equal(after[2], before[2]) and not torch.equal(after, before)

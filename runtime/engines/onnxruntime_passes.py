@@ -41,6 +41,16 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _padding_rows(module: torch.nn.Module | None, names: Sequence[str]) -> dict[str, int]:
+    """Each nn.Embedding table's padding_idx row, by parameter name: torch gives that row no gradient, but the ONNX
+    export drops padding_idx, so onnxruntime's gradient has one, which these passes zero."""
+    if module is None:
+        return {}
+    rows = {f"{name}.weight" if name else "weight": table.padding_idx for name, table in module.named_modules()
+            if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None}
+    return {name: row for name, row in rows.items() if name in names}
+
+
 class OnnxRuntimePasses:
     """K-FAC's passes on ``compiled.onnxruntime()``, the OnnxRuntimeEngine holding the weights."""
 
@@ -54,6 +64,7 @@ class OnnxRuntimePasses:
         self.layers = {layer.name: layer for layer in compiled.layers}
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
+        self._padding = _padding_rows(compiled.module, list(self.parameters()))
 
     def stepping(self) -> contextlib.AbstractContextManager[None]:
         """The span of one optimizer step: nothing to set up on this engine."""
@@ -98,7 +109,8 @@ class OnnxRuntimePasses:
         for (name, index), (a, g) in sorted(taps.items()):
             gradient = torch.from_numpy(np.asarray(g))
             records.setdefault(name, []).append(
-                SiteRecord(layer=name, index=index, a=layer_input(self.layers[name], torch.from_numpy(np.asarray(a))),
+                SiteRecord(layer=name, index=index, a=layer_input(self.layers[name], torch.from_numpy(np.asarray(a)),
+                                                                  padding_idx=self._padding.get(self.layers[name].weight)),
                            output=None,
                            geometry=self.layers[name].geometry, g=gradient * scale if scale != 1 else gradient)
             )
@@ -109,6 +121,9 @@ class OnnxRuntimePasses:
         if result.outputs is not None:  # every step: a batch of another shape must not broadcast
             self.loss.check_targets(torch.from_numpy(result.outputs), targets)
         grads = {name: torch.from_numpy(np.asarray(result.gradients[name])) for name in self.parameters()}
+        for name, row in self._padding.items():
+            grads[name] = grads[name].clone()
+            grads[name][row] = 0
         return GradientPass(result.loss, grads, self._records(result.taps) if capture else None)
 
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
