@@ -58,7 +58,8 @@ class TorchEngine:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (differences
-        where the model calls attention, forward mode elsewhere; decided at the first call, ``resolved_products``).
+        where the model calls attention and its weights are float32 or float64, forward mode elsewhere; decided at
+        the first call, ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products
@@ -168,8 +169,9 @@ class TorchEngine:
         ``outputs``: the outputs at these weights on these inputs where the caller has them (the differences
         then skip that forward). Every forward of the differences draws the same random numbers (dropout's
         masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
-        if self.resolved_products is None:
-            self.resolved_products = "differences" if self._calls_attention(inputs) else "forward"
+        if self.resolved_products is None:  # "auto"; a half-precision weight cannot carry a difference's small shift
+            wide = all(p.dtype in (torch.float32, torch.float64) for p in self.params.values())
+            self.resolved_products = "differences" if wide and self._calls_attention(inputs) else "forward"
         if self.resolved_products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
