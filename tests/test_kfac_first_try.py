@@ -469,24 +469,3 @@ def test_the_quadratic_models_products_are_differences_where_the_model_calls_att
     half = copy.deepcopy(attention).to(torch.bfloat16)
     opt = kronograph.optim.KFAC(kronograph.compile(half, (x[:2].bfloat16(),), loss="cross_entropy"), seed=0)
     assert math.isfinite(opt.step(x.bfloat16(), y)["loss"]) and opt.engine.resolved_products == "forward"
-
-
-def test_lambdas_relative_floor_is_on_the_curvatures_scale_and_survives_a_resume():
-    """relative_min_damping: lambda never falls below that share of the dense Kronecker product's mean eigenvalue
-    at step 1, and a resumed optimizer keeps the floor (it is set at step 1, which a resume does not repeat)."""
-    model = mlp()
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
-                                relative_min_damping=0.25)
-    run = batches(30)
-    opt.step(*run[0])
-    dense = [torch.linalg.eigvalsh(torch.kron(b.a[0].double(), b.g[0].double())) for b in opt.blocks.values()]
-    scale = float(sum(eigenvalues.sum() for eigenvalues in dense)) / sum(len(eigenvalues) for eigenvalues in dense)
-    assert opt.min_damping == pytest.approx(0.25 * scale, rel=1e-5)
-    for x, y in run[1:20]:
-        assert opt.step(x, y)["damping"] >= opt.min_damping
-    state = copy.deepcopy(opt.state_dict())
-    fresh = kronograph.optim.KFAC(kronograph.compile(copy.deepcopy(model), (torch.randn(2, 5),), loss="cross_entropy"),
-                                  seed=0, relative_min_damping=0.25)
-    fresh.load_state_dict(state)
-    assert fresh.min_damping == opt.min_damping
-    assert [opt.step(x, y)["damping"] for x, y in run[20:]] == [fresh.step(x, y)["damping"] for x, y in run[20:]]

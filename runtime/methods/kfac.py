@@ -225,9 +225,6 @@ class KFAC:
             Every forward of a difference draws the same dropout masks. The onnxruntime engine always uses
             central differences.
         min_damping: floor of lambda.
-        relative_min_damping: with ``damping`` None, lambda's floor is also this times the curvature's mean
-            eigenvalue at step 1 (the scale lambda_0 is chosen on), so it does not depend on the loss's scale
-            (None: ``min_damping`` alone, the paper's).
         factor_dtype: dtype of factors and inverses, independent of the model's.
         communication_dtype: data-parallel: the dtype ("bfloat16", "float16", ...) the factors' all_reduce
             sends and sums (None: the factors' own); bfloat16 halves float32's bytes at a relative rounding of
@@ -505,8 +502,6 @@ class KFAC:
         scale = curvature_scale(self.blocks.values())
         if not math.isfinite(scale) or scale <= 0:
             scale = 1.0  # no layer has statistics yet (all unmatched, or every row refused)
-        if self.settings.relative_min_damping is not None:  # the floor on the same scale as lambda_0
-            self.min_damping = max(self.min_damping, self.settings.relative_min_damping * scale)
         self.damping = max(self.min_damping, self.settings.relative_damping * scale)
         if self.gamma is None:
             self.gamma = math.sqrt(self.damping + self.weight_decay)
@@ -813,7 +808,6 @@ class KFAC:
             "steps": self.steps,
             "stats_updates": self.stats_updates,
             "damping": self.damping,
-            "min_damping": self.min_damping,
             "gamma": self.gamma,
             "rejected": self.rejected,
             "streak": self.streak,
@@ -836,7 +830,6 @@ class KFAC:
         state = {key: value if key == "generator" else on_device(value, device) for key, value in state.items()}
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping = None if state["damping"] is None else float(state["damping"])
-        self.min_damping = float(state.get("min_damping", self.min_damping))
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
         self.rejected, self.streak = int(state.get("rejected", 0)), int(state.get("streak", 0))
         self.inverted_gamma = state.get("inverted_gamma")

@@ -117,8 +117,6 @@ class KFACSettings:
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
     min_damping: float = setting(1e-8, "Floor of lambda.", low=0)
-    relative_min_damping: float | None = setting(None, "Floor of lambda relative to the curvature's mean eigenvalue "
-                                                 "at step 1, when damping is auto (auto: min_damping alone).", low=0)
     factor_dtype: torch.dtype = setting(torch.float32, "dtype of factors and inverses.", cli=False)
     communication_dtype: str | None = setting(None, "dtype the factors are all-reduced in across data-parallel "
                                               "ranks: bfloat16 or float16 halve float32's bytes (auto: the factors' "
