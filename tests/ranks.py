@@ -1,5 +1,5 @@
-"""Distributed tests' processes: ``run_on_ranks`` spawns ``world`` CPU processes on gloo, each running
-``body(rank, world)`` and saving what it returns, and gives back every rank's result. One spawn per test module
+"""Distributed tests' processes: ``run_on_ranks`` forks ``world`` CPU processes on gloo, each running
+``body(rank, world)`` and saving what it returns, and gives back every rank's result. One launch per test module
 (process start-up and compile dominate the time); a hang fails the test after the group's timeout instead."""
 
 from __future__ import annotations

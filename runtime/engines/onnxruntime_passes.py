@@ -107,12 +107,12 @@ class OnnxRuntimePasses:
         """The taps as the SiteRecords a torch Capture gives (g multiplied by ``scale``)."""
         records: Records = {}
         for (name, index), (a, g) in sorted(taps.items()):
+            layer = self.layers[name]
             gradient = torch.from_numpy(np.asarray(g))
+            rows = layer_input(layer, torch.from_numpy(np.asarray(a)), padding_idx=self._padding.get(layer.weight))
             records.setdefault(name, []).append(
-                SiteRecord(layer=name, index=index, a=layer_input(self.layers[name], torch.from_numpy(np.asarray(a)),
-                                                                  padding_idx=self._padding.get(self.layers[name].weight)),
-                           output=None,
-                           geometry=self.layers[name].geometry, g=gradient * scale if scale != 1 else gradient)
+                SiteRecord(layer=name, index=index, a=rows, output=None, geometry=layer.geometry,
+                           g=gradient * scale if scale != 1 else gradient)
             )
         return records
 
