@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,17 @@ class Loss(ABC):
     @abstractmethod
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u_i^T H_i v_i for every example, shape [n]; u and v have the shape of ``outputs``."""
+
+    def curvature_gram_sum(self, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[k, k] matrix of sum_i t_a,i^T H_i t_b,i for the k tangents (each of the outputs' shape), in float64.
+        Each built-in loss writes H_i = diag(w) - q q^T and forms its root once for all the
+        pairs (the quadratic model's Gram; a pair at a time recomputed the softmax k(k+1)/2 times)."""
+        k = len(tangents)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=outputs.device)
+        for a in range(k):
+            for b in range(a, k):
+                gram[a, b] = gram[b, a] = self.curvature(outputs, tangents[a], tangents[b]).double().sum()
+        return gram
 
     @abstractmethod
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -135,6 +147,14 @@ class CrossEntropy(Loss):
         per_position = (p * u * v).sum(-1) - (p * u).sum(-1) * (p * v).sum(-1)
         return per_position.reshape(outputs.shape[0], -1).mean(dim=1)
 
+    def curvature_gram_sum(self, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        # H = (diag p - p p^T) / positions: t_a^T H t_b = <sqrt(p) t_a, sqrt(p) t_b> - sum of <p, t_a> <p, t_b>
+        p = torch.softmax(outputs.double(), dim=-1)
+        root = p.sqrt()
+        means = torch.stack([(p * t).sum(-1).reshape(-1) for t in tangents])
+        gram = _pairs([(root * t).reshape(-1) for t in tangents]) - means @ means.T
+        return gram / math.prod(outputs.shape[1:-1])
+
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise KronographError(
@@ -179,6 +199,11 @@ class SigmoidCrossEntropy(Loss):
         p = torch.sigmoid(outputs)
         return (p * (1 - p) * u * v).reshape(outputs.shape[0], -1).sum(dim=1)
 
+    def curvature_gram_sum(self, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        p = torch.sigmoid(outputs.double())
+        root = (p * (1 - p)).sqrt()
+        return _pairs([(root * t).reshape(-1) for t in tangents])
+
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         _same_shape(self.name, outputs, targets)
         low, high = _extremes(targets)
@@ -205,8 +230,22 @@ class MeanSquaredError(Loss):
     def curvature(self, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (u * v).reshape(outputs.shape[0], -1).sum(dim=1)
 
+    def curvature_gram_sum(self, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        return _pairs([t.reshape(-1) for t in tangents])
+
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         _same_shape(self.name, outputs, targets)
+
+
+def _pairs(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[k, k] matrix of the vectors' dot products in float64, each pair once (no [k, n] stack: an LM's outputs
+    are large)."""
+    k = len(vectors)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=vectors[0].device if k else None)
+    for a in range(k):
+        for b in range(a, k):
+            gram[a, b] = gram[b, a] = torch.dot(vectors[a].double(), vectors[b].double())
+    return gram
 
 
 def _extremes(targets: torch.Tensor) -> tuple[float, float]:

@@ -118,23 +118,15 @@ def difference_step(direction: Direction, sizes: Mapping[str, float]) -> float |
 
 def curvature_gram(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
     """[k, k] matrix of (J d_a)^T H (J d_b) averaged over the examples (float64): d_a^T F d_b."""
-    return _gram(loss, outputs, tangents, torch.mean)
+    return curvature_gram_sum(loss, outputs, tangents) / outputs.shape[0]
 
 
 def curvature_gram_sum(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
     """``curvature_gram`` summed over the examples instead of averaged: data-parallel ranks add up their
     examples' sums (one all_reduce) and divide by the sub-batch's size."""
-    return _gram(loss, outputs, tangents, torch.sum)
-
-
-def _gram(loss: Loss, outputs: torch.Tensor, tangents: Sequence[torch.Tensor],
-          reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    k = len(tangents)
-    gram = torch.zeros(k, k, dtype=torch.float64, device=outputs.device)
-    for a in range(k):
-        for b in range(a, k):
-            gram[a, b] = gram[b, a] = reduce(loss.curvature(outputs, tangents[a], tangents[b]).double())
-    return gram
+    if not tangents:
+        return torch.zeros(0, 0, dtype=torch.float64, device=outputs.device)
+    return loss.curvature_gram_sum(outputs, tangents)
 
 
 def fisher_gram(

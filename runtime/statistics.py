@@ -54,12 +54,18 @@ def on_device(state: Any, device: torch.device) -> Any:
 def subset(n: int, fraction: float, generator: torch.Generator, minimum: int = 1) -> torch.Tensor | None:
     """round(fraction * n) random examples out of n, but at least ``minimum`` (and one); None when that is
     the whole batch (no random draw is made then)."""
-    if fraction >= 1:
+    if whole_batch(n, fraction, minimum):
         return None
     m = max(1, int(minimum), int(round(fraction * n)))
-    if m >= n and minimum > 1:  # (minimum 1 keeps the paper preset's draws exactly as they always were)
-        return None
     return torch.randperm(n, generator=generator, device=generator.device)[:m]
+
+
+def whole_batch(n: int, fraction: float, minimum: int = 1) -> bool:
+    """Whether ``subset`` of a batch of n is the whole batch (known before any draw)."""
+    if fraction >= 1:
+        return True
+    # (minimum 1 keeps the paper preset's draws exactly as they always were)
+    return minimum > 1 and max(1, int(minimum), int(round(fraction * n))) >= n
 
 
 def statistics_due(step: int, every: int) -> bool:

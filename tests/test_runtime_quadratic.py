@@ -267,3 +267,25 @@ def test_differences_on_the_torch_engine_equal_the_explicit_jacobian_and_leave_t
     torch.testing.assert_close(outputs.double(), outputs_of(flat).detach().double(), rtol=1e-5, atol=1e-6)
     assert all(torch.equal(params[k].detach(), before[k]) for k in params)  # bit for bit
     assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
+def test_the_curvature_gram_is_every_pair_of_tangents_through_the_explicit_hessian(name, shape):
+    """Each loss's Gram (its Hessian's root formed once for all pairs) against sum_i t_a,i^T H_i t_b,i with
+    H_i from autograd, in float32 inputs too (the Gram is float64 either way)."""
+    torch.manual_seed(2)
+    loss = get_loss(name)
+    outputs = torch.randn(shape)
+    tangents = [torch.randn(shape) for _ in range(3)]
+    targets = _targets(name, outputs)
+    want = torch.zeros(3, 3)
+    for i in range(shape[0]):
+        hessian = torch.autograd.functional.hessian(
+            lambda s: loss.per_example(s.unsqueeze(0), targets[i : i + 1])[0], outputs[i]
+        ).reshape(outputs[i].numel(), -1)
+        rows = torch.stack([t[i].reshape(-1) for t in tangents])
+        want += rows @ hessian @ rows.T
+    assert torch.allclose(loss.curvature_gram_sum(outputs, tangents), want, atol=1e-10)
+    single = loss.curvature_gram_sum(outputs.float(), [t.float() for t in tangents])
+    assert single.dtype == torch.float64 and torch.allclose(single, want, rtol=1e-5, atol=1e-5)

@@ -116,7 +116,9 @@ class OnnxRuntimePasses:
             )
         return records
 
-    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
+    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool,
+                      keep_outputs: bool = False) -> GradientPass:
+        """The torch engine's ``gradient_pass``; the outputs are not kept (``keep_outputs`` is a hint)."""
         result = self.engine.forward_backward([_numpy(x) for x in inputs], _numpy(targets))
         if result.outputs is not None:  # every step: a batch of another shape must not broadcast
             self.loss.check_targets(torch.from_numpy(result.outputs), targets)

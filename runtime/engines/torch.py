@@ -42,11 +42,14 @@ class GradientPass:
         loss: the mean loss (no weight decay).
         grads: parameter name -> d loss / d parameter (zeros for a parameter the loss does not reach).
         records: the captured sites (a, and g = d loss/ds of the mean loss), or None when not asked.
+        outputs: the forward's outputs (detached) where asked and the forward drew no random numbers (the
+            outputs of a plain forward at these weights then), else None.
     """
 
     loss: float
     grads: dict[str, torch.Tensor]
     records: Records | None = None
+    outputs: torch.Tensor | None = None
 
 
 class TorchEngine:
@@ -124,9 +127,12 @@ class TorchEngine:
         if self.sharded is not None:
             self.sharded.copy_(values)
 
-    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool) -> GradientPass:
-        """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too."""
+    def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool,
+                      keep_outputs: bool = False) -> GradientPass:
+        """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too; with
+        ``keep_outputs`` the outputs, unless the forward drew random numbers (dropout)."""
         outside_compiled_code()  # KFAC.step inside a torch.compile'd function: our error, not dynamo's
+        randomness = _RandomState(self.device) if keep_outputs else None
         self.module.zero_grad(set_to_none=True)
         capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
         with capturing:
@@ -145,7 +151,8 @@ class TorchEngine:
         # The pass's gradients are returned, not left in .grad: an optimizer's later pass (a half batch, sampled
         # targets) would otherwise leave a gradient other than the step's there, and .grad's memory is freed.
         self.module.zero_grad(set_to_none=True)
-        return GradientPass(float(loss.detach()), grads, records)
+        kept = outputs.detach() if randomness is not None and not randomness.drawn() else None
+        return GradientPass(float(loss.detach()), grads, records, kept)
 
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
                      minimum: int = 1) -> tuple[Records, int]:
@@ -223,6 +230,12 @@ class _RandomState:
         self.device = device
         self.cpu = torch.get_rng_state()
         self.accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def drawn(self) -> bool:
+        """Whether a random number was drawn since (the generators' state moved)."""
+        if not torch.equal(torch.get_rng_state(), self.cpu):
+            return True
+        return self.accelerator is not None and not torch.equal(torch.cuda.get_rng_state(self.device), self.accelerator)
 
     def replay(self) -> None:
         torch.set_rng_state(self.cpu)

@@ -93,6 +93,7 @@ from kronograph.runtime.statistics import (
     on_device,
     statistics_due,
     subset,
+    whole_batch,
 )
 from kronograph.runtime.quadratic import curvature_gram, curvature_gram_sum, inner_tensor, solve_quadratic_model
 
@@ -324,6 +325,8 @@ class KFAC:
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
         self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
         self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
+        self._pass_outputs: torch.Tensor | None = None  # this step's gradient-pass outputs, where kept
+        self._outputs_split_free: bool | None = None  # whether they equal a whole-batch forward's (checked once)
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -572,6 +575,7 @@ class KFAC:
         fisher="empirical", whose statistics come from this same forward and backward)."""
         n = inputs[0].shape[0]
         low_rank = self._low_rank_possible(n)
+        keep = self._keep_outputs(n)
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
         halves = self.settings.signal_scaling and self.rescale and not capture
@@ -579,11 +583,12 @@ class KFAC:
             pieces = self._slice.halves(self._batch_norm) if halves else None
             result = self._gradient_across_ranks(inputs, y, capture, pieces)
         elif halves and n >= 4:  # halves of >= 2 (batch norm)
-            result = self._gradient_of_halves(inputs, y, low_rank)
+            result = self._gradient_of_halves(inputs, y, low_rank, keep)
         else:
-            result = self.engine.gradient_pass(inputs, y, capture=capture or low_rank)
+            result = self.engine.gradient_pass(inputs, y, capture=capture or low_rank, keep_outputs=keep)
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
+        self._pass_outputs = result.outputs
         grads: Direction = {}
         for name, param in self.engine.parameters().items():
             grad = result.grads[name]
@@ -602,15 +607,18 @@ class KFAC:
             total = square if total is None else total + square
         return 0.0 if total is None else float(total)
 
-    def _gradient_of_halves(self, inputs, y, low_rank: bool) -> GradientPass:
+    def _gradient_of_halves(self, inputs, y, low_rank: bool, keep_outputs: bool = False) -> GradientPass:
         """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
         one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
-        each half as a batch. With ``low_rank`` the halves' rows make this step's low-rank products."""
+        each half as a batch. With ``low_rank`` the halves' rows make this step's low-rank products; with
+        ``keep_outputs`` the halves' outputs, stacked, where both kept them."""
         n = inputs[0].shape[0]
         half = n // 2
         try:
-            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=low_rank)
-            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=low_rank)
+            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=low_rank,
+                                              keep_outputs=keep_outputs)
+            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=low_rank,
+                                               keep_outputs=keep_outputs)
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
             result = self.engine.gradient_pass(inputs, y, capture=low_rank)
             if low_rank:
@@ -622,7 +630,9 @@ class KFAC:
                 self.curvature.blocks, [(first.records, half), (second.records, n - half)], [(w, 1 - w), (0.5, -0.5)])
         grads = {name: w * first.grads[name] + (1 - w) * second.grads[name] for name in first.grads}
         self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
-        return GradientPass(w * first.loss + (1 - w) * second.loss, grads)
+        outputs = (torch.cat([first.outputs, second.outputs])
+                   if first.outputs is not None and second.outputs is not None else None)
+        return GradientPass(w * first.loss + (1 - w) * second.loss, grads, outputs=outputs)
 
     def _gradient_across_ranks(self, inputs, y, capture: bool, pieces: tuple[int, int] | None) -> GradientPass:
         """Data-parallel: the global batch's loss and gradient (and with ``pieces`` the halves' difference of
@@ -678,6 +688,29 @@ class KFAC:
         """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]."""
         total, cross = self.signal
         return min(1.0, max(0.0, cross / total))
+
+    def _keep_outputs(self, n: int) -> bool:
+        """Whether the gradient pass keeps its outputs for the quadratic model: they are the outputs at theta
+        that central differences need beside their shifted forwards (one no-grad forward a step saved, 1/7 of the
+        products on the first-try transformer), where the products are differences on the whole batch and the
+        outputs have not been found to depend on how the batch is split (``_reusable_outputs``)."""
+        return (self._slice is None and self._outputs_split_free is not False
+                and getattr(self.engine, "resolved_products", None) == "differences"
+                and whole_batch(n, self.qmodel_fraction, self.settings.min_qmodel_examples))
+
+    def _reusable_outputs(self, inputs) -> torch.Tensor | None:
+        """This step's gradient-pass outputs where the quadratic model may use them for a forward at theta on
+        ``inputs`` (the whole batch). The first time, a plain forward checks that they agree to rounding: a
+        model whose outputs couple the examples (batch norm in training mode) gives other outputs on the halves
+        than on the batch, and its outputs are then never kept again."""
+        kept, self._pass_outputs = self._pass_outputs, None
+        if kept is None or self._outputs_split_free:
+            return kept
+        fresh = self.engine.outputs(inputs)
+        if torch.isfinite(fresh).all():  # (non-finite outputs decide nothing: this step's products refuse them)
+            self._outputs_split_free = bool(
+                fresh.shape == kept.shape and (fresh - kept).abs().max() <= 1e-4 * fresh.abs().max())
+        return kept if self._outputs_split_free else fresh
 
     def _low_rank_possible(self, n: int) -> bool:
         """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
@@ -778,7 +811,8 @@ class KFAC:
             local = torch.zeros(len(directions), len(directions), dtype=torch.float64, device=self.engine.device)
         else:
             if "outputs" not in cache:  # the first candidate: every direction in one pass
-                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions)
+                reused = self._reusable_outputs(inputs) if cache["inputs"] is inputs else None
+                outputs, tangents = self.engine.output_tangents(cache["inputs"], directions, reused)
                 cache["outputs"], cache["shared"] = outputs, tangents[1:]  # shared by the other gamma candidates
             else:
                 outputs, tangents = self.engine.output_tangents(cache["inputs"], directions[:1], cache["outputs"])
