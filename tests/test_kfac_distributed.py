@@ -111,7 +111,27 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
                               refusal(lambda: kronograph.optim.KFAC(cm, structure="tridiagonal"))]
         results["failure"] = failed_inversion(cm.layers, world)
         results["branch"] = branch_on_one_rank(rank, world)
+    results["embedding"] = embedding_blocks(rank, world)
     return results
+
+
+def embedding_blocks(rank: int, world: int) -> dict:
+    """KFAC (default preset) on a model whose nn.Embedding (with a padding row) is a Kronecker block: its one-hot
+    rows fold into the all-reduced factors like any linear layer's, so each rank's half of every batch gives the
+    single process's run on the whole batches."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(12, 5, padding_idx=0), nn.Tanh(), nn.Flatten(), nn.Linear(20, CLASSES))
+    tokens = torch.randint(0, 12, (STEPS, BATCH, 4))
+    labels = tokens[..., 0] % CLASSES  # learnable from the first position's row
+    cm = kronograph.compile(model, (tokens[0][:2],), loss="cross_entropy")
+    opt = kronograph.optim.KFAC(cm, seed=0)
+    infos = []
+    for x, y in zip(tokens, labels):
+        info = opt.step(x.chunk(world)[rank], y.chunk(world)[rank])
+        assert "skipped" not in info, info
+        infos.append({"loss": info["loss"]})
+    return {"params": copy.deepcopy(model.state_dict()), "infos": infos,
+            "kinds": sorted(layer.kind for layer in cm.layers)}
 
 
 class Branching(nn.Module):
@@ -327,3 +347,13 @@ def test_an_exception_on_one_rank_ends_the_python_api_run_with_that_error_instea
     with pytest.raises(ProcessRaisedException, match="KronographError"):
         run_on_ranks(one_rank_fails, WORLD, tmp_path)
     assert time.monotonic() - start < 40
+
+
+def test_an_embedding_block_trains_data_parallel_as_in_one_process(ranks, single_process):
+    first, second = (r["embedding"] for r in ranks)
+    assert first["kinds"] == ["embedding", "linear"]
+    for key, value in single_process["embedding"]["params"].items():
+        assert torch.equal(first["params"][key], second["params"][key]), key
+        error = (first["params"][key] - value).abs().max() / value.abs().max()
+        assert error < 2e-5, (key, float(error))
+    assert torch.equal(first["params"]["0.weight"][0], torch.zeros(5))  # the padding row never moves
