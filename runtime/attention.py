@@ -23,11 +23,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 MULTI_HEAD_ATTENTION = F.multi_head_attention_forward
-#: The attention functions with fused kernels that forward-mode differentiation cannot use (it needs the math one).
-FUSED_ATTENTION = frozenset({MULTI_HEAD_ATTENTION, F.scaled_dot_product_attention})
 _SIGNATURE = inspect.signature(MULTI_HEAD_ATTENTION)
 _HELPERS = ("_canonical_mask", "_none_or_dtype", "_mha_shape_check", "_check_key_padding_mask")
 
@@ -187,23 +184,3 @@ def multi_head_attention(call: dict[str, Any], project: Project) -> tuple[torch.
         return output, None
     weights = weights.view(bsz, num_heads, tgt_len, src_len)
     return output, weights.mean(dim=1) if call["average_attn_weights"] else weights
-
-
-class _AttentionSpy(TorchFunctionMode):
-    """Notes whether any function of FUSED_ATTENTION is called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.seen = self.seen or func in FUSED_ATTENTION
-        return func(*args, **(kwargs or {}))
-
-
-def calls_attention(forward: Callable[[], Any]) -> bool:
-    """Whether ``forward()`` calls scaled-dot-product or multi-head attention (nn.MultiheadAttention, the
-    Transformer layers, Hugging Face's sdpa attention)."""
-    with _AttentionSpy() as spy:
-        forward()
-    return spy.seen

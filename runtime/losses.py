@@ -57,9 +57,9 @@ class Loss(ABC):
         """u_i^T H_i v_i for every example, shape [n]; u and v have the shape of ``outputs``."""
 
     def curvature_gram_sum(self, outputs: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[k, k] matrix of sum_i t_a,i^T H_i t_b,i for the k tangents (each of the outputs' shape), in float64.
-        Each built-in loss writes H_i = diag(w) - q q^T and forms its root once for all the
-        pairs (the quadratic model's Gram; a pair at a time recomputed the softmax k(k+1)/2 times)."""
+        """[k, k] matrix of sum_i t_a,i^T H_i t_b,i for the k tangents (each of the outputs' shape), in float64:
+        the quadratic model's Gram. Here a pair at a time through ``curvature``; each built-in loss writes
+        H_i = diag(w) - q q^T and forms its root once for all the pairs (one softmax, not k(k+1)/2)."""
         k = len(tangents)
         gram = torch.zeros(k, k, dtype=torch.float64, device=outputs.device)
         for a in range(k):

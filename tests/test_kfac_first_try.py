@@ -446,25 +446,33 @@ def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
     assert sizes == [4, 32]
 
 
-def test_the_quadratic_models_products_are_differences_where_the_model_calls_attention():
+def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dear():
     """fisher_products="auto": central differences for a transformer (forward mode would need attention's math
-    kernel), forward mode for an MLP, in the paper preset and in half precision; the detecting forward leaves the
-    RNG as it was."""
+    kernel) and for a net with batch norm in training mode (its tangent formula is dear), forward mode for an MLP,
+    for the batch-norm net in evaluation mode, and in the paper preset and in half precision; the detecting
+    forward leaves the RNG and the running statistics as they were."""
     torch.manual_seed(0)
     attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(), nn.Linear(32, 3))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    normed = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    frozen_norm = copy.deepcopy(normed).eval()
     x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
-    chosen = {}
+    chosen, seen = {}, {}
     for label, model, preset in (("attention", attention, "default"), ("mlp", mlp, "default"),
+                                 ("batch norm", normed, "default"), ("batch norm, eval", frozen_norm, "default"),
                                  ("attention, paper", attention, "paper")):
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), preset=preset, seed=0)
         assert opt.engine.resolved_products == (None if preset == "default" else "forward")  # auto: not yet decided
-        state = torch.get_rng_state()
-        assert opt.engine._calls_attention((x,)) == label.startswith("attention")
+        state, buffers = torch.get_rng_state(), [b.clone() for b in model.buffers()]
+        seen[label] = opt.engine._dear_for_forward_mode((x,))
         assert torch.equal(torch.get_rng_state(), state)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
         assert math.isfinite(opt.step(x, y)["loss"])
         chosen[label] = opt.engine.resolved_products
-    assert chosen == {"attention": "differences", "mlp": "forward", "attention, paper": "forward"}
+    assert seen == {"attention": "attention", "mlp": None, "batch norm": "batch norm in training mode",
+                    "batch norm, eval": None, "attention, paper": "attention"}
+    assert chosen == {"attention": "differences", "mlp": "forward", "batch norm": "differences",
+                      "batch norm, eval": "forward", "attention, paper": "forward"}
     # bfloat16 weights round a difference's relative shift of 3e-4 away: forward mode
     half = copy.deepcopy(attention).to(torch.bfloat16)
     opt = kronograph.optim.KFAC(kronograph.compile(half, (x[:2].bfloat16(),), loss="cross_entropy"), seed=0)

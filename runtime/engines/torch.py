@@ -24,7 +24,7 @@ import torch
 
 from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
-from kronograph.runtime import attention, sharded
+from kronograph.runtime import sharded, tangent_cost
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
@@ -61,8 +61,8 @@ class TorchEngine:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (differences
-        where the model calls attention and its weights are float32 or float64, forward mode elsewhere; decided at
-        the first call, ``resolved_products``).
+        where the model calls attention or batch norm in training mode, runtime/tangent_cost.py, and its weights are
+        float32 or float64, forward mode elsewhere; decided at the first call, ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products
@@ -178,7 +178,7 @@ class TorchEngine:
         masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
         if self.resolved_products is None:  # "auto"; a half-precision weight cannot carry a difference's small shift
             wide = all(p.dtype in (torch.float32, torch.float64) for p in self.params.values())
-            self.resolved_products = "differences" if wide and self._calls_attention(inputs) else "forward"
+            self.resolved_products = "differences" if wide and self._dear_for_forward_mode(inputs) else "forward"
         if self.resolved_products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
@@ -200,14 +200,14 @@ class TorchEngine:
         with torch.no_grad():
             return difference_products(forward_at, theta, directions, scheme, outputs)
 
-    def _calls_attention(self, inputs: Sequence[torch.Tensor]) -> bool:
-        """Whether the model's forward calls fused attention (one no-grad forward; buffers and the random
-        generators left as they were). Forward mode must run attention on its math kernel, 1.6x dearer on the
-        first-try suite's transformer, where central differences keep the fused one (BENCHMARKS.md)."""
+    def _dear_for_forward_mode(self, inputs: Sequence[torch.Tensor]) -> str | None:
+        """What the model's forward calls that makes forward-mode tangents dear (fused attention, batch norm in
+        training mode: runtime/tangent_cost.py), or None; one no-grad forward, buffers and the random generators
+        left as they were."""
         randomness = _RandomState(self.device)
         try:
             with torch.no_grad(), preserved_buffers(self.module):
-                return attention.calls_attention(lambda: self.compiled.forward(*inputs))
+                return tangent_cost.dear_for_forward_mode(lambda: self.compiled.forward(*inputs))
         finally:
             randomness.replay()
 

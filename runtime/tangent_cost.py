@@ -1,0 +1,55 @@
+"""Which functions make forward-mode tangents dear, for ``fisher_products="auto"`` (runtime/engines/torch.py).
+
+- Fused attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``): forward mode must run
+  attention on its math kernel, 1.6x dearer on the first-try suite's transformer.
+- Batch norm in training mode (``F.batch_norm`` with batch statistics): its tangent differentiates the batch's
+  mean and variance, a dozen elementwise passes over the activations for every direction: three directions cost
+  262 ms against a 20 ms forward on the first-try ResNet (central differences: 130 ms). In evaluation mode batch
+  norm is an affine map, cheap in forward mode.
+
+Plain forwards keep both cheap, so central differences (two forwards a direction) win where a model calls one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
+BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
+_TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
+
+
+def _batch_statistics(args: tuple, kwargs: dict) -> bool:
+    """Whether a batch_norm call normalises with the batch's own statistics (training mode)."""
+    training = kwargs["training"] if "training" in kwargs else args[_TRAINING] if len(args) > _TRAINING else False
+    return bool(training)
+
+
+class _Spy(TorchFunctionMode):
+    """Notes the first function called that makes forward-mode tangents dear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: str | None = None
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.seen is None:
+            if func in FUSED_ATTENTION:
+                self.seen = "attention"
+            elif func in BATCH_NORM and _batch_statistics(args, kwargs):
+                self.seen = "batch norm in training mode"
+        return func(*args, **kwargs)
+
+
+def dear_for_forward_mode(forward: Callable[[], Any]) -> str | None:
+    """What ``forward()`` calls that makes forward-mode tangents dear ("attention", "batch norm in training
+    mode"), or None (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa attention, nn.BatchNorm
+    in training mode are seen)."""
+    with _Spy() as spy:
+        forward()
+    return spy.seen
