@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,12 +60,8 @@ class Loss(ABC):
         """[k, k] matrix of sum_i t_a,i^T H_i t_b,i for the k tangents (each of the outputs' shape), in float64:
         the quadratic model's Gram. Here a pair at a time through ``curvature``; each built-in loss writes
         H_i = diag(w) - q q^T and forms its root once for all the pairs (one softmax, not k(k+1)/2)."""
-        k = len(tangents)
-        gram = torch.zeros(k, k, dtype=torch.float64, device=outputs.device)
-        for a in range(k):
-            for b in range(a, k):
-                gram[a, b] = gram[b, a] = self.curvature(outputs, tangents[a], tangents[b]).double().sum()
-        return gram
+        return _symmetric(len(tangents), lambda a, b: self.curvature(outputs, tangents[a], tangents[b]).double().sum(),
+                          outputs.device)
 
     @abstractmethod
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -237,15 +233,19 @@ class MeanSquaredError(Loss):
         _same_shape(self.name, outputs, targets)
 
 
-def _pairs(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[k, k] matrix of the vectors' dot products in float64, each pair once (no [k, n] stack: an LM's outputs
-    are large)."""
-    k = len(vectors)
-    gram = torch.zeros(k, k, dtype=torch.float64, device=vectors[0].device if k else None)
+def _symmetric(k: int, entry: Callable[[int, int], torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    """[k, k] float64 matrix whose (a, b) and (b, a) entries are ``entry(a, b)``, each pair computed once."""
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     for a in range(k):
         for b in range(a, k):
-            gram[a, b] = gram[b, a] = torch.dot(vectors[a].double(), vectors[b].double())
+            gram[a, b] = gram[b, a] = entry(a, b)
     return gram
+
+
+def _pairs(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[k, k] matrix of the vectors' dot products in float64 (no [k, n] stack: an LM's outputs are large)."""
+    return _symmetric(len(vectors), lambda a, b: torch.dot(vectors[a].double(), vectors[b].double()),
+                      vectors[0].device if vectors else None)
 
 
 def _extremes(targets: torch.Tensor) -> tuple[float, float]:
