@@ -21,12 +21,12 @@ import torch
 import kronograph
 from kronograph.runtime.losses import get_loss
 
-from first_try import problems
+from first_try import all_problems
 
 
 def run(name: str, steps: int, label: str, options: dict, seed: int) -> dict:
     """One variant from the seed's weights on the seed's batches."""
-    problem = problems()[name]()
+    problem = all_problems()[name]()
     loss = get_loss(problem.loss)
     sample = torch.randperm(len(problem.x), generator=torch.Generator().manual_seed(0))[:1000]
     torch.manual_seed(seed)

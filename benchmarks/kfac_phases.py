@@ -22,19 +22,19 @@ import kronograph
 from kronograph.runtime.losses import get_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from first_try import problems  # noqa: E402
+from first_try import all_problems  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("problem", choices=sorted(problems()))
+    parser.add_argument("problem", choices=sorted(all_problems()))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warm-up", type=int, default=30)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    problem = problems()[args.problem]()
+    problem = all_problems()[args.problem]()
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(len(problem.x), (problem.batch,), generator=generator)
                for _ in range(args.warm_up + args.steps)]
