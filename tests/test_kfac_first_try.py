@@ -517,3 +517,32 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     assert dropped.engine.gradient_pass((x,), y, capture=False, keep_outputs=True).outputs is None
     normed, _, _ = run(model(norm=True))
     assert normed._outputs_split_free is False
+
+
+@pytest.mark.parametrize("layer", ["dropout", "batch_norm"])
+def test_h_after_a_step_is_measured_with_the_gradient_passes_masks_and_parts(layer):
+    """rho and the undo rule compare h after the step with h before it, which the gradient passes measured on
+    the batch's halves with their own dropout masks (batch norm: each half's statistics). A step too small to
+    move a float32 weight (lr = 1e-30) must find h exactly where it was: the same masks and parts, and the global
+    generators left where they were. (A fresh whole-batch forward drew new masks: its h differed by the masks'
+    noise, which undid every step of a dropout net once its loss was small.)"""
+    torch.manual_seed(0)
+    middle = nn.Dropout(0.5) if layer == "dropout" else nn.BatchNorm1d(16)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), middle, nn.Linear(16, 3))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(4, 5),), loss="cross_entropy"), lr=1e-30,
+                                seed=0)
+    measured = []
+    objective = opt._objective
+
+    def spy(inputs, y):
+        state = torch.get_rng_state()
+        value = objective(inputs, y)
+        assert torch.equal(torch.get_rng_state(), state)
+        measured.append(value)
+        return value
+
+    opt._objective = spy
+    for x, y in batches(6, n=30):
+        info = opt.step(x, y)
+        assert measured[-1] == pytest.approx(info["loss"], rel=1e-6, abs=0)
+    assert opt.rejected == 0 and len(measured) == 6

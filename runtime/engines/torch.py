@@ -216,6 +216,11 @@ class TorchEngine:
         with torch.no_grad(), preserved_buffers(self.module):
             return self.compiled.forward(*inputs).detach()
 
+    def random_state(self) -> _RandomState:
+        """The global generators' state now; its ``replay`` makes the next forwards draw the same random numbers
+        (dropout's masks) again, its ``drawn`` says whether any were drawn since."""
+        return _RandomState(self.device)
+
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
         with torch.no_grad(), preserved_buffers(self.module):

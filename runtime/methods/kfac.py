@@ -328,6 +328,12 @@ class KFAC:
         self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
         self._pass_outputs: torch.Tensor | None = None  # this step's gradient-pass outputs, where kept
         self._outputs_split_free: bool | None = None  # whether they equal a whole-batch forward's (checked once)
+        # How this step's h was measured: the (start, stop, weight) parts of the batch the gradient passes took, and
+        # the generators' state before them where they drew random numbers (dropout), for h after the step.
+        self._parts: list[tuple[int, int, float]] = []
+        self._randomness: Any = None
+        self._has_batch_norm = self.module is not None and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -580,6 +586,8 @@ class KFAC:
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
         halves = self.settings.signal_scaling and self.rescale and not capture
+        randomness = self.engine.random_state() if hasattr(self.engine, "random_state") else None
+        self._parts = [(0, n, 1.0 if self._slice is None else self._slice.weight)]
         if self._slice is not None:
             pieces = self._slice.halves(self._batch_norm) if halves else None
             result = self._gradient_across_ranks(inputs, y, capture, pieces)
@@ -590,6 +598,7 @@ class KFAC:
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         self._pass_outputs = result.outputs
+        self._randomness = randomness if randomness is not None and randomness.drawn() else None
         grads: Direction = {}
         for name, param in self.engine.parameters().items():
             grad = result.grads[name]
@@ -626,6 +635,7 @@ class KFAC:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
             return result
         w = half / n
+        self._parts = [(0, half, w), (half, n, 1 - w)]
         if low_rank:
             self._rows, self._difference_rows = low_rank_rows_of_parts(
                 self.curvature.blocks, [(first.records, half), (second.records, n - half)], [(w, 1 - w), (0.5, -0.5)])
@@ -650,6 +660,7 @@ class KFAC:
             shares = [(count / total, 0.5 * count * sign,
                        self.engine.gradient_pass(tuple(t[start:stop] for t in inputs), y[start:stop], capture=False))
                       for start, stop, sign in bounds if (count := stop - start)]
+            self._parts = [(start, stop, (stop - start) / total) for start, stop, _ in bounds if stop > start]
         names = list(self.engine.parameters())
         loss = torch.tensor(sum(weight * result.loss for weight, _, result in shares), device=self.engine.device)
         grads = [sum(weight * result.grads[name] for weight, _, result in shares) for name in names]
@@ -721,9 +732,26 @@ class KFAC:
         return any(low_rank_pays(block.layer, n) for block in self.curvature.blocks.values())
 
     def _objective(self, inputs, y) -> float:
-        value = self.engine.loss_value(inputs, y)
-        if self._slice is not None:
-            value = self._slice.mean(value)
+        """h at the current weights on this step's batch, measured as the gradient passes measured it: where they
+        drew random numbers (dropout), with the same ones on the same parts of the batch, and where batch norm
+        normalised each part on its own, on those parts; otherwise by one forward. A step's rise of h is then
+        the step's own, not a new dropout mask's or batch statistics' (which undid every step of a dropout net
+        once its loss was small)."""
+        parts = self._parts
+        if self._randomness is None and not (self._has_batch_norm and len(parts) > 1):
+            value = self.engine.loss_value(inputs, y)
+            if self._slice is not None:
+                value = self._slice.mean(value)
+        else:
+            now = self.engine.random_state()
+            if self._randomness is not None:
+                self._randomness.replay()
+            try:
+                value = sum(w * self.engine.loss_value(tuple(t[a:b] for t in inputs), y[a:b]) for a, b, w in parts)
+            finally:
+                now.replay()  # the generators go on from where they were: this evaluation draws nothing for later
+            if self._slice is not None:
+                value = float(self._slice.sum([torch.tensor(value, dtype=torch.float64, device=self.engine.device)])[0])
         if self.weight_decay:
             value += 0.5 * self.weight_decay * self._squared_norm()
         return value
