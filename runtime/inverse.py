@@ -87,6 +87,18 @@ def safe_damped(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.T
     return safe, damping, finite
 
 
+def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float) -> torch.Tensor:
+    """[groups] the damping of factors m, at least ``floor`` times m's mean eigenvalue tr(m) / dim (a group whose
+    trace is not positive and finite keeps its damping). With gamma a thousandth of a factor's scale or less,
+    its inverse amplifies directions the batch barely saw (steps that fit one batch and undo the others), and
+    at the factor's float32 rounding its Cholesky fails (an output layer's G has an exact null vector)."""
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
+    if not floor:
+        return damping
+    mean = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1) / m.shape[-1]
+    return torch.maximum(damping, floor * torch.where(torch.isfinite(mean) & (mean > 0), mean, 0.0))
+
+
 def damping_inverse(damping: torch.Tensor) -> torch.Tensor:
     """[groups] 1/damping (1 where damping is 0): the scale of the identity a failed group's inverse becomes."""
     tiny = torch.finfo(damping.dtype).tiny
@@ -216,6 +228,7 @@ def factored_inverses(
     name: str = "",
     centered: bool = False,
     knob: str = "factor_damping",
+    floor: float = 0.0,
 ) -> DampedInverses:
     """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure.
 
@@ -223,16 +236,17 @@ def factored_inverses(
     centred on the mean input, (A + pi gamma T T^T)^-1 (``centered_damped_inverse``), with pi from the
     centred factor's trace, so that inputs far from zero mean (sigmoid units near 1/2) do not hide their
     variation under a damping sized by their mean. ``knob`` is the caller's name for gamma, which a failure's
-    warning tells the user to raise (KFAC's ``factor_damping``, KFACPreconditioner's ``damping``).
+    warning tells the user to raise (KFAC's ``factor_damping``, KFACPreconditioner's ``damping``). ``floor``:
+    each factor's damping is at least this fraction of its mean eigenvalue (``floored``).
     """
     split = centered_factor(a) if centered else None
     if split is not None:
         pi = trace_pi(split[0], g)
-        a_inv, a_failed = centered_damped_inverse(split[0], split[1], pi * gamma)
+        a_inv, a_failed = centered_damped_inverse(split[0], split[1], floored(split[0], pi * gamma, floor))
     else:
         pi = trace_pi(a, g)
-        a_inv, a_failed = damped_inverse(a, pi * gamma, None if previous is None else previous.a_inv)
-    g_inv, g_failed = damped_inverse(g, gamma / pi, None if previous is None else previous.g_inv)
+        a_inv, a_failed = damped_inverse(a, floored(a, pi * gamma, floor), None if previous is None else previous.a_inv)
+    g_inv, g_failed = damped_inverse(g, floored(g, gamma / pi, floor), None if previous is None else previous.g_inv)
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole

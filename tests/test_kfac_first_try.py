@@ -286,7 +286,7 @@ def test_paper_preset_has_the_papers_settings():
     assert settings.lm_acceleration == 1 and not settings.reject_steps and settings.refresh_ratio is None
     assert settings.min_stats_examples == 1 and settings.min_qmodel_examples == 1
     assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
-    assert settings.max_momentum is None
+    assert settings.max_momentum is None and settings.factor_damping_floor == 0 and opt.curvature.floor == 0
     assert settings.unmatched_direction == "gradient"
 
 
@@ -546,3 +546,21 @@ def test_h_after_a_step_is_measured_with_the_gradient_passes_masks_and_parts(lay
         info = opt.step(x, y)
         assert measured[-1] == pytest.approx(info["loss"], rel=1e-6, abs=0)
     assert opt.rejected == 0 and len(measured) == 6
+
+
+def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale():
+    """With gamma far below the factors' scale (1e-12), the inverses a default step uses are those of each factor
+    damped by a thousandth of its mean eigenvalue (dense inverses of the block's own factors)."""
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
+                                adapt_gamma=False, factor_damping=1e-12, centered_damping=False)
+    assert opt.settings.factor_damping_floor == 1e-3
+    for x, y in batches(2):
+        opt.step(x, y)
+    for block in opt.curvature.blocks.values():
+        a, g = block.a[0].double(), block.g[0].double()
+        damp_a, damp_g = 1e-3 * float(a.trace()) / len(a), 1e-3 * float(g.trace()) / len(g)
+        torch.testing.assert_close(block.inverses.a_inv[0].double(), torch.linalg.inv(a + damp_a * torch.eye(len(a),
+                                   dtype=a.dtype)), rtol=1e-4, atol=0)
+        torch.testing.assert_close(block.inverses.g_inv[0].double(), torch.linalg.inv(g + damp_g * torch.eye(len(g),
+                                   dtype=g.dtype)), rtol=1e-4, atol=0)

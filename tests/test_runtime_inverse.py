@@ -219,3 +219,48 @@ def test_centered_damping_keeps_kfac_invariant_to_a_shift_of_the_inputs():
         same = (torch.allclose(shifted[:, :-1], plain[:, :-1], atol=1e-10)
                 and torch.allclose(shifted[:, -1], plain[:, -1] - plain[:, :-1] @ shift, atol=1e-10))
         assert same == centered
+
+
+def test_a_factors_damping_never_falls_below_its_floor_against_dense_inverses():
+    """With ``floor`` each factor is damped by max(pi gamma, floor tr A / dim A) and max(gamma / pi, floor tr G /
+    dim G), per group; a damping above the floor is left as it is. Checked against dense inverses of
+    the damped factors, float64, with pi from the traces."""
+    from kronograph.runtime.inverse import factored_inverses
+
+    generator = torch.Generator().manual_seed(3)
+    a, g = spd(2, 5, generator), spd(2, 3, generator)
+    g[1] *= 1e-6  # one group's G at another scale: its floor is its own
+    for gamma in (1e-9, 10.0):
+        inverses = factored_inverses(a, g, gamma, floor=1e-3)
+        for k in range(2):
+            mean_a, mean_g = float(a[k].trace()) / 5, float(g[k].trace()) / 3
+            pi = math.sqrt(mean_a / mean_g)
+            damp_a, damp_g = max(pi * gamma, 1e-3 * mean_a), max(gamma / pi, 1e-3 * mean_g)
+            assert torch.allclose(inverses.a_inv[k], torch.linalg.inv(a[k] + damp_a * torch.eye(5, dtype=a.dtype)),
+                                  rtol=1e-9, atol=0)
+            assert torch.allclose(inverses.g_inv[k], torch.linalg.inv(g[k] + damp_g * torch.eye(3, dtype=g.dtype)),
+                                  rtol=1e-9, atol=0)
+    unfloored = factored_inverses(a, g, 10.0)
+    assert torch.equal(unfloored.a_inv, factored_inverses(a, g, 10.0, floor=1e-3).a_inv)  # above it: untouched
+
+
+def test_the_floor_keeps_a_singular_output_factor_invertible_in_float32():
+    """A softmax output layer's G has an exact null vector (the ones: each row of p - onehot sums to 0), which
+    float32 rounding turns slightly negative; with gamma at 1e-12 of its scale its Cholesky fails (the previous
+    inverse is kept, with a warning), the floor keeps it positive definite."""
+    from kronograph.runtime.inverse import factored_inverses
+
+    torch.manual_seed(0)
+    logits = torch.randn(500, 10) * 3
+    rows = torch.softmax(logits, 1) - torch.nn.functional.one_hot(torch.randint(0, 10, (500,)), 10).float()
+    g = (rows.T @ rows / 500)[None]
+    x = torch.randn(500, 6)
+    a = (x.T @ x / 500)[None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        factored_inverses(a, g, 1e-12 * float(g.diagonal(dim1=1, dim2=2).mean()))
+        assert any(issubclass(w.category, InverseWarning) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InverseWarning)
+        inverses = factored_inverses(a, g, 1e-12 * float(g.diagonal(dim1=1, dim2=2).mean()), floor=1e-3)
+    assert inverses.ok and torch.isfinite(inverses.g_inv).all()

@@ -203,6 +203,11 @@ class KFAC:
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
             instead of A + pi gamma I, pi from the centred trace (inverse.centered_damped_inverse), which keeps
             the invariance to shifted inputs of paper sec 10 that Tikhonov damping breaks; block-diagonal only.
+        factor_damping_floor: each factor's damping (pi gamma for A, gamma / pi for G) at least this fraction of
+            the factor's mean eigenvalue tr / dim (0: none, the paper's; block-diagonal only). Where the batch's
+            model rewards fitting it, the gamma rule can drive gamma to 1e-7 of the factors' scale (a deep tanh
+            net near a perfect fit): the inverses then amplify directions the batch barely saw, each step fits
+            its batch and undoes the others, and at float32's rounding the Cholesky fails.
         unmatched_direction: the direction of the parameters no Kronecker block covers (norms, embeddings,
             tied weights), whose length the quadratic model chooses: "gradient" (-grad h) or "rms" (-grad h /
             sqrt(v), v an EMA of grad^2 with decay 0.999: every coordinate moves, rare embedding rows and
@@ -298,7 +303,8 @@ class KFAC:
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure
-        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping))
+        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping),
+                                        float(s.factor_damping_floor))
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)

@@ -10,7 +10,9 @@
   momentum coefficient in [0, 2] (a free one fits a small batch's noise), an ill-conditioned system (nearly
   parallel directions) solved without one of them, and gamma's damping of A applied in coordinates centred
   on the layer's mean input (sigmoid units near 1/2 no longer hide their variation under a damping sized by
-  their mean; the paper's sec 10 invariance kept under damping), and the parameters outside every block
+  their mean; the paper's sec 10 invariance kept under damping), each factor's damping at least a thousandth of
+  its mean eigenvalue (the gamma rule once drove a deep tanh net's gamma to 1e-8 of its scale: steps that fit one
+  batch and undid the others, Cholesky failing at float32's rounding), and the parameters outside every block
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``), and the quadratic model's products by central differences
@@ -103,6 +105,8 @@ class KFACSettings:
                                  "quadratic model.")
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
+    factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
+                                          "factor's mean eigenvalue (0: none, the paper's).", low=0)
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -155,7 +159,7 @@ PRESETS: dict[str, KFACSettings] = {
         damping=150.0, min_stats_examples=1, min_qmodel_examples=1, damping_every=5, gamma_every=20,
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
-        descent_only=False, max_momentum=None, max_condition=None, centered_damping=False,
+        descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
