@@ -7,7 +7,12 @@
   262 ms against a 20 ms forward on the first-try ResNet (central differences: 130 ms). In evaluation mode batch
   norm is an affine map, cheap in forward mode.
 
-Plain forwards keep both cheap, so central differences (two forwards a direction) win where a model calls one.
+- Recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``: ``torch.gru``, ``torch.lstm``, ``torch.rnn_tanh``,
+  ``torch.rnn_relu``): forward mode leaves their fused CPU kernels for a step-by-step graph, the tangent of each
+  time step a pass of its own: on a one-layer GRU language model (64 characters, batch 32) the quadratic model's
+  three directions cost 65 ms by forward mode against 36 ms by central differences.
+
+Plain forwards keep them cheap, so central differences (two forwards a direction) win where a model calls one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
 BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
+RECURRENT = frozenset({torch.gru, torch.lstm, torch.rnn_tanh, torch.rnn_relu})
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
 
 
@@ -43,13 +49,15 @@ class _Spy(TorchFunctionMode):
                 self.seen = "attention"
             elif func in BATCH_NORM and _batch_statistics(args, kwargs):
                 self.seen = "batch norm in training mode"
+            elif func in RECURRENT:
+                self.seen = "a recurrent layer"
         return func(*args, **kwargs)
 
 
 def dear_for_forward_mode(forward: Callable[[], Any]) -> str | None:
     """What ``forward()`` calls that makes forward-mode tangents dear ("attention", "batch norm in training
-    mode"), or None (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa attention, nn.BatchNorm
-    in training mode are seen)."""
+    mode", "a recurrent layer"), or None (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa
+    attention, nn.BatchNorm in training mode, nn.GRU, nn.LSTM and nn.RNN are seen)."""
     with _Spy() as spy:
         forward()
     return spy.seen
