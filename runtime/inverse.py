@@ -34,6 +34,10 @@ class StatisticsWarning(CurvatureWarning):
     """A mini-batch's factors were not finite and were not folded into the EMA."""
 
 
+class CoverageWarning(CurvatureWarning):
+    """Most of the model's parameters lie outside every Kronecker block: K-FAC's curvature reaches few of them."""
+
+
 class SkippedStepWarning(CurvatureWarning):
     """A batch whose loss or gradient was not finite was skipped; nothing of it reached the optimizer."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -574,3 +575,24 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=a.dtype)), rtol=1e-4, atol=0)
         torch.testing.assert_close(block.inverses.g_inv[0].double(), torch.linalg.inv(g + damp_g * torch.eye(len(g),
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
+
+
+def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
+    """A GRU's weights have no block (their matmuls live inside the fused recurrent op): where such parameters
+    hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP does not."""
+    from kronograph.runtime.inverse import CoverageWarning
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gru(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    with pytest.warns(CoverageWarning, match=r"1,248 of the model's 1,299 parameters \(96%\).*gru\.weight_hh_l0"):
+        kronograph.optim.KFAC(kronograph.compile(Recurrent(), (torch.randn(2, 4, 8),), loss="cross_entropy"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        kronograph.optim.KFAC(kronograph.compile(normed_mlp(), (torch.randn(2, 5),), loss="cross_entropy"))

@@ -82,7 +82,7 @@ from kronograph.runtime.damping import (
 )
 from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
-from kronograph.runtime.inverse import SkippedStepWarning, StatisticsWarning, all_finite
+from kronograph.runtime.inverse import CoverageWarning, SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
@@ -101,6 +101,23 @@ UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms"
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
 Direction = dict[str, torch.Tensor]
+
+
+def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor], unmatched: Sequence[str]) -> None:
+    """A CoverageWarning where the parameters outside every Kronecker block hold most of the weights (a GRU's or
+    an LSTM's, say): they step along their own first-order direction at K-FAC's step cost, so Adam may train such
+    a model faster (BENCHMARKS.md, the unseen GRU language model). Names the largest and why it has no block."""
+    total = sum(p.numel() for p in params.values())
+    outside = sorted(((params[name].numel(), name) for name in unmatched), reverse=True)
+    count = sum(n for n, _ in outside)
+    if not total or count <= total / 2:
+        return
+    reasons = {entry.name: entry.reason for entry in compiled.plan.unmatched}
+    largest = outside[0][1]
+    warnings.warn(f"K-FAC: {count:,} of the model's {total:,} parameters ({100 * count / total:.0f}%) lie outside "
+                  f"every Kronecker block (the largest, {largest}: {reasons.get(largest, 'no block')}); they take "
+                  "first-order steps (unmatched_direction) at K-FAC's step cost, so a first-order optimizer may "
+                  "train this model faster", CoverageWarning, stacklevel=3)
 
 
 class KFAC:
@@ -307,6 +324,7 @@ class KFAC:
                                         float(s.factor_damping_floor))
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
+        _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
         # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)
         self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
