@@ -49,6 +49,18 @@ def normed_mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
 
 
+class Recurrent(nn.Module):
+    """A GRU on sequences of 8-wide inputs and a linear head on its last state: the GRU's fused weights have no
+    Kronecker block."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(8, hidden, batch_first=True), nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
 def batches(steps: int, n: int = 32, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)) for _ in range(steps)]
@@ -459,19 +471,11 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     normed = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
     frozen_norm = copy.deepcopy(normed).eval()
 
-    class Recurrent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gru, self.head = nn.GRU(8, 6, batch_first=True), nn.Linear(6, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.gru(x)[0][:, -1])
-
     x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
     chosen, seen = {}, {}
     for label, model, preset in (("attention", attention, "default"), ("mlp", mlp, "default"),
                                  ("batch norm", normed, "default"), ("batch norm, eval", frozen_norm, "default"),
-                                 ("attention, paper", attention, "paper"), ("gru", Recurrent(), "default")):
+                                 ("attention, paper", attention, "paper"), ("gru", Recurrent(6), "default")):
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), preset=preset, seed=0)
         assert opt.engine.resolved_products == (None if preset == "default" else "forward")  # auto: not yet decided
         state, buffers = torch.get_rng_state(), [b.clone() for b in model.buffers()]
@@ -582,17 +586,9 @@ def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP does not."""
     from kronograph.runtime.inverse import CoverageWarning
 
-    class Recurrent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gru, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.gru(x)[0][:, -1])
-
     torch.manual_seed(0)
     with pytest.warns(CoverageWarning, match=r"1,248 of the model's 1,299 parameters \(96%\).*gru\.weight_hh_l0"):
-        kronograph.optim.KFAC(kronograph.compile(Recurrent(), (torch.randn(2, 4, 8),), loss="cross_entropy"))
+        kronograph.optim.KFAC(kronograph.compile(Recurrent(16), (torch.randn(2, 4, 8),), loss="cross_entropy"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoverageWarning)
         kronograph.optim.KFAC(kronograph.compile(normed_mlp(), (torch.randn(2, 5),), loss="cross_entropy"))
