@@ -356,8 +356,7 @@ class KFAC:
         # the generators' state before them where they drew random numbers (dropout), for h after the step.
         self._parts: list[tuple[int, int, float]] = []
         self._randomness: Any = None
-        self._has_batch_norm = self.module is not None and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+        self._has_batch_norm = self.module is not None and self._batch_norm  # (known on the torch engine only)
 
     @property
     def blocks(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@
   parallel directions) solved without one of them, and gamma's damping of A applied in coordinates centred
   on the layer's mean input (sigmoid units near 1/2 no longer hide their variation under a damping sized by
   their mean; the paper's sec 10 invariance kept under damping), each factor's damping at least a thousandth of
-  its mean eigenvalue (the gamma rule once drove a deep tanh net's gamma to 1e-8 of its scale: steps that fit one
+  its mean eigenvalue (the gamma rule once drove a deep tanh net's gamma to 1e-7 of its scale: steps that fit one
   batch and undid the others, Cholesky failing at float32's rounding), and the parameters outside every block
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
@@ -117,8 +117,8 @@ class KFACSettings:
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (differences where "
-                                   "the model calls attention, batch norm in training mode or a recurrent layer, whose tangents "
-                                   "are dear in forward mode; forward mode elsewhere).",
+                                   "the model calls attention, batch norm in training mode or a recurrent layer, "
+                                   "whose tangents are dear in forward mode; forward mode elsewhere).",
                                    choices=("auto", "forward", "differences", "one-sided"))
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
