@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import random
 import warnings
 from unittest import mock
@@ -111,6 +112,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
                               refusal(lambda: kronograph.optim.KFAC(cm, structure="tridiagonal"))]
         results["failure"] = failed_inversion(cm.layers, world)
         results["branch"] = branch_on_one_rank(rank, world)
+        results["dropout"] = dropout_net(rank, world)
     results["embedding"] = embedding_blocks(rank, world)
     return results
 
@@ -132,6 +134,22 @@ def embedding_blocks(rank: int, world: int) -> dict:
         infos.append({"loss": info["loss"]})
     return {"params": copy.deepcopy(model.state_dict()), "infos": infos,
             "kinds": sorted(layer.kind for layer in cm.layers)}
+
+
+def dropout_net(rank: int, world: int) -> dict:
+    """KFAC (default preset) on an MLP with dropout, each rank its half of every batch: h after each step is
+    measured on this rank's pieces with the gradient passes' masks replayed, then summed across the ranks (one
+    all_reduce on every rank, whatever its pieces), so the run ends and the ranks agree."""
+    _, batches = problem()
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, CLASSES))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy"), seed=0)
+    rhos = []
+    for x, labels, _ in batches:
+        info = opt.step(x.chunk(world)[rank], labels.chunk(world)[rank])
+        assert "skipped" not in info, info
+        rhos.append(info["rho"])
+    return {"params": copy.deepcopy(model.state_dict()), "rhos": rhos, "rejected": opt.rejected}
 
 
 class Branching(nn.Module):
@@ -357,3 +375,13 @@ def test_an_embedding_block_trains_data_parallel_as_in_one_process(ranks, single
         error = (first["params"][key] - value).abs().max() / value.abs().max()
         assert error < 2e-5, (key, float(error))
     assert torch.equal(first["params"]["0.weight"][0], torch.zeros(5))  # the padding row never moves
+
+
+def test_a_dropout_net_trains_data_parallel_with_h_after_each_step_on_its_own_masks(ranks):
+    """Every rank ends the run, holds the same weights and the same rho (h before and after each step summed
+    over the ranks, each rank's part measured with its passes' dropout masks); no step is undone for the masks."""
+    first, second = (r["dropout"] for r in ranks)
+    for name, value in first["params"].items():
+        assert torch.equal(value, second["params"][name]), name
+    assert first["rhos"] == second["rhos"] and all(math.isfinite(rho) for rho in first["rhos"])
+    assert first["rejected"] == second["rejected"] == 0
