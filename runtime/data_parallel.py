@@ -164,10 +164,6 @@ class BatchSlice:
         parts = buffer.split([t.numel() for t in tensors])
         return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
 
-    def mean(self, value: float) -> float:
-        """The example-weighted mean over the ranks of a mean over each rank's slice (one all_reduce)."""
-        return float(self.sum([torch.tensor(self.weight * value, dtype=torch.float64, device=self.device)])[0])
-
 
 def batch_slice(group: dist.ProcessGroup, size: int, device: torch.device) -> BatchSlice:
     """Every rank's number of examples in this step, by one all_reduce (one host read)."""

@@ -6,7 +6,6 @@
   mean and variance, a dozen elementwise passes over the activations for every direction: three directions cost
   262 ms against a 20 ms forward on the first-try ResNet (central differences: 130 ms). In evaluation mode batch
   norm is an affine map, cheap in forward mode.
-
 - Recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``: ``torch.gru``, ``torch.lstm``, ``torch.rnn_tanh``,
   ``torch.rnn_relu``): forward mode leaves their fused CPU kernels for a step-by-step graph, the tangent of each
   time step a pass of its own: on a one-layer GRU language model (64 characters, batch 32) the quadratic model's

@@ -203,7 +203,7 @@ class TorchEngine:
 
     def _dear_for_forward_mode(self, inputs: Sequence[torch.Tensor]) -> str | None:
         """What the model's forward calls that makes forward-mode tangents dear (fused attention, batch norm in
-        training mode: runtime/tangent_cost.py), or None; one no-grad forward, buffers and the random generators
+        training mode, a recurrent layer: runtime/tangent_cost.py), or None; one no-grad forward, buffers and the random generators
         left as they were."""
         randomness = _RandomState(self.device)
         try:

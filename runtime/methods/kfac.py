@@ -238,9 +238,9 @@ class KFAC:
             make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
             one pass and leave s as it was.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
-            preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention or
-            batch norm in training mode, runtime/tangent_cost.py, and its weights are float32 or float64, "forward"
-            elsewhere; the paper preset's is "forward"), "forward" (forward
+            preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
+            batch norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its weights are float32
+            or float64, "forward" elsewhere; the paper preset's is "forward"), "forward" (forward
             mode, exact; the math attention kernel), "differences" (central differences of two no-grad
             forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
             transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md) or "one-sided" (one no-grad
@@ -356,7 +356,6 @@ class KFAC:
         # the generators' state before them where they drew random numbers (dropout), for h after the step.
         self._parts: list[tuple[int, int, float]] = []
         self._randomness: Any = None
-        self._has_batch_norm = self.module is not None and self._batch_norm  # (known on the torch engine only)
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -761,20 +760,19 @@ class KFAC:
         the step's own, not a new dropout mask's or batch statistics' (which undid every step of a dropout net
         once its loss was small)."""
         parts = self._parts
-        if self._randomness is None and not (self._has_batch_norm and len(parts) > 1):
-            value = self.engine.loss_value(inputs, y)
-            if self._slice is not None:
-                value = self._slice.mean(value)
-        else:
-            now = self.engine.random_state()
-            if self._randomness is not None:
-                self._randomness.replay()
-            try:
-                value = sum(w * self.engine.loss_value(tuple(t[a:b] for t in inputs), y[a:b]) for a, b, w in parts)
-            finally:
+        split_normalised = self.module is not None and self._batch_norm and len(parts) > 1  # (torch engine only)
+        if self._randomness is None and not split_normalised:  # the parts' sum is the whole batch's: one forward
+            parts = [(0, inputs[0].shape[0], 1.0 if self._slice is None else self._slice.weight)]
+        now = None if self._randomness is None else self.engine.random_state()
+        if now is not None:
+            self._randomness.replay()
+        try:
+            value = sum(w * self.engine.loss_value(tuple(t[a:b] for t in inputs), y[a:b]) for a, b, w in parts)
+        finally:
+            if now is not None:
                 now.replay()  # the generators go on from where they were: this evaluation draws nothing for later
-            if self._slice is not None:
-                value = float(self._slice.sum([torch.tensor(value, dtype=torch.float64, device=self.engine.device)])[0])
+        if self._slice is not None:
+            value = float(self._slice.sum([torch.tensor(value, dtype=torch.float64, device=self.engine.device)])[0])
         if self.weight_decay:
             value += 0.5 * self.weight_decay * self._squared_norm()
         return value
