@@ -19,7 +19,7 @@ import torch
 
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import SiteRecord
-from kronograph.runtime.factors import ema_, fold_factors_, mirror_upper_
+from kronograph.runtime.factors import RowSubset, ema_, fold_factors_, mirror_upper_
 from kronograph.runtime.inverse import (
     DampedInverses,
     StatisticsWarning,
@@ -88,12 +88,14 @@ class KroneckerBlock:
         decay: float,
         grad_scale: float | None = None,
         index: torch.Tensor | None = None,
+        subset: RowSubset | None = None,
     ) -> bool:
-        """Fold the mini-batch factors of captured sites into the EMAs in place (factors.fold_factors_);
-        False (and a StatisticsWarning) when the batch's statistics were not finite and were left out."""
+        """Fold the mini-batch factors of captured sites into the EMAs in place (factors.fold_factors_; A from
+        a random ``subset`` of the rows where there are many); False (and a StatisticsWarning) when the batch's
+        statistics were not finite and were left out."""
         folded = fold_factors_(
             self.layer, records, self._a, self._g, decay=decay, batch_size=batch_size, grad_scale=grad_scale,
-            index=index, dtype=self.dtype, device=self.device, mirror=False,
+            index=index, dtype=self.dtype, device=self.device, mirror=False, subset=subset,
         )
         if folded is None:
             self._warn_non_finite()

@@ -18,7 +18,7 @@ import torch
 from kronograph.passes.plan import Layer
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import SiteRecord
-from kronograph.runtime.factors import ema_
+from kronograph.runtime.factors import RowSubset, ema_
 from kronograph.runtime.inverse import (
     DampedInverses,
     InverseWarning,
@@ -45,12 +45,14 @@ class BlockDiagonalCurvature:
         self.knob = knob  # the owner's name for gamma, which a failed inversion's warning tells the user to raise
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
-             grad_scale: float | None = None) -> None:
+             grad_scale: float | None = None, subset: RowSubset | None = None) -> None:
         """Fold the captured sites (rows ``index`` of the batch) into every called layer's factors (a layer
-        whose sites got no gradient, frozen before the first layer that learns, has nothing to fold)."""
+        whose sites got no gradient, frozen before the first layer that learns, has nothing to fold; A from a
+        random ``subset`` of a layer's rows where it has many, factors.RowSubset)."""
         for name, block in self.blocks.items():
             if records.get(name) and any(record.g is not None for record in records[name]):
-                block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale)
+                block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale,
+                             subset=subset)
 
     def invert(self, gamma: float, only: Container[str] | None = None) -> dict[str, DampedInverses | None]:
         """Damped inverses for strength gamma (None for a layer never called: it has no statistics); ``only``: the
@@ -146,8 +148,9 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
         self.inverse: TridiagonalInverse | None = None
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
-             grad_scale: float | None = None) -> None:
-        """Diagonal and cross moments from the same examples, folded in with one decay (Sigma stays PD)."""
+             grad_scale: float | None = None, subset: RowSubset | None = None) -> None:
+        """Diagonal and cross moments from the same examples, folded in with one decay (Sigma stays PD); every
+        row (``subset`` is not used: the cross moments pair each layer's rows with its neighbours')."""
         blocks = list(self.blocks.values())
         rows = (lambda t: t) if index is None else (lambda t: t[index])
         examples = batch_size if index is None else int(index.numel())

@@ -62,7 +62,7 @@ from kronograph.passes.plan import Layer, LayerPlan
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.distributed import average_statistics, pack_triangle, triangle_entries, unpack_triangle
 from kronograph.runtime.curvature import BlockDiagonalCurvature
-from kronograph.runtime.factors import batch_factors
+from kronograph.runtime.factors import RowSubset, batch_factors
 from kronograph.runtime.inverse import DampedInverses
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.statistics import statistics_pass, subset
@@ -235,9 +235,11 @@ def fold_across_ranks(
     dtype: torch.dtype,
     device: torch.device,
     communication_dtype: torch.dtype | None = None,
+    subset: RowSubset | None = None,
 ) -> list[str]:
     """Fold the example-weighted mean over the ranks of each layer's mini-batch factors into its EMAs: this
-    rank's are those of ``rows`` of its captured sites (None: all ``batch_size``), every rank joins the one
+    rank's are those of ``rows`` of its captured sites (None: all ``batch_size``; A from a ``subset`` of a
+    layer's activation rows where it has many, factors.RowSubset), every rank joins the one
     all_reduce (a rank with no rows or no sites adds zeros and m = 0; ``communication_dtype``: see
     ``average_statistics``). Returns the layers folded (some rank had their statistics); a layer whose averaged
     factors are not finite keeps its EMAs on every rank."""
@@ -248,7 +250,7 @@ def fold_across_ranks(
             sites = records.get(name)
             if sites and any(record.g is not None for record in sites):
                 a, g = batch_factors(block.layer, sites, batch_size=batch_size, grad_scale=grad_scale, index=rows,
-                                     dtype=dtype)
+                                     dtype=dtype, subset=subset)
                 stats[name] = (a, g, m)
     layers = {name: block.layer for name, block in blocks.items()}
     averaged = average_statistics(stats, layers, part.group, dtype, device, communication_dtype)

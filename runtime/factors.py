@@ -18,6 +18,11 @@ Scaling: g must be the per-example gradient dl_i/ds. A captured gradient of a lo
 m examples is (1/m) dl_i/ds, so q = ``grad_scale`` * g_captured with grad_scale = m by default (pass 1
 for a summed loss). Rows of the batch are examples along dim 0 (after viewing the leading dimension as
 [batch_size, -1]); ``index`` restricts the statistics to some examples (the random fraction tau_1).
+
+Fewer rows for A (``RowSubset``): a layer with several positions per example (conv patches, tokens) and more
+activation rows than a limit forms A from a uniform random subset of them, each site's kept rows weighted by
+its rows / kept: A_hat = (1/m) sum_sites (R_s/k_s) sum_kept p p^T, unbiased for A (its homogeneous corner exact).
+G keeps every row (its dimension, the output channels, is usually the small one).
 """
 
 from __future__ import annotations
@@ -41,6 +46,52 @@ class SiteRows:
 
     p: torch.Tensor
     q: torch.Tensor | None
+
+
+@dataclass
+class RowSubset:
+    """Form A from at most ``limit`` activation rows of a layer that has more rows than examples, drawn by
+    ``generator`` (on the rows' device) without replacement, in proportion to each site's rows."""
+
+    limit: int
+    generator: torch.Generator
+
+    def applies(self, rows: int, examples: int) -> bool:
+        return rows > self.limit and rows > examples
+
+    def draw(self, parts: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
+        """Each part [groups, R_s, d] as (its kept rows [groups, k_s, d], R_s / k_s), k_s = ceil(R_s limit / R)."""
+        total = sum(part.shape[1] for part in parts)
+        drawn = []
+        for part in parts:
+            count = part.shape[1]
+            keep = max(1, -(-count * self.limit // total))
+            if keep >= count:
+                drawn.append((part, 1.0))
+                continue
+            index = torch.randperm(count, generator=self.generator, device=self.generator.device)[:keep]
+            drawn.append((part.index_select(1, index.to(part.device)), count / keep))
+        return drawn
+
+
+def _weighted_parts(parts: Sequence[torch.Tensor], m: int, subset: RowSubset | None
+                    ) -> list[tuple[torch.Tensor, float]]:
+    """The activation rows that form A, each part with its weight (``RowSubset``; weight 1: every row)."""
+    if subset is not None and subset.applies(sum(part.shape[1] for part in parts), m):
+        return subset.draw(parts)
+    return [(part, 1.0) for part in parts]
+
+
+def _accumulate_weighted(out: torch.Tensor | None, parts: Sequence[tuple[torch.Tensor, float]], alpha: float,
+                         beta: float, *, mirror: bool = True, homogeneous: bool = False) -> torch.Tensor:
+    """``accumulate_grams`` of parts weighted alike in one call, otherwise part by part with alpha times its weight."""
+    if all(weight == parts[0][1] for _, weight in parts):
+        return accumulate_grams(out, [rows for rows, _ in parts], alpha * parts[0][1], beta, mirror=mirror,
+                                homogeneous=homogeneous)
+    for number, (rows, weight) in enumerate(parts):
+        out = accumulate_grams(out, [rows], alpha * weight, beta if number == 0 else 1.0, homogeneous=homogeneous,
+                               mirror=mirror and number == len(parts) - 1)
+    return out
 
 
 def _select(x: torch.Tensor, batch_size: int, index: torch.Tensor | None) -> torch.Tensor:
@@ -141,6 +192,7 @@ def batch_factors(
     grad_scale: float | None = None,
     index: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    subset: RowSubset | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mini-batch factors (A [groups, a_dim, a_dim], G [groups, g_dim, g_dim]) of one layer.
 
@@ -151,10 +203,11 @@ def batch_factors(
             used (right for a mean loss over them).
         index: examples to use (indices or a boolean mask over the batch), default all.
         dtype: the factors' dtype (float32 or float64, independent of the model's).
+        subset: A from a random subset of the rows where there are many (``RowSubset``); None: every row.
     """
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
     scale = _grad_scale(m, grad_scale)
-    a = accumulate_grams(None, [site.p for site in sites], 1.0 / m, 0.0)
+    a = _accumulate_weighted(None, _weighted_parts([site.p for site in sites], m, subset), 1.0 / m, 0.0)
     g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
     return a, g
 
@@ -172,11 +225,13 @@ def fold_factors_(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     mirror: bool = True,
+    subset: RowSubset | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The EMA step A <- decay A + (1 - decay) A_batch (and G likewise) without materialising the batch's
     factors: the Grams accumulate by baddbmm into A's and G's own storage (new tensors when None; decay 0
     replaces). Same arguments as ``batch_factors``; ``mirror=False`` leaves the lower triangles stale (see
-    ``accumulate_grams``).
+    ``accumulate_grams``). A conv layer on the statistics kernel (CUDA) reads every position whatever ``subset``
+    (the kernel forms A from the input map itself, no patch rows to draw from).
 
     Returns None, leaving A and G untouched, when the batch's rows hold NaN/Inf or are large enough for a
     factor entry to overflow (|entry| <= sum over rows of max|row|^2): a poisoned EMA would never recover.
@@ -198,7 +253,8 @@ def fold_factors_(
     if not (_gram_bound(p_parts, at_least=1.0 if homogeneous else 0.0) * a_alpha < limit
             and _gram_bound(q_parts) * g_alpha < limit):
         return None
-    return (accumulate_grams(a, p_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
+    a_parts = _weighted_parts(p_parts, m, subset)
+    return (_accumulate_weighted(a, a_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
 
 

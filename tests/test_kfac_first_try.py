@@ -301,6 +301,7 @@ def test_paper_preset_has_the_papers_settings():
     assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
     assert settings.max_momentum is None and settings.factor_damping_floor == 0 and opt.curvature.floor == 0
     assert settings.unmatched_direction == "gradient"
+    assert settings.activation_rows is None and opt.row_subset is None  # A from every row (as in the defaults)
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -363,6 +364,38 @@ def test_default_preset_resumes_exactly():
     resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 5),)), seed=1)
     resumed.load_state_dict(state)
     assert [resumed.step(x, y)["loss"] for x, y in data[6:]] == tail
+
+
+def conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def test_a_from_a_subset_of_the_rows_resumes_exactly_and_differs_from_every_row():
+    """A conv of 16 patch rows an example, A from at most 40 of a batch's 512: the rows' own generator is part of
+    the state (a resumed run draws the same rows), and the factors are not those of every row."""
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(32, 1, 4, 4, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+            for _ in range(10)]
+    model = conv_net()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 1, 4, 4),)), seed=0, activation_rows=40)
+    every = kronograph.optim.KFAC(kronograph.compile(conv_net(), (torch.randn(2, 1, 4, 4),)), seed=0,
+                                  activation_rows=None)
+    for x, y in data[:5]:
+        opt.step(x, y)
+        every.step(x, y)
+    assert not torch.allclose(opt.blocks["0"].a, every.blocks["0"].a, rtol=1e-3)
+    torch.testing.assert_close(opt.blocks["0"].a[0, -1, -1], every.blocks["0"].a[0, -1, -1])  # 16 rows an example
+    state = copy.deepcopy(opt.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tail = [opt.step(x, y)["loss"] for x, y in data[5:]]
+    other = conv_net(seed=5)
+    other.load_state_dict(weights)
+    resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 1, 4, 4),)), seed=1, activation_rows=40)
+    resumed.load_state_dict(state)
+    assert [resumed.step(x, y)["loss"] for x, y in data[5:]] == tail
+    assert torch.equal(resumed.blocks["0"].a, opt.blocks["0"].a)  # the same rows drawn after the resume
+    assert all(torch.equal(p, q) for p, q in zip(other.parameters(), model.parameters()))
 
 
 def test_unknown_setting_and_preset_are_named():

@@ -326,3 +326,105 @@ def test_sequence_first_inputs_give_the_factors_of_their_examples() -> None:
         want = batch_factors(layer, batch_first, batch_size=3, index=chosen, dtype=torch.float64)
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+# -- A from a random subset of the activation rows (factors.RowSubset) ----------------------------------
+class TwiceConv(nn.Module):
+    """One conv called on two inputs of different sizes: two sites, 36 and 18 positions an example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3 * (36 + 18), 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = [self.conv(x).flatten(1), self.conv(x[..., ::2]).flatten(1)]
+        return self.head(torch.tanh(torch.cat(both, 1)))
+
+
+def _twice_conv_records(n: int = 3):
+    from plan_helpers import conv_layer
+
+    torch.manual_seed(10)
+    model = TwiceConv().double()
+    x = torch.randn(n, 2, 6, 6, dtype=torch.float64)
+    layer = conv_layer("conv", model.conv)
+    with Capture(model, (layer,), strict=False) as cap:  # the hand-made plan names one site
+        F.cross_entropy(model(x), torch.arange(n) % 4).backward()
+    return model, x, layer, cap.records["conv"]
+
+
+def _site_patches(conv: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Every (example, position) patch of a padding-1 conv with the homogeneous 1, examples major (loops)."""
+    out_spatial = tuple(conv(inputs).shape[2:])
+    rows = [torch.cat([p, torch.ones(1, dtype=p.dtype)]) for x in inputs for p in loop_patches(x, conv, (1, 1), out_spatial)]
+    return torch.stack(rows)
+
+
+def test_a_from_a_subset_of_the_rows_is_the_weighted_gram_of_the_kept_rows_and_g_keeps_all():
+    from kronograph.runtime.factors import RowSubset
+
+    n, limit = 3, 40
+    model, x, layer, records = _twice_conv_records(n)
+    sites = [_site_patches(model.conv, x), _site_patches(model.conv, x[..., ::2])]
+    assert [s.shape[0] for s in sites] == [108, 54]
+    generator = torch.Generator().manual_seed(11)
+    drawn = torch.Generator().set_state(generator.get_state())
+    want = torch.zeros(19, 19, dtype=torch.float64)
+    for patches in sites:  # k_s = ceil(R_s limit / R): 27 of 108, 14 of 54, each weighted R_s / k_s
+        keep = -(-patches.shape[0] * limit // 162)
+        kept = patches[torch.randperm(patches.shape[0], generator=drawn)[:keep]]
+        want += patches.shape[0] / keep * kept.T @ kept / n
+    a, g = batch_factors(layer, records, batch_size=n, dtype=torch.float64, subset=RowSubset(limit, generator))
+    torch.testing.assert_close(a[0], want, rtol=0, atol=ATOL)
+    assert a[0, -1, -1] == 162 / n  # the homogeneous corner: every row counted once on average, exactly
+    full_a, full_g = batch_factors(layer, records, batch_size=n, dtype=torch.float64)
+    assert torch.equal(g, full_g) and not torch.allclose(a, full_a)
+    torch.testing.assert_close(full_a[0], sum(s.T @ s for s in sites) / n, rtol=0, atol=ATOL)
+
+
+def test_a_from_a_subset_of_the_rows_is_unbiased_and_every_row_is_used_below_the_limit():
+    """Tokens of a linear layer on sequences, two sites of 3 x 10 and 3 x 4 rows: the mean of many subset
+    estimates is the A of every row (written out here), one estimate is not."""
+    from kronograph.runtime.capture import SiteRecord
+    from kronograph.runtime.factors import RowSubset
+
+    gen = torch.Generator().manual_seed(12)
+    n, inputs = 3, [torch.randn(3, t, 4, generator=gen, dtype=torch.float64) for t in (10, 4)]
+    records = [SiteRecord("l", i, x, None, g=torch.randn(3, x.shape[1], 2, generator=gen, dtype=torch.float64))
+               for i, x in enumerate(inputs)]
+    layer = linear_layer("l", "w", "b", (2, 4))
+    rows = torch.cat([torch.cat([x.reshape(-1, 4), torch.ones(x.shape[0] * x.shape[1], 1, dtype=x.dtype)], 1)
+                      for x in inputs])
+    full = rows.T @ rows / n
+    torch.testing.assert_close(batch_factors(layer, records, batch_size=n, dtype=torch.float64)[0][0], full,
+                               rtol=0, atol=ATOL)
+    draws = [batch_factors(layer, records, batch_size=n, dtype=torch.float64, subset=RowSubset(11, gen))[0][0]
+             for _ in range(1000)]
+    one, mean = draws[0], torch.stack(draws).mean(0)
+    assert torch.linalg.matrix_norm(one - full) > 0.1 * torch.linalg.matrix_norm(full)  # one draw is noisy
+    assert torch.linalg.matrix_norm(mean - full) < 0.03 * torch.linalg.matrix_norm(full)  # their mean is A (0.012)
+    same, _ = batch_factors(layer, records, batch_size=n, dtype=torch.float64, subset=RowSubset(42, gen))
+    assert torch.equal(same[0], batch_factors(layer, records, batch_size=n, dtype=torch.float64)[0][0])  # all rows
+
+    model = TinyMLP().double()  # one row an example: the limit does not apply, whatever it is
+    linear = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    with Capture(model, (linear,)) as cap:
+        F.cross_entropy(model(torch.randn(5, 3, dtype=torch.float64)), torch.tensor([0, 1, 1, 0, 1])).backward()
+    kept, _ = batch_factors(linear, cap.records["l1"], batch_size=5, dtype=torch.float64, subset=RowSubset(2, gen))
+    assert torch.equal(kept, batch_factors(linear, cap.records["l1"], batch_size=5, dtype=torch.float64)[0])
+
+
+def test_a_block_folds_a_subset_of_the_rows_like_batch_factors():
+    from kronograph.runtime.factors import RowSubset
+
+    n = 3
+    _, _, layer, records = _twice_conv_records(n)
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(13)
+    replay = torch.Generator().set_state(generator.get_state())
+    assert block.update(records, batch_size=n, decay=0.0, subset=RowSubset(40, generator))
+    assert block.update(records, batch_size=n, decay=0.5, subset=RowSubset(40, generator))
+    first, second = (batch_factors(layer, records, batch_size=n, dtype=torch.float64, subset=RowSubset(40, replay))[0]
+                     for _ in range(2))
+    torch.testing.assert_close(block.a, 0.5 * first + 0.5 * second, rtol=1e-12, atol=1e-12)

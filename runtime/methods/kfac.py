@@ -80,7 +80,7 @@ from kronograph.runtime.damping import (
     lm_omega,
     rounding_of_h,
 )
-from kronograph.runtime.factors import low_rank_pays, low_rank_rows, low_rank_rows_of_parts
+from kronograph.runtime.factors import RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
 from kronograph.runtime.inverse import CoverageWarning, SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
@@ -331,6 +331,11 @@ class KFAC:
             seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
             self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group))
         self.generator = make_generator(self.engine.device, seed)
+        # A's rows where a layer has many (activation_rows): a generator of their own, so that drawing them changes
+        # no other draw; each rank draws its own rows (their factors are averaged), so no rank waits on another's.
+        rank = 0 if self._group is None else torch.distributed.get_rank(self._group)
+        self.row_generator = make_generator(self.engine.device, self.generator.initial_seed() + 1 + rank)
+        self.row_subset = None if s.activation_rows is None else RowSubset(int(s.activation_rows), self.row_generator)
         self._slice: BatchSlice | None = None  # this step's slice of the global batch (data-parallel)
         # data-parallel halves may pass a one-example piece only where no batch norm normalises over the rows
         self._batch_norm = self.module is None or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -580,12 +585,12 @@ class KFAC:
         self.stats_updates += 1
         decay = ema_decay(self.stats_updates, self.ema_decay)
         if self._slice is None:
-            self.curvature.fold(records, batch_size, decay, index, grad_scale)
+            self.curvature.fold(records, batch_size, decay, index, grad_scale, self.row_subset)
             seen = [name for name in self.blocks if records.get(name)]
         else:
             seen = fold_across_ranks(self.curvature.blocks, records, batch_size, index, grad_scale, decay, self._slice,
                                      self.settings.factor_dtype, self.engine.device,
-                                     dtype_named(self.settings.communication_dtype))
+                                     dtype_named(self.settings.communication_dtype), self.row_subset)
         if self.stats_updates == 1:
             unseen = [name for name in self.blocks if name not in seen]
             if unseen:
@@ -904,6 +909,7 @@ class KFAC:
             "signal": self.signal,
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
+            "row_generator": self.row_generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -911,7 +917,7 @@ class KFAC:
         if missing:
             raise KronographError(f"the optimizer state has no blocks for layers {sorted(missing)}; it is from another model")
         device = self.engine.device  # the generator's state stays a host byte tensor, whatever its device
-        state = {key: value if key == "generator" else on_device(value, device) for key, value in state.items()}
+        state = {key: value if key.endswith("generator") else on_device(value, device) for key, value in state.items()}
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping = None if state["damping"] is None else float(state["damping"])
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
@@ -926,3 +932,5 @@ class KFAC:
         self.signal = None if signal is None else tuple(float(v) for v in signal)
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])
+        if "row_generator" in state:  # (a checkpoint from before activation_rows: the rows' draws start afresh)
+            self.row_generator.set_state(state["row_generator"])
