@@ -1,6 +1,7 @@
 """KFACPreconditioner in a user's own SGD / AdamW loop: grafted (the default) against the raw solve (issue 10, item 5).
 
     python benchmarks/preconditioner_loop.py [--steps 150] [--clip 1.0] [--optimizers sgd,adamw] [--threads 2]
+                                             [--activation-rows N,...]
 
 The loop a user writes: zero_grad, forward and backward inside ``precond.track()``, ``precond.step()``,
 then the loop's own ``clip_grad_norm_`` (max norm ``--clip``, 1 as most training scripts have it; 0: no
@@ -10,7 +11,8 @@ every run. Optimizers with their usual settings: SGD (lr 0.1, momentum 0.9, Nest
 For each: the plain optimizer, the preconditioner with its defaults (``graft="norm"``), and the raw solve
 (``graft=None``). Prints a Markdown table with the training loss (a fixed sample of 1,000 training images,
 evaluation mode) after the steps, the worst loss seen on the way, the milliseconds per step and whether
-the run diverged (a loss above 1e3 or not finite).
+the run diverged (a loss above 1e3 or not finite). ``--activation-rows`` adds a grafted run per N with A from at
+most N activation rows a layer (``KFACPreconditioner(..., activation_rows=N)``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from first_try import SmallResNet, _images  # noqa: E402  (the suite's model and data)
 
 
-def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, graft: str | None | bool, steps: int, clip: float) -> dict:
+def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, graft: str | None | bool, steps: int, clip: float,
+        activation_rows: int | None = None) -> dict:
     torch.manual_seed(0)
     model = SmallResNet()
     params = list(model.parameters())
@@ -40,7 +43,7 @@ def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, graft: str | None | bo
     precond = None
     if graft is not False:
         cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")
-        precond = kronograph.optim.KFACPreconditioner(cm, graft=graft, seed=0)
+        precond = kronograph.optim.KFACPreconditioner(cm, graft=graft, seed=0, activation_rows=activation_rows)
     order = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(x), generator=order)[:1000]
 
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--optimizers", default="sgd,adamw")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--activation-rows", default="", help="comma-separated N: a grafted run with each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = _images("fashion-mnist")
@@ -89,8 +93,10 @@ def main() -> None:
     print("| optimizer | preconditioner | loss after | worst loss on the way | ms/step | diverged |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for optimizer in args.optimizers.split(","):
-        for label, graft in (("none", False), ("graft='norm' (default)", "norm"), ("graft=None (raw solve)", None)):
-            r = run(x, y, optimizer, graft, args.steps, args.clip)
+        variants = [("none", False, None), ("graft='norm' (default)", "norm", None), ("graft=None (raw solve)", None, None)]
+        variants += [(f"graft='norm', activation_rows={n}", "norm", int(n)) for n in args.activation_rows.split(",") if n]
+        for label, graft, rows in variants:
+            r = run(x, y, optimizer, graft, args.steps, args.clip, rows)
             print(f"| {optimizer} | {label} | {r['loss']:.4g} | {r['worst']:.4g} | {r['ms']:.0f} | "
                   f"{'yes' if r['diverged'] else 'no'} |", flush=True)
 

@@ -36,61 +36,52 @@ import torch
 
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import CaptureError, SiteRecord
-from kronograph.runtime.patches import conv_patches, gradient_rows
+from kronograph.runtime.patches import conv_patches, conv_patches_at, gradient_rows, output_spatial
 from kronograph.triton_kernels.dispatch import use_triton
 
 
 @dataclass
 class SiteRows:
-    """Rows of one site: P [groups, R, a_dim] (with the homogeneous 1 if biased), Q [groups, R, g_dim]."""
+    """Rows of one site: P [groups, R, a_dim] (with the homogeneous 1 if biased), Q [groups, R, g_dim]; with a
+    ``RowSubset``, P holds the kept rows only, each standing for ``weight`` rows (A sums weight p p^T)."""
 
     p: torch.Tensor
     q: torch.Tensor | None
+    weight: float = 1.0
 
 
 @dataclass
 class RowSubset:
     """Form A from at most ``limit`` activation rows of a layer that has more rows than examples, drawn by
-    ``generator`` (on the rows' device) without replacement, in proportion to each site's rows."""
+    ``generator`` (on its device) without replacement, in proportion to each site's rows."""
 
     limit: int
     generator: torch.Generator
 
-    def applies(self, rows: int, examples: int) -> bool:
-        return rows > self.limit and rows > examples
-
-    def draw(self, parts: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
-        """Each part [groups, R_s, d] as (its kept rows [groups, k_s, d], R_s / k_s), k_s = ceil(R_s limit / R)."""
-        total = sum(part.shape[1] for part in parts)
-        drawn = []
-        for part in parts:
-            count = part.shape[1]
+    def choose(self, counts: Sequence[int], examples: int) -> list[torch.Tensor | None]:
+        """For sites of ``counts`` rows, the rows each keeps (None: all): k_s = ceil(R_s limit / R) of its R_s,
+        or every row where R is at most the limit or at most the number of examples (a row an example)."""
+        total = sum(counts)
+        if total <= self.limit or total <= examples:
+            return [None] * len(counts)
+        kept = []
+        for count in counts:
             keep = max(1, -(-count * self.limit // total))
-            if keep >= count:
-                drawn.append((part, 1.0))
-                continue
-            index = torch.randperm(count, generator=self.generator, device=self.generator.device)[:keep]
-            drawn.append((part.index_select(1, index.to(part.device)), count / keep))
-        return drawn
+            kept.append(None if keep >= count else
+                        torch.randperm(count, generator=self.generator, device=self.generator.device)[:keep])
+        return kept
 
 
-def _weighted_parts(parts: Sequence[torch.Tensor], m: int, subset: RowSubset | None
-                    ) -> list[tuple[torch.Tensor, float]]:
-    """The activation rows that form A, each part with its weight (``RowSubset``; weight 1: every row)."""
-    if subset is not None and subset.applies(sum(part.shape[1] for part in parts), m):
-        return subset.draw(parts)
-    return [(part, 1.0) for part in parts]
-
-
-def _accumulate_weighted(out: torch.Tensor | None, parts: Sequence[tuple[torch.Tensor, float]], alpha: float,
-                         beta: float, *, mirror: bool = True, homogeneous: bool = False) -> torch.Tensor:
-    """``accumulate_grams`` of parts weighted alike in one call, otherwise part by part with alpha times its weight."""
-    if all(weight == parts[0][1] for _, weight in parts):
-        return accumulate_grams(out, [rows for rows, _ in parts], alpha * parts[0][1], beta, mirror=mirror,
+def _accumulate_sites(out: torch.Tensor | None, sites: Sequence[SiteRows], alpha: float, beta: float, *,
+                      mirror: bool = True, homogeneous: bool = False) -> torch.Tensor:
+    """A's ``accumulate_grams`` of the sites' P: in one call where they weigh alike, otherwise site by site with
+    alpha times its weight."""
+    if all(site.weight == sites[0].weight for site in sites):
+        return accumulate_grams(out, [site.p for site in sites], alpha * sites[0].weight, beta, mirror=mirror,
                                 homogeneous=homogeneous)
-    for number, (rows, weight) in enumerate(parts):
-        out = accumulate_grams(out, [rows], alpha * weight, beta if number == 0 else 1.0, homogeneous=homogeneous,
-                               mirror=mirror and number == len(parts) - 1)
+    for number, site in enumerate(sites):
+        out = accumulate_grams(out, [site.p], alpha * site.weight, beta if number == 0 else 1.0,
+                               homogeneous=homogeneous, mirror=mirror and number == len(sites) - 1)
     return out
 
 
@@ -126,19 +117,24 @@ def site_rows(
     dtype: torch.dtype = torch.float32,
     with_gradient: bool = True,
     ones_column: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> SiteRows:
     """P and Q of one site, in ``dtype`` (independent of the model's dtype); ``ones_column=False`` leaves out
-    the homogeneous 1 of a layer with a bias (for the statistics kernel, which appends it virtually)."""
+    the homogeneous 1 of a layer with a bias (for the statistics kernel, which appends it virtually); ``rows``:
+    the activation rows to keep (a conv's others are never formed), each then weighing R / kept, Q whole."""
     record.check_unchanged()
     a = _select(record.a, batch_size, index).to(dtype)
     g = None
     if with_gradient and record.g is not None:
         g = _select(record.g, batch_size, index).to(dtype)
     groups = layer.groups
+    count = _row_count(record, a)
     if record.geometry is None:
         p, q = _flatten_linear(a), None if g is None else _flatten_linear(g)
+        if rows is not None:
+            p = p.index_select(0, rows.to(p.device))
     else:
-        p = conv_patches(a, record.geometry)
+        p = conv_patches(a, record.geometry) if rows is None else conv_patches_at(a, record.geometry, rows)
         q = None if g is None else gradient_rows(g)
     if p.shape[1] != groups * layer.in_features:
         raise CaptureError(
@@ -148,7 +144,14 @@ def site_rows(
     p = p.reshape(p.shape[0], groups, layer.in_features).transpose(0, 1)
     if layer.bias is not None and ones_column:
         p = torch.cat([p, p.new_ones(groups, p.shape[1], 1)], dim=2)
-    return SiteRows(p, None if q is None else _by_group(layer, q))
+    return SiteRows(p, None if q is None else _by_group(layer, q), 1.0 if rows is None else count / rows.numel())
+
+
+def _row_count(record: SiteRecord, a: torch.Tensor) -> int:
+    """The number of activation rows of a site whose (selected) input is ``a``, without forming them."""
+    if record.geometry is None:
+        return 1 if a.dim() < 2 else a.numel() // a.shape[-1]
+    return a.shape[0] * math.prod(output_spatial(record.geometry, a.shape[2:]))
 
 
 def _by_group(layer: Layer, q: torch.Tensor) -> torch.Tensor:
@@ -164,10 +167,11 @@ def _examples(batch_size: int, index: torch.Tensor | None) -> int:
 
 def layer_rows(
     layer: Layer, records: Sequence[SiteRecord], batch_size: int, index: torch.Tensor | None, dtype: torch.dtype,
-    with_gradient: bool = True, ones_column: bool = True,
+    with_gradient: bool = True, ones_column: bool = True, subset: RowSubset | None = None,
 ) -> tuple[list[SiteRows], int, int]:
     """The rows of every site of a layer, the number of examples m and the total number of rows R
-    (the gradient rows too unless ``with_gradient`` is False: then no site needs a gradient)."""
+    (the gradient rows too unless ``with_gradient`` is False: then no site needs a gradient; ``subset``: the
+    activation rows drawn where the layer has many, see ``RowSubset``)."""
     if not records:
         raise CaptureError(f"layer {layer.name!r} has no captured site")
     if with_gradient and all(r.g is None for r in records):
@@ -175,9 +179,11 @@ def layer_rows(
     m = _examples(batch_size, index)
     if m < 1:
         raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
+    counts = [_row_count(record, record.a) * m // batch_size for record in records]  # rows of the m examples
+    kept = [None] * len(records) if subset is None else subset.choose(counts, m)
     sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient,
-                       ones_column=ones_column) for record in records]
-    return sites, m, sum(site.p.shape[1] for site in sites)
+                       ones_column=ones_column, rows=rows) for record, rows in zip(records, kept)]
+    return sites, m, sum(counts)
 
 
 def _grad_scale(m: int, grad_scale: float | None) -> float:
@@ -205,9 +211,9 @@ def batch_factors(
         dtype: the factors' dtype (float32 or float64, independent of the model's).
         subset: A from a random subset of the rows where there are many (``RowSubset``); None: every row.
     """
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=subset)
     scale = _grad_scale(m, grad_scale)
-    a = _accumulate_weighted(None, _weighted_parts([site.p for site in sites], m, subset), 1.0 / m, 0.0)
+    a = _accumulate_sites(None, sites, 1.0 / m, 0.0)
     g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
     return a, g
 
@@ -244,17 +250,17 @@ def fold_factors_(
     # A bias's homogeneous 1 is appended by accumulate_grams: virtually on the statistics kernel (no copy of the
     # rows), by one concatenation on the torch way.
     homogeneous = layer.bias is not None
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous)
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous, subset=subset)
     scale = _grad_scale(m, grad_scale)
-    p_parts = [site.p.to(device) for site in sites]
-    q_parts = [site.q.to(device) for site in sites if site.q is not None]
+    sites = [SiteRows(site.p.to(device), None if site.q is None else site.q.to(device), site.weight) for site in sites]
+    q_parts = [site.q for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8
-    if not (_gram_bound(p_parts, at_least=1.0 if homogeneous else 0.0) * a_alpha < limit
+    if not (_gram_bound([site.p for site in sites], at_least=1.0 if homogeneous else 0.0,
+                        weights=[site.weight for site in sites]) * a_alpha < limit
             and _gram_bound(q_parts) * g_alpha < limit):
         return None
-    a_parts = _weighted_parts(p_parts, m, subset)
-    return (_accumulate_weighted(a, a_parts, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
+    return (_accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
 
 
@@ -302,19 +308,19 @@ def _fold_conv_on_kernel(layer: Layer, records: Sequence[SiteRecord], a: torch.T
     return a, accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay)
 
 
-def _gram_bound(parts: Sequence[torch.Tensor], at_least: float = 0.0) -> float:
-    """An upper bound of |entry| of sum_parts rows^T rows: sum of R max(max|x|, ``at_least``)^2 (inf when a row
-    is not finite; ``at_least`` 1 counts a ones column appended virtually). The parts' extremes are read by the
-    host at once (one synchronisation on a GPU)."""
+def _gram_bound(parts: Sequence[torch.Tensor], at_least: float = 0.0, weights: Sequence[float] | None = None) -> float:
+    """An upper bound of |entry| of sum_parts weight rows^T rows: sum of weight R max(max|x|, ``at_least``)^2 (inf
+    when a row is not finite; ``at_least`` 1 counts a ones column appended virtually). The parts' extremes are
+    read by the host at once (one synchronisation on a GPU)."""
     if not parts:
         return 0.0
     extremes = torch.stack([torch.stack(torch.aminmax(rows)).to(parts[0].device) for rows in parts]).tolist()
     total = 0.0
-    for rows, (low, high) in zip(parts, extremes):
+    for rows, weight, (low, high) in zip(parts, weights or [1.0] * len(parts), extremes):
         largest = max(abs(low), abs(high), at_least)
         if not math.isfinite(largest):
             return math.inf
-        total += rows.shape[1] * largest * largest
+        total += weight * rows.shape[1] * largest * largest
     return total
 
 

@@ -114,6 +114,29 @@ def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     return x.permute(order).reshape(-1, c * math.prod(kernel))
 
 
+def conv_patches_at(x: torch.Tensor, geometry: ConvGeometry, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` (indices into ``conv_patches``' N * T rows) of the patches of ``x``, gathered from the
+    padded input without forming the others: a few rows of a wide layer cost a few rows, not an im2col."""
+    rank = len(geometry.kernel)
+    if x.dim() != rank + 2:
+        raise ValueError(f"a conv{rank}d input needs {rank + 2} dimensions [N, C, ...], got shape {tuple(x.shape)}")
+    begin, end = resolve_pads(geometry, x.shape[2:])
+    out = output_spatial(geometry, x.shape[2:])
+    if any(begin) or any(end):
+        x = F.pad(x, [p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e)])
+    rows = rows.to(x.device)
+    example, location = rows // math.prod(out), rows % math.prod(out)
+    index = [example.view(-1, *(1,) * rank)]
+    for axis in reversed(range(rank)):  # the location's coordinate on each axis, then its kernel offsets
+        at, location = location % out[axis], location // out[axis]
+        offsets = torch.arange(geometry.kernel[axis], device=x.device) * geometry.dilation[axis]
+        shape = [1] * rank
+        shape[axis] = -1
+        index.insert(1, at.view(-1, *(1,) * rank) * geometry.stride[axis] + offsets.view(1, *shape))
+    picked = x.movedim(1, -1)[tuple(index)]  # [R, k_1..k_r, C]
+    return picked.movedim(-1, 1).reshape(rows.shape[0], -1)
+
+
 def gradient_rows(g: torch.Tensor) -> torch.Tensor:
     """A conv output gradient [N, out, *spatial] as rows [N * T, out], matching ``conv_patches``."""
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])

@@ -301,7 +301,8 @@ def test_paper_preset_has_the_papers_settings():
     assert not settings.descent_only and settings.max_condition is None and not settings.centered_damping
     assert settings.max_momentum is None and settings.factor_damping_floor == 0 and opt.curvature.floor == 0
     assert settings.unmatched_direction == "gradient"
-    assert settings.activation_rows is None and opt.row_subset is None  # A from every row (as in the defaults)
+    assert settings.activation_rows is None and opt.row_subset is None  # A from every row
+    assert PRESETS["default"].activation_rows == 1024
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -313,7 +314,7 @@ def test_paper_preset_is_the_papers_algorithm_step_for_step():
                     "refresh_ratio": None, "reject_steps": False, "keep_damping_at_rounding": False,
                     "descent_only": False, "max_momentum": None,
                     "max_condition": None, "centered_damping": False, "unmatched_direction": "gradient",
-                    "signal_scaling": False}):
+                    "signal_scaling": False, "activation_rows": None}):
         model = mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=3, **kwargs)
         runs.append(([opt.step(x, y) for x, y in batches(22)], params(model)))

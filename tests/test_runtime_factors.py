@@ -265,6 +265,23 @@ def test_conv_factors_against_loops(make, spatial: tuple[int, ...], begin: tuple
     torch.testing.assert_close(g, want_g, rtol=0, atol=ATOL)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("make, spatial, begin", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_patches_of_chosen_rows_equal_the_loops_rows(make, spatial: tuple[int, ...], begin: tuple[int, ...]) -> None:
+    """``conv_patches_at`` (the rows a RowSubset keeps, gathered without an im2col) against the loops' patches of
+    those (example, location) rows."""
+    from kronograph.runtime.patches import call_geometry, conv_patches_at
+
+    torch.manual_seed(7)
+    conv = make().double()
+    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64)
+    out_spatial = tuple(conv(x).shape[2:])
+    every = torch.stack([p for example in x for p in loop_patches(example, conv, begin, out_spatial)])
+    rows = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(8))[: max(1, every.shape[0] // 3)]
+    geometry = call_geometry(conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert torch.equal(conv_patches_at(x, geometry, rows), every[rows])
+
+
 # -- the in-place EMA of Grams (the statistics' hot path) ----------------------------------------------
 @pytest.mark.parametrize("d", [5, 300])  # one full product / four panels mirrored
 def test_accumulated_grams_equal_the_dense_ema(d: int) -> None:

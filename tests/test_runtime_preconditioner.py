@@ -198,12 +198,13 @@ def test_training_loop_lowers_the_loss(fisher, make_optimizer):
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
 
 
-def test_state_dict_round_trip_gives_identical_next_grad():
+@pytest.mark.parametrize("activation_rows", [None, 20])  # 20 of a convolution's 8 x 49 or 8 x 9 patch rows
+def test_state_dict_round_trip_gives_identical_next_grad(activation_rows):
     def setup():
         model = convnet()
         precond = kronograph.optim.KFACPreconditioner(
             kronograph.compile(model, batch(model, 0)[:1]), fisher="mc", stats_fraction=0.5, inverse_every=2,
-            ema_decay=None, damping=0.1, seed=9,
+            ema_decay=None, damping=0.1, seed=9, activation_rows=activation_rows,
         )
         return model, precond, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -227,6 +228,27 @@ def test_state_dict_round_trip_gives_identical_next_grad():
     optimizer.load_state_dict(saved[2])
     for got, want in zip(run(model, precond, optimizer, [4, 5, 6]), expected):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_activation_rows_thin_a_convolutions_a_only():
+    """With activation_rows, the convolutions' A (8 x 49 and 8 x 9 rows) come from 20 rows and differ from every
+    row's; their G and the linear layer's factors (a row an example) are those of every row."""
+    factors = []
+    for rows in (None, 20):
+        model = convnet()
+        precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, batch(model, 0)[:1]), seed=3,
+                                                      factor_dtype=torch.float64, activation_rows=rows)
+        x, y = batch(model, 1, 8)
+        with precond.track():
+            user_backward(model, x, y)
+        precond.step()
+        factors.append({name: (block.a, block.g) for name, block in precond.blocks.items()})
+    every, thinned = factors
+    convolutions = [name for name, block in precond.blocks.items() if block.layer.geometry is not None]
+    assert len(convolutions) == 2
+    for name in every:
+        assert torch.equal(every[name][1], thinned[name][1])
+        assert torch.equal(every[name][0], thinned[name][0]) == (name not in convolutions), name
 
 
 def test_non_finite_grad_and_statistics_are_left_out_and_reported():
@@ -285,7 +307,8 @@ def test_schedule_and_misuse():
     with pytest.raises(kronograph.KronographError, match="track"):
         precond.update_statistics(x)
     for kwargs, message in [({"fisher": "exact"}, "fisher"), ({"loss_reduction": "none"}, "loss_reduction"),
-                            ({"damping": 0.0}, "damping"), ({"stats_fraction": 2.0}, "stats_fraction")]:
+                            ({"damping": 0.0}, "damping"), ({"stats_fraction": 2.0}, "stats_fraction"),
+                            ({"activation_rows": 0}, "activation_rows")]:
         with pytest.raises(kronograph.KronographError, match=message):
             kronograph.optim.KFACPreconditioner(compiled, **kwargs)
 

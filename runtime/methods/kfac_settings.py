@@ -108,11 +108,11 @@ class KFACSettings:
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
                                           "factor's mean eigenvalue (0: none, the paper's).", low=0)
-    activation_rows: int | None = setting(None, "Form a layer's A from at most N of its activation rows per "
+    activation_rows: int | None = setting(1024, "Form a layer's A from at most N of its activation rows per "
                                           "statistics update, a random subset weighted to stay unbiased, where "
-                                          "it has more rows than examples (conv patches, tokens); G keeps every "
-                                          "row (auto: every row; a CPU saving on wide convolutions that did not "
-                                          "win at equal time, BENCHMARKS.md).", low=1)
+                                          "it has more rows than examples (conv patches, tokens; a conv's other "
+                                          "patches are never formed); G keeps every row (auto: every row, the "
+                                          "paper's).", low=1)
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -166,6 +166,7 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
+        activation_rows=None,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
