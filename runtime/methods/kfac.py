@@ -225,6 +225,10 @@ class KFAC:
             model rewards fitting it, the gamma rule can drive gamma to 1e-7 of the factors' scale (a deep tanh
             net near a perfect fit): the inverses then amplify directions the batch barely saw, each step fits
             its batch and undoes the others, and at float32's rounding the Cholesky fails.
+        activation_rows: a layer's A from at most this many of its activation rows a statistics update, where it has
+            more rows than examples (conv patches, tokens): a uniform random subset drawn by ``row_generator``, each
+            row weighted so that A stays unbiased (factors.RowSubset), a conv's kept patches gathered alone; G from
+            every row (None: every row, the paper's). The patches' im2col was most of a conv net's statistics cost.
         unmatched_direction: the direction of the parameters no Kronecker block covers (norms, embeddings,
             tied weights), whose length the quadratic model chooses: "gradient" (-grad h) or "rms" (-grad h /
             sqrt(v), v an EMA of grad^2 with decay 0.999: every coordinate moves, rare embedding rows and
