@@ -68,12 +68,13 @@ def unplaced_factories_fail(device: str):
 
 
 def tensors(obj):
-    """Every tensor in a (nested) state dict, with its path; the generator's state is always a cpu byte tensor."""
+    """Every tensor in a (nested) state dict, with its path; a generator's state (``generator``, KFAC's
+    ``row_generator``) is always a cpu byte tensor."""
     if isinstance(obj, torch.Tensor):
         yield "", obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            if key != "generator":
+            if not key.endswith("generator"):
                 yield from ((f"{key}/{path}", t) for path, t in tensors(value))
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
@@ -86,6 +87,7 @@ def check_state(optimizer, device: str) -> None:
     misplaced = [(path, t.device) for path, t in found if t.device.type != device]
     assert not misplaced
     assert optimizer.generator.device.type == device
+    assert getattr(optimizer, "row_generator", optimizer.generator).device.type == device
 
 
 def kfac_steps(cm, name: str, device: str, dtype: torch.dtype = torch.float32, **settings) -> list[float]:
