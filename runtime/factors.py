@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -121,14 +121,14 @@ def site_rows(
 ) -> SiteRows:
     """P and Q of one site, in ``dtype`` (independent of the model's dtype); ``ones_column=False`` leaves out
     the homogeneous 1 of a layer with a bias (for the statistics kernel, which appends it virtually); ``rows``:
-    the activation rows to keep (a conv's others are never formed), each then weighing R / kept, Q whole."""
+    the activation rows to keep (a conv's others are never formed; their weight is the caller's, ``layer_rows``),
+    Q whole."""
     record.check_unchanged()
     a = _select(record.a, batch_size, index).to(dtype)
     g = None
     if with_gradient and record.g is not None:
         g = _select(record.g, batch_size, index).to(dtype)
     groups = layer.groups
-    count = _row_count(record, a)
     if record.geometry is None:
         p, q = _flatten_linear(a), None if g is None else _flatten_linear(g)
         if rows is not None:
@@ -144,11 +144,11 @@ def site_rows(
     p = p.reshape(p.shape[0], groups, layer.in_features).transpose(0, 1)
     if layer.bias is not None and ones_column:
         p = torch.cat([p, p.new_ones(groups, p.shape[1], 1)], dim=2)
-    return SiteRows(p, None if q is None else _by_group(layer, q), 1.0 if rows is None else count / rows.numel())
+    return SiteRows(p, None if q is None else _by_group(layer, q))
 
 
 def _row_count(record: SiteRecord, a: torch.Tensor) -> int:
-    """The number of activation rows of a site whose (selected) input is ``a``, without forming them."""
+    """The number of activation rows of a site whose input is ``a``, without forming them."""
     if record.geometry is None:
         return 1 if a.dim() < 2 else a.numel() // a.shape[-1]
     return a.shape[0] * math.prod(output_spatial(record.geometry, a.shape[2:]))
@@ -183,6 +183,9 @@ def layer_rows(
     kept = [None] * len(records) if subset is None else subset.choose(counts, m)
     sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient,
                        ones_column=ones_column, rows=rows) for record, rows in zip(records, kept)]
+    for site, count, rows in zip(sites, counts, kept):
+        if rows is not None:
+            site.weight = count / rows.numel()  # each kept row stands for R_s / k_s rows
     return sites, m, sum(counts)
 
 
@@ -252,7 +255,8 @@ def fold_factors_(
     homogeneous = layer.bias is not None
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous, subset=subset)
     scale = _grad_scale(m, grad_scale)
-    sites = [SiteRows(site.p.to(device), None if site.q is None else site.q.to(device), site.weight) for site in sites]
+    sites = [replace(site, p=site.p.to(device), q=None if site.q is None else site.q.to(device))
+             for site in sites]
     q_parts = [site.q for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8

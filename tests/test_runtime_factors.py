@@ -360,8 +360,6 @@ class TwiceConv(nn.Module):
 
 
 def _twice_conv_records(n: int = 3):
-    from plan_helpers import conv_layer
-
     torch.manual_seed(10)
     model = TwiceConv().double()
     x = torch.randn(n, 2, 6, 6, dtype=torch.float64)
