@@ -154,8 +154,8 @@ def problems() -> dict[str, Callable[[], Problem]]:
 
 
 class TextGRU(nn.Module):
-    """A one-layer GRU language model on characters: K-FAC's blocks are the embedding and the head only, the
-    recurrent weights step along the unmatched parameters' direction."""
+    """A one-layer GRU language model on characters (the GRU's input and hidden maps have blocks on the torch
+    engine since the capture rebuilds the recurrence: runtime/recurrent.py)."""
 
     def __init__(self, width: int = 64, hidden: int = 128) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ from kronograph.compiler.export import export_module
 from kronograph.compiler.load import load_onnx
 from kronograph.compiler.outputs import OutputChoice, OutputSelector, example_outputs, put_first
 from kronograph.compiler.parameters import module_parameters, onnx_parameters
+from kronograph.compiler.recurrent import RecurrentCalls
 from kronograph.compiler.wrappers import refuse_sharded, unwrapped
 from kronograph.errors import KronographError
 from kronograph.passes.match import build_plan
@@ -81,10 +82,13 @@ def compile(  # noqa: A001 - the contract's name
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     graph = export_module(model, example_inputs, verbose=verbose)
-    selector = OutputSelector(output, example_outputs(model, example_inputs))
+    with RecurrentCalls() as recurrent_calls:  # the GRU / LSTM / RNN calls of the example forward
+        selector = OutputSelector(output, example_outputs(model, example_inputs))
     put_first(graph, selector.graph_index)
     parameters, missing = module_parameters(model, graph)
     plan = dataclasses.replace(build_plan(graph, parameters, missing), output=selector.description)
+    if (engine or "torch") == "torch":  # recurrent maps are sites of the torch engine's capture only
+        plan = recurrent_calls.plan_with_layers(model, plan)
     return CompiledModel(
         engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs,
         select=selector, output=plan.output, verbose=verbose,

@@ -17,7 +17,10 @@ CaptureError (keep ``with precond.track():`` and ``KFAC.step`` outside compiled 
 
 ``F.multi_head_attention_forward`` (nn.MultiheadAttention, the Transformer layers) dispatches to the mode
 itself, which then no longer sees the F.linear calls inside it; Capture runs it as runtime/attention.py
-rebuilds it, recording the in- and out-projections like any F.linear (inputs batch-major [n, T, E]).
+rebuilds it, recording the in- and out-projections like any F.linear (inputs batch-major [n, T, E]). The fused
+recurrent functions (nn.GRU, nn.LSTM, nn.RNN) likewise run as runtime/recurrent.py rebuilds them, step by step,
+when one of their weights is a layer of the plan: the input map is one site over the sequence, the hidden map's
+T steps are one site whose output is a zero tensor added to every step (its gradient: the steps' g, stacked).
 Cases that module does not rebuild, and cross-attention whose packed in_proj_weight is a layer of the
 plan (torch projects with slices of it, which cannot be its sites), run torch's function unrecorded.
 
@@ -54,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
-from kronograph.runtime import attention, sharded
+from kronograph.runtime import attention, recurrent, sharded
 from kronograph.runtime.patches import call_geometry
 
 
@@ -218,6 +221,10 @@ class Capture(TorchFunctionMode):
             call = self._attention_call(args, kwargs)
             if call is not None:
                 return attention.multi_head_attention(call, self._project)
+        if func in recurrent.FUNCTIONS:
+            call = self._recurrent_call(func, args, kwargs)
+            if call is not None:
+                return recurrent.run(call, self._project, self._probe, self._record_steps)
         result = func(*args, **kwargs)
         if func in _LINEAR:  # F.linear(input, weight, bias): weight used as [out, in]
             self._linear(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), result, used_out_in=True)
@@ -242,6 +249,27 @@ class Capture(TorchFunctionMode):
         if sliced is not None and self._find(sliced)[0] is not None:
             return None
         return call
+
+    def _recurrent_call(self, func: Callable, args: tuple, kwargs: dict) -> recurrent.RecurrentCall | None:
+        """The bound arguments of a recurrent call with a layer of the plan among its weights, else None (torch's
+        fused function then runs: nothing to record, or under no_grad nothing to learn)."""
+        if not torch.is_grad_enabled():
+            return None
+        call = recurrent.bind(func, args, kwargs)
+        if call is None or all(self._find(weight)[0] is None for weight in call.params):
+            return None
+        return call
+
+    def _probe(self, weight: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """The zero tensor whose gradient is a recurrent hidden map's per-step g (runtime/recurrent.py), or None
+        when ``weight`` is no layer of the plan."""
+        if self._find(weight)[0] is None:
+            return None
+        return torch.zeros(shape, dtype=like.dtype, device=like.device, requires_grad=True)
+
+    def _record_steps(self, weight: torch.Tensor, a: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Record a recurrent hidden map's steps as one site: a [n, T, H], output the probe ``zeros``."""
+        self._linear(a, weight, zeros, used_out_in=True)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """F.linear inside a handled call (the mode is off there, so it is recorded here, once)."""

@@ -154,6 +154,11 @@ def _row_count(record: SiteRecord, a: torch.Tensor) -> int:
     return a.shape[0] * math.prod(output_spatial(record.geometry, a.shape[2:]))
 
 
+def rows_per_example(records: Sequence[SiteRecord], batch_size: int) -> float:
+    """A layer's activation rows an example over its sites (1 for a plain linear layer, T for a sequence's)."""
+    return sum(_row_count(record, record.a) for record in records) / batch_size
+
+
 def _by_group(layer: Layer, q: torch.Tensor) -> torch.Tensor:
     """Output-gradient rows [R, groups * out] as [groups, R, out]."""
     return q.reshape(q.shape[0], layer.groups, layer.out_features).transpose(0, 1)

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from kronograph.runtime.recurrent import FUNCTIONS as RECURRENT_FUNCTIONS
+
 FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
 BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
-RECURRENT = frozenset({torch.gru, torch.lstm, torch.rnn_tanh, torch.rnn_relu})
+RECURRENT = frozenset(RECURRENT_FUNCTIONS)
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
 
 

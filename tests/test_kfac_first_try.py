@@ -50,8 +50,7 @@ def normed_mlp(seed: int = 0) -> nn.Module:
 
 
 class Recurrent(nn.Module):
-    """A GRU on sequences of 8-wide inputs and a linear head on its last state: the GRU's fused weights have no
-    Kronecker block."""
+    """A GRU on sequences of 8-wide inputs and a linear head on its last state."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -615,14 +614,26 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
-    """A GRU's weights have no block (their matmuls live inside the fused recurrent op): where such parameters
-    hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP does not."""
+    """An LSTM with proj_size has no blocks (its call is not rebuilt: runtime/recurrent.py): where such parameters
+    hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,
+    whose maps have blocks, do not."""
     from kronograph.runtime.inverse import CoverageWarning
 
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, proj_size=4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0][:, -1])
+
     torch.manual_seed(0)
-    with pytest.warns(CoverageWarning, match=r"1,248 of the model's 1,299 parameters \(96%\).*gru\.weight_hh_l0"):
-        kronograph.optim.KFAC(kronograph.compile(Recurrent(16), (torch.randn(2, 4, 8),), loss="cross_entropy"))
+    with pytest.warns(CoverageWarning, match=r"960 of the model's 975 parameters \(98%\).*lstm\.weight_ih_l0.*"
+                                             r"proj_size"):
+        kronograph.optim.KFAC(kronograph.compile(Projected(), (torch.randn(2, 4, 8),), loss="cross_entropy"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoverageWarning)
+        kronograph.optim.KFAC(kronograph.compile(Recurrent(16), (torch.randn(2, 4, 8),), loss="cross_entropy"))
         kronograph.optim.KFAC(kronograph.compile(normed_mlp(), (torch.randn(2, 5),), loss="cross_entropy"))

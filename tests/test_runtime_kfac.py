@@ -416,7 +416,7 @@ def test_layers_frozen_and_unfrozen_after_compile(frozen):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 20),)), seed=0)
-    assert opt._low_rank_possible(4)
+    assert opt._low_rank_layers(4)
     generator = torch.Generator().manual_seed(3)
 
     def step():

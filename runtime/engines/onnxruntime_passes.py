@@ -24,7 +24,7 @@ gradient and the taps come from the training-mode one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,8 +117,9 @@ class OnnxRuntimePasses:
         return records
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool,
-                      keep_outputs: bool = False) -> GradientPass:
-        """The torch engine's ``gradient_pass``; the outputs are not kept (``keep_outputs`` is a hint)."""
+                      keep_outputs: bool = False, layers: Collection[str] | None = None) -> GradientPass:
+        """The torch engine's ``gradient_pass``; the outputs are not kept and every layer's sites are returned
+        (``keep_outputs`` and ``layers`` are hints: the graph's taps cost the same either way)."""
         result = self.engine.forward_backward([_numpy(x) for x in inputs], _numpy(targets))
         if result.outputs is not None:  # every step: a batch of another shape must not broadcast
             self.loss.check_targets(torch.from_numpy(result.outputs), targets)

@@ -16,7 +16,7 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,13 +129,15 @@ class TorchEngine:
             self.sharded.copy_(values)
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool,
-                      keep_outputs: bool = False) -> GradientPass:
-        """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too; with
-        ``keep_outputs`` the outputs, unless the forward drew random numbers (dropout)."""
+                      keep_outputs: bool = False, layers: Collection[str] | None = None) -> GradientPass:
+        """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too (of ``layers``
+        only, where given: a recurrent layer's capture runs it step by step); with ``keep_outputs`` the outputs,
+        unless the forward drew random numbers (dropout)."""
         outside_compiled_code()  # KFAC.step inside a torch.compile'd function: our error, not dynamo's
         randomness = _RandomState(self.device) if keep_outputs else None
         self.module.zero_grad(set_to_none=True)
-        capturing = Capture(self.module, self.compiled.plan, hooks=True) if capture else contextlib.nullcontext()
+        plan = self.compiled.plan if layers is None else [self.compiled.plan.layer(name) for name in layers]
+        capturing = Capture(self.module, plan, hooks=True) if capture else contextlib.nullcontext()
         with capturing:
             outputs = self.compiled.forward(*inputs)
         self.loss.check_targets(outputs, targets)  # every step: a batch of another shape must not broadcast

@@ -80,7 +80,8 @@ from kronograph.runtime.damping import (
     lm_omega,
     rounding_of_h,
 )
-from kronograph.runtime.factors import RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts
+from kronograph.runtime.factors import (RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts,
+                                       rows_per_example)
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
 from kronograph.runtime.inverse import CoverageWarning, SkippedStepWarning, StatisticsWarning, all_finite
 from kronograph.runtime.losses import get_loss
@@ -354,6 +355,7 @@ class KFAC:
         self.inverted_gamma: float | None = None  # the gamma of the inverses in use
         self.timings: dict[str, float] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
+        self._rows_per_example: dict[str, float] = {}  # activation rows an example, as the last statistics saw
         self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
@@ -588,6 +590,7 @@ class KFAC:
         ranks' factors averaged, runtime/data_parallel.py)."""
         self.stats_updates += 1
         decay = ema_decay(self.stats_updates, self.ema_decay)
+        self._rows_per_example = {name: rows_per_example(sites, batch_size) for name, sites in records.items() if sites}
         if self._slice is None:
             self.curvature.fold(records, batch_size, decay, index, grad_scale, self.row_subset)
             seen = [name for name in self.blocks if records.get(name)]
@@ -612,7 +615,7 @@ class KFAC:
         """Loss, objective h, grad h on the whole batch and the captured sites (with ``capture``, for
         fisher="empirical", whose statistics come from this same forward and backward)."""
         n = inputs[0].shape[0]
-        low_rank = self._low_rank_possible(n)
+        low_rank = self._low_rank_layers(n)
         keep = self._keep_outputs(n)
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
@@ -625,7 +628,8 @@ class KFAC:
         elif halves and n >= 4:  # halves of >= 2 (batch norm)
             result = self._gradient_of_halves(inputs, y, low_rank, keep)
         else:
-            result = self.engine.gradient_pass(inputs, y, capture=capture or low_rank, keep_outputs=keep)
+            result = self.engine.gradient_pass(inputs, y, capture=capture or bool(low_rank), keep_outputs=keep,
+                                               layers=None if capture else low_rank)
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         self._pass_outputs = result.outputs
@@ -648,20 +652,20 @@ class KFAC:
             total = square if total is None else total + square
         return 0.0 if total is None else float(total)
 
-    def _gradient_of_halves(self, inputs, y, low_rank: bool, keep_outputs: bool = False) -> GradientPass:
+    def _gradient_of_halves(self, inputs, y, low_rank: tuple[str, ...], keep_outputs: bool = False
+                            ) -> GradientPass:
         """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
         one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
-        each half as a batch. With ``low_rank`` the halves' rows make this step's low-rank products; with
+        each half as a batch. The ``low_rank`` layers' rows make this step's low-rank products; with
         ``keep_outputs`` the halves' outputs, stacked, where both kept them."""
         n = inputs[0].shape[0]
         half = n // 2
         try:
-            first = self.engine.gradient_pass(tuple(t[:half] for t in inputs), y[:half], capture=low_rank,
-                                              keep_outputs=keep_outputs)
-            second = self.engine.gradient_pass(tuple(t[half:] for t in inputs), y[half:], capture=low_rank,
-                                               keep_outputs=keep_outputs)
+            first, second = (self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
+                                                       keep_outputs=keep_outputs, layers=low_rank)
+                             for part in (slice(None, half), slice(half, None)))
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
-            result = self.engine.gradient_pass(inputs, y, capture=low_rank)
+            result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), layers=low_rank)
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
             return result
@@ -755,12 +759,15 @@ class KFAC:
                 fresh.shape == kept.shape and (fresh - kept).abs().max() <= 1e-4 * fresh.abs().max())
         return kept if self._outputs_split_free else fresh
 
-    def _low_rank_possible(self, n: int) -> bool:
-        """Whether some layer could use the low-rank product of sec 8 on a batch of n (weight decay adds
-        a full-rank eta W to the gradient, which the trick cannot carry)."""
+    def _low_rank_layers(self, n: int) -> tuple[str, ...]:
+        """The layers that could use the low-rank product of sec 8 on a batch of n, with their rows an example as
+        the last statistics pass counted them (weight decay adds a full-rank eta W to the gradient, which the
+        trick cannot carry). Only these are captured on the gradient passes: a recurrent layer's capture runs it
+        step by step, at several times the fused kernel's cost."""
         if self.structure != "diagonal" or self.weight_decay or self._group is not None:  # (not data-parallel yet)
-            return False
-        return any(low_rank_pays(block.layer, n) for block in self.curvature.blocks.values())
+            return ()
+        return tuple(name for name, block in self.curvature.blocks.items()
+                     if low_rank_pays(block.layer, math.ceil(n * self._rows_per_example.get(name, 1.0))))
 
     def _objective(self, inputs, y) -> float:
         """h at the current weights on this step's batch, measured as the gradient passes measured it: where they

@@ -1,0 +1,151 @@
+"""Recurrent layers from recorded projections: ``torch.gru``, ``torch.lstm``, ``torch.rnn_tanh`` and
+``torch.rnn_relu`` (what nn.GRU, nn.LSTM and nn.RNN call) rebuilt step by step from F.linear, so that a
+TorchFunctionMode (runtime/capture.py) can record the two linear maps inside the fused kernel.
+
+Each layer and direction has two Kronecker blocks (Martens, Ba & Johnson 2018, with time steps treated as
+independent, as KFAC-expand treats a sequence's positions; DESIGN.md's token convention):
+- the input map W_ih: one F.linear over the whole sequence, [n, T, in] -> [n, T, gates * H], recorded like
+  any linear site with T rows an example;
+- the hidden map W_hh: applied once a step to h_{t-1}, so its site is the stack of those T calls: a is
+  [h_0 .. h_{T-1}] as [n, T, H], and its output is a zero tensor added to every step's W_hh h_{t-1} + b_hh
+  (``probe``), whose gradient is the stack of the steps' pre-activation gradients g_t, [n, T, gates * H].
+
+The arithmetic is ATen's cells (gates in torch's order: GRU r, z, n; LSTM i, f, g, o), dropout between layers
+as torch applies it; the layout is batch-major inside ([n, T, ...], examples along dim 0 as the statistics
+expect) whatever ``batch_first`` says. ``bind`` returns None (the caller runs torch's function) for packed
+sequences, an LSTM with ``proj_size`` and inputs that are not [T, n, in] / [n, T, in].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+FUNCTIONS = {torch.gru: "gru", torch.lstm: "lstm", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
+GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
+
+Project = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Probe = Callable[[torch.Tensor, tuple[int, ...], torch.Tensor], torch.Tensor | None]
+RecordSteps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class RecurrentCall:
+    """A call of a fused recurrent function, by name (the ``.input`` overload: a padded [T, n, in] batch)."""
+
+    mode: str
+    input: torch.Tensor
+    hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    params: tuple[torch.Tensor, ...]
+    has_biases: bool
+    num_layers: int
+    dropout: float
+    train: bool
+    bidirectional: bool
+    batch_first: bool
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(W_ih, W_hh, b_ih, b_hh) of layer-direction ``k`` (layer * directions + direction)."""
+        per = 4 if self.has_biases else 2
+        group = self.params[k * per: (k + 1) * per]
+        return (group[0], group[1], group[2], group[3]) if self.has_biases else (group[0], group[1], None, None)
+
+
+def examine(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | str:
+    """The call by name, or why it is not rebuilt (a phrase for the plan's unmatched reasons)."""
+    mode = FUNCTIONS[func]
+    if kwargs or len(args) != 9:
+        return "a call with other arguments than nn.GRU / nn.LSTM / nn.RNN make"
+    if isinstance(args[1], torch.Tensor) and not args[1].is_floating_point():
+        return "a packed sequence (PackedSequence); pad the batch instead"
+    data, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+    params = tuple(params)
+    directions = 2 if bidirectional else 1
+    if len(params) != num_layers * directions * (4 if has_biases else 2):
+        return "an LSTM with proj_size" if mode == "lstm" else "an unexpected number of weights"
+    if not isinstance(data, torch.Tensor) or data.dim() != 3:
+        return "an input that is not a [T, n, features] batch"
+    if (mode == "lstm") != isinstance(hx, (tuple, list)):
+        return "an unexpected hidden state"
+    hx = tuple(hx) if mode == "lstm" else hx
+    return RecurrentCall(mode, data, hx, params, bool(has_biases), int(num_layers), float(dropout), bool(train),
+                         bool(bidirectional), bool(batch_first))
+
+
+def bind(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | None:
+    """The call by name when ``run`` rebuilds it, else None (torch's function then runs unrecorded)."""
+    call = examine(func, args, kwargs)
+    return call if isinstance(call, RecurrentCall) else None
+
+
+def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of ATen's cell from the two projections gi = W_ih x_t + b_ih and gh = W_hh h + b_hh."""
+    if mode == "gru":
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        reset, update = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        new = torch.tanh(i_n + reset * h_n)
+        return (h - new) * update + new, None
+    if mode == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    pre = gi + gh
+    return (torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)), None
+
+
+def _direction(call: RecurrentCall, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
+               project: Project, probe: Probe, record_steps: RecordSteps
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer-direction over a batch-major x [n, T, in]: (outputs [n, T, H], h_T, c_T)."""
+    w_ih, w_hh, b_ih, b_hh = call.weights(k)
+    gi = project(x, w_ih, b_ih)
+    n, steps = gi.shape[0], gi.shape[1]
+    zeros = probe(w_hh, (n, steps, w_hh.shape[0]), gi)
+    before: list[torch.Tensor] = [h] * steps
+    outputs: list[torch.Tensor] = [h] * steps
+    order = range(steps - 1, -1, -1) if k % call.directions else range(steps)
+    for t in order:
+        before[t] = h
+        gh = F.linear(h, w_hh, b_hh)
+        if zeros is not None:
+            gh = gh + zeros[:, t]
+        h, c = _cell(call.mode, gi[:, t], gh, h, c)
+        outputs[t] = h
+    if zeros is not None:
+        record_steps(w_hh, torch.stack(before, 1), zeros)
+    return torch.stack(outputs, 1), h, c
+
+
+def run(call: RecurrentCall, project: Project, probe: Probe, record_steps: RecordSteps) -> tuple[torch.Tensor, ...]:
+    """What the fused function returns ((output, h_n), and c_n for an LSTM), computed step by step with
+    ``project(x, W, b)`` making the input maps, ``probe(W_hh, shape, like)`` a zero tensor to add to the hidden
+    map's outputs (None: not recorded) and ``record_steps(W_hh, a, zeros)`` recording its site."""
+    x = call.input if call.batch_first else call.input.transpose(0, 1)
+    lstm = call.mode == "lstm"
+    h0 = call.hx[0] if lstm else call.hx
+    c0 = call.hx[1] if lstm else None
+    last_h, last_c = [], []
+    for layer in range(call.num_layers):
+        outputs = []
+        for direction in range(call.directions):
+            k = layer * call.directions + direction
+            y, h, c = _direction(call, k, x, h0[k], c0[k] if lstm else None, project, probe, record_steps)
+            outputs.append(y)
+            last_h.append(h)
+            last_c.append(c)
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
+        if call.dropout > 0 and call.train and layer < call.num_layers - 1:
+            x = F.dropout(x, call.dropout, training=True)
+    output = (x if call.batch_first else x.transpose(0, 1)).contiguous()
+    if lstm:
+        return output, torch.stack(last_h), torch.stack(last_c)
+    return output, torch.stack(last_h)
