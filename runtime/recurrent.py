@@ -62,7 +62,7 @@ def examine(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | str:
     """The call by name, or why it is not rebuilt (a phrase for the plan's unmatched reasons)."""
     mode = FUNCTIONS[func]
     if kwargs or len(args) != 9:
-        return "a call with other arguments than nn.GRU / nn.LSTM / nn.RNN make"
+        return "a call with other arguments than those nn.GRU / nn.LSTM / nn.RNN pass"
     if isinstance(args[1], torch.Tensor) and not args[1].is_floating_point():
         return "a packed sequence (PackedSequence); pad the batch instead"
     data, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
@@ -110,15 +110,18 @@ def _direction(call: RecurrentCall, k: int, x: torch.Tensor, h: torch.Tensor, c:
     gi = project(x, w_ih, b_ih)
     n, steps = gi.shape[0], gi.shape[1]
     zeros = probe(w_hh, (n, steps, w_hh.shape[0]), gi)
+    # unbind, not gi[:, t]: its backward stacks the steps' gradients once, where T selects would each make a
+    # whole-sequence gradient
+    gi_steps, zero_steps = gi.unbind(1), (None if zeros is None else zeros.unbind(1))
     before: list[torch.Tensor] = [h] * steps
     outputs: list[torch.Tensor] = [h] * steps
     order = range(steps - 1, -1, -1) if k % call.directions else range(steps)
     for t in order:
         before[t] = h
         gh = F.linear(h, w_hh, b_hh)
-        if zeros is not None:
-            gh = gh + zeros[:, t]
-        h, c = _cell(call.mode, gi[:, t], gh, h, c)
+        if zero_steps is not None:
+            gh = gh + zero_steps[t]
+        h, c = _cell(call.mode, gi_steps[t], gh, h, c)
         outputs[t] = h
     if zeros is not None:
         record_steps(w_hh, torch.stack(before, 1), zeros)
