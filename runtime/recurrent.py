@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 FUNCTIONS = {torch.gru: "gru", torch.lstm: "lstm", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
-GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
 
 Project = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Probe = Callable[[torch.Tensor, tuple[int, ...], torch.Tensor], torch.Tensor | None]

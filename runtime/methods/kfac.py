@@ -661,9 +661,11 @@ class KFAC:
         n = inputs[0].shape[0]
         half = n // 2
         try:
-            first, second = (self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
-                                                       keep_outputs=keep_outputs, layers=low_rank)
-                             for part in (slice(None, half), slice(half, None)))
+            first, second = (
+                self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
+                                          keep_outputs=keep_outputs, layers=low_rank)
+                for part in (slice(None, half), slice(half, None))
+            )
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
             result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), layers=low_rank)
             if low_rank:
@@ -762,8 +764,9 @@ class KFAC:
     def _low_rank_layers(self, n: int) -> tuple[str, ...]:
         """The layers that could use the low-rank product of sec 8 on a batch of n, with their rows an example as
         the last statistics pass counted them (weight decay adds a full-rank eta W to the gradient, which the
-        trick cannot carry). Only these are captured on the gradient passes: a recurrent layer's capture runs it
-        step by step, at several times the fused kernel's cost."""
+        trick cannot carry). Only these are captured on the gradient passes: a captured recurrent layer or
+        attention runs rebuilt from its pieces (runtime/recurrent.py, attention.py), for nothing where the product
+        does not pay."""
         if self.structure != "diagonal" or self.weight_decay or self._group is not None:  # (not data-parallel yet)
             return ()
         return tuple(name for name, block in self.curvature.blocks.items()
