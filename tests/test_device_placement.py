@@ -36,9 +36,24 @@ def cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
 
 
+class GRU(nn.Module):
+    """A GRU on 5-step sequences and a head on its last state (the capture rebuilds the GRU step by step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(6, 8, batch_first=True), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "gru": GRU}
+SHAPES = {"mlp": (64, 6), "cnn": (64, 2, 6, 6), "gru": (64, 5, 6)}
+
+
 def batch(name: str, device: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn((64, 6) if name == "mlp" else (64, 2, 6, 6), generator=generator)
+    x = torch.randn(SHAPES[name], generator=generator)
     y = (x.reshape(64, -1)[:, :4] * torch.arange(1.0, 5.0)).argmax(1)
     return x.to(device, dtype), y.to(device)
 
@@ -52,7 +67,7 @@ def compiled():
         key = (name, device, dtype)
         if key not in cache:
             torch.manual_seed(0)
-            model = (mlp() if name == "mlp" else cnn()).to(device, dtype)
+            model = MODELS[name]().to(device, dtype)
             cache[key] = kronograph.compile(model, (batch(name, device, dtype)[0][:2],)), copy.deepcopy(model.state_dict())
         cm, initial = cache[key]
         cm.module.load_state_dict(initial)
@@ -143,13 +158,14 @@ SETTINGS = {
 
 @pytest.mark.parametrize("name, settings", [
     ("mlp", "default"), ("mlp", "paper"), ("mlp", "tridiagonal"), ("cnn", "default"), ("cnn", "paper"),
+    ("gru", "default"),
 ])
 def test_kfac_creates_nothing_off_the_model_device(compiled, name, settings):
     losses = kfac_steps(compiled(name), name, "cpu", **SETTINGS[settings])
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name, fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("cnn", "mc")])
+@pytest.mark.parametrize("name, fisher", [("mlp", "empirical"), ("cnn", "empirical"), ("cnn", "mc"), ("gru", "mc")])
 def test_preconditioner_creates_nothing_off_the_model_device(compiled, name, fisher):
     losses = preconditioner_steps(compiled(name), name, "cpu", fisher)
     assert losses[-1] < losses[0]
@@ -168,7 +184,7 @@ def test_half_precision_model_trains_with_float32_factors(compiled, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("name, settings", [
-    ("mlp", "default"), ("mlp", "paper"), ("mlp", "tridiagonal"), ("cnn", "default"),
+    ("mlp", "default"), ("mlp", "paper"), ("mlp", "tridiagonal"), ("cnn", "default"), ("gru", "default"),
 ])
 def test_kfac_trains_on_cuda(compiled, name, settings):
     losses = kfac_steps(compiled(name, "cuda"), name, "cuda", **SETTINGS[settings])
@@ -176,9 +192,9 @@ def test_kfac_trains_on_cuda(compiled, name, settings):
 
 
 @requires_cuda
-@pytest.mark.parametrize("fisher", ["empirical", "mc"])
-def test_preconditioner_trains_on_cuda(compiled, fisher):
-    losses = preconditioner_steps(compiled("cnn", "cuda"), "cnn", "cuda", fisher)
+@pytest.mark.parametrize("name, fisher", [("cnn", "empirical"), ("cnn", "mc"), ("gru", "mc")])
+def test_preconditioner_trains_on_cuda(compiled, name, fisher):
+    losses = preconditioner_steps(compiled(name, "cuda"), name, "cuda", fisher)
     assert losses[-1] < losses[0]
 
 
