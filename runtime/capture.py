@@ -21,6 +21,7 @@ rebuilds it, recording the in- and out-projections like any F.linear (inputs bat
 recurrent functions (nn.GRU, nn.LSTM, nn.RNN) likewise run as runtime/recurrent.py rebuilds them, step by step,
 when one of their weights is a layer of the plan: the input map is one site over the sequence, the hidden map's
 T steps are one site whose output is a zero tensor added to every step (its gradient: the steps' g, stacked).
+A cell's call (nn.GRUCell, nn.LSTMCell, nn.RNNCell) is rebuilt as one site of each of its two maps.
 Cases that module does not rebuild, and cross-attention whose packed in_proj_weight is a layer of the
 plan (torch projects with slices of it, which cannot be its sites), run torch's function unrecorded.
 
@@ -225,6 +226,10 @@ class Capture(TorchFunctionMode):
             call = self._recurrent_call(func, args, kwargs)
             if call is not None:
                 return recurrent.run(call, self._project, self._probe, self._record_steps)
+        if func in recurrent.CELLS and torch.is_grad_enabled():
+            weights = recurrent.cell_weights(args, kwargs)
+            if weights is not None and any(self._find(weight)[0] is not None for weight in weights):
+                return recurrent.cell_step(func, args, kwargs, self._project)
         result = func(*args, **kwargs)
         if func in _LINEAR:  # F.linear(input, weight, bias): weight used as [out, in]
             self._linear(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), result, used_out_in=True)

@@ -14,6 +14,10 @@ The arithmetic is ATen's cells (gates in torch's order: GRU r, z, n; LSTM i, f, 
 as torch applies it; the layout is batch-major inside ([n, T, ...], examples along dim 0 as the statistics
 expect) whatever ``batch_first`` says. ``bind`` returns None (the caller runs torch's function) for packed
 sequences, an LSTM with ``proj_size`` and inputs that are not [T, n, in] / [n, T, in].
+
+The cells (``torch.gru_cell`` and the others: nn.GRUCell, nn.LSTMCell, nn.RNNCell in the user's own loop) are one
+step: ``cell_step`` makes both maps with ``project``, so each call is one site of W_ih and one of W_hh, as the graph
+matcher plans them (a cell called T times is a layer with T sites).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 FUNCTIONS = {torch.gru: "gru", torch.lstm: "lstm", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
+CELLS = {torch.gru_cell: "gru", torch.lstm_cell: "lstm", torch.rnn_tanh_cell: "rnn_tanh",
+         torch.rnn_relu_cell: "rnn_relu"}  # one step: nn.GRUCell, nn.LSTMCell, nn.RNNCell
+_CELL_ARGUMENTS = ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh")
 
 Project = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Probe = Callable[[torch.Tensor, tuple[int, ...], torch.Tensor], torch.Tensor | None]
@@ -151,3 +158,21 @@ def run(call: RecurrentCall, project: Project, probe: Probe, record_steps: Recor
     if lstm:
         return output, torch.stack(last_h), torch.stack(last_c)
     return output, torch.stack(last_h)
+
+
+def cell_weights(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W_ih, W_hh) of a cell call, or None when its arguments are not the cell's."""
+    call = dict(zip(_CELL_ARGUMENTS, args), **kwargs)
+    weights = call.get("w_ih"), call.get("w_hh")
+    return weights if all(isinstance(w, torch.Tensor) for w in weights) else None
+
+
+def cell_step(func: Callable, args: tuple, kwargs: dict, project: Project) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """What the cell function returns (h', or (h', c') for an LSTM), with ``project`` making its two maps."""
+    call = dict(zip(_CELL_ARGUMENTS, args), **kwargs)
+    mode, x, hx = CELLS[func], call["input"], call["hx"]
+    h, c = (hx[0], hx[1]) if mode == "lstm" else (hx, None)
+    gi = project(x, call["w_ih"], call.get("b_ih"))
+    gh = project(h, call["w_hh"], call.get("b_hh"))
+    h, c = _cell(mode, gi, gh, h, c)
+    return (h, c) if mode == "lstm" else h

@@ -5,6 +5,8 @@ over examples and steps; compile plans the maps of nn.GRU / nn.LSTM / nn.RNN on 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +257,79 @@ def test_gradient_passes_capture_only_the_layers_whose_low_rank_product_pays():
     first, last = passes[0], passes[-1]  # step 1's halves, before its statistics are folded; step 2's
     assert first[0] and set(first[1]) == {"gru.hh_l0", "head"}  # rows not yet counted: one an example assumed
     assert last[0] and tuple(last[1]) == ("head",)
+
+
+CELL_MODULES = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn_tanh": nn.RNNCell, "rnn_relu": nn.RNNCell}
+
+
+class CellLoop(nn.Module):
+    """A cell stepped over the sequence in the user's own loop, as a decoder does: (outputs, last state)."""
+
+    def __init__(self, mode: str, bias: bool) -> None:
+        super().__init__()
+        extra = {"nonlinearity": mode.removeprefix("rnn_")} if mode.startswith("rnn") else {}
+        self.cell, self.lstm = CELL_MODULES[mode](IN, H, bias=bias, **extra), mode == "lstm"
+
+    def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = c = torch.zeros(x.shape[0], H, dtype=x.dtype)
+        outputs = []
+        for t in range(x.shape[1]):
+            if self.lstm:
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+            outputs.append(h)
+        return torch.stack(outputs, 1), h
+
+
+@pytest.mark.parametrize("mode", sorted(CELL_MODULES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_in_a_users_loop_are_rebuilt_with_one_site_a_call(mode, bias):
+    """torch.gru_cell and the others: the same outputs and gradients as torch's; each call records W_ih's site
+    (x_t) and W_hh's (h_{t-1}), and every map's gradient is the sum of its sites' g a_bar^T."""
+    torch.manual_seed(7)
+    module = CellLoop(mode, bias).double()
+    x = torch.randn(N, T, IN, dtype=torch.float64)
+    layers = [linear_layer(f"cell.{w}", f"cell.{w}", f"cell.{w.replace('weight', 'bias')}" if bias else None,
+                           tuple(module.get_parameter(f"cell.{w}").shape), sites=T) for w in ("weight_ih", "weight_hh")]
+    want, _, want_grads, _ = forward_and_backward(module, x, None, layers, capture=False)
+    got, _, grads, cap = forward_and_backward(module, x, None, layers, capture=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-12, msg=name)
+    cap.check()
+    steps = [x[:, t] for t in range(T)]
+    hidden = [torch.zeros(N, H, dtype=x.dtype), *want.unbind(1)[:-1]]
+    for layer, inputs in zip(layers, (steps, hidden)):
+        torch.testing.assert_close(torch.stack([r.a for r in cap.records[layer.name]]), torch.stack(inputs),
+                                   rtol=0, atol=1e-12)
+        want_bar = torch.cat([want_grads[layer.weight], want_grads[layer.bias][:, None]], 1) if bias \
+            else want_grads[layer.weight]
+        torch.testing.assert_close(capture_gradient(layer, cap.records[layer.name])[0], want_bar, rtol=0, atol=1e-12)
+
+
+def test_kfac_sees_the_cells_of_a_compiled_decoder():
+    """The graph matcher plans a cell called T times as two layers of T sites; the torch engine's capture now
+    records them (before, torch.gru_cell hid its maps: K-FAC warned and stepped them along the gradient)."""
+    from kronograph.runtime.inverse import StatisticsWarning
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loop, self.head = CellLoop("gru", True), nn.Linear(H, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.loop(x)[1])
+
+    torch.manual_seed(8)
+    x = torch.randn(32, T, IN)
+    y = (x[:, :, 0].sum(1) > 0).long()
+    cm = kronograph.compile(Decoder(), (x[:2],))
+    assert {layer.name: len(layer.sites) for layer in cm.plan.layers} == {
+        "loop.cell.weight_ih": T, "loop.cell.weight_hh": T, "head": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StatisticsWarning)
+        opt = kronograph.optim.KFAC(cm, seed=0)
+        for _ in range(3):
+            opt.step(x, y)
+    assert all(block.a is not None for block in opt.blocks.values())
