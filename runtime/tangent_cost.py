@@ -9,7 +9,9 @@
 - Recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``: ``torch.gru``, ``torch.lstm``, ``torch.rnn_tanh``,
   ``torch.rnn_relu``): forward mode leaves their fused CPU kernels for a step-by-step graph, the tangent of each
   time step a pass of its own: on a one-layer GRU language model (64 characters, batch 32) the quadratic model's
-  three directions cost 65 ms by forward mode against 36 ms by central differences.
+  three directions cost 65 ms by forward mode against 36 ms by central differences. The cells (``nn.GRUCell``,
+  ``torch.gru_cell`` and the others) stepped in the model's own loop likewise: a GRUCell character model (32 steps,
+  batch 32) 26 ms by forward mode against 14 ms by differences.
 
 Plain forwards keep them cheap, so central differences (two forwards a direction) win where a model calls one.
 """
@@ -22,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from kronograph.runtime.recurrent import FUNCTIONS as RECURRENT_FUNCTIONS
+from kronograph.runtime.recurrent import CELLS as RECURRENT_CELLS, FUNCTIONS as RECURRENT_FUNCTIONS
 
 FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
 BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
-RECURRENT = frozenset(RECURRENT_FUNCTIONS)
+RECURRENT = frozenset(RECURRENT_FUNCTIONS) | frozenset(RECURRENT_CELLS)
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
 
 
@@ -58,7 +60,7 @@ class _Spy(TorchFunctionMode):
 def dear_for_forward_mode(forward: Callable[[], Any]) -> str | None:
     """What ``forward()`` calls that makes forward-mode tangents dear ("attention", "batch norm in training
     mode", "a recurrent layer"), or None (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa
-    attention, nn.BatchNorm in training mode, nn.GRU, nn.LSTM and nn.RNN are seen)."""
+    attention, nn.BatchNorm in training mode, nn.GRU, nn.LSTM and nn.RNN and their cells are seen)."""
     with _Spy() as spy:
         forward()
     return spy.seen

@@ -333,3 +333,13 @@ def test_kfac_sees_the_cells_of_a_compiled_decoder():
         for _ in range(3):
             opt.step(x, y)
     assert all(block.a is not None for block in opt.blocks.values())
+
+
+def test_cells_make_forward_mode_dear_so_auto_takes_differences():
+    """fisher_products="auto" sees a cell stepped in the model's loop as it sees nn.GRU (runtime/tangent_cost.py)."""
+    from kronograph.runtime.tangent_cost import dear_for_forward_mode
+
+    x = torch.randn(N, T, IN)
+    for mode in sorted(CELL_MODULES):
+        assert dear_for_forward_mode(lambda: CellLoop(mode, True)(x)) == "a recurrent layer"
+    assert dear_for_forward_mode(lambda: nn.Linear(IN, H)(x)) is None
