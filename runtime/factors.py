@@ -147,8 +147,9 @@ def site_rows(
     return SiteRows(p, None if q is None else _by_group(layer, q))
 
 
-def _row_count(record: SiteRecord, a: torch.Tensor) -> int:
-    """The number of activation rows of a site whose input is ``a``, without forming them."""
+def _row_count(record: SiteRecord) -> int:
+    """The number of activation rows of a site, without forming them."""
+    a = record.a
     if record.geometry is None:
         return 1 if a.dim() < 2 else a.numel() // a.shape[-1]
     return a.shape[0] * math.prod(output_spatial(record.geometry, a.shape[2:]))
@@ -156,7 +157,7 @@ def _row_count(record: SiteRecord, a: torch.Tensor) -> int:
 
 def rows_per_example(records: Sequence[SiteRecord], batch_size: int) -> float:
     """A layer's activation rows an example over its sites (1 for a plain linear layer, T for a sequence's)."""
-    return sum(_row_count(record, record.a) for record in records) / batch_size
+    return sum(_row_count(record) for record in records) / batch_size
 
 
 def _by_group(layer: Layer, q: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ def layer_rows(
     m = _examples(batch_size, index)
     if m < 1:
         raise ValueError(f"layer {layer.name!r}: statistics need at least one example")
-    counts = [_row_count(record, record.a) * m // batch_size for record in records]  # rows of the m examples
+    counts = [_row_count(record) * m // batch_size for record in records]  # rows of the m examples
     kept = [None] * len(records) if subset is None else subset.choose(counts, m)
     sites = [site_rows(layer, record, batch_size=batch_size, index=index, dtype=dtype, with_gradient=with_gradient,
                        ones_column=ones_column, rows=rows) for record, rows in zip(records, kept)]
