@@ -85,6 +85,16 @@ def _accumulate_sites(out: torch.Tensor | None, sites: Sequence[SiteRows], alpha
     return out
 
 
+def _merged(sites: list[SiteRows]) -> list[SiteRows]:
+    """Sites of equal weight as one (their rows concatenated): a recurrent cell's T calls of a few rows each are
+    one Gram product and one bound check, not T of each."""
+    if len(sites) < 2 or any(site.weight != sites[0].weight for site in sites):
+        return sites
+    q = [site.q for site in sites if site.q is not None]
+    return [SiteRows(torch.cat([site.p for site in sites], dim=1), torch.cat(q, dim=1) if q else None,
+                     sites[0].weight)]
+
+
 def _select(x: torch.Tensor, batch_size: int, index: torch.Tensor | None) -> torch.Tensor:
     """Keep the examples in ``index`` of a tensor whose dim 0 is batch_size examples (or a multiple of it:
     a flattened batch-major [batch_size * T, ...]), or, when dim 0 does not split that way, whose dim 1 is
@@ -262,7 +272,7 @@ def fold_factors_(
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous, subset=subset)
     scale = _grad_scale(m, grad_scale)
     sites = [replace(site, p=site.p.to(device), q=None if site.q is None else site.q.to(device))
-             for site in sites]
+             for site in _merged(sites)]
     q_parts = [site.q for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8
@@ -362,15 +372,16 @@ def accumulate_grams(
                 factor_update_(out, rows, alpha, beta if number == 0 else 1.0, homogeneous=homogeneous,
                                backend="triton")
             return out
+    # The parts' rows as one [groups, R, d]: one product for many small sites (a recurrent cell's T calls of a
+    # few rows each) instead of one a site.
+    rows = parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
     if homogeneous:
-        parts = [torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2) for rows in parts]
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
     k = panels if d >= min_size else 1
     edges = [round(i * d / k) for i in range(k + 1)]
-    for number, rows in enumerate(parts):
-        columns = rows.transpose(1, 2)
-        for begin, end in zip(edges, edges[1:]):
-            out[:, begin:end, begin:].baddbmm_(columns[:, begin:end], rows[:, :, begin:],
-                                               beta=beta if number == 0 else 1.0, alpha=alpha)
+    columns = rows.transpose(1, 2)
+    for begin, end in zip(edges, edges[1:]):
+        out[:, begin:end, begin:].baddbmm_(columns[:, begin:end], rows[:, :, begin:], beta=beta, alpha=alpha)
     return mirror_upper_(out, panels if d >= min_size else 1) if mirror else out
 
 

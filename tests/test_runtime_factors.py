@@ -443,3 +443,34 @@ def test_a_block_folds_a_subset_of_the_rows_like_batch_factors():
     first, second = (batch_factors(layer, records, batch_size=n, dtype=torch.float64, subset=RowSubset(40, replay))[0]
                      for _ in range(2))
     torch.testing.assert_close(block.a, 0.5 * first + 0.5 * second, rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_called_several_times_folds_every_calls_rows_in_one_product() -> None:
+    """A weight applied at T calls (a recurrent cell's loop) has T sites; the block's fold, which forms one Gram
+    of all their rows, equals the explicit sums over every call's rows (A over the examples, G over the rows)."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x[:, 0]
+            for t in range(1, x.shape[1]):
+                h = torch.tanh(self.l1(h)[:, :3] + x[:, t])
+            return h
+
+    torch.manual_seed(9)
+    model = Shared().double()
+    layer = linear_layer("l1", "l1.weight", "l1.bias", (4, 3))
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    with Capture(model, (layer,), strict=False) as cap:  # the plan helper's layer has one site
+        model(x).pow(2).sum(1).mean().backward()
+    records = cap.records["l1"]
+    assert len(records) == 3
+    a_rows = torch.cat([torch.cat([r.a, torch.ones(5, 1, dtype=torch.float64)], 1) for r in records])
+    g_rows = torch.cat([r.g for r in records]) * 5  # per example: the mean over 5 examples scaled back
+    block = KroneckerBlock(layer, dtype=torch.float64)
+    assert block.update(records, batch_size=5, decay=0.0)
+    torch.testing.assert_close(block.a, (a_rows.T @ a_rows / 5)[None], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block.g, (g_rows.T @ g_rows / 15)[None], rtol=1e-12, atol=1e-12)
