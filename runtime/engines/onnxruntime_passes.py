@@ -147,9 +147,9 @@ class OnnxRuntimePasses:
         arrays = [_numpy(x) for x in inputs]
         theta = self.parameters()
 
-        def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-            values = None if shift is None else {
-                name: (theta[name] + d.to(theta[name].dtype)).numpy() for name, d in shift.items()}
+        def forward_at(direction: Mapping[str, torch.Tensor] | None, h: float) -> torch.Tensor:
+            values = None if direction is None else {
+                name: theta[name].add(d.to(theta[name].dtype), alpha=h).numpy() for name, d in direction.items()}
             return torch.from_numpy(self.engine.forward(arrays, values))
 
         return difference_products(forward_at, theta, directions, outputs=outputs)

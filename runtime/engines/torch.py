@@ -186,18 +186,23 @@ class TorchEngine:
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
         randomness = _RandomState(self.device)
+        saved: dict[str, torch.Tensor] = {}  # theta's shifted tensors as they were: one copy for all the forwards
 
-        def forward_at(shift: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-            saved = {name: theta[name].clone() for name in shift or {}}
+        def forward_at(direction: Mapping[str, torch.Tensor] | None, h: float) -> torch.Tensor:
+            names = list(direction or {})
+            shifted = [theta[name] for name in names]
+            for name in names:
+                if name not in saved:
+                    saved[name] = theta[name].clone()
             try:
-                for name, d in (shift or {}).items():
-                    theta[name].add_(d.to(theta[name].dtype))
+                if names:
+                    torch._foreach_add_(shifted, [direction[name].to(theta[name].dtype) for name in names], alpha=h)
                 randomness.replay()
                 with preserved_buffers(self.module):
                     return self.compiled.forward(*inputs).detach()
             finally:
-                for name, value in saved.items():  # bit for bit as before
-                    theta[name].copy_(value)
+                if names:  # bit for bit as before
+                    torch._foreach_copy_(shifted, [saved[name] for name in names])
 
         scheme = "one-sided" if self.resolved_products == "one-sided" else "central"
         with torch.no_grad():
