@@ -63,6 +63,7 @@ from kronograph.passes.training_forms import (
     TAP_PREFIX,
     batch_norm_eval_outputs,
     castlike_as_cast,
+    sequence_splits_as_split,
     training_mode_outputs,
 )
 
@@ -198,6 +199,7 @@ def _tapped_model(model: ir.Model, plan: LayerPlan, taps: dict) -> tuple[onnx.Mo
         proto.graph.node.append(helper.make_node("Identity", [source], [name], name=f"{name}/tap"))
         proto.graph.output.append(_value_info(name, values.get(source)))
     training_mode_outputs(proto)
+    sequence_splits_as_split(proto)
     castlike_as_cast(proto, {name: int(v.dtype) for name, v in values.items() if v.dtype is not None})
     if proto.ir_version > ORT_MAX_IR_VERSION:
         proto.ir_version = ORT_MAX_IR_VERSION

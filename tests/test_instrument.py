@@ -379,3 +379,48 @@ def test_bad_arguments(tmp_path):
         instrument(cm.graph, cm.plan, "mse", tmp_path, optimizer="lbfgs")
     with pytest.raises(KronographError, match="label_name"):
         instrument(cm.graph, cm.plan, "mse", tmp_path, label_name="x")
+
+
+@pytest.mark.parametrize(
+    "split, keepdims, positions",
+    [(np.array(2, dtype=np.int64), 1, [0, 2, -1]),  # pieces of 2 along 5: 2, 2, 1
+     (np.array([1, 3, 1], dtype=np.int64), 1, [1, -3]),
+     (None, 0, [4, 0])],  # pieces of one, squeezed
+)
+def test_sequence_splits_become_a_split_with_the_same_outputs(split, keepdims, positions):
+    """SplitToSequence read by SequenceAt at constant positions (torch.export's chunk) becomes Split + Identity
+    (Squeeze where the pieces drop the axis); onnxruntime gives the same outputs before and after, and no
+    sequence op is left for onnxruntime-training's gradient builder to refuse."""
+    from kronograph.passes.training_forms import sequence_splits_as_split
+
+    inputs = ["x"] + (["split"] if split is not None else [])
+    nodes = [helper.make_node("SplitToSequence", inputs, ["seq"], axis=1, keepdims=keepdims)]
+    outputs = []
+    for k, position in enumerate(positions):
+        nodes.append(helper.make_node("Constant", [], [f"p{k}"], value=numpy_helper.from_array(np.array(position))))
+        nodes.append(helper.make_node("SequenceAt", ["seq", f"p{k}"], [f"y{k}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None))
+    initializers = [numpy_helper.from_array(split, "split")] if split is not None else []
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])], outputs,
+                              initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = np.arange(15, dtype=np.float32).reshape(3, 5)
+    before = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    sequence_splits_as_split(proto)
+    assert not {n.op_type for n in proto.graph.node} & {"SplitToSequence", "SequenceAt"}
+    after = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    for want, got in zip(before, after):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_sequence_read_otherwise_is_left_as_it_is():
+    from kronograph.passes.training_forms import sequence_splits_as_split
+
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1),
+             helper.make_node("SequenceLength", ["seq"], ["n"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    expected = proto.SerializeToString()
+    sequence_splits_as_split(proto)
+    assert proto.SerializeToString() == expected
