@@ -5,7 +5,9 @@
 - Batch norm in training mode (``F.batch_norm`` with batch statistics): its tangent differentiates the batch's
   mean and variance, a dozen elementwise passes over the activations for every direction: three directions cost
   262 ms against a 20 ms forward on the first-try ResNet (central differences: 130 ms). In evaluation mode batch
-  norm is an affine map, cheap in forward mode.
+  norm is an affine map, cheap in forward mode. Group and instance norm normalise by each example's own
+  statistics in both modes, with the same dear tangent: three directions cost 72 ms against 49 ms by central
+  differences on a two-conv GroupNorm net (batch 64; an 8 ms forward).
 - Recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``: ``torch.gru``, ``torch.lstm``, ``torch.rnn_tanh``,
   ``torch.rnn_relu``): forward mode leaves their fused CPU kernels for a step-by-step graph, the tangent of each
   time step a pass of its own: on a one-layer GRU language model (64 characters, batch 32) the quadratic model's
@@ -28,6 +30,7 @@ from kronograph.runtime.recurrent import CELLS as RECURRENT_CELLS, FUNCTIONS as 
 
 FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
 BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
+GROUP_NORM = frozenset({F.group_norm, torch.group_norm, F.instance_norm, torch.instance_norm})
 RECURRENT = frozenset(RECURRENT_FUNCTIONS) | frozenset(RECURRENT_CELLS)
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
 
@@ -52,6 +55,8 @@ class _Spy(TorchFunctionMode):
                 self.seen = "attention"
             elif func in BATCH_NORM and _batch_statistics(args, kwargs):
                 self.seen = "batch norm in training mode"
+            elif func in GROUP_NORM:
+                self.seen = "group or instance norm"
             elif func in RECURRENT:
                 self.seen = "a recurrent layer"
         return func(*args, **kwargs)
@@ -59,8 +64,9 @@ class _Spy(TorchFunctionMode):
 
 def dear_for_forward_mode(forward: Callable[[], Any]) -> str | None:
     """What ``forward()`` calls that makes forward-mode tangents dear ("attention", "batch norm in training
-    mode", "a recurrent layer"), or None (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa
-    attention, nn.BatchNorm in training mode, nn.GRU, nn.LSTM and nn.RNN and their cells are seen)."""
+    mode", "group or instance norm", "a recurrent layer"), or None (nn.MultiheadAttention, the Transformer layers,
+    Hugging Face's sdpa attention, nn.BatchNorm in training mode, nn.GroupNorm, nn.InstanceNorm, nn.GRU, nn.LSTM
+    and nn.RNN and their cells are seen)."""
     with _Spy() as spy:
         forward()
     return spy.seen

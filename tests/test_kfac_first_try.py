@@ -494,8 +494,8 @@ def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
 
 def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dear():
     """fisher_products="auto": central differences for a transformer (forward mode would need attention's math
-    kernel), for a net with batch norm in training mode (its tangent formula is dear) and for a GRU (forward mode
-    leaves its fused kernel), forward mode for an MLP,
+    kernel), for a net with batch norm in training mode or group norm (their tangent formulas are dear) and for a
+    GRU (forward mode leaves its fused kernel), forward mode for an MLP,
     for the batch-norm net in evaluation mode, and in the paper preset and in half precision; the detecting
     forward leaves the RNG and the running statistics as they were."""
     torch.manual_seed(0)
@@ -503,12 +503,15 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
     normed = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
     frozen_norm = copy.deepcopy(normed).eval()
+    grouped = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(64, 3))
 
     x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
     chosen, seen = {}, {}
     for label, model, preset in (("attention", attention, "default"), ("mlp", mlp, "default"),
                                  ("batch norm", normed, "default"), ("batch norm, eval", frozen_norm, "default"),
-                                 ("attention, paper", attention, "paper"), ("gru", Recurrent(6), "default")):
+                                 ("attention, paper", attention, "paper"), ("gru", Recurrent(6), "default"),
+                                 ("group norm", grouped, "default")):
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), preset=preset, seed=0)
         assert opt.engine.resolved_products == (None if preset == "default" else "forward")  # auto: not yet decided
         state, buffers = torch.get_rng_state(), [b.clone() for b in model.buffers()]
@@ -518,9 +521,11 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
         assert math.isfinite(opt.step(x, y)["loss"])
         chosen[label] = opt.engine.resolved_products
     assert seen == {"attention": "attention", "mlp": None, "batch norm": "batch norm in training mode",
-                    "batch norm, eval": None, "attention, paper": "attention", "gru": "a recurrent layer"}
+                    "batch norm, eval": None, "attention, paper": "attention", "gru": "a recurrent layer",
+                    "group norm": "group or instance norm"}
     assert chosen == {"attention": "differences", "mlp": "forward", "batch norm": "differences",
-                      "batch norm, eval": "forward", "attention, paper": "forward", "gru": "differences"}
+                      "batch norm, eval": "forward", "attention, paper": "forward", "gru": "differences",
+                      "group norm": "differences"}
     # bfloat16 weights round a difference's relative shift of 3e-4 away: forward mode
     half = copy.deepcopy(attention).to(torch.bfloat16)
     opt = kronograph.optim.KFAC(kronograph.compile(half, (x[:2].bfloat16(),), loss="cross_entropy"), seed=0)

@@ -244,8 +244,8 @@ class KFAC:
             one pass and leave s as it was.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
-            batch norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its weights are float32
-            or float64, "forward" elsewhere; the paper preset's is "forward"), "forward" (forward
+            batch, group or instance norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its
+            weights are float32 or float64, "forward" elsewhere; the paper preset's is "forward"), "forward" (forward
             mode, exact; the math attention kernel), "differences" (central differences of two no-grad
             forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
             transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md) or "one-sided" (one no-grad

@@ -16,8 +16,8 @@
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``), and the quadratic model's products by central differences
-  where the model calls attention, batch norm in training mode or a recurrent layer (forward mode needs
-  attention's math kernel, batch norm's tangent is many passes over the activations, a recurrent layer's leaves
+  where the model calls attention, batch, group or instance norm in training mode or a recurrent layer (forward
+  mode needs attention's math kernel, a normalisation's tangent is many passes over the activations, a recurrent layer's leaves
   its fused kernel: runtime/tangent_cost.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
@@ -122,8 +122,9 @@ class KFACSettings:
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (differences where "
-                                   "the model calls attention, batch norm in training mode or a recurrent layer, "
-                                   "whose tangents are dear in forward mode; forward mode elsewhere).",
+                                   "the model calls attention, batch, group or instance norm in training mode or a "
+                                   "recurrent layer, whose tangents are dear in forward mode; forward mode "
+                                   "elsewhere).",
                                    choices=("auto", "forward", "differences", "one-sided"))
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
