@@ -25,6 +25,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnx import numpy_helper
+from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
 
@@ -140,7 +141,41 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
     if not inputs:
         raise KronographError("example_inputs is empty; pass example_inputs=(x,) with a batch the model accepts")
     with kept_state(model):
-        return _export(model, inputs, optimize=False, verbose=verbose).model
+        try:
+            return _export(model, inputs, optimize=False, verbose=verbose).model
+        except KronographError:
+            if _packs_sequences(model, inputs):
+                raise KronographError(
+                    "forward() packs its sequences (nn.utils.rnn.pack_padded_sequence or pack_sequence), whose "
+                    "batch sizes come from the lengths' values: torch.export cannot trace that. Run the RNN on the "
+                    "padded batch instead and read each sequence's last valid output with torch.gather at "
+                    "lengths - 1 (the RNN's maps then get Kronecker blocks)"
+                ) from None
+            raise
+
+
+class _PackingSpy(TorchFunctionMode):
+    """Notes whether a forward packs padded sequences (``torch._pack_padded_sequence``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packs = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.packs = self.packs or getattr(func, "__name__", "") == "_pack_padded_sequence"
+        return func(*args, **(kwargs or {}))
+
+
+def _packs_sequences(model: torch.nn.Module, inputs: tuple) -> bool:
+    """Whether the model's forward on ``inputs`` packs sequences (asked only once the exporter has failed; the
+    random generators and the state_dict are left as they were)."""
+    spy = _PackingSpy()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), spy:
+            model(*inputs)
+    except Exception:  # noqa: S110 - a forward that fails here leaves the exporter's own error to stand
+        pass
+    return spy.packs
 
 
 def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path,

@@ -176,6 +176,27 @@ def test_a_branch_on_tensor_values_gets_the_fix_and_no_graph_dump(capfd):
     assert "def forward" not in out + err and "Unable to find user code" not in out + err
 
 
+class PackedGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_packed_sequences_get_the_reason_and_the_fix():
+    """torch.export cannot trace pack_padded_sequence (its batch sizes are the lengths' values): the error says
+    so and how to write the model instead, and the weights are left as they were."""
+    torch.manual_seed(0)
+    model = PackedGRU()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KronographError, match="packs its sequences.*padded batch.*lengths - 1"):
+        kronograph.compile(model, example_inputs=(torch.randn(3, 5, 3), torch.tensor([5, 2, 4])))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 def test_exports_reuse_one_onnx_registry_with_the_graph_torchs_own_gives(monkeypatch):
     """compiler/export.py builds torch.onnx's function registry once per process (torch builds it for every
     export): the graph is the one torch's own registry gives, torch's classmethod is back after each export, and
