@@ -167,10 +167,60 @@ class TextGRU(nn.Module):
         return self.head(self.gru(self.embed(tokens))[0])
 
 
+class DepthwiseCNN(nn.Module):
+    """A MobileNet-style stack: depthwise 3x3 (groups = channels) then pointwise 1x1 convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def separable(c_in: int, c_out: int, stride: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in), nn.Conv2d(c_in, c_out, 1), nn.ReLU())
+
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1), nn.ReLU(), separable(16, 32, 2), separable(32, 64, 2))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+class CausalConvLM(nn.Module):
+    """Next-character prediction by two causal 1-D convolutions (left padding) over embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(128, 32)
+        self.conv1, self.conv2 = nn.Conv1d(32, 64, 5), nn.Conv1d(64, 64, 5)
+        self.head = nn.Linear(64, 128)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens).transpose(1, 2)
+        h = torch.relu(self.conv1(nn.functional.pad(h, (4, 0))))
+        h = torch.relu(self.conv2(nn.functional.pad(h, (4, 0))))
+        return self.head(h.transpose(1, 2))
+
+
+class ResidualMLP(nn.Module):
+    """Pre-norm residual blocks (layer norm, GELU) on a tabular input."""
+
+    def __init__(self, d: int = 64, width: int = 128, blocks: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
+                                                  nn.Linear(2 * width, width)) for _ in range(blocks))
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
 def unseen_problems() -> dict[str, Callable[[], Problem]]:
     """Problems added after K-FAC's defaults were chosen, never used to choose them: whether the defaults hold
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
-    recurrent net, wide layers). ``--problems unseen`` runs them all."""
+    recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
+    3136-wide head). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -205,8 +255,29 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
         return Problem(lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000),
                                              nn.ReLU(), nn.Linear(1000, 10)), x, y, "cross_entropy", 256)
 
+    def fashion_depthwise_cnn() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(DepthwiseCNN, x, y, "cross_entropy", 128)
+
+    def text_conv() -> Problem:
+        x, y = _text()
+        return Problem(CausalConvLM, x, y, "cross_entropy", 32)
+
+    def digits_residual_mlp() -> Problem:
+        x, y = _digits()
+        return Problem(ResidualMLP, x, y, "cross_entropy", 64)
+
+    def fashion_groupnorm_cnn() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(lambda: nn.Sequential(
+            nn.Conv2d(1, 32, 3, 1, 1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, 1, 1), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 49, 10)), x, y, "cross_entropy", 64)
+
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
-            "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp}
+            "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
+            "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
+            "fashion-groupnorm-cnn": fashion_groupnorm_cnn}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:
