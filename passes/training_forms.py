@@ -135,7 +135,8 @@ def _static_dims(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     return dims
 
 
-def _piece_sizes(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], dims: Mapping[str, list]) -> list[int] | None:
+def _piece_sizes(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], dims: Mapping[str, list]
+                 ) -> list[int] | None:
     """The sizes of a SplitToSequence's pieces along its axis, where they are known before running."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     shape = dims.get(node.input[0])

@@ -62,9 +62,8 @@ class TorchEngine:
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (differences
         where the model calls attention, batch, group or instance norm in training mode or a recurrent layer,
-        runtime/tangent_cost.py,
-        and its weights are float32 or float64, forward mode elsewhere; decided at the first call,
-        ``resolved_products``).
+        runtime/tangent_cost.py, and its weights are float32 or float64, forward mode elsewhere; decided at the
+        first call, ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products

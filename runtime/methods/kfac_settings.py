@@ -17,8 +17,8 @@
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``), and the quadratic model's products by central differences
   where the model calls attention, batch, group or instance norm in training mode or a recurrent layer (forward
-  mode needs attention's math kernel, a normalisation's tangent is many passes over the activations, a recurrent layer's leaves
-  its fused kernel: runtime/tangent_cost.py).
+  mode needs attention's math kernel, a normalisation's tangent is many passes over the activations, a recurrent
+  layer's leaves its fused kernel: runtime/tangent_cost.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
