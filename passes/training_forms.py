@@ -155,6 +155,17 @@ def _piece_sizes(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], dims
     return [min(step, length - start) for start in range(0, length, step)] if step > 0 else None
 
 
+def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """The names that the bodies of the graph's If / Loop / Scan nodes read (an outer value they capture)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in (*([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []), *attr.graphs):
+                names.update(name for inner in body.node for name in inner.input)
+                names |= _read_in_subgraphs(body)
+    return names
+
+
 def sequence_splits_as_split(proto: onnx.ModelProto) -> None:
     """Replace SplitToSequence(x) read only by SequenceAt at constant positions with Split(x), each SequenceAt
     by an Identity of its piece (Squeeze where the pieces drop the axis), in place.
@@ -171,7 +182,7 @@ def sequence_splits_as_split(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in proto.graph.output}
+    outputs = {o.name for o in proto.graph.output} | _read_in_subgraphs(proto.graph)
     taken = {name for node in proto.graph.node for name in (*node.input, *node.output)}
     taken |= {v.name for v in (*proto.graph.input, *proto.graph.output)} | {i.name for i in proto.graph.initializer}
     for node in splits:

@@ -413,13 +413,23 @@ def test_sequence_splits_become_a_split_with_the_same_outputs(split, keepdims, p
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_sequence_read_otherwise_is_left_as_it_is():
+@pytest.mark.parametrize("reader", ["SequenceLength", "an If body"])
+def test_a_sequence_read_otherwise_is_left_as_it_is(reader):
     from kronograph.passes.training_forms import sequence_splits_as_split
 
-    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1),
-             helper.make_node("SequenceLength", ["seq"], ["n"])]
+    zero = helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0)))
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1), zero,
+             helper.make_node("SequenceAt", ["seq", "zero"], ["first"])]
+    if reader == "SequenceLength":
+        nodes.append(helper.make_node("SequenceLength", ["seq"], ["n"]))
+    else:  # a branch that reads the outer sequence: rewriting it away would leave the body's input dangling
+        branch = helper.make_graph([helper.make_node("SequenceLength", ["seq"], ["m"])], "b", [],
+                                   [helper.make_tensor_value_info("m", TensorProto.INT64, [])])
+        nodes += [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+                  helper.make_node("If", ["c"], ["n"], then_branch=branch, else_branch=branch)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
-                              [helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+                              [helper.make_tensor_value_info("n", TensorProto.INT64, []),
+                               helper.make_tensor_value_info("first", TensorProto.FLOAT, [3, 1])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     expected = proto.SerializeToString()
     sequence_splits_as_split(proto)
