@@ -25,8 +25,8 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnx import numpy_helper
-from torch.overrides import TorchFunctionMode
 
+from kronograph.compiler.recurrent import RecurrentCalls
 from kronograph.errors import KronographError
 
 
@@ -154,28 +154,16 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
             raise
 
 
-class _PackingSpy(TorchFunctionMode):
-    """Notes whether a forward packs padded sequences (``torch._pack_padded_sequence``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.packs = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.packs = self.packs or getattr(func, "__name__", "") == "_pack_padded_sequence"
-        return func(*args, **(kwargs or {}))
-
-
 def _packs_sequences(model: torch.nn.Module, inputs: tuple) -> bool:
-    """Whether the model's forward on ``inputs`` packs sequences (asked only once the exporter has failed; the
-    random generators and the state_dict are left as they were)."""
-    spy = _PackingSpy()
+    """Whether the model's forward on ``inputs`` runs a recurrent layer on a packed sequence (asked only once the
+    exporter has failed; the random generators and the state_dict are left as they were)."""
+    calls = RecurrentCalls()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), spy:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), calls:
             model(*inputs)
     except Exception:  # noqa: S110 - a forward that fails here leaves the exporter's own error to stand
         pass
-    return spy.packs
+    return calls.packed
 
 
 def export_inference(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path,

@@ -29,6 +29,7 @@ class RecurrentCalls(TorchFunctionMode):
         super().__init__()
         self.calls: list[recurrent.RecurrentCall] = []
         self.refused: dict[int, str] = {}  # id(weight) -> why its call is not rebuilt
+        self.packed = False  # whether a call ran on a packed sequence (which torch.export cannot trace)
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -37,6 +38,7 @@ class RecurrentCalls(TorchFunctionMode):
             if isinstance(call, recurrent.RecurrentCall):
                 self.calls.append(call)
             else:
+                self.packed = self.packed or call == recurrent.PACKED
                 lists = [a for a in args if isinstance(a, (list, tuple))]  # the weights come after an LSTM's hx
                 self.refused.update({id(w): call for w in (lists[-1] if lists else ()) if isinstance(w, torch.Tensor)})
         return func(*args, **kwargs)

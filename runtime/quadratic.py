@@ -99,13 +99,13 @@ def parameter_sizes(theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Each tensor's size for the difference step: its norm, or its share of |theta| when larger (an all-zero
     bias), or 1 when theta is all zero. A function of the current weights only: a resumed run takes the
     same steps as an uninterrupted one."""
-    norms = dict(zip(theta, norms_of(theta.values())))
+    norms = dict(zip(theta, _norms(theta.values())))
     total = sum(t.numel() for t in theta.values())
     whole = math.sqrt(sum(n * n for n in norms.values()))
     return {name: max(norms[name], (t.numel() / total) ** 0.5 * whole) or 1.0 for name, t in theta.items()}
 
 
-def norms_of(tensors: Iterable[torch.Tensor]) -> list[float]:
+def _norms(tensors: Iterable[torch.Tensor]) -> list[float]:
     """Each tensor's 2-norm, accumulated in float64, read by the host at once (one synchronisation on a GPU)."""
     norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
     return torch.stack([n.to(norms[0].device) for n in norms]).tolist() if norms else []
@@ -117,7 +117,7 @@ def difference_step(direction: Direction, sizes: Mapping[str, float]) -> float |
     Relative to each tensor, not to the whole theta: K-FAC's updates are concentrated on a few small
     tensors, and a step scaled to |theta| moves those far out of the linear range (33% error measured on
     the paper's autoencoder, against 1.5e-4 this way)."""
-    largest = max((norm / sizes[name] for name, norm in zip(direction, norms_of(direction.values()))), default=0.0)
+    largest = max((norm / sizes[name] for name, norm in zip(direction, _norms(direction.values()))), default=0.0)
     if largest == 0 or not math.isfinite(largest):
         return None
     return DIFFERENCE_STEP / largest

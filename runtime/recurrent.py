@@ -33,6 +33,8 @@ CELLS = {torch.gru_cell: "gru", torch.lstm_cell: "lstm", torch.rnn_tanh_cell: "r
          torch.rnn_relu_cell: "rnn_relu"}  # one step: nn.GRUCell, nn.LSTMCell, nn.RNNCell
 _CELL_ARGUMENTS = ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh")
 
+PACKED = "a packed sequence (PackedSequence); pad the batch instead"  # ``examine``'s reason for a packed call
+
 Project = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Probe = Callable[[torch.Tensor, tuple[int, ...], torch.Tensor], torch.Tensor | None]
 RecordSteps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -70,7 +72,7 @@ def examine(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | str:
     if kwargs or len(args) != 9:
         return "a call with other arguments than those nn.GRU / nn.LSTM / nn.RNN pass"
     if isinstance(args[1], torch.Tensor) and not args[1].is_floating_point():
-        return "a packed sequence (PackedSequence); pad the batch instead"
+        return PACKED
     data, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
     params = tuple(params)
     directions = 2 if bidirectional else 1
