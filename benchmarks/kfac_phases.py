@@ -1,6 +1,6 @@
 """Where a step of ``KFAC(cm)`` goes, phase by phase, on the first-try suite's problems (issue 10).
 
-    python benchmarks/kfac_phases.py fashion-resnet [--steps 20] [--warm-up 30] [--preset default]
+    python benchmarks/kfac_phases.py fashion-resnet [--steps 20] [--warm-up 30] [--preset default] [--options JSON]
 
 Runs ``--warm-up`` steps (the start, when inverses are refreshed every step and gamma moves fastest, is
 left out), then ``--steps`` timed steps on random batches of the problem, and prints the milliseconds per
@@ -12,6 +12,7 @@ products of the quadratic model, damping: the forward for rho, update) beside a 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=30)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--options", default="{}", help="JSON of KFAC's keywords beside the preset")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     problem = all_problems()[args.problem]()
@@ -42,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = problem.model()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (problem.x[:2],), loss=problem.loss), preset=args.preset,
-                                seed=0)
+                                seed=0, **json.loads(args.options))
     for index in batches[: args.warm_up]:
         opt.step(problem.x[index], problem.y[index])
     opt.timings.clear()

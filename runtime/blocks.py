@@ -133,13 +133,14 @@ class KroneckerBlock:
         )
 
     # -- inverses and preconditioning ---------------------------------------------------------------
-    def invert(self, gamma: float, knob: str = "factor_damping") -> bool:
-        """Recompute the damped inverses with strength gamma; False (and an InverseWarning naming ``knob``, the
-        caller's setting for gamma) if a group kept its previous inverse because its factors were not finite or
-        not positive definite."""
+    def invert(self, gamma: float, knob: str = "factor_damping", max_dim: int | None = None) -> bool:
+        """Recompute the damped inverses with strength gamma (a factor wider than ``max_dim`` block-diagonally);
+        False (and an InverseWarning naming ``knob``, the caller's setting for gamma) if a group kept its previous
+        inverse because its factors were not finite or not positive definite."""
         if self.a is None or self.g is None:
             raise RuntimeError(f"block {self.layer.name!r} has no statistics yet; update it before invert")
-        self.inverses = factored_inverses(self.a, self.g, gamma, self.inverses, name=self.layer.name, knob=knob)
+        self.inverses = factored_inverses(self.a, self.g, gamma, self.inverses, name=self.layer.name, knob=knob,
+                                          max_dim=max_dim)
         return self.inverses.ok
 
     @property

@@ -38,10 +38,11 @@ class BlockDiagonalCurvature:
     """One KroneckerBlock per layer, inverted independently."""
 
     def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
-                 knob: str = "factor_damping", floor: float = 0.0) -> None:
+                 knob: str = "factor_damping", floor: float = 0.0, max_dim: int | None = None) -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
         self.centered = centered  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
         self.floor = floor  # each factor's damping >= floor times its mean eigenvalue (inverse.floored)
+        self.max_dim = max_dim  # a wider factor is inverted block-diagonally (inverse.block_diagonal_inverse)
         self.knob = knob  # the owner's name for gamma, which a failed inversion's warning tells the user to raise
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
@@ -60,7 +61,8 @@ class BlockDiagonalCurvature:
         return {
             name: None if block.a is None or (only is not None and name not in only) else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
-                centered=self.centered and block.layer.bias is not None, knob=self.knob, floor=self.floor)
+                centered=self.centered and block.layer.bias is not None, knob=self.knob, floor=self.floor,
+                max_dim=self.max_dim)
             for name, block in self.blocks.items()
         }
 
@@ -216,9 +218,10 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
 
 
 def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype,
-                   centered: bool = False, floor: float = 0.0) -> BlockDiagonalCurvature:
+                   centered: bool = False, floor: float = 0.0, max_dim: int | None = None) -> BlockDiagonalCurvature:
     """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears);
-    ``centered`` damping and the damping's ``floor`` apply to the block-diagonal structure only."""
+    ``centered`` damping, the damping's ``floor`` and the factors' blocking past ``max_dim`` apply to the
+    block-diagonal structure only."""
     if structure == "tridiagonal":
         return TridiagonalCurvature(layers, dtype)
-    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor)
+    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor, max_dim=max_dim)

@@ -63,7 +63,7 @@ from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.distributed import average_statistics, pack_triangle, triangle_entries, unpack_triangle
 from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.factors import RowSubset, batch_factors
-from kronograph.runtime.inverse import DampedInverses
+from kronograph.runtime.inverse import DampedInverses, diagonal_block_sizes
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.statistics import statistics_pass, subset
 
@@ -259,9 +259,10 @@ def fold_across_ranks(
     return list(averaged)
 
 
-def inverse_cost(groups: int, a_dim: int, g_dim: int) -> int:
-    """The cost model of one layer's inverses: groups * (a_dim^3 + g_dim^3), its A and G inverted together."""
-    return groups * (a_dim ** 3 + g_dim ** 3)
+def inverse_cost(groups: int, a_dim: int, g_dim: int, max_dim: int | None = None) -> int:
+    """The cost model of one layer's inverses: groups * (a_dim^3 + g_dim^3), its A and G inverted together (a
+    factor wider than ``max_dim``: the sum of its diagonal blocks' cubes, inverse.diagonal_block_sizes)."""
+    return groups * sum(width ** 3 for d in (a_dim, g_dim) for width in diagonal_block_sizes(d, max_dim))
 
 
 def assign_inverses(costs: Sequence[float], world: int) -> list[int]:
@@ -288,9 +289,10 @@ def rank_loads(costs: Sequence[float], owners: Sequence[int], world: int) -> lis
     return loads
 
 
-def inverse_owners(layers: Sequence[Layer], world: int) -> dict[str, int]:
-    """Layer name -> the rank that inverts its factors (``assign_inverses`` of the plan's layers)."""
-    costs = [inverse_cost(layer.groups, layer.a_dim, layer.g_dim) for layer in layers]
+def inverse_owners(layers: Sequence[Layer], world: int, max_dim: int | None = None) -> dict[str, int]:
+    """Layer name -> the rank that inverts its factors (``assign_inverses`` of the plan's layers, factors wider
+    than ``max_dim`` inverted block-diagonally)."""
+    costs = [inverse_cost(layer.groups, layer.a_dim, layer.g_dim, max_dim) for layer in layers]
     return {layer.name: rank for layer, rank in zip(layers, assign_inverses(costs, world))}
 
 

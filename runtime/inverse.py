@@ -6,7 +6,10 @@ U = (G + (gamma/pi) I)^-1 grad_W_bar (A + pi gamma I)^-1. ``precondition`` retur
 proposal is Delta = -U (the sign is left to the optimizer).
 
 Inverses are Cholesky-based (cholesky_ex, then cholesky_inverse), retried in float64 when a float32
-factorisation fails. A group whose factor holds NaN/Inf, or whose factorisation fails in float64 too,
+factorisation fails. A factor wider than ``max_dim`` is inverted as block-diagonal: its diagonal blocks of at most
+``max_dim`` contiguous coordinates, off-diagonal blocks taken as 0 (Distributed Shampoo's blocking of large
+preconditioners), so that one wide layer (a flattened conv map into a head) does not cost (d / max_dim)^2 times
+the work of the blocks; the statistics stay whole. A group whose factor holds NaN/Inf, or whose factorisation fails in float64 too,
 keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms alone: the
 factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning is raised
 through ``warnings`` (turn it into an error with a warnings filter). No NaN ever leaves this module.
@@ -14,6 +17,7 @@ through ``warnings`` (turn it into an error with a warnings filter). No NaN ever
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -171,6 +175,44 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: tor
     return inverse, ~ok
 
 
+def diagonal_block_sizes(d: int, max_dim: int | None) -> list[int]:
+    """Widths of the contiguous diagonal blocks a d-wide factor is inverted in: [d] up to ``max_dim`` (None: no
+    bound), else ceil(d / max_dim) blocks, all of one width but the last, which may be narrower."""
+    if not max_dim or d <= max_dim:
+        return [d]
+    width = math.ceil(d / math.ceil(d / max_dim))
+    return [width] * (d // width) + ([d % width] if d % width else [])
+
+
+def block_diagonal_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: torch.Tensor | None = None,
+                           max_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B + damping I)^-1 with B the block-diagonal part of M in ``diagonal_block_sizes``' blocks, NaN-safe as
+    ``damped_inverse`` (the result, [groups, d, d], is 0 off the blocks; a group fails when one of its blocks
+    does). The blocks, the narrow last one padded with an identity, are inverted in one batched call."""
+    sizes = diagonal_block_sizes(m.shape[-1], max_dim)
+    if len(sizes) == 1:
+        return damped_inverse(m, damping, previous)
+    groups, count, width = m.shape[0], len(sizes), sizes[0]
+    starts = [sum(sizes[:i]) for i in range(count)]
+
+    def blocks_of(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(groups, count, width, width)
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            out[:, i, :size, :size] = x[:, start:start + size, start:start + size]
+            out[:, i, size:, size:].diagonal(dim1=-2, dim2=-1).fill_(1.0)  # the padding: an identity
+        return out.reshape(groups * count, width, width)
+
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
+    usable = previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
+    inverses, failed = damped_inverse(blocks_of(m), damping.repeat_interleave(count),
+                                      blocks_of(previous) if usable else None)
+    inverses = inverses.reshape(groups, count, width, width)
+    inverse = m.new_zeros(m.shape)
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        inverse[:, start:start + size, start:start + size] = inverses[:, i, :size, :size]
+    return inverse, failed.reshape(groups, count).any(dim=1)
+
+
 @dataclass
 class DampedInverses:
     """The damped inverses of one block, the pi used, and which groups kept their previous inverse."""
@@ -202,18 +244,19 @@ def centered_factor(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     return tilde, mu
 
 
-def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float,
+                            max_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A + damping T T^T)^-1 = T^-T (A~ + damping I)^-1 T^-1 from ``centered_factor``'s A~ and mu.
 
     Tikhonov damping of the centred coordinates: the identity in the coordinates where the inputs have
     zero mean, so damping does not undo K-FAC's invariance to a shift of the inputs (paper sec 10). A~ is
     block diagonal, so only its covariance block is inverted; the map back costs O(d^2). Returns the
-    inverse and the failed groups, as ``damped_inverse``.
+    inverse and the failed groups, as ``damped_inverse``; a covariance block wider than ``max_dim`` is inverted
+    block-diagonally (``block_diagonal_inverse``).
     """
     groups, d = tilde.shape[0], tilde.shape[-1]
     damping = torch.as_tensor(damping, dtype=tilde.dtype, device=tilde.device).expand(groups)
-    inner, failed = damped_inverse(tilde[:, :-1, :-1], damping)
+    inner, failed = block_diagonal_inverse(tilde[:, :-1, :-1], damping, max_dim=max_dim)
     corner = 1.0 / (tilde[:, -1, -1] + damping)
     shifted = inner @ mu[:, :, None]  # X_11 mu
     inverse = tilde.new_empty(groups, d, d)
@@ -233,6 +276,7 @@ def factored_inverses(
     centered: bool = False,
     knob: str = "factor_damping",
     floor: float = 0.0,
+    max_dim: int | None = None,
 ) -> DampedInverses:
     """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure.
 
@@ -241,16 +285,20 @@ def factored_inverses(
     centred factor's trace, so that inputs far from zero mean (sigmoid units near 1/2) do not hide their
     variation under a damping sized by their mean. ``knob`` is the caller's name for gamma, which a failure's
     warning tells the user to raise (KFAC's ``factor_damping``, KFACPreconditioner's ``damping``). ``floor``:
-    each factor's damping is at least this fraction of its mean eigenvalue (``floored``).
+    each factor's damping is at least this fraction of its mean eigenvalue (``floored``). ``max_dim``: a factor
+    wider than this is inverted block-diagonally (``block_diagonal_inverse``; pi from its whole trace, which is
+    the blocks' trace).
     """
     split = centered_factor(a) if centered else None
     if split is not None:
         pi = trace_pi(split[0], g)
-        a_inv, a_failed = centered_damped_inverse(split[0], split[1], floored(split[0], pi * gamma, floor))
+        a_inv, a_failed = centered_damped_inverse(split[0], split[1], floored(split[0], pi * gamma, floor), max_dim)
     else:
         pi = trace_pi(a, g)
-        a_inv, a_failed = damped_inverse(a, floored(a, pi * gamma, floor), None if previous is None else previous.a_inv)
-    g_inv, g_failed = damped_inverse(g, floored(g, gamma / pi, floor), None if previous is None else previous.g_inv)
+        a_inv, a_failed = block_diagonal_inverse(a, floored(a, pi * gamma, floor),
+                                                 None if previous is None else previous.a_inv, max_dim)
+    g_inv, g_failed = block_diagonal_inverse(g, floored(g, gamma / pi, floor),
+                                             None if previous is None else previous.g_inv, max_dim)
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole

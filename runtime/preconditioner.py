@@ -144,6 +144,9 @@ class KFACPreconditioner:
             subset drawn by the generator, weighted to stay unbiased: factors.RowSubset) where the layer has more
             rows than examples (conv patches, tokens; a conv's other patches are never formed); G from every row.
             None: every row. 1024 made a ResNet's preconditioned SGD step 2.9x cheaper (BENCHMARKS.md).
+        max_factor_dim: invert a factor wider than this as block-diagonal, in contiguous diagonal blocks of at most
+            this width (inverse.block_diagonal_inverse); None: whole. A d-wide Cholesky costs d^3: a flattened
+            conv map of 25088 into a head would take minutes an inversion whole.
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class KFACPreconditioner:
         communication_dtype: str | None = None,
         grad_worker_fraction: float = 1.0,
         activation_rows: int | None = 1024,
+        max_factor_dim: int | None = 1024,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -183,6 +187,8 @@ class KFACPreconditioner:
         if activation_rows is not None and int(activation_rows) < 1:
             raise KronographError(f"activation_rows={activation_rows} must be a positive number of rows, or None "
                                   "for every row")
+        if max_factor_dim is not None and int(max_factor_dim) < 1:
+            raise KronographError(f"max_factor_dim={max_factor_dim} must be a positive width, or None for whole factors")
         if ema_decay is not None and not 0 <= ema_decay < 1:
             raise KronographError(f"ema_decay={ema_decay} must lie in [0, 1), or be None for the paper's schedule")
         if not 0 < stats_fraction <= 1:
@@ -195,7 +201,8 @@ class KFACPreconditioner:
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.factor_dtype = factor_dtype
-        self.curvature = BlockDiagonalCurvature(compiled.layers, factor_dtype, knob="damping")
+        self.curvature = BlockDiagonalCurvature(compiled.layers, factor_dtype, knob="damping",
+                                                max_dim=None if max_factor_dim is None else int(max_factor_dim))
         self.blocks = self.curvature.blocks
         self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.process_group = process_group
@@ -408,15 +415,15 @@ class KFACPreconditioner:
         due = inverses_due(self.steps, self.inverse_every)
         names = [name for name, block in self.blocks.items() if block.a is not None and (due or name not in self._inverted)]
         if (group := active_group(self.process_group)) is None:
-            failed = [name for name in names if not self.blocks[name].invert(self.damping, knob="damping")]
+            failed = [name for name in names if not self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)]
         elif not names:
             return False, []
         elif (alone := self._owners_alone()) is not None:
             rank = dist.get_rank(group)
             failed = [name for name in names
-                      if alone[name] == rank and not self.blocks[name].invert(self.damping, knob="damping")]
+                      if alone[name] == rank and not self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)]
         else:
-            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group))  # from the plan: the same everywhere
+            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group), self.curvature.max_dim)  # from the plan: the same everywhere
             inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
             for name in names:
                 self.blocks[name].inverses = inverses[name]
@@ -435,7 +442,7 @@ class KFACPreconditioner:
             raise KronographError(f"grad_worker_fraction={self.grad_worker_fraction} on {world} ranks: choose 1 (every "
                                   f"rank holds every inverse) or 1/{world} (each layer's inverses on one rank, which "
                                   "solves its gradient for all); the fractions between are not built")
-        return inverse_owners(self.compiled.layers, world)
+        return inverse_owners(self.compiled.layers, world, self.curvature.max_dim)
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is

@@ -319,6 +319,7 @@ def test_inverse_assignment_greedy_by_cost():
     assert assign_inverses([3, 1, 2], 1) == [0, 0, 0]
     assert assign_inverses([], 2) == []
     assert inverse_cost(2, 3, 4) == 2 * (27 + 64)
+    assert inverse_cost(1, 3137, 10, max_dim=1024) == 3 * 785 ** 3 + 782 ** 3 + 10 ** 3  # A in four blocks
     rng = random.Random(0)
     for world in (2, 3, 4, 8, 16):
         costs = [inverse_cost(rng.choice([1, 1, 2]), rng.randint(2, 2000), rng.randint(2, 1000)) for _ in range(60)]

@@ -302,6 +302,8 @@ def test_paper_preset_has_the_papers_settings():
     assert settings.unmatched_direction == "gradient"
     assert settings.activation_rows is None and opt.row_subset is None  # A from every row
     assert PRESETS["default"].activation_rows == 1024
+    assert settings.max_factor_dim is None and opt.curvature.max_dim is None  # every factor inverted whole
+    assert PRESETS["default"].max_factor_dim == 1024
 
 
 def test_paper_preset_is_the_papers_algorithm_step_for_step():
@@ -617,6 +619,52 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=a.dtype)), rtol=1e-4, atol=0)
         torch.testing.assert_close(block.inverses.g_inv[0].double(), torch.linalg.inv(g + damp_g * torch.eye(len(g),
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
+
+
+def _assert_block_diagonal_inverse(inverse: torch.Tensor, factor: torch.Tensor, sizes: list[int]) -> None:
+    """``inverse`` is 0 off the contiguous diagonal blocks ``sizes`` and each of its blocks inverts the factor's block
+    damped by the one value that makes it so (read off the first block, the same for every block: one damping)."""
+    start, damping = 0, None
+    for size in sizes:
+        block = slice(start, start + size)
+        eye = torch.eye(size, dtype=torch.float64)
+        piece = factor[block, block].double()
+        if damping is None:
+            damping = float(torch.linalg.inv(inverse[block, block].double()).diagonal().mean() - piece.diagonal().mean())
+        torch.testing.assert_close(inverse[block, block], torch.linalg.inv(piece + damping * eye), rtol=1e-9, atol=0)
+        outside = inverse[block].clone()
+        outside[:, block] = 0
+        assert torch.count_nonzero(outside) == 0
+        start += size
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "preconditioner"])
+def test_factors_wider_than_max_factor_dim_are_inverted_block_diagonally(optimizer):
+    """A 6-wide A (5 inputs and the bias) and an 8-wide G in blocks of at most 4: [3, 3] and [4, 4]; the step uses
+    those inverses, both in KFAC and in KFACPreconditioner."""
+    model = mlp()
+    compiled = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy")
+    loss = get_loss("cross_entropy")
+    if optimizer == "kfac":
+        opt = kronograph.optim.KFAC(compiled, seed=0, max_factor_dim=4, centered_damping=False,
+                                    factor_dtype=torch.float64)
+        for x, y in batches(2):
+            opt.step(x, y)
+        blocks = opt.curvature.blocks
+    else:
+        precond = kronograph.optim.KFACPreconditioner(compiled, max_factor_dim=4, seed=0, factor_dtype=torch.float64)
+        for x, y in batches(2):
+            model.zero_grad()
+            with precond.track():
+                loss(model(x), y).backward()
+            precond.step()
+        blocks = precond.blocks
+    first = blocks[compiled.layers[0].name]
+    _assert_block_diagonal_inverse(first.inverses.a_inv[0], first.a[0], [3, 3])
+    _assert_block_diagonal_inverse(first.inverses.g_inv[0], first.g[0], [4, 4])
+    last = blocks[compiled.layers[1].name]
+    _assert_block_diagonal_inverse(last.inverses.a_inv[0], last.a[0], [3, 3, 3])
+    _assert_block_diagonal_inverse(last.inverses.g_inv[0], last.g[0], [3])
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")

@@ -264,3 +264,73 @@ def test_the_floor_keeps_a_singular_output_factor_invertible_in_float32():
         warnings.simplefilter("error", InverseWarning)
         inverses = factored_inverses(a, g, 1e-12 * float(g.diagonal(dim1=1, dim2=2).mean()), floor=1e-3)
     assert inverses.ok and torch.isfinite(inverses.g_inv).all()
+
+
+def _dense_block_diagonal(m: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The block-diagonal part of a [d, d] matrix in contiguous blocks of the given widths, written out."""
+    out, start = torch.zeros_like(m), 0
+    for size in sizes:
+        out[start:start + size, start:start + size] = m[start:start + size, start:start + size]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("d, max_dim, want", [(11, 4, [4, 4, 3]), (10, 4, [4, 4, 2]), (3137, 1024, [785, 785, 785, 782]),
+                                              (1025, 1024, [513, 512]), (9, 2, [2, 2, 2, 2, 1]), (8, 8, [8]),
+                                              (8, None, [8])])
+def test_a_wide_factor_is_cut_into_contiguous_blocks_no_wider_than_the_bound(d, max_dim, want):
+    from kronograph.runtime.inverse import diagonal_block_sizes
+
+    assert diagonal_block_sizes(d, max_dim) == want
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_blocked_factors_precondition_as_the_dense_kronecker_of_their_block_diagonal_parts(centered):
+    """With ``max_dim`` the damped solve is (B_A + pi gamma C)^-1 kron (B_G + gamma / pi I)^-1 applied to vec(grad),
+    B the factors' block-diagonal parts written out densely here, pi from the whole traces; centred damping:
+    B_A from the centred covariance's blocks, C = T T^T (the mean-input coordinate kept whole)."""
+    from kronograph.runtime.inverse import centered_factor, factored_inverses, precondition
+
+    generator = torch.Generator().manual_seed(5)
+    x = 0.5 + torch.randn(60, 10, dtype=torch.float64, generator=generator)
+    a = _homogeneous_factor(x)
+    g = spd(1, 7, generator)
+    grad = torch.randn(1, 7, 11, dtype=torch.float64, generator=generator)
+    gamma = 0.05
+    inverses = factored_inverses(a, g, gamma, centered=centered, max_dim=4)
+    update = precondition(grad, inverses)[0]
+    g_b = _dense_block_diagonal(g[0], [4, 3])
+    if centered:
+        tilde, mu = centered_factor(a)
+        t = torch.eye(11, dtype=torch.float64)
+        t[:-1, -1] = mu[0]
+        inner = torch.zeros_like(tilde[0])
+        inner[:-1, :-1] = _dense_block_diagonal(tilde[0, :-1, :-1], [4, 4, 2])
+        inner[-1, -1] = tilde[0, -1, -1]
+        pi = math.sqrt((float(tilde[0].trace()) / 11) / (float(g[0].trace()) / 7))
+        a_b, damping = t @ inner @ t.T, pi * gamma * t @ t.T
+    else:
+        pi = math.sqrt((float(a[0].trace()) / 11) / (float(g[0].trace()) / 7))
+        a_b, damping = _dense_block_diagonal(a[0], [4, 4, 3]), pi * gamma * torch.eye(11, dtype=torch.float64)
+    assert not torch.equal(a_b, a[0])  # the blocks drop real correlations
+    dense = torch.kron(a_b + damping, g_b + gamma / pi * torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(column_vec(update), torch.linalg.solve(dense, column_vec(grad[0])), rtol=1e-9, atol=1e-12)
+    whole = precondition(grad, factored_inverses(a, g, gamma, centered=centered))[0]
+    assert not torch.allclose(update, whole, rtol=1e-3)  # the bound changed the solve
+
+
+def test_a_blocked_factor_with_a_non_finite_block_keeps_the_previous_inverses():
+    """One NaN inside one diagonal block of one group fails that group as a whole (its previous pair is kept, with
+    an InverseWarning); the other group's blocks are inverted; nothing non-finite comes out."""
+    from kronograph.runtime.inverse import factored_inverses
+
+    generator = torch.Generator().manual_seed(6)
+    a, g = spd(2, 9, generator), spd(2, 3, generator)
+    before = factored_inverses(a, g, 0.1, max_dim=4)
+    poisoned = a.clone()
+    poisoned[1, 7, 7] = float("nan")
+    with pytest.warns(InverseWarning, match=r"group\(s\) \[1\]"):
+        after = factored_inverses(poisoned, g, 0.3, previous=before, max_dim=4)
+    assert after.failed.tolist() == [False, True]
+    assert torch.equal(after.a_inv[1], before.a_inv[1]) and torch.equal(after.g_inv[1], before.g_inv[1])
+    assert torch.isfinite(after.a_inv).all() and not torch.equal(after.a_inv[0], before.a_inv[0])

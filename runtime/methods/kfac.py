@@ -226,6 +226,10 @@ class KFAC:
             model rewards fitting it, the gamma rule can drive gamma to 1e-7 of the factors' scale (a deep tanh
             net near a perfect fit): the inverses then amplify directions the batch barely saw, each step fits
             its batch and undoes the others, and at float32's rounding the Cholesky fails.
+        max_factor_dim: invert a factor wider than this as block-diagonal, in contiguous diagonal blocks of at most
+            this width, the rest of the factor taken as 0 (None: whole, the paper's; block-diagonal structure
+            only; inverse.block_diagonal_inverse). A Cholesky costs d^3: a 3137-wide A (a GroupNorm CNN's head)
+            in four blocks of 785 costs a sixteenth; the statistics are still formed whole.
         activation_rows: a layer's A from at most this many of its activation rows a statistics update, where it has
             more rows than examples (conv patches, tokens): a uniform random subset drawn by ``row_generator``, each
             row weighted so that A stays unbiased (factors.RowSubset), a conv's kept patches gathered alone; G from
@@ -326,7 +330,7 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping),
-                                        float(s.factor_damping_floor))
+                                        float(s.factor_damping_floor), s.max_factor_dim)
         covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
@@ -334,7 +338,8 @@ class KFAC:
         self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
             seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
-            self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group))
+            self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group),
+                                                 s.max_factor_dim)
         self.generator = make_generator(self.engine.device, seed)
         # A's rows where a layer has many (activation_rows): a generator of their own, so that drawing them changes
         # no other draw; each rank draws its own rows (their factors are averaged), so no rank waits on another's.
