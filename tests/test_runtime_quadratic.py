@@ -289,3 +289,34 @@ def test_the_curvature_gram_is_every_pair_of_tangents_through_the_explicit_hessi
     assert torch.allclose(loss.curvature_gram_sum(outputs, tangents), want, atol=1e-10)
     single = loss.curvature_gram_sum(outputs.float(), [t.float() for t in tangents])
     assert single.dtype == torch.float64 and torch.allclose(single, want, rtol=1e-5, atol=1e-5)
+
+
+def _dense_cross_entropy_gram(outputs: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i t_a,i^T (diag p_i - p_i p_i^T) t_b,i / positions, in float64 with the Hessians written out."""
+    classes = outputs.shape[-1]
+    p = torch.softmax(outputs.double(), dim=-1).reshape(-1, classes)
+    hessians = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    rows = torch.stack([t.double().reshape(-1, classes) for t in tangents], dim=1)  # [positions, k, classes]
+    return (rows @ hessians @ rows.transpose(1, 2)).sum(0) / math.prod(outputs.shape[1:-1])
+
+
+def test_the_cross_entropy_gram_in_chunks_of_rows_keeps_float32_free_of_cancellation(monkeypatch):
+    """The cross-entropy Gram goes through the rows in chunks (here 3 rows of 5 classes, the last chunk short) and
+    centres each row's tangents under p before multiplying. Tangents that mostly shift every logit by the same
+    amount (H's null direction, 1e4 times the part that counts): in float64 the Gram is the dense one of the
+    unshifted tangents (H_i 1 = 0); in float32 that of the float32 tangents, to float32's rounding of the part that
+    counts (uncentred, t^T diag(p) t and <p, t>^2 are each ~1e8 times it and their float32 difference is noise)."""
+    from kronograph.runtime import losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ENTRIES", 15)
+    generator = torch.Generator().manual_seed(4)
+    outputs = torch.randn(4, 2, 5, dtype=torch.float64, generator=generator) * 2
+    signal = [torch.randn(4, 2, 5, dtype=torch.float64, generator=generator) for _ in range(3)]
+    tangents = [s + 1e4 * torch.randn(4, 2, 1, dtype=torch.float64, generator=generator) for s in signal]
+    loss = get_loss("cross_entropy")
+    torch.testing.assert_close(loss.curvature_gram_sum(outputs, tangents), _dense_cross_entropy_gram(outputs, signal),
+                               rtol=1e-9, atol=1e-9)
+    outputs, tangents = outputs.float(), [t.float() for t in tangents]
+    single, want = loss.curvature_gram_sum(outputs, tangents), _dense_cross_entropy_gram(outputs, tangents)
+    assert single.dtype == torch.float64
+    torch.testing.assert_close(single, want, rtol=1e-5, atol=1e-5 * float(want.diagonal().max()))
