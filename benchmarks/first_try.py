@@ -65,16 +65,31 @@ def _text(length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[:, :-1], windows[:, 1:]
 
 
-class TinyLM(nn.Module):
-    """A two-layer causal transformer on characters (128 symbols)."""
+def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of the same documentation's words and punctuation marks, lower-cased, the ``vocabulary`` - 1
+    commonest kept and the rest one unknown symbol (0)."""
+    import re
+    from collections import Counter
 
-    def __init__(self, width: int = 64, length: int = 64) -> None:
+    from pydoc_data.topics import topics
+
+    words = re.findall(r"[a-z]+|[0-9]+|[^\sa-z0-9]", "".join(topics[k] for k in sorted(topics)).lower())
+    codes = {word: i + 1 for i, (word, _) in enumerate(Counter(words).most_common(vocabulary - 1))}
+    tokens = torch.tensor([codes.get(word, 0) for word in words], dtype=torch.long)
+    windows = tokens[: (len(tokens) // (length + 1)) * (length + 1)].reshape(-1, length + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+class TinyLM(nn.Module):
+    """A two-layer causal transformer on characters (128 symbols), or on another vocabulary."""
+
+    def __init__(self, width: int = 64, length: int = 64, vocabulary: int = 128) -> None:
         super().__init__()
-        self.embed = nn.Embedding(128, width)
+        self.embed = nn.Embedding(vocabulary, width)
         self.position = nn.Parameter(torch.zeros(length, width))
         layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
         self.body = nn.TransformerEncoder(layer, 2)
-        self.head = nn.Linear(width, 128)
+        self.head = nn.Linear(width, vocabulary)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,7 +235,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     """Problems added after K-FAC's defaults were chosen, never used to choose them: whether the defaults hold
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
-    3136-wide head). ``--problems unseen`` runs them all."""
+    3136-wide head, a word-level LM with a 2048-word head). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -267,6 +282,11 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
         x, y = _digits()
         return Problem(ResidualMLP, x, y, "cross_entropy", 64)
 
+    def text_words() -> Problem:
+        """A word-level LM: a 2048-word head (G 2048 wide), the table too large for a block of its own."""
+        x, y = _words()
+        return Problem(lambda: TinyLM(length=32, vocabulary=2048), x, y, "cross_entropy", 32)
+
     def fashion_groupnorm_cnn() -> Problem:
         x, y = _images("fashion-mnist")
         return Problem(lambda: nn.Sequential(
@@ -277,7 +297,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
-            "fashion-groupnorm-cnn": fashion_groupnorm_cnn}
+            "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:
