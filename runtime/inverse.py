@@ -39,7 +39,8 @@ class StatisticsWarning(CurvatureWarning):
 
 
 class CoverageWarning(CurvatureWarning):
-    """Most of the model's parameters lie outside every Kronecker block: K-FAC's curvature reaches few of them."""
+    """K-FAC's curvature does not reach parameters it could: most of the model's lie outside every Kronecker block,
+    or a layer's factor is too wide to keep (``max_kronecker_dim``)."""
 
 
 class SkippedStepWarning(CurvatureWarning):

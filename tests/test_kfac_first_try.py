@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -27,6 +28,7 @@ from kronograph.runtime.damping import (
     gamma_streak,
     levenberg_marquardt,
 )
+from kronograph.runtime.inverse import CoverageWarning
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods import kfac as kfac_module
 from kronograph.runtime.methods.kfac_settings import PRESETS
@@ -621,6 +623,27 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
 
 
+def test_a_layer_with_a_factor_wider_than_max_kronecker_dim_steps_outside_every_block():
+    """max_kronecker_dim=8: the first layer (A 6, G 8 wide) keeps its block, the second (A 9 wide) is named in a
+    CoverageWarning and its weight and bias step as the parameters outside every block (they move, finitely). The
+    default bound is 8192 and the paper preset has none."""
+    model = mlp()
+    compiled = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy")
+    first, second = compiled.layers
+    with pytest.warns(CoverageWarning, match=rf"layer {re.escape(repr(second.name))} has a 9-wide A factor .*"
+                                             r"max_kronecker_dim=8"):
+        opt = kronograph.optim.KFAC(compiled, seed=0, max_kronecker_dim=8)
+    assert list(opt.curvature.blocks) == [first.name]
+    assert set(opt.unmatched) == {second.weight, second.bias}
+    before = params(model)
+    for x, y in batches(3):
+        info = opt.step(x, y)
+    assert math.isfinite(info["loss"])
+    for old, new in zip(before, model.parameters()):
+        assert not torch.equal(old, new) and torch.isfinite(new).all()
+    assert PRESETS["default"].max_kronecker_dim == 8192 and PRESETS["paper"].max_kronecker_dim is None
+
+
 def _assert_block_diagonal_inverse(inverse: torch.Tensor, factor: torch.Tensor, sizes: list[int]) -> None:
     """``inverse`` is 0 off the contiguous diagonal blocks ``sizes`` and each of its blocks inverts the factor's block
     damped by the one value that makes it so (read off the first block, the same for every block: one damping)."""
@@ -672,7 +695,6 @@ def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
     """An LSTM with proj_size has no blocks (its call is not rebuilt: runtime/recurrent.py): where such parameters
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,
     whose maps have blocks, do not."""
-    from kronograph.runtime.inverse import CoverageWarning
 
     class Projected(nn.Module):
         def __init__(self) -> None:

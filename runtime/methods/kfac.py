@@ -57,6 +57,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.passes.plan import Layer
 from kronograph.runtime.curvature import make_curvature
 from kronograph.runtime.data_parallel import (
     BatchSlice,
@@ -119,6 +120,25 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
                   f"every Kronecker block (the largest, {largest}: {reasons.get(largest, 'no block')}); they take "
                   "first-order steps (unmatched_direction) at K-FAC's step cost, so a first-order optimizer may "
                   "train this model faster", CoverageWarning, stacklevel=3)
+
+
+def _within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
+    """The layers whose factors are at most ``largest`` wide (None: all), warning (CoverageWarning) of each other
+    one: it gets no Kronecker block, and its parameters step as those outside every block. A d-wide factor is 4 d^2
+    bytes a copy, several copies at once (EMA, inverse, the gamma candidates'), and d^2 multiply-adds a row to form:
+    a 50257-word head's G alone would be 10 GB a copy."""
+    kept = []
+    for layer in layers:
+        width = max(layer.a_dim, layer.g_dim)
+        if largest is None or width <= largest:
+            kept.append(layer)
+            continue
+        which = "A" if layer.a_dim >= layer.g_dim else "G"
+        warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({4 * width * width / 2 ** 30:.1f} "
+                      f"GiB a copy), wider than max_kronecker_dim={largest}: it gets no Kronecker block and takes the "
+                      "first-order step of the parameters outside every block (unmatched_direction); raise "
+                      "max_kronecker_dim to give it one", CoverageWarning, stacklevel=4)
+    return kept
 
 
 class KFAC:
@@ -226,6 +246,10 @@ class KFAC:
             model rewards fitting it, the gamma rule can drive gamma to 1e-7 of the factors' scale (a deep tanh
             net near a perfect fit): the inverses then amplify directions the batch barely saw, each step fits
             its batch and undoes the others, and at float32's rounding the Cholesky fails.
+        max_kronecker_dim: a layer with a factor wider than this gets no Kronecker block (None: every matched layer
+            has one, the paper's): its parameters take the step of those outside every block, with a
+            CoverageWarning naming it. An LM head over a 50257-word vocabulary would hold a 10 GB G (each copy),
+            cost a 50257^2 product a token to form, and run out of memory before its first step.
         max_factor_dim: invert a factor wider than this as block-diagonal, in contiguous diagonal blocks of at most
             this width, the rest of the factor taken as 0 (None: whole, the paper's; block-diagonal structure
             only; inverse.block_diagonal_inverse). A Cholesky costs d^3: a 3137-wide A (a GroupNorm CNN's head)
@@ -329,16 +353,17 @@ class KFAC:
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure
-        self.curvature = make_curvature(structure, compiled.layers, s.factor_dtype, bool(s.centered_damping),
+        layers = _within_reach(compiled.layers, s.max_kronecker_dim)
+        self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim)
-        covered = {n for layer in compiled.layers for n in (layer.weight, layer.bias) if n}
+        covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
         # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)
         self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
             seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
-            self.inverse_owners = inverse_owners(compiled.layers, torch.distributed.get_world_size(self._group),
+            self.inverse_owners = inverse_owners(layers, torch.distributed.get_world_size(self._group),
                                                  s.max_factor_dim)
         self.generator = make_generator(self.engine.device, seed)
         # A's rows where a layer has many (activation_rows): a generator of their own, so that drawing them changes

@@ -113,6 +113,9 @@ class KFACSettings:
                                           "it has more rows than examples (conv patches, tokens; a conv's other "
                                           "patches are never formed); G keeps every row (auto: every row, the "
                                           "paper's).", low=1)
+    max_kronecker_dim: int | None = setting(8192, "A layer with a factor wider than this gets no Kronecker block: "
+                                            "its parameters step as those outside every block (auto: every "
+                                            "matched layer has one, the paper's).", low=1)
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
@@ -170,7 +173,7 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
-        activation_rows=None, max_factor_dim=None,
+        activation_rows=None, max_factor_dim=None, max_kronecker_dim=None,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
