@@ -6,13 +6,13 @@ U = (G + (gamma/pi) I)^-1 grad_W_bar (A + pi gamma I)^-1. ``precondition`` retur
 proposal is Delta = -U (the sign is left to the optimizer).
 
 Inverses are Cholesky-based (cholesky_ex, then cholesky_inverse), retried in float64 when a float32
-factorisation fails. A factor wider than ``max_dim`` is inverted as block-diagonal: its diagonal blocks of at most
-``max_dim`` contiguous coordinates, off-diagonal blocks taken as 0 (Distributed Shampoo's blocking of large
+factorisation fails. A factor wider than ``max_dim`` is inverted as block-diagonal: its diagonal blocks of at
+most ``max_dim`` contiguous coordinates, off-diagonal blocks taken as 0 (Distributed Shampoo's blocking of large
 preconditioners), so that one wide layer (a flattened conv map into a head) does not cost (d / max_dim)^2 times
-the work of the blocks; the statistics stay whole. A group whose factor holds NaN/Inf, or whose factorisation fails in float64 too,
-keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms alone: the
-factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning is raised
-through ``warnings`` (turn it into an error with a warnings filter). No NaN ever leaves this module.
+the work of the blocks; the statistics stay whole. A group whose factor holds NaN/Inf, or whose factorisation
+fails in float64 too, keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms
+alone: the factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning
+is raised through ``warnings`` (turn it into an error with a warnings filter). No NaN ever leaves this module.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ class KFACPreconditioner:
             raise KronographError(f"activation_rows={activation_rows} must be a positive number of rows, or None "
                                   "for every row")
         if max_factor_dim is not None and int(max_factor_dim) < 1:
-            raise KronographError(f"max_factor_dim={max_factor_dim} must be a positive width, or None for whole factors")
+            raise KronographError(f"max_factor_dim={max_factor_dim} must be a positive width, or None for whole "
+                                  "factors")
         if ema_decay is not None and not 0 <= ema_decay < 1:
             raise KronographError(f"ema_decay={ema_decay} must lie in [0, 1), or be None for the paper's schedule")
         if not 0 < stats_fraction <= 1:
@@ -415,21 +416,26 @@ class KFACPreconditioner:
         due = inverses_due(self.steps, self.inverse_every)
         names = [name for name, block in self.blocks.items() if block.a is not None and (due or name not in self._inverted)]
         if (group := active_group(self.process_group)) is None:
-            failed = [name for name in names if not self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)]
+            failed = [name for name in names if not self._invert_block(name)]
         elif not names:
             return False, []
         elif (alone := self._owners_alone()) is not None:
             rank = dist.get_rank(group)
             failed = [name for name in names
-                      if alone[name] == rank and not self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)]
+                      if alone[name] == rank and not self._invert_block(name)]
         else:
-            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group), self.curvature.max_dim)  # from the plan: the same everywhere
+            # from the plan: the same everywhere
+            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group), self.curvature.max_dim)
             inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
             for name in names:
                 self.blocks[name].inverses = inverses[name]
             failed = [name for name in names if not inverses[name].ok]
         self._inverted.update(names)
         return bool(names), failed
+
+    def _invert_block(self, name: str) -> bool:
+        """Invert one layer's damped factors here (False: a group kept its previous inverse)."""
+        return self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)
 
     def _owners_alone(self) -> dict[str, int] | None:
         """Each layer's owner when it alone holds the layer's inverses and solves its gradient (data-parallel with

@@ -653,7 +653,7 @@ def _assert_block_diagonal_inverse(inverse: torch.Tensor, factor: torch.Tensor, 
         eye = torch.eye(size, dtype=torch.float64)
         piece = factor[block, block].double()
         if damping is None:
-            damping = float(torch.linalg.inv(inverse[block, block].double()).diagonal().mean() - piece.diagonal().mean())
+            damping = float(torch.linalg.inv(inverse[block, block]).diagonal().mean() - piece.diagonal().mean())
         torch.testing.assert_close(inverse[block, block], torch.linalg.inv(piece + damping * eye), rtol=1e-9, atol=0)
         outside = inverse[block].clone()
         outside[:, block] = 0

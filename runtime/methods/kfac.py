@@ -134,10 +134,11 @@ def _within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
             kept.append(layer)
             continue
         which = "A" if layer.a_dim >= layer.g_dim else "G"
-        warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({4 * width * width / 2 ** 30:.1f} "
-                      f"GiB a copy), wider than max_kronecker_dim={largest}: it gets no Kronecker block and takes the "
-                      "first-order step of the parameters outside every block (unmatched_direction); raise "
-                      "max_kronecker_dim to give it one", CoverageWarning, stacklevel=4)
+        gib = 4 * width * width / 2**30
+        warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({gib:.1f} GiB a copy), wider "
+                      f"than max_kronecker_dim={largest}: it gets no Kronecker block and takes the first-order step "
+                      "of the parameters outside every block (unmatched_direction); raise max_kronecker_dim to give "
+                      "it one", CoverageWarning, stacklevel=4)
     return kept
 
 
