@@ -20,6 +20,7 @@ from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.factors import RowSubset, ema_
 from kronograph.runtime.inverse import (
+    CoverageWarning,
     DampedInverses,
     InverseWarning,
     StatisticsWarning,
@@ -32,6 +33,26 @@ from kronograph.runtime.wbar import gather, scatter
 
 Records = Mapping[str, Sequence[SiteRecord]]
 Rows = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
+    """The layers whose factors are at most ``largest`` wide (None: all), warning (CoverageWarning) of each other
+    one: it gets no Kronecker block, and its parameters are treated as those outside every block. A d-wide factor is
+    4 d^2 bytes a copy, several copies at once (EMA, inverse, the gamma candidates'), and d^2 multiply-adds a row to
+    form: a 50257-word head's G alone would be 10 GB a copy."""
+    kept = []
+    for layer in layers:
+        width = max(layer.a_dim, layer.g_dim)
+        if largest is None or width <= largest:
+            kept.append(layer)
+            continue
+        which = "A" if layer.a_dim >= layer.g_dim else "G"
+        gib = 4 * width * width / 2**30
+        warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({gib:.1f} GiB a copy), wider "
+                      f"than max_kronecker_dim={largest}: it gets no Kronecker block, its parameters are treated as "
+                      "those outside every block; raise max_kronecker_dim to give it one", CoverageWarning,
+                      stacklevel=3)
+    return kept
 
 
 class BlockDiagonalCurvature:

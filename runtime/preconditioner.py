@@ -85,7 +85,7 @@ import torch.distributed as dist
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import Capture, outside_compiled_code
-from kronograph.runtime.curvature import BlockDiagonalCurvature
+from kronograph.runtime.curvature import BlockDiagonalCurvature, within_reach
 from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
 from kronograph.runtime.distributed import (
     COMMUNICATION_DTYPES,
@@ -147,6 +147,9 @@ class KFACPreconditioner:
         max_factor_dim: invert a factor wider than this as block-diagonal, in contiguous diagonal blocks of at most
             this width (inverse.block_diagonal_inverse); None: whole. A d-wide Cholesky costs d^3: a flattened
             conv map of 25088 into a head would take minutes an inversion whole.
+        max_kronecker_dim: a layer with a factor wider than this gets no block and keeps its .grad, with a
+            CoverageWarning naming it (curvature.within_reach); None: every matched layer has one. A 32000-word
+            head's G would be 4 GB a copy.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class KFACPreconditioner:
         grad_worker_fraction: float = 1.0,
         activation_rows: int | None = 1024,
         max_factor_dim: int | None = 1024,
+        max_kronecker_dim: int | None = 8192,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -190,6 +194,9 @@ class KFACPreconditioner:
         if max_factor_dim is not None and int(max_factor_dim) < 1:
             raise KronographError(f"max_factor_dim={max_factor_dim} must be a positive width, or None for whole "
                                   "factors")
+        if max_kronecker_dim is not None and int(max_kronecker_dim) < 1:
+            raise KronographError(f"max_kronecker_dim={max_kronecker_dim} must be a positive width, or None for a "
+                                  "block for every matched layer")
         if ema_decay is not None and not 0 <= ema_decay < 1:
             raise KronographError(f"ema_decay={ema_decay} must lie in [0, 1), or be None for the paper's schedule")
         if not 0 < stats_fraction <= 1:
@@ -202,7 +209,10 @@ class KFACPreconditioner:
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.factor_dtype = factor_dtype
-        self.curvature = BlockDiagonalCurvature(compiled.layers, factor_dtype, knob="damping",
+        # the layers with a block: captures, statistics and inverses are of these alone
+        largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
+        self.layers = tuple(within_reach(compiled.layers, largest))
+        self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim))
         self.blocks = self.curvature.blocks
         self.generator = make_generator(next(self.module.parameters()).device, seed)
@@ -253,7 +263,7 @@ class KFACPreconditioner:
         if self.fisher != "empirical" or not self.statistics_due:
             yield
             return
-        capture = Capture(self.module, self.compiled.plan)
+        capture = Capture(self.module, self.layers)
         sizes: list[int | None] = [None]  # examples of each pass (the first: calls before any forward)
 
         def new_pass(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -283,7 +293,7 @@ class KFACPreconditioner:
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         with self._atomic() as drawn:
             records, m = sampled_statistics(
-                self.module, self.compiled.plan, self.loss, inputs, self.stats_fraction, self.generator,
+                self.module, self.layers, self.loss, inputs, self.stats_fraction, self.generator,
                 select=self.compiled.select_output,
             )
             stats = {
@@ -425,7 +435,7 @@ class KFACPreconditioner:
                       if alone[name] == rank and not self._invert_block(name)]
         else:
             # from the plan: the same everywhere
-            owners = inverse_owners(self.compiled.layers, dist.get_world_size(group), self.curvature.max_dim)
+            owners = inverse_owners(self.layers, dist.get_world_size(group), self.curvature.max_dim)
             inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
             for name in names:
                 self.blocks[name].inverses = inverses[name]
@@ -448,7 +458,7 @@ class KFACPreconditioner:
             raise KronographError(f"grad_worker_fraction={self.grad_worker_fraction} on {world} ranks: choose 1 (every "
                                   f"rank holds every inverse) or 1/{world} (each layer's inverses on one rank, which "
                                   "solves its gradient for all); the fractions between are not built")
-        return inverse_owners(self.compiled.layers, world, self.curvature.max_dim)
+        return inverse_owners(self.layers, world, self.curvature.max_dim)
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is

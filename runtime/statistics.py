@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kronograph.passes.plan import LayerPlan
+from kronograph.passes.plan import Layer, LayerPlan
 from kronograph.runtime.capture import Capture, SiteRecord
 from kronograph.runtime.factors import paper_decay
 from kronograph.runtime.losses import Loss
@@ -88,7 +88,7 @@ def ema_decay(update: int, fixed: float | None) -> float:
 
 def sampled_statistics(
     module: torch.nn.Module,
-    plan: LayerPlan,
+    plan: LayerPlan | Sequence[Layer],
     loss: Loss,
     inputs: Sequence[torch.Tensor],
     fraction: float,
@@ -110,7 +110,7 @@ def sampled_statistics(
 
 def statistics_pass(
     module: torch.nn.Module,
-    plan: LayerPlan,
+    plan: LayerPlan | Sequence[Layer],
     loss: Loss,
     inputs: Sequence[torch.Tensor],
     sample: Callable[[torch.Tensor], torch.Tensor],

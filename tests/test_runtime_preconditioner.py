@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronograph
-from kronograph.runtime.inverse import InverseWarning, StatisticsWarning
+from kronograph.runtime.inverse import CoverageWarning, InverseWarning, StatisticsWarning
 from kronograph.runtime.losses import get_loss
 
 N, CLASSES = 8, 3
@@ -344,3 +344,24 @@ def test_accumulated_halves_equal_one_batch(one_block):
         torch.testing.assert_close(a.g, b.g, rtol=1e-10, atol=1e-12)
     for p, q in zip(whole.parameters(), halves.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_layer_wider_than_max_kronecker_dim_keeps_its_gradient(fisher):
+    """max_kronecker_dim=8 on a 5-8-3 MLP: the second layer (a 9-wide A) is named in a CoverageWarning, gets no
+    block and is not captured; its .grad stays the loss's gradient while the first layer's is rewritten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    compiled = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy")
+    first, second = compiled.layers
+    with pytest.warns(CoverageWarning, match="9-wide A factor"):
+        precond = kronograph.optim.KFACPreconditioner(compiled, fisher=fisher, max_kronecker_dim=8, seed=0)
+    assert list(precond.blocks) == [first.name]
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    model.zero_grad()
+    with precond.track():
+        nn.functional.cross_entropy(model(x), y).backward()
+    raw = {name: p.grad.clone() for name, p in model.named_parameters()}
+    precond.step(x)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, raw[name]) == (name in (second.weight, second.bias))

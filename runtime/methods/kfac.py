@@ -57,8 +57,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
-from kronograph.passes.plan import Layer
-from kronograph.runtime.curvature import make_curvature
+from kronograph.runtime.curvature import make_curvature, within_reach
 from kronograph.runtime.data_parallel import (
     BatchSlice,
     batch_slice,
@@ -120,26 +119,6 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
                   f"every Kronecker block (the largest, {largest}: {reasons.get(largest, 'no block')}); they take "
                   "first-order steps (unmatched_direction) at K-FAC's step cost, so a first-order optimizer may "
                   "train this model faster", CoverageWarning, stacklevel=3)
-
-
-def _within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
-    """The layers whose factors are at most ``largest`` wide (None: all), warning (CoverageWarning) of each other
-    one: it gets no Kronecker block, and its parameters step as those outside every block. A d-wide factor is 4 d^2
-    bytes a copy, several copies at once (EMA, inverse, the gamma candidates'), and d^2 multiply-adds a row to form:
-    a 50257-word head's G alone would be 10 GB a copy."""
-    kept = []
-    for layer in layers:
-        width = max(layer.a_dim, layer.g_dim)
-        if largest is None or width <= largest:
-            kept.append(layer)
-            continue
-        which = "A" if layer.a_dim >= layer.g_dim else "G"
-        gib = 4 * width * width / 2**30
-        warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({gib:.1f} GiB a copy), wider "
-                      f"than max_kronecker_dim={largest}: it gets no Kronecker block and takes the first-order step "
-                      "of the parameters outside every block (unmatched_direction); raise max_kronecker_dim to give "
-                      "it one", CoverageWarning, stacklevel=4)
-    return kept
 
 
 class KFAC:
@@ -354,7 +333,7 @@ class KFAC:
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure
-        layers = _within_reach(compiled.layers, s.max_kronecker_dim)
+        layers = within_reach(compiled.layers, s.max_kronecker_dim)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim)
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
