@@ -8,10 +8,12 @@
   the rows of the low-rank product of sec 8, the EMA and its schedule.
 - ``statistics``: the tau_1 pass with targets sampled from the model, subsets, the EMA decay, the generator.
 - ``losses``: the three losses with their output curvature H and sampled targets.
-- ``inverse``: pi from traces, factored Tikhonov damping, NaN-safe Cholesky inverses, preconditioning.
+- ``inverse``: pi from traces, factored Tikhonov damping, NaN-safe Cholesky inverses (block-diagonal past a
+  width), preconditioning.
 - ``wbar``: W_bar = [W b] per group from weights/grads and back, for both weight layouts; vec convention.
 - ``blocks``: KroneckerBlock, one layer's curvature state, with ``to_dense`` for tests.
-- ``tridiagonal``: the block-tridiagonal inverse of sec 4.3; ``curvature``: both structures behind one API.
+- ``tridiagonal``: the block-tridiagonal inverse of sec 4.3; ``curvature``: both structures behind one API, and
+  which layers are narrow enough to hold a block (``within_reach``).
 - ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7.
 - ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
 - ``methods``: one module per optimizer (``methods.kfac``: ``kronograph.optim.KFAC``), the settings dataclasses and
