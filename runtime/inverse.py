@@ -140,6 +140,12 @@ def finite_per_group(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.amax(dim=dims)) & torch.isfinite(x.amin(dim=dims))
 
 
+def _newton_schulz(m: torch.Tensor) -> bool:
+    """Whether ``damped_inverse`` takes the Triton kernel's Newton-Schulz iteration (float32 on CUDA), the one
+    path that reads a previous inverse as its warm start."""
+    return m.dtype == torch.float32 and use_triton("auto", m, "inverse")
+
+
 def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M + damping I)^-1 per group, NaN-safe: returns (inverse in M's dtype, failed [groups] bool).
@@ -154,7 +160,7 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: tor
         damping: a scalar or one value per group (added to the diagonal).
         previous: [groups, d, d] the last inverse of these factors, or None.
     """
-    if m.dtype == torch.float32 and use_triton("auto", m, "inverse"):
+    if _newton_schulz(m):
         from kronograph.triton_kernels.inverse import damped_inverse_ns  # imports triton: only here
 
         usable = previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
@@ -204,7 +210,8 @@ def block_diagonal_inverse(m: torch.Tensor, damping: torch.Tensor | float, previ
         return out.reshape(groups * count, width, width)
 
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
-    usable = previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
+    usable = (previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
+              and _newton_schulz(m))  # the blocks of the previous inverse are formed only where they are read
     inverses, failed = damped_inverse(blocks_of(m), damping.repeat_interleave(count),
                                       blocks_of(previous) if usable else None)
     inverses = inverses.reshape(groups, count, width, width)

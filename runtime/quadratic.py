@@ -67,7 +67,7 @@ def output_tangents(
 
 
 def difference_products(
-    forward_at: Callable[[Direction | None], torch.Tensor], theta: Mapping[str, torch.Tensor],
+    forward_at: Callable[[Direction | None, float], torch.Tensor], theta: Mapping[str, torch.Tensor],
     directions: Sequence[Direction], scheme: str = "central", outputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The outputs s and J d for every direction by differences of plain forwards, in the outputs' dtype.
