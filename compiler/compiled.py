@@ -15,6 +15,7 @@ import torch
 
 from kronograph.compiler.export import export_inference, write_graph
 from kronograph.errors import KronographError
+from kronograph.passes.graph import rearranged_from
 from kronograph.passes.plan import Layer, LayerPlan
 
 LOSSES = ("cross_entropy", "sigmoid_cross_entropy", "mse")
@@ -86,6 +87,16 @@ class CompiledModel:
     @property
     def layers(self) -> tuple[Layer, ...]:
         return self.plan.layers
+
+    @property
+    def output_layers(self) -> tuple[str, ...]:
+        """The layers whose output is the one the loss is put on (the graph's first output, up to reshapes, casts
+        and slices): a classifier's or a language model's head, whose G holds the loss's per-class curvature."""
+        outputs = list(self.graph.graph.outputs)
+        if not outputs:
+            return ()
+        logits = rearranged_from(outputs[0])
+        return tuple(layer.name for layer in self.layers if any(site.preactivation in logits for site in layer.sites))
 
     @property
     def unmatched(self) -> list[str]:

@@ -18,6 +18,10 @@ PASS_THROUGH = frozenset({"Identity", "Cast", "Transpose"})
 #: Shape(weight); CastLike(x, w) reads only w's element type.
 METADATA_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}
 
+#: Ops whose output (from their first input) is that input's entries moved, re-typed or a subset of them, never
+#: mixed with one another: a layer's output seen through them is still that layer's output.
+REARRANGES = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice"})
+
 
 def reads_metadata_only(node: ir.Node, index: int) -> bool:
     """Whether input ``index`` of ``node`` is read for its shape or type only (not a use of its values)."""
@@ -193,3 +197,17 @@ def ensure_node_names(graph: ir.Graph) -> None:
                 counter += 1
             node.name = f"{node.op_type}_{counter}"
             taken.add(node.name)
+
+
+def rearranged_from(value: ir.Value) -> set[str]:
+    """The names of ``value`` and of every value it is a rearrangement of (``REARRANGES``' first input, followed
+    back to the first producer that mixes entries)."""
+    names = set()
+    while value is not None:
+        names.add(value.name)
+        producer = value.producer()
+        if producer is None or producer.op_type not in REARRANGES or producer.domain not in ("", "ai.onnx"):
+            break
+        value = producer.inputs[0] if producer.inputs else None
+    return names
+

@@ -76,14 +76,16 @@ class BlockDiagonalCurvature:
                 block.update(records[name], batch_size=batch_size, decay=decay, index=index, grad_scale=grad_scale,
                              subset=subset)
 
-    def invert(self, gamma: float, only: Container[str] | None = None) -> dict[str, DampedInverses | None]:
+    def invert(self, gamma: float, only: Container[str] | None = None, g_shares: Mapping[str, float] | None = None
+               ) -> dict[str, DampedInverses | None]:
         """Damped inverses for strength gamma (None for a layer never called: it has no statistics); ``only``: the
-        layers to invert, None for the others (a data-parallel rank's share, runtime/data_parallel.py)."""
+        layers to invert, None for the others (a data-parallel rank's share, runtime/data_parallel.py);
+        ``g_shares``: by layer, G's damping at least this fraction of its trace (inverse.floored)."""
         return {
             name: None if block.a is None or (only is not None and name not in only) else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
                 centered=self.centered and block.layer.bias is not None, knob=self.knob, floor=self.floor,
-                max_dim=self.max_dim)
+                max_dim=self.max_dim, g_share=(g_shares or {}).get(name, 0.0))
             for name, block in self.blocks.items()
         }
 
@@ -194,7 +196,9 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
         old = self.cross or [None] * len(batch)
         self.cross = [ema_(previous, new, decay) for previous, new in zip(old, batch)]
 
-    def invert(self, gamma: float) -> Any:
+    def invert(self, gamma: float, g_shares: Mapping[str, float] | None = None) -> Any:
+        """The tridiagonal inverse for gamma (sec 4.3), or where it fails the block-diagonal one (``g_shares``: the
+        latter's only)."""
         if self.cross is not None:
             half = len(self.cross) // 2
             blocks = list(self.blocks.values())
@@ -203,7 +207,7 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
                                           self.cross[:half], self.cross[half:], gamma, names=list(self.blocks))
             except TridiagonalInverseError as error:  # keep training: the block-diagonal inverse this time
                 warnings.warn(f"K-FAC: {error}; using the block-diagonal inverse", InverseWarning, stacklevel=3)
-        return super().invert(gamma)
+        return super().invert(gamma, g_shares=g_shares)
 
     def current(self) -> Any:
         return self.inverse if self.inverse is not None else super().current()

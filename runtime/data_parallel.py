@@ -303,14 +303,16 @@ def inverse_entries(groups: int, a_dim: int, g_dim: int) -> int:
 
 
 def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners: Mapping[str, int],
-                        group: dist.ProcessGroup) -> dict[str, DampedInverses | None]:
+                        group: dist.ProcessGroup, g_shares: Mapping[str, float] | None = None
+                        ) -> dict[str, DampedInverses | None]:
     """``curvature.invert(gamma)`` split across the ranks: this rank inverts the layers ``owners`` gives it and packs
     them (triangles, pi, failed flags), and ``exchange_from_owners`` gives every rank every layer's piece, which
     every rank (the owner too) unpacks, mirrored: the same bits on every rank. Every rank must call this in the same
     round (the layers with statistics are the same on every rank: their factors are folded from all-reduced
-    statistics). None for a layer with no statistics, as ``invert``."""
+    statistics). None for a layer with no statistics, as ``invert`` (``g_shares``: as ``invert``'s)."""
     rank = dist.get_rank(group)
-    local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank})
+    local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank},
+                             g_shares=g_shares)
     estimated = {name: block for name, block in curvature.blocks.items() if block.estimated}
     result: dict[str, DampedInverses | None] = {name: None for name in curvature.blocks}
     if not estimated:

@@ -96,16 +96,18 @@ def safe_damped(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.T
     return safe, damping, finite
 
 
-def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float) -> torch.Tensor:
-    """[groups] the damping of factors m, at least ``floor`` times m's mean eigenvalue tr(m) / dim (a group whose
-    trace is not positive and finite keeps its damping). With gamma a thousandth of a factor's scale or less,
-    its inverse amplifies directions the batch barely saw (steps that fit one batch and undo the others), and
-    at the factor's float32 rounding its Cholesky fails (an output layer's G has an exact null vector)."""
+def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float, share: float = 0.0) -> torch.Tensor:
+    """[groups] the damping of factors m, at least ``floor`` times m's mean eigenvalue tr(m) / dim and at least
+    ``share`` times its trace (a group whose trace is not positive and finite keeps its damping). With gamma a
+    thousandth of a factor's scale or less, its inverse amplifies directions the batch barely saw (steps that fit
+    one batch and undo the others), and at the factor's float32 rounding its Cholesky fails (an output layer's G
+    has an exact null vector)."""
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
-    if not floor:
+    if not floor and not share:
         return damping
-    mean = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1) / m.shape[-1]
-    return torch.maximum(damping, floor * torch.where(torch.isfinite(mean) & (mean > 0), mean, 0.0))
+    trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+    bound = max(floor / m.shape[-1], share) * trace
+    return torch.maximum(damping, torch.where(torch.isfinite(trace) & (trace > 0), bound, 0.0))
 
 
 def damping_inverse(damping: torch.Tensor) -> torch.Tensor:
@@ -285,6 +287,7 @@ def factored_inverses(
     knob: str = "factor_damping",
     floor: float = 0.0,
     max_dim: int | None = None,
+    g_share: float = 0.0,
 ) -> DampedInverses:
     """(A + pi gamma I)^-1 and (G + (gamma/pi) I)^-1 per group, warning (InverseWarning) on any failure.
 
@@ -295,7 +298,7 @@ def factored_inverses(
     warning tells the user to raise (KFAC's ``factor_damping``, KFACPreconditioner's ``damping``). ``floor``:
     each factor's damping is at least this fraction of its mean eigenvalue (``floored``). ``max_dim``: a factor
     wider than this is inverted block-diagonally (``block_diagonal_inverse``; pi from its whole trace, which is
-    the blocks' trace).
+    the blocks' trace). ``g_share``: G's damping is also at least this fraction of its trace (``floored``).
     """
     split = centered_factor(a) if centered else None
     if split is not None:
@@ -305,7 +308,7 @@ def factored_inverses(
         pi = trace_pi(a, g)
         a_inv, a_failed = block_diagonal_inverse(a, floored(a, pi * gamma, floor),
                                                  None if previous is None else previous.a_inv, max_dim)
-    g_inv, g_failed = block_diagonal_inverse(g, floored(g, gamma / pi, floor),
+    g_inv, g_failed = block_diagonal_inverse(g, floored(g, gamma / pi, floor, g_share),
                                              None if previous is None else previous.g_inv, max_dim)
     failed = a_failed | g_failed
     if bool(failed.any()):

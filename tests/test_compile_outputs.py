@@ -104,3 +104,33 @@ def test_a_hugging_face_causal_lm_as_it_comes():
     opt = kronograph.optim.KFAC(cm, seed=0)
     losses = [opt.step(tokens[:, :-1], tokens[:, 1:])["loss"] for _ in range(8)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+class Sequences(nn.Module):
+    """A head on every position, its logits reshaped ([n, T, 3] -> [n * T, 3]) or normalised before the loss."""
+
+    def __init__(self, normalise: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.normalise = nn.Linear(6, 8), nn.Linear(8, 3), normalise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.body(x))).reshape(-1, 3)
+        return torch.log_softmax(logits, -1) if self.normalise else logits
+
+
+@pytest.mark.parametrize("kind, output, expected", [
+    ("tuple", None, ("head",)), ("second", 1, ("head",)), ("second", 0, ()), ("dict", None, ("head",)),
+])
+def test_the_output_layer_is_the_one_whose_output_the_loss_is_put_on(kind, output, expected):
+    """``output_layers``: the layer whose output is the chosen model output; none where the chosen output is
+    another layer's activation (tanh of the body's)."""
+    x, _ = data()
+    assert kronograph.compile(Heads(kind), (x,), output=output).output_layers == expected
+
+
+@pytest.mark.parametrize("normalise, expected", [(False, ("head",)), (True, ())])
+def test_the_output_layer_is_found_through_reshapes_not_through_a_softmax(normalise, expected):
+    x = torch.randn(2, 4, 6)
+    for engine in ("torch", "onnxruntime"):
+        assert kronograph.compile(Sequences(normalise), (x,), engine=engine).output_layers == expected

@@ -135,8 +135,8 @@ def asymmetric_owners(layers, rank: int, world: int) -> dict:
     invert = curvature.invert
     made = {}
 
-    def skewed(gamma, only=None):
-        result = invert(gamma, only=only)
+    def skewed(gamma, only=None, g_shares=None):
+        result = invert(gamma, only=only, g_shares=g_shares)
         for name, r in result.items():
             if r is not None:
                 noise = torch.Generator().manual_seed(rank)

@@ -610,7 +610,8 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
     damped by a thousandth of its mean eigenvalue (dense inverses of the block's own factors)."""
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
-                                adapt_gamma=False, factor_damping=1e-12, centered_damping=False)
+                                adapt_gamma=False, factor_damping=1e-12, centered_damping=False,
+                                output_noise_damping=False)
     assert opt.settings.factor_damping_floor == 1e-3
     for x, y in batches(2):
         opt.step(x, y)
@@ -621,6 +622,41 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=a.dtype)), rtol=1e-4, atol=0)
         torch.testing.assert_close(block.inverses.g_inv[0].double(), torch.linalg.inv(g + damp_g * torch.eye(len(g),
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("positions", [1, 4])
+def test_the_output_layers_g_is_damped_by_the_noisy_share_of_one_rows_weight(positions):
+    """With gamma far below the factors' scale (1e-12), the inverses K-FAC forms are the dense inverses of each
+    float64 factor M damped by 1e-3 tr M / dim, except the output layer's G: by max(1e-3 tr G / dim,
+    (1 - s) tr G / R), s the share of signal the optimizer has measured, R the batch's rows of that layer (32
+    examples times ``positions``). The paper preset has no such term; without signal_scaling there is none."""
+    model = mlp()
+    shape = (2, 5) if positions == 1 else (2, positions, 5)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(shape),), loss="cross_entropy"), seed=0,
+                                adapt_gamma=False, factor_damping=1e-12, centered_damping=False,
+                                factor_dtype=torch.float64)
+    assert opt.settings.output_noise_damping and not PRESETS["paper"].output_noise_damping
+    assert opt.output_layers == {"2"}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):  # random labels: the batch's gradient mostly noise
+        opt.step(torch.randn(32, *shape[1:], generator=generator),
+                 torch.randint(0, 3, (32, *shape[1:-1]), generator=generator))
+    noise = 1 - opt._signal_share()
+    assert noise > 0.1
+    for name, inverses in opt._invert(1e-12).items():
+        block = opt.curvature.blocks[name]
+        for which, factor, inverse in (("a", block.a[0], inverses.a_inv[0]), ("g", block.g[0], inverses.g_inv[0])):
+            trace, dim = float(factor.trace()), len(factor)
+            damping = 1e-3 * trace / dim
+            if name == "2" and which == "g":
+                assert noise / (32 * positions) > 1e-3 / dim  # the term decides
+                damping = noise * trace / (32 * positions)
+            torch.testing.assert_close(inverse, torch.linalg.inv(factor + damping * torch.eye(dim, dtype=factor.dtype)),
+                                       rtol=1e-9, atol=0)
+    unmeasured = kronograph.optim.KFAC(opt.compiled, seed=0, signal_scaling=False)
+    unmeasured.step(torch.randn(32, *shape[1:], generator=generator),
+                    torch.randint(0, 3, (32, *shape[1:-1]), generator=generator))
+    assert unmeasured._output_g_shares() is None
 
 
 def test_a_layer_with_a_factor_wider_than_max_kronecker_dim_steps_outside_every_block():

@@ -108,6 +108,9 @@ class KFACSettings:
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
                                           "factor's mean eigenvalue (0: none, the paper's).", low=0)
+    output_noise_damping: bool = setting(True, "Damp the output layer's G by at least (1 - s) times one of the "
+                                         "batch's rows' share of its trace, s the share of signal in the batch's "
+                                         "natural gradient (needs signal_scaling; off: the paper's).")
     activation_rows: int | None = setting(1024, "Form a layer's A from at most N of its activation rows per "
                                           "statistics update, a random subset weighted to stay unbiased, where "
                                           "it has more rows than examples (conv patches, tokens; a conv's other "
@@ -173,7 +176,7 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
-        activation_rows=None, max_factor_dim=None, max_kronecker_dim=None,
+        activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
