@@ -5,14 +5,27 @@ from __future__ import annotations
 import math
 
 
+#: The Levenberg-Marquardt rule's verdicts: the quadratic model is trusted above this rho, distrusted below that.
+TRUSTED_RHO, DISTRUSTED_RHO = 0.75, 0.25
+
+
 def levenberg_marquardt(damping: float, rho: float, omega: float, minimum: float = 0.0) -> float:
     """Shrink lambda by omega (< 1) when rho > 3/4 (the quadratic model is trustworthy), grow it by 1/omega
     when rho < 1/4, where rho = (h(theta + delta) - h(theta)) / (M(delta) - M(0))."""
-    if rho > 0.75:
+    if rho > TRUSTED_RHO:
         return max(minimum, damping * omega)
-    if rho < 0.25:
+    if rho < DISTRUSTED_RHO:
         return damping / omega
     return damping
+
+
+def largest_credible_decrease(objective: float) -> float:
+    """The most a step's quadratic model may predict h to fall, h / (1/4): h is nonnegative (every loss is, and the
+    l2 term), so a step falls by at most h, and a predicted fall beyond h / (1/4) has rho < 1/4 whatever the step
+    does: the model is distrusted before the step is tried. Where it happens the model has missed curvature (a
+    saturated softmax on a wrong label: its Fisher vanishes, its gradient does not), and the predicted 1e4 h of a
+    fitted deep tanh net's outlier took a step that wrecked the fit."""
+    return objective / DISTRUSTED_RHO
 
 
 #: float32's unit roundoff: the losses are float32 sums, so h resolves relative changes no finer than this.
@@ -90,7 +103,7 @@ def accelerated_levenberg_marquardt(damping: float, rho: float, omega: float, st
     ``streak`` is signed: +j after j consecutive shrinks, -j after j consecutive growths. Returns the new
     lambda and streak.
     """
-    streak = _extend(streak, 1 if rho > 0.75 else -1 if rho < 0.25 else 0)
+    streak = _extend(streak, 1 if rho > TRUSTED_RHO else -1 if rho < DISTRUSTED_RHO else 0)
     return levenberg_marquardt(damping, rho, omega ** min(max(abs(streak), 1), cap), minimum), streak
 
 

@@ -624,6 +624,39 @@ def test_the_defaults_keep_each_factors_damping_above_a_thousandth_of_its_scale(
                                    dtype=g.dtype)), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("bound", [True, False])
+def test_no_step_is_predicted_to_take_h_below_zero_by_more_than_three_times_h(bound):
+    """Labels that a saturated softmax calls least likely (logits x30): the Fisher of such a batch nearly vanishes
+    while its gradient does not, and with lambda held at 1e-8 the quadratic model predicts falls of 20x h. The
+    default (``bound_model_decrease``) shortens such a step until its predicted fall is h / (1/4) (``lr`` (2 - lr)
+    of it applied), and the loss stays below its start (11.6 -> 6.5, 3.6, 4.6); without it, it rises 30-fold in three
+    steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(30)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 5, generator=generator)
+    with torch.no_grad():
+        y = model(x).argmin(1)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
+                                adapt_damping=False, adapt_gamma=False, factor_damping=1e-4,
+                                bound_model_decrease=bound)
+    assert PRESETS["default"].bound_model_decrease and not PRESETS["paper"].bound_model_decrease
+    losses, falls = [], []
+    for _ in range(3):
+        info = opt.step(x, y)
+        losses.append(info["loss"])
+        falls.append(-info["model_decrease"])
+    with torch.no_grad():
+        final = float(get_loss("cross_entropy")(model(x), y))
+    if bound:
+        assert all(fall <= 4 * loss * (1 + 1e-9) for fall, loss in zip(falls, losses))
+        assert max(*losses[1:], final) < losses[0]
+    else:
+        assert max(fall / loss for fall, loss in zip(falls, losses)) > 20 and final > 30 * losses[0]
+
+
 @pytest.mark.parametrize("positions", [1, 4])
 def test_the_output_layers_g_is_damped_by_the_noisy_share_of_one_rows_weight(positions):
     """With gamma far below the factors' scale (1e-12), the inverses K-FAC forms are the dense inverses of each

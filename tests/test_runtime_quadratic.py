@@ -320,3 +320,31 @@ def test_the_cross_entropy_gram_in_chunks_of_rows_keeps_float32_free_of_cancella
     single, want = loss.curvature_gram_sum(outputs, tangents), _dense_cross_entropy_gram(outputs, tangents)
     assert single.dtype == torch.float64
     torch.testing.assert_close(single, want, rtol=1e-5, atol=1e-5 * float(want.diagonal().max()))
+
+
+@pytest.mark.parametrize("bounds", [None, [(0.0, math.inf), (0.0, math.inf), (0.0, 1.0)]])
+def test_a_decrease_beyond_the_bound_is_shortened_along_the_minimiser(bounds):
+    """max_decrease below the minimiser's decrease: the coefficients are t c (c the minimiser without the bound,
+    0 < t < 1) and the dense model's value there, 1/2 d^T (F + lambda I) d + grad^T d for d = basis (t c), is
+    -max_decrease; the smaller root (the model still falling at t); a bound it does not reach changes nothing."""
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(50):
+        basis = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        curvature = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+        curvature = curvature @ curvature.T
+        grad = 10 * torch.randn(8, generator=generator, dtype=torch.float64)
+        gram_f, gram_i, g = basis.T @ curvature @ basis, basis.T @ basis, basis.T @ grad
+        free = solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds)
+        if free.decrease == 0:  # every direction uphill: nothing to shorten
+            continue
+        assert solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds, max_decrease=-free.decrease * 1.01) == free
+        limit = -free.decrease / 7
+        short = solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds, max_decrease=limit)
+        c, s = torch.tensor(free.coefficients, dtype=torch.float64), torch.tensor(short.coefficients, dtype=torch.float64)
+        t = float(s @ c / (c @ c))
+        assert 0 < t < 1 and torch.allclose(s, t * c, rtol=0, atol=1e-12)
+        d = basis @ s
+        value = 0.5 * d @ (curvature + 0.1 * torch.eye(8, dtype=torch.float64)) @ d + grad @ d
+        assert float(value) == pytest.approx(-limit, rel=1e-9) and short.decrease == pytest.approx(-limit, rel=1e-12)
+        slope = basis.T @ ((curvature + 0.1 * torch.eye(8, dtype=torch.float64)) @ d + grad)
+        assert float(slope @ c) < 0  # still falling along c: the first crossing, not the one past the minimum

@@ -77,6 +77,7 @@ from kronograph.runtime.damping import (
     gamma_interval,
     gamma_power,
     gamma_streak,
+    largest_credible_decrease,
     lm_omega,
     rounding_of_h,
 )
@@ -234,6 +235,12 @@ class KFAC:
             this width, the rest of the factor taken as 0 (None: whole, the paper's; block-diagonal structure
             only; inverse.block_diagonal_inverse). A Cholesky costs d^3: a 3137-wide A (a GroupNorm CNN's head)
             in four blocks of 785 costs a sixteenth; the statistics are still formed whole.
+        bound_model_decrease: shorten a step whose quadratic model predicts h to fall by more than h / (1/4)
+            (damping.largest_credible_decrease; off: the paper's) along its coefficients, to the point where the
+            model predicts that fall (quadratic.shortened). h is nonnegative, so such a step has rho < 1/4 whatever
+            it does: a batch whose Fisher misses the curvature (a saturated softmax on a wrong label), met with
+            lambda near its floor. A fitted deep tanh net's outlier predicted falls of 1e4 h, was undone again and
+            again and wrecked the fit at 60 s (0.02 against 0 with the bound; BENCHMARKS.md).
         output_noise_damping: damp the output layer's G (the layers whose output the loss is put on,
             ``CompiledModel.output_layers``) by at least (1 - s) tr(G) / R: R its rows in the batch (examples times
             positions), s the share of signal in the batch's natural gradient (``signal_scaling``, which it needs).
@@ -489,7 +496,8 @@ class KFAC:
                     lr = self.lr * (1 + self._signal_share()) / 2
                     info["signal"] = self._signal_share()
             with self._timed("qmodel"):
-                update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr)
+                update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr,
+                                                                    objective)
             if best is None or decrease < best[3]:
                 best = (gamma, inverses, update, decrease, figures)
             if kept is None:
@@ -864,7 +872,7 @@ class KFAC:
                 else (0.0, math.inf) if s.descent_only else free for label in labels]
 
     def _final_update(self, inputs, grads: Direction, proposal: Direction, fallback: Direction,
-                      cache: dict, lr: float) -> tuple[Direction, dict, float]:
+                      cache: dict, lr: float, objective: float) -> tuple[Direction, dict, float]:
         """delta from Delta: re-scaled and with momentum (sec 6.4, 7), or lr * (Delta + heavy ball)."""
         if not self.rescale:
             momentum = self.momentum if isinstance(self.momentum, (int, float)) else 0.0
@@ -882,7 +890,8 @@ class KFAC:
         gradient = torch.stack([inner_tensor(grads, d) for d in directions])
         bounds = self._coefficient_bounds(labels)
         solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, bounds,
-                                         self.settings.max_condition)
+                                         self.settings.max_condition,
+                                         largest_credible_decrease(objective) if self.settings.bound_model_decrease else None)
         figures = dict(zip(labels, solution.coefficients))
         figures.setdefault("mu", 0.0)
         update: Direction = {name: torch.zeros_like(param) for name, param in self.engine.parameters().items()}

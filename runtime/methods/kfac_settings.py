@@ -106,6 +106,9 @@ class KFACSettings:
                                  "quadratic model.")
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
+    bound_model_decrease: bool = setting(True, "Shorten a step whose quadratic model predicts h to fall by more "
+                                         "than 4 h (h >= 0: its rho would be below 1/4 whatever it did) to "
+                                         "predict that fall (off: the paper's).")
     factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
                                           "factor's mean eigenvalue (0: none, the paper's).", low=0)
     output_noise_damping: bool = setting(True, "Damp the output layer's G by at least (1 - s) times one of the "
@@ -177,6 +180,7 @@ PRESETS: dict[str, KFACSettings] = {
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
+        bound_model_decrease=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
