@@ -210,4 +210,3 @@ def rearranged_from(value: ir.Value) -> set[str]:
             break
         value = producer.inputs[0] if producer.inputs else None
     return names
-

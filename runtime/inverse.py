@@ -101,7 +101,7 @@ def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float, share:
     ``share`` times its trace (a group whose trace is not positive and finite keeps its damping). With gamma a
     thousandth of a factor's scale or less, its inverse amplifies directions the batch barely saw (steps that fit
     one batch and undo the others), and at the factor's float32 rounding its Cholesky fails (an output layer's G
-    has an exact null vector)."""
+    has an exact null vector). ``share``: KFAC's ``output_noise_damping``, (1 - s) / R of a softmax head's G."""
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
     if not floor and not share:
         return damping

@@ -340,7 +340,8 @@ def test_a_decrease_beyond_the_bound_is_shortened_along_the_minimiser(bounds):
         assert solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds, max_decrease=-free.decrease * 1.01) == free
         limit = -free.decrease / 7
         short = solve_quadratic_model(gram_f, gram_i, g, 0.1, bounds, max_decrease=limit)
-        c, s = torch.tensor(free.coefficients, dtype=torch.float64), torch.tensor(short.coefficients, dtype=torch.float64)
+        c = torch.tensor(free.coefficients, dtype=torch.float64)
+        s = torch.tensor(short.coefficients, dtype=torch.float64)
         t = float(s @ c / (c @ c))
         assert 0 < t < 1 and torch.allclose(s, t * c, rtol=0, atol=1e-12)
         d = basis @ s

@@ -889,9 +889,9 @@ class KFAC:
         gram_i = torch.stack([torch.stack([inner_tensor(a, b) for b in directions]) for a in directions])
         gradient = torch.stack([inner_tensor(grads, d) for d in directions])
         bounds = self._coefficient_bounds(labels)
+        credible = largest_credible_decrease(objective) if self.settings.bound_model_decrease else None
         solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, bounds,
-                                         self.settings.max_condition,
-                                         largest_credible_decrease(objective) if self.settings.bound_model_decrease else None)
+                                         self.settings.max_condition, credible)
         figures = dict(zip(labels, solution.coefficients))
         figures.setdefault("mu", 0.0)
         update: Direction = {name: torch.zeros_like(param) for name, param in self.engine.parameters().items()}
