@@ -14,8 +14,9 @@
 - ``blocks``: KroneckerBlock, one layer's curvature state, with ``to_dense`` for tests.
 - ``tridiagonal``: the block-tridiagonal inverse of sec 4.3; ``curvature``: both structures behind one API, and
   which layers are narrow enough to hold a block (``within_reach``).
-- ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7.
-- ``damping``: the Levenberg-Marquardt rule for lambda and the gamma candidates.
+- ``quadratic``: exact-Fisher products by forward mode and the quadratic model of secs 6.4 and 7 (a step shortened
+  where it predicts more fall than h can credibly make, ``shortened``).
+- ``damping``: the Levenberg-Marquardt rule for lambda, the gamma candidates, and the largest credible fall of h.
 - ``methods``: one module per optimizer (``methods.kfac``: ``kronograph.optim.KFAC``), the settings dataclasses and
   ``METHODS``, the registry the CLI is built from; ``preconditioner``: ``kronograph.optim.KFACPreconditioner``.
 - ``distributed``: the preconditioner's mini-batch factors averaged across data-parallel ranks (one all_reduce).
