@@ -55,14 +55,23 @@ def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(train.x, dtype=torch.float32).reshape(-1, 1, 28, 28), torch.tensor(train.y).long()
 
 
-def _text(length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Character windows of Python's own documentation text (ships with every CPython)."""
+def _documentation() -> str:
+    """Python's own documentation text (ships with every CPython)."""
     from pydoc_data.topics import topics
 
-    text = "".join(topics[k] for k in sorted(topics)).encode("ascii", "ignore")
-    codes = torch.tensor(list(text), dtype=torch.long).clamp(max=127)
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def _windows(codes: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows of ``length`` symbols and, for each, the next symbol at every position."""
     windows = codes[: (len(codes) // (length + 1)) * (length + 1)].reshape(-1, length + 1)
     return windows[:, :-1], windows[:, 1:]
+
+
+def _text(length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Character windows of the documentation."""
+    text = _documentation().encode("ascii", "ignore")
+    return _windows(torch.tensor(list(text), dtype=torch.long).clamp(max=127), length)
 
 
 def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +80,9 @@ def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torc
     import re
     from collections import Counter
 
-    from pydoc_data.topics import topics
-
-    words = re.findall(r"[a-z]+|[0-9]+|[^\sa-z0-9]", "".join(topics[k] for k in sorted(topics)).lower())
+    words = re.findall(r"[a-z]+|[0-9]+|[^\sa-z0-9]", _documentation().lower())
     codes = {word: i + 1 for i, (word, _) in enumerate(Counter(words).most_common(vocabulary - 1))}
-    tokens = torch.tensor([codes.get(word, 0) for word in words], dtype=torch.long)
-    windows = tokens[: (len(tokens) // (length + 1)) * (length + 1)].reshape(-1, length + 1)
-    return windows[:, :-1], windows[:, 1:]
+    return _windows(torch.tensor([codes.get(word, 0) for word in words], dtype=torch.long), length)
 
 
 class TinyLM(nn.Module):

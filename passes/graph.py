@@ -20,7 +20,7 @@ METADATA_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}
 
 #: Ops whose output (from their first input) is that input's entries moved, re-typed or a subset of them, never
 #: mixed with one another: a layer's output seen through them is still that layer's output.
-REARRANGES = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice"})
+REARRANGES = PASS_THROUGH | {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice"}
 
 
 def reads_metadata_only(node: ir.Node, index: int) -> bool:
