@@ -7,7 +7,8 @@ default-init autoencoder gives 65-101 at 150 steps across seeds): compare three 
 
 Each variant is a label and the JSON of ``KFAC(cm, **options)``'s keywords (a label starting with "adam" runs
 torch.optim.Adam with them). Prints the loss on a fixed 1,000-example sample of the training set at half and
-at all the steps, the milliseconds a step (evaluation not charged) and K-FAC's undone steps.
+at all the steps, the milliseconds a step (evaluation not charged) and K-FAC's undone steps. ``--batch N``
+replaces the problem's batch size (batches of 1-3 examples: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kronograph.runtime.losses import get_loss
 from first_try import all_problems
 
 
-def run(name: str, steps: int, label: str, options: dict, seed: int) -> dict:
+def run(name: str, steps: int, label: str, options: dict, seed: int, batch: int | None = None) -> dict:
     """One variant from the seed's weights on the seed's batches."""
     problem = all_problems()[name]()
     loss = get_loss(problem.loss)
@@ -37,7 +38,7 @@ def run(name: str, steps: int, label: str, options: dict, seed: int) -> dict:
     order = torch.Generator().manual_seed(seed)
     clock, marks, info = 0.0, [], {}
     for k in range(steps):
-        index = torch.randint(len(problem.x), (problem.batch,), generator=order)
+        index = torch.randint(len(problem.x), (batch or problem.batch,), generator=order)
         x, y = problem.x[index], problem.y[index]
         start = time.perf_counter()
         if adam:
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("variants", nargs="+", help="label JSON label JSON ...")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--batch", type=int, default=None, help="examples a batch (default: the problem's)")
     args = parser.parse_args()
     if len(args.variants) % 2:
         parser.error("give each variant as a label and its JSON options")
@@ -70,7 +72,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, options in pairs:
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = run(args.problem, args.steps, label, options, seed)
+            r = run(args.problem, args.steps, label, options, seed, args.batch)
             print(f"| {label} | {seed} | {r['half']:.4g} | {r['final']:.4g} | {r['ms']:.1f} | {r['undone']} |",
                   flush=True)
 

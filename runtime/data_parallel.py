@@ -141,15 +141,15 @@ class BatchSlice:
 
     def halves(self, batch_norm: bool = True) -> tuple[int, int] | None:
         """This rank's numbers of rows in the global batch's first half (its first N // 2 examples, as a single
-        process splits it) and in its second half, or None where the halves cannot be passed: N < 4, or, for a
-        model with ``batch_norm`` (which cannot normalise one example), some rank would pass a piece of one
-        example. The same answer on every rank."""
+        process splits it) and in its second half, or None where the halves cannot be passed: N < 2, or, for a
+        model with ``batch_norm`` (which cannot normalise one example), N < 4 or some rank would pass a piece of
+        one example. The same answer on every rank."""
         half, pieces, offset = self.total // 2, [], 0
         for n in self.counts:
             first = min(max(half - offset, 0), n)
             pieces += [first, n - first]
             offset += n
-        if self.total < 4 or batch_norm and any(0 < piece < 2 for piece in pieces):
+        if self.total < (4 if batch_norm else 2) or batch_norm and any(0 < piece < 2 for piece in pieces):
             return None
         return pieces[2 * self.rank], pieces[2 * self.rank + 1]
 

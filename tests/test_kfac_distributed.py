@@ -26,6 +26,7 @@ from torch import nn
 import kronograph
 from kronograph.runtime import curvature as curvature_module
 from kronograph.runtime.data_parallel import (
+    BatchSlice,
     assign_inverses,
     inverse_cost,
     inverse_owners,
@@ -417,3 +418,18 @@ def test_a_conv_net_with_a_from_a_subset_of_its_rows_trains_data_parallel(ranks)
     for name, value in first["params"].items():
         assert torch.equal(value, second["params"][name]), name
     assert first["losses"] == second["losses"] and first["losses"][-1] < first["losses"][0]
+
+
+@pytest.mark.parametrize(("counts", "batch_norm", "pieces"), [
+    ((1, 1), False, [(1, 0), (0, 1)]),  # two ranks of one example: one half each
+    ((3,), False, [(1, 2)]),
+    ((1,), False, [None]),  # one example: no halves
+    ((1, 1), True, [None, None]),  # batch norm: halves of two examples at least
+    ((2, 2), True, [(2, 0), (0, 2)]),
+    ((3, 2), True, [None, None]),  # rank 0 would pass a piece of one example of the second half
+])
+def test_the_global_batchs_halves_as_each_rank_passes_them(counts, batch_norm, pieces):
+    """``BatchSlice.halves``: this rank's rows of the global batch's first N // 2 examples and of the rest, the
+    single process's split; batches of 2 and 3 examples are halved unless batch norm normalises the halves."""
+    for rank, expected in enumerate(pieces):
+        assert BatchSlice(None, counts, rank, torch.device("cpu")).halves(batch_norm) == expected

@@ -439,17 +439,21 @@ def test_a_batch_of_nans_is_skipped_without_reaching_the_weights(loss):
     assert all(torch.equal(block.a, factors[name]) for name, block in opt.blocks.items())
 
 
-def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients():
-    """After one step, signal_scaling's EMAs hold g^T P g and g_A^T P g_B: g_A, g_B the gradients of the batch's
-    two halves recomputed here by autograd on a copy of the model, g their mean, P the step's K-FAC inverse
-    (the negated proposal map). The update is then (1 + s) / 2 of the one without signal scaling."""
+@pytest.mark.parametrize("n", [32, 3, 2])
+def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients(n):
+    """After one step, signal_scaling's EMAs hold g^T P g and g^T P g - d^T P d: g_A, g_B the gradients of the
+    batch's halves (the first n // 2 examples and the rest) recomputed here by autograd on a copy of the model, g
+    their mean weighted by their sizes, d = (g_A - g_B) / 2, P the step's K-FAC inverse (the negated proposal map);
+    for equal halves the second is g_A^T P g_B. The update is then (1 + s) / 2 of the one without signal scaling.
+    Batches of 2 and 3 examples are halved too (halves of one example: no batch norm here)."""
     runs = {}
     for scaling in (True, False):
         model = mlp()
         probe = copy.deepcopy(model)
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
-                                    reject_steps=False, signal_scaling=scaling)
+                                    reject_steps=False, signal_scaling=scaling, output_noise_damping=False)
         (x, y), = batches(1)
+        x, y = x[:n], y[:n]
         before = params(model)
         opt.step(x, y)
         runs[scaling] = (opt, [p - q for p, q in zip(params(model), before)])
@@ -460,8 +464,10 @@ def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients():
         torch.nn.functional.cross_entropy(probe(xs), ys).backward()
         return {name: p.grad.clone() for name, p in probe.named_parameters()}
 
-    g_a, g_b = gradient(x[:16], y[:16]), gradient(x[16:], y[16:])
-    g = {name: (g_a[name] + g_b[name]) / 2 for name in g_a}
+    half = n // 2
+    g_a, g_b = gradient(x[:half], y[:half]), gradient(x[half:], y[half:])
+    g = {name: (half * g_a[name] + (n - half) * g_b[name]) / n for name in g_a}
+    d = {name: (g_a[name] - g_b[name]) / 2 for name in g_a}
     inverses = opt.curvature.current()
 
     def dot_p(u, v):  # u^T P v
@@ -470,10 +476,84 @@ def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients():
 
     total, cross = opt.signal
     assert total == pytest.approx(dot_p(g, g), rel=1e-4)
-    assert cross == pytest.approx(dot_p(g_a, g_b), rel=1e-3, abs=1e-6 * total)
+    assert cross == pytest.approx(dot_p(g, g) - dot_p(d, d), rel=1e-3, abs=1e-5 * total)
+    if 2 * half == n:
+        assert cross == pytest.approx(dot_p(g_a, g_b), rel=1e-3, abs=1e-5 * total)
     share = min(1.0, max(0.0, cross / total))
     for scaled, plain in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(scaled, (1 + share) / 2 * plain, rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_of_one_example_is_taken_as_all_noise():
+    """A batch of one cannot be halved: its share of signal is unmeasured and taken as 0, so the update is half the
+    one without signal scaling (``output_noise_damping`` off), and with it on the output layer's G is damped by its
+    whole trace (R = 1 row). A later batch that can be halved measures s as usual."""
+    runs = {}
+    (x, y), = batches(1)
+    for scaling in (True, False):
+        model = mlp()
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
+                                    reject_steps=False, signal_scaling=scaling, output_noise_damping=False)
+        before = params(model)
+        info = opt.step(x[:1], y[:1])
+        runs[scaling] = [p - q for p, q in zip(params(model), before)]
+        assert info.get("signal") == (0.0 if scaling else None)
+        assert opt.signal is None
+    for scaled, plain in zip(runs[True], runs[False]):
+        torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-8)
+    opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), seed=0)
+    opt.step(x[:1], y[:1])
+    assert opt._output_g_shares() == {"2": 1.0}
+    info = opt.step(x[:4], y[:4])
+    assert opt.signal is not None and info["signal"] == opt._signal_share()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_batches_of_one_to_three_examples_do_not_diverge(batch):
+    """Before signal scaling covered them, K-FAC's defaults fitted each batch of 1-3 examples and the loss on the
+    data they came from rose from ~2 to 4-9 within 200 steps (a 20-32-5 ReLU net, labels of a linear rule). Now it
+    falls, and never far above where it started."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 20, generator=generator)
+    y = (x @ torch.randn(20, 5, generator=generator)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x), y))
+
+    start, worst = loss(), 0.0
+    for step in range(200):
+        index = torch.randint(512, (batch,), generator=generator)
+        opt.step(x[index], y[index])
+        if step % 20 == 19:
+            worst = max(worst, loss())
+    assert loss() < 0.75 * start and worst < 1.5 * start
+
+
+def test_the_momentum_coefficient_stays_below_one_plus_the_share_of_signal():
+    """``momentum_follows_signal``: mu in [0, min(max_momentum, 1 + s)] once s is measured (max_momentum alone
+    before, and with the setting off); every step's mu obeys it on random labels, where s is small and the
+    unbounded model wants mu > 1 on some steps. The paper preset keeps the free mu."""
+    generator = torch.Generator().manual_seed(3)
+    runs = {}
+    for follows in (True, False):
+        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), seed=0,
+                                    momentum_follows_signal=follows)
+        assert opt._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]  # s not measured yet
+        mus = []
+        for _ in range(40):
+            info = opt.step(torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+            mus.append((info["mu"], info["signal"]))
+            limit = min(2.0, 1.0 + opt._signal_share()) if follows else 2.0
+            assert opt._coefficient_bounds(["alpha", "unmatched_scale", "mu"]) == [
+                (0.0, math.inf), (0.0, math.inf), (0.0, limit)]
+        runs[follows] = mus
+    assert all(0.0 <= mu <= 1.0 + share + 1e-9 for mu, share in runs[True])
+    assert any(mu > 1.0 + share for mu, share in runs[False])  # the bound acts on this problem
+    assert not PRESETS["paper"].momentum_follows_signal and PRESETS["paper"].max_momentum is None
 
 
 def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
