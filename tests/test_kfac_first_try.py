@@ -533,27 +533,26 @@ def test_batches_of_one_to_three_examples_do_not_diverge(batch):
     assert loss() < 0.75 * start and worst < 1.5 * start
 
 
-def test_the_momentum_coefficient_stays_below_one_plus_the_share_of_signal():
-    """``momentum_follows_signal``: mu in [0, min(max_momentum, 1 + s)] once s is measured (max_momentum alone
-    before, and with the setting off); every step's mu obeys it on random labels, where s is small and the
-    unbounded model wants mu > 1 on some steps. The paper preset keeps the free mu."""
+def test_the_momentum_coefficient_stays_at_most_one_on_a_batch_of_a_few_examples():
+    """``unit_momentum_below=8``: mu in [0, 1] on batches of fewer than 8 loss terms, in [0, max_momentum] from 8
+    on, a sequence's tokens counting one each; every step's mu obeys it on random labels at batch 4, where mu goes
+    above 1 without the bound. The paper preset keeps the free mu."""
     generator = torch.Generator().manual_seed(3)
-    runs = {}
-    for follows in (True, False):
-        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), seed=0,
-                                    momentum_follows_signal=follows)
-        assert opt._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]  # s not measured yet
-        mus = []
+    mus = {}
+    for below in (8, None):
+        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), seed=0, unit_momentum_below=below)
+        mus[below] = []
         for _ in range(40):
-            info = opt.step(torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator))
-            mus.append((info["mu"], info["signal"]))
-            limit = min(2.0, 1.0 + opt._signal_share()) if follows else 2.0
-            assert opt._coefficient_bounds(["alpha", "unmatched_scale", "mu"]) == [
-                (0.0, math.inf), (0.0, math.inf), (0.0, limit)]
-        runs[follows] = mus
-    assert all(0.0 <= mu <= 1.0 + share + 1e-9 for mu, share in runs[True])
-    assert any(mu > 1.0 + share for mu, share in runs[False])  # the bound acts on this problem
-    assert not PRESETS["paper"].momentum_follows_signal and PRESETS["paper"].max_momentum is None
+            info = opt.step(torch.randn(4, 5, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+            mus[below].append(info["mu"])
+            assert opt._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 1.0 if below else 2.0)]
+        opt.step(torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+        assert opt._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]
+    assert all(0.0 <= mu <= 1.0 for mu in mus[8]) and max(mus[None]) > 1.0
+    sequences = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 4, 5),)), seed=0)
+    sequences.step(torch.randn(2, 4, 5, generator=generator), torch.randint(0, 3, (2, 4), generator=generator))
+    assert sequences._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]  # 2 x 4 tokens
+    assert PRESETS["paper"].unit_momentum_below is None and PRESETS["paper"].max_momentum is None
 
 
 def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():

@@ -217,10 +217,12 @@ class KFAC:
             paper's). The curvature along the previous update comes from a sub-batch that did not make it; where
             the batch is small against the model (784-500-10 at 60 examples) that curvature is mostly missing,
             and a free mu swings between -10 and +5 from step to step and the loss rises.
-        momentum_follows_signal: keep mu at most 1 + s within ``max_momentum`` (s as in ``signal_scaling``, which
-            it needs; off: max_momentum alone). A mu above 1 makes the step longer than the previous update, which
-            pays where the batch's gradient is signal (the default-init autoencoder) and repeats the last batch's
-            noise where it is not: batches of 1-3 examples ended 2-3x higher after 400 steps with mu up to 2.
+        unit_momentum_below: keep mu at most 1 (within ``max_momentum``) on batches of fewer than this many loss
+            terms, examples times a sequence's positions (None: max_momentum alone). A mu above 1 makes the step
+            longer than the previous update, fitted to the few examples that made it, from curvature measured on a
+            few others: at batches of 1-4 examples on scikit-learn's digits and Fashion-MNIST it repeats their noise
+            (digits at batch 2 after 300 steps: 0.24-1.60 with mu up to 2, 0.22-0.37 with mu <= 1); from 16 examples
+            on it pays (BENCHMARKS.md).
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
@@ -389,6 +391,7 @@ class KFAC:
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's (P, Q) where low rank pays
         self._rows_per_example: dict[str, float] = {}  # activation rows an example, as the last statistics saw
         self._examples = 0  # the examples of this step's batch (data-parallel: the global batch's)
+        self._loss_terms = 0  # and its loss terms, examples times positions
         self.output_layers = set(compiled.output_layers) & set(self.curvature.blocks)  # output_noise_damping's
         self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
@@ -426,6 +429,7 @@ class KFAC:
         y = torch.as_tensor(y, device=device)
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
+        self._loss_terms = self._examples * self.loss.positions(y)
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -558,7 +562,8 @@ class KFAC:
 
     def _output_g_shares(self) -> dict[str, float] | None:
         """By output layer, the least fraction of its G's trace that damps G, (1 - s) / R (``output_noise_damping``;
-        R its rows in this step's batch, s the share of signal); None with the setting off or s not yet measured."""
+        R its rows in this step's batch, s the share of signal, 0 on a batch of one); None with the setting off or s
+        not yet measured."""
         share = self._signal_share()
         if not self.settings.output_noise_damping or share is None or not self._examples:
             return None
@@ -884,9 +889,8 @@ class KFAC:
             return None
         free = (-math.inf, math.inf)
         largest = s.max_momentum
-        share = self._signal_share() if s.momentum_follows_signal and largest is not None else None
-        if share is not None:
-            largest = min(largest, 1.0 + share)
+        if largest is not None and s.unit_momentum_below is not None and self._loss_terms < s.unit_momentum_below:
+            largest = min(largest, 1.0)
         return [(free if largest is None else (0.0, largest)) if label == "mu"
                 else (0.0, math.inf) if s.descent_only else free for label in labels]
 

@@ -16,7 +16,7 @@
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise)
-  and the momentum coefficient at most 1 + s (``momentum_follows_signal``), and the quadratic model's products by
+  and the momentum coefficient at most 1 on batches of fewer than 8 examples, and the quadratic model's products by
   central differences where the model calls attention, batch, group or instance norm in training mode or a
   recurrent layer (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
   activations, a recurrent layer's leaves its fused kernel: runtime/tangent_cost.py).
@@ -107,10 +107,9 @@ class KFACSettings:
                                  "quadratic model.")
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
-    momentum_follows_signal: bool = setting(True, "Keep mu at most 1 + s within max_momentum, s the share of signal "
-                                            "in the batch's natural gradient: a momentum that outgrows the previous "
-                                            "update only as far as the batch's gradient is signal (needs "
-                                            "signal_scaling; off: max_momentum alone).")
+    unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
+                                              "of T tokens counts T): a step longer than the last update, fitted to "
+                                              "a few examples, repeats their noise (auto: max_momentum alone).", low=1)
     bound_model_decrease: bool = setting(True, "Shorten a step whose quadratic model predicts h to fall by more "
                                          "than 4 h (h >= 0: its rho would be below 1/4 whatever it did) to "
                                          "predict that fall (off: the paper's).")
@@ -185,7 +184,7 @@ PRESETS: dict[str, KFACSettings] = {
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
-        bound_model_decrease=False, momentum_follows_signal=False,
+        bound_model_decrease=False, unit_momentum_below=None,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
