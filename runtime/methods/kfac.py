@@ -221,7 +221,7 @@ class KFAC:
             terms, examples times a sequence's positions (None: max_momentum alone). A mu above 1 makes the step
             longer than the previous update, fitted to the few examples that made it, from curvature measured on a
             few others: at batches of 1-4 examples on scikit-learn's digits and Fashion-MNIST it repeats their noise
-            (digits at batch 2 after 300 steps: 0.24-1.60 with mu up to 2, 0.22-0.37 with mu <= 1); from 16 examples
+            (digits at batch 2 after 300 steps: 0.24-1.60 with mu up to 2, 0.20-0.29 with mu <= 1); from 16 examples
             on it pays (BENCHMARKS.md).
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).

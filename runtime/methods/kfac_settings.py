@@ -16,7 +16,7 @@
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise)
-  and the momentum coefficient at most 1 on batches of fewer than 8 examples, and the quadratic model's products by
+  and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, and the quadratic model's products by
   central differences where the model calls attention, batch, group or instance norm in training mode or a
   recurrent layer (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
   activations, a recurrent layer's leaves its fused kernel: runtime/tangent_cost.py).
