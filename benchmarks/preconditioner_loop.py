@@ -1,7 +1,7 @@
 """KFACPreconditioner in a user's own SGD / AdamW loop: grafted (the default) against the raw solve (issue 10, item 5).
 
     python benchmarks/preconditioner_loop.py [--steps 150] [--clip 1.0] [--optimizers sgd,adamw] [--threads 2]
-                                             [--activation-rows N,...]
+                                             [--activation-rows N,...] [--problem NAME] [--batch N]
 
 The loop a user writes: zero_grad, forward and backward inside ``precond.track()``, ``precond.step()``,
 then the loop's own ``clip_grad_norm_`` (max norm ``--clip``, 1 as most training scripts have it; 0: no
@@ -13,6 +13,8 @@ For each: the plain optimizer, the preconditioner with its defaults (``graft="no
 evaluation mode) after the steps, the worst loss seen on the way, the milliseconds per step and whether
 the run diverged (a loss above 1e3 or not finite). ``--activation-rows`` adds a grafted run per N with A from at
 most N activation rows a layer (``KFACPreconditioner(..., activation_rows=N)``; 0: every row; the default is 1024).
+``--problem`` takes another classification model of the first-try suite (benchmarks/first_try.py) and ``--batch``
+another batch size (the same loop at batches of 1-2 examples: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import torch.nn.functional as F
 import kronograph
 
 sys.path.insert(0, str(Path(__file__).parent))
-from first_try import SmallResNet, _images  # noqa: E402  (the suite's model and data)
+from first_try import all_problems  # noqa: E402  (the suite's models and data)
 
 
-def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, options: dict | None, steps: int, clip: float) -> dict:
+def run(problem, optimizer: str, options: dict | None, steps: int, clip: float, batch: int) -> dict:
     """One loop; ``options``: the preconditioner's arguments (None: no preconditioner)."""
+    x, y = problem.x, problem.y
     torch.manual_seed(0)
-    model = SmallResNet()
+    model = problem.model()
     params = list(model.parameters())
     opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=1e-3))
@@ -56,7 +59,7 @@ def run(x: torch.Tensor, y: torch.Tensor, optimizer: str, options: dict | None, 
 
     worst, clock = evaluate(), 0.0
     for step in range(steps):
-        index = torch.randint(len(x), (128,), generator=order)
+        index = torch.randint(len(x), (batch,), generator=order)
         start = time.perf_counter()
         opt.zero_grad()
         if precond is None:
@@ -85,11 +88,15 @@ def main() -> None:
     parser.add_argument("--optimizers", default="sgd,adamw")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-rows", default="", help="comma-separated N (0: every row): a grafted run each")
+    parser.add_argument("--problem", default="fashion-resnet", help="a cross-entropy problem of first_try.py")
+    parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x, y = _images("fashion-mnist")
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} steps, batch 128, "
-          f"clip {args.clip:g}")
+    problem = all_problems()[args.problem]()
+    if problem.loss != "cross_entropy":
+        parser.error(f"{args.problem} is not a cross-entropy problem")
+    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.problem}, {args.steps} steps, "
+          f"batch {args.batch}, clip {args.clip:g}")
     print("| optimizer | preconditioner | loss after | worst loss on the way | ms/step | diverged |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for optimizer in args.optimizers.split(","):
@@ -97,7 +104,7 @@ def main() -> None:
         variants += [(f"graft='norm', activation_rows={int(n) or None}", {"activation_rows": int(n) or None})
                      for n in args.activation_rows.split(",") if n]
         for label, options in variants:
-            r = run(x, y, optimizer, options, args.steps, args.clip)
+            r = run(problem, optimizer, options, args.steps, args.clip, args.batch)
             print(f"| {optimizer} | {label} | {r['loss']:.4g} | {r['worst']:.4g} | {r['ms']:.0f} | "
                   f"{'yes' if r['diverged'] else 'no'} |", flush=True)
 
