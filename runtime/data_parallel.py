@@ -100,6 +100,12 @@ class Members:
         return int(self.positions.numel())
 
 
+def fewest_to_halve(batch_norm: bool) -> int:
+    """The smallest batch signal scaling splits into halves: 2 (halves of one example), 4 with batch norm, which
+    cannot normalise one example."""
+    return 4 if batch_norm else 2
+
+
 @dataclass(frozen=True)
 class BatchSlice:
     """This rank's rows offset .. offset + size of the global batch of ``total`` examples, in ``group``."""
@@ -149,7 +155,7 @@ class BatchSlice:
             first = min(max(half - offset, 0), n)
             pieces += [first, n - first]
             offset += n
-        if self.total < (4 if batch_norm else 2) or batch_norm and any(0 < piece < 2 for piece in pieces):
+        if self.total < fewest_to_halve(batch_norm) or batch_norm and any(0 < piece < 2 for piece in pieces):
             return None
         return pieces[2 * self.rank], pieces[2 * self.rank + 1]
 

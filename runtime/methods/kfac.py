@@ -61,6 +61,7 @@ from kronograph.runtime.curvature import make_curvature, within_reach
 from kronograph.runtime.data_parallel import (
     BatchSlice,
     batch_slice,
+    fewest_to_halve,
     fold_across_ranks,
     invert_across_ranks,
     inverse_owners,
@@ -678,7 +679,7 @@ class KFAC:
         if self._slice is not None:
             pieces = self._slice.halves(self._batch_norm) if halves else None
             result = self._gradient_across_ranks(inputs, y, capture, pieces)
-        elif halves and n >= (4 if self._batch_norm else 2):  # batch norm normalises halves of >= 2 only
+        elif halves and n >= fewest_to_halve(self._batch_norm):
             result = self._gradient_of_halves(inputs, y, low_rank, keep)
         else:
             result = self.engine.gradient_pass(inputs, y, capture=capture or bool(low_rank), keep_outputs=keep,
