@@ -36,9 +36,9 @@ the first try, and a user's ``clip_grad_norm_`` then shrinks every parameter, th
 make room for the matched layers' long directions. With ``graft="norm"`` (the default) each layer's new
 .grad keeps K-FAC's direction and the norm of the layer's own gradient (layer-wise grafting, as Distributed
 Shampoo grafts its directions onto another optimizer's step sizes): the user's learning rate, schedule and
-clipping mean what they meant for the raw gradients. kfac-pytorch's answer, a KL clip on lr^2 v.g, needs
-the learning rate inside the preconditioner and still lets a layer's step be large where g is small.
-``graft=None`` gives the raw F^-1 g.
+clipping mean what they meant for the raw gradients. kfac-pytorch's answer alone, a KL bound on the raw
+solve, still diverged on the built-in CNN at damping 1e-3 (BENCHMARKS.md); with the graft it is the step bound
+below. ``graft=None`` gives the raw F^-1 g.
 
 Step bound (``kl_clip``): the graft fixes each step's length to the gradient's, not the step's effect. Along the
 directions the factors call flat, K-FAC's direction moves further than SGD would; with SGD's usual lr 0.1 and
