@@ -5,7 +5,8 @@ callback opens ``precond.track()`` when a step begins (so every micro-batch of a
 captured; the Trainer's ``loss / gradient_accumulation_steps`` is the 1/k that track() assumes) and, just before
 the optimizer steps, closes it and rewrites the matched layers' ``.grad`` (``precond.step()``). With the default
 ``graft="norm"`` each layer keeps the norm its clipped gradient had, so ``max_grad_norm`` and the learning rate
-mean what they meant for AdamW.
+mean what they meant for AdamW. A preconditioner made without ``lr`` bounds its step (``kl_clip``) at the
+Trainer's optimizer's rates, read at every step (its schedule followed).
 
     precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (example_ids,)))
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[KFACTrainerCallback(precond)])
@@ -41,6 +42,8 @@ class KFACTrainerCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
+        if self.precond.lr is None and kwargs.get("optimizer") is not None:
+            self.precond.lr = kwargs["optimizer"]  # the rates the Trainer steps with, not SGD's assumed 0.1
         self.last_info = self.precond.step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -48,8 +48,8 @@ BENCHMARKS.md). As kfac-pytorch does, every matched layer's new .grad v is scale
 nu = min(1, sqrt(kl_clip / sum_l lr_l^2 v_l . g_l)), g the layer's gradient: the step's predicted change of the
 loss's first-order model, times the step, stays below ``kl_clip``. The learning rate comes from ``lr``: a number,
 or the user's optimizer (each layer's from its weight's parameter group, read every step, so schedules are
-followed). The default, 0.1, is SGD's usual rate; Adam-type optimizers, which divide by the gradient's own
-scale, hardly feel the bound. Parameters outside every block keep their .grad: the bound starves none of them.
+followed). Without one, 0.1 (SGD's usual rate) is assumed; Adam-type optimizers, which divide by the gradient's
+own scale, hardly feel the bound. Parameters outside every block keep their .grad: the bound starves none of them.
 ``kl_clip=None``: no bound.
 
 Distributed (DDP): when torch.distributed is initialised with more than one rank (or a ``process_group`` is
@@ -122,6 +122,9 @@ from kronograph.runtime.sharded import check_row_sharded, is_sharded, local_rows
 from kronograph.runtime.wbar import gather, scatter
 
 
+ASSUMED_LR = 0.1  # the learning rate kl_clip's bound assumes when none is given (SGD's usual; kfac-pytorch's default)
+
+
 class LossScaleWarning(CurvatureWarning):
     """Several ``track()`` blocks before one ``step()`` gave no ``loss_scale``; 1/k was assumed."""
 
@@ -143,8 +146,9 @@ class KFACPreconditioner:
         seed: seed of the generator for subsets and sampled targets (None: drawn from torch's global RNG).
         graft: "norm" (each layer's new .grad has the norm of its gradient; module docstring) or None.
         kl_clip: the bound on sum_l lr_l^2 v_l . g_l over the matched layers (module docstring); None: none.
-        lr: the learning rate the bound assumes: a number (0.1, SGD's usual) or the optimizer that steps with
-            these gradients (each layer's from its weight's parameter group at every step).
+        lr: the learning rate the bound assumes: a number, or the optimizer that steps with these gradients (each
+            layer's from its weight's parameter group at every step); None: ``ASSUMED_LR`` (0.1, SGD's usual), or
+            the Trainer's optimizer under KFACTrainerCallback.
         process_group: the data-parallel ranks whose statistics are averaged and who share the inverse work
             (module docstring); None: the default group whenever torch.distributed is initialised with more than
             one rank (checked at each statistics step and refresh). Under pipeline or tensor parallelism pass the
@@ -181,7 +185,7 @@ class KFACPreconditioner:
         seed: int | None = None,
         graft: str | None = "norm",
         kl_clip: float | None = 1e-3,
-        lr: float | torch.optim.Optimizer = 0.1,
+        lr: float | torch.optim.Optimizer | None = None,
         process_group: dist.ProcessGroup | None = None,
         communication_dtype: str | None = None,
         grad_worker_fraction: float = 1.0,
@@ -208,7 +212,8 @@ class KFACPreconditioner:
         if kl_clip is not None and not kl_clip > 0:
             raise KronographError(f"kl_clip={kl_clip} must be positive (1e-3 is kfac-pytorch's and ours), or None for "
                                   "no bound on the step")
-        if not isinstance(lr, torch.optim.Optimizer) and not (isinstance(lr, (int, float)) and lr > 0):
+        if lr is not None and not isinstance(lr, torch.optim.Optimizer) and not (isinstance(lr, (int, float))
+                                                                                 and lr > 0):
             raise KronographError(f"lr={lr!r}: pass your optimizer's learning rate (a positive number) or the "
                                   "optimizer itself, whose parameter groups' rates are read at every step")
         if activation_rows is not None and int(activation_rows) < 1:
@@ -544,7 +549,8 @@ class KFACPreconditioner:
                                       "pass the optimizer that steps this model, or its learning rate as a number")
         else:
             rates = None
-        terms = [float(self.lr if rates is None else rates[id(weight)]) ** 2 * torch.sum(v * g.to(v.dtype))
+        rate = ASSUMED_LR if self.lr is None else self.lr
+        terms = [float(rate if rates is None else rates[id(weight)]) ** 2 * torch.sum(v * g.to(v.dtype))
                  for v, g, weight in layers]
         total = torch.stack(terms).sum().abs()
         return torch.clamp(torch.sqrt(self.kl_clip / total), max=1.0)

@@ -52,4 +52,6 @@ def test_the_readme_trainer_recipe_trains_with_accumulation(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 12 and all(info["preconditioned"] == len(precond.blocks) for info in steps)
     assert steps[0]["statistics_updated"] and precond.stats_updates == 12
+    # kl_clip's bound at the Trainer's AdamW rates (3e-3, decaying), not SGD's assumed 0.1
+    assert isinstance(precond.lr, torch.optim.Optimizer) and all(0 < info["kl_scale"] <= 1 for info in steps)
     assert losses[-1] < 0.85 * losses[0], losses
