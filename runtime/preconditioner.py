@@ -45,8 +45,9 @@ directions the factors call flat, K-FAC's direction moves further than SGD would
 momentum 0.9 and no clipping in the loop, the gradient then grows step after step and the run diverges (the
 built-in CNN on Fashion-MNIST at batches of 1 to 128: NaN, where plain SGD reaches 0.35 at batch 128;
 BENCHMARKS.md). As kfac-pytorch does, every matched layer's new .grad v is scaled by one factor
-nu = min(1, sqrt(kl_clip / sum_l lr_l^2 v_l . g_l)), g the layer's gradient: the step's predicted change of the
-loss's first-order model, times the step, stays below ``kl_clip``. The learning rate comes from ``lr``: a number,
+nu = min(1, sqrt(kl_clip / sum_l lr_l^2 v_l . g_l)), g the layer's gradient. For the raw solve the sum is the
+step's squared length in the damped Fisher metric (about twice its KL divergence: kfac-pytorch's reading); for
+the grafted step it is lr times the step's first-order decrease of the loss. The learning rate comes from ``lr``: a number,
 or the user's optimizer (each layer's from its weight's parameter group, read every step, so schedules are
 followed). Without one, 0.1 (SGD's usual rate) is assumed; Adam-type optimizers, which divide by the gradient's
 own scale, hardly feel the bound. Parameters outside every block keep their .grad: the bound starves none of them.
