@@ -289,6 +289,28 @@ def test_gamma_rule_waits_longer_while_it_keeps_gamma(monkeypatch):
     assert {every for _, every, _ in rounds} == {2, 4, 8}  # it lengthened, and came back to T_2
 
 
+@pytest.mark.parametrize("share, least, rounds", [(0.05, 0.1, False), (0.5, 0.1, True), (0.05, None, True),
+                                                   (None, 0.1, True)])
+def test_the_gamma_rule_skips_its_rounds_while_the_batch_is_mostly_noise(monkeypatch, share, least, rounds):
+    """Below ``gamma_rule_min_signal`` a due round tries no candidate and keeps gamma, and the next round is due an
+    interval later; at a larger share, without the setting, or before s is measured, the rounds run."""
+    tried = []
+    original = kfac_module.gamma_candidates
+    monkeypatch.setattr(kfac_module, "gamma_candidates", lambda *a, **k: tried.append(a) or original(*a, **k))
+    x, y = batches(1)[0]
+    opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (x[:2],), loss="cross_entropy"), seed=0, gamma_every=2,
+                                gamma_rule_min_signal=least)
+    monkeypatch.setattr(opt, "_signal_share", lambda: share)
+    gammas, due = [], []
+    for x, y in batches(12):
+        due.append(opt.next_gamma_round)
+        gammas.append(opt.step(x, y)["factor_damping"])
+    assert bool(tried) == rounds
+    if not rounds:
+        assert len(set(gammas)) == 1 and opt.gamma == gammas[0]  # gamma kept
+        assert due[:6] == [2, 2, 4, 4, 6, 6]  # each skipped round moves the next one an interval on
+
+
 def test_paper_preset_has_the_papers_settings():
     opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), preset="paper")
     assert opt.damping == 150.0 and opt.gamma == pytest.approx(math.sqrt(150.0))

@@ -198,6 +198,11 @@ class KFAC:
             move, up to this, and is T_2 again while one side keeps winning (None: always T_2). On the batch-60
             MNIST classifier gamma alternated between its smaller and larger candidates, re-tried every 5 steps
             at three inversions each (half the step's time).
+        gamma_rule_min_signal: a round of the gamma rule is skipped (gamma kept, the next one an interval later)
+            while the share of signal s (``signal_scaling``) is below this; None: a round whatever s. The
+            candidates are ranked by the quadratic model's decrease on the batch, which is the noise's where s is
+            small: on the batch-60 MNIST classifier (s ~ 0.002) gamma wandered between 1e-4 and 1e-1, and without
+            the rounds the loss after 1200 steps was 0.045 / 0.050 against 0.056 / 0.051 at 24-29% less time a step.
         lm_acceleration: the largest power of omega1 one LM move (and of omega2 one gamma-rule candidate) may
             take after consecutive equal verdicts (1: the paper's rules).
         refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.
@@ -476,8 +481,9 @@ class KFAC:
                                 "rejected_steps": self.rejected}
         gammas = [self.gamma]
         if self.adapt_gamma and k >= self.next_gamma_round:
-            power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
-            gammas = gamma_candidates(self.gamma, self.gamma_interval, power)
+            if not self._batch_is_noise():
+                power = gamma_power(self.gamma_streak, self.settings.lm_acceleration)
+                gammas = gamma_candidates(self.gamma, self.gamma_interval, power)
             self.next_gamma_round = k + self.gamma_interval
         # A layer first seen late (a branch taken, a layer unfrozen) is inverted as soon as it has statistics.
         refresh = (inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
@@ -560,6 +566,11 @@ class KFAC:
         if self._group is None:
             return self.curvature.invert(gamma, g_shares=shares)
         return invert_across_ranks(self.curvature, gamma, self.inverse_owners, self._group, shares)
+
+    def _batch_is_noise(self) -> bool:
+        """Whether the share of signal is below ``gamma_rule_min_signal`` (the gamma rule then skips its round)."""
+        least, share = self.settings.gamma_rule_min_signal, self._signal_share()
+        return least is not None and share is not None and share < least
 
     def _output_g_shares(self) -> dict[str, float] | None:
         """By output layer, the least fraction of its G's trace that damps G, (1 - s) / R (``output_noise_damping``;

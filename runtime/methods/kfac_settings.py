@@ -16,7 +16,9 @@
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise)
-  and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, and the quadratic model's products by
+  and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, and the gamma rule's rounds skipped
+  while s is below 0.1 (gamma kept: the candidates' fit to a batch that is noise ranks the noise), and the
+  quadratic model's products by
   central differences where the model calls attention, batch, group or instance norm in training mode or a
   recurrent layer (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
   activations, a recurrent layer's leaves its fused kernel: runtime/tangent_cost.py).
@@ -92,6 +94,9 @@ class KFACSettings:
     max_gamma_every: int | None = setting(20, "Double the gamma rule's interval after each round that keeps gamma "
                                           "or reverses its last move, up to N steps (auto: always gamma_every, the "
                                           "paper's).", low=1)
+    gamma_rule_min_signal: float | None = setting(0.1, "Skip the gamma rule's rounds while the share of signal s "
+                                                  "is below this: the candidates would be ranked by how well they fit "
+                                                  "the batch's noise (auto: a round whatever s).", low=0, high=1)
     lm_acceleration: int = setting(8, "Largest power of omega one LM move or gamma candidate may take after "
                                    "equal verdicts (1: the paper's rules).", low=1)
     refresh_ratio: float | None = setting(2.0, "Also refresh the inverses when gamma has moved by this factor "
@@ -184,7 +189,7 @@ PRESETS: dict[str, KFACSettings] = {
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
-        bound_model_decrease=False, unit_momentum_below=None,
+        bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
