@@ -202,7 +202,8 @@ class KFAC:
             while the share of signal s (``signal_scaling``) is below this; None: a round whatever s. The
             candidates are ranked by the quadratic model's decrease on the batch, which is the noise's where s is
             small: on the batch-60 MNIST classifier (s ~ 0.002) gamma wandered between 1e-4 and 1e-1, and without
-            the rounds the loss after 1200 steps was 0.045 / 0.050 against 0.056 / 0.051 at 24-29% less time a step.
+            the rounds the loss after 1200 steps was 0.045 / 0.050 against 0.056 / 0.051 at 24-29% less time a step
+            (at 60 s: 0.0021 against 0.012; BENCHMARKS.md).
         lm_acceleration: the largest power of omega1 one LM move (and of omega2 one gamma-rule candidate) may
             take after consecutive equal verdicts (1: the paper's rules).
         refresh_ratio: also refresh the inverses when gamma has moved by this factor since they were made.

@@ -18,10 +18,10 @@
   fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise)
   and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, and the gamma rule's rounds skipped
   while s is below 0.1 (gamma kept: the candidates' fit to a batch that is noise ranks the noise), and the
-  quadratic model's products by
-  central differences where the model calls attention, batch, group or instance norm in training mode or a
-  recurrent layer (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
-  activations, a recurrent layer's leaves its fused kernel: runtime/tangent_cost.py).
+  quadratic model's products by central differences where the model calls attention, batch, group or instance
+  norm in training mode or a recurrent layer (forward mode needs attention's math kernel, a normalisation's
+  tangent is many passes over the activations, a recurrent layer's leaves its fused kernel:
+  runtime/tangent_cost.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
