@@ -104,6 +104,37 @@ class SiteRecord:
             )
 
 
+def _batch_axis(x: torch.Tensor, examples: int) -> int:
+    """The axis of a captured tensor that counts its ``examples``: 0 (batch-major, [n, ...] or a flattened
+    [n * T, ...]) or 1 (sequence-first [T, n, ...], as factors._select reads it)."""
+    return 1 if x.dim() >= 3 and x.shape[0] % examples and x.shape[1] == examples else 0
+
+
+def concatenated_records(parts: Sequence[tuple[dict[str, list[SiteRecord]], int]]
+                         ) -> dict[str, list[SiteRecord]] | None:
+    """The sites of consecutive parts of one batch (each part's records and its number of examples) as those of
+    one pass over the whole batch: each site's a and g joined along the examples' axis, g (of each part's mean
+    loss) rescaled to the mean over the batch. None where the parts called a layer a different number of times
+    (a data-dependent branch): their sites do not pair up."""
+    total = sum(size for _, size in parts)
+    names = list(parts[0][0])
+    if any(list(records) != names or any(len(records[name]) != len(parts[0][0][name]) for name in names)
+           for records, _ in parts):
+        return None
+    joined: dict[str, list[SiteRecord]] = {}
+    for name in names:
+        joined[name] = []
+        for sites in zip(*(records[name] for records, _ in parts)):
+            axis = _batch_axis(sites[0].a, parts[0][1])
+            a = torch.cat([site.a for site in sites], dim=axis)
+            g = None
+            if all(site.g is not None for site in sites):
+                g = torch.cat([site.g * (size / total) for site, (_, size) in zip(sites, parts)],
+                              dim=_batch_axis(sites[0].g, parts[0][1]))
+            joined[name].append(SiteRecord(name, sites[0].index, a, None, sites[0].geometry, g, a._version))
+    return joined
+
+
 @dataclass(frozen=True)
 class CaptureReport:
     """Sites counted against the plan. ``partial`` maps a layer to (calls seen, sites in the plan)."""
@@ -446,6 +477,8 @@ class Capture(TorchFunctionMode):
         records = [
             r for sites in self.records.values() for r in sites if r.output is not None and r.output.requires_grad
         ]
+        if not records:  # no site of this pass reaches a gradient (every layer frozen or not called)
+            return
         self._hooks_live = False
         try:
             grads = torch.autograd.grad(loss, [r.output for r in records], retain_graph=retain_graph, allow_unused=True)

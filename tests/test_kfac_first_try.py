@@ -359,6 +359,7 @@ def test_paper_preset_has_the_papers_settings():
     assert PRESETS["default"].activation_rows == 1024
     assert settings.max_factor_dim is None and opt.curvature.max_dim is None  # every factor inverted whole
     assert settings.batch_norm_signal_below is None and PRESETS["default"].batch_norm_signal_below == 32
+    assert not settings.shared_statistics_forward and PRESETS["default"].shared_statistics_forward
     assert PRESETS["default"].max_factor_dim == 1024
 
 
@@ -616,7 +617,8 @@ def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
     for shape in ((32, 16), (32,)):
         model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
         x = torch.randint(0, 10, shape)
-        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
+                                    shared_statistics_forward=False)  # the whole batch's: on the gradient's forward
         sampled_pass = opt.engine.sampled_pass
 
         def spy(*args, **kwargs):
@@ -627,6 +629,35 @@ def test_the_statistics_floor_counts_the_tokens_of_a_sequence_loss():
         opt.engine.sampled_pass = spy
         assert math.isfinite(opt.step(x, torch.randint(0, 10, shape))["loss"])
     assert sizes == [4, 32]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_whole_batch_statistics_on_the_gradients_forward_are_the_dense_factors(monkeypatch, shared):
+    """Where the statistics take the whole batch, the sampled targets' backward runs on the gradient's own forward
+    (its two halves' here, ``signal_scaling``) and no statistics pass of its own runs; the factors after the first
+    step are the batch's, computed densely on a copy: A = mean of [x, 1][x, 1]^T, G = mean of g_i g_i^T with g_i the
+    gradient of example i's loss at its sampled target (here made deterministic: the least likely class)."""
+    model = mlp()
+    probe = copy.deepcopy(model)
+    x, y = batches(1, n=32)[0]
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
+                                shared_statistics_forward=shared)
+    monkeypatch.setattr(opt.loss, "sample_targets", lambda outputs, generator=None: outputs.detach().argmin(-1))
+    passes = []
+    sampled_pass = opt.engine.sampled_pass
+    monkeypatch.setattr(opt.engine, "sampled_pass", lambda *a, **k: passes.append(1) or sampled_pass(*a, **k))
+    opt.step(x, y)
+    assert len(passes) == (0 if shared else 1)
+    inputs = {"0": x.double(), "2": torch.tanh(probe[0](x)).detach().double()}
+    least = probe.double()(x.double()).detach().argmin(-1)
+    for name, layer in (("0", probe[0]), ("2", probe[2])):
+        rows = torch.cat([inputs[name], torch.ones(32, 1, dtype=torch.float64)], dim=1)
+        block = opt.curvature.blocks[name]
+        torch.testing.assert_close(block.a[0].double(), rows.T @ rows / 32, rtol=1e-5, atol=1e-6)
+        # g_i = d loss_i / d s_i is the bias's gradient of example i alone
+        g = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(probe(x[i:i + 1].double()), least[i:i + 1]),
+                                             layer.bias)[0] for i in range(32)])
+        torch.testing.assert_close(block.g[0].double(), g.T @ g / 32, rtol=1e-4, atol=1e-7)
 
 
 def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dear():

@@ -16,7 +16,7 @@ gives the same ones for an ONNX graph, so that one K-FAC serves both:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,19 +129,26 @@ class TorchEngine:
             self.sharded.copy_(values)
 
     def gradient_pass(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor, capture: bool,
-                      keep_outputs: bool = False, layers: Collection[str] | None = None) -> GradientPass:
+                      keep_outputs: bool = False, layers: Collection[str] | None = None,
+                      statistics_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GradientPass:
         """Forward and backward of the mean loss on the whole batch; with ``capture`` the sites too (of ``layers``
         only, where given: a recurrent layer's capture runs it step by step); with ``keep_outputs`` the outputs,
-        unless the forward drew random numbers (dropout)."""
+        unless the forward drew random numbers (dropout). With ``statistics_loss`` (the outputs' loss of targets
+        sampled from the model) the sites are captured with g = d statistics_loss / ds, from a backward of that
+        loss on this same forward before the gradient's own (the statistics pass without a forward of its own)."""
         outside_compiled_code()  # KFAC.step inside a torch.compile'd function: our error, not dynamo's
         randomness = _RandomState(self.device) if keep_outputs else None
         self.module.zero_grad(set_to_none=True)
         plan = self.compiled.plan if layers is None else [self.compiled.plan.layer(name) for name in layers]
-        capturing = Capture(self.module, plan, hooks=True) if capture else contextlib.nullcontext()
+        sampled = statistics_loss is not None
+        capture = capture or sampled
+        capturing = Capture(self.module, plan, hooks=not sampled) if capture else contextlib.nullcontext()
         with capturing:
             outputs = self.compiled.forward(*inputs)
         self.loss.check_targets(outputs, targets)  # every step: a batch of another shape must not broadcast
         loss = self.loss(outputs, targets)
+        if sampled:
+            capturing.gradients_from(statistics_loss(outputs), retain_graph=True)
         loss.backward()
         records = None
         if capture:

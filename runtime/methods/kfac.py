@@ -57,6 +57,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.runtime.capture import concatenated_records
 from kronograph.runtime.curvature import make_curvature, within_reach
 from kronograph.runtime.data_parallel import (
     BatchSlice,
@@ -193,6 +194,11 @@ class KFAC:
             for the exact-Fisher products; ``min_stats_examples`` and ``min_qmodel_examples`` are their
             floors (sec 8: small sub-batches give a wrong quadratic model). The statistics' floor counts loss
             terms with a sampled target of their own: a sequence of T tokens counts T.
+        shared_statistics_forward: where the statistics take the whole batch (it is no larger than their floor),
+            the sampled targets' backward runs on the gradient's own forward (its halves', with ``signal_scaling``,
+            whose sites are joined into the batch's) before the gradient's backward: the same factors (dense test)
+            for one forward a step less. Off, or data-parallel, tridiagonal, with low-rank products or on the
+            onnxruntime engine: a statistics pass of its own (the paper preset's).
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -456,13 +462,14 @@ class KFAC:
         k = self.steps
         statistics = statistics_due(k, self.stats_every)
         fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
+        shared = statistics and not fused and self._shares_forward(inputs, y)  # the sampled backward on its forward
         sampled = None
         try:
-            if statistics and not fused:
+            if statistics and not fused and not shared:
                 with self._timed("statistics"):
                     sampled = self._sampled_pass(inputs, y)
             with self._timed("gradient"):
-                loss, objective, grads, records = self._gradient(inputs, y, capture=fused)
+                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared)
         except BaseException:
             self._restore(*before)
             raise
@@ -477,6 +484,10 @@ class KFAC:
         with self._timed("statistics"):
             if sampled is not None:
                 self._fold(*sampled)
+            elif shared:  # every example's sites, g of the statistics loss over the whole batch
+                if records is None:  # the halves' sites did not pair up (a data-dependent branch): a pass of their own
+                    records, _ = self._sampled_pass(inputs, y)
+                self._fold(records, self._examples)
             elif fused:  # rows tau_1 of the labels' own pass; captured g is of the mean loss over n
                 n = inputs[0].shape[0]
                 index = subset(self._batch_size(n), self.stats_fraction, self.generator, self._min_stats_examples(y))
@@ -695,11 +706,27 @@ class KFAC:
                     stacklevel=3,
                 )
 
-    def _gradient(self, inputs, y, capture: bool = False) -> tuple[float, float, Direction, Any]:
+    def _shares_forward(self, inputs, y) -> bool:
+        """Whether this step's statistics pass takes the whole batch and can run on the gradient's own forward
+        (``shared_statistics_forward``): the sampled targets' backward then runs before the gradient's on the same
+        graph, one forward a step saved. Not data-parallel, not with the tridiagonal structure (its cross moments)
+        nor where low-rank products capture the gradient's own sites; the torch engine only."""
+        n = inputs[0].shape[0]
+        return (self.settings.shared_statistics_forward and getattr(self.engine, "name", "") == "torch"
+                and self._slice is None and self.structure == "diagonal"
+                and whole_batch(n, self.stats_fraction, self._min_stats_examples(y)) and not self._low_rank_layers(n))
+
+    def _statistics_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The loss of targets sampled from the model at ``outputs`` (the statistics pass's, paper sec 5)."""
+        return self.loss.statistics_loss(outputs, self.loss.sample_targets(outputs, self.generator))
+
+    def _gradient(self, inputs, y, capture: bool = False, sampled: bool = False) -> tuple[float, float, Direction, Any]:
         """Loss, objective h, grad h on the whole batch and the captured sites (with ``capture``, for
-        fisher="empirical", whose statistics come from this same forward and backward)."""
+        fisher="empirical", whose statistics come from this same forward and backward; with ``sampled``, those
+        of the sampled targets' backward on the same forward: ``_shares_forward``)."""
         n = inputs[0].shape[0]
         low_rank = self._low_rank_layers(n)
+        statistics_loss = self._statistics_loss if sampled else None
         keep = self._keep_outputs(n)
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
@@ -710,10 +737,11 @@ class KFAC:
             pieces = self._slice.halves(self._batch_norm) if halves else None
             result = self._gradient_across_ranks(inputs, y, capture, pieces)
         elif halves and n >= fewest_to_halve(self._batch_norm):
-            result = self._gradient_of_halves(inputs, y, low_rank, keep)
+            result = self._gradient_of_halves(inputs, y, low_rank, keep, statistics_loss)
         else:
             result = self.engine.gradient_pass(inputs, y, capture=capture or bool(low_rank), keep_outputs=keep,
-                                               layers=None if capture else low_rank)
+                                               layers=None if capture or sampled else low_rank,
+                                               **({"statistics_loss": statistics_loss} if sampled else {}))
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         self._unhalved = halves and self._half_difference is None
@@ -737,25 +765,32 @@ class KFAC:
             total = square if total is None else total + square
         return 0.0 if total is None else float(total)
 
-    def _gradient_of_halves(self, inputs, y, low_rank: tuple[str, ...], keep_outputs: bool = False
-                            ) -> GradientPass:
+    def _gradient_of_halves(self, inputs, y, low_rank: tuple[str, ...], keep_outputs: bool = False,
+                            statistics_loss: Any = None) -> GradientPass:
         """The batch's loss and gradient as the weighted mean of its two halves' (two half passes cost about
         one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
         each half as a batch. The ``low_rank`` layers' rows make this step's low-rank products; with
-        ``keep_outputs`` the halves' outputs, stacked, where both kept them."""
+        ``keep_outputs`` the halves' outputs, stacked, where both kept them; with ``statistics_loss`` the halves'
+        sites of the sampled targets' backward, each half's a further site of its layer, g rescaled to the mean
+        over the whole batch."""
         n = inputs[0].shape[0]
         half = n // 2
+        # the statistics capture every layer (low-rank layers, which capture alone, never share the forward)
+        extra = {} if statistics_loss is None else {"statistics_loss": statistics_loss, "layers": None}
+        layers = {} if extra else {"layers": low_rank}
         try:
             first, second = (
                 self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
-                                          keep_outputs=keep_outputs, layers=low_rank)
+                                          keep_outputs=keep_outputs, **layers, **extra)
                 for part in (slice(None, half), slice(half, None))
             )
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
-            result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), layers=low_rank)
+            result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), **layers, **extra)
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
             return result
+        records = None if statistics_loss is None else concatenated_records([(first.records, half),
+                                                                             (second.records, n - half)])
         w = half / n
         self._parts = [(0, half, w), (half, n, 1 - w)]
         if low_rank:
@@ -765,7 +800,7 @@ class KFAC:
         self._half_difference = {name: (first.grads[name] - second.grads[name]) / 2 for name in first.grads}
         outputs = (torch.cat([first.outputs, second.outputs])
                    if first.outputs is not None and second.outputs is not None else None)
-        return GradientPass(w * first.loss + (1 - w) * second.loss, grads, outputs=outputs)
+        return GradientPass(w * first.loss + (1 - w) * second.loss, grads, records, outputs)
 
     def _gradient_across_ranks(self, inputs, y, capture: bool, pieces: tuple[int, int] | None) -> GradientPass:
         """Data-parallel: the global batch's loss and gradient (and with ``pieces`` the halves' difference of

@@ -17,7 +17,8 @@
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
   fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise;
   by max(s, 0.1) with batch norm on batches of fewer than 32 examples, where half-steps of noise diverged),
-  and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, and the gamma rule's rounds skipped
+  and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, the statistics of a batch no larger
+  than their floor taken on the gradient's own forward (one forward a step less), and the gamma rule's rounds skipped
   while s is below 0.1 (gamma kept: the candidates' fit to a batch that is noise ranks the noise), and the
   quadratic model's products by central differences where the model calls attention, batch, group or instance
   norm in training mode or a recurrent layer (forward mode needs attention's math kernel, a normalisation's
@@ -78,6 +79,9 @@ class KFACSettings:
                           choices=("mc", "empirical"))
     stats_fraction: float = setting(1 / 8, "Fraction tau_1 of the batch for the statistics.", **_UNIT)
     qmodel_fraction: float = setting(1 / 4, "Fraction tau_2 of the batch for the exact-Fisher products.", **_UNIT)
+    shared_statistics_forward: bool = setting(True, "Where the statistics take the whole batch, run their sampled "
+                                              "targets' backward on the gradient's own forward (one forward a step "
+                                              "saved; off: a pass of their own, the paper's).")
     min_stats_examples: int = setting(64, "Floor of the statistics' sub-batch in loss terms (a sequence of T "
                                       "tokens counts T).", low=1)
     min_qmodel_examples: int = setting(256, "Floor of the exact-Fisher products' sub-batch in examples (sec 8).",
@@ -194,6 +198,7 @@ PRESETS: dict[str, KFACSettings] = {
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
         bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None, batch_norm_signal_below=None,
+        shared_statistics_forward=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
