@@ -311,37 +311,6 @@ def test_the_gamma_rule_skips_its_rounds_while_the_batch_is_mostly_noise(monkeyp
         assert due[:6] == [2, 2, 4, 4, 6, 6]  # each skipped round moves the next one an interval on
 
 
-def batch_normed_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
-
-
-@pytest.mark.parametrize("make, n, training, share, ratio", [
-    (batch_normed_mlp, 8, True, 0.2, 1 / 3), (batch_normed_mlp, 8, True, 0.0, 0.2), (batch_normed_mlp, 32, True, 0.2, 1),
-    (batch_normed_mlp, 8, False, 0.2, 1), (normed_mlp, 8, True, 0.2, 1)])
-def test_batch_norm_on_small_batches_shortens_the_update_by_the_share_of_signal(monkeypatch, make, n, training, share,
-                                                                                ratio):
-    """With batch norm in training mode on fewer than ``batch_norm_signal_below`` examples the update is max(s, 0.1)
-    times the quadratic model's step, not (1 + s) / 2 times it: at s = 0.2 one third of the step without the
-    setting, every parameter (the norm's own, outside the blocks, too), at s = 0 a fifth (0.1 against 0.5); at 32
-    examples, with the norm in eval mode or with layer norm instead, the same step."""
-    changes = []
-    for below in (32, None):
-        model = make()
-        model.train(training)
-        x, y = batches(1, n=n)[0]
-        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
-                                    reject_steps=False, batch_norm_signal_below=below)
-        monkeypatch.setattr(opt, "_signal_share", lambda: share)
-        before = params(model)
-        info = opt.step(x, y)
-        assert info["signal"] == share
-        changes.append([after - start for after, start in zip(params(model), before)])
-    assert sum(float(full.abs().sum()) for full in changes[1]) > 0
-    for shortened, full in zip(*changes):
-        torch.testing.assert_close(shortened, ratio * full, rtol=1e-5, atol=1e-7)
-
-
 def test_paper_preset_has_the_papers_settings():
     opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), preset="paper")
     assert opt.damping == 150.0 and opt.gamma == pytest.approx(math.sqrt(150.0))
@@ -358,7 +327,6 @@ def test_paper_preset_has_the_papers_settings():
     assert settings.activation_rows is None and opt.row_subset is None  # A from every row
     assert PRESETS["default"].activation_rows == 1024
     assert settings.max_factor_dim is None and opt.curvature.max_dim is None  # every factor inverted whole
-    assert settings.batch_norm_signal_below is None and PRESETS["default"].batch_norm_signal_below == 32
     assert not settings.shared_statistics_forward and PRESETS["default"].shared_statistics_forward
     assert PRESETS["default"].max_factor_dim == 1024
 

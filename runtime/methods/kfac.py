@@ -124,10 +124,6 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
                   "train this model faster", CoverageWarning, stacklevel=3)
 
 
-#: The least multiplier of the update under ``batch_norm_signal_below``: a batch measured as all noise moves.
-LEAST_SIGNAL_SCALE = 0.1
-
-
 class KFAC:
     """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
     onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
@@ -291,12 +287,6 @@ class KFAC:
             except with batch norm, which needs two; a batch that cannot be halved, before any has been, counts as
             all noise (s = 0): without this a batch of 1-3 examples was fitted step after step and the loss on the
             data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
-        batch_norm_signal_below: with batch norm in training mode (the torch engine's modules) on batches of
-            fewer than this many examples, the update is multiplied by max(s, 0.1) instead of (1 + s) / 2 (None:
-            never; 0.1 keeps a batch of 2-3, which cannot be halved with batch norm and so counts as all noise,
-            moving). There the noise half of each step accumulated: a small ResNet at batches of 2-8 reached losses
-            of 3-27 after 200 steps, now 1.2-2.0, level with or ahead of Adam's; at batch 32 and beyond, and without
-            batch norm, s is too cautious (BENCHMARKS.md).
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
             batch, group or instance norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its
@@ -400,9 +390,8 @@ class KFAC:
         self.row_subset = None if s.activation_rows is None else RowSubset(int(s.activation_rows), self.row_generator)
         self._slice: BatchSlice | None = None  # this step's slice of the global batch (data-parallel)
         # data-parallel halves may pass a one-example piece only where no batch norm normalises over the rows
-        self._norms = [] if self.module is None else [m for m in self.module.modules()
-                                                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        self._batch_norm = self.module is None or bool(self._norms)
+        self._batch_norm = self.module is None or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                      for m in self.module.modules())
         self.steps = 0
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
@@ -536,7 +525,7 @@ class KFAC:
                     self._update_signal(grads, proposal, inverses, right_rows)
                 share = self._signal_share()
                 if share is not None:
-                    lr = self.lr * (max(share, LEAST_SIGNAL_SCALE) if self._scaled_by_signal() else (1 + share) / 2)
+                    lr = self.lr * (1 + share) / 2
                     info["signal"] = share
             with self._timed("qmodel"):
                 update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr,
@@ -589,13 +578,6 @@ class KFAC:
         if self._group is None:
             return self.curvature.invert(gamma, g_shares=shares)
         return invert_across_ranks(self.curvature, gamma, self.inverse_owners, self._group, shares)
-
-    def _scaled_by_signal(self) -> bool:
-        """Whether the update is shortened by s itself (at least ``LEAST_SIGNAL_SCALE``) rather than (1 + s) / 2:
-        batch norm normalising over a batch of fewer than ``batch_norm_signal_below`` examples (the torch engine's
-        modules in training mode)."""
-        below = self.settings.batch_norm_signal_below
-        return below is not None and self._examples < below and any(norm.training for norm in self._norms)
 
     def _batch_is_noise(self) -> bool:
         """Whether the share of signal is below ``gamma_rule_min_signal`` (the gamma rule then skips its round)."""

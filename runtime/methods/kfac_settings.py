@@ -15,8 +15,7 @@
   batch and undid the others, Cholesky failing at float32's rounding), and the parameters outside every block
   (norms, embeddings) stepping along RMSprop's shape of their gradient, and the update shortened by
   (1 + s) / 2 where s, the share of signal in the batch's natural gradient, says the quadratic model's step
-  fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise;
-  by max(s, 0.1) with batch norm on batches of fewer than 32 examples, where half-steps of noise diverged),
+  fits the mini-batch's noise (``signal_scaling``; a batch of one, which cannot be halved, counts as all noise)
   and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, the statistics of a batch no larger
   than their floor taken on the gradient's own forward (one forward a step less), and the gamma rule's rounds skipped
   while s is below 0.1 (gamma kept: the candidates' fit to a batch that is noise ranks the noise), and the
@@ -145,9 +144,6 @@ class KFACSettings:
                                        "shape) or gradient.", choices=("rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
-    batch_norm_signal_below: int | None = setting(32, "With batch norm in training mode on batches of fewer than N "
-                                                  "examples, shorten the update by max(s, 0.1) instead (needs "
-                                                  "signal_scaling; auto: (1 + s) / 2 at every batch).", low=1)
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (differences where "
@@ -197,7 +193,7 @@ PRESETS: dict[str, KFACSettings] = {
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
-        bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None, batch_norm_signal_below=None,
+        bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
         shared_statistics_forward=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
