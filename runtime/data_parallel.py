@@ -100,10 +100,17 @@ class Members:
         return int(self.positions.numel())
 
 
+#: The fewest examples of a part of the batch that batch norm normalises on its own (a half of signal scaling, a
+#: rank's piece of it): over two examples BatchNorm1d's outputs are +-1 whatever the inputs (each feature keeps only
+#: the sign of their difference), a function other than the batch's; at a batch of 4 such halves left a BatchNorm1d
+#: MLP at chance and a small ResNet diverging (BENCHMARKS.md).
+FEWEST_NORMALISED = 4
+
+
 def fewest_to_halve(batch_norm: bool) -> int:
-    """The smallest batch signal scaling splits into halves: 2 (halves of one example), 4 with batch norm, which
-    cannot normalise one example."""
-    return 4 if batch_norm else 2
+    """The smallest batch signal scaling splits into halves: 2 (halves of one example), with batch norm two halves
+    of ``FEWEST_NORMALISED``."""
+    return 2 * FEWEST_NORMALISED if batch_norm else 2
 
 
 @dataclass(frozen=True)
@@ -148,14 +155,15 @@ class BatchSlice:
     def halves(self, batch_norm: bool = True) -> tuple[int, int] | None:
         """This rank's numbers of rows in the global batch's first half (its first N // 2 examples, as a single
         process splits it) and in its second half, or None where the halves cannot be passed: N < 2, or, for a
-        model with ``batch_norm`` (which cannot normalise one example), N < 4 or some rank would pass a piece of
-        one example. The same answer on every rank."""
+        model with ``batch_norm``, N < 8 or some rank would pass a piece of fewer than ``FEWEST_NORMALISED``
+        examples. The same answer on every rank."""
         half, pieces, offset = self.total // 2, [], 0
         for n in self.counts:
             first = min(max(half - offset, 0), n)
             pieces += [first, n - first]
             offset += n
-        if self.total < fewest_to_halve(batch_norm) or batch_norm and any(0 < piece < 2 for piece in pieces):
+        if self.total < fewest_to_halve(batch_norm) or batch_norm and any(0 < piece < FEWEST_NORMALISED
+                                                                           for piece in pieces):
             return None
         return pieces[2 * self.rank], pieces[2 * self.rank + 1]
 

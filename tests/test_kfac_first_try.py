@@ -311,6 +311,21 @@ def test_the_gamma_rule_skips_its_rounds_while_the_batch_is_mostly_noise(monkeyp
         assert due[:6] == [2, 2, 4, 4, 6, 6]  # each skipped round moves the next one an interval on
 
 
+@pytest.mark.parametrize("n, halved", [(4, False), (7, False), (8, True)])
+def test_batch_norms_halves_have_four_examples_at_least(n, halved):
+    """With batch norm, signal scaling passes a batch of fewer than 8 whole (s counted as 0, all noise): a half of 2
+    would be normalised over 2 examples, where BatchNorm1d's outputs are +-1 whatever the inputs."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8)
+    torch.testing.assert_close(norm(torch.randn(2, 8)).detach().abs(), torch.ones(2, 8), rtol=0, atol=1e-2)  # eps's
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = batches(1, n=n)[0]
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    info = opt.step(x, y)
+    assert (opt._half_difference is not None) == halved
+    assert halved or info["signal"] == 0.0
+
+
 def test_paper_preset_has_the_papers_settings():
     opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), preset="paper")
     assert opt.damping == 150.0 and opt.gamma == pytest.approx(math.sqrt(150.0))

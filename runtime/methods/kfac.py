@@ -284,7 +284,8 @@ class KFAC:
             the step is the model's own. Where the low-rank products of sec 8 pay, the halves' captured rows
             make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
             one pass and leave s as it was. Batches of 2 and 3 examples are halved too (halves of one example),
-            except with batch norm, which needs two; a batch that cannot be halved, before any has been, counts as
+            except with batch norm, whose halves need 4 examples (``data_parallel.FEWEST_NORMALISED``: over two,
+            BatchNorm1d's outputs are +-1); a batch that cannot be halved, before any has been, counts as
             all noise (s = 0): without this a batch of 1-3 examples was fitted step after step and the loss on the
             data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
@@ -837,7 +838,7 @@ class KFAC:
 
     def _signal_share(self) -> float | None:
         """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]; None before it is measured, or 0 (all
-        noise, the cautious end) while no batch could be halved: a batch of one example (or of fewer than four
+        noise, the cautious end) while no batch could be halved: a batch of one example (or of fewer than eight
         with batch norm), on which the quadratic model's step would otherwise fit that example alone."""
         if self.signal is None:
             return 0.0 if self._unhalved else None
