@@ -754,21 +754,20 @@ class KFAC:
         one whole one); keeps (g_A - g_B) / 2 for the share of signal (``signal_scaling``). Batch norm sees
         each half as a batch. The ``low_rank`` layers' rows make this step's low-rank products; with
         ``keep_outputs`` the halves' outputs, stacked, where both kept them; with ``statistics_loss`` the halves'
-        sites of the sampled targets' backward, each half's a further site of its layer, g rescaled to the mean
-        over the whole batch."""
+        sites of the sampled targets' backward joined into the whole batch's (``capture.concatenated_records``;
+        None where they do not pair up)."""
         n = inputs[0].shape[0]
         half = n // 2
-        # the statistics capture every layer (low-rank layers, which capture alone, never share the forward)
-        extra = {} if statistics_loss is None else {"statistics_loss": statistics_loss, "layers": None}
-        layers = {} if extra else {"layers": low_rank}
+        extra = {} if statistics_loss is None else {"statistics_loss": statistics_loss}
+        layers = low_rank if statistics_loss is None else None  # the statistics capture every layer (low_rank is ())
         try:
             first, second = (
                 self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
-                                          keep_outputs=keep_outputs, **layers, **extra)
+                                          keep_outputs=keep_outputs, layers=layers, **extra)
                 for part in (slice(None, half), slice(half, None))
             )
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
-            result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), **layers, **extra)
+            result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), layers=layers, **extra)
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
             return result
