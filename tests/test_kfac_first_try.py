@@ -326,6 +326,26 @@ def test_batch_norms_halves_have_four_examples_at_least(n, halved):
     assert halved or info["signal"] == 0.0
 
 
+@pytest.mark.parametrize("norm, n, ratio", [(True, 6, 0.25), (True, 2, 0.25), (False, 1, 0.5)])
+def test_an_unhalved_batch_norm_batch_steps_a_quarter_of_the_models_step(norm, n, ratio):
+    """A batch that batch norm normalises and signal scaling cannot halve (s never measured) takes a quarter of the
+    quadratic model's step (the same step without signal scaling, same weights and batch; the output layer's noise
+    damping, which reads s, off in both); a batch of one without batch norm half of it."""
+    changes = []
+    for scaling in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), *([nn.BatchNorm1d(8)] if norm else []), nn.Tanh(), nn.Linear(8, 3))
+        x, y = batches(1, n=n)[0]
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
+                                    reject_steps=False, signal_scaling=scaling, output_noise_damping=False)
+        before = params(model)
+        opt.step(x, y)
+        changes.append([after - start for after, start in zip(params(model), before)])
+    assert sum(float(plain.abs().sum()) for plain in changes[1]) > 0
+    for scaled, plain in zip(*changes):
+        torch.testing.assert_close(scaled, ratio * plain, rtol=1e-4, atol=1e-7)
+
+
 def test_paper_preset_has_the_papers_settings():
     opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), preset="paper")
     assert opt.damping == 150.0 and opt.gamma == pytest.approx(math.sqrt(150.0))

@@ -124,6 +124,13 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
                   "train this model faster", CoverageWarning, stacklevel=3)
 
 
+#: The update's multiplier on a batch that batch norm normalises and signal scaling cannot halve (2-7 examples,
+#: ``data_parallel.FEWEST_NORMALISED``), s never measured: 1/4 instead of the (1 + 0) / 2 of a batch counted as all
+#: noise. The few examples' normalisation adds its own noise to the gradient's; a small ResNet at batch 4 went from
+#: 2.0-3.1 to 1.3-1.5 after 200 steps (BENCHMARKS.md).
+UNHALVED_NORMALISED_SCALE = 0.25
+
+
 class KFAC:
     """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
     onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
@@ -285,9 +292,10 @@ class KFAC:
             make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
             one pass and leave s as it was. Batches of 2 and 3 examples are halved too (halves of one example),
             except with batch norm, whose halves need 4 examples (``data_parallel.FEWEST_NORMALISED``: over two,
-            BatchNorm1d's outputs are +-1); a batch that cannot be halved, before any has been, counts as
-            all noise (s = 0): without this a batch of 1-3 examples was fitted step after step and the loss on the
-            data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
+            BatchNorm1d's outputs are +-1); a batch that cannot be halved, before any has been, counts as all
+            noise (s = 0; with batch norm the update is then a quarter of the model's step,
+            ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after step and
+            the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
             batch, group or instance norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its
@@ -526,7 +534,7 @@ class KFAC:
                     self._update_signal(grads, proposal, inverses, right_rows)
                 share = self._signal_share()
                 if share is not None:
-                    lr = self.lr * (1 + share) / 2
+                    lr = self.lr * (UNHALVED_NORMALISED_SCALE if self._unhalved_normalised() else (1 + share) / 2)
                     info["signal"] = share
             with self._timed("qmodel"):
                 update, figures, decrease = self._final_update(inputs, grads, proposal, fallback, tangent_cache, lr,
@@ -579,6 +587,11 @@ class KFAC:
         if self._group is None:
             return self.curvature.invert(gamma, g_shares=shares)
         return invert_across_ranks(self.curvature, gamma, self.inverse_owners, self._group, shares)
+
+    def _unhalved_normalised(self) -> bool:
+        """Whether no batch has been halved yet and this one was not, on a module with batch norm: the step then
+        takes ``UNHALVED_NORMALISED_SCALE`` of the quadratic model's, not the (1 + 0) / 2 of an unmeasured s."""
+        return self.signal is None and self._unhalved and self.module is not None and self._batch_norm
 
     def _batch_is_noise(self) -> bool:
         """Whether the share of signal is below ``gamma_rule_min_signal`` (the gamma rule then skips its round)."""
