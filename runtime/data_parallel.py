@@ -102,9 +102,10 @@ class Members:
 
 #: The fewest examples of a part of the batch that batch norm normalises on its own (a half of signal scaling, a
 #: rank's piece of it): over two examples BatchNorm1d's outputs are +-1 whatever the inputs (each feature keeps only
-#: the sign of their difference), a function other than the batch's; at a batch of 4 such halves left a BatchNorm1d
-#: MLP at chance and a small ResNet diverging (BENCHMARKS.md).
-FEWEST_NORMALISED = 4
+#: the sign of their difference), a function other than the batch's; halves of 2 left a BatchNorm1d MLP at chance
+#: and a small ResNet diverging, halves of 4 the ResNet at 1.5-3.1 after 200 steps where the whole batch of 8 gives
+#: 1.0-1.2 (BENCHMARKS.md).
+FEWEST_NORMALISED = 8
 
 
 def fewest_to_halve(batch_norm: bool) -> int:
@@ -155,7 +156,7 @@ class BatchSlice:
     def halves(self, batch_norm: bool = True) -> tuple[int, int] | None:
         """This rank's numbers of rows in the global batch's first half (its first N // 2 examples, as a single
         process splits it) and in its second half, or None where the halves cannot be passed: N < 2, or, for a
-        model with ``batch_norm``, N < 8 or some rank would pass a piece of fewer than ``FEWEST_NORMALISED``
+        model with ``batch_norm``, N < 16 or some rank would pass a piece of fewer than ``FEWEST_NORMALISED``
         examples. The same answer on every rank."""
         half, pieces, offset = self.total // 2, [], 0
         for n in self.counts:

@@ -424,12 +424,12 @@ def test_a_conv_net_with_a_from_a_subset_of_its_rows_trains_data_parallel(ranks)
     ((1, 1), False, [(1, 0), (0, 1)]),  # two ranks of one example: one half each
     ((3,), False, [(1, 2)]),
     ((1,), False, [None]),  # one example: no halves
-    ((1, 1), True, [None, None]),  # batch norm: halves of four examples at least
-    ((2, 2), True, [None, None]),
-    ((4, 4), True, [(4, 0), (0, 4)]),
-    ((5, 4), True, [None, None]),  # rank 0 would pass a piece of one example of the second half
-    ((6, 6), True, [(6, 0), (0, 6)]),
-    ((7, 6), True, [None, None]),  # rank 0's piece of the second half: one example
+    ((1, 1), True, [None, None]),  # batch norm: halves of eight examples at least
+    ((4, 4), True, [None, None]),
+    ((8, 8), True, [(8, 0), (0, 8)]),
+    ((9, 8), True, [None, None]),  # rank 0 would pass a piece of one example of the second half
+    ((12, 12), True, [(12, 0), (0, 12)]),
+    ((14, 10), True, [None, None]),  # rank 0's piece of the second half: two examples
 ])
 def test_the_global_batchs_halves_as_each_rank_passes_them(counts, batch_norm, pieces):
     """``BatchSlice.halves``: this rank's rows of the global batch's first N // 2 examples and of the rest, the

@@ -124,7 +124,7 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
                   "train this model faster", CoverageWarning, stacklevel=3)
 
 
-#: The update's multiplier on a batch that batch norm normalises and signal scaling cannot halve (2-7 examples,
+#: The update's multiplier on a batch that batch norm normalises and signal scaling cannot halve (2-15 examples,
 #: ``data_parallel.FEWEST_NORMALISED``), s never measured: 1/4 instead of the (1 + 0) / 2 of a batch counted as all
 #: noise. The few examples' normalisation adds its own noise to the gradient's; a small ResNet at batch 4 went from
 #: 2.0-3.1 to 1.3-1.5 after 200 steps (BENCHMARKS.md).
@@ -291,8 +291,8 @@ class KFAC:
             the step is the model's own. Where the low-rank products of sec 8 pay, the halves' captured rows
             make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
             one pass and leave s as it was. Batches of 2 and 3 examples are halved too (halves of one example),
-            except with batch norm, whose halves need 4 examples (``data_parallel.FEWEST_NORMALISED``: over two,
-            BatchNorm1d's outputs are +-1); a batch that cannot be halved, before any has been, counts as all
+            except with batch norm, whose halves need 8 examples (``data_parallel.FEWEST_NORMALISED``: over two,
+            BatchNorm1d's outputs are +-1, over four the ResNet still diverged); a batch that cannot be halved, before any has been, counts as all
             noise (s = 0; with batch norm the update is then a quarter of the model's step,
             ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after step and
             the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
@@ -850,7 +850,7 @@ class KFAC:
 
     def _signal_share(self) -> float | None:
         """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]; None before it is measured, or 0 (all
-        noise, the cautious end) while no batch could be halved: a batch of one example (or of fewer than eight
+        noise, the cautious end) while no batch could be halved: a batch of one example (or of fewer than 16
         with batch norm), on which the quadratic model's step would otherwise fit that example alone."""
         if self.signal is None:
             return 0.0 if self._unhalved else None
