@@ -292,10 +292,10 @@ class KFAC:
             make them; the steps whose statistics come from the gradient's own pass (the empirical Fisher) take
             one pass and leave s as it was. Batches of 2 and 3 examples are halved too (halves of one example),
             except with batch norm, whose halves need 8 examples (``data_parallel.FEWEST_NORMALISED``: over two,
-            BatchNorm1d's outputs are +-1, over four the ResNet still diverged); a batch that cannot be halved, before any has been, counts as all
-            noise (s = 0; with batch norm the update is then a quarter of the model's step,
-            ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after step and
-            the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
+            BatchNorm1d's outputs are +-1, over four the ResNet still diverged); a batch that cannot be halved,
+            before any has been, counts as all noise (s = 0; with batch norm the update is then a quarter of the
+            model's step, ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after
+            step and the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
             batch, group or instance norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its
