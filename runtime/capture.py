@@ -104,9 +104,10 @@ class SiteRecord:
             )
 
 
-def _batch_axis(x: torch.Tensor, examples: int) -> int:
+def batch_axis(x: torch.Tensor, examples: int) -> int:
     """The axis of a captured tensor that counts its ``examples``: 0 (batch-major, [n, ...] or a flattened
-    [n * T, ...]) or 1 (sequence-first [T, n, ...], as factors._select reads it)."""
+    [n * T, ...]) or 1 (sequence-first [T, n, ...], as attention's projections see their input, where dim 0
+    does not split into the examples). A sequence-first tensor whose T is a multiple of n reads as batch-major."""
     return 1 if x.dim() >= 3 and x.shape[0] % examples and x.shape[1] == examples else 0
 
 
@@ -125,12 +126,12 @@ def concatenated_records(parts: Sequence[tuple[dict[str, list[SiteRecord]], int]
     for name in names:
         joined[name] = []
         for sites in zip(*(records[name] for records, _ in parts)):
-            axis = _batch_axis(sites[0].a, parts[0][1])
+            axis = batch_axis(sites[0].a, parts[0][1])
             a = torch.cat([site.a for site in sites], dim=axis)
             g = None
             if all(site.g is not None for site in sites):
                 g = torch.cat([site.g * (size / total) for site, (_, size) in zip(sites, parts)],
-                              dim=_batch_axis(sites[0].g, parts[0][1]))
+                              dim=batch_axis(sites[0].g, parts[0][1]))
             joined[name].append(SiteRecord(name, sites[0].index, a, None, sites[0].geometry, g, a._version))
     return joined
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from kronograph.passes.plan import Layer
-from kronograph.runtime.capture import CaptureError, SiteRecord
+from kronograph.runtime.capture import CaptureError, SiteRecord, batch_axis
 from kronograph.runtime.patches import conv_patches, conv_patches_at, gradient_rows, output_spatial
 from kronograph.triton_kernels.dispatch import use_triton
 
@@ -103,7 +103,7 @@ def _select(x: torch.Tensor, batch_size: int, index: torch.Tensor | None) -> tor
     batch-major: only which rows a subset ``index`` keeps differs, not the factors of the whole batch."""
     if x.dim() < 2 and batch_size == 1:
         return x
-    if x.dim() >= 3 and x.shape[0] % batch_size and x.shape[1] == batch_size:
+    if batch_axis(x, batch_size) == 1:
         return x if index is None else x[:, index]
     if x.dim() == 0 or x.shape[0] % batch_size:
         raise CaptureError(f"a captured tensor of shape {tuple(x.shape)} is not split into {batch_size} examples")

@@ -482,9 +482,9 @@ class KFAC:
         with self._timed("statistics"):
             if sampled is not None:
                 self._fold(*sampled)
+            elif shared and records is None:  # the halves' sites did not pair up (a data-dependent branch)
+                self._fold(*self._sampled_pass(inputs, y))
             elif shared:  # every example's sites, g of the statistics loss over the whole batch
-                if records is None:  # the halves' sites did not pair up (a data-dependent branch): a pass of their own
-                    records, _ = self._sampled_pass(inputs, y)
                 self._fold(records, self._examples)
             elif fused:  # rows tau_1 of the labels' own pass; captured g is of the mean loss over n
                 n = inputs[0].shape[0]
