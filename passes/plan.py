@@ -12,6 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The widest embedding table whose A is kept dense (rows x rows). A wider one (a word vocabulary) is a ``table``:
+#: its A, how often each row is read, is exactly diagonal (one-hot inputs) and kept as that diagonal.
+MAX_DENSE_EMBEDDING_ROWS = 1024
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -79,6 +83,12 @@ class Layer:
         return self.out_features
 
     @property
+    def diagonal_a(self) -> bool:
+        """Whether A is kept as its diagonal: an embedding table wider than ``MAX_DENSE_EMBEDDING_ROWS`` (its
+        one-hot inputs make A exactly diagonal; a dense one would be rows^2, 10 GB for 50257 words)."""
+        return self.kind == "embedding" and self.in_features > MAX_DENSE_EMBEDDING_ROWS
+
+    @property
     def factor_bytes(self) -> int:
         """Memory of the A and G factors in float32 (inverses double it)."""
         return 4 * self.groups * (self.a_dim**2 + self.g_dim**2)
@@ -106,9 +116,13 @@ class LayerPlan:
     outputs: tuple[str, ...] = field(default=())
     # In words, the model output the loss is put on (compile's ``output=``); "" in plans written before it was kept.
     output: str = ""
+    # Embedding tables wider than MAX_DENSE_EMBEDDING_ROWS, as layers with a diagonal A (``Layer.diagonal_a``). They
+    # stay in ``unmatched`` too: K-FAC on the torch engine gives them blocks, the other methods step them as they
+    # step every parameter outside the plan's layers.
+    tables: tuple[Layer, ...] = field(default=())
 
     def layer(self, name: str) -> Layer:
-        for layer in self.layers:
+        for layer in (*self.layers, *self.tables):
             if layer.name == name:
                 return layer
         raise KeyError(name)
@@ -141,6 +155,7 @@ class LayerPlan:
             inputs=tuple(data.get("inputs", ())),
             outputs=tuple(data.get("outputs", ())),
             output=data.get("output", ""),
+            tables=tuple(layer(d) for d in data.get("tables", ())),
         )
 
     @classmethod

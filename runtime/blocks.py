@@ -1,6 +1,7 @@
 """KroneckerBlock: one layer's curvature state (factor EMAs, damped inverses) and its public verbs.
 
-A block keeps A [groups, a_dim, a_dim] and G [groups, g_dim, g_dim] as exponential moving averages
+A block keeps A [groups, a_dim, a_dim] (a table's as its diagonal, [groups, a_dim]: ``Layer.diagonal_a``) and
+G [groups, g_dim, g_dim] as exponential moving averages
 in its own dtype (float32 by default, float64 on request; independent of the model's), the damped
 inverses of the last ``invert``, and turns itself into the dense matrix it stands for (tests).
 
@@ -49,7 +50,8 @@ class KroneckerBlock:
     # -- factors: the EMAs, mirrored when read ------------------------------------------------------
     def _mirrored(self, factor: torch.Tensor | None) -> torch.Tensor | None:
         if self._stale:
-            mirror_upper_(self._a)
+            if self._a.dim() == 3:  # a table's A is its diagonal [groups, rows]
+                mirror_upper_(self._a)
             mirror_upper_(self._g)
             self._stale = False
         return factor
@@ -61,7 +63,7 @@ class KroneckerBlock:
 
     @property
     def a(self) -> torch.Tensor | None:
-        """The EMA of A [groups, a_dim, a_dim], symmetric."""
+        """The EMA of A [groups, a_dim, a_dim], symmetric (a table's: its diagonal, [groups, a_dim])."""
         return self._mirrored(self._a)
 
     @a.setter
@@ -164,6 +166,8 @@ class KroneckerBlock:
         if self.a is None or self.g is None:
             raise RuntimeError(f"block {self.layer.name!r} has no statistics yet")
         a, g = self.a, self.g
+        if a.dim() == 2:  # a table's diagonal A
+            a = torch.diag_embed(a)
         if gamma is not None:
             pi = trace_pi(a, g)[:, None, None]
             a = a + pi * gamma * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)

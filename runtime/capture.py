@@ -65,11 +65,17 @@ from kronograph.runtime.patches import call_geometry
 def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None,
                 padding_idx: int | None = None) -> torch.Tensor:
     """A site's input as its statistics read it: an embedding's indices become one-hot rows (in ``dtype``, by
-    default float32), so that it is a linear layer on [..., rows] inputs; any other layer's input as it is.
+    default float32), so that it is a linear layer on [..., rows] inputs, but a table's (``Layer.diagonal_a``) stay
+    indices, the ``padding_idx`` row's as the index ``rows`` (counted by no row); any other layer's input as it is.
     The ``padding_idx`` row takes no gradient in torch (it is no parameter of the linear map): its column is
     zero, so neither its count in A nor a gradient made from the rows (sec 8's low-rank products) moves it."""
     if layer.kind != "embedding":
         return a
+    if layer.diagonal_a:  # a table's statistics count the indices (factors.diagonal_counts): no [tokens, rows] one-hot
+        indices = a.long()
+        if padding_idx is None:
+            return indices
+        return indices.masked_fill(indices == padding_idx % layer.in_features, layer.in_features)  # a row none has
     rows = torch.nn.functional.one_hot(a.long(), layer.in_features).to(dtype or torch.float32)
     if padding_idx is not None:  # out of place: the record checks the version of what it holds
         rows = rows.index_fill(-1, torch.tensor([padding_idx % layer.in_features], device=rows.device), 0)

@@ -42,11 +42,11 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
     form: a 50257-word head's G alone would be 10 GB a copy."""
     kept = []
     for layer in layers:
-        width = max(layer.a_dim, layer.g_dim)
+        width = layer.g_dim if layer.diagonal_a else max(layer.a_dim, layer.g_dim)  # a table's A is a diagonal
         if largest is None or width <= largest:
             kept.append(layer)
             continue
-        which = "A" if layer.a_dim >= layer.g_dim else "G"
+        which = "A" if layer.a_dim >= layer.g_dim and not layer.diagonal_a else "G"
         gib = 4 * width * width / 2**30
         warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({gib:.1f} GiB a copy), wider "
                       f"than max_kronecker_dim={largest}: it gets no Kronecker block, its parameters are treated as "

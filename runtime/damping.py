@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from kronograph.runtime.inverse import factor_trace
+
 
 #: The Levenberg-Marquardt rule's verdicts: the quadratic model is trusted above this rho, distrusted below that.
 TRUSTED_RHO, DISTRUSTED_RHO = 0.75, 0.25
@@ -114,8 +116,7 @@ def curvature_scale(blocks) -> float:
     for block in blocks:
         if block.a is None:
             continue
-        a_traces = block.a.diagonal(dim1=-2, dim2=-1).sum(-1).double()
-        g_traces = block.g.diagonal(dim1=-2, dim2=-1).sum(-1).double()
+        a_traces, g_traces = factor_trace(block.a).double(), factor_trace(block.g).double()
         trace += float((a_traces * g_traces).sum())
         dimension += block.a.shape[0] * block.a.shape[-1] * block.g.shape[-1]
     return trace / dimension if dimension else 0.0

@@ -134,10 +134,14 @@ def site_rows(
     the activation rows to keep (a conv's others are never formed; their weight is the caller's, ``layer_rows``),
     Q whole."""
     record.check_unchanged()
-    a = _select(record.a, batch_size, index).to(dtype)
+    a = _select(record.a, batch_size, index)
     g = None
     if with_gradient and record.g is not None:
         g = _select(record.g, batch_size, index).to(dtype)
+    if layer.diagonal_a:  # a table: P is its indices [1, R] (capture.layer_input), one a row
+        p = a.reshape(-1) if rows is None else a.reshape(-1).index_select(0, rows.to(a.device))
+        return SiteRows(p[None], None if g is None else _by_group(layer, _flatten_linear(g)))
+    a = a.to(dtype)
     groups = layer.groups
     if record.geometry is None:
         p, q = _flatten_linear(a), None if g is None else _flatten_linear(g)
@@ -158,8 +162,10 @@ def site_rows(
 
 
 def _row_count(record: SiteRecord) -> int:
-    """The number of activation rows of a site, without forming them."""
+    """The number of activation rows of a site, without forming them (a table's indices: one a row)."""
     a = record.a
+    if not a.is_floating_point():
+        return a.numel()
     if record.geometry is None:
         return 1 if a.dim() < 2 else a.numel() // a.shape[-1]
     return a.shape[0] * math.prod(output_spatial(record.geometry, a.shape[2:]))
@@ -232,7 +238,7 @@ def batch_factors(
     """
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=subset)
     scale = _grad_scale(m, grad_scale)
-    a = _accumulate_sites(None, sites, 1.0 / m, 0.0)
+    a = diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else _accumulate_sites(None, sites, 1.0 / m, 0.0)
     g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
     return a, g
 
@@ -266,6 +272,8 @@ def fold_factors_(
         decay = 0.0
     if _conv_on_kernel(records, dtype):
         return _fold_conv_on_kernel(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device)
+    if layer.diagonal_a:
+        return _fold_table(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device, mirror)
     # A bias's homogeneous 1 is appended by accumulate_grams: virtually on the statistics kernel (no copy of the
     # rows), by one concatenation on the torch way.
     homogeneous = layer.bias is not None
@@ -282,6 +290,29 @@ def fold_factors_(
         return None
     return (_accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
             accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
+
+
+def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype) -> torch.Tensor:
+    """[1, rows]: how often each row of a table is read by the sites' indices, each kept index counting its site's
+    weight: the diagonal of sum_rows weight e_k e_k^T (the padding row's index, ``rows``, counts for none)."""
+    width = layer.in_features
+    return sum(site.weight * torch.bincount(site.p.reshape(-1), minlength=width + 1)[:width].to(dtype)
+               for site in sites)[None]
+
+
+def _fold_table(layer: Layer, records: Sequence[SiteRecord], a: torch.Tensor | None, g: torch.Tensor | None,
+                decay: float, batch_size: int, grad_scale: float | None, index: torch.Tensor | None,
+                dtype: torch.dtype, device: torch.device | str | None, mirror: bool
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``fold_factors_`` of a table (``Layer.diagonal_a``): A's diagonal from the indices' counts, G as any layer's."""
+    # Every index is counted (no ``subset``: counting them all costs less than drawing some).
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
+    q_parts = [site.q.to(device) for site in sites if site.q is not None]
+    g_alpha = _grad_scale(m, grad_scale) ** 2 / rows
+    if not _gram_bound(q_parts) * g_alpha < torch.finfo(dtype).max / 8:
+        return None
+    counts = diagonal_counts(layer, sites, dtype).to(device) / m
+    return ema_(a, counts, decay), accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
 
 
 def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:
@@ -421,6 +452,8 @@ def low_rank_pays(layer: Layer, rows: int) -> bool:
     """Whether G^-1 (Q^T P) A^-1 is much cheaper as (G^-1 Q^T)(P A^-1) (sec 8) for a gradient made of
     ``rows`` rows: R (g^2 + a^2 + g a) against g a (g + a) multiply-adds per group. "Much": at most half,
     since the rows must be captured and copied on the main pass too."""
+    if layer.diagonal_a:  # a table's A^-1 is a diagonal: its gradient is preconditioned as cheaply whole
+        return False
     g, a = layer.g_dim, layer.a_dim
     return 2 * rows * (g * g + a * a + g * a) < g * a * (g + a)
 
@@ -448,6 +481,8 @@ def low_rank_rows_of_parts(
         if not sites or any(r.g is None for r, _, _ in sites) or any(not records.get(name) for records, _ in parts):
             continue
         layer = block.layer
+        if layer.diagonal_a:
+            continue
         rows = [(site_rows(layer, r, batch_size=size, dtype=block.dtype), index) for r, size, index in sites]
         if low_rank_pays(layer, sum(part.p.shape[1] for part, _ in rows)):
             p = torch.cat([part.p for part, _ in rows], dim=1)

@@ -5,6 +5,9 @@ With strength gamma and pi = sqrt((tr A / dim A) / (tr G / dim G)), a block's da
 U = (G + (gamma/pi) I)^-1 grad_W_bar (A + pi gamma I)^-1. ``precondition`` returns U; the K-FAC
 proposal is Delta = -U (the sign is left to the optimizer).
 
+A table's A (an embedding wider than 1024 rows, ``Layer.diagonal_a``) is kept as its diagonal [groups, rows]: its
+damped inverse is that diagonal's reciprocal, exactly (one-hot inputs make A diagonal), also [groups, rows].
+
 Inverses are Cholesky-based (cholesky_ex, then cholesky_inverse), retried in float64 when a float32
 factorisation fails. A factor wider than ``max_dim`` is inverted as block-diagonal: its diagonal blocks of at
 most ``max_dim`` contiguous coordinates, off-diagonal blocks taken as 0 (Distributed Shampoo's blocking of large
@@ -47,10 +50,15 @@ class SkippedStepWarning(CurvatureWarning):
     """A batch whose loss or gradient was not finite was skipped; nothing of it reached the optimizer."""
 
 
+def factor_trace(m: torch.Tensor) -> torch.Tensor:
+    """[groups] traces of factors [groups, d, d], or of diagonal ones kept as [groups, d]."""
+    return m.sum(-1) if m.dim() == 2 else torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+
+
 def trace_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """pi = sqrt((tr A / dim A) / (tr G / dim G)) per group ([groups]; 1 where a trace is not positive/finite)."""
-    mean_a = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1) / a.shape[-1]
-    mean_g = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / g.shape[-1]
+    mean_a = factor_trace(a) / a.shape[-1]
+    mean_g = factor_trace(g) / g.shape[-1]
     pi = torch.sqrt(mean_a / mean_g)
     usable = (mean_a > 0) & (mean_g > 0) & torch.isfinite(pi) & (pi > 0)
     return torch.where(usable, pi, torch.ones_like(pi))
@@ -105,7 +113,7 @@ def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float, share:
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
     if not floor and not share:
         return damping
-    trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+    trace = factor_trace(m)
     bound = max(floor / m.shape[-1], share) * trace
     return torch.maximum(damping, torch.where(torch.isfinite(trace) & (trace > 0), bound, 0.0))
 
@@ -184,6 +192,18 @@ def damped_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: tor
     return inverse, ~ok
 
 
+def diagonal_damped_inverse(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``damped_inverse`` of diagonal factors kept as [groups, d]: 1 / (m + damping), NaN-safe alike (a group whose
+    diagonal or damping is not finite, or whose damped diagonal is not positive, gets 1 / damping)."""
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
+    finite = torch.isfinite(m).all(-1) & torch.isfinite(damping)
+    damping = torch.where(torch.isfinite(damping), damping.clamp_min(0), torch.zeros_like(damping))
+    damped = m + damping[:, None]
+    ok = finite & (damped > 0).all(-1)
+    inverse = torch.where(ok[:, None], 1.0 / torch.where(ok[:, None], damped, 1.0), damping_inverse(damping)[:, None])
+    return inverse, ~ok
+
+
 def diagonal_block_sizes(d: int, max_dim: int | None) -> list[int]:
     """Widths of the contiguous diagonal blocks a d-wide factor is inverted in: [d] up to ``max_dim`` (None: no
     bound), else ceil(d / max_dim) blocks, all of one width but the last, which may be narrower."""
@@ -198,6 +218,8 @@ def block_diagonal_inverse(m: torch.Tensor, damping: torch.Tensor | float, previ
     """(B + damping I)^-1 with B the block-diagonal part of M in ``diagonal_block_sizes``' blocks, NaN-safe as
     ``damped_inverse`` (the result, [groups, d, d], is 0 off the blocks; a group fails when one of its blocks
     does). The blocks, the narrow last one padded with an identity, are inverted in one batched call."""
+    if m.dim() == 2:  # a table's diagonal A
+        return diagonal_damped_inverse(m, damping)
     sizes = diagonal_block_sizes(m.shape[-1], max_dim)
     if len(sizes) == 1:
         return damped_inverse(m, damping, previous)
@@ -313,9 +335,8 @@ def factored_inverses(
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole
-            keep = failed[:, None, None]
-            a_inv = torch.where(keep, previous.a_inv.to(a_inv.dtype), a_inv)
-            g_inv = torch.where(keep, previous.g_inv.to(g_inv.dtype), g_inv)
+            a_inv = torch.where(failed.view(-1, *[1] * (a_inv.dim() - 1)), previous.a_inv.to(a_inv.dtype), a_inv)
+            g_inv = torch.where(failed[:, None, None], previous.g_inv.to(g_inv.dtype), g_inv)
             pi = torch.where(failed, previous.pi.to(pi.dtype), pi)
         which = [i for i, bad in enumerate(failed.tolist()) if bad]
         warnings.warn(
@@ -328,6 +349,9 @@ def factored_inverses(
 
 
 def precondition(grad_bar: torch.Tensor, inverses: DampedInverses) -> torch.Tensor:
-    """U = G_inv grad_W_bar A_inv per group: the damped Kronecker solve (without the minus sign)."""
+    """U = G_inv grad_W_bar A_inv per group: the damped Kronecker solve (without the minus sign); a table's
+    diagonal A_inv scales grad_W_bar's columns."""
     grad = grad_bar.to(inverses.a_inv.dtype)
+    if inverses.a_inv.dim() == 2:
+        return (inverses.g_inv @ grad) * inverses.a_inv[:, None, :]
     return inverses.g_inv @ grad @ inverses.a_inv

@@ -14,6 +14,8 @@ from torch import nn
 import kronograph
 from kronograph.cli.optimizers import make_optimizer
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS
+from kronograph.passes.plan import LayerPlan
+from kronograph.runtime.inverse import diagonal_damped_inverse
 
 ROWS, DIM = 12, 6
 
@@ -98,11 +100,14 @@ class Positions(nn.Module):
         return self.fc(x + self.pos(self.index))
 
 
-def test_tables_too_large_or_read_at_the_models_own_indices_stay_unmatched():
+def test_tables_too_large_are_tables_of_the_plan_and_those_at_the_models_own_indices_stay_unmatched():
     big = nn.Sequential(nn.Embedding(MAX_EMBEDDING_ROWS + 1, 4), nn.Linear(4, 3))
     cm = kronograph.compile(big, (torch.randint(0, 10, (2, 5)),), loss="cross_entropy")
     assert [layer.name for layer in cm.layers] == ["1"]
-    assert "Gather" in dict((u.name, u.reason) for u in cm.plan.unmatched)["0.weight"]
+    assert [(t.name, t.kind, t.in_features, t.diagonal_a) for t in cm.plan.tables] == [
+        ("0", "embedding", MAX_EMBEDDING_ROWS + 1, True)]
+    assert "table of the plan" in dict((u.name, u.reason) for u in cm.plan.unmatched)["0.weight"]
+    assert LayerPlan.from_json(cm.plan.to_json()) == cm.plan
     cm = kronograph.compile(Positions(), (torch.randn(2, 5, DIM),), loss="cross_entropy")
     assert [layer.name for layer in cm.layers] == ["fc"] and cm.unmatched == ["pos.weight"]
 
@@ -139,3 +144,97 @@ def test_the_padding_row_stays_on_the_onnxruntime_engine_too(method):
         opt.step(x, y)
     after = torch.as_tensor(cm.state_dict()["0.weight"])
     assert torch.equal(after[2], before[2]) and not torch.equal(after, before)
+
+
+# -- tables: embeddings wider than MAX_EMBEDDING_ROWS, whose A is kept as its diagonal -------------------------------
+
+WORDS = MAX_EMBEDDING_ROWS + 76
+
+
+class TableLM(nn.Module):
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(WORDS, DIM, padding_idx=padding_idx)
+        self.fc = nn.Linear(DIM, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.emb(tokens)))
+
+
+class OneHotTableLM(nn.Module):
+    """TableLM with the table as a plain linear layer on one-hot rows: a layer with a dense WORDS-wide A."""
+
+    def __init__(self, twin: TableLM) -> None:
+        super().__init__()
+        self.table = nn.Linear(WORDS, DIM, bias=False)
+        self.fc = nn.Linear(DIM, 7)
+        with torch.no_grad():
+            self.table.weight.copy_(twin.emb.weight.T)
+            self.fc.load_state_dict(twin.fc.state_dict())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.table(nn.functional.one_hot(tokens, WORDS).float())))
+
+
+def _word_batches(count: int, rows: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    # A Zipf-like draw: a few rows read often, most rarely or never, as a vocabulary's.
+    weights = 1.0 / torch.arange(1, WORDS + 1, dtype=torch.float64)
+    return [(torch.multinomial(weights, rows * 5, replacement=True, generator=generator).reshape(rows, 5),
+             torch.randint(0, 7, (rows, 5), generator=generator)) for _ in range(count)]
+
+
+def test_kfac_steps_a_table_as_its_one_hot_linear_layer_with_a_dense_a():
+    """The diagonal A's block against the twin's dense WORDS x WORDS A (inverted whole, as the dense-maths tests pin
+    down): the same factors, the same steps."""
+    torch.manual_seed(0)
+    model = TableLM()
+    twin = OneHotTableLM(model)
+    batches = _word_batches(6)
+    runs, blocks = [], []
+    for net in (model, twin):
+        cm = kronograph.compile(net, (batches[0][0][:2],), loss="cross_entropy")
+        opt = kronograph.optim.KFAC(cm, seed=0, max_factor_dim=None)
+        runs.append([opt.step(x, y)["loss"] for x, y in batches])
+        blocks.append(opt.blocks["emb" if net is model else "table"])
+    assert set(kronograph.optim.KFAC(kronograph.compile(model, (batches[0][0][:2],), loss="cross_entropy"),
+                                     seed=0).blocks) == {"emb", "fc"}
+    table, dense = blocks
+    assert table.a.shape == (1, WORDS) and dense.a.shape == (1, WORDS, WORDS)
+    torch.testing.assert_close(torch.diag_embed(table.a), dense.a)
+    torch.testing.assert_close(table.g, dense.g)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    torch.testing.assert_close(model.emb.weight, twin.table.weight.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.fc.weight, twin.fc.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tables_a_counts_each_rows_reads_but_the_padding_rows_and_that_row_stays():
+    torch.manual_seed(0)
+    model = TableLM(padding_idx=5)
+    (x, y), = _word_batches(1)
+    x[:, 0] = 5
+    before = model.emb.weight.detach().clone()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    opt.step(x, y)  # 40 tokens, below the statistics' floor of 64 terms: all 8 sequences, first EMA = the batch's
+    counts = torch.bincount(x.flatten(), minlength=WORDS).float() / len(x)
+    counts[5] = 0
+    torch.testing.assert_close(opt.blocks["emb"].a[0], counts)
+    assert torch.equal(model.emb.weight[5], before[5]) and not torch.equal(model.emb.weight, before)
+
+
+@pytest.mark.filterwarnings("ignore::kronograph.runtime.inverse.CoverageWarning")  # the table's parameters are most
+def test_the_paper_preset_and_the_other_structure_leave_a_table_outside_every_block():
+    (x, _), = _word_batches(1)
+    cm = kronograph.compile(TableLM(), (x[:2],), loss="cross_entropy")
+    assert set(kronograph.optim.KFAC(cm, preset="paper").blocks) == {"fc"}
+    assert set(kronograph.optim.KFAC(cm, table_blocks=False).blocks) == {"fc"}
+    assert set(kronograph.optim.KFAC(cm, structure="tridiagonal").blocks) == {"fc"}
+
+
+def test_a_diagonal_factors_damped_inverse_is_the_dense_one_and_nan_safe():
+    diagonal = torch.tensor([[0.0, 1.0, 3.0], [2.0, float("nan"), 1.0]], dtype=torch.float64)
+    inverse, failed = diagonal_damped_inverse(diagonal, torch.tensor([0.5, 0.25], dtype=torch.float64))
+    dense = torch.linalg.inv(torch.diag(diagonal[0]) + 0.5 * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(torch.diag(inverse[0]), dense)
+    assert failed.tolist() == [False, True]
+    assert torch.equal(inverse[1], torch.full((3,), 4.0, dtype=torch.float64))  # the damping's inverse alone

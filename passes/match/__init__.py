@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 
 from kronograph.passes.graph import ensure_node_names
 from kronograph.passes.match.base import LayerMatch, MatchContext
+from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
 from kronograph.passes.match.verification import verify
 from kronograph.passes.plan import Layer, LayerPlan, Unmatched
@@ -82,8 +85,14 @@ def build_plan(
 
     verdict = verify(graph, matches, values)
     layers = _layers(verdict.accepted)
+    tables = _tables(graph, ctx, values, set(verdict.reasons), {layer.name for layer in layers})
     order = list(parameters.values()) + list(missing or {})
-    unmatched = [Unmatched(name, shapes[name], verdict.reasons[name]) for name in order if name in verdict.reasons]
+    reasons = dict(verdict.reasons)
+    for table in tables:
+        reasons[table.weight] = (f"an embedding table of {table.in_features} rows, more than {MAX_EMBEDDING_ROWS}: a "
+                                 "table of the plan, a block with a diagonal A in K-FAC (table_blocks: torch engine, one "
+                                 "process) and outside every block elsewhere")
+    unmatched = [Unmatched(name, shapes[name], reasons[name]) for name in order if name in reasons]
     unmatched += [
         Unmatched(name, tuple(shape), "not in the exported graph (the forward pass does not use it)")
         for name, shape in (missing or {}).items()
@@ -94,4 +103,15 @@ def build_plan(
         parameters=tuple(order),
         inputs=tuple(v.name for v in graph.inputs if not v.is_initializer()),
         outputs=tuple(v.name for v in graph.outputs),
+        tables=tables,
     )
+
+
+def _tables(graph: ir.Graph, ctx: MatchContext, values: dict[str, ir.Value], unmatched: set[str],
+            taken: set[str]) -> tuple[Layer, ...]:
+    """The embedding tables too wide for a layer of the plan (``match_table``) whose every use is a Gather at the
+    graph's own indices (a table tied to an output layer is not one), as layers with a diagonal A."""
+    found = [match for node in graph if (match := match_table(node, ctx)) is not None and match.weight.name in unmatched]
+    accepted = verify(graph, found, values).accepted
+    return tuple(layer if layer.name not in taken else dataclasses.replace(layer, name=layer.weight)
+                 for layer in _layers(accepted))

@@ -78,6 +78,13 @@ class TorchEngine:
             self.sharded = sharded.ShardedWeights(self.module, list(self.params))
         else:  # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
             refuse_sharded(compiled.module)
+        # What the capture records where no layers are named: the plan's layers, and its tables (embeddings with a
+        # diagonal A) once a method covers them (``capture_tables``; K-FAC does).
+        self.captured: Any = compiled.plan
+
+    def capture_tables(self) -> None:
+        """Capture the plan's tables too (their records hold indices: capture.layer_input)."""
+        self.captured = (*self.compiled.plan.layers, *self.compiled.plan.tables)
 
     @contextlib.contextmanager
     def stepping(self) -> Iterator[None]:
@@ -139,7 +146,7 @@ class TorchEngine:
         outside_compiled_code()  # KFAC.step inside a torch.compile'd function: our error, not dynamo's
         randomness = _RandomState(self.device) if keep_outputs else None
         self.module.zero_grad(set_to_none=True)
-        plan = self.compiled.plan if layers is None else [self.compiled.plan.layer(name) for name in layers]
+        plan = self.captured if layers is None else [self.compiled.plan.layer(name) for name in layers]
         sampled = statistics_loss is not None
         capture = capture or sampled
         capturing = Capture(self.module, plan, hooks=not sampled) if capture else contextlib.nullcontext()
@@ -168,7 +175,7 @@ class TorchEngine:
                      minimum: int = 1) -> tuple[Records, int]:
         """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
         outside_compiled_code()
-        return sampled_statistics(self.module, self.compiled.plan, self.loss, inputs, fraction, generator, minimum,
+        return sampled_statistics(self.module, self.captured, self.loss, inputs, fraction, generator, minimum,
                                   select=self.compiled.select_output)
 
     def sampled_pass_of_slice(self, inputs: Sequence[torch.Tensor], part: Any, fraction: float,

@@ -202,6 +202,11 @@ class KFAC:
             whose sites are joined into the batch's) before the gradient's backward: the same factors (dense test)
             for one forward a step less. Off, or data-parallel, tridiagonal, with low-rank products or on the
             onnxruntime engine: a statistics pass of its own (the paper preset's).
+        table_blocks: embedding tables wider than 1024 rows (the plan's ``tables``: a word vocabulary) get blocks
+            whose A, how often each row is read, is kept as its diagonal (one-hot inputs make it exactly diagonal):
+            A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Torch engine, one
+            unsharded process, diagonal structure; elsewhere, and off (the paper preset's), such a table steps as
+            the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -379,7 +384,10 @@ class KFAC:
         self.damping_every, self.gamma_every = int(s.damping_every), int(s.gamma_every)
         self.min_damping = float(s.min_damping)
         self.structure = structure
-        layers = within_reach(compiled.layers, s.max_kronecker_dim)
+        tables = self._tables(compiled, s.table_blocks)
+        layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim)
+        if tables:
+            self.engine.capture_tables()
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim)
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
@@ -427,6 +435,13 @@ class KFAC:
         # the generators' state before them where they drew random numbers (dropout), for h after the step.
         self._parts: list[tuple[int, int, float]] = []
         self._randomness: Any = None
+
+    def _tables(self, compiled, wanted: bool) -> tuple:
+        """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A: on the torch
+        engine, one unsharded process and the diagonal structure (``table_blocks``); none elsewhere."""
+        if not wanted or compiled.engine != "torch" or self._group is not None or self.structure != "diagonal":
+            return ()
+        return () if self.engine.sharded is not None else compiled.plan.tables
 
     @property
     def blocks(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@
   quadratic model's products by central differences where the model calls attention, batch, group or instance
   norm in training mode or a recurrent layer (forward mode needs attention's math kernel, a normalisation's
   tangent is many passes over the activations, a recurrent layer's leaves its fused kernel:
-  runtime/tangent_cost.py).
+  runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
+  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -138,6 +139,9 @@ class KFACSettings:
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
+    table_blocks: bool = setting(True, "Give embedding tables wider than 1024 rows (a word vocabulary) Kronecker blocks "
+                                 "with a diagonal A, the count of each row's reads (off: they step as parameters "
+                                 "outside every block, the paper's). Torch engine, one process, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -194,7 +198,7 @@ PRESETS: dict[str, KFACSettings] = {
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
         bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
-        shared_statistics_forward=False,
+        shared_statistics_forward=False, table_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
