@@ -7,6 +7,8 @@ A must be the diagonal of how often each row was read.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -220,6 +222,25 @@ def test_a_tables_a_counts_each_rows_reads_but_the_padding_rows_and_that_row_sta
     counts[5] = 0
     torch.testing.assert_close(opt.blocks["emb"].a[0], counts)
     assert torch.equal(model.emb.weight[5], before[5]) and not torch.equal(model.emb.weight, before)
+
+
+def test_kfac_with_a_table_resumes_exactly():
+    data = _word_batches(10)
+    torch.manual_seed(0)
+    model = TableLM()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],), loss="cross_entropy"), seed=0)
+    for x, y in data[:5]:
+        opt.step(x, y)
+    state = copy.deepcopy(opt.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tail = [opt.step(x, y)["loss"] for x, y in data[5:]]
+    torch.manual_seed(3)
+    other = TableLM()
+    other.load_state_dict(weights)
+    resumed = kronograph.optim.KFAC(kronograph.compile(other, (data[0][0][:2],), loss="cross_entropy"), seed=1)
+    resumed.load_state_dict(state)
+    assert resumed.blocks["emb"].a.shape == (1, WORDS)
+    assert [resumed.step(x, y)["loss"] for x, y in data[5:]] == tail
 
 
 @pytest.mark.filterwarnings("ignore::kronograph.runtime.inverse.CoverageWarning")  # the table's parameters are most
