@@ -170,6 +170,9 @@ class KFACPreconditioner:
         max_kronecker_dim: a layer with a factor wider than this gets no block and keeps its .grad, with a
             CoverageWarning naming it (curvature.within_reach); None: every matched layer has one. A 32000-word
             head's G would be 4 GB a copy.
+        table_blocks: give the plan's tables (embeddings wider than 1024 rows: a word vocabulary) blocks whose A,
+            how often each row is read, is kept as its diagonal (one process; under torch.distributed they keep
+            their .grad). False: they keep their .grad.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class KFACPreconditioner:
         activation_rows: int | None = 1024,
         max_factor_dim: int | None = 1024,
         max_kronecker_dim: int | None = 8192,
+        table_blocks: bool = True,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -241,7 +245,8 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
-        self.layers = tuple(within_reach(compiled.layers, largest))
+        tables = compiled.plan.tables if table_blocks and active_group(process_group) is None else ()
+        self.layers = tuple(within_reach((*compiled.layers, *tables), largest))
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim))
         self.blocks = self.curvature.blocks

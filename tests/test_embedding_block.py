@@ -243,6 +243,30 @@ def test_kfac_with_a_table_resumes_exactly():
     assert [resumed.step(x, y)["loss"] for x, y in data[5:]] == tail
 
 
+def test_the_preconditioner_solves_a_tables_gradient_as_its_one_hot_linear_twins():
+    """KFACPreconditioner in a user's loop: the table's new .grad against the twin's (dense WORDS-wide A)."""
+    torch.manual_seed(0)
+    model = TableLM()
+    twin = OneHotTableLM(model)
+    plain = copy.deepcopy(model)
+    batches = _word_batches(4)
+    grads = []
+    for net, weight, blocks in ((model, "emb.weight", True), (twin, "table.weight", True), (plain, "emb.weight", False)):
+        cm = kronograph.compile(net, (batches[0][0][:2],), loss="cross_entropy")
+        precond = kronograph.optim.KFACPreconditioner(cm, max_factor_dim=None, seed=0, table_blocks=blocks)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, y in batches:
+            opt.zero_grad()
+            with precond.track():
+                nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten()).backward()
+            precond.step()
+            opt.step()
+        grads.append(dict(net.named_parameters())[weight].grad)
+    torch.testing.assert_close(grads[0], grads[1].T, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grads[0], grads[2], rtol=1e-2)  # without the table's block: its raw gradient
+    torch.testing.assert_close(model.emb.weight, twin.table.weight.T, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::kronograph.runtime.inverse.CoverageWarning")  # the table's parameters are most
 def test_the_paper_preset_and_the_other_structure_leave_a_table_outside_every_block():
     (x, _), = _word_batches(1)
