@@ -33,18 +33,20 @@ class EmbeddingLM(nn.Module):
 
 
 class OneHotLM(nn.Module):
-    """EmbeddingLM with the table applied as a linear layer on one-hot rows."""
+    """A model of an ``emb`` table and an ``fc`` head (EmbeddingLM, TableLM) with the table applied as a linear layer
+    on one-hot rows."""
 
-    def __init__(self, twin: EmbeddingLM) -> None:
+    def __init__(self, twin: nn.Module) -> None:
         super().__init__()
-        self.table = nn.Linear(ROWS, DIM, bias=False)
-        self.fc = nn.Linear(DIM, ROWS)
+        self.rows = twin.emb.num_embeddings
+        self.table = nn.Linear(self.rows, twin.emb.embedding_dim, bias=False)
+        self.fc = nn.Linear(twin.fc.in_features, twin.fc.out_features)
         with torch.no_grad():
             self.table.weight.copy_(twin.emb.weight.T)
             self.fc.load_state_dict(twin.fc.state_dict())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.table(nn.functional.one_hot(tokens, ROWS).float())))
+        return self.fc(torch.tanh(self.table(nn.functional.one_hot(tokens, self.rows).float())))
 
 
 def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,21 +165,6 @@ class TableLM(nn.Module):
         return self.fc(torch.tanh(self.emb(tokens)))
 
 
-class OneHotTableLM(nn.Module):
-    """TableLM with the table as a plain linear layer on one-hot rows: a layer with a dense WORDS-wide A."""
-
-    def __init__(self, twin: TableLM) -> None:
-        super().__init__()
-        self.table = nn.Linear(WORDS, DIM, bias=False)
-        self.fc = nn.Linear(DIM, 7)
-        with torch.no_grad():
-            self.table.weight.copy_(twin.emb.weight.T)
-            self.fc.load_state_dict(twin.fc.state_dict())
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.table(nn.functional.one_hot(tokens, WORDS).float())))
-
-
 def _word_batches(count: int, rows: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(2)
     # A Zipf-like draw: a few rows read often, most rarely or never, as a vocabulary's.
@@ -187,11 +174,11 @@ def _word_batches(count: int, rows: int = 8) -> list[tuple[torch.Tensor, torch.T
 
 
 def test_kfac_steps_a_table_as_its_one_hot_linear_layer_with_a_dense_a():
-    """The diagonal A's block against the twin's dense WORDS x WORDS A (inverted whole, as the dense-maths tests pin
+    """The diagonal A's block against the one-hot twin's dense WORDS x WORDS A (inverted whole, as the dense-maths tests pin
     down): the same factors, the same steps."""
     torch.manual_seed(0)
     model = TableLM()
-    twin = OneHotTableLM(model)
+    twin = OneHotLM(model)
     batches = _word_batches(6)
     runs, blocks = [], []
     for net in (model, twin):
@@ -247,7 +234,7 @@ def test_the_preconditioner_solves_a_tables_gradient_as_its_one_hot_linear_twins
     """KFACPreconditioner in a user's loop: the table's new .grad against the twin's (dense WORDS-wide A)."""
     torch.manual_seed(0)
     model = TableLM()
-    twin = OneHotTableLM(model)
+    twin = OneHotLM(model)
     plain = copy.deepcopy(model)
     batches = _word_batches(4)
     grads = []
