@@ -236,7 +236,8 @@ def batch_factors(
         dtype: the factors' dtype (float32 or float64, independent of the model's).
         subset: A from a random subset of the rows where there are many (``RowSubset``); None: every row.
     """
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=subset)
+    # A table counts every index (``_fold_table``).
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=None if layer.diagonal_a else subset)
     scale = _grad_scale(m, grad_scale)
     a = diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else _accumulate_sites(None, sites, 1.0 / m, 0.0)
     g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)

@@ -174,8 +174,8 @@ def _word_batches(count: int, rows: int = 8) -> list[tuple[torch.Tensor, torch.T
 
 
 def test_kfac_steps_a_table_as_its_one_hot_linear_layer_with_a_dense_a():
-    """The diagonal A's block against the one-hot twin's dense WORDS x WORDS A (inverted whole, as the dense-maths tests pin
-    down): the same factors, the same steps."""
+    """The diagonal A's block against the one-hot twin's dense WORDS x WORDS A (inverted whole, as the dense-maths
+    tests pin down): the same factors, the same steps."""
     torch.manual_seed(0)
     model = TableLM()
     twin = OneHotLM(model)
@@ -238,7 +238,8 @@ def test_the_preconditioner_solves_a_tables_gradient_as_its_one_hot_linear_twins
     plain = copy.deepcopy(model)
     batches = _word_batches(4)
     grads = []
-    for net, weight, blocks in ((model, "emb.weight", True), (twin, "table.weight", True), (plain, "emb.weight", False)):
+    runs = ((model, "emb.weight", True), (twin, "table.weight", True), (plain, "emb.weight", False))
+    for net, weight, blocks in runs:
         cm = kronograph.compile(net, (batches[0][0][:2],), loss="cross_entropy")
         precond = kronograph.optim.KFACPreconditioner(cm, max_factor_dim=None, seed=0, table_blocks=blocks)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)

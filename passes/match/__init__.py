@@ -89,9 +89,9 @@ def build_plan(
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
     for table in tables:
-        reasons[table.weight] = (f"an embedding table of {table.in_features} rows, more than {MAX_EMBEDDING_ROWS}: a "
-                                 "table of the plan, a block with a diagonal A in K-FAC (table_blocks: torch engine, one "
-                                 "process) and outside every block elsewhere")
+        reasons[table.weight] = (f"an embedding table of {table.in_features} rows, more than {MAX_EMBEDDING_ROWS}: "
+                                 "a table of the plan, a block with a diagonal A in K-FAC (table_blocks: torch "
+                                 "engine, one process) and outside every block elsewhere")
     unmatched = [Unmatched(name, shapes[name], reasons[name]) for name in order if name in reasons]
     unmatched += [
         Unmatched(name, tuple(shape), "not in the exported graph (the forward pass does not use it)")
@@ -111,7 +111,8 @@ def _tables(graph: ir.Graph, ctx: MatchContext, values: dict[str, ir.Value], unm
             taken: set[str]) -> tuple[Layer, ...]:
     """The embedding tables too wide for a layer of the plan (``match_table``) whose every use is a Gather at the
     graph's own indices (a table tied to an output layer is not one), as layers with a diagonal A."""
-    found = [match for node in graph if (match := match_table(node, ctx)) is not None and match.weight.name in unmatched]
+    found = [match for node in graph
+             if (match := match_table(node, ctx)) is not None and match.weight.name in unmatched]
     accepted = verify(graph, found, values).accepted
     return tuple(layer if layer.name not in taken else dataclasses.replace(layer, name=layer.weight)
                  for layer in _layers(accepted))

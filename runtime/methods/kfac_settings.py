@@ -139,9 +139,10 @@ class KFACSettings:
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
-    table_blocks: bool = setting(True, "Give embedding tables wider than 1024 rows (a word vocabulary) Kronecker blocks "
-                                 "with a diagonal A, the count of each row's reads (off: they step as parameters "
-                                 "outside every block, the paper's). Torch engine, one process, diagonal structure.")
+    table_blocks: bool = setting(True, "Give embedding tables wider than 1024 rows (a word vocabulary) Kronecker "
+                                 "blocks with a diagonal A, the count of each row's reads (off: they step as "
+                                 "parameters outside every block, the paper's). Torch engine, one process, diagonal "
+                                 "structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
