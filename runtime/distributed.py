@@ -95,9 +95,24 @@ def unpack_triangle(packed: torch.Tensor, d: int) -> torch.Tensor:
     return out.view(-1, d, d)
 
 
+def factor_size(d: int, diagonal: bool = False) -> int:
+    """Entries of one packed d-wide factor: its upper triangle, or d for a diagonal one (a table's A)."""
+    return d if diagonal else triangle_entries(d)
+
+
+def pack_factor(m: torch.Tensor) -> torch.Tensor:
+    """``pack_triangle`` of factors [groups, d, d]; diagonal ones, kept as [groups, d], as they are."""
+    return m.reshape(m.shape[0], -1) if m.dim() == 2 else pack_triangle(m)
+
+
+def unpack_factor(packed: torch.Tensor, d: int, diagonal: bool = False) -> torch.Tensor:
+    """``pack_factor``'s inverse: [groups, d, d], or [groups, d] for a diagonal factor."""
+    return packed.reshape(-1, d) if diagonal else unpack_triangle(packed, d)
+
+
 def factor_entries(layer: Layer) -> int:
-    """One layer's entries in ``average_statistics``'s buffer, its count aside: the triangles of m A and m G."""
-    return layer.groups * (triangle_entries(layer.a_dim) + triangle_entries(layer.g_dim))
+    """One layer's entries in ``average_statistics``'s buffer, its count aside: the packed m A and m G."""
+    return layer.groups * (factor_size(layer.a_dim, layer.diagonal_a) + factor_size(layer.g_dim))
 
 
 def average_statistics(
@@ -126,8 +141,8 @@ def average_statistics(
     for name, layer in layers.items():
         if name in stats:
             a, g, m = stats[name]
-            parts += [pack_triangle(a.to(device, dtype)).reshape(-1) * m,
-                      pack_triangle(g.to(device, dtype)).reshape(-1) * m]
+            parts += [pack_factor(a.to(device, dtype)).reshape(-1) * m,
+                      pack_factor(g.to(device, dtype)).reshape(-1) * m]
         else:
             parts.append(torch.zeros(factor_entries(layer), dtype=dtype, device=device))
     narrow = communication_dtype is not None and communication_dtype != dtype
@@ -144,9 +159,10 @@ def average_statistics(
     result: Statistics = {}
     offset = 0
     for (name, layer), m in zip(layers.items(), totals):
-        a_size, g_size = layer.groups * triangle_entries(layer.a_dim), layer.groups * triangle_entries(layer.g_dim)
+        a_size = layer.groups * factor_size(layer.a_dim, layer.diagonal_a)
+        g_size = layer.groups * factor_size(layer.g_dim)
         if m > 0:
-            a = unpack_triangle(buffer[offset:offset + a_size], layer.a_dim)
+            a = unpack_factor(buffer[offset:offset + a_size], layer.a_dim, layer.diagonal_a)
             g = unpack_triangle(buffer[offset + a_size:offset + a_size + g_size], layer.g_dim)
             result[name] = (a / m, g / m, int(round(m)))
         offset += a_size + g_size

@@ -59,7 +59,8 @@ def test_the_factor_buffer_holds_triangles_and_counts():
     """``average_statistics`` with the all_reduce replaced by the identity (one rank's sums): the buffer's size is
     sum groups * (a (a + 1) / 2 + g (g + 1) / 2) plus one count per layer, and the factors come back exactly."""
     shapes = {"x": (1, 6, 7), "y": (2, 8, 3), "z": (1, 4, 4)}  # (groups, a_dim, g_dim); "z" without statistics
-    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g) for name, (n, a, g) in shapes.items()}
+    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False)
+              for name, (n, a, g) in shapes.items()}
     stats = {name: (symmetric(n, a, 1), symmetric(n, g, 2), 4) for name, (n, a, g) in shapes.items() if name != "z"}
     sent = []
     with mock.patch.object(dist, "all_reduce", lambda buffer, **_: sent.append(buffer.clone())):
@@ -72,13 +73,26 @@ def test_the_factor_buffer_holds_triangles_and_counts():
         assert torch.equal(a, stats[name][0]) and torch.equal(g, stats[name][1]) and m == 4
 
 
+def test_a_tables_diagonal_a_travels_as_its_diagonal():
+    """A table's A (``Layer.diagonal_a``), kept as [groups, rows], takes rows entries of the buffer, not a triangle,
+    and comes back as that diagonal."""
+    layers = {"table": mock.Mock(spec=Layer, groups=1, a_dim=5, g_dim=3, diagonal_a=True)}
+    a, g = torch.tensor([[0.5, 0.0, 1.25, 2.0, 0.25]]), symmetric(1, 3, 2)
+    sent = []
+    with mock.patch.object(dist, "all_reduce", lambda buffer, **_: sent.append(buffer.clone())):
+        averaged = average_statistics({"table": (a, g, 4)}, layers, None, torch.float32, "cpu")
+    assert sent[0].numel() == 5 + 6 + 1
+    assert torch.equal(averaged["table"][0], a) and torch.equal(averaged["table"][1], g)
+
+
 def test_factors_travel_in_bfloat16_and_their_counts_apart():
     """``communication_dtype=bfloat16``: the triangles in one bfloat16 all_reduce (half of float32's bytes), the
     counts in a float64 one (bfloat16 holds integers exactly only up to 256); the averaged factors are back in
     float32, exactly symmetric, within bfloat16's rounding of the float32 result."""
     torch.manual_seed(0)
     shapes = {"x": (1, 6, 7), "y": (2, 8, 3)}
-    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g) for name, (n, a, g) in shapes.items()}
+    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False)
+              for name, (n, a, g) in shapes.items()}
     stats = {name: (symmetric(n, a, 1), symmetric(n, g, 2), 300) for name, (n, a, g) in shapes.items()}
     sent = []
     with mock.patch.object(dist, "all_reduce", lambda buffer, **_: sent.append(buffer.clone())):

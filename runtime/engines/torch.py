@@ -183,7 +183,7 @@ class TorchEngine:
         """``sampled_pass`` of a global batch whose slice ``part`` (data_parallel.BatchSlice) this rank holds: the
         sites of this rank's members of the subset, and their number."""
         outside_compiled_code()
-        return sampled_statistics_of_slice(self.module, self.compiled.plan, self.loss, inputs, part, fraction,
+        return sampled_statistics_of_slice(self.module, self.captured, self.loss, inputs, part, fraction,
                                            generator, minimum, select=self.compiled.select_output)
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],

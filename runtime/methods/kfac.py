@@ -204,9 +204,9 @@ class KFAC:
             onnxruntime engine: a statistics pass of its own (the paper preset's).
         table_blocks: embedding tables wider than 1024 rows (the plan's ``tables``: a word vocabulary) get blocks
             whose A, how often each row is read, is kept as its diagonal (one-hot inputs make it exactly diagonal):
-            A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Torch engine, one
-            unsharded process, diagonal structure; elsewhere, and off (the paper preset's), such a table steps as
-            the parameters outside every block.
+            A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Torch engine (data-
+            parallel too, not FSDP-sharded), diagonal structure; elsewhere, and off (the paper preset's), such a
+            table steps as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -438,8 +438,8 @@ class KFAC:
 
     def _tables(self, compiled, wanted: bool) -> tuple:
         """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A: on the torch
-        engine, one unsharded process and the diagonal structure (``table_blocks``); none elsewhere."""
-        if not wanted or compiled.engine != "torch" or self._group is not None or self.structure != "diagonal":
+        engine (data-parallel too, not FSDP-sharded) and the diagonal structure (``table_blocks``); none elsewhere."""
+        if not wanted or compiled.engine != "torch" or self.structure != "diagonal":
             return ()
         return () if self.engine.sharded is not None else compiled.plan.tables
 
