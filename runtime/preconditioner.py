@@ -119,7 +119,7 @@ from kronograph.runtime.statistics import (
 )
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.sharded import check_row_sharded, is_sharded, local_rows, whole
+from kronograph.runtime.sharded import check_row_sharded, fsdp_modules, is_sharded, local_rows, whole
 from kronograph.runtime.wbar import gather, scatter
 
 
@@ -171,7 +171,7 @@ class KFACPreconditioner:
             CoverageWarning naming it (curvature.within_reach); None: every matched layer has one. A 32000-word
             head's G would be 4 GB a copy.
         table_blocks: give the plan's tables (embeddings wider than 1024 rows: a word vocabulary) blocks whose A,
-            how often each row is read, is kept as its diagonal (one process; under torch.distributed they keep
+            how often each row is read, is kept as its diagonal (data-parallel too; an FSDP-sharded module's keep
             their .grad). False: they keep their .grad.
     """
 
@@ -245,7 +245,7 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
-        tables = compiled.plan.tables if table_blocks and active_group(process_group) is None else ()
+        tables = compiled.plan.tables if table_blocks and not fsdp_modules(compiled.module) else ()
         self.layers = tuple(within_reach((*compiled.layers, *tables), largest))
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim))

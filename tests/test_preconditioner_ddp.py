@@ -106,7 +106,23 @@ def run_ranks(rank: int, world: int) -> dict:
     local = {"2": stats("2", 1.0, 10)} if rank == 0 else {"2": stats("2", 4.0, 30), "4": stats("4", 2.0, 5)}
     averaged = average_statistics(local, layers, None, torch.float32, torch.device("cpu"))
     results["missing"] = {name: (a[0, 0, 0].item(), g[0, 0, 0].item(), m) for name, (a, g, m) in averaged.items()}
+    for fraction in (1.0, 1 / world):  # every rank inverts, or each layer's owner alone
+        results[f"table {fraction}"] = table_loop(rank, world, grad_worker_fraction=fraction)
     return results
+
+
+def table_loop(rank: int = 0, world: int = 1, **settings) -> dict:
+    """The loop on a model with a table (an embedding of more than 1024 rows, a block with a diagonal A)."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Embedding(1100, 4), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(12, CLASSES))
+    tokens = torch.randint(0, 1100, (STEPS, BATCH, 3))
+    batches = list(zip(tokens, tokens[..., 0] % CLASSES))
+    precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (tokens[0][:2],)), **SETTINGS, **settings)
+    forward = DistributedDataParallel(model) if world > 1 else model
+    losses = preconditioned_loop(model, forward, precond, batches, rank, world)
+    return {"params": copy.deepcopy(model.state_dict()), "losses": losses,
+            "a": precond.blocks["0"].a.clone()}
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +213,13 @@ def test_non_finite_statistics_on_one_rank_are_rejected_on_every_rank(ranks):
 def test_a_rank_missing_a_layer_takes_part_and_the_others_statistics_count(ranks):
     for r in ranks:
         assert r["missing"] == {"2": (3.25, 1.0, 40), "4": (2.0, 1.0, 5)}  # (10 * 1 + 30 * 4) / 40
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1 / WORLD])
+def test_a_tables_block_trains_data_parallel_as_in_one_process(ranks, fraction):
+    alone = on_one_thread(table_loop)
+    first, second = (r[f"table {fraction}"] for r in ranks)
+    assert first["a"].shape == (1, 1100) and torch.equal(first["a"], second["a"])
+    for name, value in alone["params"].items():
+        assert torch.equal(first["params"][name], second["params"][name]), name
+        torch.testing.assert_close(first["params"][name], value, rtol=1e-4, atol=1e-5)
