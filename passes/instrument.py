@@ -137,11 +137,12 @@ def tap_names(plan: LayerPlan) -> dict[tuple[str, int], tuple[str, str]]:
     """(layer name, site index) -> (activation output name, pre-activation gradient output name).
 
     Names are ``kronograph.a.<layer>.<k>`` and ``kronograph.g.<layer>.<k>``: they never end in ``_grad``,
-    which ``onnxruntime.training.api.Module`` would hide.
+    which ``onnxruntime.training.api.Module`` would hide. The plan's tables are tapped too (K-FAC's blocks with a
+    diagonal A: their indices and their output's gradient).
     """
     return {
         (layer.name, k): (f"{TAP_PREFIX}.a.{layer.name}.{k}", f"{TAP_PREFIX}.g.{layer.name}.{k}")
-        for layer in plan.layers
+        for layer in (*plan.layers, *plan.tables)
         for k in range(len(layer.sites))
     }
 

@@ -91,7 +91,7 @@ def build_plan(
     for table in tables:
         reasons[table.weight] = (f"an embedding table of {table.in_features} rows, more than {MAX_EMBEDDING_ROWS}: "
                                  "a table of the plan, a block with a diagonal A in K-FAC and KFACPreconditioner "
-                                 "(table_blocks: torch engine) and outside every block elsewhere")
+                                 "(table_blocks) and outside every block elsewhere")
     unmatched = [Unmatched(name, shapes[name], reasons[name]) for name in order if name in reasons]
     unmatched += [
         Unmatched(name, tuple(shape), "not in the exported graph (the forward pass does not use it)")

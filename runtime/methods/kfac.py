@@ -204,8 +204,8 @@ class KFAC:
             onnxruntime engine: a statistics pass of its own (the paper preset's).
         table_blocks: embedding tables wider than 1024 rows (the plan's ``tables``: a word vocabulary) get blocks
             whose A, how often each row is read, is kept as its diagonal (one-hot inputs make it exactly diagonal):
-            A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Torch engine (data-
-            parallel too, not FSDP-sharded), diagonal structure; elsewhere, and off (the paper preset's), such a
+            A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Both engines,
+            data-parallel too, not FSDP-sharded, diagonal structure; elsewhere, and off (the paper preset's), such a
             table steps as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
@@ -386,8 +386,6 @@ class KFAC:
         self.structure = structure
         tables = self._tables(compiled, s.table_blocks)
         layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim)
-        if tables:
-            self.engine.capture_tables()
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim)
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
@@ -437,11 +435,14 @@ class KFAC:
         self._randomness: Any = None
 
     def _tables(self, compiled, wanted: bool) -> tuple:
-        """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A: on the torch
-        engine (data-parallel too, not FSDP-sharded) and the diagonal structure (``table_blocks``); none elsewhere."""
-        if not wanted or compiled.engine != "torch" or self.structure != "diagonal":
+        """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A, with the diagonal
+        structure (``table_blocks``), not FSDP-sharded (data-parallel and onnxruntime's taps too); the torch engine
+        then captures them."""
+        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
-        return () if self.engine.sharded is not None else compiled.plan.tables
+        if compiled.engine == "torch":
+            self.engine.capture_tables()
+        return compiled.plan.tables
 
     @property
     def blocks(self) -> dict[str, Any]:

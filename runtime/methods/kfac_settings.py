@@ -141,8 +141,8 @@ class KFACSettings:
                                          "paper's).", low=1)
     table_blocks: bool = setting(True, "Give embedding tables wider than 1024 rows (a word vocabulary) Kronecker "
                                  "blocks with a diagonal A, the count of each row's reads (off: they step as "
-                                 "parameters outside every block, the paper's). Torch engine (data-parallel too, not "
-                                 "FSDP), diagonal structure.")
+                                 "parameters outside every block, the paper's). Data-parallel too, not FSDP; diagonal "
+                                 "structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
