@@ -1,4 +1,4 @@
-"""Distributed tests' processes: ``run_on_ranks`` forks ``world`` CPU processes on gloo, each running
+"""Distributed tests' processes: ``run_on_ranks`` spawns ``world`` CPU processes on gloo, each running
 ``body(rank, world)`` and saving what it returns, and gives back every rank's result. One launch per test module
 (process start-up and compile dominate the time); a hang fails the test after the group's timeout instead."""
 
@@ -36,9 +36,11 @@ def _worker(rank: int, body: Callable[[int, int], Any], world: int, out: str) ->
 
 def run_on_ranks(body: Callable[[int, int], Any], world: int, out: Path) -> list[Any]:
     """Every rank's ``body(rank, world)``, in rank order (``body``: a module-level function, pickled by name)."""
-    # Forked, not spawned: a spawned rank spends ~6 s of CPU importing torch and kronograph again. Each rank runs
-    # torch on one thread, as DataLoader's forked workers do (OpenMP's pool is not usable across a fork).
-    mp.start_processes(_worker, args=(body, world, str(out)), nprocs=world, join=True, start_method="fork")
+    # Spawned, not forked: a rank forked from a pytest worker that had run the CLI's onnxruntime training (its
+    # progress bar's monitor thread, onnxruntime's pools) inherited a lock held at the fork and hung in torch.export's
+    # logging (test_cli_train_onnx.py then test_kfac_ddp_wrapped.py in one process hung at 9d0673a too). Each rank
+    # runs torch on one thread.
+    mp.start_processes(_worker, args=(body, world, str(out)), nprocs=world, join=True, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
