@@ -236,7 +236,7 @@ def batch_factors(
         dtype: the factors' dtype (float32 or float64, independent of the model's).
         subset: A from a random subset of the rows where there are many (``RowSubset``); None: every row.
     """
-    # A table counts every index (``_fold_table``).
+    # A table counts every index (as ``fold_factors_``).
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=None if layer.diagonal_a else subset)
     scale = _grad_scale(m, grad_scale)
     a = diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else _accumulate_sites(None, sites, 1.0 / m, 0.0)
@@ -273,24 +273,25 @@ def fold_factors_(
         decay = 0.0
     if _conv_on_kernel(records, dtype):
         return _fold_conv_on_kernel(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device)
-    if layer.diagonal_a:
-        return _fold_table(layer, records, a, g, decay, batch_size, grad_scale, index, dtype, device, mirror)
     # A bias's homogeneous 1 is appended by accumulate_grams: virtually on the statistics kernel (no copy of the
-    # rows), by one concatenation on the torch way.
-    homogeneous = layer.bias is not None
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous, subset=subset)
+    # rows), by one concatenation on the torch way. A table's A is its indices' counts, every index counted
+    # (counting them all costs less than drawing some), which cannot overflow.
+    homogeneous, table = layer.bias is not None, layer.diagonal_a
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous,
+                                subset=None if table else subset)
     scale = _grad_scale(m, grad_scale)
     sites = [replace(site, p=site.p.to(device), q=None if site.q is None else site.q.to(device))
              for site in _merged(sites)]
     q_parts = [site.q for site in sites if site.q is not None]
     a_alpha, g_alpha = 1.0 / m, scale * scale / rows
     limit = torch.finfo(dtype).max / 8
-    if not (_gram_bound([site.p for site in sites], at_least=1.0 if homogeneous else 0.0,
-                        weights=[site.weight for site in sites]) * a_alpha < limit
-            and _gram_bound(q_parts) * g_alpha < limit):
+    a_bound = 0.0 if table else _gram_bound([site.p for site in sites], at_least=1.0 if homogeneous else 0.0,
+                                            weights=[site.weight for site in sites])
+    if not (a_bound * a_alpha < limit and _gram_bound(q_parts) * g_alpha < limit):
         return None
-    return (_accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous),
-            accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror))
+    a = (ema_(a, diagonal_counts(layer, sites, dtype) * a_alpha, decay) if table else
+         _accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous))
+    return a, accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
 
 
 def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype) -> torch.Tensor:
@@ -299,21 +300,6 @@ def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype)
     width = layer.in_features
     return sum(site.weight * torch.bincount(site.p.reshape(-1), minlength=width + 1)[:width].to(dtype)
                for site in sites)[None]
-
-
-def _fold_table(layer: Layer, records: Sequence[SiteRecord], a: torch.Tensor | None, g: torch.Tensor | None,
-                decay: float, batch_size: int, grad_scale: float | None, index: torch.Tensor | None,
-                dtype: torch.dtype, device: torch.device | str | None, mirror: bool
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``fold_factors_`` of a table (``Layer.diagonal_a``): A's diagonal from the indices' counts, G as any layer's."""
-    # Every index is counted (no ``subset``: counting them all costs less than drawing some).
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype)
-    q_parts = [site.q.to(device) for site in sites if site.q is not None]
-    g_alpha = _grad_scale(m, grad_scale) ** 2 / rows
-    if not _gram_bound(q_parts) * g_alpha < torch.finfo(dtype).max / 8:
-        return None
-    counts = diagonal_counts(layer, sites, dtype).to(device) / m
-    return ema_(a, counts, decay), accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
 
 
 def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:

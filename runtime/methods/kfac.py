@@ -385,6 +385,8 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         tables = self._tables(compiled, s.table_blocks)
+        if tables and compiled.engine == "torch":  # onnxruntime's training graph taps the tables already
+            self.engine.capture_tables()
         layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim)
@@ -435,13 +437,10 @@ class KFAC:
         self._randomness: Any = None
 
     def _tables(self, compiled, wanted: bool) -> tuple:
-        """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A, with the diagonal
-        structure (``table_blocks``), not FSDP-sharded (data-parallel and onnxruntime's taps too); the torch engine
-        then captures them."""
+        """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A: with the diagonal
+        structure (``table_blocks``), on both engines, data-parallel too, not FSDP-sharded."""
         if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
-        if compiled.engine == "torch":
-            self.engine.capture_tables()
         return compiled.plan.tables
 
     @property
