@@ -695,21 +695,26 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     assert seen == {"attention": "attention", "mlp": None, "batch norm": "batch norm in training mode",
                     "batch norm, eval": None, "attention, paper": "attention", "gru": "a recurrent layer",
                     "group norm": "group or instance norm"}
-    assert chosen == {"attention": "differences", "mlp": "forward", "batch norm": "differences",
-                      "batch norm, eval": "forward", "attention, paper": "forward", "gru": "differences",
-                      "group norm": "differences"}
+    assert chosen == {"attention": "one-sided", "mlp": "forward", "batch norm": "one-sided",
+                      "batch norm, eval": "forward", "attention, paper": "forward", "gru": "one-sided",
+                      "group norm": "one-sided"}
     # bfloat16 weights round a difference's relative shift of 3e-4 away: forward mode
     half = copy.deepcopy(attention).to(torch.bfloat16)
     opt = kronograph.optim.KFAC(kronograph.compile(half, (x[:2].bfloat16(),), loss="cross_entropy"), seed=0)
     assert math.isfinite(opt.step(x.bfloat16(), y)["loss"]) and opt.engine.resolved_products == "forward"
 
 
-def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_a_plain_forward_gives_them():
-    """Central differences need the outputs at theta beside their shifted forwards: the gradient pass's (its
-    halves' stacked) where that forward drew no random numbers and a whole-batch forward agrees (checked once).
+@pytest.mark.parametrize("products,resolved,tolerance", [("auto", "one-sided", 1e-3),
+                                                       ("differences", "differences", 1e-6)])
+def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_a_plain_forward_gives_them(
+        products, resolved, tolerance):
+    """Differences (one-sided, auto's choice here, and central) need the outputs at theta beside their shifted
+    forwards: the gradient pass's (its halves' stacked) where that forward drew no random numbers and a
+    whole-batch forward agrees (checked once).
     The step that takes them equals one with a forward of its own to rounding (only that step: after it, theta's
-    float32 rounding alone moves the differences by ~1e-4 relative); dropout's outputs are not kept; batch norm's
-    (other statistics on the halves) are found to differ and never kept again."""
+    float32 rounding alone moves the differences by ~1e-4 relative; one-sided differences divide the halves' and
+    the whole batch's rounding of the outputs by the step h: ~1e-4 relative); dropout's outputs are not kept;
+    batch norm's (other statistics on the halves) are found to differ and never kept again."""
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 4, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator)
 
@@ -719,24 +724,28 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
         return nn.Sequential(*layers, *([nn.BatchNorm1d(32)] if norm else []), nn.Linear(32, 3))
 
     def run(net: nn.Module, reuse: bool = True):
-        opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0)
+        opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,
+                                    fisher_products=products)
         if not reuse:
             opt._keep_outputs = lambda n: False
         g = torch.Generator().manual_seed(1)
-        for _ in range(2):  # step 1 chooses the products; step 2 takes the pass's outputs (after checking them)
+        # "auto" chooses the products at step 1 and takes the pass's outputs (after checking them) from step 2;
+        # products given from the start take them at step 1
+        for _ in range(2 if products == "auto" else 1):
             index = torch.randperm(32, generator=g)[:16]  # batch norm's halves need 8 examples each
             info = opt.step(x[index], y[index])
             assert math.isfinite(info["loss"])
-        assert opt.engine.resolved_products == "differences"
+        assert opt.engine.resolved_products == resolved
         return opt, info, [p.detach().clone() for p in net.parameters()]
 
     kept, info, with_reuse = run(model())
     assert kept._outputs_split_free is True
     fresh, info_fresh, without = run(model(), reuse=False)
     assert fresh._outputs_split_free is None
-    assert (info["alpha"], info["mu"]) == pytest.approx((info_fresh["alpha"], info_fresh["mu"]), rel=1e-6)
+    assert (info["alpha"], info["mu"]) == pytest.approx((info_fresh["alpha"], info_fresh["mu"]),
+                                                       rel=tolerance)
     for a, b in zip(with_reuse, without):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance / 10)
     dropped, _, _ = run(model(dropout=0.1))
     assert dropped._outputs_split_free is None  # never kept: each forward drew its masks
     assert dropped.engine.gradient_pass((x,), y, capture=False, keep_outputs=True).outputs is None

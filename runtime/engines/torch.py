@@ -60,7 +60,7 @@ class TorchEngine:
     def __init__(self, compiled: Any, loss: Loss, products: str = "forward", fsdp: bool = False) -> None:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
-        "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (differences
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (one-sided
         where the model calls attention, batch, group or instance norm in training mode or a recurrent layer,
         runtime/tangent_cost.py, and its weights are float32 or float64, forward mode elsewhere; decided at the
         first call, ``resolved_products``).
@@ -195,7 +195,7 @@ class TorchEngine:
         masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
         if self.resolved_products is None:  # "auto"; a half-precision weight cannot carry a difference's small shift
             wide = all(p.dtype in (torch.float32, torch.float64) for p in self.params.values())
-            self.resolved_products = "differences" if wide and self._dear_for_forward_mode(inputs) else "forward"
+            self.resolved_products = "one-sided" if wide and self._dear_for_forward_mode(inputs) else "forward"
         if self.resolved_products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()

@@ -302,14 +302,16 @@ class KFAC:
             model's step, ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after
             step and the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
-            preset's: "differences" where the model's forward calls scaled-dot-product or multi-head attention,
+            preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
             batch, group or instance norm in training mode or a recurrent layer, runtime/tangent_cost.py, and its
             weights are float32 or float64, "forward" elsewhere; the paper preset's is "forward"), "forward" (forward
             mode, exact; the math attention kernel), "differences" (central differences of two no-grad
             forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
             transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md) or "one-sided" (one no-grad
             forward per direction beside one shared forward at theta, Gram entries within ~1e-4 of forward
-            mode's, but its O(h) error misleads the autoencoder's nearly parallel directions: BENCHMARKS.md).
+            mode's: 10-23% cheaper steps than central on the first-try suite's attention, norm and recurrent
+            models, as good a step; its O(h) error misleads the MLP autoencoder's nearly parallel directions,
+            which "auto" keeps in forward mode: BENCHMARKS.md).
             Every forward of a difference draws the same dropout masks. The onnxruntime engine always uses
             central differences.
         min_damping: floor of lambda.
@@ -874,11 +876,12 @@ class KFAC:
 
     def _keep_outputs(self, n: int) -> bool:
         """Whether the gradient pass keeps its outputs for the quadratic model: they are the outputs at theta
-        that central differences need beside their shifted forwards (one no-grad forward a step saved, 1/7 of the
-        products on the first-try transformer), where the products are differences on the whole batch and the
-        outputs have not been found to depend on how the batch is split (``_reusable_outputs``)."""
+        that differences need beside their shifted forwards (one no-grad forward a step saved: 1/7 of the central
+        products on the first-try transformer, 1/4 of the one-sided), where the products are differences on the
+        whole batch and the outputs have not been found to depend on how the batch is split
+        (``_reusable_outputs``)."""
         return (self._slice is None and self._outputs_split_free is not False
-                and getattr(self.engine, "resolved_products", None) == "differences"
+                and getattr(self.engine, "resolved_products", None) in ("differences", "one-sided")
                 and whole_batch(n, self.qmodel_fraction, self.settings.min_qmodel_examples))
 
     def _reusable_outputs(self, inputs) -> torch.Tensor | None:
