@@ -65,6 +65,27 @@ def test_sampled_targets_give_the_fisher_in_expectation(name, shape):
     assert torch.allclose(second_moment, hessian, atol=0.03 * float(hessian.abs().max()) + 1e-3)
 
 
+def test_sampled_classes_follow_the_softmax_and_never_take_an_impossible_class():
+    """Cross-entropy's targets come from its softmax's cumulative sum at one uniform draw a row: over 200,000 rows
+    each class's frequency is its probability (within 5 binomial standard deviations), a class of probability 0
+    (a -inf logit) is never drawn, the same generator seed gives the same classes, and a row that is not finite
+    gets a class in range without raising (its gradient is refused by the statistics)."""
+    loss = get_loss("cross_entropy")
+    logits = torch.tensor([0.0, 1.0, -math.inf, 2.0, 0.5])
+    rows = 200000
+    targets = loss.sample_targets(logits.expand(2, rows // 2, 5).clone(), torch.Generator().manual_seed(0))
+    assert targets.shape == (2, rows // 2)
+    frequency = torch.bincount(targets.reshape(-1), minlength=5).double() / rows
+    p = torch.softmax(logits.double(), 0)
+    assert frequency[2] == 0
+    assert torch.all((frequency - p).abs() <= 5 * (p * (1 - p) / rows).sqrt() + 1e-12), (frequency, p)
+    again = loss.sample_targets(logits.expand(2, rows // 2, 5).clone(), torch.Generator().manual_seed(0))
+    assert torch.equal(targets, again)
+    for bad in (math.nan, math.inf, -math.inf):
+        broken = loss.sample_targets(torch.tensor([[0.0, bad, 1.0]] * 50), torch.Generator().manual_seed(0))
+        assert broken.min() >= 0 and broken.max() <= 2
+
+
 def test_bad_targets_are_named():
     outputs = torch.randn(4, 3)
     with pytest.raises(KronographError, match=r"labels must lie in \[0, 2\]"):
