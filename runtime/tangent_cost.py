@@ -15,7 +15,10 @@
   ``torch.gru_cell`` and the others) stepped in the model's own loop likewise: a GRUCell character model (32 steps,
   batch 32) 26 ms by forward mode against 14 ms by differences.
 
-Plain forwards keep them cheap, so central differences (two forwards a direction) win where a model calls one.
+Plain forwards keep them cheap, so differences win where a model calls one: one-sided ones (one forward a
+direction beside the outputs at theta), but central ones (two a direction) where batch norm normalises by the
+batch's statistics: one-sided steps of a batch-norm ResNet at batch 8 ended at 1.08-2.61 where central ones ended
+at 0.91-1.13 (four seeds, 200 steps; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -42,31 +45,45 @@ def _batch_statistics(args: tuple, kwargs: dict) -> bool:
 
 
 class _Spy(TorchFunctionMode):
-    """Notes the first function called that makes forward-mode tangents dear."""
+    """Notes, in the order first called, the functions that make forward-mode tangents dear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: str | None = None
+        self.seen: list[str] = []
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.seen is None:
-            if func in FUSED_ATTENTION:
-                self.seen = "attention"
-            elif func in BATCH_NORM and _batch_statistics(args, kwargs):
-                self.seen = "batch norm in training mode"
-            elif func in GROUP_NORM:
-                self.seen = "group or instance norm"
-            elif func in RECURRENT:
-                self.seen = "a recurrent layer"
+        reason = None
+        if func in FUSED_ATTENTION:
+            reason = "attention"
+        elif func in BATCH_NORM and _batch_statistics(args, kwargs):
+            reason = BATCH_NORM_TRAINING
+        elif func in GROUP_NORM:
+            reason = "group or instance norm"
+        elif func in RECURRENT:
+            reason = "a recurrent layer"
+        if reason is not None and reason not in self.seen:
+            self.seen.append(reason)
         return func(*args, **kwargs)
 
 
-def dear_for_forward_mode(forward: Callable[[], Any]) -> str | None:
+BATCH_NORM_TRAINING = "batch norm in training mode"
+
+
+def dear_for_forward_mode(forward: Callable[[], Any]) -> list[str]:
     """What ``forward()`` calls that makes forward-mode tangents dear ("attention", "batch norm in training
-    mode", "group or instance norm", "a recurrent layer"), or None (nn.MultiheadAttention, the Transformer layers,
-    Hugging Face's sdpa attention, nn.BatchNorm in training mode, nn.GroupNorm, nn.InstanceNorm, nn.GRU, nn.LSTM
-    and nn.RNN and their cells are seen)."""
+    mode", "group or instance norm", "a recurrent layer"), in the order first called; empty where nothing does
+    (nn.MultiheadAttention, the Transformer layers, Hugging Face's sdpa attention, nn.BatchNorm in training mode,
+    nn.GroupNorm, nn.InstanceNorm, nn.GRU, nn.LSTM and nn.RNN and their cells are seen)."""
     with _Spy() as spy:
         forward()
     return spy.seen
+
+
+def products_for(dear: list[str]) -> str:
+    """The quadratic model's products for a model whose forward calls ``dear`` (``dear_for_forward_mode``):
+    forward mode where nothing is dear, central differences with batch norm in training mode, one-sided ones
+    elsewhere."""
+    if not dear:
+        return "forward"
+    return "differences" if BATCH_NORM_TRAINING in dear else "one-sided"

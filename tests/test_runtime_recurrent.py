@@ -334,5 +334,5 @@ def test_cells_make_forward_mode_dear_so_auto_takes_differences():
 
     x = torch.randn(N, T, IN)
     for mode in sorted(CELL_MODULES):
-        assert dear_for_forward_mode(lambda: CellLoop(mode, True)(x)) == "a recurrent layer"
-    assert dear_for_forward_mode(lambda: nn.Linear(IN, H)(x)) is None
+        assert dear_for_forward_mode(lambda: CellLoop(mode, True)(x)) == ["a recurrent layer"]
+    assert dear_for_forward_mode(lambda: nn.Linear(IN, H)(x)) == []

@@ -60,10 +60,10 @@ class TorchEngine:
     def __init__(self, compiled: Any, loss: Loss, products: str = "forward", fsdp: bool = False) -> None:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
-        "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (one-sided
-        where the model calls attention, batch, group or instance norm in training mode or a recurrent layer,
-        runtime/tangent_cost.py, and its weights are float32 or float64, forward mode elsewhere; decided at the
-        first call, ``resolved_products``).
+        "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (where the
+        model calls attention, group or instance norm or a recurrent layer one-sided, with batch norm in training
+        mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward mode elsewhere;
+        decided at the first call, ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products
@@ -195,7 +195,8 @@ class TorchEngine:
         masks), as forward mode's directions share one: otherwise the differences would be of two masks."""
         if self.resolved_products is None:  # "auto"; a half-precision weight cannot carry a difference's small shift
             wide = all(p.dtype in (torch.float32, torch.float64) for p in self.params.values())
-            self.resolved_products = "one-sided" if wide and self._dear_for_forward_mode(inputs) else "forward"
+            dear = self._dear_for_forward_mode(inputs) if wide else []
+            self.resolved_products = tangent_cost.products_for(dear)
         if self.resolved_products == "forward":
             return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
         theta = self.parameters()
@@ -222,10 +223,10 @@ class TorchEngine:
         with torch.no_grad():
             return difference_products(forward_at, theta, directions, scheme, outputs)
 
-    def _dear_for_forward_mode(self, inputs: Sequence[torch.Tensor]) -> str | None:
-        """What the model's forward calls that makes forward-mode tangents dear (fused attention, batch norm in
-        training mode, a recurrent layer: runtime/tangent_cost.py), or None; one no-grad forward, buffers and the random generators
-        left as they were."""
+    def _dear_for_forward_mode(self, inputs: Sequence[torch.Tensor]) -> list[str]:
+        """What the model's forward calls that makes forward-mode tangents dear (fused attention, batch, group or
+        instance norm in training mode, a recurrent layer: runtime/tangent_cost.py), in the order first called;
+        one no-grad forward, buffers and the random generators left as they were."""
         randomness = _RandomState(self.device)
         try:
             with torch.no_grad(), preserved_buffers(self.module):
