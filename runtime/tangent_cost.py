@@ -36,6 +36,7 @@ BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
 GROUP_NORM = frozenset({F.group_norm, torch.group_norm, F.instance_norm, torch.instance_norm})
 RECURRENT = frozenset(RECURRENT_FUNCTIONS) | frozenset(RECURRENT_CELLS)
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
+BATCH_NORM_TRAINING = "batch norm in training mode"  # the one dear kind that keeps central differences
 
 
 def _batch_statistics(args: tuple, kwargs: dict) -> bool:
@@ -65,9 +66,6 @@ class _Spy(TorchFunctionMode):
         if reason is not None and reason not in self.seen:
             self.seen.append(reason)
         return func(*args, **kwargs)
-
-
-BATCH_NORM_TRAINING = "batch norm in training mode"
 
 
 def dear_for_forward_mode(forward: Callable[[], Any]) -> list[str]:
