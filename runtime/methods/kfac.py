@@ -305,14 +305,14 @@ class KFAC:
             preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
             group or instance norm or a recurrent layer, "differences" where it calls batch norm in training mode,
             runtime/tangent_cost.py, when its weights are float32 or float64, "forward" elsewhere; the paper
-            preset's is "forward"), "forward" (forward
-            mode, exact; the math attention kernel), "differences" (central differences of two no-grad
-            forwards per direction, relative error below 1e-3, fused kernels kept: 1.6x cheaper steps on a small
-            transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md) or "one-sided" (one no-grad
-            forward per direction beside one shared forward at theta, Gram entries within ~1e-4 of forward
-            mode's: 10-23% cheaper steps than central on the first-try suite's attention, norm and recurrent
-            models, as good a step; its O(h) error misleads the MLP autoencoder's nearly parallel directions,
-            which "auto" keeps in forward mode, and a batch-norm ResNet at batch 8: BENCHMARKS.md).
+            preset's is "forward"), "forward" (forward mode, exact; the math attention kernel), "differences"
+            (central differences of two no-grad forwards per direction, relative error below 1e-3, fused kernels
+            kept: 1.6x cheaper steps on a small transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md)
+            or "one-sided" (one no-grad forward per direction beside one shared forward at theta, Gram entries
+            within ~1e-4 of forward mode's: 10-23% cheaper steps than central on the first-try suite's attention,
+            norm and recurrent models, as good a step; its O(h) error misleads the MLP autoencoder's nearly
+            parallel directions, which "auto" keeps in forward mode, and a batch-norm ResNet at batch 8:
+            BENCHMARKS.md).
             Every forward of a difference draws the same dropout masks. The onnxruntime engine always uses
             central differences.
         min_damping: floor of lambda.
