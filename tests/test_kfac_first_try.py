@@ -707,6 +707,36 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     assert math.isfinite(opt.step(x.bfloat16(), y)["loss"]) and opt.engine.resolved_products == "forward"
 
 
+def test_auto_products_take_central_differences_where_pytorch_has_no_forward_mode():
+    """Weight norm's ``torch._weight_norm`` (like spectral norm's power iteration and ``embedding_bag``) has no
+    forward-mode derivative: "auto" then takes central differences from its first step on, the steps of asking
+    for them by name (the dropout masks the failed forward-mode pass drew are drawn again); forward mode asked for
+    by name is refused with the fix."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+
+    def run(products: str):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Dropout(0.2), nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Tanh(),
+                            nn.Linear(8, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CoverageWarning)  # weight norm's g and v have no block
+            opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,
+                                        fisher_products=products)
+        steps = [opt.step(x[16 * k:16 * (k + 1)], y[16 * k:16 * (k + 1)]) for k in range(4)]
+        return opt, steps, [p.detach().clone() for p in net.parameters()]
+
+    auto, auto_steps, auto_weights = run("auto")
+    assert auto.engine.resolved_products == "differences"
+    named, named_steps, named_weights = run("differences")
+    for a, b in zip(auto_steps, named_steps):
+        assert math.isfinite(a["loss"]) and (a["alpha"], a["mu"]) == (b["alpha"], b["mu"])
+    for a, b in zip(auto_weights, named_weights):
+        assert torch.equal(a, b)
+    with pytest.raises(kronograph.KronographError, match="fisher_products='differences'"):
+        run("forward")
+
+
 @pytest.mark.parametrize("products,resolved,tolerance", [("auto", "one-sided", 1e-3),
                                                        ("differences", "differences", 1e-6)])
 def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_a_plain_forward_gives_them(

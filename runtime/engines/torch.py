@@ -62,8 +62,9 @@ class TorchEngine:
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (where the
         model calls attention, group or instance norm or a recurrent layer one-sided, with batch norm in training
-        mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward mode elsewhere;
-        decided at the first call, ``resolved_products``).
+        mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward mode elsewhere,
+        central differences where PyTorch has no forward-mode derivative for one of the model's operations: weight
+        norm, spectral norm, EmbeddingBag; decided at the first call, ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products
@@ -198,7 +199,19 @@ class TorchEngine:
             dear = self._dear_for_forward_mode(inputs) if wide else []
             self.resolved_products = tangent_cost.products_for(dear)
         if self.resolved_products == "forward":
-            return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
+            before = _RandomState(self.device) if self.products == "auto" else None
+            try:
+                return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
+            except NotImplementedError as error:
+                if not tangent_cost.lacks_forward_mode(error):
+                    raise
+                if before is None:
+                    raise KronographError(
+                        f"fisher_products='forward': PyTorch has no forward-mode derivative for an operation of this "
+                        f"model ({str(error).splitlines()[0]}); choose fisher_products='differences', or 'auto', which "
+                        "takes them where forward mode is missing") from None
+                self.resolved_products = "differences"  # exact to O(h^2), as forward mode would have been
+                before.replay()  # the failed pass's draws (dropout's masks) are drawn again by the differences
         theta = self.parameters()
         randomness = _RandomState(self.device)
         saved: dict[str, torch.Tensor] = {}  # theta's shifted tensors as they were: one copy for all the forwards
