@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,11 @@ MAX_DENSE_EMBEDDING_ROWS = 1024
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Convolution hyper-parameters needed to extract patches (F.unfold order)."""
+    """Convolution hyper-parameters needed to extract patches (F.unfold order).
+
+    A transposed convolution is held as the convolution it equals (``transposed_geometry``): stride 1 over its
+    input with ``input_dilation - 1`` zeros inserted between neighbours (its stride), kernel flipped, padded by
+    dilation (kernel - 1) - pads (and output_padding at the end)."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
@@ -27,6 +32,21 @@ class ConvGeometry:
     dilation: tuple[int, ...]
     groups: int
     auto_pad: str = "NOTSET"
+    input_dilation: tuple[int, ...] = ()  # a transposed convolution's stride; empty: an ordinary convolution
+
+
+def transposed_geometry(kernel: Sequence[int], stride: Sequence[int], begin: Sequence[int], end: Sequence[int],
+                        output_padding: Sequence[int], dilation: Sequence[int], groups: int) -> ConvGeometry | None:
+    """The ConvGeometry of the convolution a transposed one equals (per axis: its stride as ``input_dilation``,
+    pads d (k - 1) - begin and d (k - 1) - end + output_padding, stride 1); None where a pad would be negative
+    (the transposed convolution crops more than its kernel adds: no such convolution)."""
+    reach = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    low = [r - b for r, b in zip(reach, begin)]
+    high = [r - e + o for r, e, o in zip(reach, end, output_padding)]
+    if min(low + high) < 0:
+        return None
+    return ConvGeometry(tuple(kernel), (1,) * len(kernel), tuple(low + high), tuple(dilation), int(groups),
+                        input_dilation=tuple(stride))
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,8 @@ class Layer:
     """A parameter block with Kronecker-factored curvature: A (a_dim x a_dim) and G (g_dim x g_dim).
 
     ``weight_layout`` is ``"out_in"`` when the stored weight is [out, in, ...] (PyTorch, ONNX Conv,
-    Gemm with transB=1) and ``"in_out"`` when it is [in, out] (MatMul weights from other frameworks);
+    Gemm with transB=1), ``"in_out"`` when it is [in, out] (MatMul weights from other frameworks) and
+    ``"transposed"`` for a transposed convolution's [in, out / groups, *kernel] (its kernel flipped too);
     W_bar is always built in [out, in] order. For grouped convolutions there is one (A, G) pair per
     group: ``groups`` blocks of sizes ``a_dim`` and ``g_dim``. More than one site means the weight is
     shared (the statistics of all sites are pooled, as in KFAC-expand).

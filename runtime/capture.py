@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
 from kronograph.runtime import attention, recurrent, sharded
-from kronograph.runtime.patches import call_geometry
+from kronograph.runtime.patches import call_geometry, transposed_call_geometry
 
 
 def layer_input(layer: Layer, a: torch.Tensor, dtype: torch.dtype | None = None,
@@ -160,6 +160,7 @@ _LINEAR = {torch.nn.functional.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_TRANSPOSE = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
 _EMBEDDING = {torch.nn.functional.embedding}
 _TRANSPOSE_METHODS = {torch.Tensor.t}
 _TRANSPOSE_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)
@@ -277,6 +278,8 @@ class Capture(TorchFunctionMode):
             self._addmm(args, kwargs, result)
         elif func in _CONV:
             self._conv(args, kwargs, result)
+        elif func in _CONV_TRANSPOSE:
+            self._conv_transpose(args, kwargs, result)
         elif func in _EMBEDDING:
             self._embedding(args, kwargs, result)
         elif self._is_transpose(func, args, kwargs):
@@ -383,11 +386,39 @@ class Capture(TorchFunctionMode):
             _arg(args, kwargs, 5, "dilation", 1),
             _arg(args, kwargs, 6, "groups", 1),
         )
+        self._record_conv(layer, _arg(args, kwargs, 0, "input"), result, geometry, transposed=False)
+
+    def _conv_transpose(self, args: tuple, kwargs: dict, result: Any) -> None:
+        """conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, dilation): a site of the
+        convolution it equals (plan.transposed_geometry), on the input with zeros between neighbours."""
+        layer, _ = self._find(_arg(args, kwargs, 1, "weight"))
+        if layer is None:
+            return
+        padding = _arg(args, kwargs, 4, "padding", 0)
+        geometry = transposed_call_geometry(
+            _arg(args, kwargs, 1, "weight").shape[2:],
+            _arg(args, kwargs, 3, "stride", 1),
+            padding,
+            _arg(args, kwargs, 5, "output_padding", 0),
+            _arg(args, kwargs, 6, "groups", 1),
+            _arg(args, kwargs, 7, "dilation", 1),
+        )
+        if geometry is None:
+            raise CaptureError(f"layer {layer.name!r}: a transposed convolution whose padding {padding} exceeds "
+                               "dilation (kernel - 1) has no equal convolution; recompile the model")
+        self._record_conv(layer, _arg(args, kwargs, 0, "input"), result, geometry, transposed=True)
+
+    def _record_conv(self, layer: Layer, x: torch.Tensor, result: Any, geometry: ConvGeometry,
+                     transposed: bool) -> None:
+        if (layer.weight_layout == "transposed") != transposed:
+            raise CaptureError(f"layer {layer.name!r}: the plan has a {'transposed ' if not transposed else ''}"
+                               f"convolution but the call is {'a transposed' if transposed else 'an ordinary'} one; "
+                               "recompile the model")
         if layer.geometry is not None and geometry.groups != layer.groups:
             raise CaptureError(
                 f"layer {layer.name!r}: called with groups={geometry.groups}, the plan has {layer.groups}"
             )
-        self._record(layer, _arg(args, kwargs, 0, "input"), result, geometry)
+        self._record(layer, x, result, geometry)
 
     def _embedding(self, args: tuple, kwargs: dict, result: Any) -> None:
         """F.embedding(indices, table): a site with one-hot rows. A call that renormalises the table in place

@@ -306,7 +306,7 @@ def _conv_on_kernel(records: Sequence[SiteRecord], dtype: torch.dtype) -> bool:
     """Whether a conv layer's A comes from ``triton_kernels.conv_statistics`` (implicit patches): float32
     factors, conv1d/conv2d sites, and the dispatch picks Triton for their inputs (CUDA)."""
     return (dtype == torch.float32
-            and all(r.geometry is not None and len(r.geometry.kernel) in (1, 2)
+            and all(r.geometry is not None and len(r.geometry.kernel) in (1, 2) and not r.geometry.input_dilation
                     and r.a.dim() == len(r.geometry.kernel) + 2 for r in records)
             and use_triton("auto", records[0].a, "conv_statistics"))
 

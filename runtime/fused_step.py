@@ -46,6 +46,8 @@ def _w_bar_view(layer: Layer, tensor: torch.Tensor) -> torch.Tensor | None:
     """``tensor`` (shaped as the layer's weight) as W_bar [groups, out, in] sharing its memory, or None."""
     if layer.weight_layout == "in_out":
         tensor = tensor.transpose(0, 1)
+    elif layer.weight_layout == "transposed":  # swapped channel axes and a flipped kernel: no view
+        return None
     try:
         return tensor.view(layer.groups, layer.out_features, layer.in_features)
     except RuntimeError:  # a layout reshape would copy

@@ -7,6 +7,8 @@ of ``weight.reshape(out, -1)``), so W_bar = [weight.reshape(out, -1) b] multipli
 Padding follows the ONNX order of ConvGeometry: the begin pads of every spatial axis, then the end pads.
 Symmetric pads go to F.unfold; asymmetric ones are applied with F.pad first (zeros, as the convolution
 does). 1-D convolutions are viewed as 2-D ones with a height of 1; 3-D ones use Tensor.unfold per axis.
+A transposed convolution's patches are those of the convolution it equals, on its input with zeros between
+neighbours (``dilated_input``, ConvGeometry.input_dilation).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kronograph.passes.plan import ConvGeometry
+from kronograph.passes.plan import ConvGeometry, transposed_geometry
 
 
 def _tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
@@ -52,6 +54,23 @@ def call_geometry(
     return ConvGeometry(kernel, stride, begin + end, dilation, int(groups))
 
 
+def transposed_call_geometry(
+    kernel: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    output_padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    dilation: int | Sequence[int] = 1,
+) -> ConvGeometry | None:
+    """The ConvGeometry of a torch ``conv_transposeNd`` call: the convolution it equals (``transposed_geometry``;
+    None where its padding exceeds dilation (kernel - 1))."""
+    kernel = tuple(int(k) for k in kernel)
+    rank = len(kernel)
+    padding = _tuple(padding, rank)
+    return transposed_geometry(kernel, _tuple(stride, rank), padding, padding, _tuple(output_padding, rank),
+                               _tuple(dilation, rank), int(groups))
+
+
 def resolve_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(begin pads, end pads) per spatial axis, resolving ONNX auto_pad from the input's spatial shape."""
     rank = len(geometry.kernel)
@@ -73,8 +92,22 @@ def resolve_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[tuple[
     return tuple(begin), tuple(end)
 
 
+def dilated_input(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """A transposed convolution's input [N, C, *spatial] with ``input_dilation - 1`` zeros between neighbours on
+    each axis: what the convolution it equals reads (``x`` itself for an ordinary convolution)."""
+    steps = geometry.input_dilation
+    if not steps or all(s == 1 for s in steps):
+        return x
+    spatial = x.shape[2:]
+    out = x.new_zeros(*x.shape[:2], *((size - 1) * s + 1 for size, s in zip(spatial, steps)))
+    out[(slice(None), slice(None), *(slice(None, None, s) for s in steps))] = x
+    return out
+
+
 def output_spatial(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
     """Output spatial shape of the convolution (the number of locations T is its product)."""
+    if geometry.input_dilation:
+        spatial = [(size - 1) * s + 1 for size, s in zip(spatial, geometry.input_dilation)]
     begin, end = resolve_pads(geometry, spatial)
     return tuple(
         (size + b + e - d * (k - 1) - 1) // s + 1
@@ -91,6 +124,7 @@ def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     rank = len(geometry.kernel)
     if x.dim() != rank + 2:
         raise ValueError(f"a conv{rank}d input needs {rank + 2} dimensions [N, C, ...], got shape {tuple(x.shape)}")
+    x = dilated_input(x, geometry)
     begin, end = resolve_pads(geometry, x.shape[2:])
     if begin != end:
         flat = [p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e)]
@@ -120,8 +154,9 @@ def conv_patches_at(x: torch.Tensor, geometry: ConvGeometry, rows: torch.Tensor)
     rank = len(geometry.kernel)
     if x.dim() != rank + 2:
         raise ValueError(f"a conv{rank}d input needs {rank + 2} dimensions [N, C, ...], got shape {tuple(x.shape)}")
-    begin, end = resolve_pads(geometry, x.shape[2:])
     out = output_spatial(geometry, x.shape[2:])
+    x = dilated_input(x, geometry)
+    begin, end = resolve_pads(geometry, x.shape[2:])
     if any(begin) or any(end):
         x = F.pad(x, [p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e)])
     rows = rows.to(x.device)

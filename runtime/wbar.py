@@ -4,7 +4,9 @@ The Kronecker block of a layer acts on W_bar in [out, in] order whatever the sto
 holds rows k*out_g..(k+1)*out_g of ``weight.reshape(out, -1)`` (conv: the group's output channels,
 whose columns are already the group's input channels in F.unfold order), then the bias column.
 A weight stored [in, out] (``weight_layout="in_out"``, GPT-2's Conv1D) is transposed on the way in
-and back on the way out. ``gather`` and ``scatter`` are inverse to each other.
+and back on the way out. A transposed convolution's weight [in, out_g, *kernel] (``"transposed"``) is the
+convolution it equals (patches.dilated_input) with each group's two channel axes swapped and the kernel flipped.
+``gather`` and ``scatter`` are inverse to each other.
 
 vec convention (the paper's): vec stacks columns, vec(X) = X.T.reshape(-1), so that
 (A kron G) vec(X) = vec(G X A^T) and the Fisher block of W_bar is E[a_bar a_bar^T] kron E[g g^T].
@@ -26,12 +28,30 @@ def gather(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None = None)
         raise ValueError(f"layer {layer.name!r}: weight of shape {tuple(weight.shape)}, expected {layer.weight_shape}")
     if layer.weight_layout == "in_out":
         weight = weight.transpose(0, 1)
+    elif layer.weight_layout == "transposed":
+        weight = _convolution_weight(layer, weight)
     w = weight.reshape(layer.groups, layer.out_features, layer.in_features)
     if layer.bias is None:
         return w
     if bias is None:
         bias = w.new_zeros(layer.groups * layer.out_features)
     return torch.cat([w, bias.reshape(layer.groups, layer.out_features, 1).to(w.dtype)], dim=2)
+
+
+def _convolution_weight(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
+    """A transposed convolution's weight [in, out_g, *kernel] as the equal convolution's [out, in_g, *kernel]."""
+    in_channels, out_g, *kernel = layer.weight_shape
+    spatial = tuple(range(3, 3 + len(kernel)))
+    w = weight.reshape(layer.groups, in_channels // layer.groups, out_g, *kernel).transpose(1, 2).flip(spatial)
+    return w.reshape(layer.groups * out_g, in_channels // layer.groups, *kernel)
+
+
+def _transposed_weight(layer: Layer, w: torch.Tensor) -> torch.Tensor:
+    """``_convolution_weight``'s inverse: [out, in_g * prod(kernel)] back to [in, out_g, *kernel]."""
+    in_channels, out_g, *kernel = layer.weight_shape
+    spatial = tuple(range(3, 3 + len(kernel)))
+    w = w.reshape(layer.groups, out_g, in_channels // layer.groups, *kernel).flip(spatial).transpose(1, 2)
+    return w.reshape(layer.weight_shape).contiguous()
 
 
 def scatter(layer: Layer, w_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,6 +62,8 @@ def scatter(layer: Layer, w_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     w = w_bar[..., : layer.in_features].reshape(layer.groups * layer.out_features, layer.in_features)
     if layer.weight_layout == "in_out":
         weight = w.transpose(0, 1).contiguous()
+    elif layer.weight_layout == "transposed":
+        weight = _transposed_weight(layer, w)
     else:
         weight = w.reshape(layer.weight_shape)
     bias = w_bar[..., -1].reshape(-1) if layer.bias is not None else None

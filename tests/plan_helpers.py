@@ -48,3 +48,15 @@ def conv_layer(name: str, conv: nn.Module) -> Layer:
         name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape, "out_in",
         shape[1] * math.prod(shape[2:]), shape[0] // conv.groups, (Site("a", "s", ()),), geometry,
     )
+
+
+def transposed_conv_layer(name: str, conv: nn.Module) -> Layer:
+    """A hand-made Layer record for the transposed convolution ``conv`` (the call's own geometry is used)."""
+    shape = tuple(conv.weight.shape)
+    rank = len(shape) - 2
+    geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups,
+                            input_dilation=(1,) * rank)
+    return Layer(
+        name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape,
+        "transposed", shape[0] // conv.groups * math.prod(shape[2:]), shape[1], (Site("a", "s", ()),), geometry,
+    )

@@ -52,6 +52,15 @@ def convnet() -> tuple[nn.Module, tuple[int, ...]]:
     return module, (1, 6, 6)
 
 
+def deconvnet() -> tuple[nn.Module, tuple[int, ...]]:
+    """A transposed convolution (stride 2, output padding)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                           nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1), nn.Tanh(),
+                           nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    return module, (1, 6, 6)
+
+
 def batches(shape: tuple[int, ...], count: int = STEPS, n: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
@@ -101,6 +110,18 @@ def test_kfac_parity_with_torch(factory, momentum, tmp_path):
     exported = kronograph.compile(str(cm_onnx.export_onnx(tmp_path / "trained.onnx")), loss="cross_entropy")
     for name, param in module.named_parameters():
         np.testing.assert_allclose(exported.state_dict()[name].numpy(), param.detach().numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_a_graph_onnxruntime_cannot_differentiate_is_refused_with_the_fix(tmp_path):
+    """onnxruntime-training has no ConvTransposeGrad kernel on CPU: the engine says so and names the torch engine,
+    where the transposed convolution has its block (tests/test_runtime_capture.py)."""
+    module, shape = deconvnet()
+    path = kronograph.compile(module, example_inputs=(torch.randn(4, *shape),), loss="cross_entropy").export_onnx(
+        tmp_path / "model.onnx")
+    cm_onnx = kronograph.compile(str(path), loss="cross_entropy")
+    assert "transposed" in [layer.weight_layout for layer in cm_onnx.plan.layers]
+    with pytest.raises(kronograph.KronographError, match="no kernel for ConvTransposeGrad.*torch engine"):
+        kronograph.optim.KFAC(cm_onnx)
 
 
 def test_kfac_parity_with_weight_decay_and_sparse_statistics(tmp_path):

@@ -481,3 +481,38 @@ def test_bias_added_after_a_convolution_joins_its_block():
     site = cm.plan.layer("conv").sites[0]
     assert values(cm)[site.preactivation].producer().op_type == "Add"
     assert cm.unmatched == []
+
+
+# --- Transposed convolutions: a block of the convolution each equals ----------------------------------------
+
+
+class Decoder(nn.Module):
+    """ConvTranspose 1-D to 3-D: grouped and dilated with output padding, bias-free, and one whose padding exceeds
+    dilation (kernel - 1) (it crops: no convolution equals it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up2 = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2)
+        self.up1 = nn.ConvTranspose1d(6, 2, 4, stride=2, padding=1, bias=False)
+        self.up3 = nn.ConvTranspose3d(1, 2, (2, 3, 1), stride=(1, 2, 2))
+        self.crop = nn.ConvTranspose1d(2, 2, 3, padding=3)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.up2(x)).flatten(2)[:, :, :5]
+        h = self.crop(self.up1(h))
+        return torch.cat([h.flatten(1), self.up3(v).flatten(1)], 1)
+
+
+def test_transposed_convolutions_are_blocks_of_the_convolutions_they_equal():
+    model = Decoder()
+    cm = kronograph.compile(model, example_inputs=(torch.randn(2, 4, 3, 3), torch.randn(2, 1, 2, 3, 2)), loss="mse")
+    assert [summary(layer) for layer in cm.layers] == [
+        ("up2", "conv2d", "up2.weight", "up2.bias", "transposed", 2 * 9, 3, 19, 3, 2, 1),
+        ("up1", "conv1d", "up1.weight", None, "transposed", 6 * 4, 2, 24, 2, 1, 1),
+        ("up3", "conv3d", "up3.weight", "up3.bias", "transposed", 6, 2, 7, 2, 1, 1),
+    ]
+    geometry = cm.plan.layer("up2").geometry  # pads d (k - 1) - p = 3 and 3 - 1 + output_padding = 4
+    assert (geometry.stride, geometry.padding, geometry.dilation, geometry.input_dilation) == (
+        (1, 1), (3, 3, 4, 4), (2, 2), (2, 2))
+    assert reasons(cm).keys() == {"crop.weight", "crop.bias"}
+    assert_partition(cm, model)

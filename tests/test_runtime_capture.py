@@ -14,8 +14,9 @@ from torch import nn
 from kronograph.passes.plan import ConvGeometry, Layer, Site
 from kronograph.runtime.capture import Capture, CaptureError
 from kronograph.runtime.factors import batch_factors, capture_gradient
+from kronograph.runtime.wbar import gather, scatter
 
-from plan_helpers import conv_layer, linear_layer
+from plan_helpers import conv_layer, linear_layer, transposed_conv_layer
 
 ATOL = 1e-10
 
@@ -92,6 +93,30 @@ def test_conv1d_and_conv3d_gradients() -> None:
     c3 = nn.Conv3d(2, 3, (2, 1, 2), padding=(1, 0, 1), bias=False).double()
     layer = dataclasses.replace(conv_layer("x", c3), name="c", weight="weight", bias=None)
     _check(c3, (layer,), torch.randn(2, 2, 3, 2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2), (3, 4, 5, 4)),
+    (lambda: nn.ConvTranspose1d(3, 2, 4, stride=2, padding=1), (2, 3, 7)),
+    (lambda: nn.ConvTranspose3d(2, 2, (2, 3, 1), stride=(1, 2, 2), bias=False), (2, 2, 3, 3, 2)),
+], ids=["2d", "1d", "3d"])
+def test_transposed_convolution_gradients(make, shape) -> None:
+    """A transposed convolution's sites are those of the convolution it equals (zeros between the inputs, the
+    kernel flipped, channel axes swapped): their sum_t g_t a_t^T, scattered to the weight's own [in, out_g,
+    *kernel] layout, is autograd's .grad; gather and scatter are inverse."""
+    torch.manual_seed(4)
+    conv = make().double()
+    layer = dataclasses.replace(transposed_conv_layer("c", conv), weight="weight", bias="bias" if conv.bias is not None
+                                else None)
+    with Capture(conv, (layer,)) as cap:
+        out = conv(torch.randn(*shape, dtype=torch.float64))
+    (torch.sin(out) * torch.randn_like(out)).sum().backward()
+    weight, bias = scatter(layer, capture_gradient(layer, cap.records["c"]))
+    torch.testing.assert_close(weight, conv.weight.grad, rtol=0, atol=ATOL)
+    if conv.bias is not None:
+        torch.testing.assert_close(bias, conv.bias.grad, rtol=0, atol=ATOL)
+    random = torch.randn_like(conv.weight)
+    assert torch.equal(scatter(layer, gather(layer, random))[0], random)
 
 
 def test_capture_only_inside_the_context() -> None:

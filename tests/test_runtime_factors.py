@@ -20,8 +20,9 @@ from kronograph.passes.plan import ConvGeometry, Layer, Site
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import Capture
 from kronograph.runtime.factors import batch_factors
+from kronograph.runtime.wbar import gather
 
-from plan_helpers import conv_layer, linear_layer
+from plan_helpers import conv_layer, linear_layer, transposed_conv_layer
 
 ATOL = 1e-10
 
@@ -280,6 +281,42 @@ def test_patches_of_chosen_rows_equal_the_loops_rows(make, spatial: tuple[int, .
     rows = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(8))[: max(1, every.shape[0] // 3)]
     geometry = call_geometry(conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
     assert torch.equal(conv_patches_at(x, geometry, rows), every[rows])
+
+
+def test_transposed_conv_factors_against_its_own_outputs() -> None:
+    """A transposed convolution's factors without its equal convolution: for any weight-shaped V and bias b,
+    sum over groups of tr(V_bar A V_bar^T) = (1/n) sum of conv_transpose2d(x, V, b)^2 over examples, channels and
+    locations (the layer's output along (V, b): the sum over locations of (V_bar a_t)^2); G = (1/(n T)) sum of
+    g_t g_t^T per group, g the per-example loss's gradient of the layer's output (autograd)."""
+    torch.manual_seed(9)
+    n = 3
+    conv = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2).double()
+    x = torch.randn(n, 4, 3, 2, dtype=torch.float64)
+    out = conv(x)
+    t = math.prod(out.shape[2:])
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * t, 3).double())
+    y = torch.tensor([0, 2, 1])
+    layer = transposed_conv_layer("0", conv)
+    with Capture(model, (layer,)) as cap:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    a, g = batch_factors(layer, cap.records["0"], batch_size=n, dtype=torch.float64)
+    for _ in range(3):
+        v, b = torch.randn_like(conv.weight), torch.randn(6, dtype=torch.float64)
+        v_bar = gather(layer, v, b)
+        ours = sum(torch.trace(v_bar[k] @ a[k] @ v_bar[k].T) for k in range(2))
+        along = F.conv_transpose2d(x, v, b, stride=2, padding=1, output_padding=1, groups=2, dilation=2)
+        torch.testing.assert_close(ours, along.square().sum() / n, rtol=1e-12, atol=0)
+    from kronograph.runtime.patches import conv_patches, conv_patches_at  # a RowSubset's rows: those rows
+    geometry = cap.records["0"][0].geometry
+    rows = torch.randperm(n * t, generator=torch.Generator().manual_seed(3))[:7]
+    assert torch.equal(conv_patches_at(x, geometry, rows), conv_patches(x, geometry)[rows])
+    s = conv(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model[1:](s), y), s)
+    rows = (n * grad).flatten(2).transpose(1, 2).reshape(-1, 6)  # per-example gradients, [n t, channels]
+    for k in range(2):
+        group = rows[:, 3 * k:3 * (k + 1)]
+        torch.testing.assert_close(g[k], group.T @ group / (n * t), rtol=0, atol=ATOL)
 
 
 # -- the in-place EMA of Grams (the statistics' hot path) ----------------------------------------------

@@ -1,4 +1,5 @@
-"""Convolutions (ONNX Conv, 1-D to 3-D, any stride, padding, dilation and group count).
+"""Convolutions (ONNX Conv, 1-D to 3-D, any stride, padding, dilation and group count) and transposed ones
+(ConvTranspose: a block of the convolution each equals, plan.transposed_geometry).
 
 A grouped convolution's weight is block-diagonal over groups; it gets one KFC block per group.
 """
@@ -11,7 +12,7 @@ import onnx_ir as ir
 
 from kronograph.passes.graph import int_attr, ints_attr, trace_bias, trace_parameter
 from kronograph.passes.match.base import LayerMatch, MatchContext, bias_add, find_bias, source_location
-from kronograph.passes.plan import ConvGeometry, Site
+from kronograph.passes.plan import ConvGeometry, Site, transposed_geometry
 
 _KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -59,6 +60,51 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
         weight_shape=shape,
         in_features=in_per_group * math.prod(kernel),
         out_features=out_channels // groups,
+        site=site,
+        weight_use=(node.name, 1),
+        bias_use=bias[1] if bias else None,
+        geometry=geometry,
+    )
+
+
+def match_conv_transpose(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
+    """ConvTranspose(X, W[, B]) with W [in, out / groups, *kernel] a parameter reached without any layout change,
+    explicit pads (no auto_pad, no output_shape) and no pad larger than dilation (kernel - 1)."""
+    if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx"):
+        return None
+    weight = trace_parameter(node.inputs[1], ctx.parameters)
+    if weight is None or weight.transposed:
+        return None
+    shape = ctx.shapes[weight.name]
+    auto_pad = node.attributes.get("auto_pad")
+    if (len(shape) not in _KINDS or node.attributes.get("output_shape") is not None
+            or (auto_pad is not None and auto_pad.as_string() not in ("", "NOTSET"))):
+        return None
+    spatial = len(shape) - 2
+    groups = int_attr(node, "group", 1)
+    in_channels, out_per_group, kernel = shape[0], shape[1], shape[2:]
+    pads = ints_attr(node, "pads") or (0,) * (2 * spatial)
+    geometry = transposed_geometry(kernel, ints_attr(node, "strides") or (1,) * spatial, pads[:spatial],
+                                   pads[spatial:], ints_attr(node, "output_padding") or (0,) * spatial,
+                                   ints_attr(node, "dilations") or (1,) * spatial, groups)
+    if geometry is None:
+        return None
+    output, add = node.outputs[0], ()
+    if trace_bias(node, 2, ctx.parameters) is not None:
+        bias = find_bias(ctx, node, 2, groups * out_per_group, axis=0, output_rank=1)
+    else:
+        bias, output, add = bias_add(ctx, node, groups * out_per_group, axis=1, output_rank=spatial + 2)
+    module, call = source_location(node)
+    site = Site(activation=node.inputs[0].name, preactivation=output.name, nodes=(*weight.nodes, node.name, *add),
+                module=module, call=call)
+    return LayerMatch(
+        kind=_KINDS[len(shape)],
+        weight=weight,
+        bias=bias[0] if bias else None,
+        weight_layout="transposed",
+        weight_shape=shape,
+        in_features=in_channels // groups * math.prod(kernel),
+        out_features=out_per_group,
         site=site,
         weight_use=(node.name, 1),
         bias_use=bias[1] if bias else None,

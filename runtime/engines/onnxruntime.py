@@ -16,6 +16,7 @@ dL/ds_i = (1/n) dl_i/ds_i for every loss; see ``passes.instrument.per_example_gr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,17 @@ class OnnxRuntimeEngine:
         self.compiled = compiled
         self.artifacts: TrainingArtifacts = instrument(compiled.graph, compiled.plan, compiled.loss, workdir)
         self._state = CheckpointState.load_checkpoint(str(self.artifacts.checkpoint))
-        self._module = Module(str(self.artifacts.training_model), self._state, str(self.artifacts.eval_model),
-                              session_options=session_options())
+        try:
+            self._module = Module(str(self.artifacts.training_model), self._state, str(self.artifacts.eval_model),
+                                  session_options=session_options())
+        except RuntimeError as error:
+            missing = re.search(r"implementation for (\w+)\(\d+\) node with name '([^']*)'", str(error))
+            if missing is None:
+                raise
+            raise KronographError(
+                f"onnxruntime-training has no kernel for {missing[1]} (node {missing[2]!r}) on this machine: it "
+                "cannot train this model's graph; train the PyTorch module on the torch engine "
+                "(kronograph.compile(module, example_inputs, ...))") from None
         if self._module.output_names() != list(self.artifacts.outputs):
             raise KronographError(
                 "onnxruntime-training returns the training outputs in another order than instrument wrote; "
