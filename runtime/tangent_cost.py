@@ -16,8 +16,9 @@
   batch 32) 26 ms by forward mode against 14 ms by differences.
 
 Some operations have no forward-mode derivative in PyTorch at all (``torch._weight_norm`` of the weight-norm
-parametrisation, the power iteration of spectral norm, ``embedding_bag``): forward mode raises there, and "auto"
-takes central differences instead (``lacks_forward_mode``).
+parametrisation, the power iteration of spectral norm, ``embedding_bag``, a custom ``autograd.Function`` without
+``setup_context``, a vmap rule or a ``jvp``): forward mode raises there, and "auto" takes central differences
+instead (``lacks_forward_mode``).
 
 Plain forwards keep them cheap, so differences win where a model calls one: one-sided ones (one forward a
 direction beside the outputs at theta), but central ones (two a direction) where batch norm normalises by the
@@ -82,10 +83,18 @@ def dear_for_forward_mode(forward: Callable[[], Any]) -> list[str]:
     return spy.seen
 
 
-def lacks_forward_mode(error: NotImplementedError) -> bool:
-    """Whether ``error`` is PyTorch's refusal of forward-mode differentiation for one of the operations called
-    ("Trying to use forward AD with _weight_norm_interface that does not support it ...")."""
-    return "forward AD" in str(error)
+#: What PyTorch says where forward mode (or its vmap over the directions) cannot run: an operation without a
+#: forward-mode derivative, a custom autograd.Function without setup_context, a vmap rule or a jvp.
+_NO_FORWARD_MODE = ("Trying to use forward AD", "functorch transforms", "does not have vmap support",
+                    "use it with forward mode AD")
+
+
+def lacks_forward_mode(error: Exception) -> bool:
+    """Whether ``error`` is PyTorch's refusal of forward-mode differentiation for something the model calls
+    ("Trying to use forward AD with _weight_norm_interface that does not support it ...", or a custom
+    autograd.Function's)."""
+    return isinstance(error, (NotImplementedError, RuntimeError)) and any(text in str(error)
+                                                                          for text in _NO_FORWARD_MODE)
 
 
 def products_for(dear: list[str]) -> str:

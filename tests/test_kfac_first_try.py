@@ -707,18 +707,38 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     assert math.isfinite(opt.step(x.bfloat16(), y)["loss"]) and opt.engine.resolved_products == "forward"
 
 
-def test_auto_products_take_central_differences_where_pytorch_has_no_forward_mode():
+class _Scaled(torch.autograd.Function):
+    """x -> 2 x written the old way (forward with ctx, no setup_context): functorch's transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+class _ScaledByFunction(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Scaled.apply(x)
+
+
+@pytest.mark.parametrize("middle", [
+    lambda: nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)),
+    lambda: nn.Sequential(nn.Linear(6, 8), _ScaledByFunction()),
+], ids=["weight norm", "autograd.Function"])
+def test_auto_products_take_central_differences_where_pytorch_has_no_forward_mode(middle):
     """Weight norm's ``torch._weight_norm`` (like spectral norm's power iteration and ``embedding_bag``) has no
-    forward-mode derivative: "auto" then takes central differences from its first step on, the steps of asking
-    for them by name (the dropout masks the failed forward-mode pass drew are drawn again); forward mode asked for
-    by name is refused with the fix."""
+    forward-mode derivative, nor has a custom autograd.Function without setup_context: "auto" then takes central
+    differences from its first step on, the steps of asking for them by name (the dropout masks the failed
+    forward-mode pass drew are drawn again); forward mode asked for by name is refused with the fix."""
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=generator), torch.randint(0, 3, (64,), generator=generator)
 
     def run(products: str):
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Dropout(0.2), nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Tanh(),
-                            nn.Linear(8, 3))
+        net = nn.Sequential(nn.Dropout(0.2), middle(), nn.Tanh(), nn.Linear(8, 3))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CoverageWarning)  # weight norm's g and v have no block
             opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,

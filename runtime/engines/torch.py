@@ -63,8 +63,9 @@ class TorchEngine:
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (where the
         model calls attention, group or instance norm or a recurrent layer one-sided, with batch norm in training
         mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward mode elsewhere,
-        central differences where PyTorch has no forward-mode derivative for one of the model's operations: weight
-        norm, spectral norm, EmbeddingBag; decided at the first call, ``resolved_products``).
+        central differences where PyTorch has no forward-mode derivative for something the model calls: weight
+        norm, spectral norm, EmbeddingBag, a custom autograd.Function; decided at the first call,
+        ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""
         self.products = products
@@ -202,7 +203,7 @@ class TorchEngine:
             before = _RandomState(self.device) if self.products == "auto" else None
             try:
                 return output_tangents(self.module, self.params, inputs, directions, select=self.compiled.select_output)
-            except NotImplementedError as error:
+            except (NotImplementedError, RuntimeError) as error:
                 if not tangent_cost.lacks_forward_mode(error):
                     raise
                 if before is None:
