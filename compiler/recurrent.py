@@ -4,7 +4,8 @@ The exporter turns a recurrent layer into sliced weights feeding a GRU / LSTM / 
 matcher reads as a linear layer; yet each layer-direction applies two linear maps, W_ih to the input and W_hh
 to the previous hidden state, at every time step. The torch engine's capture rebuilds the fused function step
 by step and records both (runtime/recurrent.py), so here each weight the example forward passed to a fused
-recurrent call becomes a linear Layer (its bias b_ih / b_hh with it), one site a call. The sites have no graph
+recurrent call becomes a linear Layer (its bias b_ih / b_hh with it; an LSTM's projection W_hr, bias-free, too),
+one site a call. The sites have no graph
 tensors: the onnxruntime engine, which reads sites from the graph, keeps these weights unmatched.
 """
 
@@ -53,7 +54,8 @@ class RecurrentCalls(TorchFunctionMode):
         for call in self.calls:
             for k in range(call.num_layers * call.directions):
                 w_ih, w_hh, b_ih, b_hh = call.weights(k)
-                for weight, bias in ((w_ih, b_ih), (w_hh, b_hh)):
+                maps = ((w_ih, b_ih), (w_hh, b_hh)) + (((call.projection(k), None),) if call.projected else ())
+                for weight, bias in maps:
                     sites[(names.get(id(weight)), names.get(id(bias)) if bias is not None else None, call.mode)] += 1
         refused = {names[i]: why for i, why in self.refused.items() if i in names}
         candidates = {weight for weight, _, _ in sites if weight is not None and weight not in refused}

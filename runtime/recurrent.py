@@ -12,8 +12,9 @@ independent, as KFAC-expand treats a sequence's positions; DESIGN.md's token con
 
 The arithmetic is ATen's cells (gates in torch's order: GRU r, z, n; LSTM i, f, g, o), dropout between layers
 as torch applies it; the layout is batch-major inside ([n, T, ...], examples along dim 0 as the statistics
-expect) whatever ``batch_first`` says. ``bind`` returns None (the caller runs torch's function) for packed
-sequences, an LSTM with ``proj_size`` and inputs that are not [T, n, in] / [n, T, in].
+expect) whatever ``batch_first`` says. An LSTM with ``proj_size`` has a third map a layer-direction, W_hr from
+o * tanh(c_t) to h_t, recorded the way W_hh is (its site the stack of its T calls). ``bind`` returns None (the
+caller runs torch's function) for packed sequences and inputs that are not [T, n, in] / [n, T, in].
 
 The cells (``torch.gru_cell`` and the others: nn.GRUCell, nn.LSTMCell, nn.RNNCell in the user's own loop) are one
 step: ``cell_step`` makes both maps with ``project``, so each call is one site of W_ih and one of W_hh, as the graph
@@ -59,11 +60,23 @@ class RecurrentCall:
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def projected(self) -> bool:
+        """Whether the layers have a projection W_hr (an LSTM with ``proj_size``: a fifth or third weight each)."""
+        return len(self.params) == self.num_layers * self.directions * (5 if self.has_biases else 3)
+
     def weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(W_ih, W_hh, b_ih, b_hh) of layer-direction ``k`` (layer * directions + direction)."""
-        per = 4 if self.has_biases else 2
-        group = self.params[k * per: (k + 1) * per]
+        group = self._group(k)
         return (group[0], group[1], group[2], group[3]) if self.has_biases else (group[0], group[1], None, None)
+
+    def projection(self, k: int) -> torch.Tensor | None:
+        """W_hr of layer-direction ``k``, or None without ``proj_size``."""
+        return self._group(k)[-1] if self.projected else None
+
+    def _group(self, k: int) -> tuple[torch.Tensor, ...]:
+        per = (4 if self.has_biases else 2) + self.projected
+        return self.params[k * per: (k + 1) * per]
 
 
 def examine(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | str:
@@ -76,8 +89,10 @@ def examine(func: Callable, args: tuple, kwargs: dict) -> RecurrentCall | str:
     data, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
     params = tuple(params)
     directions = 2 if bidirectional else 1
-    if len(params) != num_layers * directions * (4 if has_biases else 2):
-        return "an LSTM with proj_size" if mode == "lstm" else "an unexpected number of weights"
+    per = 4 if has_biases else 2
+    if len(params) != num_layers * directions * per and (mode != "lstm"
+                                                          or len(params) != num_layers * directions * (per + 1)):
+        return "an unexpected number of weights"
     if not isinstance(data, torch.Tensor) or data.dim() != 3:
         return "an input that is not a [T, n, features] batch"
     if (mode == "lstm") != isinstance(hx, (tuple, list)):
@@ -115,13 +130,17 @@ def _direction(call: RecurrentCall, k: int, x: torch.Tensor, h: torch.Tensor, c:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One layer-direction over a batch-major x [n, T, in]: (outputs [n, T, H], h_T, c_T)."""
     w_ih, w_hh, b_ih, b_hh = call.weights(k)
+    w_hr = call.projection(k)
     gi = project(x, w_ih, b_ih)
     n, steps = gi.shape[0], gi.shape[1]
     zeros = probe(w_hh, (n, steps, w_hh.shape[0]), gi)
+    projected = None if w_hr is None else probe(w_hr, (n, steps, w_hr.shape[0]), gi)
     # unbind, not gi[:, t]: its backward stacks the steps' gradients once, where T selects would each make a
     # whole-sequence gradient
     gi_steps, zero_steps = gi.unbind(1), (None if zeros is None else zeros.unbind(1))
+    projected_steps = None if projected is None else projected.unbind(1)
     before: list[torch.Tensor] = [h] * steps
+    unprojected: list[torch.Tensor] = [h] * steps  # o * tanh(c_t), what W_hr maps to h_t
     outputs: list[torch.Tensor] = [h] * steps
     order = range(steps - 1, -1, -1) if k % call.directions else range(steps)
     for t in order:
@@ -130,9 +149,16 @@ def _direction(call: RecurrentCall, k: int, x: torch.Tensor, h: torch.Tensor, c:
         if zero_steps is not None:
             gh = gh + zero_steps[t]
         h, c = _cell(call.mode, gi_steps[t], gh, h, c)
+        if w_hr is not None:
+            unprojected[t] = h
+            h = F.linear(h, w_hr)
+            if projected_steps is not None:
+                h = h + projected_steps[t]
         outputs[t] = h
     if zeros is not None:
         record_steps(w_hh, torch.stack(before, 1), zeros)
+    if projected is not None:
+        record_steps(w_hr, torch.stack(unprojected, 1), projected)
     return torch.stack(outputs, 1), h, c
 
 

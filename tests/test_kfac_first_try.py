@@ -990,22 +990,22 @@ def test_factors_wider_than_max_factor_dim_are_inverted_block_diagonally(optimiz
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
-    """An LSTM with proj_size has no blocks (its call is not rebuilt: runtime/recurrent.py): where such parameters
+    """nn.Bilinear's weight has no block (its product with two inputs is no linear layer's): where such parameters
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,
     whose maps have blocks, do not."""
 
-    class Projected(nn.Module):
+    class Pairs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm, self.head = nn.LSTM(8, 16, proj_size=4, batch_first=True), nn.Linear(4, 3)
+            self.pair, self.head = nn.Bilinear(4, 4, 32), nn.Linear(32, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.lstm(x)[0][:, -1])
+            return self.head(torch.tanh(self.pair(x[:, :4], x[:, 4:])))
 
     torch.manual_seed(0)
-    with pytest.warns(CoverageWarning, match=r"960 of the model's 975 parameters \(98%\).*lstm\.weight_ih_l0.*"
-                                             r"proj_size"):
-        kronograph.optim.KFAC(kronograph.compile(Projected(), (torch.randn(2, 4, 8),), loss="cross_entropy"))
+    with pytest.warns(CoverageWarning, match=r"544 of the model's 643 parameters \(85%\).*pair\.weight: not a "
+                                             r"linear, convolution or embedding weight"):
+        kronograph.optim.KFAC(kronograph.compile(Pairs(), (torch.randn(2, 8),), loss="cross_entropy"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoverageWarning)
         kronograph.optim.KFAC(kronograph.compile(Recurrent(16), (torch.randn(2, 4, 8),), loss="cross_entropy"))

@@ -55,6 +55,26 @@ def forward_and_backward(module: nn.Module, x: torch.Tensor, state, layers, capt
     return out.detach(), tuple(t.detach() for t in lasts), grads, cap
 
 
+def assert_rebuilt_like_torch(module: nn.Module, x: torch.Tensor, state) -> tuple[list, Capture]:
+    """The capture's step-by-step rebuild gives torch's outputs, final states and gradients, and each map's
+    gradient is its site's sum_t g_t [a_t; 1]^T; returns the maps' layers and the capture."""
+    layers = map_layers(module)
+    want, want_last, want_grads, _ = forward_and_backward(module, x, state, layers, capture=False)
+    got, got_last, grads, cap = forward_and_backward(module, x, state, layers, capture=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(got_last, want_last):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-12, msg=name)
+    cap.check()
+    for layer in layers:
+        want_bar = torch.cat([want_grads[layer.weight], want_grads[layer.bias][:, None]], 1) if layer.bias \
+            else want_grads[layer.weight]
+        torch.testing.assert_close(capture_gradient(layer, cap.records[layer.name])[0], want_bar, rtol=0, atol=1e-12,
+                                   msg=layer.name)
+    return layers, cap
+
+
 @pytest.mark.parametrize("mode", sorted(MODULES))
 @pytest.mark.parametrize("layers_, bidirectional, batch_first, bias", [
     (1, False, True, True), (2, True, False, True), (2, False, False, False), (1, True, True, False)])
@@ -66,22 +86,24 @@ def test_rebuilt_layers_give_torchs_outputs_and_gradients_and_record_every_map(m
     shape = (layers_ * (2 if bidirectional else 1), N, H)
     state = (torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)) if mode == "lstm" \
         else torch.randn(shape, dtype=torch.float64)
-    layers = map_layers(module)
-    want, want_last, want_grads, _ = forward_and_backward(module, x, state, layers, capture=False)
-    got, got_last, grads, cap = forward_and_backward(module, x, state, layers, capture=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    for a, b in zip(got_last, want_last):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-12, msg=name)
-    cap.check()
-    for layer in layers:  # each map's gradient rebuilt from its site's (a, g): sum_t g_t [a_t; 1]^T
-        w = module.get_parameter(layer.weight)
-        want_bar = torch.cat([want_grads[layer.weight], want_grads[layer.bias][:, None]], 1) if layer.bias \
-            else want_grads[layer.weight]
-        torch.testing.assert_close(capture_gradient(layer, cap.records[layer.name])[0], want_bar, rtol=0, atol=1e-12,
-                                   msg=layer.name)
-        assert cap.records[layer.name][0].a.shape == (N, T, w.shape[1])
+    layers, cap = assert_rebuilt_like_torch(module, x, state)
+    for layer in layers:
+        assert cap.records[layer.name][0].a.shape == (N, T, module.get_parameter(layer.weight).shape[1])
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("layers_, bidirectional, batch_first, bias", [(1, False, True, True), (2, True, False, False)])
+def test_projected_lstms_are_rebuilt_with_a_block_for_the_projection(layers_, bidirectional, batch_first, bias):
+    """An LSTM with proj_size: h_t = W_hr (o * tanh(c_t)), a third map a layer-direction recorded as W_hh is (the
+    stack of its T calls); outputs, states and gradients are torch's, each map's gradient its site's sum g a^T."""
+    torch.manual_seed(2)
+    module = nn.LSTM(IN, H, num_layers=layers_, bidirectional=bidirectional, batch_first=batch_first, bias=bias,
+                     proj_size=2).double()
+    x = torch.randn((N, T, IN) if batch_first else (T, N, IN), dtype=torch.float64)
+    count = layers_ * (2 if bidirectional else 1)
+    state = (torch.randn(count, N, 2, dtype=torch.float64), torch.randn(count, N, H, dtype=torch.float64))
+    layers, _ = assert_rebuilt_like_torch(module, x, state)
+    assert sum(layer.weight.startswith("weight_hr") for layer in layers) == count
 
 
 def hand_gru(module: nn.GRU, x: torch.Tensor) -> tuple[torch.Tensor, list, list, list, list]:
@@ -177,7 +199,20 @@ def test_compile_plans_every_recurrent_map_on_the_torch_engine_only():
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
-def test_packed_sequences_and_projected_lstms_are_not_rebuilt_and_say_why():
+def test_compile_plans_a_projected_lstms_three_maps():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.LSTM(IN, H, proj_size=2, batch_first=True, bidirectional=True))
+    cm = kronograph.compile(model, (torch.randn(2, T, IN),), loss="mse", output=0)
+    names = [layer.name for layer in cm.plan.layers]
+    assert names == [f"0.{k}_l0{s}" for s in ("", "_reverse") for k in ("ih", "hh", "hr")]
+    projection = cm.plan.layer("0.hr_l0_reverse")
+    assert (projection.weight, projection.bias, projection.in_features, projection.out_features) == (
+        "0.weight_hr_l0_reverse", None, H, 2)
+    assert cm.plan.layer("0.hh_l0").in_features == 2 and cm.plan.unmatched == ()
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_packed_sequences_are_not_rebuilt_and_say_why():
     """torch.export cannot trace a PackedSequence, so the planning is checked on the counted calls directly; the
     capture runs such calls as torch's fused function (same outputs, nothing recorded)."""
     torch.manual_seed(5)
@@ -186,7 +221,8 @@ def test_packed_sequences_and_projected_lstms_are_not_rebuilt_and_say_why():
 
     def forward() -> torch.Tensor:
         packed = nn.utils.rnn.pack_padded_sequence(x, [T, T - 1])
-        return nn.utils.rnn.pad_packed_sequence(model["gru"](packed)[0])[0].sum() + model["lstm"](x)[0].sum()
+        gru = nn.utils.rnn.pad_packed_sequence(model["gru"](packed)[0])[0].sum()
+        return gru + nn.utils.rnn.pad_packed_sequence(model["lstm"](packed)[0])[0].sum()
 
     with RecurrentCalls() as calls:
         want = forward()
@@ -194,7 +230,7 @@ def test_packed_sequences_and_projected_lstms_are_not_rebuilt_and_say_why():
     unmatched = tuple(Unmatched(name, tuple(p.shape), "sliced") for name, p in params.items())
     plan = LayerPlan(layers=(), unmatched=unmatched, parameters=tuple(params))
     reasons = {entry.name: entry.reason for entry in calls.plan_with_layers(model, plan).unmatched}
-    assert "packed sequence" in reasons["gru.weight_hh_l0"] and "proj_size" in reasons["lstm.weight_ih_l0"]
+    assert "packed sequence" in reasons["gru.weight_hh_l0"] and "packed sequence" in reasons["lstm.weight_hr_l0"]
     assert set(reasons) == set(params)
     layers = [linear_layer(f"{name}.{w}", f"{name}.{w}", None, tuple(params[f"{name}.{w}"].shape))
               for name in ("gru", "lstm") for w in ("weight_ih_l0", "weight_hh_l0")]

@@ -30,11 +30,6 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     spatial = len(shape) - 2
     groups = int_attr(node, "group", 1)
     out_channels, in_per_group, kernel = shape[0], shape[1], shape[2:]
-    output, add = node.outputs[0], ()
-    if trace_bias(node, 2, ctx.parameters) is not None:  # a bias parameter as the Conv's own input
-        bias = find_bias(ctx, node, 2, out_channels, axis=0, output_rank=1)
-    else:  # no bias parameter of its own (PyTorch exports a constant zero bias): look for an Add
-        bias, output, add = bias_add(ctx, node, out_channels, axis=1, output_rank=spatial + 2)
     auto_pad = node.attributes.get("auto_pad")
     geometry = ConvGeometry(
         kernel=tuple(kernel),
@@ -44,27 +39,7 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
         groups=groups,
         auto_pad=auto_pad.as_string() if auto_pad is not None else "NOTSET",
     )
-    module, call = source_location(node)
-    site = Site(
-        activation=node.inputs[0].name,
-        preactivation=output.name,
-        nodes=(*weight.nodes, node.name, *add),
-        module=module,
-        call=call,
-    )
-    return LayerMatch(
-        kind=_KINDS[len(shape)],
-        weight=weight,
-        bias=bias[0] if bias else None,
-        weight_layout="out_in",
-        weight_shape=shape,
-        in_features=in_per_group * math.prod(kernel),
-        out_features=out_channels // groups,
-        site=site,
-        weight_use=(node.name, 1),
-        bias_use=bias[1] if bias else None,
-        geometry=geometry,
-    )
+    return _conv_match(node, ctx, weight, "out_in", in_per_group * math.prod(kernel), out_channels, geometry)
 
 
 def match_conv_transpose(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
@@ -89,22 +64,35 @@ def match_conv_transpose(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
                                    ints_attr(node, "dilations") or (1,) * spatial, groups)
     if geometry is None:
         return None
+    return _conv_match(node, ctx, weight, "transposed", in_channels // groups * math.prod(kernel),
+                       groups * out_per_group, geometry)
+
+
+def _conv_match(node: ir.Node, ctx: MatchContext, weight, layout: str, in_features: int, out_channels: int,
+                geometry: ConvGeometry) -> LayerMatch:
+    """The LayerMatch of a (transposed) convolution at ``node``, its bias the node's own input or an Add after it."""
+    spatial = len(geometry.kernel)
     output, add = node.outputs[0], ()
-    if trace_bias(node, 2, ctx.parameters) is not None:
-        bias = find_bias(ctx, node, 2, groups * out_per_group, axis=0, output_rank=1)
-    else:
-        bias, output, add = bias_add(ctx, node, groups * out_per_group, axis=1, output_rank=spatial + 2)
+    if trace_bias(node, 2, ctx.parameters) is not None:  # a bias parameter as the node's own input
+        bias = find_bias(ctx, node, 2, out_channels, axis=0, output_rank=1)
+    else:  # no bias parameter of its own (PyTorch exports a constant zero bias): look for an Add
+        bias, output, add = bias_add(ctx, node, out_channels, axis=1, output_rank=spatial + 2)
     module, call = source_location(node)
-    site = Site(activation=node.inputs[0].name, preactivation=output.name, nodes=(*weight.nodes, node.name, *add),
-                module=module, call=call)
+    site = Site(
+        activation=node.inputs[0].name,
+        preactivation=output.name,
+        nodes=(*weight.nodes, node.name, *add),
+        module=module,
+        call=call,
+    )
     return LayerMatch(
-        kind=_KINDS[len(shape)],
+        kind=_KINDS[spatial + 2],
         weight=weight,
         bias=bias[0] if bias else None,
-        weight_layout="transposed",
-        weight_shape=shape,
-        in_features=in_channels // groups * math.prod(kernel),
-        out_features=out_per_group,
+        weight_layout=layout,
+        weight_shape=ctx.shapes[weight.name],
+        in_features=in_features,
+        out_features=out_channels // geometry.groups,
         site=site,
         weight_use=(node.name, 1),
         bias_use=bias[1] if bias else None,
