@@ -5,8 +5,8 @@ matcher reads as a linear layer; yet each layer-direction applies two linear map
 to the previous hidden state, at every time step. The torch engine's capture rebuilds the fused function step
 by step and records both (runtime/recurrent.py), so here each weight the example forward passed to a fused
 recurrent call becomes a linear Layer (its bias b_ih / b_hh with it; an LSTM's projection W_hr, bias-free, too),
-one site a call. The sites have no graph
-tensors: the onnxruntime engine, which reads sites from the graph, keeps these weights unmatched.
+one site a call. The sites have no graph tensors: the onnxruntime engine, which reads sites from the graph, keeps
+these weights unmatched.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: tor
 def _direction(call: RecurrentCall, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
                project: Project, probe: Probe, record_steps: RecordSteps
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One layer-direction over a batch-major x [n, T, in]: (outputs [n, T, H], h_T, c_T)."""
+    """One layer-direction over a batch-major x [n, T, in]: (outputs [n, T, H] ([n, T, proj_size] projected), h_T,
+    c_T)."""
     w_ih, w_hh, b_ih, b_hh = call.weights(k)
     w_hr = call.projection(k)
     gi = project(x, w_ih, b_ih)

@@ -516,3 +516,29 @@ def test_transposed_convolutions_are_blocks_of_the_convolutions_they_equal():
         (1, 1), (3, 3, 4, 4), (2, 2), (2, 2))
     assert reasons(cm).keys() == {"crop.weight", "crop.bias"}
     assert_partition(cm, model)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+@pytest.mark.parametrize("style", ["parametrize", "hooks"])
+def test_a_parametrized_weight_is_unmatched_with_the_fix(style):
+    """Weight norm computes the layer's weight from g and v in the forward (torch.nn.utils.parametrize, or the older
+    torch.nn.utils.weight_norm's hook): neither is a layer's weight, and the reason names torch's call that folds
+    the weight back, after which the layer has its block."""
+    torch.manual_seed(0)
+    first = nn.Linear(6, 8)
+    if style == "parametrize":
+        first = nn.utils.parametrizations.weight_norm(first)
+        names, fix = [f"0.parametrizations.weight.original{k}" for k in (0, 1)], "remove_parametrizations(model." \
+            "get_submodule('0'), 'weight')"
+    else:
+        first = nn.utils.weight_norm(first)
+        names, fix = ["0.weight_g", "0.weight_v"], "remove_weight_norm(model.get_submodule('0'))"
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(8, 3))
+    cm = compile_module(model, torch.randn(2, 6))
+    assert all(fix in reasons(cm)[name] for name in names)
+    assert fix not in reasons(cm)["0.bias"] and [layer.name for layer in cm.layers] == ["2"]
+    if style == "parametrize":
+        nn.utils.parametrize.remove_parametrizations(model.get_submodule("0"), "weight")
+    else:
+        nn.utils.remove_weight_norm(model.get_submodule("0"))
+    assert [layer.name for layer in compile_module(model, torch.randn(2, 6)).layers] == ["0", "2"]

@@ -106,8 +106,27 @@ def verify(
                 f"bias of a layer whose weight '{weight}' gets no Kronecker block (see that weight's reason)"
             )
         else:
-            reasons[name] = f"not a linear, convolution or embedding weight: {_describe(sorted(found)[0], nodes)}"
+            reasons[name] = (f"not a linear, convolution or embedding weight: {_describe(sorted(found)[0], nodes)}"
+                             f"{_parametrized(name)}")
     return Verdict(accepted=accepted, reasons=reasons)
+
+
+def _parametrized(name: str) -> str:
+    """The fix for a tensor of torch.nn.utils.parametrize (weight norm, spectral norm) or of the older
+    torch.nn.utils.weight_norm (weight_g, weight_v): the layer's weight is computed from it in the forward, so the
+    layer has no weight of its own to give a block; "" for other names."""
+    module, found, rest = name.partition(".parametrizations.")
+    if not found:
+        owner, _, last = name.rpartition(".")
+        if last not in ("weight_g", "weight_v"):
+            return ""
+        return (f"; it is weight norm's {last[-1]} of {owner or 'the model'}.weight: "
+                f"torch.nn.utils.remove_weight_norm(model{f'.get_submodule({owner!r})' if owner else ''}) before "
+                "compiling makes that a layer's weight, with a Kronecker block")
+    attribute = rest.partition(".")[0]
+    return (f"; it parametrizes {module}.{attribute} (weight norm, spectral norm): "
+            f"torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({module!r}), {attribute!r}) "
+            "before compiling makes that a layer's weight, with a Kronecker block")
 
 
 def _orphan_biases(
