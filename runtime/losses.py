@@ -174,6 +174,13 @@ class CrossEntropy(Loss):
                 f"cross_entropy needs integer class labels, got {targets.dtype}; convert the labels to int64"
             )
         if tuple(targets.shape) != tuple(outputs.shape[:-1]):
+            if outputs.dim() > 2 and tuple(targets.shape) == (outputs.shape[0], *outputs.shape[2:]):
+                raise KronographError(
+                    f"labels of shape {tuple(targets.shape)} fit model outputs {tuple(outputs.shape)} with the classes "
+                    "on dim 1 (F.cross_entropy's layout for images and sequences); cross_entropy here takes them on "
+                    "the last dim: compile with output=lambda out: out.movedim(1, -1) (or return them last from the "
+                    "model's forward)"
+                )
             raise KronographError(
                 f"labels of shape {tuple(targets.shape)} do not fit model outputs {tuple(outputs.shape)}; "
                 f"cross_entropy needs one label per output row (shape {tuple(outputs.shape[:-1])})"

@@ -707,6 +707,22 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     assert math.isfinite(opt.step(x.bfloat16(), y)["loss"]) and opt.engine.resolved_products == "forward"
 
 
+def test_labels_with_the_classes_on_dim_1_are_refused_with_the_fix_that_trains():
+    """A segmentation net's [N, C, H, W] scores against [N, H, W] labels (F.cross_entropy's layout): the step says
+    to compile with the classes moved last, and that model trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    x = torch.rand(32, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = (3 * x[:, 0]).long().clamp(max=2)
+    opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0)
+    with pytest.raises(kronograph.KronographError, match=r"output=lambda out: out\.movedim\(1, -1\)"):
+        opt.step(x, y)
+    opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy",
+                                                   output=lambda out: out.movedim(1, -1)), seed=0)
+    losses = [opt.step(x, y)["loss"] for _ in range(10)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
 class _Scaled(torch.autograd.Function):
     """x -> 2 x written the old way (forward with ctx, no setup_context): functorch's transforms refuse it."""
 

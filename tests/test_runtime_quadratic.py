@@ -92,6 +92,10 @@ def test_bad_targets_are_named():
         get_loss("cross_entropy").check_targets(outputs, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(KronographError, match="integer class labels"):
         get_loss("cross_entropy").check_targets(outputs, torch.zeros(4))
+    with pytest.raises(KronographError, match=r"classes on dim 1 .*output=lambda out: out\.movedim\(1, -1\)"):
+        get_loss("cross_entropy").check_targets(torch.randn(4, 3, 5, 5), torch.zeros(4, 5, 5, dtype=torch.long))
+    with pytest.raises(KronographError, match="one label per output row"):
+        get_loss("cross_entropy").check_targets(torch.randn(4, 3, 5, 5), torch.zeros(4, 5, dtype=torch.long))
     with pytest.raises(KronographError, match=r"in \[0, 1\]"):
         get_loss("sigmoid_cross_entropy").check_targets(outputs, torch.full((4, 3), 2.0))
     get_loss("mse").check_targets(outputs, torch.full((4, 3), float("nan")))  # not an error: KFAC skips such a step
