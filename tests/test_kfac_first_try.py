@@ -1004,7 +1004,6 @@ def test_factors_wider_than_max_factor_dim_are_inverted_block_diagonally(optimiz
     _assert_block_diagonal_inverse(last.inverses.g_inv[0], last.g[0], [3])
 
 
-@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
     """nn.Bilinear's weight has no block (its product with two inputs is no linear layer's): where such parameters
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,

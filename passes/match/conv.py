@@ -10,7 +10,7 @@ import math
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import int_attr, ints_attr, trace_bias, trace_parameter
+from kronograph.passes.graph import TracedParameter, int_attr, ints_attr, trace_bias, trace_parameter
 from kronograph.passes.match.base import LayerMatch, MatchContext, bias_add, find_bias, source_location
 from kronograph.passes.plan import ConvGeometry, Site, transposed_geometry
 
@@ -19,14 +19,10 @@ _KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     """Conv(X, W[, B]) with W a parameter reached without any layout change, or Conv(X, W) + Add(B)."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+    found = _weight_of(node, ctx, "Conv")
+    if found is None:
         return None
-    weight = trace_parameter(node.inputs[1], ctx.parameters)
-    if weight is None or weight.transposed:
-        return None
-    shape = ctx.shapes[weight.name]
-    if len(shape) not in _KINDS:
-        return None
+    weight, shape = found
     spatial = len(shape) - 2
     groups = int_attr(node, "group", 1)
     out_channels, in_per_group, kernel = shape[0], shape[1], shape[2:]
@@ -45,16 +41,12 @@ def match_conv(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
 def match_conv_transpose(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
     """ConvTranspose(X, W[, B]) with W [in, out / groups, *kernel] a parameter reached without any layout change,
     explicit pads (no auto_pad, no output_shape) and no pad larger than dilation (kernel - 1)."""
-    if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx"):
-        return None
-    weight = trace_parameter(node.inputs[1], ctx.parameters)
-    if weight is None or weight.transposed:
-        return None
-    shape = ctx.shapes[weight.name]
+    found = _weight_of(node, ctx, "ConvTranspose")
     auto_pad = node.attributes.get("auto_pad")
-    if (len(shape) not in _KINDS or node.attributes.get("output_shape") is not None
+    if (found is None or node.attributes.get("output_shape") is not None
             or (auto_pad is not None and auto_pad.as_string() not in ("", "NOTSET"))):
         return None
+    weight, shape = found
     spatial = len(shape) - 2
     groups = int_attr(node, "group", 1)
     in_channels, out_per_group, kernel = shape[0], shape[1], shape[2:]
@@ -68,8 +60,19 @@ def match_conv_transpose(node: ir.Node, ctx: MatchContext) -> LayerMatch | None:
                        groups * out_per_group, geometry)
 
 
-def _conv_match(node: ir.Node, ctx: MatchContext, weight, layout: str, in_features: int, out_channels: int,
-                geometry: ConvGeometry) -> LayerMatch:
+def _weight_of(node: ir.Node, ctx: MatchContext, op_type: str) -> tuple[TracedParameter, tuple[int, ...]] | None:
+    """The weight parameter of an ``op_type`` node (input 1, reached without any layout change) and its shape, or
+    None."""
+    if node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    weight = trace_parameter(node.inputs[1], ctx.parameters)
+    if weight is None or weight.transposed or len(ctx.shapes[weight.name]) not in _KINDS:
+        return None
+    return weight, ctx.shapes[weight.name]
+
+
+def _conv_match(node: ir.Node, ctx: MatchContext, weight: TracedParameter, layout: str, in_features: int,
+                out_channels: int, geometry: ConvGeometry) -> LayerMatch:
     """The LayerMatch of a (transposed) convolution at ``node``, its bias the node's own input or an Add after it."""
     spatial = len(geometry.kernel)
     output, add = node.outputs[0], ()
