@@ -16,6 +16,7 @@ import functools
 import io
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,20 @@ def _root_cause(error: BaseException) -> str:
         error = error.__cause__
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _raised_in(error: BaseException) -> set[str]:
+    """The names of the functions on the innermost exception's traceback (where in the model it was raised)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+
+
+#: nn.Transformer and its encoder / decoder compare a mask with a causal one when not told whether it is: a
+#: branch on the mask's values.
+_CAUSAL_MASK_HINT = (
+    " (here nn.Transformer's own check of whether a mask is causal: pass the flag, e.g. tgt_is_causal=True with a "
+    "causal tgt_mask, src_is_causal / memory_is_causal likewise, is_causal for nn.TransformerEncoder)")
 
 
 # The exporter's, torch.export's and torch.fx's loggers: "torchvision is not installed. Skipping
@@ -212,9 +227,10 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
             )
     except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
         if "DataDependent" in _root_cause(error) or "data-dependent" in str(error):
+            hint = _CAUSAL_MASK_HINT if "_detect_is_causal_mask" in _raised_in(error) else ""
             raise KronographError(
                 f"forward() branches on the values of a tensor ({_root_cause(error)}), which torch.export cannot "
-                "trace; write the branch with torch.where or torch.cond, or compile an .onnx file of the model"
+                f"trace{hint}; write the branch with torch.where or torch.cond, or compile an .onnx file of the model"
             ) from error
         if "Cache" in str(error) and "in output" in str(error):
             raise KronographError(

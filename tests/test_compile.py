@@ -176,6 +176,30 @@ def test_a_branch_on_tensor_values_gets_the_fix_and_no_graph_dump(capfd):
     assert "def forward" not in out + err and "Unable to find user code" not in out + err
 
 
+class Seq2Seq(nn.Module):
+    """nn.Transformer with a causal target mask; told so or not (``causal``)."""
+
+    def __init__(self, causal: bool | None) -> None:
+        super().__init__()
+        self.causal = causal
+        self.embed, self.out = nn.Embedding(20, 8), nn.Linear(8, 20)
+        self.body = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(target.shape[1])
+        return self.out(self.body(self.embed(source), self.embed(target), tgt_mask=mask, tgt_is_causal=self.causal))
+
+
+def test_nn_transformers_mask_check_is_named_with_its_flag():
+    """Not told whether tgt_mask is causal, nn.Transformer compares it with a causal mask (a branch on its
+    values): the error names the flag, with which the model compiles."""
+    tokens = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(KronographError, match="branches on the values.*nn.Transformer's own check.*tgt_is_causal=True"):
+        kronograph.compile(Seq2Seq(None), example_inputs=(tokens[:, :5], tokens[:, 5:]), loss="cross_entropy")
+    cm = kronograph.compile(Seq2Seq(True), example_inputs=(tokens[:, :5], tokens[:, 5:]), loss="cross_entropy")
+    assert "out" in [layer.name for layer in cm.plan.layers]
+
+
 class PackedGRU(nn.Module):
     def __init__(self) -> None:
         super().__init__()
