@@ -723,6 +723,30 @@ def test_labels_with_the_classes_on_dim_1_are_refused_with_the_fix_that_trains()
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_a_sparse_embedding_gradient_is_taken_dense():
+    """nn.Embedding(sparse=True) gives a sparse .grad, on which the step's algebra failed at step 1: the gradient
+    pass now returns its dense equal (that of the same weights with sparse=False), and K-FAC trains the model (the
+    sparse table, which the capture does not record, steps as a parameter outside every block)."""
+    tokens = torch.randint(0, 50, (64, 6), generator=torch.Generator().manual_seed(0))
+    labels = tokens[:, 0] % 3
+
+    def optimizer(sparse: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Embedding(50, 8, sparse=sparse), nn.Flatten(), nn.Linear(48, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CoverageWarning)
+            return kronograph.optim.KFAC(kronograph.compile(net, (tokens[:2],), loss="cross_entropy"), seed=0)
+
+    sparse, dense = optimizer(True), optimizer(False)
+    got = sparse.engine.gradient_pass((tokens,), labels, capture=False).grads
+    want = dense.engine.gradient_pass((tokens,), labels, capture=False).grads
+    assert not any(g.is_sparse for g in got.values()) and got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7)
+    losses = [sparse.step(tokens, labels)["loss"] for _ in range(10)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
 class _Scaled(torch.autograd.Function):
     """x -> 2 x written the old way (forward with ctx, no setup_context): functorch's transforms refuse it."""
 

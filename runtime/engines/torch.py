@@ -52,6 +52,10 @@ class GradientPass:
     outputs: torch.Tensor | None = None
 
 
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 class TorchEngine:
     """The compiled module's trainable parameters (those of the plan), trained in place."""
 
@@ -163,8 +167,8 @@ class TorchEngine:
         if capture:
             capturing.release_outputs()
             records = capturing.records
-        grads = {
-            name: param.grad.detach() if param.grad is not None else torch.zeros_like(param)
+        grads = {  # a sparse gradient (nn.Embedding(sparse=True)) made dense: the step's algebra is dense
+            name: _dense(param.grad.detach()) if param.grad is not None else torch.zeros_like(param)
             for name, param in self.params.items()
         }
         # The pass's gradients are returned, not left in .grad: an optimizer's later pass (a half batch, sampled
