@@ -713,9 +713,9 @@ class KFAC:
                 warnings.warn(
                     f"K-FAC: the layers {unseen} of the plan were not seen in the forward pass (called inside a "
                     "function that dispatches on its own, such as nn.MultiheadAttention with bias_k/bias_v or "
-                    "add_zero_attn, or not called); they "
-                    "have no curvature and take the plain gradient direction. compile(..., engine='onnxruntime') "
-                    "sees them in the graph",
+                    "add_zero_attn, an embedding with sparse=True, max_norm or scale_grad_by_freq, which is not "
+                    "the plan's linear map, or not called); they have no curvature and take the plain gradient "
+                    "direction. compile(..., engine='onnxruntime') sees them in the graph",
                     StatisticsWarning,
                     stacklevel=3,
                 )
