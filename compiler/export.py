@@ -36,19 +36,23 @@ def _batch_dynamic_shapes(example_inputs: Sequence[torch.Tensor]):
     return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost exception's first line: the exporter wraps the real reason in several layers."""
+def _innermost(error: BaseException) -> BaseException:
+    """The real reason, which the exporter wraps in several layers of exceptions."""
     while error.__cause__ is not None:
         error = error.__cause__
+    return error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line."""
+    error = _innermost(error)
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _raised_in(error: BaseException) -> set[str]:
     """The names of the functions on the innermost exception's traceback (where in the model it was raised)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    return {frame.name for frame in traceback.extract_tb(_innermost(error).__traceback__)}
 
 
 #: nn.Transformer and its encoder / decoder compare a mask with a causal one when not told whether it is: a

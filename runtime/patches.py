@@ -98,16 +98,22 @@ def dilated_input(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     steps = geometry.input_dilation
     if not steps or all(s == 1 for s in steps):
         return x
-    spatial = x.shape[2:]
-    out = x.new_zeros(*x.shape[:2], *((size - 1) * s + 1 for size, s in zip(spatial, steps)))
+    out = x.new_zeros(*x.shape[:2], *_dilated_spatial(geometry, x.shape[2:]))
     out[(slice(None), slice(None), *(slice(None, None, s) for s in steps))] = x
     return out
 
 
+def _dilated_spatial(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The spatial shape of ``dilated_input``'s result: (size - 1) * stride + 1 an axis (``spatial`` itself for an
+    ordinary convolution)."""
+    if not geometry.input_dilation:
+        return tuple(spatial)
+    return tuple((size - 1) * s + 1 for size, s in zip(spatial, geometry.input_dilation))
+
+
 def output_spatial(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
     """Output spatial shape of the convolution (the number of locations T is its product)."""
-    if geometry.input_dilation:
-        spatial = [(size - 1) * s + 1 for size, s in zip(spatial, geometry.input_dilation)]
+    spatial = _dilated_spatial(geometry, spatial)
     begin, end = resolve_pads(geometry, spatial)
     return tuple(
         (size + b + e - d * (k - 1) - 1) // s + 1

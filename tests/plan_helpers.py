@@ -40,23 +40,16 @@ def linear_layer(
 
 
 def conv_layer(name: str, conv: nn.Module) -> Layer:
-    """A hand-made Layer record for ``conv`` (geometry without stride or padding: the call's own is used)."""
+    """A hand-made Layer record for ``conv``, transposed or not (geometry without stride or padding: the call's own
+    is used)."""
     shape = tuple(conv.weight.shape)
     rank = len(shape) - 2
-    geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups)
-    return Layer(
-        name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape, "out_in",
-        shape[1] * math.prod(shape[2:]), shape[0] // conv.groups, (Site("a", "s", ()),), geometry,
-    )
-
-
-def transposed_conv_layer(name: str, conv: nn.Module) -> Layer:
-    """A hand-made Layer record for the transposed convolution ``conv`` (the call's own geometry is used)."""
-    shape = tuple(conv.weight.shape)
-    rank = len(shape) - 2
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
     geometry = ConvGeometry(tuple(shape[2:]), (1,) * rank, (0,) * 2 * rank, (1,) * rank, conv.groups,
-                            input_dilation=(1,) * rank)
+                            input_dilation=(1,) * rank if transposed else ())
+    in_g, out_g = (shape[0] // conv.groups, shape[1]) if transposed else (shape[1], shape[0] // conv.groups)
     return Layer(
         name, f"conv{rank}d", f"{name}.weight", f"{name}.bias" if conv.bias is not None else None, shape,
-        "transposed", shape[0] // conv.groups * math.prod(shape[2:]), shape[1], (Site("a", "s", ()),), geometry,
+        "transposed" if transposed else "out_in", in_g * math.prod(shape[2:]), out_g, (Site("a", "s", ()),),
+        geometry,
     )

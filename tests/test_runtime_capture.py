@@ -16,7 +16,7 @@ from kronograph.runtime.capture import Capture, CaptureError
 from kronograph.runtime.factors import batch_factors, capture_gradient
 from kronograph.runtime.wbar import gather, scatter
 
-from plan_helpers import conv_layer, linear_layer, transposed_conv_layer
+from plan_helpers import conv_layer, linear_layer
 
 ATOL = 1e-10
 
@@ -106,7 +106,7 @@ def test_transposed_convolution_gradients(make, shape) -> None:
     *kernel] layout, is autograd's .grad; gather and scatter are inverse."""
     torch.manual_seed(4)
     conv = make().double()
-    layer = dataclasses.replace(transposed_conv_layer("c", conv), weight="weight", bias="bias" if conv.bias is not None
+    layer = dataclasses.replace(conv_layer("c", conv), weight="weight", bias="bias" if conv.bias is not None
                                 else None)
     with Capture(conv, (layer,)) as cap:
         out = conv(torch.randn(*shape, dtype=torch.float64))

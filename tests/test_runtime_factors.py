@@ -22,7 +22,7 @@ from kronograph.runtime.capture import Capture
 from kronograph.runtime.factors import batch_factors
 from kronograph.runtime.wbar import gather
 
-from plan_helpers import conv_layer, linear_layer, transposed_conv_layer
+from plan_helpers import conv_layer, linear_layer
 
 ATOL = 1e-10
 
@@ -296,7 +296,7 @@ def test_transposed_conv_factors_against_its_own_outputs() -> None:
     t = math.prod(out.shape[2:])
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * t, 3).double())
     y = torch.tensor([0, 2, 1])
-    layer = transposed_conv_layer("0", conv)
+    layer = conv_layer("0", conv)
     with Capture(model, (layer,)) as cap:
         loss = F.cross_entropy(model(x), y)
     loss.backward()
