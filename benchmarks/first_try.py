@@ -86,15 +86,18 @@ def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torc
 
 
 class TinyLM(nn.Module):
-    """A two-layer causal transformer on characters (128 symbols), or on another vocabulary."""
+    """A two-layer causal transformer on characters (128 symbols), or on another vocabulary; ``tied``: the head's
+    weight is the embedding table (GPT-2's)."""
 
-    def __init__(self, width: int = 64, length: int = 64, vocabulary: int = 128) -> None:
+    def __init__(self, width: int = 64, length: int = 64, vocabulary: int = 128, tied: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocabulary, width)
         self.position = nn.Parameter(torch.zeros(length, width))
         layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
         self.body = nn.TransformerEncoder(layer, 2)
         self.head = nn.Linear(width, vocabulary)
+        if tied:
+            self.head.weight = self.embed.weight
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -292,6 +295,16 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
         x, y = _words()
         return Problem(lambda: TinyLM(length=32, vocabulary=2048), x, y, "cross_entropy", 32)
 
+    def text_tied_lm() -> Problem:
+        """text-lm with the head tied to the embedding table (GPT-2's): one weight, two uses."""
+        x, y = _text()
+        return Problem(lambda: TinyLM(tied=True), x, y, "cross_entropy", 32)
+
+    def text_tied_words() -> Problem:
+        """text-words with the head tied to its 2048-word table."""
+        x, y = _words()
+        return Problem(lambda: TinyLM(length=32, vocabulary=2048, tied=True), x, y, "cross_entropy", 32)
+
     def fashion_groupnorm_cnn() -> Problem:
         x, y = _images("fashion-mnist")
         return Problem(lambda: nn.Sequential(
@@ -302,7 +315,8 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
-            "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words}
+            "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
+            "text-tied-words": text_tied_words}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:

@@ -96,7 +96,8 @@ class CompiledModel:
         if not outputs:
             return ()
         logits = rearranged_from(outputs[0])
-        return tuple(layer.name for layer in self.layers if any(site.preactivation in logits for site in layer.sites))
+        heads = (*self.layers, *(tie.output for tie in self.plan.ties))  # a tied table's head too
+        return tuple(layer.name for layer in heads if any(site.preactivation in logits for site in layer.sites))
 
     @property
     def unmatched(self) -> list[str]:

@@ -120,6 +120,23 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Tie:
+    """A table read both as an embedding (a Gather at the graph's own indices) and as the weight of an output
+    layer (F.linear(h, W): GPT-2's tied head), as two Layers of the one [rows, dim] weight: ``embedding`` (in_out,
+    in = rows) and ``output`` ([rows, dim] as [out, in], with the head's own bias where it has one). Its Fisher
+    block is the sum of the two uses' Kronecker products (runtime/tied.py); the names of the views are the tie's
+    with ``[embedding]`` and ``[output]``."""
+
+    name: str
+    embedding: Layer
+    output: Layer
+
+    @property
+    def views(self) -> tuple[Layer, Layer]:
+        return self.embedding, self.output
+
+
+@dataclass(frozen=True)
 class Unmatched:
     """A trainable parameter without a Kronecker block, and why (it gets the first-order update)."""
 
@@ -141,9 +158,12 @@ class LayerPlan:
     # stay in ``unmatched`` too: K-FAC on the torch engine gives them blocks, the other methods step them as they
     # step every parameter outside the plan's layers.
     tables: tuple[Layer, ...] = field(default=())
+    # Tables tied to an output layer (``Tie``): their weight (and the head's bias) stay in ``unmatched`` too; K-FAC on
+    # the torch engine gives each one block over both uses.
+    ties: tuple[Tie, ...] = field(default=())
 
     def layer(self, name: str) -> Layer:
-        for layer in (*self.layers, *self.tables):
+        for layer in (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views)):
             if layer.name == name:
                 return layer
         raise KeyError(name)
@@ -177,6 +197,7 @@ class LayerPlan:
             outputs=tuple(data.get("outputs", ())),
             output=data.get("output", ""),
             tables=tuple(layer(d) for d in data.get("tables", ())),
+            ties=tuple(Tie(d["name"], layer(d["embedding"]), layer(d["output"])) for d in data.get("ties", ())),
         )
 
     @classmethod

@@ -29,6 +29,7 @@ from kronograph.runtime.inverse import (
     precondition,
     trace_pi,
 )
+from kronograph.runtime.tied import TiedInverses
 from kronograph.runtime.wbar import gather_grad, scatter
 
 
@@ -44,8 +45,9 @@ class KroneckerBlock:
         self._a: torch.Tensor | None = None
         self._g: torch.Tensor | None = None
         self._stale = False  # the EMAs' lower triangles lag their upper ones (update folds the upper only)
-        self.inverses: DampedInverses | None = None
+        self.inverses: DampedInverses | TiedInverses | None = None  # a tie's views share one TiedInverses
         self.updates = 0  # number of statistics updates folded into the EMAs
+        self.tied = False  # one of a tied table's two views (runtime/tied.py): solved with the other, never alone
 
     # -- factors: the EMAs, mirrored when read ------------------------------------------------------
     def _mirrored(self, factor: torch.Tensor | None) -> torch.Tensor | None:
@@ -60,6 +62,12 @@ class KroneckerBlock:
     def estimated(self) -> bool:
         """Whether statistics have been folded in (without mirroring the EMAs, as reading ``a`` would)."""
         return self._a is not None
+
+    @property
+    def by_rows(self) -> bool:
+        """Whether sec 8's low-rank product may solve its gradient from the batch's rows: not where A is a
+        diagonal (its solve is as cheap whole) nor for a tie's view (its block is the two views' sum)."""
+        return not (self.layer.diagonal_a or self.tied)
 
     @property
     def a(self) -> torch.Tensor | None:
@@ -150,9 +158,12 @@ class KroneckerBlock:
         return None if self.inverses is None else self.inverses.pi
 
     def precondition(self, grad_bar: torch.Tensor) -> torch.Tensor:
-        """(G + gamma/pi I)^-1 grad_W_bar (A + pi gamma I)^-1 per group (no minus sign), in the block's dtype."""
+        """(G + gamma/pi I)^-1 grad_W_bar (A + pi gamma I)^-1 per group (no minus sign), in the block's dtype (a
+        tie's: runtime/tied.py's solve)."""
         if self.inverses is None:
             raise RuntimeError(f"block {self.layer.name!r} has no inverses yet; call invert first")
+        if isinstance(self.inverses, TiedInverses):  # a tie's output view: the two uses' block
+            return self.inverses.solve(grad_bar)
         return precondition(grad_bar, self.inverses)
 
     def precondition_grads(self, params: Mapping[str, torch.nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,7 +188,9 @@ class KroneckerBlock:
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"a": self.a, "g": self.g, "updates": self.updates}
-        if self.inverses is not None:
+        if isinstance(self.inverses, TiedInverses):
+            state["tied"] = self.inverses.state_dict()
+        elif self.inverses is not None:
             state.update(a_inv=self.inverses.a_inv, g_inv=self.inverses.g_inv, pi=self.inverses.pi)
         return state
 
@@ -187,7 +200,9 @@ class KroneckerBlock:
 
         self.a, self.g, self.updates = own(state["a"]), own(state["g"]), int(state["updates"])
         self.inverses = None
-        if "a_inv" in state:
+        if "tied" in state:
+            self.inverses = TiedInverses.from_state({key: own(value) for key, value in state["tied"].items()})
+        elif "a_inv" in state:
             pi = own(state["pi"])
             failed = torch.zeros(pi.shape[0], dtype=torch.bool, device=pi.device)
             self.inverses = DampedInverses(own(state["a_inv"]), own(state["g_inv"]), pi, failed)

@@ -221,11 +221,14 @@ class Capture(TorchFunctionMode):
         chosen = plan.layers if isinstance(plan, LayerPlan) else tuple(plan)
         self.layers: dict[str, Layer] = {layer.name: layer for layer in chosen}
         params = dict(module.named_parameters())
+        # Layers by the id of their weight: embedding tables apart, so that a table tied to an output layer (a Tie's
+        # two views of one weight) is found as the table by F.embedding and as the output layer by F.linear.
         self._by_weight: dict[int, Layer] = {}
+        self._tables: dict[int, Layer] = {}
         for layer in self.layers.values():
             if layer.weight not in params:
                 raise CaptureError(f"layer {layer.name!r}: the module has no parameter {layer.weight!r}")
-            self._by_weight[id(params[layer.weight])] = layer
+            (self._tables if layer.kind == "embedding" else self._by_weight)[id(params[layer.weight])] = layer
         self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()}
         self._module = module
         self._rebinding: list[Any] = []  # forward pre-hooks following FSDP2's unsharded weights (``_follow_unsharded``)
@@ -283,7 +286,8 @@ class Capture(TorchFunctionMode):
         elif func in _EMBEDDING:
             self._embedding(args, kwargs, result)
         elif self._is_transpose(func, args, kwargs):
-            self._transposed[id(result)] = (weakref.ref(result), self._by_weight[id(args[0])])
+            self._transposed[id(result)] = (weakref.ref(result), self._by_weight.get(id(args[0]))
+                                            or self._tables[id(args[0])])
         return result
 
     def _attention_call(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -339,7 +343,7 @@ class Capture(TorchFunctionMode):
         """(layer, transposed) for a weight argument; (None, False) when it is no layer's weight."""
         if not isinstance(weight, torch.Tensor):
             return None, False
-        layer = self._by_weight.get(id(weight))
+        layer = self._by_weight.get(id(weight)) or self._tables.get(id(weight))
         if layer is not None and self._weights[id(weight)] is weight:
             return layer, False
         entry = self._transposed.get(id(weight))
@@ -424,8 +428,9 @@ class Capture(TorchFunctionMode):
         """F.embedding(indices, table): a site with one-hot rows. A call that renormalises the table in place
         (max_norm), scales its gradient by frequency or makes it sparse is not the plan's linear map: unrecorded,
         the layer then steps as an unmatched parameter."""
-        layer, _ = self._find(_arg(args, kwargs, 1, "weight"))
-        if layer is None or layer.kind != "embedding":
+        weight = _arg(args, kwargs, 1, "weight")
+        layer = self._tables.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if layer is None or self._weights[id(weight)] is not weight:
             return
         if (_arg(args, kwargs, 3, "max_norm") is not None or _arg(args, kwargs, 5, "scale_grad_by_freq", False)
                 or _arg(args, kwargs, 6, "sparse", False)):
@@ -502,9 +507,10 @@ class Capture(TorchFunctionMode):
         """Make ``weight`` the tensor whose calls are ``layer``'s sites (its previous one no longer is)."""
         if not isinstance(weight, torch.Tensor):
             return
-        for key in [key for key, known in self._by_weight.items() if known is layer]:
-            del self._by_weight[key], self._weights[key]
-        self._by_weight[id(weight)], self._weights[id(weight)] = layer, weight
+        found = self._tables if layer.kind == "embedding" else self._by_weight
+        for key in [key for key, known in found.items() if known is layer]:
+            del found[key], self._weights[key]
+        found[id(weight)], self._weights[id(weight)] = layer, weight
 
     # -- results ------------------------------------------------------------------------------------
     def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:

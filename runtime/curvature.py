@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kronograph.passes.plan import Layer
+from kronograph.passes.plan import Layer, Tie
 from kronograph.runtime.blocks import KroneckerBlock
 from kronograph.runtime.capture import SiteRecord
 from kronograph.runtime.factors import RowSubset, ema_
@@ -28,6 +28,7 @@ from kronograph.runtime.inverse import (
     factored_inverses,
     precondition,
 )
+from kronograph.runtime.tied import TiedInverses, tied_inverses
 from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
 from kronograph.runtime.wbar import gather, scatter
 
@@ -56,11 +57,19 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
 
 
 class BlockDiagonalCurvature:
-    """One KroneckerBlock per layer, inverted independently."""
+    """One KroneckerBlock per layer, inverted independently, but for a tied table's two views (``ties``: the
+    output view's name -> the table view's), whose blocks are summed and inverted together (runtime/tied.py); the
+    output view solves the tied weight's gradient, the table view solves nothing."""
 
     def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
-                 knob: str = "factor_damping", floor: float = 0.0, max_dim: int | None = None) -> None:
+                 knob: str = "factor_damping", floor: float = 0.0, max_dim: int | None = None,
+                 ties: Sequence[Tie] = ()) -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
+        self.ties = {tie.output.name: tie.embedding.name for tie in ties
+                     if tie.output.name in self.blocks and tie.embedding.name in self.blocks}
+        for pair in self.ties.items():
+            for name in pair:
+                self.blocks[name].tied = True
         self.centered = centered  # damp A in coordinates centred on the mean input (inverse.factored_inverses)
         self.floor = floor  # each factor's damping >= floor times its mean eigenvalue (inverse.floored)
         self.max_dim = max_dim  # a wider factor is inverted block-diagonally (inverse.block_diagonal_inverse)
@@ -81,20 +90,33 @@ class BlockDiagonalCurvature:
         """Damped inverses for strength gamma (None for a layer never called: it has no statistics); ``only``: the
         layers to invert, None for the others (a data-parallel rank's share, runtime/data_parallel.py);
         ``g_shares``: by layer, G's damping at least this fraction of its trace (inverse.floored)."""
-        return {
-            name: None if block.a is None or (only is not None and name not in only) else factored_inverses(
+        inverses = {
+            name: None if block.a is None or block.tied or (only is not None and name not in only)
+            else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
                 centered=self.centered and block.layer.bias is not None, knob=self.knob, floor=self.floor,
                 max_dim=self.max_dim, g_share=(g_shares or {}).get(name, 0.0))
             for name, block in self.blocks.items()
         }
+        for output_name, table_name in self.ties.items():
+            output, table = self.blocks[output_name], self.blocks[table_name]
+            if output.a is None or table.a is None or (only is not None and output_name not in only):
+                continue
+            previous = output.inverses if isinstance(output.inverses, TiedInverses) else None
+            inverses[output_name] = inverses[table_name] = tied_inverses(
+                (output.a, output.g), (table.a, table.g), gamma, previous, name=output.layer.weight,
+                centered=self.centered and output.layer.bias is not None, floor=self.floor, max_dim=self.max_dim,
+                g_share=(g_shares or {}).get(output_name, 0.0), knob=self.knob)
+        return inverses
 
     def current(self) -> Any:
         return {name: block.inverses for name, block in self.blocks.items()}
 
     def unestimated(self) -> list[Layer]:
         """Layers with no statistics yet (not called in a statistics pass so far): no curvature to use."""
-        return [block.layer for block in self.blocks.values() if not block.estimated]
+        unseen = {name for name, block in self.blocks.items() if not block.estimated}
+        unseen |= {name for pair in self.ties.items() if unseen & set(pair) for name in pair}  # a tie's views as one
+        return [block.layer for name, block in self.blocks.items() if name in unseen]
 
     def uninverted(self) -> list[str]:
         """Layers that have statistics but no inverse in use (first seen after the last refresh)."""
@@ -108,18 +130,27 @@ class BlockDiagonalCurvature:
         """A shallow copy holding only the blocks of the layers ``names``: its verbs act on those layers."""
         subset = copy.copy(self)
         subset.blocks = {name: block for name, block in self.blocks.items() if name in names}
+        subset.ties = {output: table for output, table in self.ties.items() if output in subset.blocks}
         return subset
+
+    @property
+    def solving(self) -> list[str]:
+        """The blocks that solve a gradient: all but a tie's table view (its output view solves the weight)."""
+        tables = set(self.ties.values())
+        return [name for name in self.blocks if name not in tables]
 
     def solve(self, bars: Sequence[torch.Tensor], inverses: Any, rows: Rows,
               right_rows: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """F^-1 applied to each layer's grad W_bar; where ``rows`` holds the batch's (P, Q) of a layer, by the
-        low-rank product of sec 8, (G^-1 Q^T)(P A^-1), whose P A^-1 is kept in ``right_rows`` when given (for
-        ``quadratic_form_by_rows``). A layer without inverses keeps its gradient."""
+        """F^-1 applied to each layer's grad W_bar (the ``solving`` blocks', in order); where ``rows`` holds the
+        batch's (P, Q) of a layer, by the low-rank product of sec 8, (G^-1 Q^T)(P A^-1), whose P A^-1 is kept in
+        ``right_rows`` when given (for ``quadratic_form_by_rows``). A layer without inverses keeps its gradient."""
         solved = []
-        for (name, _), bar in zip(self.blocks.items(), bars):
+        for name, bar in zip(self.solving, bars):
             inverse = inverses[name]
             if inverse is None:
                 solved.append(bar)
+            elif isinstance(inverse, TiedInverses):
+                solved.append(inverse.solve(bar))
             elif name in rows:
                 p_rows, q_rows = rows[name]
                 right = p_rows @ inverse.a_inv
@@ -145,7 +176,7 @@ class BlockDiagonalCurvature:
                   right_rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The K-FAC proposal Delta = -F^-1 grad for every layer's weight and bias, shaped as the parameters
         (``right_rows``: see ``solve``)."""
-        layers = [block.layer for block in self.blocks.values()]
+        layers = [self.blocks[name].layer for name in self.solving]
         bars = [gather(layer, grads[layer.weight], grads[layer.bias] if layer.bias else None) for layer in layers]
         proposal: dict[str, torch.Tensor] = {}
         for layer, solved in zip(layers, self.solve(bars, inverses, rows, right_rows)):
@@ -161,6 +192,8 @@ class BlockDiagonalCurvature:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, block in self.blocks.items():
             block.load_state_dict(state["blocks"][name])
+        for output, table in self.ties.items():  # the views share one inverse, kept in the output view's state
+            self.blocks[table].inverses = self.blocks[output].inverses
 
 
 class TridiagonalCurvature(BlockDiagonalCurvature):
@@ -242,11 +275,11 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
         self.inverse = None if saved is None else TridiagonalInverse.from_state_dict(saved)
 
 
-def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype,
-                   centered: bool = False, floor: float = 0.0, max_dim: int | None = None) -> BlockDiagonalCurvature:
+def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
+                   floor: float = 0.0, max_dim: int | None = None, ties: Sequence[Tie] = ()) -> BlockDiagonalCurvature:
     """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears);
-    ``centered`` damping, the damping's ``floor`` and the factors' blocking past ``max_dim`` apply to the
-    block-diagonal structure only."""
+    ``centered`` damping, the damping's ``floor``, the factors' blocking past ``max_dim`` and the ``ties`` (whose
+    views are among ``layers``) apply to the block-diagonal structure only."""
     if structure == "tridiagonal":
         return TridiagonalCurvature(layers, dtype)
-    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor, max_dim=max_dim)
+    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor, max_dim=max_dim, ties=ties)

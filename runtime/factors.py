@@ -468,7 +468,7 @@ def low_rank_rows_of_parts(
         if not sites or any(r.g is None for r, _, _ in sites) or any(not records.get(name) for records, _ in parts):
             continue
         layer = block.layer
-        if layer.diagonal_a:
+        if not block.by_rows:
             continue
         rows = [(site_rows(layer, r, batch_size=size, dtype=block.dtype), index) for r, size, index in sites]
         if low_rank_pays(layer, sum(part.p.shape[1] for part, _ in rows)):

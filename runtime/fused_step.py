@@ -63,7 +63,7 @@ def fused_layers(engine, curvature, grads: Mapping[str, torch.Tensor], rows: Col
     params = engine.parameters()
     chosen = [
         block.layer for name, block in curvature.blocks.items()
-        if block.layer.bias is None and not block.layer.diagonal_a and name not in rows
+        if block.layer.bias is None and block.by_rows and name not in rows
         and block.layer.weight not in left_out and block.estimated
         and block.dtype == torch.float32 and params[block.layer.weight].dtype == torch.float32
         and grads[block.layer.weight].dtype == torch.float32

@@ -173,6 +173,10 @@ class KFACPreconditioner:
         table_blocks: give the plan's tables (embeddings wider than 1024 rows: a word vocabulary) blocks whose A,
             how often each row is read, is kept as its diagonal (data-parallel too; an FSDP-sharded module's keep
             their .grad). False: they keep their .grad.
+        tied_blocks: give a table tied to an output layer (the plan's ``ties``: GPT-2's head reads the table) one
+            block over both uses, the two Kronecker products summed and inverted exactly (runtime/tied.py), which
+            rewrites the table's (and the head's bias's) .grad; one process, not FSDP-sharded. False, or
+            data-parallel: they keep their .grad.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class KFACPreconditioner:
         max_factor_dim: int | None = 1024,
         max_kronecker_dim: int | None = 8192,
         table_blocks: bool = True,
+        tied_blocks: bool = True,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -246,9 +251,13 @@ class KFACPreconditioner:
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
         tables = compiled.plan.tables if table_blocks and not fsdp_modules(compiled.module) else ()
-        self.layers = tuple(within_reach((*compiled.layers, *tables), largest))
+        ties = (() if not tied_blocks or fsdp_modules(compiled.module) or active_group(process_group) is not None
+                else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
+        views = tuple(view for tie in ties for view in tie.views)
+        self.layers = (*within_reach((*compiled.layers, *tables), largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
-                                                max_dim=None if max_factor_dim is None else int(max_factor_dim))
+                                                max_dim=None if max_factor_dim is None else int(max_factor_dim),
+                                                ties=ties)
         self.blocks = self.curvature.blocks
         self.generator = make_generator(next(self.module.parameters()).device, seed)
         self.process_group = process_group
@@ -461,8 +470,11 @@ class KFACPreconditioner:
         ``grad_worker_fraction`` 1/W, the owner keeps them (the layers due are the same on every rank)."""
         due = inverses_due(self.steps, self.inverse_every)
         names = [name for name, block in self.blocks.items() if block.a is not None and (due or name not in self._inverted)]
-        if (group := active_group(self.process_group)) is None:
-            failed = [name for name in names if not self._invert_block(name)]
+        if (group := active_group(self.process_group)) is None:  # (a tie's views inverted together)
+            inverses = self.curvature.invert(self.damping, only=names)
+            for name in names:
+                self.blocks[name].inverses = inverses[name]
+            failed = [name for name in names if not inverses[name].ok]
         elif not names:
             return False, []
         elif (alone := self._owners_alone()) is not None:
@@ -502,7 +514,8 @@ class KFACPreconditioner:
         by FSDP2 is solved whole and each rank writes its rows (runtime/sharded.py)."""
         params = dict(self.module.named_parameters())  # read now: fully_shard replaces them with DTensors
         done, bad, missing, writes, ready = 0, [], [], [], []
-        for name, block in self.blocks.items():
+        for name in self.curvature.solving:  # (a tie's output view solves the table's gradient)
+            block = self.blocks[name]
             layer = block.layer
             targets = [params[layer.weight]] + ([params[layer.bias]] if layer.bias else [None])
             if all(p is None or p.grad is None for p in targets):
@@ -602,8 +615,7 @@ class KFACPreconditioner:
         blocks = on_device(state["blocks"], next(self.module.parameters()).device)
         self.steps, self.stats_updates = int(state["steps"]), int(state["stats_updates"])
         self.damping = float(state["damping"])
-        for name, block in self.blocks.items():
-            block.load_state_dict(blocks[name])
+        self.curvature.load_state_dict({"blocks": blocks})
         # with owners alone, rank 0's checkpoint holds its layers' inverses: the others are made at the next step
         self._inverted = {name for name, block in self.blocks.items() if block.inverses is not None}
         self.generator.set_state(state["generator"])

@@ -389,16 +389,18 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.fc(self.emb(tokens))))
 
 
-def test_tied_embedding_is_unmatched_and_names_the_gather():
+def test_tied_embedding_is_a_tie_of_the_plan_and_unmatched_with_both_uses_named():
     model = TiedLM()
     cm = compile_module(model, torch.randint(0, 20, (2, 5)))
     assert [summary(layer) for layer in cm.layers] == [
         ("fc", "linear", "fc.weight", "fc.bias", "out_in", 8, 8, 9, 8, 1, 1)
     ]
-    assert cm.unmatched == ["emb.weight", "out.bias"]
+    assert cm.unmatched == ["emb.weight", "out.bias"]  # for every method but K-FAC (tests/test_tied_table.py)
+    ties = [(tie.name, tie.output.weight, tie.output.bias) for tie in cm.plan.ties]
+    assert ties == [("emb", "emb.weight", "out.bias")]
     why = reasons(cm)
-    assert "Gather" in why["emb.weight"] and "embedding" in why["emb.weight"]
-    assert "emb.weight" in why["out.bias"]  # its layer's weight lost the block
+    assert why["emb.weight"].startswith("tied:") and "Gather" in why["emb.weight"] and "embedding" in why["emb.weight"]
+    assert "emb.weight" in why["out.bias"]  # its layer's weight is the tie's
     assert_partition(cm, model)
 
 

@@ -174,7 +174,8 @@ def test_bert_masked_lm(transformers):
     assert_layers_follow_modules(cm, linears)
     why = reasons(cm)
     word = "bert.embeddings.word_embeddings.weight"
-    assert "Gather" in why[word] and why[word].startswith("shared:")  # also the decoder's weight
+    assert "Gather" in why[word] and why[word].startswith("tied:")  # also the decoder's weight: a tie of the plan
+    assert [(tie.output.weight, tie.output.bias) for tie in cm.plan.ties] == [(word, "cls.predictions.bias")]
     assert word in why["cls.predictions.bias"]  # the tied decoder's bias follows its weight
     for name in ("position_embeddings", "token_type_embeddings"):
         assert "Gather" in why[f"bert.embeddings.{name}.weight"]

@@ -6,12 +6,13 @@ import dataclasses
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import ensure_node_names
+from kronograph.passes.graph import ensure_node_names, node_label
 from kronograph.passes.match.base import LayerMatch, MatchContext
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
-from kronograph.passes.match.verification import verify
-from kronograph.passes.plan import Layer, LayerPlan, Unmatched
+from kronograph.passes.match.tied import find_ties
+from kronograph.passes.match.verification import parameter_uses, verify
+from kronograph.passes.plan import Layer, LayerPlan, Tie, Unmatched
 
 __all__ = ["build_plan"]
 
@@ -86,12 +87,22 @@ def build_plan(
     verdict = verify(graph, matches, values)
     layers = _layers(verdict.accepted)
     tables = _tables(graph, ctx, values, set(verdict.reasons), {layer.name for layer in layers})
+    ties = _ties(graph, ctx, matches, values, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
     for table in tables:
         reasons[table.weight] = (f"an embedding table of {table.in_features} rows, more than {MAX_EMBEDDING_ROWS}: "
                                  "a table of the plan, a block with a diagonal A in K-FAC and KFACPreconditioner "
                                  "(table_blocks) and outside every block elsewhere")
+    nodes = {node.name: node for node in graph} if ties else {}
+    for tie in ties:
+        table, head = (node_label(nodes[view.sites[0].nodes[-1]]) for view in tie.views)
+        reasons[tie.output.weight] = (f"tied: read as an embedding table ({table}) and as the weight of an output "
+                                      f"layer ({head}); K-FAC gives it one block over both uses (tied_blocks), "
+                                      "outside every block elsewhere")
+        if tie.output.bias:
+            reasons[tie.output.bias] = (f"bias of the output layer tied to the table '{tie.output.weight}': in "
+                                        "K-FAC's block of the tie, outside every block elsewhere")
     unmatched = [Unmatched(name, shapes[name], reasons[name]) for name in order if name in reasons]
     unmatched += [
         Unmatched(name, tuple(shape), "not in the exported graph (the forward pass does not use it)")
@@ -104,6 +115,7 @@ def build_plan(
         inputs=tuple(v.name for v in graph.inputs if not v.is_initializer()),
         outputs=tuple(v.name for v in graph.outputs),
         tables=tables,
+        ties=ties,
     )
 
 
@@ -116,3 +128,16 @@ def _tables(graph: ir.Graph, ctx: MatchContext, values: dict[str, ir.Value], unm
     accepted = verify(graph, found, values).accepted
     return tuple(layer if layer.name not in taken else dataclasses.replace(layer, name=layer.weight)
                  for layer in _layers(accepted))
+
+
+def _ties(graph: ir.Graph, ctx: MatchContext, matches: list[LayerMatch], values: dict[str, ir.Value],
+          unmatched: set[str], taken: set[str]) -> tuple[Tie, ...]:
+    """The weights turned down as tables tied to an output layer (passes/match/tied.py), as Ties of two Layers."""
+    wide = [match for node in graph if (match := match_table(node, ctx)) is not None]
+    found = find_ties([*matches, *wide], parameter_uses(values), [name for name in values if name in unmatched])
+    ties = []
+    for weight, (table, head) in found.items():
+        name = _layer_name(weight)
+        name = weight if name in taken else name
+        ties.append(Tie(name, _layer(f"{name}[embedding]", table), _layer(f"{name}[output]", head)))
+    return tuple(ties)

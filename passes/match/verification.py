@@ -34,6 +34,22 @@ def _signature(match: LayerMatch) -> tuple:
     return (match.kind, match.weight_layout, match.bias.name if match.bias else None, match.geometry)
 
 
+def parameter_uses(values: dict[str, ir.Value]) -> dict[str, set[Use]]:
+    """Every use of each parameter (seen through reshapes and transposes), a graph output as ``<graph output>``."""
+    uses: dict[str, set[Use]] = {}
+    for name, value in values.items():
+        found = {(node.name, index) for node, index in terminal_uses(value)}
+        if value.is_graph_output():
+            found.add(("<graph output>", 0))
+        uses[name] = found
+    return uses
+
+
+def alike(sites: list[LayerMatch]) -> bool:
+    """Whether the sites agree in kind, layout, bias and geometry (one layer's sites must)."""
+    return len({_signature(site) for site in sites}) == 1
+
+
 def verify(
     graph: ir.Graph,
     matches: list[LayerMatch],
@@ -44,12 +60,7 @@ def verify(
     ``values`` maps each trainable parameter name to its initializer value in ``graph``.
     """
     nodes = {node.name: node for node in graph}
-    uses: dict[str, set[Use]] = {}
-    for name, value in values.items():
-        found = {(node.name, index) for node, index in terminal_uses(value)}
-        if value.is_graph_output():
-            found.add(("<graph output>", 0))
-        uses[name] = found
+    uses = parameter_uses(values)
 
     by_weight: dict[str, list[LayerMatch]] = defaultdict(list)
     for match in matches:
@@ -66,7 +77,7 @@ def verify(
                 f"shared: a layer at node '{layer_node}' uses it, but {_describe(extra[0], nodes)}; "
                 "a weight with a use that is not a linear, convolution or embedding layer gets no Kronecker block"
             )
-        elif len({_signature(site) for site in sites}) > 1:
+        elif not alike(sites):
             uses_of = ", ".join(f"{site.kind} at {node_label(nodes[site.site.nodes[-1]])}" for site in sites)
             reasons[weight] = (f"shared: {len(sites)} layer sites that differ in kind, layout, bias or geometry "
                                f"({uses_of}); a weight gets a Kronecker block only when all its uses are alike")

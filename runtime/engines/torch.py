@@ -24,6 +24,7 @@ import torch
 
 from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
+from kronograph.passes.plan import Layer
 from kronograph.runtime import sharded, tangent_cost
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
@@ -85,12 +86,13 @@ class TorchEngine:
         else:  # compile refuses a sharded module; this catches one sharded after compile (fully_shard works in place)
             refuse_sharded(compiled.module)
         # What the capture records where no layers are named: the plan's layers, and its tables (embeddings with a
-        # diagonal A) once a method covers them (``capture_tables``; K-FAC does).
+        # diagonal A) and tied tables' views once a method covers them (``capture_also``; K-FAC does).
         self.captured: Any = compiled.plan
 
-    def capture_tables(self) -> None:
-        """Capture the plan's tables too (their records hold indices: capture.layer_input)."""
-        self.captured = (*self.compiled.plan.layers, *self.compiled.plan.tables)
+    def capture_also(self, layers: Sequence[Layer]) -> None:
+        """Capture ``layers`` beside the plan's layers: its tables (their records hold indices:
+        capture.layer_input) or the views of its tied tables."""
+        self.captured = (*self.compiled.plan.layers, *layers)
 
     @contextlib.contextmanager
     def stepping(self) -> Iterator[None]:

@@ -207,6 +207,12 @@ class KFAC:
             A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Both engines,
             data-parallel too, not FSDP-sharded, diagonal structure; elsewhere, and off (the paper preset's), such a
             table steps as the parameters outside every block.
+        tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
+            table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
+            shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
+            eigendecomposition a side (runtime/tied.py). The torch engine, one process, diagonal structure, not
+            FSDP-sharded; elsewhere, and off (the paper preset's), the table steps as the parameters outside every
+            block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -230,6 +236,11 @@ class KFAC:
             says so. Judging by h's rise alone: on the default-init autoencoder a rho below -1/2 on a small
             rise of h was mostly the mini-batch's noise (19 of 110 steps undone against 10, loss 101.6
             against 79.0 after 110 steps); the other first-try problems reject the same steps either way.
+        reject_damping_floor: after an undone step, lambda is at least this times the curvature's mean eigenvalue
+            as the factors now hold it (``damping.curvature_scale``; None: the LM rule's rise alone). lambda starts
+            on that scale at step 1, but a model that starts saturated (a tied LM's N(0, 1) table as its head: logits
+            of std 8, F ~ 1e-18 at step 1) sets it at its floor; after one step the scale is 1e16 larger, and at
+            ~2x a rise lambda took 13-25 undone steps to catch up (BENCHMARKS.md).
         keep_damping_at_rounding: leave lambda (and the LM streak) as they are when a step left h exactly as it
             was, or changed it, and the quadratic model predicted it would, by no more than 16 float32 roundings of h
             or of the loss's floor (``damping.below_rounding``, ``Loss.rounding_floor``): on a batch fitted to a
@@ -388,11 +399,13 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         tables = self._tables(compiled, s.table_blocks)
-        if tables and compiled.engine == "torch":  # onnxruntime's training graph taps the tables already
-            self.engine.capture_tables()
-        layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim)
+        ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim)
+        views = tuple(view for tie in ties for view in tie.views)
+        if (tables or views) and compiled.engine == "torch":  # onnxruntime's training graph taps the tables already
+            self.engine.capture_also((*tables, *views))
+        layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim) + list(views)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
-                                        float(s.factor_damping_floor), s.max_factor_dim)
+                                        float(s.factor_damping_floor), s.max_factor_dim, ties)
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
@@ -445,6 +458,14 @@ class KFAC:
         if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return compiled.plan.tables
+
+    def _ties(self, compiled, wanted: bool, largest: int | None) -> tuple:
+        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): on the torch engine, one process, diagonal
+        structure, not FSDP-sharded, and both views within ``max_kronecker_dim``."""
+        if (not wanted or self.structure != "diagonal" or compiled.engine != "torch" or self._group is not None
+                or self.engine.sharded is not None):
+            return ()
+        return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -678,11 +699,15 @@ class KFAC:
 
     def _reject(self, saved: Direction) -> None:
         """Put the weights back as they were before the step, forget it as momentum, and raise lambda by
-        1/omega1^lm_acceleration beyond the LM rule's own growth."""
+        1/omega1^lm_acceleration beyond the LM rule's own growth, to at least ``reject_damping_floor`` times the
+        curvature's scale."""
         self.engine.set_(saved)
         self.previous = None
         self.rejected += 1
         self.damping /= lm_omega(self.damping_every) ** self.settings.lm_acceleration
+        floor = self.settings.reject_damping_floor
+        if floor is not None:
+            self.damping = max(self.damping, floor * curvature_scale(self.blocks.values()))
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -907,8 +932,8 @@ class KFAC:
         does not pay."""
         if self.structure != "diagonal" or self.weight_decay or self._group is not None:  # (not data-parallel yet)
             return ()
-        return tuple(name for name, block in self.curvature.blocks.items()
-                     if low_rank_pays(block.layer, math.ceil(n * self._rows_per_example.get(name, 1.0))))
+        return tuple(name for name, block in self.curvature.blocks.items() if block.by_rows
+                     and low_rank_pays(block.layer, math.ceil(n * self._rows_per_example.get(name, 1.0))))
 
     def _objective(self, inputs, y) -> float:
         """h at the current weights on this step's batch, measured as the gradient passes measured it: where they

@@ -23,7 +23,8 @@
   recurrent layer, central ones with batch norm in training mode (forward mode needs attention's math kernel, a
   normalisation's tangent is many passes over the activations, a recurrent layer's leaves its fused kernel:
   runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
-  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2).
+  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
+  output layer one block over both uses (runtime/tied.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -113,6 +114,9 @@ class KFACSettings:
     reject_rho: float | None = setting(None, "Also undo a step whose rho is below this (auto: judge by h's rise "
                                        "alone, which wins on the first-try suite).")
     reject_rise: float = setting(0.25, "A step that raises h by more than this times |h| is undone.", low=0)
+    reject_damping_floor: float | None = setting(1.0, "After an undone step lambda is at least this times the "
+                                                 "curvature's mean eigenvalue now (auto: the LM rule's rise alone).",
+                                                 low=0, low_open=True)
     descent_only: bool = setting(True, "Never take K-FAC's proposal or the unmatched gradient step uphill in the "
                                  "quadratic model.")
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
@@ -143,6 +147,10 @@ class KFACSettings:
                                  "blocks with a diagonal A, the count of each row's reads (off: they step as "
                                  "parameters outside every block, the paper's). Data-parallel too, not FSDP; diagonal "
                                  "structure.")
+    tied_blocks: bool = setting(True, "Give an embedding table tied to an output layer (GPT-2's head) one Kronecker "
+                                "block over both uses, their Kronecker products summed and inverted exactly (off: it "
+                                "steps as the parameters outside every block, the paper's). Torch engine, one "
+                                "process, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -198,8 +206,9 @@ PRESETS: dict[str, KFACSettings] = {
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
+        reject_damping_floor=None,
         bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
-        shared_statistics_forward=False, table_blocks=False,
+        shared_statistics_forward=False, table_blocks=False, tied_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }
