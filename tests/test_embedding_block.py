@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kronograph
+from equality import kfac_resumed
 from kronograph.cli.optimizers import make_optimizer
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS
 from kronograph.passes.plan import LayerPlan
@@ -216,21 +217,9 @@ def test_a_tables_a_counts_each_rows_reads_but_the_padding_rows_and_that_row_sta
 
 def test_kfac_with_a_table_resumes_exactly():
     data = _word_batches(10)
-    torch.manual_seed(0)
-    model = TableLM()
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],), loss="cross_entropy"), seed=0)
-    for x, y in data[:5]:
-        opt.step(x, y)
-    state = copy.deepcopy(opt.state_dict())
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    tail = [opt.step(x, y)["loss"] for x, y in data[5:]]
-    torch.manual_seed(3)
-    other = TableLM()
-    other.load_state_dict(weights)
-    resumed = kronograph.optim.KFAC(kronograph.compile(other, (data[0][0][:2],), loss="cross_entropy"), seed=1)
-    resumed.load_state_dict(state)
+    resumed, tail, again = kfac_resumed(TableLM, data, data[0][0][:2])
     assert resumed.blocks["emb"].a.shape == (1, WORDS)
-    assert [resumed.step(x, y)["loss"] for x, y in data[5:]] == tail
+    assert again == tail
 
 
 def test_the_preconditioner_solves_a_tables_gradient_as_its_one_hot_linear_twins():

@@ -186,6 +186,24 @@ def test_a_step_that_raises_h_is_undone_and_lambda_rises(lr, reject_rho):
         assert opt.previous is None  # a rejected step is no momentum for the next one
 
 
+@pytest.mark.parametrize("floor", [1.0, None])
+def test_an_undone_step_raises_lambda_to_at_least_the_curvatures_scale(floor):
+    """lambda given far below the curvature's scale (as a saturated start sets it) and a step that raises h (lr =
+    30): the undone step leaves lambda at least the mean eigenvalue of the dense block-diagonal Kronecker factors,
+    with the floor; without it, only the LM rule's rise."""
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), lr=30.0,
+                                seed=0, signal_scaling=False, damping=1e-12, reject_damping_floor=floor)
+    (x, y), = batches(1)
+    assert opt.step(x, y)["rejected"]
+    dense = torch.block_diag(*[torch.kron(b.a[0].double(), b.g[0].double()) for b in opt.blocks.values()])
+    scale = float(torch.linalg.eigvalsh(dense).mean())
+    if floor is None:
+        assert opt.damping < 1e-9
+    else:
+        assert opt.damping == pytest.approx(scale, rel=1e-5)
+
+
 def test_a_good_step_is_kept():
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import kronograph
+from equality import kfac_resumed
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS
 from kronograph.passes.plan import LayerPlan
 from kronograph.runtime.tied import tied_inverses
@@ -272,22 +273,9 @@ def test_a_wide_tied_table_keeps_its_a_as_the_diagonal_and_trains():
 
 
 def test_kfac_with_a_tie_resumes_exactly():
-    data = _batches(9)
-    torch.manual_seed(0)
-    model = TiedLM()
-    opt = kronograph.optim.KFAC(_compile(model), seed=0)
-    for x, y in data[:5]:
-        opt.step(x, y)
-    state = copy.deepcopy(opt.state_dict())
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    tail = [opt.step(x, y)["loss"] for x, y in data[5:]]
-    torch.manual_seed(3)
-    other = TiedLM()
-    other.load_state_dict(weights)
-    resumed = kronograph.optim.KFAC(_compile(other), seed=1)
-    resumed.load_state_dict(state)
+    resumed, tail, again = kfac_resumed(TiedLM, _batches(9), torch.randint(0, ROWS, (2, 5)))
     assert resumed.blocks["emb[embedding]"].inverses is resumed.blocks["emb[output]"].inverses
-    assert [resumed.step(x, y)["loss"] for x, y in data[5:]] == tail
+    assert again == tail
 
 
 def test_the_preconditioner_rewrites_the_tied_grad_with_the_dense_sums_solve():
