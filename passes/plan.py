@@ -90,6 +90,9 @@ class Layer:
     out_features: int  # per group
     sites: tuple[Site, ...]
     geometry: ConvGeometry | None = None
+    # G kept as its diagonal: set by K-FAC (``curvature.with_diagonal_g``) on an output layer too wide for a dense G
+    # (a word or BPE vocabulary's head), never by the matcher.
+    diagonal_g: bool = False
 
     @property
     def groups(self) -> int:
@@ -112,7 +115,8 @@ class Layer:
     @property
     def factor_bytes(self) -> int:
         """Memory of the A and G factors in float32 (inverses double it)."""
-        return 4 * self.groups * (self.a_dim**2 + self.g_dim**2)
+        return 4 * self.groups * ((self.a_dim if self.diagonal_a else self.a_dim**2)
+                                  + (self.g_dim if self.diagonal_g else self.g_dim**2))
 
     @property
     def num_params(self) -> int:

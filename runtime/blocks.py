@@ -54,7 +54,8 @@ class KroneckerBlock:
         if self._stale:
             if self._a.dim() == 3:  # a table's A is its diagonal [groups, rows]
                 mirror_upper_(self._a)
-            mirror_upper_(self._g)
+            if self._g.dim() == 3:  # a wide head's G is its diagonal [groups, g_dim] (Layer.diagonal_g)
+                mirror_upper_(self._g)
             self._stale = False
         return factor
 
@@ -66,8 +67,8 @@ class KroneckerBlock:
     @property
     def by_rows(self) -> bool:
         """Whether sec 8's low-rank product may solve its gradient from the batch's rows: not where A is a
-        diagonal (its solve is as cheap whole) nor for a tie's view (its block is the two views' sum)."""
-        return not (self.layer.diagonal_a or self.tied)
+        diagonal factor (its solve is as cheap whole) nor for a tie's view (its block is the two views' sum)."""
+        return not (self.layer.diagonal_a or self.layer.diagonal_g or self.tied)
 
     @property
     def a(self) -> torch.Tensor | None:
@@ -179,6 +180,8 @@ class KroneckerBlock:
         a, g = self.a, self.g
         if a.dim() == 2:  # a table's diagonal A
             a = torch.diag_embed(a)
+        if g.dim() == 2:  # a wide head's diagonal G
+            g = torch.diag_embed(g)
         if gamma is not None:
             pi = trace_pi(a, g)[:, None, None]
             a = a + pi * gamma * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)

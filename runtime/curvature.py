@@ -9,6 +9,7 @@ gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Container, Mapping, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
     form: a 50257-word head's G alone would be 10 GB a copy."""
     kept = []
     for layer in layers:
-        width = layer.g_dim if layer.diagonal_a else max(layer.a_dim, layer.g_dim)  # a table's A is a diagonal
+        width = max(0 if layer.diagonal_a else layer.a_dim, 0 if layer.diagonal_g else layer.g_dim)  # diagonals
         if largest is None or width <= largest:
             kept.append(layer)
             continue
@@ -54,6 +55,17 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
                       "those outside every block; raise max_kronecker_dim to give it one", CoverageWarning,
                       stacklevel=3)
     return kept
+
+
+def with_diagonal_g(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
+    """The layers, each linear one whose G alone is wider than ``largest`` (a word or BPE vocabulary's head: a
+    50257-wide G is 10 GB a copy) with its G kept as its diagonal (``Layer.diagonal_g``: the softmax's
+    E[(p - y)(p - y)^T] is diag(p) - p p^T, whose off-diagonal entries shrink with the vocabulary), A whole."""
+    if largest is None:
+        return list(layers)
+    return [dataclasses.replace(layer, diagonal_g=True)
+            if layer.kind == "linear" and layer.g_dim > largest and layer.a_dim <= largest else layer
+            for layer in layers]
 
 
 class BlockDiagonalCurvature:

@@ -240,8 +240,20 @@ def batch_factors(
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=None if layer.diagonal_a else subset)
     scale = _grad_scale(m, grad_scale)
     a = diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else _accumulate_sites(None, sites, 1.0 / m, 0.0)
-    g = accumulate_grams(None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
+    g = _fold_g(layer, None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
     return a, g
+
+
+def _fold_g(layer: Layer, g: torch.Tensor | None, q_parts: Sequence[torch.Tensor], alpha: float, decay: float,
+            mirror: bool = True) -> torch.Tensor:
+    """decay G + alpha sum_rows q q^T over the parts [groups, R, g_dim]; a ``Layer.diagonal_g``'s G as its diagonal
+    [groups, g_dim], sum_rows q * q."""
+    if not layer.diagonal_g:
+        return accumulate_grams(g, q_parts, alpha, decay, mirror=mirror)
+    squares = sum((q * q).sum(dim=1) for q in q_parts)
+    if decay == 0.0 or g is None:
+        return squares * alpha
+    return g.mul_(decay).add_(squares, alpha=alpha)
 
 
 def fold_factors_(
@@ -291,7 +303,7 @@ def fold_factors_(
         return None
     a = (ema_(a, diagonal_counts(layer, sites, dtype) * a_alpha, decay) if table else
          _accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous))
-    return a, accumulate_grams(g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
+    return a, _fold_g(layer, g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
 
 
 def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype) -> torch.Tensor:
@@ -439,7 +451,7 @@ def low_rank_pays(layer: Layer, rows: int) -> bool:
     """Whether G^-1 (Q^T P) A^-1 is much cheaper as (G^-1 Q^T)(P A^-1) (sec 8) for a gradient made of
     ``rows`` rows: R (g^2 + a^2 + g a) against g a (g + a) multiply-adds per group. "Much": at most half,
     since the rows must be captured and copied on the main pass too."""
-    if layer.diagonal_a:  # a table's A^-1 is a diagonal: its gradient is preconditioned as cheaply whole
+    if layer.diagonal_a or layer.diagonal_g:  # a diagonal factor's inverse: preconditioned as cheaply whole
         return False
     g, a = layer.g_dim, layer.a_dim
     return 2 * rows * (g * g + a * a + g * a) < g * a * (g + a)

@@ -336,7 +336,7 @@ def factored_inverses(
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole
             a_inv = torch.where(failed.view(-1, *[1] * (a_inv.dim() - 1)), previous.a_inv.to(a_inv.dtype), a_inv)
-            g_inv = torch.where(failed[:, None, None], previous.g_inv.to(g_inv.dtype), g_inv)
+            g_inv = torch.where(failed.view(-1, *[1] * (g_inv.dim() - 1)), previous.g_inv.to(g_inv.dtype), g_inv)
             pi = torch.where(failed, previous.pi.to(pi.dtype), pi)
         which = [i for i, bad in enumerate(failed.tolist()) if bad]
         warnings.warn(
@@ -350,8 +350,9 @@ def factored_inverses(
 
 def precondition(grad_bar: torch.Tensor, inverses: DampedInverses) -> torch.Tensor:
     """U = G_inv grad_W_bar A_inv per group: the damped Kronecker solve (without the minus sign); a table's
-    diagonal A_inv scales grad_W_bar's columns."""
+    diagonal A_inv scales grad_W_bar's columns, a wide head's diagonal G_inv its rows."""
     grad = grad_bar.to(inverses.a_inv.dtype)
+    left = inverses.g_inv[:, :, None] * grad if inverses.g_inv.dim() == 2 else inverses.g_inv @ grad
     if inverses.a_inv.dim() == 2:
-        return (inverses.g_inv @ grad) * inverses.a_inv[:, None, :]
-    return inverses.g_inv @ grad @ inverses.a_inv
+        return left * inverses.a_inv[:, None, :]
+    return left @ inverses.a_inv

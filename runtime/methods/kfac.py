@@ -58,7 +58,7 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import concatenated_records
-from kronograph.runtime.curvature import make_curvature, within_reach
+from kronograph.runtime.curvature import make_curvature, with_diagonal_g, within_reach
 from kronograph.runtime.data_parallel import (
     BatchSlice,
     batch_slice,
@@ -207,6 +207,11 @@ class KFAC:
             A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Both engines,
             data-parallel too, not FSDP-sharded, diagonal structure; elsewhere, and off (the paper preset's), such a
             table steps as the parameters outside every block.
+        diagonal_wide_g: a linear layer whose G alone is wider than ``max_kronecker_dim`` (a vocabulary's head: a
+            50257-wide G is 10 GB a copy) gets a block whose G is kept as its diagonal (``Layer.diagonal_g``; the
+            softmax's curvature diag(p) - p p^T is nearly diagonal over a large vocabulary), A whole: G^-1 scales the
+            gradient's rows. One process, diagonal structure; off (the default: level with the head outside every
+            block on a 16384-word LM, BENCHMARKS.md), or elsewhere, such a layer has no block.
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
             table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
             shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
@@ -403,7 +408,10 @@ class KFAC:
         views = tuple(view for tie in ties for view in tie.views)
         if (tables or views) and compiled.engine == "torch":  # onnxruntime's training graph taps the tables already
             self.engine.capture_also((*tables, *views))
-        layers = within_reach((*compiled.layers, *tables), s.max_kronecker_dim) + list(views)
+        candidates = (*compiled.layers, *tables)
+        if s.diagonal_wide_g and structure == "diagonal" and self._group is None and self.engine.sharded is None:
+            candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
+        layers = within_reach(candidates, s.max_kronecker_dim) + list(views)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim, ties)
         covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}

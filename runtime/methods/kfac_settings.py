@@ -140,6 +140,9 @@ class KFACSettings:
     max_kronecker_dim: int | None = setting(8192, "A layer with a factor wider than this gets no Kronecker block: "
                                             "its parameters step as those outside every block (auto: every "
                                             "matched layer has one, the paper's).", low=1)
+    diagonal_wide_g: bool = setting(False, "Give a linear layer whose G alone is wider than max_kronecker_dim (a "
+                                    "word or BPE vocabulary's head) a block with G kept as its diagonal (off: it gets "
+                                    "no block; level with it on a 16384-word LM). One process, diagonal structure.")
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)

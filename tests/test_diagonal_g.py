@@ -1,0 +1,91 @@
+"""An output layer too wide for a dense G (a vocabulary's head) gets a block with G kept as its diagonal
+(``diagonal_wide_g=True``; off by default).
+
+Independent references: the same model's dense G (max_kronecker_dim raised) on the same batch, whose diagonal the
+diagonal G must be, and the proposal from torch.linalg.inv of the damped A and the damped diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.runtime.inverse import CoverageWarning
+
+CLASSES, WIDTH = 40, 8
+
+
+def head_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, WIDTH), nn.Tanh(), nn.Linear(WIDTH, CLASSES))
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """48 inputs and a fixed linear teacher's classes of them."""
+    teacher = torch.randn(6, CLASSES, generator=torch.Generator().manual_seed(99))
+    x = torch.randn(48, 6, generator=torch.Generator().manual_seed(seed))
+    return x, (x @ teacher).argmax(dim=1)
+
+
+def _kfac(largest: int | None, **options) -> kronograph.optim.KFAC:
+    cm = kronograph.compile(head_model(), (torch.randn(2, 6),), loss="cross_entropy")
+    return kronograph.optim.KFAC(cm, seed=0, fisher="empirical", max_kronecker_dim=largest, centered_damping=False,
+                                factor_damping_floor=0.0, output_noise_damping=False, factor_dtype=torch.float64,
+                                diagonal_wide_g=True, **options)
+
+
+def test_a_head_wider_than_max_kronecker_dim_keeps_the_diagonal_of_its_dense_g():
+    wide, dense = _kfac(16), _kfac(None)
+    assert wide.blocks["2"].layer.diagonal_g and not dense.blocks["2"].layer.diagonal_g
+    assert not wide.blocks["0"].layer.diagonal_g
+    x, y = _batch()
+    wide.step(x, y)
+    dense.step(x, y)  # 48 examples, below the statistics' floor: the whole batch, the EMAs are the batch's factors
+    assert wide.blocks["2"].g.shape == (1, CLASSES)
+    torch.testing.assert_close(wide.blocks["2"].g[0], torch.diagonal(dense.blocks["2"].g[0]))
+    torch.testing.assert_close(wide.blocks["2"].a, dense.blocks["2"].a)
+
+
+def test_the_diagonal_blocks_proposal_is_the_damped_kronecker_solve():
+    opt = _kfac(16)
+    opt.step(*_batch())
+    block, gamma = opt.blocks["2"], opt.inverted_gamma
+    a, g = block.a[0], block.g[0]
+    pi = math.sqrt((torch.trace(a) / a.shape[0]) / (g.sum() / g.shape[0]))
+    generator = torch.Generator().manual_seed(1)
+    grads = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64)
+             for name, p in opt.engine.parameters().items()}
+    proposal = opt.curvature.direction(grads, opt.curvature.current(), {})
+    bar = torch.cat([grads["2.weight"], grads["2.bias"][:, None]], dim=1)
+    expected = (bar / (g + gamma / pi)[:, None]) @ torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0],
+                                                                                                dtype=a.dtype))
+    torch.testing.assert_close(proposal["2.weight"], -expected[:, :WIDTH])
+    torch.testing.assert_close(proposal["2.bias"], -expected[:, WIDTH])
+
+
+def test_kfac_trains_with_the_diagonal_g_and_without_it_the_head_has_no_block():
+    losses = {}
+    for wanted in (True, False):
+        cm = kronograph.compile(head_model(), (torch.randn(2, 6),), loss="cross_entropy")
+        with pytest.warns(CoverageWarning) if not wanted else _no_coverage_warning():
+            opt = kronograph.optim.KFAC(cm, seed=0, max_kronecker_dim=16, diagonal_wide_g=wanted)
+        assert ("2" in opt.blocks) == wanted
+        losses[wanted] = [opt.step(*_batch(k))["loss"] for k in range(30)]
+    assert all(math.isfinite(value) for run in losses.values() for value in run)
+    assert losses[True][-1] < 0.5 * losses[True][0]
+
+
+class _no_coverage_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", CoverageWarning)
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
