@@ -334,12 +334,14 @@ def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners:
     them (triangles, pi, failed flags), and ``exchange_from_owners`` gives every rank every layer's piece, which
     every rank (the owner too) unpacks, mirrored: the same bits on every rank. Every rank must call this in the same
     round (the layers with statistics are the same on every rank: their factors are folded from all-reduced
-    statistics). None for a layer with no statistics, as ``invert`` (``g_shares``: as ``invert``'s)."""
+    statistics). None for a layer with no statistics, as ``invert`` (``g_shares``: as ``invert``'s). A tied table
+    (runtime/tied.py) has no owner: every rank inverts it from the same factors, and nothing of it is exchanged."""
     rank = dist.get_rank(group)
-    local = curvature.invert(gamma, only={name for name, owner in owners.items() if owner == rank},
-                             g_shares=g_shares)
-    estimated = {name: block for name, block in curvature.blocks.items() if block.estimated}
+    owned = {name for name, owner in owners.items() if owner == rank}
+    local = curvature.invert(gamma, only=owned | set(curvature.ties), g_shares=g_shares)
+    estimated = {name: block for name, block in curvature.blocks.items() if block.estimated and not block.tied}
     result: dict[str, DampedInverses | None] = {name: None for name in curvature.blocks}
+    result.update({name: local[name] for name, block in curvature.blocks.items() if block.tied})
     if not estimated:
         return result
     first = next(iter(estimated.values()))

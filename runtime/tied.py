@@ -9,8 +9,9 @@ a block of its own (factored Tikhonov, paper sec 6.3, with ``inverse.py``'s cent
 gamma / sqrt(2), so that the two add gamma^2 I between them as one block's damping does.
 
 Two Kronecker terms are inverted exactly by one generalized eigendecomposition a side: U with U^T A_e' U = I
-and U^T G_h' U = diag(l), V with V^T G_e' V = I and V^T A_h' V = diag(m). Then U^T F'(U Y V^T) V = l Y m + Y,
-so F'^-1 R = U ((U^T R V) / (l m^T + 1)) V^T: two products a side, as a Kronecker solve. A side wider than
+and U^T G_h' U = diag(l), V with V^T G_e' V = I and V^T A_h' V = diag(m). Then U^T F'(U Y V^T) V = diag(l) Y
+diag(m) + Y, so F'^-1 R = U ((U^T R V) / (l m^T + 1)) V^T, the division entrywise: two products a side, as a
+Kronecker solve. A side wider than
 ``max_dim`` is decomposed in contiguous diagonal blocks (both of its matrices' off-diagonal blocks taken as 0, as
 ``inverse.block_diagonal_inverse`` does for one factor).
 """

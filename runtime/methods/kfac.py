@@ -215,9 +215,9 @@ class KFAC:
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
             table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
             shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
-            eigendecomposition a side (runtime/tied.py). The torch engine, one process, diagonal structure, not
-            FSDP-sharded; elsewhere, and off (the paper preset's), the table steps as the parameters outside every
-            block.
+            eigendecomposition a side (runtime/tied.py). The torch engine, data-parallel too (every rank inverts the
+            tie from the all-reduced factors), diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            preset's), the table steps as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -421,8 +421,8 @@ class KFAC:
         self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
             seed = shared_seed(self._group, seed, self.engine.device)  # one generator's draws on every rank
-            self.inverse_owners = inverse_owners(layers, torch.distributed.get_world_size(self._group),
-                                                 s.max_factor_dim)
+            self.inverse_owners = inverse_owners([layer for layer in layers if layer not in views],  # (ties: all)
+                                                 torch.distributed.get_world_size(self._group), s.max_factor_dim)
         self.generator = make_generator(self.engine.device, seed)
         # A's rows where a layer has many (activation_rows): a generator of their own, so that drawing them changes
         # no other draw; each rank draws its own rows (their factors are averaged), so no rank waits on another's.
@@ -468,10 +468,9 @@ class KFAC:
         return compiled.plan.tables
 
     def _ties(self, compiled, wanted: bool, largest: int | None) -> tuple:
-        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): on the torch engine, one process, diagonal
-        structure, not FSDP-sharded, and both views within ``max_kronecker_dim``."""
-        if (not wanted or self.structure != "diagonal" or compiled.engine != "torch" or self._group is not None
-                or self.engine.sharded is not None):
+        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): on the torch engine, diagonal structure, not
+        FSDP-sharded, and both views within ``max_kronecker_dim`` (data-parallel: every rank inverts them)."""
+        if not wanted or self.structure != "diagonal" or compiled.engine != "torch" or self.engine.sharded is not None:
             return ()
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 
