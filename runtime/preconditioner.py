@@ -97,6 +97,7 @@ import torch.distributed as dist
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.curvature import BlockDiagonalCurvature, within_reach
 from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
@@ -175,8 +176,8 @@ class KFACPreconditioner:
             their .grad). False: they keep their .grad.
         tied_blocks: give a table tied to an output layer (the plan's ``ties``: GPT-2's head reads the table) one
             block over both uses, the two Kronecker products summed and inverted exactly (runtime/tied.py), which
-            rewrites the table's (and the head's bias's) .grad; one process, not FSDP-sharded. False, or
-            data-parallel: they keep their .grad.
+            rewrites the table's (and the head's bias's) .grad; data-parallel too (every rank inverts the tie and
+            solves its gradient, whatever ``grad_worker_fraction``), not FSDP-sharded. False: they keep their .grad.
     """
 
     def __init__(
@@ -251,7 +252,7 @@ class KFACPreconditioner:
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
         tables = compiled.plan.tables if table_blocks and not fsdp_modules(compiled.module) else ()
-        ties = (() if not tied_blocks or fsdp_modules(compiled.module) or active_group(process_group) is not None
+        ties = (() if not tied_blocks or fsdp_modules(compiled.module)
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)
         self.layers = (*within_reach((*compiled.layers, *tables), largest), *views)
@@ -480,10 +481,16 @@ class KFACPreconditioner:
         elif (alone := self._owners_alone()) is not None:
             rank = dist.get_rank(group)
             failed = [name for name in names
-                      if alone[name] == rank and not self._invert_block(name)]
+                      if alone.get(name) == rank and not self._invert_block(name)]
+            tied = [name for name in names if self.blocks[name].tied]  # no owner: inverted on every rank
+            if tied:
+                inverses = self.curvature.restricted(tied).invert(self.damping)
+                for name in tied:
+                    self.blocks[name].inverses = inverses[name]
+                failed += [name for name in tied if not inverses[name].ok]
         else:
             # from the plan: the same everywhere
-            owners = inverse_owners(self.layers, dist.get_world_size(group), self.curvature.max_dim)
+            owners = inverse_owners(self._owned_layers(), dist.get_world_size(group), self.curvature.max_dim)
             inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
             for name in names:
                 self.blocks[name].inverses = inverses[name]
@@ -506,7 +513,11 @@ class KFACPreconditioner:
             raise KronographError(f"grad_worker_fraction={self.grad_worker_fraction} on {world} ranks: choose 1 (every "
                                   f"rank holds every inverse) or 1/{world} (each layer's inverses on one rank, which "
                                   "solves its gradient for all); the fractions between are not built")
-        return inverse_owners(self.layers, world, self.curvature.max_dim)
+        return inverse_owners(self._owned_layers(), world, self.curvature.max_dim)
+
+    def _owned_layers(self) -> list[Layer]:
+        """The layers an owner inverts data-parallel: all but a tie's views, which every rank inverts and solves."""
+        return [layer for layer in self.layers if not self.blocks[layer.name].tied]
 
     def _precondition(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each matched layer's .grad and its damped Kronecker solve, for step() to write once every layer is
@@ -534,12 +545,14 @@ class KFACPreconditioner:
         for (name, block, _, grad_bar), ok in zip(ready, finite):
             if not ok:
                 bad.append(name)
-            elif alone is None or alone[name] == rank:
+            elif alone is None or alone.get(name, rank) == rank:  # (a tie: every rank)
                 solved[name] = self._grafted(grad_bar, block.precondition(grad_bar))
             else:
                 solved[name] = None  # solved by its owner
         if alone is not None:
-            solved = self._from_owners(solved, {name: grad_bar.shape for name, _, _, grad_bar in ready}, alone)
+            exchanged = self._from_owners({name: value for name, value in solved.items() if name in alone},
+                                          {name: grad_bar.shape for name, _, _, grad_bar in ready}, alone)
+            solved = {name: exchanged.get(name, value) for name, value in solved.items()}
         nu = self._kl_scale([(solved[name], grad_bar, targets[0]) for name, _, targets, grad_bar in ready
                              if name in solved])
         for name, block, targets, _ in ready:

@@ -76,7 +76,7 @@ def preconditioned_loop(model, forward, precond, batches, rank: int = 0, world: 
             loss = torch.nn.functional.cross_entropy(forward(x), y)
             loss.backward()
         info = precond.step(x)
-        assert info["preconditioned"] == len(precond.blocks) and not info["rejected_statistics"], info
+        assert info["preconditioned"] == len(precond.curvature.solving) and not info["rejected_statistics"], info
         opt.step()
         losses.append(float(loss.detach()))
     return losses

@@ -108,7 +108,34 @@ def run_ranks(rank: int, world: int) -> dict:
     results["missing"] = {name: (a[0, 0, 0].item(), g[0, 0, 0].item(), m) for name, (a, g, m) in averaged.items()}
     for fraction in (1.0, 1 / world):  # every rank inverts, or each layer's owner alone
         results[f"table {fraction}"] = table_loop(rank, world, grad_worker_fraction=fraction)
+        results[f"tied {fraction}"] = tied_loop(rank, world, grad_worker_fraction=fraction)
     return results
+
+
+class TiedTable(torch.nn.Module):
+    """An embedding table that is also the output layer's weight (one block over both uses: runtime/tied.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(CLASSES + 5, 4)
+        self.mix = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, CLASSES + 5)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def tied_loop(rank: int = 0, world: int = 1, **settings) -> dict:
+    """The loop on a model with a tied table: every rank inverts the tie and solves its gradient."""
+    torch.manual_seed(6)
+    model = TiedTable()
+    tokens = torch.randint(0, CLASSES + 5, (STEPS, BATCH))
+    batches = list(zip(tokens, (tokens + 1) % (CLASSES + 5)))
+    precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (tokens[0][:2],)), **SETTINGS, **settings)
+    forward = DistributedDataParallel(model) if world > 1 else model
+    losses = preconditioned_loop(model, forward, precond, batches, rank, world)
+    return {"params": copy.deepcopy(model.state_dict()), "losses": losses, "blocks": sorted(precond.blocks)}
 
 
 def table_loop(rank: int = 0, world: int = 1, **settings) -> dict:
@@ -217,9 +244,21 @@ def test_a_rank_missing_a_layer_takes_part_and_the_others_statistics_count(ranks
 
 @pytest.mark.parametrize("fraction", [1.0, 1 / WORLD])
 def test_a_tables_block_trains_data_parallel_as_in_one_process(ranks, fraction):
-    alone = on_one_thread(table_loop)
     first, second = (r[f"table {fraction}"] for r in ranks)
     assert first["a"].shape == (1, 1100) and torch.equal(first["a"], second["a"])
+    assert_the_single_process_weights(first, second, on_one_thread(table_loop))
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1 / WORLD])
+def test_a_tied_tables_block_trains_data_parallel_as_in_one_process(ranks, fraction):
+    first, second = (r[f"tied {fraction}"] for r in ranks)
+    assert first["blocks"] == ["emb[embedding]", "emb[output]", "mix"]
+    assert_the_single_process_weights(first, second, on_one_thread(tied_loop))
+    assert first["losses"][-1] < first["losses"][0]
+
+
+def assert_the_single_process_weights(first: dict, second: dict, alone: dict) -> None:
+    """Both ranks hold the same weights bit for bit, the single process's to float32 rounding."""
     for name, value in alone["params"].items():
         assert torch.equal(first["params"][name], second["params"][name]), name
         torch.testing.assert_close(first["params"][name], value, rtol=1e-4, atol=1e-5)
