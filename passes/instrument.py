@@ -138,11 +138,11 @@ def tap_names(plan: LayerPlan) -> dict[tuple[str, int], tuple[str, str]]:
 
     Names are ``kronograph.a.<layer>.<k>`` and ``kronograph.g.<layer>.<k>``: they never end in ``_grad``,
     which ``onnxruntime.training.api.Module`` would hide. The plan's tables are tapped too (K-FAC's blocks with a
-    diagonal A: their indices and their output's gradient).
+    diagonal A: their indices and their output's gradient), and its ties' two views (K-FAC's tied blocks).
     """
     return {
         (layer.name, k): (f"{TAP_PREFIX}.a.{layer.name}.{k}", f"{TAP_PREFIX}.g.{layer.name}.{k}")
-        for layer in (*plan.layers, *plan.tables)
+        for layer in plan.all_layers
         for k in range(len(layer.sites))
     }
 

@@ -166,8 +166,13 @@ class LayerPlan:
     # the torch engine gives each one block over both uses.
     ties: tuple[Tie, ...] = field(default=())
 
+    @property
+    def all_layers(self) -> tuple[Layer, ...]:
+        """Every Layer a method may give a block: the layers, the tables and the ties' views."""
+        return (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views))
+
     def layer(self, name: str) -> Layer:
-        for layer in (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views)):
+        for layer in self.all_layers:
             if layer.name == name:
                 return layer
         raise KeyError(name)

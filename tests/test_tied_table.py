@@ -302,3 +302,26 @@ def test_the_preconditioner_rewrites_the_tied_grad_with_the_dense_sums_solve():
     solved = torch.linalg.solve(_damped_dense(output, table, 1e-3), raw_bar.double().reshape(-1)).reshape(ROWS, DIM + 1)
     torch.testing.assert_close(model.emb.weight.grad.double(), solved[:, :DIM], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(model.fc.bias.grad.double(), solved[:, DIM], rtol=1e-5, atol=1e-8)
+
+
+def test_kfac_on_onnxruntime_steps_a_tie_as_the_torch_engine_does(tmp_path):
+    """The module's own exported .onnx on onnxruntime-training (taps on both views' sites) against the torch engine:
+    the same losses and weights over 8 deterministic steps (the labels' Fisher, no re-scaling)."""
+    pytest.importorskip("onnxruntime.training")
+    torch.manual_seed(0)
+    model = TiedLM()
+    cm_torch = _compile(model)
+    cm_onnx = kronograph.compile(str(cm_torch.export_onnx(tmp_path / "tied.onnx")), loss="cross_entropy")
+    cm_onnx.onnxruntime(tmp_path / "artifacts")
+    settings = dict(fisher="empirical", stats_fraction=1.0, rescale=False, adapt_damping=False, adapt_gamma=False,
+                    lr=0.05, factor_damping=0.1, inverse_every=3, centered_damping=False, seed=0)
+    optimizers = [kronograph.optim.KFAC(cm, **settings) for cm in (cm_torch, cm_onnx)]
+    assert all(sum(block.tied for block in opt.blocks.values()) == 2 for opt in optimizers)
+    for x, y in _batches(8):
+        expected, got = (opt.step(x, y)["loss"] for opt in optimizers)
+        assert got == pytest.approx(expected, rel=1e-4)
+    weights = cm_onnx.state_dict()
+    table = cm_onnx.plan.ties[0].output.weight  # the exporter kept one of the tied names ("fc.weight")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(torch.as_tensor(weights[table if name == "emb.weight" else name]), param.detach(),
+                                   rtol=1e-4, atol=1e-5)

@@ -61,7 +61,7 @@ class OnnxRuntimePasses:
     def __init__(self, compiled: Any, loss: Loss) -> None:
         self.compiled, self.loss = compiled, loss
         self.engine = compiled.onnxruntime()
-        self.layers = {layer.name: layer for layer in (*compiled.layers, *compiled.plan.tables)}
+        self.layers = {layer.name: layer for layer in compiled.plan.all_layers}
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
         self._padding = _padding_rows(compiled.module, list(self.parameters()))

@@ -215,8 +215,8 @@ class KFAC:
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
             table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
             shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
-            eigendecomposition a side (runtime/tied.py). The torch engine, data-parallel too (every rank inverts the
-            tie from the all-reduced factors), diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            eigendecomposition a side (runtime/tied.py). Both engines, data-parallel too (every rank inverts the tie
+            from the all-reduced factors), diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
             preset's), the table steps as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
@@ -468,9 +468,9 @@ class KFAC:
         return compiled.plan.tables
 
     def _ties(self, compiled, wanted: bool, largest: int | None) -> tuple:
-        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): on the torch engine, diagonal structure, not
-        FSDP-sharded, and both views within ``max_kronecker_dim`` (data-parallel: every rank inverts them)."""
-        if not wanted or self.structure != "diagonal" or compiled.engine != "torch" or self.engine.sharded is not None:
+        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, not FSDP-sharded, and
+        both views within ``max_kronecker_dim`` (data-parallel: every rank inverts them)."""
+        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 

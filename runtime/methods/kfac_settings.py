@@ -152,7 +152,7 @@ class KFACSettings:
                                  "structure.")
     tied_blocks: bool = setting(True, "Give an embedding table tied to an output layer (GPT-2's head) one Kronecker "
                                 "block over both uses, their Kronecker products summed and inverted exactly (off: it "
-                                "steps as the parameters outside every block, the paper's). Torch engine, "
+                                "steps as the parameters outside every block, the paper's). Both engines, "
                                 "data-parallel too, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
