@@ -406,7 +406,7 @@ class KFAC:
         tables = self._tables(compiled, s.table_blocks)
         ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim)
         views = tuple(view for tie in ties for view in tie.views)
-        if (tables or views) and compiled.engine == "torch":  # onnxruntime's training graph taps the tables already
+        if (tables or views) and compiled.engine == "torch":  # onnxruntime's training graph taps them already
             self.engine.capture_also((*tables, *views))
         candidates = (*compiled.layers, *tables)
         if s.diagonal_wide_g and structure == "diagonal" and self._group is None and self.engine.sharded is None:
