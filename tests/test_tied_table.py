@@ -3,7 +3,8 @@
 The independent references: the untied twin (the same model with the table and the head as two Parameters of
 equal values), whose two layers' factors the dense-maths tests pin down and whose per-use gradients are autograd's;
 the tie's block is their Kronecker products summed, built here with torch.kron, and its damped inverse is checked
-against torch.linalg.solve of that dense matrix.
+against torch.linalg.solve of that dense matrix; K-FAC on the onnxruntime engine against the torch engine's steps
+(data-parallel runs: tests/test_kfac_distributed.py, test_preconditioner_ddp.py).
 """
 
 from __future__ import annotations
