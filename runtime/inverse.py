@@ -299,6 +299,18 @@ def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torc
     return inverse, failed
 
 
+def factor_dampings(a: torch.Tensor, g: torch.Tensor, gamma: float, centered: bool = False, floor: float = 0.0,
+                    g_share: float = 0.0) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+    """Sec 6.3's factored Tikhonov damping of one block, per group: (``centered_factor``'s split of A, or None
+    where A is damped as it is; pi; A's damping pi gamma; G's damping gamma / pi), pi from the centred factor's
+    trace where centred and both dampings ``floored`` (G's also by ``g_share``). See ``factored_inverses``."""
+    split = centered_factor(a) if centered else None
+    base = a if split is None else split[0]
+    pi = trace_pi(base, g)
+    return split, pi, floored(base, pi * gamma, floor), floored(g, gamma / pi, floor, g_share)
+
+
 def factored_inverses(
     a: torch.Tensor,
     g: torch.Tensor,
@@ -322,16 +334,12 @@ def factored_inverses(
     wider than this is inverted block-diagonally (``block_diagonal_inverse``; pi from its whole trace, which is
     the blocks' trace). ``g_share``: G's damping is also at least this fraction of its trace (``floored``).
     """
-    split = centered_factor(a) if centered else None
+    split, pi, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
     if split is not None:
-        pi = trace_pi(split[0], g)
-        a_inv, a_failed = centered_damped_inverse(split[0], split[1], floored(split[0], pi * gamma, floor), max_dim)
+        a_inv, a_failed = centered_damped_inverse(split[0], split[1], a_damping, max_dim)
     else:
-        pi = trace_pi(a, g)
-        a_inv, a_failed = block_diagonal_inverse(a, floored(a, pi * gamma, floor),
-                                                 None if previous is None else previous.a_inv, max_dim)
-    g_inv, g_failed = block_diagonal_inverse(g, floored(g, gamma / pi, floor, g_share),
-                                             None if previous is None else previous.g_inv, max_dim)
+        a_inv, a_failed = block_diagonal_inverse(a, a_damping, None if previous is None else previous.a_inv, max_dim)
+    g_inv, g_failed = block_diagonal_inverse(g, g_damping, None if previous is None else previous.g_inv, max_dim)
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole

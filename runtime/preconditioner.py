@@ -471,36 +471,21 @@ class KFACPreconditioner:
         ``grad_worker_fraction`` 1/W, the owner keeps them (the layers due are the same on every rank)."""
         due = inverses_due(self.steps, self.inverse_every)
         names = [name for name, block in self.blocks.items() if block.a is not None and (due or name not in self._inverted)]
-        if (group := active_group(self.process_group)) is None:  # (a tie's views inverted together)
-            inverses = self.curvature.invert(self.damping, only=names)
-            for name in names:
-                self.blocks[name].inverses = inverses[name]
-            failed = [name for name in names if not inverses[name].ok]
-        elif not names:
+        group = active_group(self.process_group)
+        if group is not None and not names:
             return False, []
-        elif (alone := self._owners_alone()) is not None:
-            rank = dist.get_rank(group)
-            failed = [name for name in names
-                      if alone.get(name) == rank and not self._invert_block(name)]
-            tied = [name for name in names if self.blocks[name].tied]  # no owner: inverted on every rank
-            if tied:
-                inverses = self.curvature.restricted(tied).invert(self.damping)
-                for name in tied:
-                    self.blocks[name].inverses = inverses[name]
-                failed += [name for name in tied if not inverses[name].ok]
-        else:
-            # from the plan: the same everywhere
+        alone = None if group is None else self._owners_alone()
+        if group is not None and alone is None:  # from the plan: the same everywhere
             owners = inverse_owners(self._owned_layers(), dist.get_world_size(group), self.curvature.max_dim)
-            inverses = invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
-            for name in names:
-                self.blocks[name].inverses = inverses[name]
-            failed = [name for name in names if not inverses[name].ok]
+            mine, inverses = names, invert_across_ranks(self.curvature.restricted(names), self.damping, owners, group)
+        else:  # here (a tie's views together), or each owner its own layers' and every rank every tie's (no owner)
+            rank = None if alone is None else dist.get_rank(group)
+            mine = names if alone is None else [name for name in names if alone.get(name, rank) == rank]
+            inverses = self.curvature.invert(self.damping, only=mine)
+        for name in mine:
+            self.blocks[name].inverses = inverses[name]
         self._inverted.update(names)
-        return bool(names), failed
-
-    def _invert_block(self, name: str) -> bool:
-        """Invert one layer's damped factors here (False: a group kept its previous inverse)."""
-        return self.blocks[name].invert(self.damping, knob="damping", max_dim=self.curvature.max_dim)
+        return bool(names), [name for name in mine if not inverses[name].ok]
 
     def _owners_alone(self) -> dict[str, int] | None:
         """Each layer's owner when it alone holds the layer's inverses and solves its gradient (data-parallel with

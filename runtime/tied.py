@@ -11,28 +11,26 @@ gamma / sqrt(2), so that the two add gamma^2 I between them as one block's dampi
 Two Kronecker terms are inverted exactly by one generalized eigendecomposition a side: U with U^T A_e' U = I
 and U^T G_h' U = diag(l), V with V^T G_e' V = I and V^T A_h' V = diag(m). Then U^T F'(U Y V^T) V = diag(l) Y
 diag(m) + Y, so F'^-1 R = U ((U^T R V) / (l m^T + 1)) V^T, the division entrywise: two products a side, as a
-Kronecker solve. A side wider than
-``max_dim`` is decomposed in contiguous diagonal blocks (both of its matrices' off-diagonal blocks taken as 0, as
-``inverse.block_diagonal_inverse`` does for one factor).
+Kronecker solve. A side wider than ``max_dim`` is decomposed in contiguous diagonal blocks (both of its matrices'
+off-diagonal blocks taken as 0, as ``inverse.block_diagonal_inverse`` does for one factor).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from kronograph.runtime.inverse import (InverseWarning, all_finite, centered_factor, diagonal_block_sizes, floored,
-                                       trace_pi)
+from kronograph.runtime.inverse import InverseWarning, all_finite, diagonal_block_sizes, factor_dampings
 
 #: Each use's share of gamma^2: the two uses' damping add up to one block's.
 USE_SHARE = 0.5
 
 
-@dataclass
+@dataclasses.dataclass
 class TiedInverses:
     """F'^-1 of a tie as the two sides' generalized eigenbases, each kept as its diagonal blocks (``rows``: U as
     [blocks, width, width], ``row_values``: l as [blocks, width], the last block padded by an identity with
@@ -120,29 +118,24 @@ def generalized_eigh(m: torch.Tensor, b: torch.Tensor, max_dim: int | None) -> t
 
 def _output_damped(a: torch.Tensor, g: torch.Tensor, gamma: float, centered: bool, floor: float, g_share: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output layer's damped A_h' and G_h' (its A in centred coordinates with ``centered``, as
-    ``inverse.factored_inverses`` damps a layer with a bias)."""
-    split = centered_factor(a) if centered else None
+    """The output layer's damped A_h' and G_h' (``inverse.factor_dampings``: its A in centred coordinates with
+    ``centered``, A + damping T T^T, as ``inverse.factored_inverses`` damps a layer with a bias)."""
+    split, _, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
     if split is None:
-        pi = trace_pi(a, g)
-        return _damped(a[0], floored(a, pi * gamma, floor)[0]), _damped(g[0], floored(g, gamma / pi, floor, g_share)[0])
-    tilde, mu = split
-    pi = trace_pi(tilde, g)
+        return _damped(a[0], a_damping[0]), _damped(g[0], g_damping[0])
     shift = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # T = [[I, mu], [0, 1]]
-    shift[:-1, -1] = mu[0]
-    a_damped = a[0] + floored(tilde, pi * gamma, floor)[0] * (shift @ shift.T)  # A + damping T T^T
-    return a_damped, _damped(g[0], floored(g, gamma / pi, floor, g_share)[0])
+    shift[:-1, -1] = split[1][0]
+    return a[0] + a_damping[0] * (shift @ shift.T), _damped(g[0], g_damping[0])
 
 
 def _table_damped(a: torch.Tensor, g: torch.Tensor, gamma: float, floor: float, width: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The table's damped A_e' (dense or diagonal) and G_e' padded to ``width`` (the head's bias coordinate: 0
     but for the damping)."""
-    pi = trace_pi(a, g)
-    g_damped = g.new_zeros(width, width)
-    dim = g.shape[-1]
-    g_damped[:dim, :dim] = g[0]
-    return _damped(a[0], floored(a, pi * gamma, floor)[0]), _damped(g_damped, floored(g, gamma / pi, floor)[0])
+    _, _, a_damping, g_damping = factor_dampings(a, g, gamma, floor=floor)
+    padded = g.new_zeros(width, width)
+    padded[:g.shape[-1], :g.shape[-1]] = g[0]
+    return _damped(a[0], a_damping[0]), _damped(padded, g_damping[0])
 
 
 def tied_inverses(output: Sequence[torch.Tensor], table: Sequence[torch.Tensor], gamma: float,
@@ -178,8 +171,5 @@ def tied_inverses(output: Sequence[torch.Tensor], table: Sequence[torch.Tensor],
                 continue
     warnings.warn(f"K-FAC tied block {name or '?'}: its damped factors are not finite or not positive definite; kept "
                   f"the previous inverse (raise {knob} if this repeats)", InverseWarning, stacklevel=2)
-    failed = torch.ones(1, dtype=torch.bool, device=factors[0].device)
-    if previous is not None:
-        return TiedInverses(previous.rows, previous.row_values, previous.columns, previous.column_values, failed)
-    kept = decompose(*(torch.zeros_like(f) for f in factors))
-    return TiedInverses(kept.rows, kept.row_values, kept.columns, kept.column_values, failed)
+    kept = previous if previous is not None else decompose(*(torch.zeros_like(f) for f in factors))
+    return dataclasses.replace(kept, failed=torch.ones(1, dtype=torch.bool, device=factors[0].device))
