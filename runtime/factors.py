@@ -244,16 +244,13 @@ def batch_factors(
     return a, g
 
 
-def _fold_g(layer: Layer, g: torch.Tensor | None, q_parts: Sequence[torch.Tensor], alpha: float, decay: float,
+def _fold_g(layer: Layer, g: torch.Tensor | None, q_parts: Sequence[torch.Tensor], scale: float, decay: float,
             mirror: bool = True) -> torch.Tensor:
-    """decay G + alpha sum_rows q q^T over the parts [groups, R, g_dim]; a ``Layer.diagonal_g``'s G as its diagonal
-    [groups, g_dim], sum_rows q * q."""
+    """The EMA step G <- decay G + (1 - decay) scale sum_rows q q^T over the parts [groups, R, g_dim]; a
+    ``Layer.diagonal_g``'s G is its diagonal [groups, g_dim], sum_rows q * q, folded by ``ema_`` as a table's A."""
     if not layer.diagonal_g:
-        return accumulate_grams(g, q_parts, alpha, decay, mirror=mirror)
-    squares = sum((q * q).sum(dim=1) for q in q_parts)
-    if decay == 0.0 or g is None:
-        return squares * alpha
-    return g.mul_(decay).add_(squares, alpha=alpha)
+        return accumulate_grams(g, q_parts, (1 - decay) * scale, decay, mirror=mirror)
+    return ema_(g, sum((q * q).sum(dim=1) for q in q_parts) * scale, decay)
 
 
 def fold_factors_(
@@ -303,7 +300,7 @@ def fold_factors_(
         return None
     a = (ema_(a, diagonal_counts(layer, sites, dtype) * a_alpha, decay) if table else
          _accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous))
-    return a, _fold_g(layer, g, q_parts, (1 - decay) * g_alpha, decay, mirror=mirror)
+    return a, _fold_g(layer, g, q_parts, g_alpha, decay, mirror=mirror)
 
 
 def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype) -> torch.Tensor:

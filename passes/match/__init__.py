@@ -86,8 +86,9 @@ def build_plan(
 
     verdict = verify(graph, matches, values)
     layers = _layers(verdict.accepted)
-    tables = _tables(graph, ctx, values, set(verdict.reasons), {layer.name for layer in layers})
-    ties = _ties(graph, ctx, matches, values, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
+    wide = [match for node in graph if (match := match_table(node, ctx)) is not None]  # tables past a layer's rows
+    tables = _tables(graph, wide, values, set(verdict.reasons), {layer.name for layer in layers})
+    ties = _ties([*matches, *wide], values, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
     for table in tables:
@@ -119,22 +120,20 @@ def build_plan(
     )
 
 
-def _tables(graph: ir.Graph, ctx: MatchContext, values: dict[str, ir.Value], unmatched: set[str],
+def _tables(graph: ir.Graph, wide: list[LayerMatch], values: dict[str, ir.Value], unmatched: set[str],
             taken: set[str]) -> tuple[Layer, ...]:
-    """The embedding tables too wide for a layer of the plan (``match_table``) whose every use is a Gather at the
-    graph's own indices (a table tied to an output layer is not one), as layers with a diagonal A."""
-    found = [match for node in graph
-             if (match := match_table(node, ctx)) is not None and match.weight.name in unmatched]
+    """The embedding tables too wide for a layer of the plan (``wide``: ``match_table``'s) whose every use is a
+    Gather at the graph's own indices (a table tied to an output layer is not one), as layers with a diagonal A."""
+    found = [match for match in wide if match.weight.name in unmatched]
     accepted = verify(graph, found, values).accepted
     return tuple(layer if layer.name not in taken else dataclasses.replace(layer, name=layer.weight)
                  for layer in _layers(accepted))
 
 
-def _ties(graph: ir.Graph, ctx: MatchContext, matches: list[LayerMatch], values: dict[str, ir.Value],
-          unmatched: set[str], taken: set[str]) -> tuple[Tie, ...]:
+def _ties(matches: list[LayerMatch], values: dict[str, ir.Value], unmatched: set[str], taken: set[str]
+          ) -> tuple[Tie, ...]:
     """The weights turned down as tables tied to an output layer (passes/match/tied.py), as Ties of two Layers."""
-    wide = [match for node in graph if (match := match_table(node, ctx)) is not None]
-    found = find_ties([*matches, *wide], parameter_uses(values), [name for name in values if name in unmatched])
+    found = find_ties(matches, parameter_uses(values), [name for name in values if name in unmatched])
     ties = []
     for weight, (table, head) in found.items():
         name = _layer_name(weight)
