@@ -96,7 +96,7 @@ class CompiledModel:
         if not outputs:
             return ()
         logits = rearranged_from(outputs[0])
-        heads = (*self.layers, *(tie.output for tie in self.plan.ties))  # a tied table's head too
+        heads = (*self.layers, *(tie.output for tie in self.plan.ties), *self.plan.normed)  # tied, weight-normed too
         return tuple(layer.name for layer in heads if any(site.preactivation in logits for site in layer.sites))
 
     @property

@@ -52,7 +52,8 @@ def trace_parameter(value: ir.Value | None, parameters: dict[str, str]) -> Trace
     transposed = False
     crossed: list[str] = []
     while value is not None:
-        if value.name in parameters and (value.is_initializer() or value.producer() is None):
+        # (an initializer, or a weight computed from parameters that the caller names as one: weight norm's W)
+        if value.name in parameters:
             return TracedParameter(parameters[value.name], transposed, tuple(crossed))
         node = value.producer()
         if node is None or node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):

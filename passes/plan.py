@@ -93,6 +93,10 @@ class Layer:
     # G kept as its diagonal: set by K-FAC (``curvature.with_diagonal_g``) on an output layer too wide for a dense G
     # (a word or BPE vocabulary's head), never by the matcher.
     diagonal_g: bool = False
+    # (direction v, magnitude g) where the weight is computed by weight norm, W = g v / |v| with |v| over every axis
+    # but the first (PyTorch's weight_norm, dim=0): ``weight`` then names the computed W (``fc.weight``), which is no
+    # parameter, and v and g are the parameters (a layer of the plan's ``normed``).
+    weight_norm: tuple[str, str] | None = None
 
     @property
     def groups(self) -> int:
@@ -117,6 +121,11 @@ class Layer:
         """Memory of the A and G factors in float32 (inverses double it)."""
         return 4 * self.groups * ((self.a_dim if self.diagonal_a else self.a_dim**2)
                                   + (self.g_dim if self.diagonal_g else self.g_dim**2))
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The trainable parameters the layer's block covers: weight and bias, or v, g and bias under weight norm."""
+        return tuple(name for name in (*(self.weight_norm or (self.weight,)), self.bias) if name)
 
     @property
     def num_params(self) -> int:
@@ -165,6 +174,9 @@ class LayerPlan:
     # Tables tied to an output layer (``Tie``): their weight (and the head's bias) stay in ``unmatched`` too; K-FAC on
     # the torch engine gives each one block over both uses.
     ties: tuple[Tie, ...] = field(default=())
+    # Layers whose weight is computed by weight norm (``Layer.weight_norm``): their v, g and bias stay in ``unmatched``
+    # too; K-FAC on the torch engine gives each a block on the computed weight.
+    normed: tuple[Layer, ...] = field(default=())
 
     @property
     def all_layers(self) -> tuple[Layer, ...]:
@@ -191,6 +203,7 @@ class LayerPlan:
                 **{
                     **d,
                     "weight_shape": tuple(d["weight_shape"]),
+                    "weight_norm": tuple(d["weight_norm"]) if d.get("weight_norm") else None,
                     "sites": tuple(Site(**{**s, "nodes": tuple(s["nodes"])}) for s in d["sites"]),
                     "geometry": ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in geometry.items()})
                     if geometry
@@ -207,6 +220,7 @@ class LayerPlan:
             output=data.get("output", ""),
             tables=tuple(layer(d) for d in data.get("tables", ())),
             ties=tuple(Tie(d["name"], layer(d["embedding"]), layer(d["output"])) for d in data.get("ties", ())),
+            normed=tuple(layer(d) for d in data.get("normed", ())),
         )
 
     @classmethod

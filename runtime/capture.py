@@ -6,7 +6,9 @@ No module hooks: a TorchFunctionMode sees every call of ``F.linear``, ``torch.co
 one-hot rows of its indices, ``layer_input``). A call is a site of a layer when its weight
 argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
-as nn.Linear. Outside ``with Capture(...)`` nothing is intercepted: the normal forward costs nothing.
+as nn.Linear. A weight-normed layer's (``Layer.weight_norm``) weight is computed in the forward: the result of
+``torch._weight_norm(v, g, 0)`` on its v is bound to it, and the calls that read it are its sites. Outside ``with
+Capture(...)`` nothing is intercepted: the normal forward costs nothing.
 
 torch.compile: dynamo cannot trace this mode (its site bookkeeping, weakrefs and gradient hooks fail inside
 dynamo with internal errors), and a compiled graph hides the sites anyway. So while a Capture is open the
@@ -225,11 +227,16 @@ class Capture(TorchFunctionMode):
         # two views of one weight) is found as the table by F.embedding and as the output layer by F.linear.
         self._by_weight: dict[int, Layer] = {}
         self._tables: dict[int, Layer] = {}
+        # Weight-normed layers by the id of their v: the W that torch._weight_norm(v, g, 0) returns is bound to them.
+        self._normed: dict[int, Layer] = {}
         for layer in self.layers.values():
-            if layer.weight not in params:
-                raise CaptureError(f"layer {layer.name!r}: the module has no parameter {layer.weight!r}")
-            (self._tables if layer.kind == "embedding" else self._by_weight)[id(params[layer.weight])] = layer
-        self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()}
+            weight = layer.weight_norm[0] if layer.weight_norm else layer.weight
+            if weight not in params:
+                raise CaptureError(f"layer {layer.name!r}: the module has no parameter {weight!r}")
+            kind = self._normed if layer.weight_norm else self._tables if layer.kind == "embedding" else self._by_weight
+            kind[id(params[weight])] = layer
+        self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()
+                         if not layer.weight_norm}
         self._module = module
         self._rebinding: list[Any] = []  # forward pre-hooks following FSDP2's unsharded weights (``_follow_unsharded``)
         self.hooks = hooks
@@ -285,6 +292,8 @@ class Capture(TorchFunctionMode):
             self._conv_transpose(args, kwargs, result)
         elif func in _EMBEDDING:
             self._embedding(args, kwargs, result)
+        elif func is torch._weight_norm and args and id(args[0]) in self._normed and _arg(args, kwargs, 2, "dim", 0) == 0:
+            self._bind(self._normed[id(args[0])], result)  # this forward's W = g v / |v| of a weight-normed layer
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight.get(id(args[0]))
                                             or self._tables[id(args[0])])

@@ -6,12 +6,13 @@ import dataclasses
 
 import onnx_ir as ir
 
-from kronograph.passes.graph import ensure_node_names, node_label
+from kronograph.passes.graph import ensure_node_names, node_label, terminal_uses
 from kronograph.passes.match.base import LayerMatch, MatchContext
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
 from kronograph.passes.match.tied import find_ties
-from kronograph.passes.match.verification import parameter_uses, verify
+from kronograph.passes.match.verification import parameter_uses, parametrized, verify
+from kronograph.passes.match.weight_norm import find_weight_norms
 from kronograph.passes.plan import Layer, LayerPlan, Tie, Unmatched
 
 __all__ = ["build_plan"]
@@ -89,6 +90,8 @@ def build_plan(
     wide = [match for node in graph if (match := match_table(node, ctx)) is not None]  # tables past a layer's rows
     tables = _tables(graph, wide, values, set(verdict.reasons), {layer.name for layer in layers})
     ties = _ties([*matches, *wide], values, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
+    normed = _normed(ctx, values, set(verdict.reasons),
+                     {layer.name for layer in (*layers, *tables, *(tie.output for tie in ties))})
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
     for table in tables:
@@ -104,6 +107,13 @@ def build_plan(
         if tie.output.bias:
             reasons[tie.output.bias] = (f"bias of the output layer tied to the table '{tie.output.weight}': in "
                                         "K-FAC's block of the tie, outside every block elsewhere")
+    for layer in normed:
+        direction, magnitude = layer.weight_norm
+        for name, role in ((direction, "direction v"), (magnitude, "magnitude g"), (layer.bias, "bias")):
+            if name:
+                reasons[name] = (f"weight norm's {role} of {layer.weight} (W = g v / |v|): K-FAC gives the computed "
+                                 f"weight a block (weight_norm_blocks), outside every block elsewhere"
+                                 f"{parametrized(name) if name != layer.bias else ''}")
     unmatched = [Unmatched(name, shapes[name], reasons[name]) for name in order if name in reasons]
     unmatched += [
         Unmatched(name, tuple(shape), "not in the exported graph (the forward pass does not use it)")
@@ -117,6 +127,7 @@ def build_plan(
         outputs=tuple(v.name for v in graph.outputs),
         tables=tables,
         ties=ties,
+        normed=normed,
     )
 
 
@@ -140,3 +151,30 @@ def _ties(matches: list[LayerMatch], values: dict[str, ir.Value], unmatched: set
         name = weight if name in taken else name
         ties.append(Tie(name, _layer(f"{name}[embedding]", table), _layer(f"{name}[output]", head)))
     return tuple(ties)
+
+
+def _normed(ctx: MatchContext, values: dict[str, ir.Value], unmatched: set[str], taken: set[str]
+            ) -> tuple[Layer, ...]:
+    """The layers whose weight weight norm computes (passes/match/weight_norm.py), matched on that computed weight
+    as on a parameter: where v and g are read by the norm alone and every use of W is a site of one layer."""
+    uses = parameter_uses(values)
+    found = []
+    for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes):
+        reduce, divide, multiply = normed.nodes
+        read_by_norm = ({node for node, _ in uses[normed.direction]} == {reduce, multiply}
+                        and {node for node, _ in uses[normed.magnitude]} == {divide})
+        if not read_by_norm or not {normed.direction, normed.magnitude} <= unmatched:
+            continue
+        derived = MatchContext(ctx.graph, {**ctx.parameters, normed.value.name: normed.name},
+                               {**ctx.shapes, normed.name: ctx.shapes[normed.direction]})
+        first = (next((m for matcher in MATCHERS if (m := matcher(node, derived)) is not None), None)
+                 for node, _ in terminal_uses(normed.value))
+        sites = [match for match in first if match is not None and match.weight.name == normed.name]
+        biases = {site.bias.name for site in sites if site.bias}
+        if not biases <= unmatched:
+            continue
+        accepted = verify(ctx.graph, sites, {normed.name: normed.value, **{b: values[b] for b in biases}}).accepted
+        for layer in _layers(accepted):
+            name = layer.weight if layer.name in taken else layer.name
+            found.append(dataclasses.replace(layer, name=name, weight_norm=(normed.direction, normed.magnitude)))
+    return tuple(found)

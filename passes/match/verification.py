@@ -118,11 +118,11 @@ def verify(
             )
         else:
             reasons[name] = (f"not a linear, convolution or embedding weight: {_describe(sorted(found)[0], nodes)}"
-                             f"{_parametrized(name)}")
+                             f"{parametrized(name)}")
     return Verdict(accepted=accepted, reasons=reasons)
 
 
-def _parametrized(name: str) -> str:
+def parametrized(name: str) -> str:
     """The fix for a tensor of torch.nn.utils.parametrize (weight norm, spectral norm) or of the older
     torch.nn.utils.weight_norm (weight_g, weight_v): the layer's weight is computed from it in the forward, so the
     layer has no weight of its own to give a block; "" for other names."""

@@ -100,6 +100,7 @@ from kronograph.runtime.statistics import (
     whole_batch,
 )
 from kronograph.runtime.quadratic import curvature_gram, curvature_gram_sum, inner_tensor, solve_quadratic_model
+from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
@@ -218,6 +219,12 @@ class KFAC:
             eigendecomposition a side (runtime/tied.py). Both engines, data-parallel too (every rank inverts the tie
             from the all-reduced factors), diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
             preset's), the table steps as the parameters outside every block.
+        weight_norm_blocks: a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|,
+            PyTorch's weight_norm, old or parametrization) gets the block of its computed weight W: its a and g are
+            those of any layer, the gradient is pushed forward to W and the block's step pulled back to (g, v), a
+            step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). The torch
+            engine, one process, diagonal structure; elsewhere, and off (the paper preset's), v and g step as the
+            parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -406,15 +413,17 @@ class KFAC:
         tables = self._tables(compiled, s.table_blocks)
         ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim)
         views = tuple(view for tie in ties for view in tie.views)
-        if (tables or views) and compiled.engine == "torch":  # onnxruntime's training graph taps them already
-            self.engine.capture_also((*tables, *views))
-        candidates = (*compiled.layers, *tables)
+        self.normed = self._weight_normed(compiled, s.weight_norm_blocks)
+        if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
+            self.engine.capture_also((*tables, *views, *self.normed))
+        candidates = (*compiled.layers, *tables, *self.normed)
         if s.diagonal_wide_g and structure == "diagonal" and self._group is None and self.engine.sharded is None:
             candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
         layers = within_reach(candidates, s.max_kronecker_dim) + list(views)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim, ties)
-        covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+        self.normed = tuple(layer for layer in layers if layer.weight_norm)  # (those within max_kronecker_dim)
+        covered = {n for layer in layers for n in layer.parameter_names}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
         # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)
@@ -473,6 +482,14 @@ class KFAC:
         if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
+
+    def _weight_normed(self, compiled, wanted: bool) -> tuple:
+        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): the torch engine, one
+        process, diagonal structure, not FSDP-sharded."""
+        if (not wanted or compiled.engine != "torch" or self.structure != "diagonal" or self.engine.sharded is not None
+                or self._group is not None):
+            return ()
+        return compiled.plan.normed
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -556,8 +573,7 @@ class KFAC:
         refresh = (inverses_due(k, self.inverse_every) or len(gammas) > 1 or self._gamma_moved()
                    or bool(self.curvature.uninverted()))
         # Parameters outside every block, and those of layers with no statistics yet, step on their own.
-        uncovered = self.unmatched + [name for layer in self.curvature.unestimated() for name in (layer.weight, layer.bias)
-                                      if name]
+        uncovered = self.unmatched + [name for layer in self.curvature.unestimated() for name in layer.parameter_names]
         fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in frozen])
         left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
         # Without re-scaling, the bias-free layers' heavy ball runs fused on the kernel where Triton is picked (not
@@ -565,6 +581,11 @@ class KFAC:
         unfused = self.rescale or self.engine.sharded is not None
         fused, rest = ([], self.curvature) if unfused else fused_layers(self.engine, self.curvature, grads, self._rows,
                                                                         left_out)
+        weighted = grads  # the gradient where weight-normed layers' blocks read it: in their computed W's coordinates
+        if self.normed:
+            weighted = weight_coordinates(grads, self.engine.parameters(), self.normed)
+            if self._half_difference is not None:
+                self._half_difference = weight_coordinates(self._half_difference, self.engine.parameters(), self.normed)
         best = kept = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
@@ -574,10 +595,13 @@ class KFAC:
             with self._timed("precondition"):
                 signal = gamma == gammas[0] and self._half_difference is not None  # once a step, gamma's inverses
                 right_rows: dict[str, torch.Tensor] | None = {} if signal else None
-                proposal = {name: value for name, value in self._proposal(grads, inverses, rest, right_rows).items()
+                proposal = {name: value for name, value in self._proposal(weighted, inverses, rest, right_rows).items()
                             if name not in left_out}
                 if signal:
-                    self._update_signal(grads, proposal, inverses, right_rows)
+                    self._update_signal(weighted, proposal, inverses, right_rows)
+                if self.normed:  # weight-normed layers' Delta W as (dg, dv)
+                    proposal = {name: value for name, value in parameter_coordinates(
+                        proposal, self.engine.parameters(), self.normed).items() if name not in left_out}
                 share = self._signal_share()
                 if share is not None:
                     lr = self.lr * (UNHALVED_NORMALISED_SCALE if self._unhalved_normalised() else (1 + share) / 2)

@@ -24,7 +24,8 @@
   normalisation's tangent is many passes over the activations, a recurrent layer's leaves its fused kernel:
   runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
   (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
-  output layer one block over both uses (runtime/tied.py).
+  output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed
+  weight (runtime/weight_norm.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -154,6 +155,10 @@ class KFACSettings:
                                 "block over both uses, their Kronecker products summed and inverted exactly (off: it "
                                 "steps as the parameters outside every block, the paper's). Both engines, "
                                 "data-parallel too, diagonal structure.")
+    weight_norm_blocks: bool = setting(True, "Give a layer whose weight is computed by weight norm (W = g v / |v|, "
+                                       "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
+                                       "and v (off: they step as the parameters outside every block, the paper's). "
+                                       "The torch engine, one process, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -211,7 +216,7 @@ PRESETS: dict[str, KFACSettings] = {
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
         reject_damping_floor=None,
         bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
-        shared_statistics_forward=False, table_blocks=False, tied_blocks=False,
+        shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
     ),
 }

@@ -1,0 +1,76 @@
+"""Weight-normed layers: a linear or convolution layer whose weight is computed as W = g v / |v| (PyTorch's
+``weight_norm``, the norm over every axis but the first), the graph's Mul(v, Div(g, ReduceL2(v))).
+
+Coverage turns v and g down (ReduceL2, Div and Mul are no layer's sites), yet the layer is an ordinary Kronecker
+layer of its computed weight W: the same a and g, the same Fisher block in W's coordinates. The map (g, v) -> W
+covers every direction of W a row at a time (u = v / |v|: dW = u dg + (g / |v|) (I - u u^T) dv), so a step in W
+is exactly a step in (g, v), and K-FAC's natural step in W pulled back (runtime/weight_norm.py) is the natural
+step of the weight-normed parameters. Here the computed weight is matched as if it were a parameter, named as the
+module's attribute (``fc.weight``); the layer keeps v and g as ``Layer.weight_norm``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from kronograph.passes.graph import int_attr, static_shape
+
+_PARAMETRIZED = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.original[01]$")
+
+
+@dataclass(frozen=True)
+class NormedWeight:
+    """A weight computed by weight norm in the graph: the Mul's output ``value``, its parameters and nodes."""
+
+    value: ir.Value
+    direction: str  # v, [out, ...]
+    magnitude: str  # g, [out, 1, ..., 1]
+    name: str  # the computed weight's name: the module attribute (``fc.weight``)
+    nodes: tuple[str, ...]  # ReduceL2, Div, Mul
+
+
+def computed_name(direction: str) -> str:
+    """The module attribute a weight-norm direction parameter computes: ``fc.parametrizations.weight.original1``
+    (torch.nn.utils.parametrizations.weight_norm) and ``fc.weight_v`` (the older torch.nn.utils.weight_norm) both
+    give ``fc.weight``."""
+    found = _PARAMETRIZED.match(direction)
+    if found:
+        return f"{found.group(1)}.{found.group(2)}"
+    return direction[: -len("_v")] if direction.endswith("_v") else f"{direction}[normed]"
+
+
+def _parameter(value: ir.Value | None, parameters: dict[str, str]) -> str | None:
+    if value is None or value.name not in parameters or value.producer() is not None:
+        return None
+    return parameters[value.name]
+
+
+def find_weight_norms(graph: ir.Graph, parameters: dict[str, str], shapes: dict[str, tuple[int, ...]]
+                      ) -> list[NormedWeight]:
+    """Every Mul(v, Div(g, ReduceL2(v))) (either Mul operand order) of two parameters with g shaped [out, 1, ...,
+    1] like v's rank and the norm, kept dims, shaped the same: the norm over every axis but the first."""
+    found = []
+    for node in graph:
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        for index in (0, 1):
+            direction = _parameter(node.inputs[index], parameters)
+            div = node.inputs[1 - index].producer() if node.inputs[1 - index] is not None else None
+            if direction is None or div is None or div.op_type != "Div" or div.domain not in ("", "ai.onnx"):
+                continue
+            magnitude = _parameter(div.inputs[0], parameters)
+            reduce = div.inputs[1].producer() if div.inputs[1] is not None else None
+            if (magnitude is None or reduce is None or reduce.op_type != "ReduceL2"
+                    or _parameter(reduce.inputs[0], parameters) != direction or int_attr(reduce, "keepdims", 1) != 1):
+                continue
+            shape = shapes[direction]
+            kept = (shape[0],) + (1,) * (len(shape) - 1)
+            if len(shape) < 2 or shapes[magnitude] != kept or static_shape(reduce.outputs[0]) != kept:
+                continue
+            found.append(NormedWeight(node.outputs[0], direction, magnitude, computed_name(direction),
+                                      (reduce.name, div.name, node.name)))
+            break
+    return found

@@ -1,0 +1,159 @@
+"""Weight-normed layers (W = g v / |v|): K-FAC's block on the computed weight (passes/match/weight_norm.py,
+runtime/weight_norm.py).
+
+The independent references: autograd's Jacobian of torch._weight_norm (the coordinate maps must push a gradient
+to W and pull a step back to (g, v) through it), and the plain twin (the same model with W a Parameter of equal
+value), whose factors and K-FAC steps the dense-maths tests pin down: the weight-normed model's factors must equal
+the twin's, and its first step must change W as the twin's step does, to first order.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import weight_norm as old_weight_norm
+from torch.nn.utils.parametrizations import weight_norm
+
+import kronograph
+from equality import kfac_resumed
+from kronograph.passes.plan import LayerPlan
+from kronograph.runtime.inverse import CoverageWarning
+from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
+
+
+def normed_net() -> nn.Module:
+    """A weight-normed conv (parametrization), a weight-normed linear (parametrization) and a head normed the old way."""
+    return nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3)), nn.Tanh(), nn.Flatten(), weight_norm(nn.Linear(12, 6)),
+                         nn.Tanh(), old_weight_norm(nn.Linear(6, 3)))
+
+
+def plain_twin(normed: nn.Module) -> nn.Module:
+    """``normed`` with each computed weight a Parameter of equal value."""
+    twin = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for i in (0, 3, 5):
+            twin[i].weight.copy_(normed[i].weight)
+            twin[i].bias.copy_(normed[i].bias)
+    return twin
+
+
+def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_the_plan_holds_each_weight_normed_layer_with_its_v_and_g():
+    torch.manual_seed(0)
+    cm = kronograph.compile(normed_net(), (batch()[0][:2],), loss="cross_entropy")
+    normed = {layer.name: layer for layer in cm.plan.normed}
+    assert sorted(normed) == ["0", "3", "5"]
+    assert normed["0"].kind == "conv1d" and normed["0"].weight == "0.weight" and normed["0"].bias == "0.bias"
+    assert normed["0"].weight_norm == ("0.parametrizations.weight.original1", "0.parametrizations.weight.original0")
+    assert normed["3"].kind == "linear" and (normed["3"].in_features, normed["3"].out_features) == (12, 6)
+    assert normed["5"].weight_norm == ("5.weight_v", "5.weight_g")
+    assert cm.plan.layers == ()  # every other method steps them outside every block, as before
+    reasons = {entry.name: entry.reason for entry in cm.plan.unmatched}
+    assert "weight norm's magnitude g of 3.weight" in reasons["3.parametrizations.weight.original0"]
+    assert "remove_parametrizations" in reasons["3.parametrizations.weight.original1"]
+    assert "weight norm's bias of 5.weight" in reasons["5.bias"]
+    assert cm.output_layers == ("5",)
+    assert LayerPlan.from_json(cm.plan.to_json()) == cm.plan
+
+
+def test_a_v_read_elsewhere_too_gets_no_block():
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = weight_norm(nn.Linear(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + self.fc.parametrizations.weight.original1.sum()
+
+    cm = kronograph.compile(Leaky(), (torch.randn(2, 4),), loss="cross_entropy")
+    assert cm.plan.normed == ()
+
+
+def test_the_coordinate_maps_are_autograd_jacobians_of_weight_norm():
+    """grad_(g, v) = J^T grad_W is pushed back to grad_W, and a step Delta W pulled back to (dg, dv) has J (dg, dv)
+    = Delta W, J autograd's Jacobian of torch._weight_norm at (v, g)."""
+    torch.manual_seed(1)
+    cm = kronograph.compile(normed_net(), (batch()[0][:2],), loss="cross_entropy")
+    layer = next(layer for layer in cm.plan.normed if layer.name == "0")
+    v_name, g_name = layer.weight_norm
+    v, g = torch.randn(4, 2, 3, dtype=torch.float64), torch.rand(4, 1, 1, dtype=torch.float64) + 0.5
+    jv, jg = torch.autograd.functional.jacobian(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g))
+    jacobian = torch.cat([jv.reshape(24, 24), jg.reshape(24, 4)], 1)  # d vec(W) / d (vec v, vec g)
+    params = {v_name: v, g_name: g}
+    grad_w = torch.randn(4, 2, 3, dtype=torch.float64)
+    pulled = jacobian.T @ grad_w.reshape(-1)
+    grads = {v_name: pulled[:24].reshape(4, 2, 3), g_name: pulled[24:].reshape(4, 1, 1), "other": torch.ones(2)}
+    pushed = weight_coordinates(grads, params, [layer])
+    torch.testing.assert_close(pushed[layer.weight], grad_w)
+    assert pushed["other"] is grads["other"] and pushed[v_name] is grads[v_name]
+    step = parameter_coordinates({layer.weight: grad_w, "other": torch.ones(2)}, params, [layer])
+    assert layer.weight not in step and step["other"].equal(torch.ones(2))
+    torch.testing.assert_close((jacobian @ torch.cat([step[v_name].reshape(-1), step[g_name].reshape(-1)])
+                                ).reshape(4, 2, 3), grad_w)
+    assert abs(float((step[v_name] * v).sum((1, 2)).abs().max())) < 1e-12  # dv orthogonal to v, row by row
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_factors_and_first_step_equal_the_plain_twins():
+    torch.manual_seed(0)
+    normed = normed_net()
+    twin = plain_twin(normed)
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        opt = kronograph.optim.KFAC(kronograph.compile(normed, (x[:2],), loss="cross_entropy"), seed=0)
+    reference = kronograph.optim.KFAC(kronograph.compile(twin, (x[:2],), loss="cross_entropy"), seed=0)
+    assert sorted(opt.blocks) == sorted(reference.blocks) == ["0", "3", "5"] and opt.unmatched == []
+    before = {i: normed[i].weight.detach().clone() for i in (0, 3, 5)}
+    parameters = {name: p.detach().clone() for name, p in normed.named_parameters()}
+    reference_before = {i: twin[i].weight.detach().clone() for i in (0, 3, 5)}
+    info, reference_info = opt.step(x, y), reference.step(x, y)
+    for name in opt.blocks:
+        torch.testing.assert_close(opt.blocks[name].a, reference.blocks[name].a)
+        torch.testing.assert_close(opt.blocks[name].g, reference.blocks[name].g)
+    assert info["alpha"] == pytest.approx(reference_info["alpha"], rel=1e-3)
+    for i in (0, 3, 5):  # W's change to first order: J (dg, dv), J autograd's Jacobian at the weights before
+        v_name, g_name = ((f"{i}.parametrizations.weight.original1", f"{i}.parametrizations.weight.original0")
+                          if i != 5 else ("5.weight_v", "5.weight_g"))
+        v, g = parameters[v_name], parameters[g_name]
+        dv, dg = normed.get_parameter(v_name).detach() - v, normed.get_parameter(g_name).detach() - g
+        _, first_order = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g), (dv, dg))
+        change = twin[i].weight.detach() - reference_before[i]
+        torch.testing.assert_close(first_order, change, rtol=1e-3, atol=1e-3 * float(change.abs().max()))
+        assert not torch.equal(normed[i].weight.detach(), before[i])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_off_and_in_the_paper_preset_v_and_g_step_outside_every_block():
+    x, _ = batch()
+    for options in ({"weight_norm_blocks": False}, {"preset": "paper"}):
+        cm = kronograph.compile(normed_net(), (x[:2],), loss="cross_entropy")
+        with pytest.warns(CoverageWarning):
+            opt = kronograph.optim.KFAC(cm, **options)
+        assert opt.blocks == {} and "0.parametrizations.weight.original1" in opt.unmatched
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_weight_normed_net_trains_and_resumes_exactly():
+    batches = [batch(32, seed) for seed in range(8)]
+    resumed, tail, again = kfac_resumed(normed_net, batches, batches[0][0][:2])
+    assert sorted(resumed.blocks) == ["0", "3", "5"]
+    assert tail == again
+    x, _ = batch(256, 99)
+    y = (x.flatten(1) @ torch.linspace(-1, 1, 30).reshape(10, 3)).argmax(1)  # labels a function of x
+    torch.manual_seed(0)
+    model = normed_net()
+    twin = plain_twin(model)
+    losses = {}
+    for name, net in (("normed", model), ("twin", twin)):
+        opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0)
+        losses[name] = [opt.step(x, y)["loss"] for _ in range(20)]
+    assert losses["normed"][-1] < 0.5 * losses["normed"][0]
+    assert losses["normed"][-1] < 1.5 * losses["twin"][-1]
