@@ -122,6 +122,7 @@ from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.sharded import check_row_sharded, fsdp_modules, is_sharded, local_rows, whole
 from kronograph.runtime.wbar import gather, scatter
+from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 
 ASSUMED_LR = 0.1  # the learning rate kl_clip's bound assumes when none is given (SGD's usual; kfac-pytorch's default)
@@ -178,6 +179,10 @@ class KFACPreconditioner:
             block over both uses, the two Kronecker products summed and inverted exactly (runtime/tied.py), which
             rewrites the table's (and the head's bias's) .grad; data-parallel too (every rank inverts the tie and
             solves its gradient, whatever ``grad_worker_fraction``), not FSDP-sharded. False: they keep their .grad.
+        weight_norm_blocks: give a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|)
+            the block of W: v's and g's .grad are pushed forward to W's, solved, and pulled back (runtime/
+            weight_norm.py), so that your optimizer's step -lr .grad changes W by -lr F^-1 grad_W to first order.
+            One process, not FSDP-sharded. False: v and g keep their .grad.
     """
 
     def __init__(
@@ -203,6 +208,7 @@ class KFACPreconditioner:
         max_kronecker_dim: int | None = 8192,
         table_blocks: bool = True,
         tied_blocks: bool = True,
+        weight_norm_blocks: bool = True,
     ) -> None:
         if graft not in ("norm", None):
             raise KronographError(f"graft={graft!r}; choose 'norm' (the gradient's norm per layer) or None (raw F^-1 g)")
@@ -255,7 +261,9 @@ class KFACPreconditioner:
         ties = (() if not tied_blocks or fsdp_modules(compiled.module)
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)
-        self.layers = (*within_reach((*compiled.layers, *tables), largest), *views)
+        normed = (compiled.plan.normed if weight_norm_blocks and not fsdp_modules(compiled.module)
+                  and active_group(process_group) is None else ())
+        self.layers = (*within_reach((*compiled.layers, *tables, *normed), largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim),
                                                 ties=ties)
@@ -513,14 +521,18 @@ class KFACPreconditioner:
         for name in self.curvature.solving:  # (a tie's output view solves the table's gradient)
             block = self.blocks[name]
             layer = block.layer
-            targets = [params[layer.weight]] + ([params[layer.bias]] if layer.bias else [None])
+            weights = layer.weight_norm or (layer.weight,)  # (v, g) of a weight-normed layer
+            targets = [params[key] for key in weights] + ([params[layer.bias]] if layer.bias else [None])
             if all(p is None or p.grad is None for p in targets):
                 continue  # no gradient to rewrite (frozen or unused layer)
             if name not in self._inverted:
                 missing.append(name)
                 continue
-            grads = (self._whole_grad(key, params[key]) if key else None for key in (layer.weight, layer.bias))
-            ready.append((name, block, targets, gather(layer, *grads)))
+            grads = {key: self._whole_grad(key, params[key]) for key in weights}
+            weight_grad = (weight_coordinates(grads, params, [layer])[layer.weight] if layer.weight_norm
+                           else grads[layer.weight])
+            bias_grad = self._whole_grad(layer.bias, params[layer.bias]) if layer.bias else None
+            ready.append((name, block, targets, gather(layer, weight_grad, bias_grad)))
         # which gradients are finite: read by the host once for all layers (one synchronisation on a GPU)
         checks = [torch.isfinite(grad_bar).all().to(ready[0][3].device) for *_, grad_bar in ready]
         finite = torch.stack(checks).tolist() if checks else []
@@ -543,7 +555,13 @@ class KFACPreconditioner:
         for name, block, targets, _ in ready:
             if name not in solved:
                 continue
-            for param, value in zip(targets, scatter(block.layer, solved[name] if nu is None else solved[name] * nu)):
+            weight, bias = scatter(block.layer, solved[name] if nu is None else solved[name] * nu)
+            if block.layer.weight_norm:  # Delta W as (dv, dg)
+                pulled = parameter_coordinates({block.layer.weight: weight}, params, [block.layer])
+                values = [pulled[key] for key in block.layer.weight_norm] + [bias]
+            else:
+                values = [weight, bias]
+            for param, value in zip(targets, values):
                 if param is not None and param.grad is not None:
                     sharded = is_sharded(param.grad)
                     writes.append((param.grad.to_local() if sharded else param.grad,

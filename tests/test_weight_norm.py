@@ -1,10 +1,11 @@
-"""Weight-normed layers (W = g v / |v|): K-FAC's block on the computed weight (passes/match/weight_norm.py,
-runtime/weight_norm.py).
+"""Weight-normed layers (W = g v / |v|): K-FAC's and KFACPreconditioner's block on the computed weight
+(passes/match/weight_norm.py, runtime/weight_norm.py).
 
 The independent references: autograd's Jacobian of torch._weight_norm (the coordinate maps must push a gradient
 to W and pull a step back to (g, v) through it), and the plain twin (the same model with W a Parameter of equal
 value), whose factors and K-FAC steps the dense-maths tests pin down: the weight-normed model's factors must equal
-the twin's, and its first step must change W as the twin's step does, to first order.
+the twin's, its first step must change W as the twin's step does, to first order, and the preconditioner's new
+.grad of v and g must move W as the twin's new W.grad.
 """
 
 from __future__ import annotations
@@ -157,3 +158,34 @@ def test_a_weight_normed_net_trains_and_resumes_exactly():
         losses[name] = [opt.step(x, y)["loss"] for _ in range(20)]
     assert losses["normed"][-1] < 0.5 * losses["normed"][0]
     assert losses["normed"][-1] < 1.5 * losses["twin"][-1]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("settings", [{"graft": None, "kl_clip": None}, {}])
+def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twins(settings):
+    """KFACPreconditioner in a user's loop: the new .grad of v and g, through autograd's Jacobian of
+    torch._weight_norm, equals the plain twin's new W.grad (the same batch, so the same factors), with and without
+    the grafting and the KL clip (both read W's coordinates); the bias's .grad equals the twin's."""
+    torch.manual_seed(0)
+    # float64: a softmax head's G is singular along the all-ones direction, where float32's rounding of the two
+    # models' gradients (4e-9 apart) is multiplied by 1 / damping
+    normed = normed_net().double()
+    twin = plain_twin(normed).double()
+    x, y = batch()
+    x = x.double()
+    for net in (normed, twin):
+        precond = kronograph.optim.KFACPreconditioner(kronograph.compile(net, (x[:2],), loss="cross_entropy"),
+                                                      factor_dtype=torch.float64, **settings)
+        assert sorted(precond.blocks) == ["0", "3", "5"]
+        with precond.track():
+            nn.functional.cross_entropy(net(x), y).backward()
+        precond.step()
+    parameters = dict(normed.named_parameters())
+    for i in (0, 3, 5):
+        v_name, g_name = ((f"{i}.parametrizations.weight.original1", f"{i}.parametrizations.weight.original0")
+                          if i != 5 else ("5.weight_v", "5.weight_g"))
+        v, g = parameters[v_name].detach(), parameters[g_name].detach()
+        _, moved = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g),
+                                                 (parameters[v_name].grad, parameters[g_name].grad))
+        torch.testing.assert_close(moved, twin[i].weight.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(normed[i].bias.grad, twin[i].bias.grad, rtol=1e-5, atol=1e-8)
