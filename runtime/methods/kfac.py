@@ -223,8 +223,8 @@ class KFAC:
             PyTorch's weight_norm, old or parametrization) gets the block of its computed weight W: its a and g are
             those of any layer, the gradient is pushed forward to W and the block's step pulled back to (g, v), a
             step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). The torch
-            engine, one process, diagonal structure; elsewhere, and off (the paper preset's), v and g step as the
-            parameters outside every block.
+            engine, data-parallel too, diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            preset's), v and g step as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -484,10 +484,9 @@ class KFAC:
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
-        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): the torch engine, one
-        process, diagonal structure, not FSDP-sharded."""
-        if (not wanted or compiled.engine != "torch" or self.structure != "diagonal" or self.engine.sharded is not None
-                or self._group is not None):
+        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): the torch engine, diagonal
+        structure, data-parallel too (each rank pushes the summed gradient to W alike), not FSDP-sharded."""
+        if not wanted or compiled.engine != "torch" or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return compiled.plan.normed
 
