@@ -182,7 +182,8 @@ class KFACPreconditioner:
         weight_norm_blocks: give a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|)
             the block of W: v's and g's .grad are pushed forward to W's, solved, and pulled back (runtime/
             weight_norm.py), so that your optimizer's step -lr .grad changes W by -lr F^-1 grad_W to first order.
-            One process, not FSDP-sharded. False: v and g keep their .grad.
+            Data-parallel too (an owner alone solves in W's coordinates, every rank pulls back), not FSDP-sharded.
+            False: v and g keep their .grad.
     """
 
     def __init__(
@@ -261,8 +262,7 @@ class KFACPreconditioner:
         ties = (() if not tied_blocks or fsdp_modules(compiled.module)
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)
-        normed = (compiled.plan.normed if weight_norm_blocks and not fsdp_modules(compiled.module)
-                  and active_group(process_group) is None else ())
+        normed = compiled.plan.normed if weight_norm_blocks and not fsdp_modules(compiled.module) else ()
         self.layers = (*within_reach((*compiled.layers, *tables, *normed), largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim),

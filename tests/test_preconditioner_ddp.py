@@ -109,7 +109,24 @@ def run_ranks(rank: int, world: int) -> dict:
     for fraction in (1.0, 1 / world):  # every rank inverts, or each layer's owner alone
         results[f"table {fraction}"] = table_loop(rank, world, grad_worker_fraction=fraction)
         results[f"tied {fraction}"] = tied_loop(rank, world, grad_worker_fraction=fraction)
+        results[f"normed {fraction}"] = normed_loop(rank, world, grad_worker_fraction=fraction)
     return results
+
+
+def normed_loop(rank: int = 0, world: int = 1, **settings) -> dict:
+    """The loop on weight-normed layers (runtime/weight_norm.py): v's and g's .grad are pushed to W, solved (by the
+    layer's owner alone with grad_worker_fraction 1/W, in W's coordinates) and pulled back on every rank alike."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(weight_norm(torch.nn.Linear(FEATURES, 8)), torch.nn.Tanh(),
+                                weight_norm(torch.nn.Linear(8, CLASSES)))
+    inputs = torch.randn(STEPS, BATCH, FEATURES)
+    batches = list(zip(inputs, (inputs[..., 0] > 0).long() % CLASSES))
+    precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (inputs[0][:2],)), **SETTINGS, **settings)
+    forward = DistributedDataParallel(model) if world > 1 else model
+    losses = preconditioned_loop(model, forward, precond, batches, rank, world)
+    return {"params": copy.deepcopy(model.state_dict()), "losses": losses, "blocks": sorted(precond.blocks)}
 
 
 class TiedTable(torch.nn.Module):
@@ -254,6 +271,14 @@ def test_a_tied_tables_block_trains_data_parallel_as_in_one_process(ranks, fract
     first, second = (r[f"tied {fraction}"] for r in ranks)
     assert first["blocks"] == ["emb[embedding]", "emb[output]", "mix"]
     assert_the_single_process_weights(first, second, on_one_thread(tied_loop))
+    assert first["losses"][-1] < first["losses"][0]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1 / WORLD])
+def test_weight_normed_blocks_train_data_parallel_as_in_one_process(ranks, fraction):
+    first, second = (r[f"normed {fraction}"] for r in ranks)
+    assert first["blocks"] == ["0", "2"]
+    assert_the_single_process_weights(first, second, on_one_thread(normed_loop))
     assert first["losses"][-1] < first["losses"][0]
 
 
