@@ -175,13 +175,13 @@ class LayerPlan:
     # the torch engine gives each one block over both uses.
     ties: tuple[Tie, ...] = field(default=())
     # Layers whose weight is computed by weight norm (``Layer.weight_norm``): their v, g and bias stay in ``unmatched``
-    # too; K-FAC on the torch engine gives each a block on the computed weight.
+    # too; K-FAC and KFACPreconditioner give each a block on the computed weight.
     normed: tuple[Layer, ...] = field(default=())
 
     @property
     def all_layers(self) -> tuple[Layer, ...]:
-        """Every Layer a method may give a block: the layers, the tables and the ties' views."""
-        return (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views))
+        """Every Layer a method may give a block: the layers, the tables, the ties' views and the weight-normed."""
+        return (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views), *self.normed)
 
     def layer(self, name: str) -> Layer:
         for layer in self.all_layers:

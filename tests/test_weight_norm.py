@@ -189,3 +189,27 @@ def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twi
                                                  (parameters[v_name].grad, parameters[g_name].grad))
         torch.testing.assert_close(moved, twin[i].weight.grad, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(normed[i].bias.grad, twin[i].bias.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kfac_on_onnxruntime_steps_weight_normed_layers_as_the_torch_engine_does(tmp_path):
+    """The module's own exported .onnx on onnxruntime-training (taps on the computed weights' sites, the gradient of
+    v and g from its training graph) against the torch engine: the same losses and weights over 8 steps."""
+    pytest.importorskip("onnxruntime.training")
+    torch.manual_seed(0)
+    model = normed_net()
+    x, _ = batch()
+    cm_torch = kronograph.compile(model, (x[:2],), loss="cross_entropy")
+    cm_onnx = kronograph.compile(str(cm_torch.export_onnx(tmp_path / "normed.onnx")), loss="cross_entropy")
+    cm_onnx.onnxruntime(tmp_path / "artifacts")
+    settings = dict(fisher="empirical", stats_fraction=1.0, rescale=False, adapt_damping=False, adapt_gamma=False,
+                    lr=0.05, factor_damping=0.1, inverse_every=3, centered_damping=False, seed=0)
+    optimizers = [kronograph.optim.KFAC(cm, **settings) for cm in (cm_torch, cm_onnx)]
+    assert all(sorted(opt.blocks) == ["0", "3", "5"] and opt.unmatched == [] for opt in optimizers)
+    for seed in range(8):
+        x, y = batch(32, seed)
+        expected, got = (opt.step(x, y)["loss"] for opt in optimizers)
+        assert got == pytest.approx(expected, rel=1e-4)
+    weights = cm_onnx.state_dict()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(torch.as_tensor(weights[name]), param.detach(), rtol=1e-4, atol=1e-5)

@@ -222,8 +222,8 @@ class KFAC:
         weight_norm_blocks: a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|,
             PyTorch's weight_norm, old or parametrization) gets the block of its computed weight W: its a and g are
             those of any layer, the gradient is pushed forward to W and the block's step pulled back to (g, v), a
-            step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). The torch
-            engine, data-parallel too, diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). Both
+            engines, data-parallel too, diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
             preset's), v and g step as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
@@ -485,8 +485,9 @@ class KFAC:
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
         """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): the torch engine, diagonal
-        structure, data-parallel too (each rank pushes the summed gradient to W alike), not FSDP-sharded."""
-        if not wanted or compiled.engine != "torch" or self.structure != "diagonal" or self.engine.sharded is not None:
+        structure, both engines, data-parallel too (each rank pushes the summed gradient to W alike), not
+        FSDP-sharded."""
+        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return compiled.plan.normed
 

@@ -158,7 +158,7 @@ class KFACSettings:
     weight_norm_blocks: bool = setting(True, "Give a layer whose weight is computed by weight norm (W = g v / |v|, "
                                        "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
                                        "and v (off: they step as the parameters outside every block, the paper's). "
-                                       "The torch engine, data-parallel too, diagonal structure.")
+                                       "Both engines, data-parallel too, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
