@@ -213,3 +213,22 @@ def test_kfac_on_onnxruntime_steps_weight_normed_layers_as_the_torch_engine_does
     weights = cm_onnx.state_dict()
     for name, param in model.named_parameters():
         torch.testing.assert_close(torch.as_tensor(weights[name]), param.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_weight_normed_transposed_convolution_and_embedding_get_blocks_and_train():
+    """The maps work on the stored tensor's rows whatever its layout: a transposed convolution's [in, out, k, k]
+    (normed over the input channel's rows) and an embedding table's rows."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (32,))
+    deconv = nn.Sequential(weight_norm(nn.Conv2d(1, 4, 3, padding=1)), nn.ReLU(),
+                           weight_norm(nn.ConvTranspose2d(4, 2, 2, stride=2)), nn.Flatten(), nn.Linear(512, 3))
+    table = nn.Sequential(weight_norm(nn.Embedding(10, 4)), nn.Flatten(), nn.Linear(12, 3))
+    for model, x, kinds in ((deconv, torch.randn(32, 1, 8, 8), {"0": "out_in", "2": "transposed"}),
+                            (table, torch.randint(0, 10, (32, 3)), {"0": "in_out"})):
+        cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")
+        assert {layer.name: layer.weight_layout for layer in cm.plan.normed} == kinds
+        opt = kronograph.optim.KFAC(cm, seed=0)
+        assert opt.unmatched == [] and set(kinds) < set(opt.blocks)
+        losses = [opt.step(x, y)["loss"] for _ in range(5)]
+        assert losses[-1] < 0.7 * losses[0]
