@@ -41,6 +41,13 @@ def plain_twin(normed: nn.Module) -> nn.Module:
     return twin
 
 
+def direction_and_magnitude(index: int) -> tuple[str, str]:
+    """The names of v and g of ``normed_net()``'s layer ``index`` (0 and 3 by parametrization, 5 by the old hook)."""
+    if index == 5:
+        return "5.weight_v", "5.weight_g"
+    return f"{index}.parametrizations.weight.original1", f"{index}.parametrizations.weight.original0"
+
+
 def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 2, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
@@ -121,8 +128,7 @@ def test_factors_and_first_step_equal_the_plain_twins():
         torch.testing.assert_close(opt.blocks[name].g, reference.blocks[name].g)
     assert info["alpha"] == pytest.approx(reference_info["alpha"], rel=1e-3)
     for i in (0, 3, 5):  # W's change to first order: J (dg, dv), J autograd's Jacobian at the weights before
-        v_name, g_name = ((f"{i}.parametrizations.weight.original1", f"{i}.parametrizations.weight.original0")
-                          if i != 5 else ("5.weight_v", "5.weight_g"))
+        v_name, g_name = direction_and_magnitude(i)
         v, g = parameters[v_name], parameters[g_name]
         dv, dg = normed.get_parameter(v_name).detach() - v, normed.get_parameter(g_name).detach() - g
         _, first_order = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g), (dv, dg))
@@ -182,8 +188,7 @@ def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twi
         precond.step()
     parameters = dict(normed.named_parameters())
     for i in (0, 3, 5):
-        v_name, g_name = ((f"{i}.parametrizations.weight.original1", f"{i}.parametrizations.weight.original0")
-                          if i != 5 else ("5.weight_v", "5.weight_g"))
+        v_name, g_name = direction_and_magnitude(i)
         v, g = parameters[v_name].detach(), parameters[g_name].detach()
         _, moved = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g),
                                                  (parameters[v_name].grad, parameters[g_name].grad))
