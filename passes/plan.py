@@ -171,8 +171,8 @@ class LayerPlan:
     # stay in ``unmatched`` too: K-FAC on the torch engine gives them blocks, the other methods step them as they
     # step every parameter outside the plan's layers.
     tables: tuple[Layer, ...] = field(default=())
-    # Tables tied to an output layer (``Tie``): their weight (and the head's bias) stay in ``unmatched`` too; K-FAC on
-    # the torch engine gives each one block over both uses.
+    # Tables tied to an output layer (``Tie``): their weight (and the head's bias) stay in ``unmatched`` too; K-FAC and
+    # KFACPreconditioner give each one block over both uses.
     ties: tuple[Tie, ...] = field(default=())
     # Layers whose weight is computed by weight norm (``Layer.weight_norm``): their v, g and bias stay in ``unmatched``
     # too; K-FAC and KFACPreconditioner give each a block on the computed weight.

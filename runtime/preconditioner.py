@@ -258,11 +258,12 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
-        tables = compiled.plan.tables if table_blocks and not fsdp_modules(compiled.module) else ()
-        ties = (() if not tied_blocks or fsdp_modules(compiled.module)
+        sharded = bool(fsdp_modules(compiled.module))  # (no tables, ties or weight-normed blocks under FSDP yet)
+        tables = compiled.plan.tables if table_blocks and not sharded else ()
+        ties = (() if not tied_blocks or sharded
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)
-        normed = compiled.plan.normed if weight_norm_blocks and not fsdp_modules(compiled.module) else ()
+        normed = compiled.plan.normed if weight_norm_blocks and not sharded else ()
         self.layers = (*within_reach((*compiled.layers, *tables, *normed), largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim),

@@ -7,7 +7,7 @@ import dataclasses
 import onnx_ir as ir
 
 from kronograph.passes.graph import ensure_node_names, node_label, terminal_uses
-from kronograph.passes.match.base import LayerMatch, MatchContext
+from kronograph.passes.match.base import LayerMatch, MatchContext, Use
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
 from kronograph.passes.match.tied import find_ties
@@ -89,8 +89,9 @@ def build_plan(
     layers = _layers(verdict.accepted)
     wide = [match for node in graph if (match := match_table(node, ctx)) is not None]  # tables past a layer's rows
     tables = _tables(graph, wide, values, set(verdict.reasons), {layer.name for layer in layers})
-    ties = _ties([*matches, *wide], values, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
-    normed = _normed(ctx, values, set(verdict.reasons),
+    uses = parameter_uses(values)
+    ties = _ties([*matches, *wide], uses, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
+    normed = _normed(ctx, values, uses, set(verdict.reasons),
                      {layer.name for layer in (*layers, *tables, *(tie.output for tie in ties))})
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
@@ -141,10 +142,10 @@ def _tables(graph: ir.Graph, wide: list[LayerMatch], values: dict[str, ir.Value]
                  for layer in _layers(accepted))
 
 
-def _ties(matches: list[LayerMatch], values: dict[str, ir.Value], unmatched: set[str], taken: set[str]
+def _ties(matches: list[LayerMatch], uses: dict[str, set[Use]], unmatched: set[str], taken: set[str]
           ) -> tuple[Tie, ...]:
     """The weights turned down as tables tied to an output layer (passes/match/tied.py), as Ties of two Layers."""
-    found = find_ties(matches, parameter_uses(values), [name for name in values if name in unmatched])
+    found = find_ties(matches, uses, [name for name in uses if name in unmatched])
     ties = []
     for weight, (table, head) in found.items():
         name = _layer_name(weight)
@@ -153,11 +154,10 @@ def _ties(matches: list[LayerMatch], values: dict[str, ir.Value], unmatched: set
     return tuple(ties)
 
 
-def _normed(ctx: MatchContext, values: dict[str, ir.Value], unmatched: set[str], taken: set[str]
-            ) -> tuple[Layer, ...]:
+def _normed(ctx: MatchContext, values: dict[str, ir.Value], uses: dict[str, set[Use]], unmatched: set[str],
+            taken: set[str]) -> tuple[Layer, ...]:
     """The layers whose weight weight norm computes (passes/match/weight_norm.py), matched on that computed weight
     as on a parameter: where v and g are read by the norm alone and every use of W is a site of one layer."""
-    uses = parameter_uses(values)
     found = []
     for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes):
         reduce, divide, multiply = normed.nodes

@@ -582,10 +582,11 @@ class KFAC:
         fused, rest = ([], self.curvature) if unfused else fused_layers(self.engine, self.curvature, grads, self._rows,
                                                                         left_out)
         weighted = grads  # the gradient where weight-normed layers' blocks read it: in their computed W's coordinates
+        params = self.engine.parameters() if self.normed else {}  # (the weights before this step: the maps' point)
         if self.normed:
-            weighted = weight_coordinates(grads, self.engine.parameters(), self.normed)
+            weighted = weight_coordinates(grads, params, self.normed)
             if self._half_difference is not None:
-                self._half_difference = weight_coordinates(self._half_difference, self.engine.parameters(), self.normed)
+                self._half_difference = weight_coordinates(self._half_difference, params, self.normed)
         best = kept = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
@@ -601,7 +602,7 @@ class KFAC:
                     self._update_signal(weighted, proposal, inverses, right_rows)
                 if self.normed:  # weight-normed layers' Delta W as (dg, dv)
                     proposal = {name: value for name, value in parameter_coordinates(
-                        proposal, self.engine.parameters(), self.normed).items() if name not in left_out}
+                        proposal, params, self.normed).items() if name not in left_out}
                 share = self._signal_share()
                 if share is not None:
                     lr = self.lr * (UNHALVED_NORMALISED_SCALE if self._unhalved_normalised() else (1 + share) / 2)
