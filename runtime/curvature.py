@@ -165,10 +165,10 @@ class BlockDiagonalCurvature:
                 solved.append(inverse.solve(bar))
             elif name in rows:
                 p_rows, q_rows = rows[name]
-                right = p_rows @ inverse.a_inv
+                right = inverse.times_a_inv(p_rows)
                 if right_rows is not None:
                     right_rows[name] = right
-                solved.append((inverse.g_inv @ q_rows.transpose(1, 2)) @ right)
+                solved.append(inverse.g_inv_times(q_rows.transpose(1, 2)) @ right)
             else:
                 solved.append(precondition(bar, inverse))
         return solved
@@ -180,7 +180,7 @@ class BlockDiagonalCurvature:
         total = torch.zeros((), dtype=torch.float64, device=next(iter(right_rows.values())).device)
         for name, right in right_rows.items():
             p_rows, q_rows = rows[name]
-            left = q_rows @ (inverses[name].g_inv @ q_rows.transpose(1, 2))  # Q G^-1 Q^T [groups, R, R]
+            left = q_rows @ inverses[name].g_inv_times(q_rows.transpose(1, 2))  # Q G^-1 Q^T [groups, R, R]
             total = total + (left * (right @ p_rows.transpose(1, 2)).transpose(1, 2)).sum(dtype=torch.float64)
         return total
 

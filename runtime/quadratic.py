@@ -72,8 +72,9 @@ def difference_products(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The outputs s and J d for every direction by differences of plain forwards, in the outputs' dtype.
 
-    ``forward_at(direction, h)`` returns the outputs at theta + h direction (direction None: at theta) and leaves
-    theta as it was.
+    ``forward_at(direction, h)`` returns the outputs at theta + h direction (direction None: at theta), a tensor of
+    its own (the differences are taken in it: no second output-sized tensor, 5% of a 2048-word LM's step), and
+    leaves theta as it was.
     ``scheme``: "central", (s(theta + h d) - s(theta - h d)) / 2h, error O(h^2), two forwards a direction; or
     "one-sided", (s(theta + h d) - s(theta)) / h, error O(h), one forward a direction beside the shared s(theta)
     (``outputs``, when the caller has it already at these weights and inputs). h keeps every tensor's relative
@@ -89,9 +90,9 @@ def difference_products(
         if h is None:
             tangents.append(torch.zeros_like(outputs))
         elif scheme == "one-sided":
-            tangents.append(torch.sub(forward_at(direction, h), outputs).div_(h))
+            tangents.append(forward_at(direction, h).sub_(outputs).div_(h))
         else:
-            tangents.append(torch.sub(forward_at(direction, h), forward_at(direction, -h)).div_(2 * h))
+            tangents.append(forward_at(direction, h).sub_(forward_at(direction, -h)).div_(2 * h))
     return outputs, tangents
 
 

@@ -28,7 +28,7 @@ from kronograph.runtime.damping import (
     gamma_streak,
     levenberg_marquardt,
 )
-from kronograph.runtime.inverse import CoverageWarning, StatisticsWarning
+from kronograph.runtime.inverse import CoverageWarning, StatisticsWarning, factored_inverses, precondition
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods import kfac as kfac_module
 from kronograph.runtime.methods.kfac_settings import PRESETS
@@ -1045,6 +1045,26 @@ def test_factors_wider_than_max_factor_dim_are_inverted_block_diagonally(optimiz
     last = blocks[compiled.layers[1].name]
     _assert_block_diagonal_inverse(last.inverses.a_inv[0], last.a[0], [3, 3, 3])
     _assert_block_diagonal_inverse(last.inverses.g_inv[0], last.g[0], [3])
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_block_diagonal_inverses_multiply_by_their_blocks_as_the_dense_matrices_do(centered):
+    """A 10-wide A (9 inputs and the homogeneous 1) and a 7-wide G in blocks of at most 4: the inverses say their
+    blocks ([3, 3, 3] of a centred A's covariance, whose last row and column stay dense; [4, 4, 2] uncentred; [4, 3]
+    of G) and the solve, which reads those blocks alone, equals the dense matrices' product on every group."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(2, 50, 9) + 3.0, torch.ones(2, 50, 1)], dim=-1)  # inputs far from zero mean
+    q = torch.randn(2, 50, 7)
+    a, g = x.transpose(1, 2) @ x / 50, q.transpose(1, 2) @ q / 50
+    inverses = factored_inverses(a.double(), g.double(), 0.3, centered=centered, max_dim=4)
+    assert inverses.a_blocks == ((3, 3, 3) if centered else (4, 4, 2)) and inverses.g_blocks == (4, 3)
+    if centered:  # the border: the homogeneous coordinate couples to every input
+        assert torch.count_nonzero(inverses.a_inv[:, -1, :-1]) == 2 * 9
+    grad = torch.randn(2, 7, 10, dtype=torch.float64)
+    dense = inverses.g_inv @ grad @ inverses.a_inv
+    torch.testing.assert_close(precondition(grad, inverses), dense, rtol=1e-12, atol=1e-12)
+    whole = factored_inverses(a.double(), g.double(), 0.3, centered=centered, max_dim=None)
+    assert whole.a_blocks is None and whole.g_blocks is None
 
 
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():

@@ -294,6 +294,30 @@ def test_differences_on_the_torch_engine_equal_the_explicit_jacobian_and_leave_t
     assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
 
 
+@pytest.mark.parametrize("products", ["differences", "one-sided"])
+def test_differences_taken_in_place_leave_an_output_that_is_the_input_alone(products):
+    """The differences subtract in the shifted forward's outputs; a model whose outputs are its input's memory (half
+    of them here: a view) gets copies, so its input is never overwritten, and the tangents are still right."""
+    import kronograph
+    from kronograph.runtime.engines.torch import TorchEngine
+
+    class PassThrough(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :4] if self.lin(x[:, :4]).shape[0] > 100 else x[:, :4]  # the layer runs, its output unused
+
+    torch.manual_seed(0)
+    model, x = PassThrough(), torch.randn(6, 8)
+    kept = x.clone()
+    engine = TorchEngine(kronograph.compile(model, (x[:2],), loss="mse"), get_loss("mse"), products=products)
+    outputs, tangents = engine.output_tangents((x,), [{k: torch.randn_like(v) for k, v in model.named_parameters()}])
+    assert torch.equal(x, kept) and torch.equal(outputs, kept[:, :4])
+    assert torch.count_nonzero(tangents[0]) == 0
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
 def test_the_curvature_gram_is_every_pair_of_tangents_through_the_explicit_hessian(name, shape):

@@ -57,6 +57,15 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
+def _own(outputs: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``outputs``, or a copy where they share memory with one of ``others`` (a model that returns its input): the
+    differences are taken in place in a forward's outputs."""
+    memory = outputs.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == memory for t in others if isinstance(t, torch.Tensor)):
+        return outputs.clone()
+    return outputs
+
+
 class TorchEngine:
     """The compiled module's trainable parameters (those of the plan), trained in place."""
 
@@ -234,7 +243,7 @@ class TorchEngine:
                     torch._foreach_add_(shifted, [direction[name].to(theta[name].dtype) for name in names], alpha=h)
                 randomness.replay()
                 with preserved_buffers(self.module):
-                    return self.compiled.forward(*inputs).detach()
+                    return _own(self.compiled.forward(*inputs).detach(), (*inputs, *theta.values()))
             finally:
                 if names:  # bit for bit as before
                     torch._foreach_copy_(shifted, [saved[name] for name in names])
