@@ -684,7 +684,8 @@ def test_whole_batch_statistics_on_the_gradients_forward_are_the_dense_factors(m
 
 def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dear():
     """fisher_products="auto": one-sided differences for a transformer (forward mode would need attention's math
-    kernel), a net with group norm (its tangent formula is dear) and a GRU (forward mode leaves its fused kernel),
+    kernel), a net with group norm (its tangent formula is dear), a GRU (forward mode leaves its fused kernel) and a
+    CNN (a convolution's tangent is two convolutions),
     central ones wherever batch norm normalises by the batch (one-sided steps were worse at batch 8), forward
     mode for an MLP, for the batch-norm net in evaluation mode, and in the paper preset and in half precision; the
     detecting forward leaves the RNG and the running statistics as they were."""
@@ -697,13 +698,15 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
                             nn.Linear(64, 3))
     both = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(), nn.BatchNorm1d(32),
                          nn.Linear(32, 3))
+    convolved = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
 
     x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
     chosen, seen = {}, {}
     for label, model, preset in (("attention", attention, "default"), ("mlp", mlp, "default"),
                                  ("batch norm", normed, "default"), ("batch norm, eval", frozen_norm, "default"),
                                  ("attention, paper", attention, "paper"), ("gru", Recurrent(6), "default"),
-                                 ("group norm", grouped, "default"), ("attention, batch norm", both, "default")):
+                                 ("group norm", grouped, "default"), ("attention, batch norm", both, "default"),
+                                 ("convolution", convolved, "default")):
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), preset=preset, seed=0)
         assert opt.engine.resolved_products == (None if preset == "default" else "forward")  # auto: not yet decided
         state, buffers = torch.get_rng_state(), [b.clone() for b in model.buffers()]
@@ -714,11 +717,11 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
         chosen[label] = opt.engine.resolved_products
     assert seen == {"attention": ["attention"], "mlp": [], "batch norm": ["batch norm in training mode"],
                     "batch norm, eval": [], "attention, paper": ["attention"], "gru": ["a recurrent layer"],
-                    "group norm": ["group or instance norm"],
-                    "attention, batch norm": ["attention", "batch norm in training mode"]}
+                    "group norm": ["a convolution", "group or instance norm"],
+                    "attention, batch norm": ["attention", "batch norm in training mode"], "convolution": ["a convolution"]}
     assert chosen == {"attention": "one-sided", "mlp": "forward", "batch norm": "differences",
                       "batch norm, eval": "forward", "attention, paper": "forward", "gru": "one-sided",
-                      "group norm": "one-sided", "attention, batch norm": "differences"}
+                      "group norm": "one-sided", "attention, batch norm": "differences", "convolution": "one-sided"}
     # bfloat16 weights round a difference's relative shift of 3e-4 away: forward mode
     half = copy.deepcopy(attention).to(torch.bfloat16)
     opt = kronograph.optim.KFAC(kronograph.compile(half, (x[:2].bfloat16(),), loss="cross_entropy"), seed=0)

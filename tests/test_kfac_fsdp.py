@@ -146,10 +146,17 @@ def test_ranks_hold_identical_parameters(ranks, scenario):
         assert torch.equal(first[name], second[name]), name
 
 
+#: The conv net's quadratic model takes one-sided differences (a convolution's forward-mode tangent is dear), which
+#: divide the two batchings' float32 rounding of the outputs (~1e-7 relative) by the step h (3e-4 relative): its
+#: alpha and mu differ by ~1e-4 relative a step, its weights by up to 5e-5 after 8 steps.
+TOLERANCES = {"conv": dict(rtol=1e-3, atol=2e-4)}
+
+
 @pytest.mark.parametrize("scenario", [name for name in SCENARIOS if name != "undone steps"])
 def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, scenario):
     for name, value in single_process[scenario]["params"].items():
-        torch.testing.assert_close(ranks[0][scenario]["params"][name], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ranks[0][scenario]["params"][name], value,
+                                   **TOLERANCES.get(scenario, dict(rtol=1e-4, atol=1e-5)))
     for sharded, single in zip(ranks[0][scenario]["infos"], single_process[scenario]["infos"]):
         assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
         assert sharded.get("rejected_steps") == single.get("rejected_steps")

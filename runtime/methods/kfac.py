@@ -326,9 +326,9 @@ class KFAC:
             step and the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
-            group or instance norm or a recurrent layer, "differences" where it calls batch norm in training mode,
-            runtime/tangent_cost.py, when its weights are float32 or float64, "forward" elsewhere; the paper
-            preset's is "forward"), "forward" (forward mode, exact; the math attention kernel), "differences"
+            group or instance norm, a recurrent layer or a convolution, "differences" where it calls batch norm in
+            training mode, runtime/tangent_cost.py, when its weights are float32 or float64, "forward" elsewhere;
+            the paper preset's is "forward"), "forward" (forward mode, exact; the math attention kernel), "differences"
             (central differences of two no-grad forwards per direction, relative error below 1e-3, fused kernels
             kept: 1.6x cheaper steps on a small transformer, 1.15x dearer on the MLP autoencoder; BENCHMARKS.md)
             or "one-sided" (one no-grad forward per direction beside one shared forward at theta, Gram entries

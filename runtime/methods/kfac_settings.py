@@ -19,10 +19,10 @@
   and the momentum coefficient at most 1 on batches of fewer than 8 loss terms, the statistics of a batch no larger
   than their floor taken on the gradient's own forward (one forward a step less), and the gamma rule's rounds skipped
   while s is below 0.1 (gamma kept: the candidates' fit to a batch that is noise ranks the noise), and the
-  quadratic model's products by one-sided differences where the model calls attention, group or instance norm or a
-  recurrent layer, central ones with batch norm in training mode (forward mode needs attention's math kernel, a
-  normalisation's tangent is many passes over the activations, a recurrent layer's leaves its fused kernel:
-  runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
+  quadratic model's products by one-sided differences where the model calls attention, group or instance norm, a
+  recurrent layer or a convolution, central ones with batch norm in training mode (forward mode needs attention's
+  math kernel, a normalisation's tangent is many passes over the activations, a recurrent layer's leaves its fused
+  kernel, a convolution's is two convolutions: runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
   (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
   output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed
   weight (runtime/weight_norm.py).
@@ -168,7 +168,7 @@ class KFACSettings:
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (one-sided where "
-                                   "the model calls attention, group or instance norm or a recurrent layer, central "
+                                   "the model calls attention, group or instance norm, a recurrent layer or a convolution, central "
                                    "with batch norm in training mode: their tangents are dear in forward mode; "
                                    "forward mode elsewhere).",
                                    choices=("auto", "forward", "differences", "one-sided"))
