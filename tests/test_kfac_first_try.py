@@ -718,7 +718,8 @@ def test_the_quadratic_models_products_are_differences_where_forward_mode_is_dea
     assert seen == {"attention": ["attention"], "mlp": [], "batch norm": ["batch norm in training mode"],
                     "batch norm, eval": [], "attention, paper": ["attention"], "gru": ["a recurrent layer"],
                     "group norm": ["a convolution", "group or instance norm"],
-                    "attention, batch norm": ["attention", "batch norm in training mode"], "convolution": ["a convolution"]}
+                    "attention, batch norm": ["attention", "batch norm in training mode"],
+                    "convolution": ["a convolution"]}
     assert chosen == {"attention": "one-sided", "mlp": "forward", "batch norm": "differences",
                       "batch norm, eval": "forward", "attention, paper": "forward", "gru": "one-sided",
                       "group norm": "one-sided", "attention, batch norm": "differences", "convolution": "one-sided"}

@@ -75,10 +75,10 @@ class TorchEngine:
         """``products``: how ``output_tangents`` computes J d, "forward" (forward mode, exact), "differences"
         (central differences of two no-grad forwards a direction, which keep the fused attention kernels),
         "one-sided" (one no-grad forward a direction beside the shared forward at theta) or "auto" (where the
-        model calls attention, group or instance norm, a recurrent layer or a convolution one-sided, with batch norm in training
-        mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward mode elsewhere,
-        central differences where PyTorch has no forward-mode derivative for something the model calls: weight
-        norm, spectral norm, EmbeddingBag, a custom autograd.Function; decided at the first call,
+        model calls attention, group or instance norm, a recurrent layer or a convolution one-sided, with batch
+        norm in training mode central, runtime/tangent_cost.py, when its weights are float32 or float64; forward
+        mode elsewhere, central differences where PyTorch has no forward-mode derivative for something the model
+        calls: weight norm, spectral norm, EmbeddingBag, a custom autograd.Function; decided at the first call,
         ``resolved_products``).
         ``fsdp``: the method takes a module sharded by FSDP2 (each of its steps inside ``stepping()``); otherwise
         one is refused."""

@@ -22,10 +22,10 @@
   quadratic model's products by one-sided differences where the model calls attention, group or instance norm, a
   recurrent layer or a convolution, central ones with batch norm in training mode (forward mode needs attention's
   math kernel, a normalisation's tangent is many passes over the activations, a recurrent layer's leaves its fused
-  kernel, a convolution's is two convolutions: runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
-  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
-  output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed
-  weight (runtime/weight_norm.py).
+  kernel, a convolution's is two convolutions: runtime/tangent_cost.py), and embedding tables wider than 1024 rows
+  given blocks whose A is kept as its diagonal (one-hot inputs make it exactly diagonal; a word vocabulary's dense A
+  would be rows^2), and a table tied to an output layer one block over both uses (runtime/tied.py), and a
+  weight-normed layer a block on its computed weight (runtime/weight_norm.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -168,9 +168,9 @@ class KFACSettings:
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (one-sided where "
-                                   "the model calls attention, group or instance norm, a recurrent layer or a convolution, central "
-                                   "with batch norm in training mode: their tangents are dear in forward mode; "
-                                   "forward mode elsewhere).",
+                                   "the model calls attention, group or instance norm, a recurrent layer or a "
+                                   "convolution, central with batch norm in training mode: their tangents are dear "
+                                   "in forward mode; forward mode elsewhere).",
                                    choices=("auto", "forward", "differences", "one-sided"))
     max_condition: float | None = setting(1e8, "Drop a direction of the quadratic model when its scaled system is "
                                           "worse conditioned than this (auto: only when singular).", low=1)
