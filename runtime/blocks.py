@@ -195,7 +195,8 @@ class KroneckerBlock:
         if isinstance(self.inverses, TiedInverses):
             state["tied"] = self.inverses.state_dict()
         elif self.inverses is not None:
-            state.update(a_inv=self.inverses.a_inv, g_inv=self.inverses.g_inv, pi=self.inverses.pi)
+            state.update(a_inv=self.inverses.a_inv, g_inv=self.inverses.g_inv, pi=self.inverses.pi,
+                         a_blocks=self.inverses.a_blocks, g_blocks=self.inverses.g_blocks)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -209,4 +210,6 @@ class KroneckerBlock:
         elif "a_inv" in state:
             pi = own(state["pi"])
             failed = torch.zeros(pi.shape[0], dtype=torch.bool, device=pi.device)
-            self.inverses = DampedInverses(own(state["a_inv"]), own(state["g_inv"]), pi, failed)
+            blocks = [None if state.get(key) is None else tuple(int(w) for w in state[key])  # (as they are multiplied)
+                      for key in ("a_blocks", "g_blocks")]
+            self.inverses = DampedInverses(own(state["a_inv"]), own(state["g_inv"]), pi, failed, *blocks)

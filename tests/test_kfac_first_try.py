@@ -430,10 +430,13 @@ def test_unmatched_parameters_step_along_the_gradient_over_its_root_mean_square(
     assert moved >= 4  # the check is not vacuous: the direction was taken on most steps
 
 
-def test_default_preset_resumes_exactly():
+@pytest.mark.parametrize("max_factor_dim", [1024, 2])
+def test_default_preset_resumes_exactly(max_factor_dim):
+    """Also with the factors inverted in blocks (max_factor_dim 2), whose inverses are multiplied block by block: the
+    resumed run's inverses say the same blocks."""
     data = batches(12)
     model = normed_mlp()
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, max_factor_dim=max_factor_dim)
     assert opt.unmatched  # the RMS moments of the unmatched parameters are part of the state
     for x, y in data[:6]:
         opt.step(x, y)
@@ -442,8 +445,12 @@ def test_default_preset_resumes_exactly():
     tail = [opt.step(x, y)["loss"] for x, y in data[6:]]
     other = normed_mlp(seed=5)
     other.load_state_dict(weights)
-    resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 5),)), seed=1)
+    resumed = kronograph.optim.KFAC(kronograph.compile(other, (torch.randn(2, 5),)), seed=1,
+                                    max_factor_dim=max_factor_dim)
     resumed.load_state_dict(state)
+    saved = {name: (block.inverses.a_blocks, block.inverses.g_blocks) for name, block in resumed.blocks.items()}
+    assert saved == {name: (b["a_blocks"], b["g_blocks"]) for name, b in state["curvature"]["blocks"].items()}
+    assert any(blocks != (None, None) for blocks in saved.values()) == (max_factor_dim == 2)
     assert [resumed.step(x, y)["loss"] for x, y in data[6:]] == tail
 
 
