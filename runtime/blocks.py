@@ -48,6 +48,9 @@ class KroneckerBlock:
         self.inverses: DampedInverses | TiedInverses | None = None  # a tie's views share one TiedInverses
         self.updates = 0  # number of statistics updates folded into the EMAs
         self.tied = False  # one of a tied table's two views (runtime/tied.py): solved with the other, never alone
+        # A's and G's diagonal blocks where the statistics form those alone: exactly the blocks the inversion reads
+        # (BlockDiagonalCurvature sets them; None: whole)
+        self.statistics_blocks: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
 
     # -- factors: the EMAs, mirrored when read ------------------------------------------------------
     def _mirrored(self, factor: torch.Tensor | None) -> torch.Tensor | None:
@@ -108,6 +111,7 @@ class KroneckerBlock:
         folded = fold_factors_(
             self.layer, records, self._a, self._g, decay=decay, batch_size=batch_size, grad_scale=grad_scale,
             index=index, dtype=self.dtype, device=self.device, mirror=False, subset=subset,
+            blocks=self.statistics_blocks,
         )
         if folded is None:
             self._warn_non_finite()

@@ -27,6 +27,7 @@ from kronograph.runtime.inverse import (
     StatisticsWarning,
     all_finite,
     factored_inverses,
+    inverse_blocks,
     precondition,
 )
 from kronograph.runtime.tied import TiedInverses, tied_inverses
@@ -86,6 +87,13 @@ class BlockDiagonalCurvature:
         self.floor = floor  # each factor's damping >= floor times its mean eigenvalue (inverse.floored)
         self.max_dim = max_dim  # a wider factor is inverted block-diagonally (inverse.block_diagonal_inverse)
         self.knob = knob  # the owner's name for gamma, which a failed inversion's warning tells the user to raise
+        for block in self.blocks.values():  # the statistics form only what ``invert`` reads of a wider factor
+            layer = block.layer
+            if not block.tied:  # (a tie's sides are split over their whole width: runtime/tied.py)
+                block.statistics_blocks = (
+                    None if layer.diagonal_a else inverse_blocks(layer.a_dim, max_dim,
+                                                                 border=centered and layer.bias is not None),
+                    None if layer.diagonal_g else inverse_blocks(layer.g_dim, max_dim))
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None, subset: RowSubset | None = None) -> None:

@@ -73,15 +73,16 @@ class RowSubset:
 
 
 def _accumulate_sites(out: torch.Tensor | None, sites: Sequence[SiteRows], alpha: float, beta: float, *,
-                      mirror: bool = True, homogeneous: bool = False) -> torch.Tensor:
+                      mirror: bool = True, homogeneous: bool = False, blocks: tuple[int, ...] | None = None
+                      ) -> torch.Tensor:
     """A's ``accumulate_grams`` of the sites' P: in one call where they weigh alike, otherwise site by site with
     alpha times its weight."""
     if all(site.weight == sites[0].weight for site in sites):
         return accumulate_grams(out, [site.p for site in sites], alpha * sites[0].weight, beta, mirror=mirror,
-                                homogeneous=homogeneous)
+                                homogeneous=homogeneous, blocks=blocks)
     for number, site in enumerate(sites):
         out = accumulate_grams(out, [site.p], alpha * site.weight, beta if number == 0 else 1.0,
-                               homogeneous=homogeneous, mirror=mirror and number == len(sites) - 1)
+                               homogeneous=homogeneous, mirror=mirror and number == len(sites) - 1, blocks=blocks)
     return out
 
 
@@ -245,11 +246,11 @@ def batch_factors(
 
 
 def _fold_g(layer: Layer, g: torch.Tensor | None, q_parts: Sequence[torch.Tensor], scale: float, decay: float,
-            mirror: bool = True) -> torch.Tensor:
+            mirror: bool = True, blocks: tuple[int, ...] | None = None) -> torch.Tensor:
     """The EMA step G <- decay G + (1 - decay) scale sum_rows q q^T over the parts [groups, R, g_dim]; a
     ``Layer.diagonal_g``'s G is its diagonal [groups, g_dim], sum_rows q * q, folded by ``ema_`` as a table's A."""
     if not layer.diagonal_g:
-        return accumulate_grams(g, q_parts, (1 - decay) * scale, decay, mirror=mirror)
+        return accumulate_grams(g, q_parts, (1 - decay) * scale, decay, mirror=mirror, blocks=blocks)
     return ema_(g, sum((q * q).sum(dim=1) for q in q_parts) * scale, decay)
 
 
@@ -267,11 +268,13 @@ def fold_factors_(
     device: torch.device | str | None = None,
     mirror: bool = True,
     subset: RowSubset | None = None,
+    blocks: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The EMA step A <- decay A + (1 - decay) A_batch (and G likewise) without materialising the batch's
     factors: the Grams accumulate by baddbmm into A's and G's own storage (new tensors when None; decay 0
     replaces). Same arguments as ``batch_factors``; ``mirror=False`` leaves the lower triangles stale (see
-    ``accumulate_grams``). A conv layer on the statistics kernel (CUDA) reads every position whatever ``subset``
+    ``accumulate_grams``); ``blocks``: A's and G's diagonal blocks where only those are formed (``accumulate_grams``;
+    None: whole). A conv layer on the statistics kernel (CUDA) reads every position whatever ``subset``
     (the kernel forms A from the input map itself, no patch rows to draw from).
 
     Returns None, leaving A and G untouched, when the batch's rows hold NaN/Inf or are large enough for a
@@ -299,8 +302,9 @@ def fold_factors_(
     if not (a_bound * a_alpha < limit and _gram_bound(q_parts) * g_alpha < limit):
         return None
     a = (ema_(a, diagonal_counts(layer, sites, dtype) * a_alpha, decay) if table else
-         _accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous))
-    return a, _fold_g(layer, g, q_parts, g_alpha, decay, mirror=mirror)
+         _accumulate_sites(a, sites, (1 - decay) * a_alpha, decay, mirror=mirror, homogeneous=homogeneous,
+                           blocks=blocks[0]))
+    return a, _fold_g(layer, g, q_parts, g_alpha, decay, mirror=mirror, blocks=blocks[1])
 
 
 def diagonal_counts(layer: Layer, sites: Sequence[SiteRows], dtype: torch.dtype) -> torch.Tensor:
@@ -373,7 +377,7 @@ def _gram_bound(parts: Sequence[torch.Tensor], at_least: float = 0.0, weights: S
 
 def accumulate_grams(
     out: torch.Tensor | None, parts: Sequence[torch.Tensor], alpha: float, beta: float, *, mirror: bool = True,
-    panels: int = 4, min_size: int = 256, homogeneous: bool = False,
+    panels: int = 4, min_size: int = 256, homogeneous: bool = False, blocks: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """out <- beta out + alpha sum_parts rows^T rows per group ([groups, r, d] rows -> [groups, d, d]), in
     place (out None: a new tensor, beta ignored), exactly symmetric. On CUDA (float32 factors) this is the
@@ -386,12 +390,19 @@ def accumulate_grams(
     on CPU costs as much as the products for 64 rows: an EMA read once per inversion mirrors only then.
     ``homogeneous``: each part's rows are X, and the Gram is of [X, 1] (the kernel appends the ones column
     virtually; the torch way concatenates it).
+    ``blocks``: only the diagonal blocks of these widths (over the first sum(blocks) coordinates) are formed, and
+    with ``homogeneous`` the border of the last coordinate (the ones column's products: column sums and the count),
+    the entries a block-diagonal inversion reads (``inverse.block_diagonal_inverse`` and a centred A's border); the
+    rest of ``out`` is left as it is (0 in a new tensor). A 3137-wide A in four blocks is a quarter of the work.
     """
+    if blocks is not None and not _on_kernel(out, parts):  # (the kernel forms the whole triangle)
+        return _accumulate_blocks(out, parts, alpha, beta, blocks, mirror=mirror, panels=panels, min_size=min_size,
+                                  homogeneous=homogeneous)
     first = parts[0]
     d = first.shape[-1] + int(homogeneous)
     if out is None:
         out, beta = first.new_empty(first.shape[0], d, d), 0.0
-    if out.dtype == torch.float32 and use_triton("auto", first, "statistics"):
+    if _on_kernel(out, parts):
         from kronograph.triton_kernels.statistics import ROW_DTYPES, factor_update_  # imports triton: only here
 
         if all(rows.dtype in ROW_DTYPES for rows in parts):
@@ -409,6 +420,36 @@ def accumulate_grams(
     columns = rows.transpose(1, 2)
     for begin, end in zip(edges, edges[1:]):
         out[:, begin:end, begin:].baddbmm_(columns[:, begin:end], rows[:, :, begin:], beta=beta, alpha=alpha)
+    return mirror_upper_(out, panels if d >= min_size else 1) if mirror else out
+
+
+def _on_kernel(out: torch.Tensor | None, parts: Sequence[torch.Tensor]) -> bool:
+    """Whether ``accumulate_grams`` takes the statistics kernel (float32 factors where Triton runs: CUDA)."""
+    dtype = parts[0].dtype if out is None else out.dtype
+    return dtype == torch.float32 and use_triton("auto", parts[0], "statistics")
+
+
+def _accumulate_blocks(out: torch.Tensor | None, parts: Sequence[torch.Tensor], alpha: float, beta: float,
+                       blocks: tuple[int, ...], *, mirror: bool, panels: int, min_size: int, homogeneous: bool
+                       ) -> torch.Tensor:
+    """``accumulate_grams`` of the diagonal ``blocks`` (and the homogeneous border) alone, the torch way."""
+    rows = parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
+    d = rows.shape[-1] + int(homogeneous)
+    inner = sum(blocks)
+    if not (inner == d or inner == d - 1 and homogeneous):
+        raise ValueError(f"blocks {blocks} do not cover a {d}-wide factor (homogeneous={homogeneous})")
+    if out is None:
+        out, beta = rows.new_zeros(rows.shape[0], d, d), 0.0
+    if inner == d and homogeneous:  # the ones column lies inside the last block
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
+    start = 0
+    for width in blocks:
+        accumulate_grams(out[:, start:start + width, start:start + width], [rows[:, :, start:start + width]], alpha,
+                         beta, mirror=False, panels=panels, min_size=min_size)
+        start += width
+    if inner == d - 1:  # the border: <x, 1> summed over the rows (its lower copy is mirrored), and the count
+        out[:, :-1, -1].mul_(beta).add_(rows.sum(dim=1), alpha=alpha)
+        out[:, -1, -1].mul_(beta).add_(alpha * rows.shape[1])
     return mirror_upper_(out, panels if d >= min_size else 1) if mirror else out
 
 

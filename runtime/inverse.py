@@ -12,7 +12,8 @@ Inverses are Cholesky-based (cholesky_ex, then cholesky_inverse), retried in flo
 factorisation fails. A factor wider than ``max_dim`` is inverted as block-diagonal: its diagonal blocks of at
 most ``max_dim`` contiguous coordinates, off-diagonal blocks taken as 0 (Distributed Shampoo's blocking of large
 preconditioners), so that one wide layer (a flattened conv map into a head) does not cost (d / max_dim)^2 times
-the work of the blocks; the statistics stay whole. A group whose factor holds NaN/Inf, or whose factorisation
+the work of the blocks; the statistics form only those blocks (factors.accumulate_grams), kept in the whole
+factor's tensor. A group whose factor holds NaN/Inf, or whose factorisation
 fails in float64 too, keeps its previous pair of inverses (or, with none yet, the inverses of the damping terms
 alone: the factors are treated as 0) and is reported: the result says which groups failed and an InverseWarning
 is raised through ``warnings`` (turn it into an error with a warnings filter). No NaN ever leaves this module.

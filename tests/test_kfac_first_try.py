@@ -1078,6 +1078,37 @@ def test_block_diagonal_inverses_multiply_by_their_blocks_as_the_dense_matrices_
     assert whole.a_blocks is None and whole.g_blocks is None
 
 
+@pytest.mark.parametrize("centered", [True, False])
+def test_statistics_of_the_blocks_alone_take_the_steps_of_whole_statistics(centered):
+    """With factors wider than max_factor_dim, the statistics form only the diagonal blocks each inversion reads (a
+    centred A's inner blocks and its border; an uncentred A's blocks over its whole width; G's): the run's losses and
+    weights are those of the same run forming whole factors, to rounding, and the blocks' entries are the whole
+    factors' there."""
+    runs = []
+    for whole in (False, True):
+        model = mlp()
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, max_factor_dim=4,
+                                    centered_damping=centered, factor_dtype=torch.float64)
+        first = opt.curvature.blocks[opt.compiled.layers[0].name]
+        assert first.statistics_blocks == (((3, 2) if centered else (3, 3)), (4, 4))
+        if whole:
+            for block in opt.curvature.blocks.values():
+                block.statistics_blocks = (None, None)
+        losses = [opt.step(x, y)["loss"] for x, y in batches(12)]
+        runs.append((losses, params(model), first.a[0].clone(), first.g[0].clone()))
+    (blocked, theta_b, a_b, g_b), (whole, theta_w, a_w, g_w) = runs
+    assert blocked == pytest.approx(whole, rel=1e-9)
+    for p, q in zip(theta_b, theta_w):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    for start, width in ((0, 3), (3, 2) if centered else (3, 3)):
+        torch.testing.assert_close(a_b[start:start + width, start:start + width],
+                                   a_w[start:start + width, start:start + width], rtol=1e-12, atol=1e-12)
+    if centered:  # the border: the mean input and the count
+        torch.testing.assert_close(a_b[-1], a_w[-1], rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(a_b[:3, 3:5]) == 0 and torch.count_nonzero(g_b[:4, 4:]) == 0  # never formed
+    torch.testing.assert_close(g_b[:4, :4], g_w[:4, :4], rtol=1e-12, atol=1e-12)
+
+
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
     """nn.Bilinear's weight has no block (its product with two inputs is no linear layer's): where such parameters
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,

@@ -336,6 +336,36 @@ def test_accumulated_grams_equal_the_dense_ema(d: int) -> None:
     torch.testing.assert_close(fresh, torch.einsum("gri,grj->gij", parts[0], parts[0]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("homogeneous,blocks,d", [(False, (4, 4, 2), 10), (True, (4, 4, 3), 11), (True, (3, 3, 3), 10),
+                                                  (False, (300, 300, 299), 899)])
+def test_grams_of_diagonal_blocks_equal_the_dense_emas_there_and_touch_nothing_else(homogeneous, blocks, d) -> None:
+    """Only the diagonal blocks (and, with the ones column past them, its border: the column sums and the count) are
+    formed, each equal to the dense EMA of [X, 1]'s Gram there; the rest keeps its old value (0 in a new tensor)."""
+    from kronograph.runtime.factors import accumulate_grams
+
+    gen = torch.Generator().manual_seed(3)
+    width = d - homogeneous  # (3, 3, 3) of a 10-wide [X, 1]: the ones column is the border past the blocks
+    parts = [torch.randn(2, r, width, generator=gen, dtype=torch.float64) for r in (7, 5)]
+    rows = [torch.cat([p, torch.ones(2, p.shape[1], 1, dtype=torch.float64)], 2) if homogeneous else p for p in parts]
+    dense = sum(torch.einsum("gri,grj->gij", r, r) for r in rows)
+    formed = torch.zeros(d, d, dtype=torch.bool)
+    start = 0
+    for w in blocks:
+        formed[start:start + w, start:start + w] = True
+        start += w
+    formed[start:, :] = formed[:, start:] = True  # the border (none where the blocks cover d)
+    old = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
+    old = old + old.transpose(1, 2)
+    got = accumulate_grams(old.clone(), parts, alpha=0.25, beta=0.9, homogeneous=homogeneous, blocks=blocks)
+    torch.testing.assert_close(got[:, formed], (0.9 * old + 0.25 * dense)[:, formed], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[:, ~formed], old[:, ~formed])
+    fresh = accumulate_grams(None, parts, alpha=1.0, beta=0.5, homogeneous=homogeneous, blocks=blocks)
+    torch.testing.assert_close(fresh[:, formed], dense[:, formed], rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(fresh[:, ~formed]) == 0
+    with pytest.raises(ValueError, match="do not cover"):
+        accumulate_grams(None, parts, alpha=1.0, beta=0.0, homogeneous=homogeneous, blocks=blocks[1:])
+
+
 def test_block_update_equals_the_ema_of_batch_factors_and_refuses_bad_rows() -> None:
     torch.manual_seed(8)
     model = TinyMLP().double()
