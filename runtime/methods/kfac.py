@@ -288,7 +288,8 @@ class KFAC:
         max_factor_dim: invert a factor wider than this as block-diagonal, in contiguous diagonal blocks of at most
             this width, the rest of the factor taken as 0 (None: whole, the paper's; block-diagonal structure
             only; inverse.block_diagonal_inverse). A Cholesky costs d^3: a 3137-wide A (a GroupNorm CNN's head)
-            in four blocks of 785 costs a sixteenth, and its statistics form those blocks alone (and a centred A's border).
+            in four blocks of 785 costs a sixteenth, and its statistics form those blocks alone (and a centred
+            A's border).
         bound_model_decrease: shorten a step whose quadratic model predicts h to fall by more than h / (1/4)
             (damping.largest_credible_decrease; off: the paper's) along its coefficients, to the point where the
             model predicts that fall (quadratic.shortened). h is nonnegative, so such a step has rho < 1/4 whatever
