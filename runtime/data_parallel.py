@@ -273,7 +273,7 @@ def fold_across_ranks(
             sites = records.get(name)
             if sites and any(record.g is not None for record in sites):
                 a, g = batch_factors(block.layer, sites, batch_size=batch_size, grad_scale=grad_scale, index=rows,
-                                     dtype=dtype, subset=subset)
+                                     dtype=dtype, subset=subset, blocks=block.statistics_blocks)
                 stats[name] = (a, g, m)
     layers = {name: block.layer for name, block in blocks.items()}
     averaged = average_statistics(stats, layers, part.group, dtype, device, communication_dtype)

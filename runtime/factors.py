@@ -225,8 +225,10 @@ def batch_factors(
     index: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     subset: RowSubset | None = None,
+    blocks: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mini-batch factors (A [groups, a_dim, a_dim], G [groups, g_dim, g_dim]) of one layer.
+    """The mini-batch factors (A [groups, a_dim, a_dim], G [groups, g_dim, g_dim]) of one layer (``blocks``: only
+    A's and G's diagonal blocks formed, 0 elsewhere, as ``fold_factors_``'s).
 
     Args:
         records: the layer's sites from a Capture (gradients present; a site with g None counts as 0).
@@ -237,11 +239,15 @@ def batch_factors(
         dtype: the factors' dtype (float32 or float64, independent of the model's).
         subset: A from a random subset of the rows where there are many (``RowSubset``); None: every row.
     """
-    # A table counts every index (as ``fold_factors_``).
-    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, subset=None if layer.diagonal_a else subset)
+    # A table counts every index (as ``fold_factors_``); a bias's ones column is appended by accumulate_grams.
+    homogeneous = layer.bias is not None
+    sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous,
+                                subset=None if layer.diagonal_a else subset)
     scale = _grad_scale(m, grad_scale)
-    a = diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else _accumulate_sites(None, sites, 1.0 / m, 0.0)
-    g = _fold_g(layer, None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0)
+    a = (diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else
+         _accumulate_sites(None, sites, 1.0 / m, 0.0, homogeneous=homogeneous, blocks=blocks[0]))
+    g = _fold_g(layer, None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0,
+                blocks=blocks[1])
     return a, g
 
 

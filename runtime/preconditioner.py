@@ -352,7 +352,7 @@ class KFACPreconditioner:
             )
             stats = {
                 name: (*batch_factors(self.blocks[name].layer, records, batch_size=m, dtype=self.factor_dtype,
-                                      subset=self.row_subset), m)
+                                      subset=self.row_subset, blocks=self.blocks[name].statistics_blocks), m)
                 for name, records in records.items()
                 if records and any(r.g is not None for r in records)
             }
@@ -385,7 +385,7 @@ class KFACPreconditioner:
                     continue
                 layer, dtype = self.blocks[name].layer, self.factor_dtype
                 a, g = batch_factors(layer, records, batch_size=n, grad_scale=scale, index=index, dtype=dtype,
-                                     subset=self.row_subset)
+                                     subset=self.row_subset, blocks=self.blocks[name].statistics_blocks)
                 total = sums.setdefault(name, [0.0, 0.0, 0])
                 total[0], total[1], total[2] = total[0] + m * a, total[1] + m * g, total[2] + m
         if pending and not sums:

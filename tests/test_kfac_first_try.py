@@ -1109,6 +1109,30 @@ def test_statistics_of_the_blocks_alone_take_the_steps_of_whole_statistics(cente
     torch.testing.assert_close(g_b[:4, :4], g_w[:4, :4], rtol=1e-12, atol=1e-12)
 
 
+def test_the_preconditioners_blocked_statistics_take_the_steps_of_whole_statistics():
+    """KFACPreconditioner forms its batch factors' diagonal blocks alone too (batch_factors): an SGD loop's weights
+    equal those of the loop whose factors are formed whole (float64 factors, to 1e-9)."""
+    runs = []
+    for whole in (False, True):
+        model = mlp()
+        compiled = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy")
+        precond = kronograph.optim.KFACPreconditioner(compiled, max_factor_dim=4, seed=0, factor_dtype=torch.float64)
+        assert precond.blocks[compiled.layers[0].name].statistics_blocks == ((3, 3), (4, 4))  # A damped uncentred
+        if whole:
+            for block in precond.blocks.values():
+                block.statistics_blocks = (None, None)
+        sgd, loss = torch.optim.SGD(model.parameters(), lr=0.1), get_loss("cross_entropy")
+        for x, y in batches(6):
+            sgd.zero_grad()
+            with precond.track():
+                loss(model(x), y).backward()
+            precond.step()
+            sgd.step()
+        runs.append(params(model))
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
 def test_a_model_mostly_outside_the_kronecker_blocks_is_said_to_be():
     """nn.Bilinear's weight has no block (its product with two inputs is no linear layer's): where such parameters
     hold most of the model, constructing K-FAC warns, naming the largest and why it has none; an MLP and a GRU,
