@@ -48,6 +48,8 @@ SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
     "default": (dict(seed=0), (16, 16), "cross_entropy"),
     "paper_unequal": (dict(preset="paper", seed=0), (27, 5), "cross_entropy"),
     "default_unequal": (dict(seed=0), (20, 12), "cross_entropy"),
+    # factors wider than 4 inverted in blocks, whose batch factors form those blocks alone (factors.batch_factors)
+    "default_blocks": (dict(seed=0, max_factor_dim=4), (16, 16), "cross_entropy"),
     # rank 0's 17 rows are 16 of the first half and 1 of the second: a one-example piece (no batch norm here)
     "default_one_row_piece": (dict(seed=0), (17, 15), "cross_entropy"),
     "empirical": (dict(preset="paper", fisher="empirical", seed=0), (16, 16), "cross_entropy"),
