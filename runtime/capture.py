@@ -292,7 +292,8 @@ class Capture(TorchFunctionMode):
             self._conv_transpose(args, kwargs, result)
         elif func in _EMBEDDING:
             self._embedding(args, kwargs, result)
-        elif func is torch._weight_norm and args and id(args[0]) in self._normed and _arg(args, kwargs, 2, "dim", 0) == 0:
+        elif (func is torch._weight_norm and args and id(args[0]) in self._normed
+              and _arg(args, kwargs, 2, "dim", 0) == 0):
             self._bind(self._normed[id(args[0])], result)  # this forward's W = g v / |v| of a weight-normed layer
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight.get(id(args[0]))

@@ -45,9 +45,8 @@ FUSED_ATTENTION = frozenset({F.multi_head_attention_forward, F.scaled_dot_produc
 BATCH_NORM = frozenset({F.batch_norm, torch.batch_norm})
 GROUP_NORM = frozenset({F.group_norm, torch.group_norm, F.instance_norm, torch.instance_norm})
 RECURRENT = frozenset(RECURRENT_FUNCTIONS) | frozenset(RECURRENT_CELLS)
-CONVOLUTION = frozenset({F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                         torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
-                         torch.conv_transpose3d})
+# (F.conv2d and the others are torch.conv2d's own objects: one entry each)
+CONVOLUTION = frozenset({F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d})
 _TRAINING = 5  # ``training``'s position in both F.batch_norm and torch.batch_norm
 BATCH_NORM_TRAINING = "batch norm in training mode"  # the one dear kind that keeps central differences
 

@@ -26,7 +26,8 @@ from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordin
 
 
 def normed_net() -> nn.Module:
-    """A weight-normed conv (parametrization), a weight-normed linear (parametrization) and a head normed the old way."""
+    """A weight-normed conv (parametrization), a weight-normed linear (parametrization) and a head normed the old
+    way."""
     return nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3)), nn.Tanh(), nn.Flatten(), weight_norm(nn.Linear(12, 6)),
                          nn.Tanh(), old_weight_norm(nn.Linear(6, 3)))
 

@@ -485,9 +485,8 @@ class KFAC:
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
-        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): the torch engine, diagonal
-        structure, both engines, data-parallel too (each rank pushes the summed gradient to W alike), not
-        FSDP-sharded."""
+        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): both engines, diagonal
+        structure, data-parallel too (each rank pushes the summed gradient to W alike), not FSDP-sharded."""
         if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
             return ()
         return compiled.plan.normed
