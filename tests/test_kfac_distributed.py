@@ -307,8 +307,10 @@ def test_distributed_run_equals_the_single_process_run_on_full_batches(ranks, si
     assert len(distributed["infos"]) == len(single["infos"])
     for step, (mine, theirs) in enumerate(zip(distributed["infos"], single["infos"])):
         assert set(mine) == set(theirs), step
-        for key, value in theirs.items():  # rho: a difference of two losses over M(delta), rounding grown most
-            assert mine[key] == pytest.approx(value, rel=1e-3 if key == "rho" else 1e-4, abs=1e-6), (step, key)
+        for key, value in theirs.items():  # rho: a difference of two losses over M(delta), rounding grown most;
+            # mu: the 2 x 2 model's solve, as far (1.4e-4 at step 7 of "paper" on an AVX-512 machine's MKL)
+            loose = key in ("rho", "mu")
+            assert mine[key] == pytest.approx(value, rel=1e-3 if loose else 1e-4, abs=1e-6), (step, key)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
