@@ -91,9 +91,12 @@ class BlockDiagonalCurvature:
             layer = block.layer
             if not block.tied:  # (a tie's sides are split over their whole width: runtime/tied.py)
                 block.statistics_blocks = (
-                    None if layer.diagonal_a else inverse_blocks(layer.a_dim, max_dim,
-                                                                 border=centered and layer.bias is not None),
+                    None if layer.diagonal_a else inverse_blocks(layer.a_dim, max_dim, border=self.centers(layer)),
                     None if layer.diagonal_g else inverse_blocks(layer.g_dim, max_dim))
+
+    def centers(self, layer: Layer) -> bool:
+        """Whether the layer's A is damped centred: its partition's border and its inversion both read this."""
+        return self.centered and layer.bias is not None
 
     def fold(self, records: Records, batch_size: int, decay: float, index: torch.Tensor | None = None,
              grad_scale: float | None = None, subset: RowSubset | None = None) -> None:
@@ -114,7 +117,7 @@ class BlockDiagonalCurvature:
             name: None if block.a is None or block.tied or (only is not None and name not in only)
             else factored_inverses(
                 block.a, block.g, gamma, block.inverses, name=name,
-                centered=self.centered and block.layer.bias is not None, knob=self.knob, floor=self.floor,
+                centered=self.centers(block.layer), knob=self.knob, floor=self.floor,
                 max_dim=self.max_dim, g_share=(g_shares or {}).get(name, 0.0))
             for name, block in self.blocks.items()
         }
@@ -125,7 +128,7 @@ class BlockDiagonalCurvature:
             previous = output.inverses if isinstance(output.inverses, TiedInverses) else None
             inverses[output_name] = inverses[table_name] = tied_inverses(
                 (output.a, output.g), (table.a, table.g), gamma, previous, name=output.layer.weight,
-                centered=self.centered and output.layer.bias is not None, floor=self.floor, max_dim=self.max_dim,
+                centered=self.centers(output.layer), floor=self.floor, max_dim=self.max_dim,
                 g_share=(g_shares or {}).get(output_name, 0.0), knob=self.knob)
         return inverses
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -215,13 +216,15 @@ def diagonal_block_sizes(d: int, max_dim: int | None) -> list[int]:
 
 
 def block_diagonal_inverse(m: torch.Tensor, damping: torch.Tensor | float, previous: torch.Tensor | None = None,
-                           max_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B + damping I)^-1 with B the block-diagonal part of M in ``diagonal_block_sizes``' blocks, NaN-safe as
-    ``damped_inverse`` (the result, [groups, d, d], is 0 off the blocks; a group fails when one of its blocks
-    does). The blocks, the narrow last one padded with an identity, are inverted in one batched call."""
+                           max_dim: int | None = None, sizes: Sequence[int] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B + damping I)^-1 with B the block-diagonal part of M in ``diagonal_block_sizes``' blocks (or the widths
+    ``sizes``, the first the widest), NaN-safe as ``damped_inverse`` (the result, [groups, d, d], is 0 off the
+    blocks; a group fails when one of its blocks does). The blocks, narrower ones padded with an identity, are
+    inverted in one batched call."""
     if m.dim() == 2:  # a table's diagonal A
         return diagonal_damped_inverse(m, damping)
-    sizes = diagonal_block_sizes(m.shape[-1], max_dim)
+    sizes = list(sizes) if sizes is not None else diagonal_block_sizes(m.shape[-1], max_dim)
     if len(sizes) == 1:
         return damped_inverse(m, damping, previous)
     groups, count, width = m.shape[0], len(sizes), sizes[0]
@@ -377,14 +380,19 @@ def factored_inverses(
     the blocks' trace). ``g_share``: G's damping is also at least this fraction of its trace (``floored``).
     """
     split, pi, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
+    # the partition asked for, the one a block's statistics form (curvature.BlockDiagonalCurvature), whether or not
+    # centring succeeds: were it to fail, the uncentred A is inverted in the same blocks, its corner one more
+    a_blocks = None if a.dim() == 2 else inverse_blocks(a.shape[-1], max_dim, border=centered)
+    g_blocks = None if g.dim() == 2 else inverse_blocks(g.shape[-1], max_dim)
     if split is not None:
         a_inv, a_failed = centered_damped_inverse(split[0], split[1], a_damping, max_dim)
     else:
-        a_inv, a_failed = block_diagonal_inverse(a, a_damping, None if previous is None else previous.a_inv, max_dim)
+        if centered and a_blocks is not None:
+            a_blocks = (*a_blocks, 1)
+        a_inv, a_failed = block_diagonal_inverse(a, a_damping, None if previous is None else previous.a_inv, max_dim,
+                                                 a_blocks)
     g_inv, g_failed = block_diagonal_inverse(g, g_damping, None if previous is None else previous.g_inv, max_dim)
     failed = a_failed | g_failed
-    a_blocks = None if a.dim() == 2 else inverse_blocks(a.shape[-1], max_dim, border=split is not None)
-    g_blocks = None if g.dim() == 2 else inverse_blocks(g.shape[-1], max_dim)
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole
             # (a previous A damped uncentred has no border: the sides whose structure differs are dense)
