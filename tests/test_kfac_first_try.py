@@ -430,6 +430,63 @@ def test_unmatched_parameters_step_along_the_gradient_over_its_root_mean_square(
     assert moved >= 4  # the check is not vacuous: the direction was taken on most steps
 
 
+def _unmatched_held_at_zero(opt) -> list[int]:
+    """Bound ``opt``'s unmatched coefficient to [0, 0] in its quadratic model (a bound that holds, as
+    ``descent_only``'s does where the direction is of no use) and return the list that collects, a step, how many
+    directions the model's first products took."""
+    counts: list[int] = []
+    gram, bounds = opt._fisher_gram, opt._coefficient_bounds
+
+    def counted(inputs, directions, cache):
+        if "outputs" not in cache:  # (the gamma rule's other candidates reuse the first one's tangents)
+            counts.append(len(directions))
+        return gram(inputs, directions, cache)
+
+    def held(labels):
+        return [(0.0, 0.0) if label == "unmatched_scale" else bound for label, bound in zip(labels, bounds(labels))]
+
+    opt._fisher_gram, opt._coefficient_bounds = counted, held
+    return counts
+
+
+def test_an_unmatched_direction_held_at_zero_is_left_out_of_the_model_and_changes_nothing():
+    """``unmatched_backoff`` (N = 4 here): after N zero coefficients in a row the unmatched direction is left out of
+    the quadratic model for N steps, then tried again; the model then has one direction fewer, and the weights are
+    those of the run that keeps the direction every step (a coefficient at its bound adds nothing), to rounding.
+    The count-down is part of the state: a resumed run leaves out the same steps."""
+    data = batches(24)
+    runs = []
+    for backoff in (4, None):
+        model = normed_mlp()
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, unmatched_backoff=backoff,
+                                    factor_dtype=torch.float64)
+        counts = _unmatched_held_at_zero(opt)
+        infos = [opt.step(x, y) for x, y in data[:12]]
+        state = copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
+        infos += [opt.step(x, y) for x, y in data[12:]]
+        runs.append((counts, infos, params(model), state))
+    (counts, infos, theta, (state, weights)), (every_counts, every_infos, every_theta, _) = runs
+    assert all(info["unmatched_scale"] == 0 for info in infos + every_infos)
+    taken = [step for step, count in enumerate(counts, start=1) if count == (2 if step == 1 else 3)]
+    assert taken == [1, 2, 3, 4, 9, 14, 19, 24]
+    assert all(count == 2 for step, count in enumerate(counts[1:], start=2) if step not in taken)
+    assert every_counts == [2] + [3] * 23
+    assert [i["loss"] for i in infos] == pytest.approx([i["loss"] for i in every_infos], rel=1e-4)
+    for p, q in zip(theta, every_theta):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    model = normed_mlp(seed=5)
+    model.load_state_dict(weights)
+    resumed = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=1, unmatched_backoff=4,
+                                    factor_dtype=torch.float64)
+    resumed_counts = _unmatched_held_at_zero(resumed)
+    resumed.load_state_dict(state)
+    assert resumed.unmatched_rest == 1  # step 9 left out 4: 10-12 done, 13 to come
+    for x, y in data[12:]:
+        resumed.step(x, y)
+    assert resumed_counts == counts[12:]
+    assert all(torch.equal(p, q) for p, q in zip(params(model), theta))
+
+
 @pytest.mark.parametrize("max_factor_dim", [1024, 2])
 def test_default_preset_resumes_exactly(max_factor_dim):
     """Also with the factors inverted in blocks (max_factor_dim 2), whose inverses are multiplied block by block: the

@@ -120,6 +120,10 @@ class KFACSettings:
                                                  low=0, low_open=True)
     descent_only: bool = setting(True, "Never take K-FAC's proposal or the unmatched gradient step uphill in the "
                                  "quadratic model.")
+    unmatched_backoff: int | None = setting(8, "When the quadratic model has given the unmatched parameters' step "
+                                            "a zero coefficient N times in a row, leave that direction out of the "
+                                            "model for the next N steps, then try it again (one forward a step "
+                                            "fewer; auto: in the model every step).", low=1)
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
@@ -217,7 +221,7 @@ PRESETS: dict[str, KFACSettings] = {
         reject_damping_floor=None,
         bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
-        unmatched_direction="gradient", signal_scaling=False, fisher_products="forward",
+        unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
