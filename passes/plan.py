@@ -94,8 +94,8 @@ class Layer:
     # (a word or BPE vocabulary's head), never by the matcher.
     diagonal_g: bool = False
     # (direction v, magnitude g) where the weight is computed by weight norm, W = g v / |v| with |v| over every axis
-    # but the first (PyTorch's weight_norm, dim=0): ``weight`` then names the computed W (``fc.weight``), which is no
-    # parameter, and v and g are the parameters (a layer of the plan's ``normed``).
+    # where g has size 1 (PyTorch's weight_norm: all but dim, or all for dim=None): ``weight`` then names the computed
+    # W (``fc.weight``), which is no parameter, and v and g are the parameters (a layer of the plan's ``normed``).
     weight_norm: tuple[str, str] | None = None
 
     @property

@@ -7,7 +7,7 @@ one-hot rows of its indices, ``layer_input``). A call is a site of a layer when 
 argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. A weight-normed layer's (``Layer.weight_norm``) weight is computed in the forward: the result of
-``torch._weight_norm(v, g, 0)`` on its v is bound to it, and the calls that read it are its sites. Outside ``with
+``torch._weight_norm(v, g, dim)`` on its v is bound to it, and the calls that read it are its sites. Outside ``with
 Capture(...)`` nothing is intercepted: the normal forward costs nothing.
 
 torch.compile: dynamo cannot trace this mode (its site bookkeeping, weakrefs and gradient hooks fail inside
@@ -227,7 +227,7 @@ class Capture(TorchFunctionMode):
         # two views of one weight) is found as the table by F.embedding and as the output layer by F.linear.
         self._by_weight: dict[int, Layer] = {}
         self._tables: dict[int, Layer] = {}
-        # Weight-normed layers by the id of their v: the W that torch._weight_norm(v, g, 0) returns is bound to them.
+        # Weight-normed layers by the id of their v: the W that torch._weight_norm(v, g, dim) returns is bound to them.
         self._normed: dict[int, Layer] = {}
         for layer in self.layers.values():
             weight = layer.weight_norm[0] if layer.weight_norm else layer.weight
@@ -292,9 +292,9 @@ class Capture(TorchFunctionMode):
             self._conv_transpose(args, kwargs, result)
         elif func in _EMBEDDING:
             self._embedding(args, kwargs, result)
-        elif (func is torch._weight_norm and args and id(args[0]) in self._normed
-              and _arg(args, kwargs, 2, "dim", 0) == 0):
-            self._bind(self._normed[id(args[0])], result)  # this forward's W = g v / |v| of a weight-normed layer
+        elif func is torch._weight_norm and args and id(args[0]) in self._normed:
+            # this forward's W = g v / |v| of a weight-normed layer (the plan matched its dim on g's shape)
+            self._bind(self._normed[id(args[0])], result)
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight.get(id(args[0]))
                                             or self._tables[id(args[0])])

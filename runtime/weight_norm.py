@@ -1,7 +1,8 @@
 """A weight-normed layer's block works in the coordinates of its computed weight W = g v / |v| (passes/match/
 weight_norm.py): the gradient is pushed forward to W, the block's step in W pulled back to (g, v).
 
-Per output row, with u = v / |v|: dW = u dg + (g / |v|) (I - u u^T) dv. So
+Per group of W's entries one g scales (an output row for dim=0, a slice along dim k, all of W for dim=None), with
+u = v / |v| over the group: dW = u dg + (g / |v|) (I - u u^T) dv. So
 - grad_g = u . grad_W and grad_v = (g / |v|) (I - u u^T) grad_W give back grad_W = u grad_g + (|v| / g) grad_v;
 - a step Delta W is the step dg = u . Delta W, dv = (|v| / g) (I - u u^T) Delta W (dv orthogonal to v, the one
   direction that leaves W alone), whose first-order change of W is Delta W exactly, and grad_g dg + grad_v . dv =
@@ -17,18 +18,26 @@ import torch
 from kronograph.passes.plan import Layer
 
 
-def _row_frame(v: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u = v / |v|, |v| / g) per output row, shaped to broadcast against v; a zero row or a zero g gives zeros
-    (such a row's W is 0 or its v has no direction: nothing to push or pull there)."""
-    axes = tuple(range(1, v.dim()))
-    norm = torch.linalg.vector_norm(v, dim=axes, keepdim=True)
+def norm_axes(v: torch.Tensor, g: torch.Tensor) -> tuple[int, ...]:
+    """The axes of v weight norm's |v| runs over: those where g has size 1 (g [out, 1, ..., 1] for dim=0, v's
+    shape with 1 but on axis k for dim=k), all of them for a scalar g (dim=None)."""
+    if g.dim() == 0:
+        return tuple(range(v.dim()))
+    return tuple(axis for axis in range(v.dim()) if g.shape[axis] == 1)
+
+
+def _group_frame(v: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u = v / |v|, |v| / g) per group (a slice along dim, or all of v), shaped to broadcast against v; a zero v or
+    a zero g gives zeros (such a group's W is 0 or its v has no direction: nothing to push or pull there)."""
+    norm = torch.linalg.vector_norm(v, dim=norm_axes(v, g), keepdim=True)
+    g = g.reshape(norm.shape)
     u = torch.where(norm > 0, v / norm, torch.zeros_like(v))
     scale = torch.where(g != 0, norm / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
     return u, scale
 
 
-def _rows_dot(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (u * w).sum(tuple(range(1, u.dim())), keepdim=True)
+def _group_dot(u: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (u * w).sum(norm_axes(u, g), keepdim=True)
 
 
 def weight_coordinates(grads: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
@@ -41,8 +50,8 @@ def weight_coordinates(grads: Mapping[str, torch.Tensor], params: Mapping[str, t
         direction, magnitude = layer.weight_norm
         if direction not in grads or magnitude not in grads:
             continue
-        u, scale = _row_frame(params[direction].detach(), params[magnitude].detach())
-        found[layer.weight] = u * grads[magnitude] + scale * grads[direction]
+        u, scale = _group_frame(params[direction].detach(), params[magnitude].detach())
+        found[layer.weight] = u * grads[magnitude].reshape(scale.shape) + scale * grads[direction]
     return found
 
 
@@ -55,8 +64,8 @@ def parameter_coordinates(step: Mapping[str, torch.Tensor], params: Mapping[str,
             continue
         direction, magnitude = layer.weight_norm
         delta = found.pop(layer.weight)
-        u, scale = _row_frame(params[direction].detach(), params[magnitude].detach())
-        along = _rows_dot(u, delta)
+        u, scale = _group_frame(params[direction].detach(), params[magnitude].detach())
+        along = _group_dot(u, delta, params[magnitude])
         found[magnitude] = along.reshape(params[magnitude].shape)
         found[direction] = scale * (delta - u * along)
     return found

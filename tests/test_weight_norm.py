@@ -25,11 +25,22 @@ from kronograph.runtime.inverse import CoverageWarning
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 
-def normed_net() -> nn.Module:
+#: the norms' dim of ``normed_net``'s three layers: PyTorch's default, and the whole norm (None) and a linear weight's
+#: columns (dim=1, g [1, in]) beside it
+DIMS = [(0, 0, 0), (None, 1, None)]
+
+
+def normed_net(dims: tuple = (0, 0, 0)) -> nn.Module:
     """A weight-normed conv (parametrization), a weight-normed linear (parametrization) and a head normed the old
-    way."""
-    return nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3)), nn.Tanh(), nn.Flatten(), weight_norm(nn.Linear(12, 6)),
-                         nn.Tanh(), old_weight_norm(nn.Linear(6, 3)))
+    way, each normed over ``dims``' entry (weight_norm's dim)."""
+    return nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3), dim=dims[0]), nn.Tanh(), nn.Flatten(),
+                         weight_norm(nn.Linear(12, 6), dim=dims[1]), nn.Tanh(),
+                         old_weight_norm(nn.Linear(6, 3), dim=dims[2]))
+
+
+def computed(v: torch.Tensor, g: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """W = g v / |v| as PyTorch computes it for weight_norm's ``dim`` (None: -1, the whole norm)."""
+    return torch._weight_norm(v, g, -1 if dim is None else dim)
 
 
 def plain_twin(normed: nn.Module) -> nn.Module:
@@ -72,6 +83,17 @@ def test_the_plan_holds_each_weight_normed_layer_with_its_v_and_g():
     assert LayerPlan.from_json(cm.plan.to_json()) == cm.plan
 
 
+def test_a_norm_the_export_takes_through_a_transpose_gets_no_block():
+    """A conv normed per input channel (dim=1): PyTorch's export transposes v, flattens, reduces and transposes back,
+    which the matcher does not read; v and g step outside every block, as before, while the whole norm (dim=None)
+    and a linear weight's dim=1 are matched (``DIMS``)."""
+    cm = kronograph.compile(normed_net((1, 1, None)), (batch()[0][:2],), loss="cross_entropy")
+    assert sorted(layer.name for layer in cm.plan.normed) == ["3", "5"]
+    assert {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= {
+        entry.name for entry in cm.plan.unmatched}
+    assert cm.plan.normed[0].weight_norm == ("3.parametrizations.weight.original1", "3.parametrizations.weight.original0")
+
+
 def test_a_v_read_elsewhere_too_gets_no_block():
     class Leaky(nn.Module):
         def __init__(self) -> None:
@@ -85,34 +107,42 @@ def test_a_v_read_elsewhere_too_gets_no_block():
     assert cm.plan.normed == ()
 
 
-def test_the_coordinate_maps_are_autograd_jacobians_of_weight_norm():
+@pytest.mark.parametrize(("index", "dim", "g_shape"), [(0, 0, (4, 1, 1)), (0, None, ()), (3, 1, (1, 12))],
+                         ids=["conv-dim0", "conv-whole", "linear-dim1"])
+def test_the_coordinate_maps_are_autograd_jacobians_of_weight_norm(index, dim, g_shape):
     """grad_(g, v) = J^T grad_W is pushed back to grad_W, and a step Delta W pulled back to (dg, dv) has J (dg, dv)
-    = Delta W, J autograd's Jacobian of torch._weight_norm at (v, g)."""
+    = Delta W, J autograd's Jacobian of torch._weight_norm at (v, g), for the norm of each output row (dim=0), of
+    all of v (dim=None, g a scalar) and of each input column (dim=1)."""
     torch.manual_seed(1)
-    cm = kronograph.compile(normed_net(), (batch()[0][:2],), loss="cross_entropy")
-    layer = next(layer for layer in cm.plan.normed if layer.name == "0")
+    dims = (dim, 0, 0) if index == 0 else (0, dim, 0)
+    cm = kronograph.compile(normed_net(dims), (batch()[0][:2],), loss="cross_entropy")
+    layer = next(layer for layer in cm.plan.normed if layer.name == str(index))
     v_name, g_name = layer.weight_norm
-    v, g = torch.randn(4, 2, 3, dtype=torch.float64), torch.rand(4, 1, 1, dtype=torch.float64) + 0.5
-    jv, jg = torch.autograd.functional.jacobian(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g))
-    jacobian = torch.cat([jv.reshape(24, 24), jg.reshape(24, 4)], 1)  # d vec(W) / d (vec v, vec g)
+    shape = (4, 2, 3) if index == 0 else (6, 12)
+    v, g = torch.randn(shape, dtype=torch.float64), torch.rand(g_shape, dtype=torch.float64) + 0.5
+    jv, jg = torch.autograd.functional.jacobian(lambda v_, g_: computed(v_, g_, dim), (v, g))
+    size = v.numel()
+    jacobian = torch.cat([jv.reshape(size, size), jg.reshape(size, g.numel())], 1)  # d vec(W) / d (vec v, vec g)
     params = {v_name: v, g_name: g}
-    grad_w = torch.randn(4, 2, 3, dtype=torch.float64)
+    grad_w = torch.randn(shape, dtype=torch.float64)
     pulled = jacobian.T @ grad_w.reshape(-1)
-    grads = {v_name: pulled[:24].reshape(4, 2, 3), g_name: pulled[24:].reshape(4, 1, 1), "other": torch.ones(2)}
+    grads = {v_name: pulled[:size].reshape(shape), g_name: pulled[size:].reshape(g_shape), "other": torch.ones(2)}
     pushed = weight_coordinates(grads, params, [layer])
     torch.testing.assert_close(pushed[layer.weight], grad_w)
     assert pushed["other"] is grads["other"] and pushed[v_name] is grads[v_name]
     step = parameter_coordinates({layer.weight: grad_w, "other": torch.ones(2)}, params, [layer])
-    assert layer.weight not in step and step["other"].equal(torch.ones(2))
+    assert layer.weight not in step and step["other"].equal(torch.ones(2)) and step[g_name].shape == g_shape
     torch.testing.assert_close((jacobian @ torch.cat([step[v_name].reshape(-1), step[g_name].reshape(-1)])
-                                ).reshape(4, 2, 3), grad_w)
-    assert abs(float((step[v_name] * v).sum((1, 2)).abs().max())) < 1e-12  # dv orthogonal to v, row by row
+                                ).reshape(shape), grad_w)
+    axes = {0: (1, 2), None: (0, 1, 2), 1: (0,)}[dim]
+    assert float((step[v_name] * v).sum(axes).abs().max()) < 1e-12  # dv orthogonal to v, group by group
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_factors_and_first_step_equal_the_plain_twins():
+@pytest.mark.parametrize("dims", DIMS)
+def test_factors_and_first_step_equal_the_plain_twins(dims):
     torch.manual_seed(0)
-    normed = normed_net()
+    normed = normed_net(dims)
     twin = plain_twin(normed)
     x, y = batch()
     with warnings.catch_warnings():
@@ -132,7 +162,8 @@ def test_factors_and_first_step_equal_the_plain_twins():
         v_name, g_name = direction_and_magnitude(i)
         v, g = parameters[v_name], parameters[g_name]
         dv, dg = normed.get_parameter(v_name).detach() - v, normed.get_parameter(g_name).detach() - g
-        _, first_order = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g), (dv, dg))
+        dim = dims[(0, 3, 5).index(i)]
+        _, first_order = torch.autograd.functional.jvp(lambda v_, g_: computed(v_, g_, dim), (v, g), (dv, dg))
         change = twin[i].weight.detach() - reference_before[i]
         torch.testing.assert_close(first_order, change, rtol=1e-3, atol=1e-3 * float(change.abs().max()))
         assert not torch.equal(normed[i].weight.detach(), before[i])
@@ -169,14 +200,15 @@ def test_a_weight_normed_net_trains_and_resumes_exactly():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("settings", [{"graft": None, "kl_clip": None}, {}])
-def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twins(settings):
+@pytest.mark.parametrize("dims", DIMS)
+def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twins(settings, dims):
     """KFACPreconditioner in a user's loop: the new .grad of v and g, through autograd's Jacobian of
     torch._weight_norm, equals the plain twin's new W.grad (the same batch, so the same factors), with and without
     the grafting and the KL clip (both read W's coordinates); the bias's .grad equals the twin's."""
     torch.manual_seed(0)
     # float64: a softmax head's G is singular along the all-ones direction, where float32's rounding of the two
     # models' gradients (4e-9 apart) is multiplied by 1 / damping
-    normed = normed_net().double()
+    normed = normed_net(dims).double()
     twin = plain_twin(normed).double()
     x, y = batch()
     x = x.double()
@@ -191,19 +223,23 @@ def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twi
     for i in (0, 3, 5):
         v_name, g_name = direction_and_magnitude(i)
         v, g = parameters[v_name].detach(), parameters[g_name].detach()
-        _, moved = torch.autograd.functional.jvp(lambda v_, g_: torch._weight_norm(v_, g_, 0), (v, g),
+        dim = dims[(0, 3, 5).index(i)]
+        _, moved = torch.autograd.functional.jvp(lambda v_, g_: computed(v_, g_, dim), (v, g),
                                                  (parameters[v_name].grad, parameters[g_name].grad))
         torch.testing.assert_close(moved, twin[i].weight.grad, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(normed[i].bias.grad, twin[i].bias.grad, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_kfac_on_onnxruntime_steps_weight_normed_layers_as_the_torch_engine_does(tmp_path):
+@pytest.mark.parametrize("dims", [(0, 0, 0), (0, 1, 0)])
+def test_kfac_on_onnxruntime_steps_weight_normed_layers_as_the_torch_engine_does(tmp_path, dims):
     """The module's own exported .onnx on onnxruntime-training (taps on the computed weights' sites, the gradient of
-    v and g from its training graph) against the torch engine: the same losses and weights over 8 steps."""
+    v and g from its training graph) against the torch engine: the same losses and weights over 8 steps. (A whole
+    norm, dim=None, is not built by onnxruntime-training 1.19's gradient builder, whatever the optimizer: its
+    ReduceL2 to a scalar has no typed gradient.)"""
     pytest.importorskip("onnxruntime.training")
     torch.manual_seed(0)
-    model = normed_net()
+    model = normed_net(dims)
     x, _ = batch()
     cm_torch = kronograph.compile(model, (x[:2],), loss="cross_entropy")
     cm_onnx = kronograph.compile(str(cm_torch.export_onnx(tmp_path / "normed.onnx")), loss="cross_entropy")

@@ -160,8 +160,8 @@ def _normed(ctx: MatchContext, values: dict[str, ir.Value], uses: dict[str, set[
     as on a parameter: where v and g are read by the norm alone and every use of W is a site of one layer."""
     found = []
     for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes):
-        reduce, divide, multiply = normed.nodes
-        read_by_norm = ({node for node, _ in uses[normed.direction]} == {reduce, multiply}
+        reader, divide, multiply = normed.nodes
+        read_by_norm = ({node for node, _ in uses[normed.direction]} == {reader, multiply}
                         and {node for node, _ in uses[normed.magnitude]} == {divide})
         if not read_by_norm or not {normed.direction, normed.magnitude} <= unmatched:
             continue

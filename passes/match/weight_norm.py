@@ -1,9 +1,11 @@
 """Weight-normed layers: a linear or convolution layer whose weight is computed as W = g v / |v| (PyTorch's
-``weight_norm``, the norm over every axis but the first), the graph's Mul(v, Div(g, ReduceL2(v))).
+``weight_norm``: the norm over every axis but ``dim``, 0 by default, or over all of v for dim=None), the graph's
+Mul(v, Div(g, ReduceL2(v))).
 
 Coverage turns v and g down (ReduceL2, Div and Mul are no layer's sites), yet the layer is an ordinary Kronecker
 layer of its computed weight W: the same a and g, the same Fisher block in W's coordinates. The map (g, v) -> W
-covers every direction of W a row at a time (u = v / |v|: dW = u dg + (g / |v|) (I - u u^T) dv), so a step in W
+covers every direction of W a group at a time (a slice along dim, or all of v; u = v / |v| there: dW = u dg +
+(g / |v|) (I - u u^T) dv), so a step in W
 is exactly a step in (g, v), and K-FAC's natural step in W pulled back (runtime/weight_norm.py) is the natural
 step of the weight-normed parameters. Here the computed weight is matched as if it were a parameter, named as the
 module's attribute (``fc.weight``); the layer keeps v and g as ``Layer.weight_norm``.
@@ -27,9 +29,9 @@ class NormedWeight:
 
     value: ir.Value
     direction: str  # v, [out, ...]
-    magnitude: str  # g, [out, 1, ..., 1]
+    magnitude: str  # g, v's shape with 1 on the norm's axes ([out, 1, ..., 1] for dim=0), or a scalar
     name: str  # the computed weight's name: the module attribute (``fc.weight``)
-    nodes: tuple[str, ...]  # ReduceL2, Div, Mul
+    nodes: tuple[str, ...]  # the norm's reader of v (ReduceL2, or the Reshape flattening v for it), Div, Mul
 
 
 def computed_name(direction: str) -> str:
@@ -48,10 +50,32 @@ def _parameter(value: ir.Value | None, parameters: dict[str, str]) -> str | None
     return parameters[value.name]
 
 
+def _norm_of(reduce: ir.Node, direction: str, parameters: dict[str, str], shape: tuple[int, ...],
+             magnitude_shape: tuple[int, ...]) -> ir.Node | None:
+    """The node that reads v for the ReduceL2 ``reduce`` when it is the norm weight norm divides g by, else None:
+    v itself, the norm kept over the axes where g has size 1 (dim=k: g [1, ..., n_k, ..., 1]; dim=0 the common
+    one), or v (or a Reshape of v read by the norm alone) reduced whole to a scalar (dim=None: g a scalar)."""
+    source = reduce.inputs[0]
+    if _parameter(source, parameters) == direction:
+        reader = reduce
+    else:
+        reader = source.producer() if source is not None else None
+        if (reader is None or reader.op_type != "Reshape" or reader.domain not in ("", "ai.onnx")
+                or _parameter(reader.inputs[0], parameters) != direction
+                or {node for node, _ in source.uses()} != {reduce}):
+            return None
+    out = static_shape(reduce.outputs[0])
+    if int_attr(reduce, "keepdims", 1) == 1:
+        kept = len(magnitude_shape) == len(shape) and all(m in (1, n) for m, n in zip(magnitude_shape, shape))
+        return reduce if reader is reduce and kept and out == magnitude_shape else None
+    whole = len(reduce.inputs) < 2 or reduce.inputs[1] is None  # no axes: every axis (noop_with_empty_axes 0)
+    return reader if whole and int_attr(reduce, "noop_with_empty_axes", 0) == 0 and magnitude_shape == () == out else None
+
+
 def find_weight_norms(graph: ir.Graph, parameters: dict[str, str], shapes: dict[str, tuple[int, ...]]
                       ) -> list[NormedWeight]:
-    """Every Mul(v, Div(g, ReduceL2(v))) (either Mul operand order) of two parameters with g shaped [out, 1, ...,
-    1] like v's rank and the norm, kept dims, shaped the same: the norm over every axis but the first."""
+    """Every Mul(v, Div(g, ReduceL2(v))) (either Mul operand order) of two parameters, the norm over the axes where g
+    has size 1 with its dims kept (``_norm_of``), or over the whole of v with g a scalar."""
     found = []
     for node in graph:
         if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -63,14 +87,12 @@ def find_weight_norms(graph: ir.Graph, parameters: dict[str, str], shapes: dict[
                 continue
             magnitude = _parameter(div.inputs[0], parameters)
             reduce = div.inputs[1].producer() if div.inputs[1] is not None else None
-            if (magnitude is None or reduce is None or reduce.op_type != "ReduceL2"
-                    or _parameter(reduce.inputs[0], parameters) != direction or int_attr(reduce, "keepdims", 1) != 1):
+            if magnitude is None or reduce is None or reduce.op_type != "ReduceL2" or len(shapes[direction]) < 2:
                 continue
-            shape = shapes[direction]
-            kept = (shape[0],) + (1,) * (len(shape) - 1)
-            if len(shape) < 2 or shapes[magnitude] != kept or static_shape(reduce.outputs[0]) != kept:
+            reader = _norm_of(reduce, direction, parameters, shapes[direction], shapes[magnitude])
+            if reader is None:
                 continue
             found.append(NormedWeight(node.outputs[0], direction, magnitude, computed_name(direction),
-                                      (reduce.name, div.name, node.name)))
+                                      (reader.name, div.name, node.name)))
             break
     return found
