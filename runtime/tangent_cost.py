@@ -94,9 +94,10 @@ def dear_for_forward_mode(forward: Callable[[], Any]) -> list[str]:
 
 
 #: What PyTorch says where forward mode (or its vmap over the directions) cannot run: an operation without a
-#: forward-mode derivative, a custom autograd.Function without setup_context, a vmap rule or a jvp.
+#: forward-mode derivative, a custom autograd.Function without setup_context, a vmap rule or a jvp, or a derivative
+#: whose tangent comes out misshapen (torch 2.13's for weight norm over all of v, dim=None: [1, 1] for a scalar g).
 _NO_FORWARD_MODE = ("Trying to use forward AD", "functorch transforms", "does not have vmap support",
-                    "use it with forward mode AD")
+                    "use it with forward mode AD", "Trying to set a forward gradient that has a different size")
 
 
 def lacks_forward_mode(error: Exception) -> bool:

@@ -199,6 +199,22 @@ def test_a_weight_normed_net_trains_and_resumes_exactly():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_mlp_normed_whole_takes_differences_where_forward_mode_breaks():
+    """An MLP's quadratic model takes forward mode ("auto"), whose derivative of weight norm over all of v gives a
+    misshapen tangent in PyTorch; "auto" then takes central differences, and the layer trains in its block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(10, 16), dim=None), nn.Tanh(), old_weight_norm(nn.Linear(16, 3),
+                                                                                                  dim=None))
+    x = torch.randn(64, 10)
+    y = (x[:, :3] * 2).argmax(1)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0)
+    assert sorted(opt.blocks) == ["0", "2"] and opt.unmatched == []
+    losses = [opt.step(x, y)["loss"] for _ in range(10)]
+    assert opt.engine.resolved_products == "differences"
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("settings", [{"graft": None, "kl_clip": None}, {}])
 @pytest.mark.parametrize("dims", DIMS)
 def test_the_preconditioner_rewrites_v_and_g_so_that_the_step_moves_w_as_the_twins(settings, dims):
