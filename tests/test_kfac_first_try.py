@@ -626,6 +626,30 @@ def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients(n)
         torch.testing.assert_close(scaled, (1 + share) / 2 * plain, rtol=1e-4, atol=1e-7)
 
 
+def test_the_share_of_signal_is_measured_every_signal_every_steps_with_the_decay_of_as_many():
+    """signal_every=3: the EMAs move at steps 1 (the first measure), 3, 6 and 9 only, and a measure folds in with
+    decay 0.9^3: the step's own (g^T P g, g^T P g - d^T P d) is read off a twin resumed from the same state that
+    measures every step (decay 0.9), so ``after = 0.729 before + 0.271 new``."""
+    data = batches(9)
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, signal_every=3)
+    moved = []
+    for step, (x, y) in enumerate(data, start=1):
+        before, state, weights = opt.signal, copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        opt.step(x, y)
+        if opt.signal != before:
+            moved.append(step)
+        if step in (6, 9):
+            twin_model = mlp(seed=4)
+            twin_model.load_state_dict(weights)
+            twin = kronograph.optim.KFAC(kronograph.compile(twin_model, (torch.randn(2, 5),)), seed=1, signal_every=1)
+            twin.load_state_dict(state)
+            twin.step(x, y)
+            new = [(t - 0.9 * b) / 0.1 for t, b in zip(twin.signal, before)]
+            assert opt.signal == pytest.approx([0.729 * b + 0.271 * n for b, n in zip(before, new)], rel=1e-6)
+    assert moved == [1, 3, 6, 9]
+
+
 def test_a_batch_of_one_example_is_taken_as_all_noise():
     """A batch of one cannot be halved: its share of signal is unmeasured and taken as 0, so the update is half the
     one without signal scaling (``output_noise_damping`` off), and with it on the output layer's G is damped by its

@@ -331,6 +331,10 @@ class KFAC:
             before any has been, counts as all noise (s = 0; with batch norm the update is then a quarter of the
             model's step, ``UNHALVED_NORMALISED_SCALE``): without this a batch of 1-3 examples was fitted step after
             step and the loss on the data rose from 2.3 to 4.5 on Fashion-MNIST and scikit-learn's digits.
+        signal_every: measure s (its EMAs) on every Nth step, once measured (the first measure is taken as soon
+            as a batch is halved), with the EMAs' decay 0.9^N: each measure is a second solve, of the halves'
+            difference (text-words' 2048-wide head: ~4 ms of a ~75 ms step), and s moves slowly. 300-1200 fixed
+            steps of text-words, text-conv, digits-mlp and the batch-60 classifier: level with N = 1 (BENCHMARKS.md).
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
             group or instance norm, a recurrent layer or a convolution, "differences" where it calls batch norm in
@@ -603,7 +607,9 @@ class KFAC:
             with self._timed("inverses"):
                 inverses = self._invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
-                signal = gamma == gammas[0] and self._half_difference is not None  # once a step, gamma's inverses
+                # once a step at most, gamma's inverses; every signal_every-th step once measured
+                signal = gamma == gammas[0] and self._half_difference is not None and (
+                    self.signal is None or k % self.settings.signal_every == 0)
                 right_rows: dict[str, torch.Tensor] | None = {} if signal else None
                 proposal = {name: value for name, value in self._proposal(weighted, inverses, rest, right_rows).items()
                             if name not in left_out}
@@ -930,9 +936,9 @@ class KFAC:
             return
         if self.signal is None:
             self.signal = (total, cross)
-        else:
-            self.signal = tuple(SIGNAL_DECAY * old + (1 - SIGNAL_DECAY) * new
-                                for old, new in zip(self.signal, (total, cross)))
+        else:  # (the decay of signal_every steps: the EMAs keep their memory in steps)
+            decay = SIGNAL_DECAY ** self.settings.signal_every
+            self.signal = tuple(decay * old + (1 - decay) * new for old, new in zip(self.signal, (total, cross)))
 
     def _signal_share(self) -> float | None:
         """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]; None before it is measured, or 0 (all
