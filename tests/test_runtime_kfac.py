@@ -375,10 +375,13 @@ class Branching(nn.Module):
         return self.last(h)
 
 
-def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor():
+@pytest.mark.parametrize("backing_off", [False, True])
+def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor(backing_off):
     """Called from step 3 with statistics every 5 steps: at steps 3-5 it has a gradient but no curvature, so it
     takes the unmatched parameters' direction and coefficient (RMS shape: -c sign(g) on its first step); at
-    step 6 its A is the batch's own (not (1 - decay) of it) and it is inverted at once."""
+    step 6 its A is the batch's own (not (1 - decay) of it) and it is inverted at once. So also where
+    ``unmatched_backoff`` is leaving the unmatched direction out for steps to come: a layer without statistics is
+    never left out."""
     model = Branching()
     cm = kronograph.compile(model, (torch.randn(2, 5),))
     opt = kronograph.optim.KFAC(cm, seed=0, stats_every=5, momentum=None, reject_steps=False, signal_scaling=False)
@@ -388,6 +391,8 @@ def test_a_layer_seen_late_steps_on_its_own_then_starts_from_its_batch_factor():
         for _ in range(2):
             opt.step(torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator))
     model.branch = True
+    if backing_off:
+        opt.unmatched_rest = 5
     x, y = torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator)
     probe = copy.deepcopy(model)
     nn.functional.cross_entropy(probe(x), y).backward()
