@@ -322,18 +322,19 @@ def centered_factor(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float,
-                            max_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            max_dim: int | None = None, sizes: Sequence[int] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A + damping T T^T)^-1 = T^-T (A~ + damping I)^-1 T^-1 from ``centered_factor``'s A~ and mu.
 
     Tikhonov damping of the centred coordinates: the identity in the coordinates where the inputs have
     zero mean, so damping does not undo K-FAC's invariance to a shift of the inputs (paper sec 10). A~ is
     block diagonal, so only its covariance block is inverted; the map back costs O(d^2). Returns the
     inverse and the failed groups, as ``damped_inverse``; a covariance block wider than ``max_dim`` is inverted
-    block-diagonally (``block_diagonal_inverse``).
+    block-diagonally (``block_diagonal_inverse``; ``sizes``: its blocks' widths where the caller has them).
     """
     groups, d = tilde.shape[0], tilde.shape[-1]
     damping = torch.as_tensor(damping, dtype=tilde.dtype, device=tilde.device).expand(groups)
-    inner, failed = block_diagonal_inverse(tilde[:, :-1, :-1], damping, max_dim=max_dim)
+    inner, failed = block_diagonal_inverse(tilde[:, :-1, :-1], damping, max_dim=max_dim, sizes=sizes)
     corner = 1.0 / (tilde[:, -1, -1] + damping)
     shifted = inner @ mu[:, :, None]  # X_11 mu
     inverse = tilde.new_empty(groups, d, d)
@@ -385,13 +386,14 @@ def factored_inverses(
     a_blocks = None if a.dim() == 2 else inverse_blocks(a.shape[-1], max_dim, border=centered)
     g_blocks = None if g.dim() == 2 else inverse_blocks(g.shape[-1], max_dim)
     if split is not None:
-        a_inv, a_failed = centered_damped_inverse(split[0], split[1], a_damping, max_dim)
+        a_inv, a_failed = centered_damped_inverse(split[0], split[1], a_damping, max_dim, a_blocks)
     else:
         if centered and a_blocks is not None:
             a_blocks = (*a_blocks, 1)
         a_inv, a_failed = block_diagonal_inverse(a, a_damping, None if previous is None else previous.a_inv, max_dim,
                                                  a_blocks)
-    g_inv, g_failed = block_diagonal_inverse(g, g_damping, None if previous is None else previous.g_inv, max_dim)
+    g_inv, g_failed = block_diagonal_inverse(g, g_damping, None if previous is None else previous.g_inv, max_dim,
+                                             g_blocks)
     failed = a_failed | g_failed
     if bool(failed.any()):
         if previous is not None:  # a group keeps its previous pair (and pi) as a whole
