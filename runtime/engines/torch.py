@@ -29,6 +29,7 @@ from kronograph.runtime import sharded, tangent_cost
 from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
+from kronograph.runtime.pooling import FastPooling
 from kronograph.runtime.quadratic import difference_products, output_tangents
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
 
@@ -97,6 +98,7 @@ class TorchEngine:
         # What the capture records where no layers are named: the plan's layers, and its tables (embeddings with a
         # diagonal A) and tied tables' views once a method covers them (``capture_also``; K-FAC does).
         self.captured: Any = compiled.plan
+        self.fast_pooling = FastPooling()  # the no-grad forwards' max pools (runtime/pooling.py)
 
     def capture_also(self, layers: Sequence[Layer]) -> None:
         """Capture ``layers`` beside the plan's layers: its tables (their records hold indices:
@@ -242,7 +244,7 @@ class TorchEngine:
                 if names:
                     torch._foreach_add_(shifted, [direction[name].to(theta[name].dtype) for name in names], alpha=h)
                 randomness.replay()
-                with preserved_buffers(self.module):
+                with preserved_buffers(self.module), self.fast_pooling():
                     return _own(self.compiled.forward(*inputs).detach(), (*inputs, *theta.values()))
             finally:
                 if names:  # bit for bit as before
@@ -265,7 +267,7 @@ class TorchEngine:
 
     def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The outputs the loss is put on, at the current weights (no grad, buffers untouched)."""
-        with torch.no_grad(), preserved_buffers(self.module):
+        with torch.no_grad(), preserved_buffers(self.module), self.fast_pooling():
             return self.compiled.forward(*inputs).detach()
 
     def random_state(self) -> _RandomState:
@@ -275,7 +277,7 @@ class TorchEngine:
 
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
-        with torch.no_grad(), preserved_buffers(self.module):
+        with torch.no_grad(), preserved_buffers(self.module), self.fast_pooling():
             return float(self.loss(self.compiled.forward(*inputs), targets))
 
 
