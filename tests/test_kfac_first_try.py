@@ -627,18 +627,21 @@ def test_signal_share_is_the_halves_cross_product_against_the_whole_gradients(n)
 
 
 def test_the_share_of_signal_is_measured_every_signal_every_steps_with_the_decay_of_as_many():
-    """signal_every=3: the EMAs move at steps 1 (the first measure), 3, 6 and 9 only, and a measure folds in with
-    decay 0.9^3: the step's own (g^T P g, g^T P g - d^T P d) is read off a twin resumed from the same state that
-    measures every step (decay 0.9), so ``after = 0.729 before + 0.271 new``."""
+    """signal_every=3: the EMAs move (and the gradient is taken as two halves) at steps 1 (the first measure), 3, 6
+    and 9 only, and a measure folds in with decay 0.9^3: the step's own (g^T P g, g^T P g - d^T P d) is read off
+    a twin resumed from the same state that measures every step (decay 0.9), so ``after = 0.729 before + 0.271
+    new``."""
     data = batches(9)
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, signal_every=3)
-    moved = []
+    moved, halved = [], []
     for step, (x, y) in enumerate(data, start=1):
         before, state, weights = opt.signal, copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
         opt.step(x, y)
         if opt.signal != before:
             moved.append(step)
+        if opt._pass_halved:  # the other steps pass the batch whole
+            halved.append(step)
         if step in (6, 9):
             twin_model = mlp(seed=4)
             twin_model.load_state_dict(weights)
@@ -647,7 +650,7 @@ def test_the_share_of_signal_is_measured_every_signal_every_steps_with_the_decay
             twin.step(x, y)
             new = [(t - 0.9 * b) / 0.1 for t, b in zip(twin.signal, before)]
             assert opt.signal == pytest.approx([0.729 * b + 0.271 * n for b, n in zip(before, new)], rel=1e-6)
-    assert moved == [1, 3, 6, 9]
+    assert moved == halved == [1, 3, 6, 9]
 
 
 def test_a_batch_of_one_example_is_taken_as_all_noise():
@@ -919,7 +922,8 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     The step that takes them equals one with a forward of its own to rounding (only that step: after it, theta's
     float32 rounding alone moves the differences by ~1e-4 relative; one-sided differences divide the halves' and
     the whole batch's rounding of the outputs by the step h: ~1e-4 relative); dropout's outputs are not kept;
-    batch norm's (other statistics on the halves) are found to differ and never kept again."""
+    batch norm's (other statistics on the halves) are found to differ and never kept again from halves; a step
+    that does not measure s (``signal_every``) passes the batch whole, whose outputs are kept unchecked."""
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 4, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator)
 
@@ -928,11 +932,11 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
         layers = [nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True), nn.Flatten()]
         return nn.Sequential(*layers, *([nn.BatchNorm1d(32)] if norm else []), nn.Linear(32, 3))
 
-    def run(net: nn.Module, reuse: bool = True, expected: str = resolved):
+    def run(net: nn.Module, reuse: bool = True, expected: str = resolved, signal_every: int = 1):
         opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,
-                                    fisher_products=products)
+                                    fisher_products=products, signal_every=signal_every)
         if not reuse:
-            opt._keep_outputs = lambda n: False
+            opt._keep_outputs = lambda n, halves: False
         g = torch.Generator().manual_seed(1)
         # "auto" chooses the products at step 1 and takes the pass's outputs (after checking them) from step 2;
         # products given from the start take them at step 1
@@ -956,6 +960,18 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     assert dropped.engine.gradient_pass((x,), y, capture=False, keep_outputs=True).outputs is None
     normed, _, _ = run(model(norm=True), expected="differences")  # batch norm: "auto" takes central ones
     assert normed._outputs_split_free is False
+    whole, _, _ = run(model(norm=True), expected="differences", signal_every=4)
+    fresh, _, _ = run(model(norm=True), reuse=False, expected="differences", signal_every=4)
+
+    def no_forward_at_theta(inputs):
+        raise AssertionError("the whole pass's outputs were not reused")
+
+    whole.engine.outputs = no_forward_at_theta
+    infos = [opt.step(x[16:], y[16:]) for opt in (whole, fresh)]  # step 2 or 3: no s measured, the batch whole
+    assert not whole._pass_halved
+    assert (infos[0]["alpha"], infos[0]["mu"]) == pytest.approx((infos[1]["alpha"], infos[1]["mu"]), rel=1e-6)
+    for a, b in zip(whole.module.parameters(), fresh.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("layer", ["dropout", "batch_norm"])

@@ -299,9 +299,10 @@ def test_low_rank_product_of_section_8_equals_the_direct_one():
 
 
 def test_low_rank_product_from_signal_scalings_halves_equals_the_direct_one():
-    # signal_scaling passes the batch as two halves; their rows, each half's Q weighted by its share, make
-    # the same low-rank product as the whole batch's gradient (an odd batch: halves of 3 and 4).
-    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
+    # signal_scaling passes the batch as two halves (on the steps that measure s); their rows, each half's Q
+    # weighted by its share, make the same low-rank product as the whole batch's gradient (halves of 3 and 4).
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True,
+                                                     signal_every=1)
     loss, _, grads, _ = optimizer._gradient((x,), y)
     assert optimizer._half_difference is not None and set(optimizer._rows) == {"0"}
     whole = torch.func.grad(lambda p: nn.functional.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(
@@ -314,7 +315,8 @@ def test_low_rank_product_from_signal_scalings_halves_equals_the_direct_one():
 def test_low_rank_rows_of_the_halves_difference_equal_the_direct_solve():
     # signal_scaling preconditions d = (g_A - g_B) / 2 every step; its rows (the halves' Q weighted +1/2, -1/2)
     # give F^-1 d by the low-rank product, equal to the direct solve of d from the halves' autograd gradients.
-    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True,
+                                                     signal_every=1)
     optimizer._gradient((x,), y)
     assert set(optimizer._difference_rows) == {"0"}
     params = dict(model.named_parameters())
@@ -336,7 +338,8 @@ def test_low_rank_rows_of_the_halves_difference_equal_the_direct_solve():
 def test_quadratic_form_by_rows_equals_the_dense_kronecker_form():
     # signal_scaling's d^T F^-1 d from the halves' rows and the proposal's P A^-1, against vec(D)^T (A^-1 kron G^-1)
     # vec(D) with the Kronecker product formed explicitly from d's W_bar = [grad W, grad b].
-    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True)
+    model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True,
+                                                     signal_every=1)
     _, _, grads, _ = optimizer._gradient((x,), y)
     inverses = optimizer.curvature.current()
     right_rows: dict = {}

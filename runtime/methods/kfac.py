@@ -336,6 +336,7 @@ class KFAC:
             as a batch is halved), with the EMAs' decay 0.9^N: each measure is a second solve, of the halves'
             difference (text-words' 2048-wide head: ~4 ms of a ~75 ms step), and s moves slowly. 300-1200 fixed
             steps of text-words, text-conv, digits-mlp and the batch-60 classifier: level with N = 1 (BENCHMARKS.md).
+            The other steps take the gradient in one whole pass, not two halves (cheaper on small batches).
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
             group or instance norm, a recurrent layer or a convolution, "differences" where it calls batch norm in
@@ -475,6 +476,7 @@ class KFAC:
         self.unmatched_rest = 0  # steps it is still left out
         self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
         self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
+        self._pass_halved = False  # whether this step's gradient pass was two halves' (its outputs: theirs, stacked)
         self._unhalved = False  # signal scaling is on but this step's batch could not be halved
         self._pass_outputs: torch.Tensor | None = None  # this step's gradient-pass outputs, where kept
         self._outputs_split_free: bool | None = None  # whether they equal a whole-batch forward's (checked once)
@@ -609,8 +611,7 @@ class KFAC:
                 inverses = self._invert(gamma) if refresh else self.curvature.current()
             with self._timed("precondition"):
                 # once a step at most, gamma's inverses; every signal_every-th step once measured
-                signal = gamma == gammas[0] and self._half_difference is not None and (
-                    self.signal is None or k % self.settings.signal_every == 0)
+                signal = gamma == gammas[0] and self._half_difference is not None and self._measures_signal()
                 right_rows: dict[str, torch.Tensor] | None = {} if signal else None
                 proposal = {name: value for name, value in self._proposal(weighted, inverses, rest, right_rows).items()
                             if name not in left_out}
@@ -816,10 +817,10 @@ class KFAC:
         n = inputs[0].shape[0]
         low_rank = self._low_rank_layers(n)
         statistics_loss = self._statistics_loss if sampled else None
-        keep = self._keep_outputs(n)
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
-        halves = self.settings.signal_scaling and self.rescale and not capture
+        halves = self.settings.signal_scaling and self.rescale and not capture and self._measures_signal()
+        keep = self._keep_outputs(n, halves)
         randomness = self.engine.random_state() if hasattr(self.engine, "random_state") else None
         self._parts = [(0, n, 1.0 if self._slice is None else self._slice.weight)]
         if self._slice is not None:
@@ -834,7 +835,7 @@ class KFAC:
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         self._unhalved = halves and self._half_difference is None
-        self._pass_outputs = result.outputs
+        self._pass_outputs, self._pass_halved = result.outputs, self._half_difference is not None
         self._randomness = randomness if randomness is not None and randomness.drawn() else None
         grads: Direction = {}
         for name, param in self.engine.parameters().items():
@@ -941,6 +942,12 @@ class KFAC:
             decay = SIGNAL_DECAY ** self.settings.signal_every
             self.signal = tuple(decay * old + (1 - decay) * new for old, new in zip(self.signal, (total, cross)))
 
+    def _measures_signal(self) -> bool:
+        """Whether this step measures s (``signal_every``): only then is the gradient taken as two halves, whose
+        two passes cost more than one whole one (0.9 ms against 1.9 on the batch-60 classifier, 17 against 20
+        on the GroupNorm CNN)."""
+        return self.signal is None or self.steps % self.settings.signal_every == 0
+
     def _signal_share(self) -> float | None:
         """s = EMA(g_A^T F^-1 g_B) / EMA(g^T F^-1 g), clamped to [0, 1]; None before it is measured, or 0 (all
         noise, the cautious end) while no batch could be halved: a batch of one example (or of fewer than 16
@@ -950,13 +957,13 @@ class KFAC:
         total, cross = self.signal
         return min(1.0, max(0.0, cross / total))
 
-    def _keep_outputs(self, n: int) -> bool:
+    def _keep_outputs(self, n: int, halves: bool) -> bool:
         """Whether the gradient pass keeps its outputs for the quadratic model: they are the outputs at theta
         that differences need beside their shifted forwards (one no-grad forward a step saved: 1/7 of the central
         products on the first-try transformer, 1/4 of the one-sided), where the products are differences on the
-        whole batch and the outputs have not been found to depend on how the batch is split
-        (``_reusable_outputs``)."""
-        return (self._slice is None and self._outputs_split_free is not False
+        whole batch and, where it is taken as ``halves``, the outputs have not been found to depend on how the
+        batch is split (``_reusable_outputs``)."""
+        return (self._slice is None and (self._outputs_split_free is not False or not halves)
                 and getattr(self.engine, "resolved_products", None) in ("differences", "one-sided")
                 and whole_batch(n, self.qmodel_fraction, self.settings.min_qmodel_examples))
 
@@ -966,7 +973,7 @@ class KFAC:
         model whose outputs couple the examples (batch norm in training mode) gives other outputs on the halves
         than on the batch, and its outputs are then never kept again."""
         kept, self._pass_outputs = self._pass_outputs, None
-        if kept is None or self._outputs_split_free:
+        if kept is None or self._outputs_split_free or not self._pass_halved:
             return kept
         fresh = self.engine.outputs(inputs)
         if torch.isfinite(fresh).all():  # (non-finite outputs decide nothing: this step's products refuse them)

@@ -169,8 +169,9 @@ class KFACSettings:
                                        "shape) or gradient.", choices=("rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
-    signal_every: int = setting(4, "Measure the share of signal s on every Nth step (a second solve, of the halves' "
-                                "difference; its EMAs' decay taken to the Nth power).", low=1)
+    signal_every: int = setting(4, "Measure the share of signal s on every Nth step (the gradient as two halves' "
+                                "and a second solve, of their difference; its EMAs' decay taken to the Nth power).",
+                                low=1)
     fisher_products: str = setting("auto", "The quadratic model's J d: forward (forward mode, exact), "
                                    "differences (central: two plain forwards a direction), one-sided (one a "
                                    "direction beside a shared forward; the cheapest) or auto (one-sided where "
