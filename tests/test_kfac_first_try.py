@@ -922,15 +922,17 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     The step that takes them equals one with a forward of its own to rounding (only that step: after it, theta's
     float32 rounding alone moves the differences by ~1e-4 relative; one-sided differences divide the halves' and
     the whole batch's rounding of the outputs by the step h: ~1e-4 relative); dropout's outputs are not kept;
-    batch norm's (other statistics on the halves) are found to differ and never kept again from halves; a step
-    that does not measure s (``signal_every``) passes the batch whole, whose outputs are kept unchecked."""
+    batch norm's (other statistics on the halves, halved every step) are found to differ and never kept again;
+    without batch norm a step that measures no s (``signal_every``) passes the batch whole, and outputs that
+    couple the examples are then kept unchecked."""
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 4, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator)
 
-    def model(dropout: float = 0.0, norm: bool = False) -> nn.Module:
+    def model(dropout: float = 0.0, norm: bool = False, centred: bool = False) -> nn.Module:
         torch.manual_seed(0)
         layers = [nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True), nn.Flatten()]
-        return nn.Sequential(*layers, *([nn.BatchNorm1d(32)] if norm else []), nn.Linear(32, 3))
+        return nn.Sequential(*layers, *([nn.BatchNorm1d(32)] if norm else []),
+                             *([BatchCentred()] if centred else []), nn.Linear(32, 3))
 
     def run(net: nn.Module, reuse: bool = True, expected: str = resolved, signal_every: int = 1):
         opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,
@@ -958,10 +960,11 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     dropped, _, _ = run(model(dropout=0.1))
     assert dropped._outputs_split_free is None  # never kept: each forward drew its masks
     assert dropped.engine.gradient_pass((x,), y, capture=False, keep_outputs=True).outputs is None
-    normed, _, _ = run(model(norm=True), expected="differences")  # batch norm: "auto" takes central ones
-    assert normed._outputs_split_free is False
-    whole, _, _ = run(model(norm=True), expected="differences", signal_every=4)
-    fresh, _, _ = run(model(norm=True), reuse=False, expected="differences", signal_every=4)
+    normed, _, _ = run(model(norm=True), expected="differences", signal_every=4)  # batch norm: central ones
+    assert normed._outputs_split_free is False and normed._pass_halved  # (halved every step)
+    # outputs that couple the examples without batch norm: halved only on the steps that measure s
+    whole, _, _ = run(model(centred=True), signal_every=4)
+    fresh, _, _ = run(model(centred=True), reuse=False, signal_every=4)
 
     def no_forward_at_theta(inputs):
         raise AssertionError("the whole pass's outputs were not reused")
@@ -972,6 +975,13 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     assert (infos[0]["alpha"], infos[0]["mu"]) == pytest.approx((infos[1]["alpha"], infos[1]["mu"]), rel=1e-6)
     for a, b in zip(whole.module.parameters(), fresh.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class BatchCentred(nn.Module):
+    """Each feature less its mean over the batch: outputs that depend on how the batch is split."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0)
 
 
 @pytest.mark.parametrize("layer", ["dropout", "batch_norm"])

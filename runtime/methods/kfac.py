@@ -336,7 +336,8 @@ class KFAC:
             as a batch is halved), with the EMAs' decay 0.9^N: each measure is a second solve, of the halves'
             difference (text-words' 2048-wide head: ~4 ms of a ~75 ms step), and s moves slowly. 300-1200 fixed
             steps of text-words, text-conv, digits-mlp and the batch-60 classifier: level with N = 1 (BENCHMARKS.md).
-            The other steps take the gradient in one whole pass, not two halves (cheaper on small batches).
+            The other steps take the gradient in one whole pass, not two halves (cheaper on small batches),
+            unless the model has batch norm (its halves' statistics kept on every step).
         fisher_products: how the quadratic model's J d are computed on the torch engine: "auto" (the default
             preset's: "one-sided" where the model's forward calls scaled-dot-product or multi-head attention,
             group or instance norm, a recurrent layer or a convolution, "differences" where it calls batch norm in
@@ -819,7 +820,8 @@ class KFAC:
         statistics_loss = self._statistics_loss if sampled else None
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
-        halves = self.settings.signal_scaling and self.rescale and not capture and self._measures_signal()
+        halves = self.settings.signal_scaling and self.rescale and not capture and (
+            self._measures_signal() or self._batch_norm)  # (batch norm: the halves' statistics every step, one loss)
         keep = self._keep_outputs(n, halves)
         randomness = self.engine.random_state() if hasattr(self.engine, "random_state") else None
         self._parts = [(0, n, 1.0 if self._slice is None else self._slice.weight)]
@@ -945,7 +947,8 @@ class KFAC:
     def _measures_signal(self) -> bool:
         """Whether this step measures s (``signal_every``): only then is the gradient taken as two halves, whose
         two passes cost more than one whole one (0.9 ms against 1.9 on the batch-60 classifier, 17 against 20
-        on the GroupNorm CNN)."""
+        on the GroupNorm CNN), except with batch norm, which would otherwise normalise over the halves on some
+        steps and over the batch on others (two objectives; 200 steps of the ResNet lost 0.01-0.03 so)."""
         return self.signal is None or self.steps % self.settings.signal_every == 0
 
     def _signal_share(self) -> float | None:
