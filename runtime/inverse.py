@@ -57,9 +57,10 @@ def factor_trace(m: torch.Tensor) -> torch.Tensor:
     return m.sum(-1) if m.dim() == 2 else torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
 
 
-def trace_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """pi = sqrt((tr A / dim A) / (tr G / dim G)) per group ([groups]; 1 where a trace is not positive/finite)."""
-    mean_a = factor_trace(a) / a.shape[-1]
+def trace_pi(a: torch.Tensor, g: torch.Tensor, a_trace: torch.Tensor | None = None) -> torch.Tensor:
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)) per group ([groups]; 1 where a trace is not positive/finite);
+    ``a_trace``: tr A where the caller has it (a centred A~, ``centered_trace``)."""
+    mean_a = (factor_trace(a) if a_trace is None else a_trace) / a.shape[-1]
     mean_g = factor_trace(g) / g.shape[-1]
     pi = torch.sqrt(mean_a / mean_g)
     usable = (mean_a > 0) & (mean_g > 0) & torch.isfinite(pi) & (pi > 0)
@@ -106,16 +107,18 @@ def safe_damped(m: torch.Tensor, damping: torch.Tensor | float) -> tuple[torch.T
     return safe, damping, finite
 
 
-def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float, share: float = 0.0) -> torch.Tensor:
+def floored(m: torch.Tensor, damping: torch.Tensor | float, floor: float, share: float = 0.0,
+            trace: torch.Tensor | None = None) -> torch.Tensor:
     """[groups] the damping of factors m, at least ``floor`` times m's mean eigenvalue tr(m) / dim and at least
     ``share`` times its trace (a group whose trace is not positive and finite keeps its damping). With gamma a
     thousandth of a factor's scale or less, its inverse amplifies directions the batch barely saw (steps that fit
     one batch and undo the others), and at the factor's float32 rounding its Cholesky fails (an output layer's G
-    has an exact null vector). ``share``: KFAC's ``output_noise_damping``, (1 - s) / R of a softmax head's G."""
+    has an exact null vector). ``share``: KFAC's ``output_noise_damping``, (1 - s) / R of a softmax head's G.
+    ``trace``: m's where the caller has it (a centred A~, ``centered_trace``)."""
     damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(m.shape[0])
     if not floor and not share:
         return damping
-    trace = factor_trace(m)
+    trace = factor_trace(m) if trace is None else trace
     bound = max(floor / m.shape[-1], share) * trace
     return torch.maximum(damping, torch.where(torch.isfinite(trace) & (trace > 0), bound, 0.0))
 
@@ -227,26 +230,51 @@ def block_diagonal_inverse(m: torch.Tensor, damping: torch.Tensor | float, previ
     sizes = list(sizes) if sizes is not None else diagonal_block_sizes(m.shape[-1], max_dim)
     if len(sizes) == 1:
         return damped_inverse(m, damping, previous)
-    groups, count, width = m.shape[0], len(sizes), sizes[0]
-    starts = [sum(sizes[:i]) for i in range(count)]
-
-    def blocks_of(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(groups, count, width, width)
-        for i, (start, size) in enumerate(zip(starts, sizes)):
-            out[:, i, :size, :size] = x[:, start:start + size, start:start + size]
-            out[:, i, size:, size:].diagonal(dim1=-2, dim2=-1).fill_(1.0)  # the padding: an identity
-        return out.reshape(groups * count, width, width)
-
-    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
     usable = (previous is not None and previous.shape == m.shape and previous.dtype == m.dtype
               and _newton_schulz(m))  # the blocks of the previous inverse are formed only where they are read
-    inverses, failed = damped_inverse(blocks_of(m), damping.repeat_interleave(count),
-                                      blocks_of(previous) if usable else None)
-    inverses = inverses.reshape(groups, count, width, width)
+    inverses, failed = _block_inverses(m, damping, sizes, previous if usable else None)
     inverse = m.new_zeros(m.shape)
-    for i, (start, size) in enumerate(zip(starts, sizes)):
-        inverse[:, start:start + size, start:start + size] = inverses[:, i, :size, :size]
-    return inverse, failed.reshape(groups, count).any(dim=1)
+    _place_blocks(inverse, inverses, sizes)
+    return inverse, failed
+
+
+def _stacked_blocks(x: torch.Tensor, sizes: Sequence[int], outer: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """x's diagonal blocks of ``sizes`` as [groups * count, width, width], narrower ones padded with an identity;
+    ``outer`` (s, v): the blocks of x - s v v^T, formed block by block (a centred factor never formed whole)."""
+    groups, count, width = x.shape[0], len(sizes), sizes[0]
+    out = x.new_zeros(groups, count, width, width)
+    for i, (start, size) in enumerate(zip(_starts(sizes), sizes)):
+        part = slice(start, start + size)
+        out[:, i, :size, :size] = x[:, part, part]
+        if outer is not None:
+            v = outer[1][:, part]
+            out[:, i, :size, :size] -= outer[0][:, None, None] * v[:, :, None] * v[:, None, :]
+        out[:, i, size:, size:].diagonal(dim1=-2, dim2=-1).fill_(1.0)  # the padding: an identity
+    return out.reshape(groups * count, width, width)
+
+
+def _block_inverses(m: torch.Tensor, damping: torch.Tensor | float, sizes: Sequence[int],
+                    previous: torch.Tensor | None = None, outer: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([groups, count, width, width] the damped inverses of m's (or m - s v v^T's, ``outer``) diagonal blocks of
+    ``sizes``, failed [groups]) by one batched ``damped_inverse``."""
+    groups, count, width = m.shape[0], len(sizes), sizes[0]
+    damping = torch.as_tensor(damping, dtype=m.dtype, device=m.device).expand(groups)
+    inverses, failed = damped_inverse(_stacked_blocks(m, sizes, outer), damping.repeat_interleave(count),
+                                      None if previous is None else _stacked_blocks(previous, sizes))
+    return inverses.reshape(groups, count, width, width), failed.reshape(groups, count).any(dim=1)
+
+
+def _place_blocks(out: torch.Tensor, inverses: torch.Tensor, sizes: Sequence[int]) -> None:
+    """Writes ``_block_inverses``' blocks onto out's diagonal (out: zeros, or a view of them)."""
+    for i, (start, size) in enumerate(zip(_starts(sizes), sizes)):
+        out[:, start:start + size, start:start + size] = inverses[:, i, :size, :size]
+
+
+def _starts(widths: Sequence[int]) -> list[int]:
+    """Where each of the contiguous blocks of ``widths`` starts."""
+    return [sum(widths[:i]) for i in range(len(widths))]
 
 
 @dataclass
@@ -289,8 +317,8 @@ def times_blocks(x: torch.Tensor, inverse: torch.Tensor, widths: tuple[int, ...]
     """x @ inverse for an inverse [groups, d, d] that is 0 off its diagonal blocks of ``widths`` but for a dense
     border of the last d - sum(widths) rows and columns; the same product as the dense one, the zeros unread."""
     inner = sum(widths)
-    starts = [sum(widths[:i]) for i in range(len(widths))]
-    head = torch.cat([x[..., a:a + w] @ inverse[:, a:a + w, a:a + w] for a, w in zip(starts, widths)], dim=-1)
+    head = torch.cat([x[..., a:a + w] @ inverse[:, a:a + w, a:a + w] for a, w in zip(_starts(widths), widths)],
+                     dim=-1)
     if inner == inverse.shape[-1]:
         return head
     head = head + x[..., inner:] @ inverse[:, inner:, :inner]
@@ -304,41 +332,54 @@ def inverse_blocks(d: int, max_dim: int | None, border: bool = False) -> tuple[i
     return tuple(widths) if len(widths) > 1 else None
 
 
-def centered_factor(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A factor [groups, d, d] of inputs [x; 1] in coordinates centred on the mean input, and that mean.
+def input_mean(a: torch.Tensor) -> torch.Tensor | None:
+    """mu = E[x] per group from a factor [groups, d, d] of inputs [x; 1]: A's last column over its last entry s;
+    None when s is not positive and finite (no usable statistics).
 
-    With mu = E[x] (A's last column over its last entry s), T = [[I, mu], [0, 1]] maps centred inputs
-    [x - mu; 1] to [x; 1], so A~ = T^-1 A T^-T = [[A_11 - s mu mu^T, 0], [0, s]]: the covariance of the
-    inputs and the homogeneous entry. None when s is not positive and finite (no usable statistics).
-    """
+    With T = [[I, mu], [0, 1]], which maps centred inputs [x - mu; 1] to [x; 1], the factor in centred coordinates
+    is A~ = T^-1 A T^-T = [[A_11 - s mu mu^T, 0], [0, s]]: the covariance of the inputs and the homogeneous entry.
+    It is never formed whole (a 3137-wide head's would be five passes over 39 MB a refresh): ``centered_trace``
+    and ``centered_damped_inverse`` read what they need of it."""
     s = a[:, -1, -1]
     if not bool((torch.isfinite(s) & (s > 0)).all()):
         return None
-    mu = a[:, :-1, -1] / s[:, None]
-    tilde = torch.zeros_like(a)
-    tilde[:, :-1, :-1] = a[:, :-1, :-1] - s[:, None, None] * mu[:, :, None] * mu[:, None, :]
-    tilde[:, -1, -1] = s
-    return tilde, mu
+    return a[:, :-1, -1] / s[:, None]
 
 
-def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float,
+def centered_trace(a: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """[groups] tr A~ = tr A - s |mu|^2 (``input_mean``'s A~)."""
+    return factor_trace(a) - a[:, -1, -1] * (mu * mu).sum(-1)
+
+
+def centered_damped_inverse(a: torch.Tensor, mu: torch.Tensor, damping: torch.Tensor | float,
                             max_dim: int | None = None, sizes: Sequence[int] | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A + damping T T^T)^-1 = T^-T (A~ + damping I)^-1 T^-1 from ``centered_factor``'s A~ and mu.
+    """(A + damping T T^T)^-1 = T^-T (A~ + damping I)^-1 T^-1 from the factor A and ``input_mean``'s mu.
 
     Tikhonov damping of the centred coordinates: the identity in the coordinates where the inputs have
     zero mean, so damping does not undo K-FAC's invariance to a shift of the inputs (paper sec 10). A~ is
-    block diagonal, so only its covariance block is inverted; the map back costs O(d^2). Returns the
-    inverse and the failed groups, as ``damped_inverse``; a covariance block wider than ``max_dim`` is inverted
-    block-diagonally (``block_diagonal_inverse``; ``sizes``: its blocks' widths where the caller has them).
+    block diagonal, so only its covariance block A_11 - s mu mu^T is inverted; the map back costs O(d^2).
+    Returns the inverse and the failed groups, as ``damped_inverse``; a covariance block wider than ``max_dim``
+    is inverted block-diagonally (as ``block_diagonal_inverse``; ``sizes``: its blocks' widths where the caller
+    has them), its blocks formed one by one.
     """
-    groups, d = tilde.shape[0], tilde.shape[-1]
-    damping = torch.as_tensor(damping, dtype=tilde.dtype, device=tilde.device).expand(groups)
-    inner, failed = block_diagonal_inverse(tilde[:, :-1, :-1], damping, max_dim=max_dim, sizes=sizes)
-    corner = 1.0 / (tilde[:, -1, -1] + damping)
-    shifted = inner @ mu[:, :, None]  # X_11 mu
-    inverse = tilde.new_empty(groups, d, d)
-    inverse[:, :-1, :-1] = inner
+    groups, d = a.shape[0], a.shape[-1]
+    s = a[:, -1, -1]
+    damping = torch.as_tensor(damping, dtype=a.dtype, device=a.device).expand(groups)
+    sizes = list(sizes) if sizes is not None else diagonal_block_sizes(d - 1, max_dim)
+    inverse = a.new_zeros(groups, d, d)
+    inner = inverse[:, :-1, :-1]
+    if len(sizes) == 1:
+        covariance = a[:, :-1, :-1] - s[:, None, None] * mu[:, :, None] * mu[:, None, :]
+        whole, failed = damped_inverse(covariance, damping)
+        inner.copy_(whole)
+        shifted = whole @ mu[:, :, None]  # X_11 mu
+    else:
+        inverses, failed = _block_inverses(a[:, :-1, :-1], damping, sizes, outer=(s, mu))
+        _place_blocks(inner, inverses, sizes)
+        shifted = torch.cat([inner[:, i:i + w, i:i + w] @ mu[:, i:i + w, None]
+                             for i, w in zip(_starts(sizes), sizes)], dim=1)
+    corner = 1.0 / (s + damping)
     inverse[:, :-1, -1:] = -shifted
     inverse[:, -1:, :-1] = -shifted.transpose(1, 2)
     inverse[:, -1, -1] = (mu[:, None, :] @ shifted)[:, 0, 0] + corner
@@ -346,15 +387,15 @@ def centered_damped_inverse(tilde: torch.Tensor, mu: torch.Tensor, damping: torc
 
 
 def factor_dampings(a: torch.Tensor, g: torch.Tensor, gamma: float, centered: bool = False, floor: float = 0.0,
-                    g_share: float = 0.0) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor]:
-    """Sec 6.3's factored Tikhonov damping of one block, per group: (``centered_factor``'s split of A, or None
-    where A is damped as it is; pi; A's damping pi gamma; G's damping gamma / pi), pi from the centred factor's
-    trace where centred and both dampings ``floored`` (G's also by ``g_share``). See ``factored_inverses``."""
-    split = centered_factor(a) if centered else None
-    base = a if split is None else split[0]
-    pi = trace_pi(base, g)
-    return split, pi, floored(base, pi * gamma, floor), floored(g, gamma / pi, floor, g_share)
+                    g_share: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sec 6.3's factored Tikhonov damping of one block, per group: (``input_mean``'s mu where A is damped in
+    centred coordinates, None where as it is; pi; A's damping pi gamma; G's damping gamma / pi), pi from the
+    centred factor's trace where centred and both dampings ``floored`` (G's also by ``g_share``). See
+    ``factored_inverses``."""
+    mu = input_mean(a) if centered else None
+    trace = None if mu is None else centered_trace(a, mu)
+    pi = trace_pi(a, g, trace)
+    return mu, pi, floored(a, pi * gamma, floor, trace=trace), floored(g, gamma / pi, floor, g_share)
 
 
 def factored_inverses(
@@ -380,13 +421,13 @@ def factored_inverses(
     wider than this is inverted block-diagonally (``block_diagonal_inverse``; pi from its whole trace, which is
     the blocks' trace). ``g_share``: G's damping is also at least this fraction of its trace (``floored``).
     """
-    split, pi, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
+    mu, pi, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
     # the partition asked for, the one a block's statistics form (curvature.BlockDiagonalCurvature), whether or not
     # centring succeeds: were it to fail, the uncentred A is inverted in the same blocks, its corner one more
     a_blocks = None if a.dim() == 2 else inverse_blocks(a.shape[-1], max_dim, border=centered)
     g_blocks = None if g.dim() == 2 else inverse_blocks(g.shape[-1], max_dim)
-    if split is not None:
-        a_inv, a_failed = centered_damped_inverse(split[0], split[1], a_damping, max_dim, a_blocks)
+    if mu is not None:
+        a_inv, a_failed = centered_damped_inverse(a, mu, a_damping, max_dim, a_blocks)
     else:
         if centered and a_blocks is not None:
             a_blocks = (*a_blocks, 1)

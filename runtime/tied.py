@@ -120,11 +120,11 @@ def _output_damped(a: torch.Tensor, g: torch.Tensor, gamma: float, centered: boo
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The output layer's damped A_h' and G_h' (``inverse.factor_dampings``: its A in centred coordinates with
     ``centered``, A + damping T T^T, as ``inverse.factored_inverses`` damps a layer with a bias)."""
-    split, _, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
-    if split is None:
+    mu, _, a_damping, g_damping = factor_dampings(a, g, gamma, centered, floor, g_share)
+    if mu is None:
         return _damped(a[0], a_damping[0]), _damped(g[0], g_damping[0])
     shift = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # T = [[I, mu], [0, 1]]
-    shift[:-1, -1] = split[1][0]
+    shift[:-1, -1] = mu[0]
     return a[0] + a_damping[0] * (shift @ shift.T), _damped(g[0], g_damping[0])
 
 

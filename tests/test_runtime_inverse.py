@@ -181,20 +181,31 @@ def _homogeneous_factor(x: torch.Tensor, locations: float = 1.0) -> torch.Tensor
 
 @pytest.mark.parametrize("locations", [1.0, 9.0])
 def test_centered_damped_inverse_is_the_dense_inverse_with_damping_in_centred_coordinates(locations):
-    from kronograph.runtime.inverse import centered_damped_inverse, centered_factor
+    from kronograph.runtime.inverse import centered_damped_inverse, centered_trace, input_mean
 
     torch.manual_seed(0)
     x = 0.5 + 0.05 * torch.randn(40, 6, dtype=torch.float64)  # sigmoid-like units: mean 1/2, small spread
     a = _homogeneous_factor(x, locations)
-    tilde, mu = centered_factor(a)
+    mu = input_mean(a)
     assert torch.allclose(mu[0], x.mean(0), atol=1e-12)
     centred = x - x.mean(0)
-    assert torch.allclose(tilde[0, :-1, :-1], locations * centred.T @ centred / len(x), atol=1e-12)
+    covariance = locations * centred.T @ centred / len(x)
+    assert float(centered_trace(a, mu)[0]) == pytest.approx(float(covariance.trace()) + locations, rel=1e-12)
     t = torch.eye(7, dtype=torch.float64)
     t[:-1, -1] = x.mean(0)
-    inverse, failed = centered_damped_inverse(tilde, mu, 0.3)
+    want = torch.linalg.inv(a[0] + 0.3 * t @ t.T)
+    inverse, failed = centered_damped_inverse(a, mu, 0.3)
     assert not failed.any()
-    assert torch.allclose(inverse[0], torch.linalg.inv(a[0] + 0.3 * t @ t.T), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(inverse[0], want, rtol=1e-9, atol=1e-9)
+    # the covariance in blocks of 3 (formed block by block): the dense inverse of T (B + 0.3 I) T^T, B the
+    # covariance's block-diagonal part beside the homogeneous entry
+    inner = torch.zeros(7, 7, dtype=torch.float64)
+    inner[:-1, :-1] = _dense_block_diagonal(covariance, [3, 3])
+    inner[-1, -1] = locations
+    blocked, failed = centered_damped_inverse(a, mu, 0.3, max_dim=3)
+    assert not failed.any()
+    assert torch.allclose(blocked[0], torch.linalg.inv(t @ (inner + 0.3 * torch.eye(7, dtype=torch.float64)) @ t.T),
+                          rtol=1e-9, atol=1e-9)
 
 
 def test_centered_damping_keeps_kfac_invariant_to_a_shift_of_the_inputs():
@@ -289,7 +300,7 @@ def test_blocked_factors_precondition_as_the_dense_kronecker_of_their_block_diag
     """With ``max_dim`` the damped solve is (B_A + pi gamma C)^-1 kron (B_G + gamma / pi I)^-1 applied to vec(grad),
     B the factors' block-diagonal parts written out densely here, pi from the whole traces; centred damping:
     B_A from the centred covariance's blocks, C = T T^T (the mean-input coordinate kept whole)."""
-    from kronograph.runtime.inverse import centered_factor, factored_inverses, precondition
+    from kronograph.runtime.inverse import factored_inverses, precondition
 
     generator = torch.Generator().manual_seed(5)
     x = 0.5 + torch.randn(60, 10, dtype=torch.float64, generator=generator)
@@ -301,9 +312,9 @@ def test_blocked_factors_precondition_as_the_dense_kronecker_of_their_block_diag
     update = precondition(grad, inverses)[0]
     g_b = _dense_block_diagonal(g[0], [4, 3])
     if centered:
-        tilde, mu = centered_factor(a)
         t = torch.eye(11, dtype=torch.float64)
-        t[:-1, -1] = mu[0]
+        t[:-1, -1] = x.mean(0)
+        tilde = torch.linalg.solve(t, torch.linalg.solve(t, a[0]).T)[None]  # T^-1 A T^-T: [[covariance, 0], [0, 1]]
         inner = torch.zeros_like(tilde[0])
         inner[:-1, :-1] = _dense_block_diagonal(tilde[0, :-1, :-1], [4, 4, 2])
         inner[-1, -1] = tilde[0, -1, -1]
