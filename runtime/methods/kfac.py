@@ -945,10 +945,11 @@ class KFAC:
             self.signal = tuple(decay * old + (1 - decay) * new for old, new in zip(self.signal, (total, cross)))
 
     def _measures_signal(self) -> bool:
-        """Whether this step measures s (``signal_every``): only then is the gradient taken as two halves, whose
-        two passes cost more than one whole one (0.9 ms against 1.9 on the batch-60 classifier, 17 against 20
-        on the GroupNorm CNN), except with batch norm, which would otherwise normalise over the halves on some
-        steps and over the batch on others (two objectives; 200 steps of the ResNet lost 0.01-0.03 so)."""
+        """Whether this step measures s (``signal_every``). Only such steps need the gradient as two halves,
+        whose two passes cost more than one whole one (0.9 ms against 1.9 on the batch-60 classifier, 17 against
+        20 on the GroupNorm CNN); ``_gradient`` halves every step with batch norm, which would otherwise normalise
+        over the halves on some steps and over the batch on others (two objectives: 200 fixed steps of the ResNet
+        lost 0.01-0.03)."""
         return self.signal is None or self.steps % self.settings.signal_every == 0
 
     def _signal_share(self) -> float | None:
