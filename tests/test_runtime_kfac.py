@@ -313,8 +313,9 @@ def test_low_rank_product_from_signal_scalings_halves_equals_the_direct_one():
 
 
 def test_low_rank_rows_of_the_halves_difference_equal_the_direct_solve():
-    # signal_scaling preconditions d = (g_A - g_B) / 2 every step; its rows (the halves' Q weighted +1/2, -1/2)
-    # give F^-1 d by the low-rank product, equal to the direct solve of d from the halves' autograd gradients.
+    # signal_scaling preconditions d = (g_A - g_B) / 2 on the steps that measure s; its rows (the halves' Q
+    # weighted +1/2, -1/2) give F^-1 d by the low-rank product, equal to the direct solve of d from the halves'
+    # autograd gradients.
     model, x, y, optimizer = wide_mlp_after_one_step(7, weight_decay=0.0, fisher="mc", signal_scaling=True,
                                                      signal_every=1)
     optimizer._gradient((x,), y)
