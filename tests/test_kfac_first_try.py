@@ -640,7 +640,7 @@ def test_the_share_of_signal_is_measured_every_signal_every_steps_with_the_decay
         opt.step(x, y)
         if opt.signal != before:
             moved.append(step)
-        if opt._pass_halved:  # the other steps pass the batch whole
+        if opt._half_difference is not None:  # the other steps pass the batch whole
             halved.append(step)
         if step in (6, 9):
             twin_model = mlp(seed=4)
@@ -961,7 +961,7 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
     assert dropped._outputs_split_free is None  # never kept: each forward drew its masks
     assert dropped.engine.gradient_pass((x,), y, capture=False, keep_outputs=True).outputs is None
     normed, _, _ = run(model(norm=True), expected="differences", signal_every=4)  # batch norm: central ones
-    assert normed._outputs_split_free is False and normed._pass_halved  # (halved every step)
+    assert normed._outputs_split_free is False and normed._half_difference is not None  # (halved every step)
     # outputs that couple the examples without batch norm: halved only on the steps that measure s
     whole, _, _ = run(model(centred=True), signal_every=4)
     fresh, _, _ = run(model(centred=True), reuse=False, signal_every=4)
@@ -971,7 +971,7 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
 
     whole.engine.outputs = no_forward_at_theta
     infos = [opt.step(x[16:], y[16:]) for opt in (whole, fresh)]  # step 2 or 3: no s measured, the batch whole
-    assert not whole._pass_halved
+    assert whole._half_difference is None
     assert (infos[0]["alpha"], infos[0]["mu"]) == pytest.approx((infos[1]["alpha"], infos[1]["mu"]), rel=1e-6)
     for a, b in zip(whole.module.parameters(), fresh.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -477,7 +477,6 @@ class KFAC:
         self.unmatched_rest = 0  # steps it is still left out
         self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
         self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
-        self._pass_halved = False  # whether this step's gradient pass was two halves' (its outputs: theirs, stacked)
         self._unhalved = False  # signal scaling is on but this step's batch could not be halved
         self._pass_outputs: torch.Tensor | None = None  # this step's gradient-pass outputs, where kept
         self._outputs_split_free: bool | None = None  # whether they equal a whole-batch forward's (checked once)
@@ -837,7 +836,7 @@ class KFAC:
             if low_rank:
                 self._rows = low_rank_rows(self.curvature.blocks, result.records, n)
         self._unhalved = halves and self._half_difference is None
-        self._pass_outputs, self._pass_halved = result.outputs, self._half_difference is not None
+        self._pass_outputs = result.outputs
         self._randomness = randomness if randomness is not None and randomness.drawn() else None
         grads: Direction = {}
         for name, param in self.engine.parameters().items():
@@ -977,7 +976,7 @@ class KFAC:
         model whose outputs couple the examples (batch norm in training mode) gives other outputs on the halves
         than on the batch, and its outputs are then never kept again."""
         kept, self._pass_outputs = self._pass_outputs, None
-        if kept is None or self._outputs_split_free or not self._pass_halved:
+        if kept is None or self._outputs_split_free or self._half_difference is None:  # (None: a whole pass's)
             return kept
         fresh = self.engine.outputs(inputs)
         if torch.isfinite(fresh).all():  # (non-finite outputs decide nothing: this step's products refuse them)
