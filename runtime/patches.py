@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from kronograph.passes.plan import ConvGeometry, transposed_geometry
 
 
-def _tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+def per_axis(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    """A convolution's or pool's int-or-sequence argument as one value per spatial axis (a single value repeated)."""
     if isinstance(value, int):
         return (value,) * rank
     value = tuple(int(v) for v in value)
@@ -39,7 +40,7 @@ def call_geometry(
     """The ConvGeometry of a torch ``convNd`` call (its padding may be an int, a tuple, "same" or "valid")."""
     kernel = tuple(int(k) for k in kernel)
     rank = len(kernel)
-    stride, dilation = _tuple(stride, rank), _tuple(dilation, rank)
+    stride, dilation = per_axis(stride, rank), per_axis(dilation, rank)
     if isinstance(padding, str):
         if padding == "valid":
             begin = end = (0,) * rank
@@ -50,7 +51,7 @@ def call_geometry(
         else:
             raise ValueError(f"unknown convolution padding {padding!r}")
     else:
-        begin = end = _tuple(padding, rank)
+        begin = end = per_axis(padding, rank)
     return ConvGeometry(kernel, stride, begin + end, dilation, int(groups))
 
 
@@ -66,9 +67,9 @@ def transposed_call_geometry(
     None where its padding exceeds dilation (kernel - 1))."""
     kernel = tuple(int(k) for k in kernel)
     rank = len(kernel)
-    padding = _tuple(padding, rank)
-    return transposed_geometry(kernel, _tuple(stride, rank), padding, padding, _tuple(output_padding, rank),
-                               _tuple(dilation, rank), int(groups))
+    padding = per_axis(padding, rank)
+    return transposed_geometry(kernel, per_axis(stride, rank), padding, padding, per_axis(output_padding, rank),
+                               per_axis(dilation, rank), int(groups))
 
 
 def resolve_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -76,7 +77,7 @@ def resolve_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> tuple[tuple[
     rank = len(geometry.kernel)
     auto = geometry.auto_pad
     if auto in ("", "NOTSET"):
-        pads = _tuple(geometry.padding, rank) if len(geometry.padding) <= 1 else tuple(geometry.padding)
+        pads = per_axis(geometry.padding, rank) if len(geometry.padding) <= 1 else tuple(geometry.padding)
         if len(pads) == rank:  # symmetric pads given once per axis
             return pads, pads
         return pads[:rank], pads[rank:]

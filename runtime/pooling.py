@@ -19,16 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from kronograph.runtime.patches import per_axis
+
 _RANKS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
           torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3}
 _ARGUMENTS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-
-def _per_axis(value: Any, rank: int) -> tuple[int, ...] | None:
-    if isinstance(value, int):
-        return (value,) * rank
-    value = tuple(int(v) for v in value)
-    return value * rank if len(value) == 1 else value if len(value) == rank else None
 
 
 def separable_max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
@@ -59,13 +54,13 @@ def _substitute(rank: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
             or torch.is_grad_enabled() and x.requires_grad
             or bound.get("ceil_mode") or bound.get("return_indices")):
         return None
-    kernel = _per_axis(bound["kernel_size"], rank)
+    kernel = per_axis(bound["kernel_size"], rank)
     stride = bound.get("stride")
-    stride = kernel if stride is None or isinstance(stride, (list, tuple)) and not stride else _per_axis(stride, rank)
-    padding = _per_axis(bound.get("padding", 0), rank)
-    dilation = _per_axis(bound.get("dilation", 1), rank)
-    if None in (kernel, stride, padding, dilation):
-        return None
+    stride = kernel if stride is None or isinstance(stride, (list, tuple)) and not stride else per_axis(stride, rank)
+    padding = per_axis(bound.get("padding", 0), rank)
+    dilation = per_axis(bound.get("dilation", 1), rank)
+    if any(len(values) != rank for values in (kernel, stride, padding, dilation)):
+        return None  # (PyTorch's error)
     sizes = x.shape[-rank:]
     valid = all(k > 0 and s > 0 and d > 0 and 0 <= p <= k // 2 and n + 2 * p >= d * (k - 1) + 1
                 for k, s, p, d, n in zip(kernel, stride, padding, dilation, sizes))
