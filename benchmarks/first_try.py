@@ -85,6 +85,27 @@ def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torc
     return _windows(torch.tensor([codes.get(word, 0) for word in words], dtype=torch.long), length)
 
 
+def _word_bags(context: int = 8, vocabulary: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every word of the documentation, the ``context`` words before it (a bag: their order is not used)
+    and the word itself (CBOW's task, the next word from a bag of the last few)."""
+    x, y = _words(vocabulary, 32)
+    codes = torch.cat([x[:, :1], y], dim=1).reshape(-1)
+    windows = codes.unfold(0, context + 1, 1)
+    return windows[:, :-1].contiguous(), windows[:, -1].contiguous()
+
+
+class BagOfWords(nn.Module):
+    """fastText's shape: the mean of the bag's word vectors (``nn.EmbeddingBag``), one hidden layer, a head."""
+
+    def __init__(self, vocabulary: int = 2048, width: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocabulary, width, mode="mean")
+        self.body = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, vocabulary))
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:
+        return self.body(self.bag(words))
+
+
 class TinyLM(nn.Module):
     """A two-layer causal transformer on characters (128 symbols), or on another vocabulary; ``tied``: the head's
     weight is the embedding table (GPT-2's)."""
@@ -243,7 +264,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     """Problems added after K-FAC's defaults were chosen, never used to choose them: whether the defaults hold
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
-    3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm).
+    3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words).
     ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
@@ -313,6 +334,11 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             nn.Conv2d(32, 64, 3, 1, 1), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 49, 10)), x, y, "cross_entropy", 64)
 
+    def text_bag() -> Problem:
+        """The next word from a bag of the 8 before it (2048 words): an EmbeddingBag, a 2048-word head."""
+        x, y = _word_bags()
+        return Problem(BagOfWords, x, y, "cross_entropy", 256)
+
     def fashion_weightnorm_cnn() -> Problem:
         """Salimans & Kingma's (2016) weight norm on every convolution and the head, as audio models (WaveNet,
         HiFi-GAN) use it: each weight computed as g v / |v|."""
@@ -328,7 +354,8 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
             "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
-            "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn}
+            "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
+            "text-bag": text_bag}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:

@@ -188,6 +188,13 @@ class BatchSlice:
         return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
 
 
+    def largest(self, value: torch.Tensor) -> torch.Tensor:
+        """A 0-dim tensor's largest value over the ranks (one all_reduce)."""
+        value = value.reshape(1).to(torch.float64).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return value[0]
+
+
 def batch_slice(group: dist.ProcessGroup, size: int, device: torch.device) -> BatchSlice:
     """Every rank's number of examples in this step, by one all_reduce (one host read)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)

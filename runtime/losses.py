@@ -30,6 +30,9 @@ from kronograph.errors import KronographError
 
 class Loss(ABC):
     name: str
+    #: whether the outputs are a softmax's logits, whose saturation hides curvature from the Fisher
+    #: (``largest_logit_change``)
+    saturates: bool = False
 
     @abstractmethod
     def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,12 @@ class Loss(ABC):
         H_i = diag(w) - q q^T and forms its root once for all the pairs (one softmax, not k(k+1)/2)."""
         return _symmetric(len(tangents), lambda a, b: self.curvature(outputs, tangents[a], tangents[b]).double().sum(),
                           outputs.device)
+
+    def largest_logit_change(self, change: torch.Tensor) -> torch.Tensor | None:
+        """For a change of the outputs (a step's J delta, outputs' shape), the largest change of one row's logits
+        the loss can tell apart, in nats (a 0-dim tensor); None where the outputs are not a softmax's logits
+        (``saturates`` False)."""
+        return None
 
     @abstractmethod
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -101,6 +110,7 @@ class Loss(ABC):
 
 class CrossEntropy(Loss):
     name = "cross_entropy"
+    saturates = True
 
     def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n, classes = outputs.shape[0], outputs.shape[-1]
@@ -167,6 +177,11 @@ class CrossEntropy(Loss):
             centred = (t - t @ p[:, :, None]) * p.sqrt()[:, None, :]
             gram += (centred @ centred.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
         return gram / math.prod(outputs.shape[1:-1])
+
+    def largest_logit_change(self, change: torch.Tensor) -> torch.Tensor:
+        # softmax is blind to a shift common to a row: its change is the spread max_c - min_c of the row's change
+        rows = change.reshape(-1, change.shape[-1])
+        return (rows.amax(dim=-1) - rows.amin(dim=-1)).max()
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:

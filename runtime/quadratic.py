@@ -223,6 +223,15 @@ def shortened(solution: QuadraticSolution, matrix: np.ndarray, gradient: np.ndar
     return QuadraticSolution(tuple((t * c).tolist()), -decrease)
 
 
+def scaled(solution: QuadraticSolution, t: float, gram_f: torch.Tensor, gram_i: torch.Tensor,
+           gradient: torch.Tensor, damping: float) -> QuadraticSolution:
+    """t c and the model's decrease there, M(t c) - M(0) = t^2 c^T (gram_f + damping gram_i) c / 2 + t grad^T c
+    (for t in (0, 1], below the minimiser's: a box of bounds that holds 0 and c holds t c)."""
+    gram_f, gram_i, gradient = (x.double().numpy() for x in _on_host(gram_f, gram_i, gradient))
+    c = t * np.asarray(solution.coefficients)
+    return QuadraticSolution(tuple(c.tolist()), 0.5 * float(c @ (gram_f + damping * gram_i) @ c) + float(gradient @ c))
+
+
 def _minimise(matrix: np.ndarray, gram_i: np.ndarray, gradient: np.ndarray,
               bounds: Sequence[tuple[float, float]] | None, max_condition: float | None) -> QuadraticSolution:
     """``solve_quadratic_model``'s minimiser of 1/2 c^T matrix c + gradient^T c, before any shortening."""

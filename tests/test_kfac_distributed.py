@@ -52,6 +52,8 @@ SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
     "default_blocks": (dict(seed=0, max_factor_dim=4), (16, 16), "cross_entropy"),
     # rank 0's 17 rows are 16 of the first half and 1 of the second: a one-example piece (no batch norm here)
     "default_one_row_piece": (dict(seed=0), (17, 15), "cross_entropy"),
+    # every step shortened to the largest logit change over both ranks' rows (one all_reduce of their maxima)
+    "default_logit_bound": (dict(seed=0, max_logit_change=0.05), (27, 5), "cross_entropy"),
     "empirical": (dict(preset="paper", fisher="empirical", seed=0), (16, 16), "cross_entropy"),
     "weight_decay": (dict(preset="paper", weight_decay=1e-3, seed=0), (16, 16), "cross_entropy"),
     "mse": (dict(preset="paper", damping=1.0, seed=0), (27, 5), "mse"),
@@ -95,7 +97,8 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
                 x, y = x[start:start + slices[rank]], y[start:start + slices[rank]]
             info = opt.step(x, y)
             assert "skipped" not in info, info
-            infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal") if key in info})
+            infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal", "logit_change")
+                          if key in info})
         results[name] = {"params": copy.deepcopy(model.state_dict()), "infos": infos,
                          "factors": {layer: block.a.clone() for layer, block in opt.blocks.items()},
                          "inverses": {layer: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone(),
@@ -405,6 +408,12 @@ def test_the_runs_train(single_process):
     for name, result in single_process.items():
         losses = [info["loss"] for info in result["infos"]]
         assert losses[-1] < losses[0], (name, losses)
+
+
+def test_the_logit_bound_shortens_the_data_parallel_steps(ranks):
+    """The scenario's bound is met, not idle: its steps report the bound itself as their largest change."""
+    infos = ranks[0]["default_logit_bound"]["infos"]
+    assert sum(info.get("logit_change") == pytest.approx(0.05) for info in infos) >= len(infos) // 2
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

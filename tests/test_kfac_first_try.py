@@ -1048,7 +1048,7 @@ def test_no_step_is_predicted_to_take_h_below_zero_by_more_than_three_times_h(bo
         y = model(x).argmin(1)
     opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
                                 adapt_damping=False, adapt_gamma=False, factor_damping=1e-4,
-                                bound_model_decrease=bound)
+                                bound_model_decrease=bound, max_logit_change=None)  # (that bound alone)
     assert PRESETS["default"].bound_model_decrease and not PRESETS["paper"].bound_model_decrease
     losses, falls = [], []
     for _ in range(3):
@@ -1062,6 +1062,69 @@ def test_no_step_is_predicted_to_take_h_below_zero_by_more_than_three_times_h(bo
         assert max(*losses[1:], final) < losses[0]
     else:
         assert max(fall / loss for fall, loss in zip(falls, losses)) > 20 and final > 30 * losses[0]
+
+
+def _logit_spreads(model: nn.Module, before: dict, x: torch.Tensor) -> torch.Tensor:
+    """Each row's spread max_c - min_c of J delta, delta the weights' change since ``before``: the exact forward-mode
+    product of torch.func, at the weights before the step."""
+    delta = {name: param.detach() - before[name] for name, param in model.named_parameters()}
+    _, change = torch.func.jvp(lambda params: torch.func.functional_call(model, params, (x,)), (before,), (delta,))
+    return change.amax(dim=-1) - change.amin(dim=-1)
+
+
+@pytest.mark.parametrize("bound", [2.0, None])
+def test_no_step_moves_a_rows_softmax_logits_by_more_than_max_logit_change(bound):
+    """50 classes from a ReLU net at PyTorch's initialisation, lambda held at 1e-8: the quadratic model's step moves
+    a row's logits by tens of nats (the Fisher cannot see a class of probability ~0 rise). With the bound no row's
+    linearised change (torch.func's J delta of the step taken, not the optimizer's own products) exceeds 2 nats and
+    ``info["logit_change"]`` says so; without it (the paper's), the first step moves some row by more than 10x that."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 50))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=generator), torch.randint(50, (64,), generator=generator)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
+                                adapt_damping=False, reject_steps=False, max_logit_change=bound)
+    assert PRESETS["default"].max_logit_change == 10 and PRESETS["paper"].max_logit_change is None
+    for _ in range(3):
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        info = opt.step(x, y)
+        largest = float(_logit_spreads(model, before, x).max())
+        if bound is None:
+            assert largest > 10 * 2.0 and "logit_change" not in info
+            return
+        assert largest <= bound * (1 + 1e-4) and info["logit_change"] <= bound
+    assert info["logit_change"] == pytest.approx(bound)  # the bound is what shortened these steps
+
+
+def test_the_logit_bound_leaves_a_step_within_it_as_the_model_solved_it():
+    """A bound far above the steps' changes (1e6 nats) changes nothing: the weights after 4 steps equal those
+    without a bound bit for bit, and ``info["logit_change"]`` is the step's own largest change."""
+    weights = []
+    for bound in (1e6, None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 5))
+        generator = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 6, generator=generator), torch.randint(5, (64,), generator=generator)
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
+                                    max_logit_change=bound)
+        for _ in range(4):
+            before = {name: param.detach().clone() for name, param in model.named_parameters()}
+            info = opt.step(x, y)
+            if bound is not None and not info.get("rejected"):
+                largest = float(_logit_spreads(model, before, x).max())
+                assert info["logit_change"] == pytest.approx(largest, rel=1e-3)
+        weights.append([param.detach().clone() for param in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_losses_without_a_softmax_have_no_logit_bound():
+    """mse's quadratic model is exact in the outputs: nothing to bound, no ``logit_change`` reported."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(32, 6)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="mse"), seed=0, max_logit_change=1e-6)
+    info = opt.step(x, torch.randn(32, 3))
+    assert "logit_change" not in info and info["alpha"] != 0
 
 
 @pytest.mark.parametrize("positions", [1, 4])

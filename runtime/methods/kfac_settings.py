@@ -7,7 +7,9 @@
   inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
   never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
   coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, the
-  momentum coefficient in [0, 2] (a free one fits a small batch's noise), an ill-conditioned system (nearly
+  momentum coefficient in [0, 2] (a free one fits a small batch's noise), no example's softmax logits moved by
+  more than 10 nats (linearised) in one step (the Fisher cannot see a class of probability ~0 rise), an
+  ill-conditioned system (nearly
   parallel directions) solved without one of them, and gamma's damping of A applied in coordinates centred
   on the layer's mean input (sigmoid units near 1/2 no longer hide their variation under a damping sized by
   their mean; the paper's sec 10 invariance kept under damping), each factor's damping at least a thousandth of
@@ -132,6 +134,9 @@ class KFACSettings:
     bound_model_decrease: bool = setting(True, "Shorten a step whose quadratic model predicts h to fall by more "
                                          "than 4 h (h >= 0: its rho would be below 1/4 whatever it did) to "
                                          "predict that fall (off: the paper's).")
+    max_logit_change: float | None = setting(10.0, "Shorten a step whose linearised change of any example's "
+                                             "softmax logits (their spread, max - min) exceeds this many nats, to "
+                                             "that change (auto: no bound, the paper's).", low=0, low_open=True)
     factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
                                           "factor's mean eigenvalue (0: none, the paper's).", low=0)
     output_noise_damping: bool = setting(True, "Damp the output layer's G by at least (1 - s) times one of the "
@@ -222,7 +227,7 @@ PRESETS: dict[str, KFACSettings] = {
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
         reject_damping_floor=None,
-        bound_model_decrease=False, unit_momentum_below=None, gamma_rule_min_signal=None,
+        bound_model_decrease=False, max_logit_change=None, unit_momentum_below=None, gamma_rule_min_signal=None,
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
     ),
