@@ -187,7 +187,6 @@ class BatchSlice:
         parts = buffer.split([t.numel() for t in tensors])
         return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
 
-
     def largest(self, value: torch.Tensor) -> torch.Tensor:
         """A 0-dim tensor's largest value over the ranks (one all_reduce)."""
         value = value.reshape(1).to(torch.float64).clone()

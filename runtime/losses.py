@@ -66,10 +66,10 @@ class Loss(ABC):
         return _symmetric(len(tangents), lambda a, b: self.curvature(outputs, tangents[a], tangents[b]).double().sum(),
                           outputs.device)
 
-    def largest_logit_change(self, change: torch.Tensor) -> torch.Tensor | None:
-        """For a change of the outputs (a step's J delta, outputs' shape), the largest change of one row's logits
-        the loss can tell apart, in nats (a 0-dim tensor); None where the outputs are not a softmax's logits
-        (``saturates`` False)."""
+    def logit_change_ratio(self, change: torch.Tensor, outputs: torch.Tensor, least: float) -> torch.Tensor | None:
+        """For a change of the outputs (a step's J delta, outputs' shape), the largest over the rows of the change of
+        a row's logits the loss can tell apart over max(least, the same measure of the row's logits now): a 0-dim
+        tensor; None where the outputs are not a softmax's logits (``saturates`` False)."""
         return None
 
     @abstractmethod
@@ -178,10 +178,13 @@ class CrossEntropy(Loss):
             gram += (centred @ centred.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
         return gram / math.prod(outputs.shape[1:-1])
 
-    def largest_logit_change(self, change: torch.Tensor) -> torch.Tensor:
-        # softmax is blind to a shift common to a row: its change is the spread max_c - min_c of the row's change
-        rows = change.reshape(-1, change.shape[-1])
-        return (rows.amax(dim=-1) - rows.amin(dim=-1)).max()
+    def logit_change_ratio(self, change: torch.Tensor, outputs: torch.Tensor, least: float) -> torch.Tensor:
+        # softmax is blind to a shift common to a row: the measure is the spread max_c - min_c of a row
+        def spread(x: torch.Tensor) -> torch.Tensor:
+            rows = x.reshape(-1, x.shape[-1])
+            return rows.amax(dim=-1) - rows.amin(dim=-1)
+
+        return (spread(change) / spread(outputs.detach()).clamp(min=least)).max()
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:

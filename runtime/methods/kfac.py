@@ -306,14 +306,16 @@ class KFAC:
             again and wrecked the fit at 60 s (0.02 against 0 with the bound; BENCHMARKS.md).
         max_logit_change: shorten the update (the quadratic model's coefficients times one t < 1, as
             ``bound_model_decrease`` does) so that its linearised change of no example's softmax logits, the spread
-            max_c - min_c of lr sum_a c_a J d_a over a row of the quadratic model's rows, exceeds this many nats
-            (None: no bound, the paper's; losses without a softmax are never bounded). The Fisher's curvature
-            along a logit change is sum_c p_c dz_c^2 - (sum_c p_c dz_c)^2: blind to a class whose probability is
-            ~0, so the quadratic model takes raising it as free, and the loss rises once its logit has climbed
-            past the row's log-odds. On a bag-of-words model with a 2048-word head the model's steps moved some
-            row's logits by 40-3000 nats (the loss from 5 to 60 on steps rho then undid, 42 of 500 steps); bounded
-            at 10 none was undone and the loss after 500 steps fell from 4.6-4.9 to 3.7 (Adam: 4.4).
-            ``info["logit_change"]`` is the update's largest change.
+            max_c - min_c of lr sum_a c_a J d_a over a row of the quadratic model's rows, exceeds the larger of this
+            many nats and the spread of the row's logits now (None: no bound, the paper's; losses without a softmax
+            are never bounded). The Fisher's curvature along a logit change is sum_c p_c dz_c^2 - (sum_c p_c
+            dz_c)^2: blind to a class whose probability is ~0, so the quadratic model takes raising it as free, and
+            the loss rises once its logit has climbed past the row's log-odds. On a bag-of-words model with a
+            2048-word head the model's steps moved some row's logits by 40-3000 nats (the loss from 5 to 60 on steps
+            rho then undid, 42 of 500 steps); bounded, none was undone and the loss after 500 steps fell from
+            4.6-4.9 to 3.8-4.2 (Adam: 4.4). A fixed 10 nats did better there (3.7) but held back the tied LMs,
+            whose N(0, 1) table as head starts with logits spread over ~40 nats that the first steps must undo.
+            ``info["logit_change"]``: the update's largest change over its row's bound (1: the bound shortened it).
         output_noise_damping: damp the output layer's G (the layers whose output the loss is put on,
             ``CompiledModel.output_layers``) by at least (1 - s) tr(G) / R: R its rows in the batch (examples times
             positions), s the share of signal in the batch's natural gradient (``signal_scaling``, which it needs).
@@ -1119,8 +1121,7 @@ class KFAC:
         credible = largest_credible_decrease(objective) if self.settings.bound_model_decrease else None
         solution = solve_quadratic_model(gram_f, gram_i, gradient, self.damping + self.weight_decay, bounds,
                                          self.settings.max_condition, credible)
-        solution, logit_change = self._within_logit_bound(solution, cache.get("tangents"), lr, gram_f, gram_i,
-                                                          gradient)
+        solution, logit_change = self._within_logit_bound(solution, cache, lr, gram_f, gram_i, gradient)
         figures = dict(zip(labels, solution.coefficients))
         if logit_change is not None:
             figures["logit_change"] = logit_change
@@ -1132,26 +1133,26 @@ class KFAC:
         # M(lr c) - M(0) = lr (2 - lr) (M(c) - M(0)) at the minimiser c: the decrease of the applied update.
         return update, figures, solution.decrease * lr * (2 - lr)
 
-    def _within_logit_bound(self, solution: QuadraticSolution, tangents: list[torch.Tensor] | None, lr: float,
-                            gram_f: torch.Tensor, gram_i: torch.Tensor, gradient: torch.Tensor
-                            ) -> tuple[QuadraticSolution, float | None]:
+    def _within_logit_bound(self, solution: QuadraticSolution, cache: dict, lr: float, gram_f: torch.Tensor,
+                            gram_i: torch.Tensor, gradient: torch.Tensor) -> tuple[QuadraticSolution, float | None]:
         """The solution shortened (its coefficients times one t < 1) so that the applied step's linearised change
-        of no row's logits on the quadratic model's rows, lr sum_a c_a J d_a, exceeds ``max_logit_change`` nats,
-        and that largest change after it; (solution, None) where the bound is off or the loss has no softmax.
-        Data-parallel: the largest over the ranks' rows (one all_reduce), so every rank shortens alike."""
+        of no row's logits on the quadratic model's rows (lr sum_a c_a J d_a, J d_a in ``cache["tangents"]``)
+        exceeds max(``max_logit_change``, the row's logits' own spread), and the largest change over that bound
+        after it (1: the bound shortened the step); (solution, None) where the bound is off or the loss has no
+        softmax. Data-parallel: the largest over the ranks' rows (one all_reduce), so every rank shortens alike."""
         bound = self.settings.max_logit_change
         if bound is None or not self.loss.saturates:
             return solution, None
-        largest = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        terms = [(lr * c) * t for c, t in zip(solution.coefficients, tangents or []) if c]
+        ratio = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        terms = [(lr * c) * t for c, t in zip(solution.coefficients, cache.get("tangents") or []) if c]
         if terms:
-            largest = self.loss.largest_logit_change(sum(terms[1:], terms[0])).double()
+            ratio = self.loss.logit_change_ratio(sum(terms[1:], terms[0]), cache["outputs"], bound).double()
         if self._slice is not None:
-            largest = self._slice.largest(largest)
-        value = float(largest)
-        if not value > bound:  # (a NaN change: the non-finite update is refused after the model)
+            ratio = self._slice.largest(ratio)
+        value = float(ratio)
+        if not value > 1:  # (a NaN change: the non-finite update is refused after the model)
             return solution, value
-        return scaled(solution, bound / value, gram_f, gram_i, gradient, self.damping + self.weight_decay), bound
+        return scaled(solution, 1 / value, gram_f, gram_i, gradient, self.damping + self.weight_decay), 1.0
 
     def _fisher_gram(self, inputs, directions: list[Direction], cache: dict) -> torch.Tensor:
         """d_a^T F d_b on the tau_2 subset; ``cache`` keeps the subset, its outputs and the tangents of the
