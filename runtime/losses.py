@@ -31,7 +31,7 @@ from kronograph.errors import KronographError
 class Loss(ABC):
     name: str
     #: whether the outputs are a softmax's logits, whose saturation hides curvature from the Fisher
-    #: (``largest_logit_change``)
+    #: (``logit_change_ratio``)
     saturates: bool = False
 
     @abstractmethod
