@@ -31,7 +31,7 @@ from kronograph.errors import KronographError
 class Loss(ABC):
     name: str
     #: whether the outputs are a softmax's logits, whose saturation hides curvature from the Fisher
-    #: (``logit_change_ratio``)
+    #: (``logit_spread``)
     saturates: bool = False
 
     @abstractmethod
@@ -66,11 +66,11 @@ class Loss(ABC):
         return _symmetric(len(tangents), lambda a, b: self.curvature(outputs, tangents[a], tangents[b]).double().sum(),
                           outputs.device)
 
-    def logit_change_ratio(self, change: torch.Tensor, outputs: torch.Tensor, least: float) -> torch.Tensor | None:
-        """For a change of the outputs (a step's J delta, outputs' shape), the largest over the rows of the change of
-        a row's logits the loss can tell apart over max(least, the same measure of the row's logits now): a 0-dim
-        tensor; None where the outputs are not a softmax's logits (``saturates`` False)."""
-        return None
+    def logit_spread(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Per row, the spread of a tensor of the outputs' shape the loss can tell apart (for a softmax's logits
+        max_c - min_c): the measure of a step's change of the outputs that ``max_logit_change`` bounds. Only the
+        losses that ``saturates``."""
+        raise NotImplementedError(f"{type(self).__name__} has no logits to bound")
 
     @abstractmethod
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -178,13 +178,10 @@ class CrossEntropy(Loss):
             gram += (centred @ centred.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
         return gram / math.prod(outputs.shape[1:-1])
 
-    def logit_change_ratio(self, change: torch.Tensor, outputs: torch.Tensor, least: float) -> torch.Tensor:
+    def logit_spread(self, outputs: torch.Tensor) -> torch.Tensor:
         # softmax is blind to a shift common to a row: the measure is the spread max_c - min_c of a row
-        def spread(x: torch.Tensor) -> torch.Tensor:
-            rows = x.reshape(-1, x.shape[-1])
-            return rows.amax(dim=-1) - rows.amin(dim=-1)
-
-        return (spread(change) / spread(outputs.detach()).clamp(min=least)).max()
+        rows = outputs.detach().reshape(-1, outputs.shape[-1])
+        return rows.amax(dim=-1) - rows.amin(dim=-1)
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:

@@ -1068,11 +1068,13 @@ def _spreads(logits: torch.Tensor) -> torch.Tensor:
     return logits.amax(dim=-1) - logits.amin(dim=-1)
 
 
-def _logit_change_ratios(model: nn.Module, before: dict, x: torch.Tensor, bound: float) -> torch.Tensor:
+def _logit_change_ratios(model: nn.Module, before: dict, x: torch.Tensor, bound: float,
+                         cap: float = math.inf) -> torch.Tensor:
     """Each row's spread max_c - min_c of J delta (delta the weights' change since ``before``; the exact forward-mode
-    product of torch.func at the weights before the step) over max(bound, the spread of the row's logits there)."""
+    product of torch.func at the weights before the step) over its room: the spread of the row's logits there,
+    at most ``cap`` and at least ``bound``."""
     change, logits = _change_and_logit_spreads(model, before, x)
-    return change / logits.clamp(min=bound)
+    return change / logits.clamp(max=cap).clamp(min=bound)
 
 
 def _change_and_logit_spreads(model: nn.Module, before: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1099,10 +1101,13 @@ def test_no_step_moves_a_rows_softmax_logits_by_more_than_max_logit_change(bound
     for _ in range(3):
         before = {name: param.detach().clone() for name, param in model.named_parameters()}
         info = opt.step(x, y)
-        largest = float(_logit_change_ratios(model, before, x, 2.0).max())
         if bound is None:
-            assert largest > 10 and "logit_change" not in info
+            assert float(_logit_change_ratios(model, before, x, 2.0).max()) > 10 and "logit_change" not in info
             return
+        if opt.steps == 1:  # the most room a row gets: the first step's largest spread (the 64 rows are all used)
+            logits = torch.func.functional_call(model, before, (x,))
+            assert opt.initial_logit_spread == pytest.approx(float(_spreads(logits).max()))
+        largest = float(_logit_change_ratios(model, before, x, 2.0, opt.initial_logit_spread).max())
         assert largest <= 1 + 1e-4 and info["logit_change"] <= 1
     assert info["logit_change"] == pytest.approx(1.0)  # the bound is what shortened these steps
 
@@ -1145,9 +1150,37 @@ def test_a_row_whose_logits_already_spread_widely_may_move_by_that_spread():
         before = {name: param.detach().clone() for name, param in model.named_parameters()}
         opt.step(x, y)
         change, logits = _change_and_logit_spreads(model, before, x)
-        assert bool((change <= logits.clamp(min=2.0) * (1 + 1e-4)).all())
+        assert bool((change <= logits.clamp(max=opt.initial_logit_spread, min=2.0) * (1 + 1e-4)).all())
         moved.append(float(change.max()))
     assert max(moved) > 10
+
+
+def test_a_rows_room_is_capped_at_the_largest_spread_of_the_first_step():
+    """Logits that spread past the first step's (the head x30 after step 1, as training sharpens a model) give no
+    row more room than the first step's largest spread: a bag-of-words model's rows spread past 10 nats as it
+    learns, and a bound that grew with them let the steps that raise p ~ 0 classes back in. With lambda held at
+    1e-8 the steps are shortened (``info["logit_change"]`` 1), some row moves by the cap and none by more, while
+    the rows' spreads are many times it. The cap is part of the state (exact resume)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 50))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=generator), torch.randint(50, (64,), generator=generator)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
+                                adapt_damping=False, reject_steps=False, max_logit_change=0.1)
+    first = float(_spreads(model(x).detach()).max())
+    opt.step(x, y)
+    assert opt.initial_logit_spread == pytest.approx(first) and 0.1 < first < 5
+    with torch.no_grad():
+        model[2].weight.mul_(30)
+    for _ in range(2):
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        info = opt.step(x, y)
+        change, logits = _change_and_logit_spreads(model, before, x)
+        assert info["logit_change"] == pytest.approx(1.0) and float(logits.min()) > 5 * first
+        assert float(change.max()) == pytest.approx(first, rel=1e-3)
+    resumed = kronograph.optim.KFAC(kronograph.compile(copy.deepcopy(model), (x[:2],), loss="cross_entropy"), seed=0)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.initial_logit_spread == opt.initial_logit_spread
 
 
 def test_losses_without_a_softmax_have_no_logit_bound():

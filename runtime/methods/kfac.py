@@ -306,16 +306,19 @@ class KFAC:
             again and wrecked the fit at 60 s (0.02 against 0 with the bound; BENCHMARKS.md).
         max_logit_change: shorten the update (the quadratic model's coefficients times one t < 1, as
             ``bound_model_decrease`` does) so that its linearised change of no example's softmax logits, the spread
-            max_c - min_c of lr sum_a c_a J d_a over a row of the quadratic model's rows, exceeds the larger of this
-            many nats and the spread of the row's logits now (None: no bound, the paper's; losses without a softmax
-            are never bounded). The Fisher's curvature along a logit change is sum_c p_c dz_c^2 - (sum_c p_c
-            dz_c)^2: blind to a class whose probability is ~0, so the quadratic model takes raising it as free, and
-            the loss rises once its logit has climbed past the row's log-odds. On a bag-of-words model with a
-            2048-word head the model's steps moved some row's logits by 40-3000 nats (the loss from 5 to 60 on steps
-            rho then undid, 42 of 500 steps); bounded, none was undone and the loss after 500 steps fell from
-            4.6-4.9 to 3.8-4.2 (Adam: 4.4). A fixed 10 nats did better there (3.7) but held back the tied LMs,
-            whose N(0, 1) table as head starts with logits spread over ~40 nats that the first steps must undo.
-            ``info["logit_change"]``: the update's largest change over its row's bound (1: the bound shortened it).
+            max_c - min_c of lr sum_a c_a J d_a over a row of the quadratic model's rows, exceeds the row's room:
+            the spread of its logits now, capped at the largest spread of the first step's rows, and at least this
+            many nats (None: no bound, the paper's; losses without a softmax are never bounded). The Fisher's
+            curvature along a logit change is sum_c p_c dz_c^2 - (sum_c p_c dz_c)^2: blind to a class whose
+            probability is ~0, so the quadratic model takes raising it as free, and the loss rises once its logit
+            has climbed past the row's log-odds. On a bag-of-words model with a 2048-word head the model's steps
+            moved some row's logits by 40-3000 nats (the loss from 5 to 60 on steps rho then undid, 42 of 500
+            steps); bounded by 10 nats, none was undone and the loss after 500 steps fell from 4.6-4.9 to 3.7
+            (Adam: 4.4). The room grows to a row's own spread for a model that starts saturated (a tied LM's N(0, 1)
+            table as head spreads its first logits over ~100 nats, which the first steps must undo; 10 nats held it
+            back), but not past the first step's: a room that grew with the spreads training makes let the bag of
+            words' blind steps back in (3.9 against 2.9 at 60 s). ``info["logit_change"]``: the update's largest
+            change over its row's room (1: the bound shortened it).
         output_noise_damping: damp the output layer's G (the layers whose output the loss is put on,
             ``CompiledModel.output_layers``) by at least (1 - s) tr(G) / R: R its rows in the batch (examples times
             positions), s the share of signal in the batch's natural gradient (``signal_scaling``, which it needs).
@@ -494,6 +497,8 @@ class KFAC:
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
         self.unmatched_zeros = 0  # the unmatched direction's coefficient: consecutive zeros (unmatched_backoff)
         self.unmatched_rest = 0  # steps it is still left out
+        # the largest spread of a row's logits at the first step: the most room max_logit_change gives a row
+        self.initial_logit_spread: float | None = None
         self.signal: tuple[float, float] | None = None  # EMAs of (g^T F^-1 g, g_A^T F^-1 g_B) (signal_scaling)
         self._half_difference: Direction | None = None  # (g_A - g_B) / 2 of this step's halves
         self._unhalved = False  # signal scaling is on but this step's batch could not be halved
@@ -1137,16 +1142,30 @@ class KFAC:
                             gram_i: torch.Tensor, gradient: torch.Tensor) -> tuple[QuadraticSolution, float | None]:
         """The solution shortened (its coefficients times one t < 1) so that the applied step's linearised change
         of no row's logits on the quadratic model's rows (lr sum_a c_a J d_a, J d_a in ``cache["tangents"]``)
-        exceeds max(``max_logit_change``, the row's logits' own spread), and the largest change over that bound
-        after it (1: the bound shortened the step); (solution, None) where the bound is off or the loss has no
-        softmax. Data-parallel: the largest over the ranks' rows (one all_reduce), so every rank shortens alike."""
-        bound = self.settings.max_logit_change
-        if bound is None or not self.loss.saturates:
+        exceeds the row's room: its logits' own spread, capped at the largest spread of the first step's rows
+        (``initial_logit_spread``), and at least ``max_logit_change``. Returns it with the largest change over its
+        room after it (1: the bound shortened the step); (solution, None) where the bound is off or the loss has
+        no softmax. Data-parallel: the largest over the ranks' rows (one all_reduce; two on the first step), so
+        every rank shortens alike."""
+        least = self.settings.max_logit_change
+        if least is None or not self.loss.saturates:
             return solution, None
+        outputs = cache.get("outputs")
+        spread = None if outputs is None else self.loss.logit_spread(outputs).double()
+        if self.initial_logit_spread is None:
+            first = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+            if spread is not None and spread.numel():
+                first = spread.max()
+            if self._slice is not None:
+                first = self._slice.largest(first)
+            if math.isfinite(float(first)):  # (non-finite logits: the step is refused after the model)
+                self.initial_logit_spread = float(first)
         ratio = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         terms = [(lr * c) * t for c, t in zip(solution.coefficients, cache.get("tangents") or []) if c]
-        if terms:
-            ratio = self.loss.logit_change_ratio(sum(terms[1:], terms[0]), cache["outputs"], bound).double()
+        if terms and spread is not None:
+            room = spread if self.initial_logit_spread is None else spread.clamp(max=self.initial_logit_spread)
+            room = room.clamp(min=least)
+            ratio = (self.loss.logit_spread(sum(terms[1:], terms[0])).double() / room).max()
         if self._slice is not None:
             ratio = self._slice.largest(ratio)
         value = float(ratio)
@@ -1216,6 +1235,7 @@ class KFAC:
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
             "unmatched_backoff": (self.unmatched_zeros, self.unmatched_rest),
             "signal": self.signal,
+            "initial_logit_spread": self.initial_logit_spread,
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
             "row_generator": self.row_generator.get_state(),
@@ -1240,6 +1260,8 @@ class KFAC:
         self.unmatched_zeros, self.unmatched_rest = (int(v) for v in state.get("unmatched_backoff", (0, 0)))
         signal = state.get("signal")
         self.signal = None if signal is None else tuple(float(v) for v in signal)
+        spread = state.get("initial_logit_spread")  # (an older checkpoint: taken afresh at the next step)
+        self.initial_logit_spread = None if spread is None else float(spread)
         self.curvature.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"])
         if "row_generator" in state:  # (a checkpoint from before activation_rows: the rows' draws start afresh)
