@@ -30,7 +30,7 @@ from kronograph.errors import KronographError
 
 class Loss(ABC):
     name: str
-    #: whether the outputs are a softmax's logits, whose saturation hides curvature from the Fisher
+    #: whether the outputs are logits of a softmax or a sigmoid, whose saturation hides curvature from the Fisher
     #: (``logit_spread``)
     saturates: bool = False
 
@@ -67,9 +67,9 @@ class Loss(ABC):
                           outputs.device)
 
     def logit_spread(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Per row, the spread of a tensor of the outputs' shape the loss can tell apart (for a softmax's logits
-        max_c - min_c): the measure of a step's change of the outputs that ``max_logit_change`` bounds. Only the
-        losses that ``saturates``."""
+        """For each softmax of the outputs (a softmax's row; each output of a sigmoid, the softmax over (0, s)), the
+        spread of a tensor of the outputs' shape that the loss can tell apart, max_c - min_c: the measure of a
+        step's change of the outputs that ``max_logit_change`` bounds. Only the losses that ``saturates``."""
         raise NotImplementedError(f"{type(self).__name__} has no logits to bound")
 
     @abstractmethod
@@ -211,6 +211,7 @@ class CrossEntropy(Loss):
 
 class SigmoidCrossEntropy(Loss):
     name = "sigmoid_cross_entropy"
+    saturates = True
 
     def per_example(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
@@ -238,6 +239,10 @@ class SigmoidCrossEntropy(Loss):
         p = torch.sigmoid(outputs.double())
         root = (p * (1 - p)).sqrt()
         return _pairs([(root * t).reshape(-1) for t in tangents])
+
+    def logit_spread(self, outputs: torch.Tensor) -> torch.Tensor:
+        # each output is the softmax over the logits (0, s): their spread is |s|
+        return outputs.detach().abs().reshape(-1)
 
     def check_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         _same_shape(self.name, outputs, targets)

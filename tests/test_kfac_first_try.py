@@ -1183,7 +1183,38 @@ def test_a_rows_room_is_capped_at_the_largest_spread_of_the_first_step():
     assert resumed.initial_logit_spread == opt.initial_logit_spread
 
 
-def test_losses_without_a_softmax_have_no_logit_bound():
+@pytest.mark.parametrize("bound", [0.25, None])
+def test_no_step_moves_a_sigmoids_logit_by_more_than_max_logit_change(bound):
+    """Fifty sigmoid outputs (tags) of a ReLU net, lambda held at 1e-8: each output is the softmax over (0, s), so
+    its change is |ds| (torch.func's J delta of the step taken) and its room |s|, capped at the first step's largest
+    |s|, at least 0.25 nats. With the bound no output exceeds its room and some step was shortened; without it (the
+    paper's) the first step moves some output by more than 4x its room."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 50))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=generator)
+    y = (torch.rand(64, 50, generator=generator) < 0.05).float()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="sigmoid_cross_entropy"), seed=0,
+                                damping=1e-8, adapt_damping=False, reject_steps=False, max_logit_change=bound)
+    first = float(model(x).detach().abs().max())
+    shortened = 0
+    for _ in range(3):
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        info = opt.step(x, y)
+        delta = {name: param.detach() - before[name] for name, param in model.named_parameters()}
+        logits, change = torch.func.jvp(lambda params: torch.func.functional_call(model, params, (x,)), (before,),
+                                        (delta,))
+        room = logits.abs().clamp(max=first).clamp(min=0.25)
+        if bound is None:
+            assert float((change.abs() / room).max()) > 4 and "logit_change" not in info
+            return
+        assert opt.initial_logit_spread == pytest.approx(first)
+        assert float((change.abs() / room).max()) <= 1 + 1e-4
+        shortened += info["logit_change"] == pytest.approx(1.0)
+    assert shortened
+
+
+def test_losses_without_logits_have_no_logit_bound():
     """mse's quadratic model is exact in the outputs: nothing to bound, no ``logit_change`` reported."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))

@@ -308,17 +308,19 @@ class KFAC:
             ``bound_model_decrease`` does) so that its linearised change of no example's softmax logits, the spread
             max_c - min_c of lr sum_a c_a J d_a over a row of the quadratic model's rows, exceeds the row's room:
             the spread of its logits now, capped at the largest spread of the first step's rows, and at least this
-            many nats (None: no bound, the paper's; losses without a softmax are never bounded). The Fisher's
-            curvature along a logit change is sum_c p_c dz_c^2 - (sum_c p_c dz_c)^2: blind to a class whose
-            probability is ~0, so the quadratic model takes raising it as free, and the loss rises once its logit
-            has climbed past the row's log-odds. On a bag-of-words model with a 2048-word head the model's steps
-            moved some row's logits by 40-3000 nats (the loss from 5 to 60 on steps rho then undid, 42 of 500
-            steps); bounded by 10 nats, none was undone and the loss after 500 steps fell from 4.6-4.9 to 3.7
-            (Adam: 4.4). The room grows to a row's own spread for a model that starts saturated (a tied LM's N(0, 1)
-            table as head spreads its first logits over ~100 nats, which the first steps must undo; 10 nats held it
-            back), but not past the first step's: a room that grew with the spreads training makes let the bag of
-            words' blind steps back in (3.9 against 2.9 at 60 s). ``info["logit_change"]``: the update's largest
-            change over its row's room (1: the bound shortened it).
+            many nats (None: no bound, the paper's). A sigmoid's output is the softmax over (0, s): its spread
+            |s|, its change |ds|; losses without logits (mse) are never bounded. The Fisher's curvature along a
+            logit change is sum_c p_c dz_c^2 - (sum_c p_c dz_c)^2: blind to a class whose probability is ~0, so
+            the quadratic model takes raising it as free, and the loss rises once its logit has climbed past the
+            row's log-odds. On a bag-of-words model with a 2048-word head the model's steps moved some row's
+            logits by 40-3000 nats (the loss from 5 to 60 on steps rho then undid, 42 of 500 steps); bounded by 10
+            nats, none was undone and the loss after 500 steps fell from 4.6-4.9 to 3.7 (Adam: 4.4); with 2048
+            sigmoid outputs (the next four words as tags) from 13.9 to 12.7-13.2. The room grows to a row's own
+            spread for a model that starts saturated (a tied LM's N(0, 1) table as head spreads its first logits
+            over ~100 nats, which the first steps must undo; 10 nats held it back), but not past the first step's:
+            a room that grew with the spreads training makes let the bag of words' blind steps back in (3.9
+            against 2.9 at 60 s). ``info["logit_change"]``: the update's largest change over its room (1: the
+            bound shortened it).
         output_noise_damping: damp the output layer's G (the layers whose output the loss is put on,
             ``CompiledModel.output_layers``) by at least (1 - s) tr(G) / R: R its rows in the batch (examples times
             positions), s the share of signal in the batch's natural gradient (``signal_scaling``, which it needs).
@@ -1145,7 +1147,7 @@ class KFAC:
         exceeds the row's room: its logits' own spread, capped at the largest spread of the first step's rows
         (``initial_logit_spread``), and at least ``max_logit_change``. Returns it with the largest change over its
         room after it (1: the bound shortened the step); (solution, None) where the bound is off or the loss has
-        no softmax. Data-parallel: the largest over the ranks' rows (one all_reduce; two on the first step), so
+        no logits (``Loss.saturates``). Data-parallel: the largest over the ranks' rows (one all_reduce; two on the first step), so
         every rank shortens alike."""
         least = self.settings.max_logit_change
         if least is None or not self.loss.saturates:

@@ -133,7 +133,7 @@ class KFACSettings:
                                          "than 4 h (h >= 0: its rho would be below 1/4 whatever it did) to "
                                          "predict that fall (off: the paper's).")
     max_logit_change: float | None = setting(10.0, "Shorten a step whose linearised change of any example's "
-                                             "softmax logits (their spread, max - min) exceeds this many nats or, "
+                                             "softmax or sigmoid logits (their spread, max - min) exceeds this many nats or, "
                                              "if larger, the spread of its logits now (at most the largest of the "
                                              "first step's), to that change (auto: no bound, the paper's).", low=0,
                                              low_open=True)
