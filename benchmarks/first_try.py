@@ -85,13 +85,25 @@ def _words(vocabulary: int = 2048, length: int = 32) -> tuple[torch.Tensor, torc
     return _windows(torch.tensor([codes.get(word, 0) for word in words], dtype=torch.long), length)
 
 
+def _word_windows(width: int, vocabulary: int = 2048) -> torch.Tensor:
+    """Every run of ``width`` consecutive words of the documentation (``_words``' codes), one a row."""
+    x, y = _words(vocabulary, 32)
+    codes = torch.cat([x[:, :1], y], dim=1).reshape(-1)
+    return codes.unfold(0, width, 1)
+
+
 def _word_bags(context: int = 8, vocabulary: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """For every word of the documentation, the ``context`` words before it (a bag: their order is not used)
     and the word itself (CBOW's task, the next word from a bag of the last few)."""
-    x, y = _words(vocabulary, 32)
-    codes = torch.cat([x[:, :1], y], dim=1).reshape(-1)
-    windows = codes.unfold(0, context + 1, 1)
+    windows = _word_windows(context + 1, vocabulary)
     return windows[:, :-1].contiguous(), windows[:, -1].contiguous()
+
+
+def _word_tags(context: int = 8, ahead: int = 4, vocabulary: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bag of ``context`` words and, as multi-hot tags over the vocabulary, the ``ahead`` words after it."""
+    windows = _word_windows(context + ahead, vocabulary)
+    tags = torch.zeros(len(windows), vocabulary).scatter_(1, windows[:, context:], 1.0)
+    return windows[:, :context].contiguous(), tags
 
 
 class BagOfWords(nn.Module):
@@ -339,6 +351,11 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
         x, y = _word_bags()
         return Problem(BagOfWords, x, y, "cross_entropy", 256)
 
+    def text_tags() -> Problem:
+        """Multi-label: which words come in the next four, from a bag of the 8 before (2048 sigmoid outputs)."""
+        x, y = _word_tags()
+        return Problem(BagOfWords, x, y, "sigmoid_cross_entropy", 256)
+
     def fashion_weightnorm_cnn() -> Problem:
         """Salimans & Kingma's (2016) weight norm on every convolution and the head, as audio models (WaveNet,
         HiFi-GAN) use it: each weight computed as g v / |v|."""
@@ -355,7 +372,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
             "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
             "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
-            "text-bag": text_bag}
+            "text-bag": text_bag, "text-tags": text_tags}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:

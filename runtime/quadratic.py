@@ -215,7 +215,7 @@ def shortened(solution: QuadraticSolution, matrix: np.ndarray, gradient: np.ndar
     M(c) - M(0) monotonically up to t = 1, so t is the smaller root of q t^2 + l t + decrease = 0. A box of bounds
     that holds 0 and c holds t c."""
     c = np.asarray(solution.coefficients)
-    q, l = 0.5 * float(c @ matrix @ c), float(gradient @ c)
+    q, l = _along(c, matrix, gradient)
     if q > 0:
         t = (-l - math.sqrt(max(l * l - 4 * q * decrease, 0.0))) / (2 * q)
     else:
@@ -225,11 +225,17 @@ def shortened(solution: QuadraticSolution, matrix: np.ndarray, gradient: np.ndar
 
 def scaled(solution: QuadraticSolution, t: float, gram_f: torch.Tensor, gram_i: torch.Tensor,
            gradient: torch.Tensor, damping: float) -> QuadraticSolution:
-    """t c and the model's decrease there, M(t c) - M(0) = t^2 c^T (gram_f + damping gram_i) c / 2 + t grad^T c
-    (for t in (0, 1], below the minimiser's: a box of bounds that holds 0 and c holds t c)."""
+    """t c and the model's decrease there, M(t c) - M(0) = q t^2 + l t with the matrix gram_f + damping gram_i
+    (``_along``; for t in (0, 1], below the minimiser's: a box of bounds that holds 0 and c holds t c)."""
     gram_f, gram_i, gradient = (x.double().numpy() for x in _on_host(gram_f, gram_i, gradient))
-    c = t * np.asarray(solution.coefficients)
-    return QuadraticSolution(tuple(c.tolist()), 0.5 * float(c @ (gram_f + damping * gram_i) @ c) + float(gradient @ c))
+    c = np.asarray(solution.coefficients)
+    q, l = _along(c, gram_f + damping * gram_i, gradient)
+    return QuadraticSolution(tuple((t * c).tolist()), q * t * t + l * t)
+
+
+def _along(c: np.ndarray, matrix: np.ndarray, gradient: np.ndarray) -> tuple[float, float]:
+    """(q, l) of the model along c: M(t c) - M(0) = q t^2 + l t, q = c^T matrix c / 2, l = grad^T c."""
+    return 0.5 * float(c @ matrix @ c), float(gradient @ c)
 
 
 def _minimise(matrix: np.ndarray, gram_i: np.ndarray, gradient: np.ndarray,
