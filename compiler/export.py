@@ -15,6 +15,7 @@ import copy
 import functools
 import io
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -48,6 +49,18 @@ def _root_cause(error: BaseException) -> str:
     error = _innermost(error)
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+#: The operations torch.nn.utils.parametrizations.orthogonal computes its weight with, one per orthogonal_map.
+_ORTHOGONAL_MAPS = frozenset({"aten.linalg_matrix_exp", "aten._linalg_solve_ex", "aten.linalg_householder_product"})
+
+
+def _hint_for(op: str) -> str:
+    """Where a model usually calls ``op`` (an operation without an ONNX function), or nothing."""
+    if op in _ORTHOGONAL_MAPS:
+        return (" (torch.nn.utils.parametrizations.orthogonal computes its weight with it, whatever its "
+                "orthogonal_map: kronograph cannot compile an orthogonal parametrization yet)")
+    return ""
 
 
 def _raised_in(error: BaseException) -> set[str]:
@@ -240,6 +253,14 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
             raise KronographError(
                 f"the model returns a key/value cache ({_root_cause(error)}); training needs no cache: set "
                 "model.config.use_cache = False (Hugging Face models) before kronograph.compile"
+            ) from error
+        missing = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", str(_innermost(error)))
+        if missing:
+            raise KronographError(
+                f"forward() calls {missing.group(1)}, which torch.onnx cannot write as ONNX (no ONNX function for it); "
+                f"kronograph reads the model's layers from its ONNX graph{_hint_for(missing.group(1))}: compute that "
+                "part outside the module given to compile (pass its result as an input), or write it with operations "
+                "ONNX has"
             ) from error
         raise KronographError(
             f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "
