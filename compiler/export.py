@@ -257,10 +257,10 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
         missing = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", str(_innermost(error)))
         if missing:
             raise KronographError(
-                f"forward() calls {missing.group(1)}, which torch.onnx cannot write as ONNX (no ONNX function for it); "
-                f"kronograph reads the model's layers from its ONNX graph{_hint_for(missing.group(1))}: compute that "
-                "part outside the module given to compile (pass its result as an input), or write it with operations "
-                "ONNX has"
+                f"forward() calls {missing.group(1)}, which torch.onnx cannot write as ONNX (no ONNX function for "
+                f"it); kronograph reads the model's layers from its ONNX graph{_hint_for(missing.group(1))}: compute "
+                "that part outside the module given to compile (pass its result as an input), or write it with "
+                "operations ONNX has"
             ) from error
         raise KronographError(
             f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "

@@ -1147,8 +1147,8 @@ class KFAC:
         exceeds the row's room: its logits' own spread, capped at the largest spread of the first step's rows
         (``initial_logit_spread``), and at least ``max_logit_change``. Returns it with the largest change over its
         room after it (1: the bound shortened the step); (solution, None) where the bound is off or the loss has
-        no logits (``Loss.saturates``). Data-parallel: the largest over the ranks' rows (one all_reduce; two on the first step), so
-        every rank shortens alike."""
+        no logits (``Loss.saturates``). Data-parallel: the largest over the ranks' rows (one all_reduce; two on the
+        first step), so every rank shortens alike."""
         least = self.settings.max_logit_change
         if least is None or not self.loss.saturates:
             return solution, None

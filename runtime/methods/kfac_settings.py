@@ -6,26 +6,27 @@
   omega^8), inverses also refreshed when gamma has moved by 2x, steps that make h worse undone, and sub-batches
   never smaller than the paper's own advice for small batches (sec 8: tau_2 = 1), and the quadratic model's
   coefficients bounded: K-FAC's proposal and the unmatched parameters' gradient step never taken uphill, the
-  momentum coefficient in [0, 2] (a free one fits a small batch's noise), no example's softmax logits moved by more
-  than the larger of 10 nats and their own spread (at most the first step's largest; linearised) in one step (the
-  Fisher cannot see a class of probability ~0 rise), an ill-conditioned system (nearly parallel directions) solved
-  without one of them, and gamma's damping of A applied in coordinates centred on the layer's mean input (sigmoid
-  units near 1/2 no longer hide their variation under a damping sized by their mean; the paper's sec 10 invariance
-  kept under damping), each factor's damping at least a thousandth of its mean eigenvalue (the gamma rule once drove
-  a deep tanh net's gamma to 1e-7 of its scale: steps that fit one batch and undid the others, Cholesky failing at
-  float32's rounding), and the parameters outside every block (norms, embeddings) stepping along RMSprop's shape of
-  their gradient, and the update shortened by (1 + s) / 2 where s, the share of signal in the batch's natural
-  gradient, says the quadratic model's step fits the mini-batch's noise (``signal_scaling``; a batch of one, which
-  cannot be halved, counts as all noise) and the momentum coefficient at most 1 on batches of fewer than 8 loss
-  terms, the statistics of a batch no larger than their floor taken on the gradient's own forward (one forward a
-  step less), and the gamma rule's rounds skipped while s is below 0.1 (gamma kept: the candidates' fit to a batch
-  that is noise ranks the noise), and the quadratic model's products by one-sided differences where the model calls
-  attention, group or instance norm, a recurrent layer or a convolution, central ones with batch norm in training
-  mode (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the activations, a
-  recurrent layer's leaves its fused kernel, a convolution's is two convolutions: runtime/tangent_cost.py), and
-  embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal (one-hot inputs make it exactly
-  diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an output layer one block over both
-  uses (runtime/tied.py), and a weight-normed layer a block on its computed weight (runtime/weight_norm.py).
+  momentum coefficient in [0, 2] (a free one fits a small batch's noise), no example's softmax (or sigmoid) logits
+  moved by more than the larger of 10 nats and their own spread (at most the first step's largest; linearised) in
+  one step (the Fisher cannot see a class of probability ~0 rise), an ill-conditioned system (nearly parallel
+  directions) solved without one of them, and gamma's damping of A applied in coordinates centred on the layer's
+  mean input (sigmoid units near 1/2 no longer hide their variation under a damping sized by their mean; the paper's
+  sec 10 invariance kept under damping), each factor's damping at least a thousandth of its mean eigenvalue (the
+  gamma rule once drove a deep tanh net's gamma to 1e-7 of its scale: steps that fit one batch and undid the others,
+  Cholesky failing at float32's rounding), and the parameters outside every block (norms, embeddings) stepping along
+  RMSprop's shape of their gradient, and the update shortened by (1 + s) / 2 where s, the share of signal in the
+  batch's natural gradient, says the quadratic model's step fits the mini-batch's noise (``signal_scaling``; a batch
+  of one, which cannot be halved, counts as all noise) and the momentum coefficient at most 1 on batches of fewer
+  than 8 loss terms, the statistics of a batch no larger than their floor taken on the gradient's own forward (one
+  forward a step less), and the gamma rule's rounds skipped while s is below 0.1 (gamma kept: the candidates' fit to
+  a batch that is noise ranks the noise), and the quadratic model's products by one-sided differences where the
+  model calls attention, group or instance norm, a recurrent layer or a convolution, central ones with batch norm in
+  training mode (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
+  activations, a recurrent layer's leaves its fused kernel, a convolution's is two convolutions:
+  runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
+  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
+  output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed weight
+  (runtime/weight_norm.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
   tau_2 = 1/4, the three-candidate gamma rule), the algorithm the dense-maths tests pin down.
 """
@@ -133,10 +134,10 @@ class KFACSettings:
                                          "than 4 h (h >= 0: its rho would be below 1/4 whatever it did) to "
                                          "predict that fall (off: the paper's).")
     max_logit_change: float | None = setting(10.0, "Shorten a step whose linearised change of any example's "
-                                             "softmax or sigmoid logits (their spread, max - min) exceeds this many nats or, "
-                                             "if larger, the spread of its logits now (at most the largest of the "
-                                             "first step's), to that change (auto: no bound, the paper's).", low=0,
-                                             low_open=True)
+                                             "softmax or sigmoid logits (their spread, max - min) exceeds this "
+                                             "many nats or, if larger, the spread of its logits now (at most the "
+                                             "largest of the first step's), to that change (auto: no bound, the "
+                                             "paper's).", low=0, low_open=True)
     factor_damping_floor: float = setting(1e-3, "Floor of each Kronecker factor's damping, as a fraction of the "
                                           "factor's mean eigenvalue (0: none, the paper's).", low=0)
     output_noise_damping: bool = setting(True, "Damp the output layer's G by at least (1 - s) times one of the "
