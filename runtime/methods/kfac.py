@@ -1152,7 +1152,23 @@ class KFAC:
         least = self.settings.max_logit_change
         if least is None or not self.loss.saturates:
             return solution, None
-        outputs = cache.get("outputs")
+        if "room" not in cache:  # the rows' room, shared by the gamma candidates (their outputs are the same)
+            cache["room"] = self._logit_room(cache.get("outputs"), least)
+        room = cache["room"]
+        ratio = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        terms = [(lr * c) * t for c, t in zip(solution.coefficients, cache.get("tangents") or []) if c]
+        if terms and room is not None:
+            ratio = (self.loss.logit_spread(sum(terms[1:], terms[0])).double() / room).max()
+        if self._slice is not None:
+            ratio = self._slice.largest(ratio)
+        value = float(ratio)
+        if not value > 1:  # (a NaN change: the non-finite update is refused after the model)
+            return solution, value
+        return scaled(solution, 1 / value, gram_f, gram_i, gradient, self.damping + self.weight_decay), 1.0
+
+    def _logit_room(self, outputs: torch.Tensor | None, least: float) -> torch.Tensor | None:
+        """Each row's room (``_within_logit_bound``), None where this rank has no rows; the first call also keeps
+        the largest spread of its rows (over the ranks: one all_reduce) as ``initial_logit_spread``."""
         spread = None if outputs is None else self.loss.logit_spread(outputs).double()
         if self.initial_logit_spread is None:
             first = torch.zeros((), dtype=torch.float64, device=self.engine.device)
@@ -1162,18 +1178,10 @@ class KFAC:
                 first = self._slice.largest(first)
             if math.isfinite(float(first)):  # (non-finite logits: the step is refused after the model)
                 self.initial_logit_spread = float(first)
-        ratio = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        terms = [(lr * c) * t for c, t in zip(solution.coefficients, cache.get("tangents") or []) if c]
-        if terms and spread is not None:
-            room = spread if self.initial_logit_spread is None else spread.clamp(max=self.initial_logit_spread)
-            room = room.clamp(min=least)
-            ratio = (self.loss.logit_spread(sum(terms[1:], terms[0])).double() / room).max()
-        if self._slice is not None:
-            ratio = self._slice.largest(ratio)
-        value = float(ratio)
-        if not value > 1:  # (a NaN change: the non-finite update is refused after the model)
-            return solution, value
-        return scaled(solution, 1 / value, gram_f, gram_i, gradient, self.damping + self.weight_decay), 1.0
+        if spread is None:
+            return None
+        room = spread if self.initial_logit_spread is None else spread.clamp(max=self.initial_logit_spread)
+        return room.clamp(min=least)
 
     def _fisher_gram(self, inputs, directions: list[Direction], cache: dict) -> torch.Tensor:
         """d_a^T F d_b on the tau_2 subset; ``cache`` keeps the subset, its outputs and the tangents of the
