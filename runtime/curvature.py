@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,11 +45,12 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
     form: a 50257-word head's G alone would be 10 GB a copy."""
     kept = []
     for layer in layers:
-        width = max(0 if layer.diagonal_a else layer.a_dim, 0 if layer.diagonal_g else layer.g_dim)  # diagonals
+        a_width, g_width = 0 if layer.diagonal_a else layer.a_dim, 0 if layer.diagonal_g else layer.g_dim  # diagonals
+        width = max(a_width, g_width)
         if largest is None or width <= largest:
             kept.append(layer)
             continue
-        which = "A" if layer.a_dim >= layer.g_dim and not layer.diagonal_a else "G"
+        which = "A" if a_width >= g_width else "G"
         gib = 4 * width * width / 2**30
         warnings.warn(f"K-FAC: layer {layer.name!r} has a {width}-wide {which} factor ({gib:.1f} GiB a copy), wider "
                       f"than max_kronecker_dim={largest}: it gets no Kronecker block, its parameters are treated as "
@@ -58,14 +59,17 @@ def within_reach(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
     return kept
 
 
-def with_diagonal_g(layers: Sequence[Layer], largest: int | None) -> list[Layer]:
-    """The layers, each linear one whose G alone is wider than ``largest`` (a word or BPE vocabulary's head: a
-    50257-wide G is 10 GB a copy) with its G kept as its diagonal (``Layer.diagonal_g``: the softmax's
-    E[(p - y)(p - y)^T] is diag(p) - p p^T, whose off-diagonal entries shrink with the vocabulary), A whole."""
+def with_diagonal_g(layers: Sequence[Layer], largest: int | None, names: Collection[str] | None = None
+                    ) -> list[Layer]:
+    """The layers, each linear one (of ``names``, None: any) whose G alone is wider than ``largest`` with its G
+    kept as its diagonal (``Layer.diagonal_g``), A whole: a word or BPE vocabulary's head, whose dense G costs C^2 a
+    copy and a row to precondition (a 50257-wide one is 10 GB) while its output Fisher is nearly diagonal: a
+    softmax's E[(p - y)(p - y)^T] is diag(p) - p p^T, whose off-diagonal entries shrink with the classes; a
+    sigmoid's or squared error's is diagonal."""
     if largest is None:
         return list(layers)
     return [dataclasses.replace(layer, diagonal_g=True)
-            if layer.kind == "linear" and layer.g_dim > largest and layer.a_dim <= largest else layer
+            if layer.kind == "linear" and layer.g_dim > largest and (names is None or layer.name in names) else layer
             for layer in layers]
 
 

@@ -64,10 +64,7 @@ from kronograph.runtime.distributed import (
     average_statistics,
     factor_size,
     pack_factor,
-    pack_triangle,
-    triangle_entries,
     unpack_factor,
-    unpack_triangle,
 )
 from kronograph.runtime.curvature import BlockDiagonalCurvature
 from kronograph.runtime.factors import RowSubset, batch_factors
@@ -288,12 +285,14 @@ def fold_across_ranks(
     return list(averaged)
 
 
-def inverse_cost(groups: int, a_dim: int, g_dim: int, max_dim: int | None = None, diagonal_a: bool = False) -> int:
+def inverse_cost(groups: int, a_dim: int, g_dim: int, max_dim: int | None = None, diagonal_a: bool = False,
+                 diagonal_g: bool = False) -> int:
     """The cost model of one layer's inverses: groups * (a_dim^3 + g_dim^3), its A and G inverted together (a
     factor wider than ``max_dim``: the sum of its diagonal blocks' cubes, inverse.diagonal_block_sizes; a diagonal
-    A, a table's: a_dim)."""
-    a_cost = a_dim if diagonal_a else sum(width ** 3 for width in diagonal_block_sizes(a_dim, max_dim))
-    return groups * (a_cost + sum(width ** 3 for width in diagonal_block_sizes(g_dim, max_dim)))
+    factor, a table's A or a wide head's G: its width)."""
+    def cost(width: int, diagonal: bool) -> int:
+        return width if diagonal else sum(block ** 3 for block in diagonal_block_sizes(width, max_dim))
+    return groups * (cost(a_dim, diagonal_a) + cost(g_dim, diagonal_g))
 
 
 def assign_inverses(costs: Sequence[float], world: int) -> list[int]:
@@ -323,14 +322,15 @@ def rank_loads(costs: Sequence[float], owners: Sequence[int], world: int) -> lis
 def inverse_owners(layers: Sequence[Layer], world: int, max_dim: int | None = None) -> dict[str, int]:
     """Layer name -> the rank that inverts its factors (``assign_inverses`` of the plan's layers, factors wider
     than ``max_dim`` inverted block-diagonally)."""
-    costs = [inverse_cost(layer.groups, layer.a_dim, layer.g_dim, max_dim, layer.diagonal_a) for layer in layers]
+    costs = [inverse_cost(layer.groups, layer.a_dim, layer.g_dim, max_dim, layer.diagonal_a, layer.diagonal_g)
+             for layer in layers]
     return {layer.name: rank for layer, rank in zip(layers, assign_inverses(costs, world))}
 
 
-def inverse_entries(groups: int, a_dim: int, g_dim: int, diagonal_a: bool = False) -> int:
-    """One layer's entries in ``invert_across_ranks``'s buffer: the packed a_inv (its upper triangle, or a table's
-    diagonal) and g_inv, and pi and the failed flag per group."""
-    return groups * (factor_size(a_dim, diagonal_a) + triangle_entries(g_dim) + 2)
+def inverse_entries(groups: int, a_dim: int, g_dim: int, diagonal_a: bool = False, diagonal_g: bool = False) -> int:
+    """One layer's entries in ``invert_across_ranks``'s buffer: the packed a_inv and g_inv (each its upper
+    triangle, or its diagonal: a table's A, a wide head's G), and pi and the failed flag per group."""
+    return groups * (factor_size(a_dim, diagonal_a) + factor_size(g_dim, diagonal_g) + 2)
 
 
 def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners: Mapping[str, int],
@@ -352,20 +352,23 @@ def invert_across_ranks(curvature: BlockDiagonalCurvature, gamma: float, owners:
         return result
     first = next(iter(estimated.values()))
     dtype, device = first.dtype, first.a.device
-    sizes = {name: inverse_entries(b.layer.groups, b.layer.a_dim, b.layer.g_dim, b.layer.diagonal_a)
-             for name, b in estimated.items()}
+    sizes = {name: inverse_entries(b.layer.groups, b.layer.a_dim, b.layer.g_dim, b.layer.diagonal_a,
+                                   b.layer.diagonal_g) for name, b in estimated.items()}
     pieces = {}
     for name in estimated:
         if owners[name] == rank:
             mine = local[name]
             pieces[name] = torch.cat([pack_factor(mine.a_inv.to(dtype)).reshape(-1),
-                                      pack_triangle(mine.g_inv.to(dtype)).reshape(-1),
+                                      pack_factor(mine.g_inv.to(dtype)).reshape(-1),
                                       mine.pi.reshape(-1).to(dtype), mine.failed.reshape(-1).to(dtype)])
     flat = exchange_from_owners(pieces, sizes, owners, group, dtype, device)
     for name, block in estimated.items():
-        n, a, g, diagonal = block.layer.groups, block.layer.a_dim, block.layer.g_dim, block.layer.diagonal_a
-        a_inv, g_inv, pi, failed = flat[name].split([n * factor_size(a, diagonal), n * triangle_entries(g), n, n])
-        result[name] = DampedInverses(unpack_factor(a_inv, a, diagonal), unpack_triangle(g_inv, g), pi, failed > 0.5)
+        layer = block.layer
+        n, a, g, diagonal_a, diagonal_g = layer.groups, layer.a_dim, layer.g_dim, layer.diagonal_a, layer.diagonal_g
+        a_inv, g_inv, pi, failed = flat[name].split([n * factor_size(a, diagonal_a), n * factor_size(g, diagonal_g),
+                                                     n, n])
+        result[name] = DampedInverses(unpack_factor(a_inv, a, diagonal_a), unpack_factor(g_inv, g, diagonal_g), pi,
+                                      failed > 0.5)
     return result
 
 

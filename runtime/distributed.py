@@ -96,7 +96,7 @@ def unpack_triangle(packed: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def factor_size(d: int, diagonal: bool = False) -> int:
-    """Entries of one packed d-wide factor: its upper triangle, or d for a diagonal one (a table's A)."""
+    """Entries of one packed d-wide factor: its upper triangle, or d for a diagonal one (a table's A, a head's G)."""
     return d if diagonal else triangle_entries(d)
 
 
@@ -112,7 +112,7 @@ def unpack_factor(packed: torch.Tensor, d: int, diagonal: bool = False) -> torch
 
 def factor_entries(layer: Layer) -> int:
     """One layer's entries in ``average_statistics``'s buffer, its count aside: the packed m A and m G."""
-    return layer.groups * (factor_size(layer.a_dim, layer.diagonal_a) + factor_size(layer.g_dim))
+    return layer.groups * (factor_size(layer.a_dim, layer.diagonal_a) + factor_size(layer.g_dim, layer.diagonal_g))
 
 
 def average_statistics(
@@ -160,10 +160,10 @@ def average_statistics(
     offset = 0
     for (name, layer), m in zip(layers.items(), totals):
         a_size = layer.groups * factor_size(layer.a_dim, layer.diagonal_a)
-        g_size = layer.groups * factor_size(layer.g_dim)
+        g_size = layer.groups * factor_size(layer.g_dim, layer.diagonal_g)
         if m > 0:
             a = unpack_factor(buffer[offset:offset + a_size], layer.a_dim, layer.diagonal_a)
-            g = unpack_triangle(buffer[offset + a_size:offset + a_size + g_size], layer.g_dim)
+            g = unpack_factor(buffer[offset + a_size:offset + a_size + g_size], layer.g_dim, layer.diagonal_g)
             result[name] = (a / m, g / m, int(round(m)))
         offset += a_size + g_size
     return result

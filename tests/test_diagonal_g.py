@@ -1,5 +1,5 @@
-"""An output layer too wide for a dense G (a vocabulary's head) gets a block with G kept as its diagonal
-(``diagonal_wide_g=True``; off by default).
+"""An output layer wider than ``diagonal_output_g`` (default 1024: a vocabulary's head) keeps its G as its diagonal,
+and with ``diagonal_wide_g=True`` any linear layer whose G alone is wider than ``max_kronecker_dim`` does.
 
 Independent references: the same model's dense G (max_kronecker_dim raised) on the same batch, whose diagonal the
 diagonal G must be, and the proposal from torch.linalg.inv of the damped A and the damped diagonal.
@@ -48,6 +48,44 @@ def test_a_head_wider_than_max_kronecker_dim_keeps_the_diagonal_of_its_dense_g()
     assert wide.blocks["2"].g.shape == (1, CLASSES)
     torch.testing.assert_close(wide.blocks["2"].g[0], torch.diagonal(dense.blocks["2"].g[0]))
     torch.testing.assert_close(wide.blocks["2"].a, dense.blocks["2"].a)
+
+
+def test_an_output_layer_wider_than_diagonal_output_g_keeps_the_diagonal_of_its_dense_g_and_a_hidden_one_not():
+    def kfac(threshold):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, CLASSES))  # the hidden G 24 wide too
+        cm = kronograph.compile(model, (torch.randn(2, 6),), loss="cross_entropy")
+        return kronograph.optim.KFAC(cm, seed=0, fisher="empirical", diagonal_output_g=threshold,
+                                    factor_dtype=torch.float64)
+
+    diagonal, dense = kfac(16), kfac(None)
+    assert [diagonal.blocks[name].layer.diagonal_g for name in ("0", "2")] == [False, True]
+    assert not any(block.layer.diagonal_g for block in dense.blocks.values())
+    x, y = _batch()
+    diagonal.step(x, y)
+    dense.step(x, y)
+    torch.testing.assert_close(diagonal.blocks["2"].g[0], torch.diagonal(dense.blocks["2"].g[0]))
+    torch.testing.assert_close(diagonal.blocks["0"].g, dense.blocks["0"].g)
+
+
+def test_diagonal_output_g_is_on_by_default_off_in_the_paper_preset_and_a_tied_head_keeps_its_dense_g():
+    from kronograph.runtime.methods.kfac_settings import PRESETS
+
+    assert PRESETS["default"].diagonal_output_g == 1024 and PRESETS["paper"].diagonal_output_g is None
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(CLASSES, 5), nn.Linear(5, CLASSES)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.emb(tokens)))
+
+    cm = kronograph.compile(Tied(), (torch.randint(0, CLASSES, (2, 3)),), loss="cross_entropy")
+    opt = kronograph.optim.KFAC(cm, seed=0, diagonal_output_g=4)
+    assert opt.blocks and not any(block.layer.diagonal_g for block in opt.blocks.values())
+    assert any(block.tied for block in opt.blocks.values())
 
 
 def test_the_diagonal_blocks_proposal_is_the_damped_kronecker_solve():

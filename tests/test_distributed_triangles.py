@@ -59,7 +59,7 @@ def test_the_factor_buffer_holds_triangles_and_counts():
     """``average_statistics`` with the all_reduce replaced by the identity (one rank's sums): the buffer's size is
     sum groups * (a (a + 1) / 2 + g (g + 1) / 2) plus one count per layer, and the factors come back exactly."""
     shapes = {"x": (1, 6, 7), "y": (2, 8, 3), "z": (1, 4, 4)}  # (groups, a_dim, g_dim); "z" without statistics
-    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False)
+    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False, diagonal_g=False)
               for name, (n, a, g) in shapes.items()}
     stats = {name: (symmetric(n, a, 1), symmetric(n, g, 2), 4) for name, (n, a, g) in shapes.items() if name != "z"}
     sent = []
@@ -73,16 +73,19 @@ def test_the_factor_buffer_holds_triangles_and_counts():
         assert torch.equal(a, stats[name][0]) and torch.equal(g, stats[name][1]) and m == 4
 
 
-def test_a_tables_diagonal_a_travels_as_its_diagonal():
-    """A table's A (``Layer.diagonal_a``), kept as [groups, rows], takes rows entries of the buffer, not a triangle,
-    and comes back as that diagonal."""
-    layers = {"table": mock.Mock(spec=Layer, groups=1, a_dim=5, g_dim=3, diagonal_a=True)}
-    a, g = torch.tensor([[0.5, 0.0, 1.25, 2.0, 0.25]]), symmetric(1, 3, 2)
+def test_a_tables_diagonal_a_and_a_heads_diagonal_g_travel_as_their_diagonals():
+    """A table's A (``Layer.diagonal_a``) and a wide head's G (``Layer.diagonal_g``), kept as [groups, width],
+    take width entries of the buffer, not a triangle, and come back as those diagonals."""
+    layers = {"table": mock.Mock(spec=Layer, groups=1, a_dim=5, g_dim=3, diagonal_a=True, diagonal_g=False),
+              "head": mock.Mock(spec=Layer, groups=1, a_dim=3, g_dim=4, diagonal_a=False, diagonal_g=True)}
+    stats = {"table": (torch.tensor([[0.5, 0.0, 1.25, 2.0, 0.25]]), symmetric(1, 3, 2), 4),
+             "head": (symmetric(1, 3, 3), torch.tensor([[0.75, 0.0, 1.5, 0.125]]), 4)}
     sent = []
     with mock.patch.object(dist, "all_reduce", lambda buffer, **_: sent.append(buffer.clone())):
-        averaged = average_statistics({"table": (a, g, 4)}, layers, None, torch.float32, "cpu")
-    assert sent[0].numel() == 5 + 6 + 1
-    assert torch.equal(averaged["table"][0], a) and torch.equal(averaged["table"][1], g)
+        averaged = average_statistics(stats, layers, None, torch.float32, "cpu")
+    assert sent[0].numel() == (5 + 6) + (6 + 4) + 2
+    for name, (a, g, _) in stats.items():
+        assert torch.equal(averaged[name][0], a) and torch.equal(averaged[name][1], g)
 
 
 def test_factors_travel_in_bfloat16_and_their_counts_apart():
@@ -91,7 +94,7 @@ def test_factors_travel_in_bfloat16_and_their_counts_apart():
     float32, exactly symmetric, within bfloat16's rounding of the float32 result."""
     torch.manual_seed(0)
     shapes = {"x": (1, 6, 7), "y": (2, 8, 3)}
-    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False)
+    layers = {name: mock.Mock(spec=Layer, groups=n, a_dim=a, g_dim=g, diagonal_a=False, diagonal_g=False)
               for name, (n, a, g) in shapes.items()}
     stats = {name: (symmetric(n, a, 1), symmetric(n, g, 2), 300) for name, (n, a, g) in shapes.items()}
     sent = []
@@ -110,6 +113,8 @@ def test_factors_travel_in_bfloat16_and_their_counts_apart():
 
 def test_inverse_entries_are_triangles_pi_and_flags():
     assert inverse_entries(2, 6, 7) == 2 * (21 + 28 + 2)
+    assert inverse_entries(2, 6, 7, diagonal_a=True) == 2 * (6 + 28 + 2)
+    assert inverse_entries(2, 6, 7, diagonal_g=True) == 2 * (21 + 7 + 2)
 
 
 def recorded(kind: str, calls: list):

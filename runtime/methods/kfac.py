@@ -215,11 +215,15 @@ class KFAC:
             A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Both engines,
             data-parallel too, not FSDP-sharded, diagonal structure; elsewhere, and off (the paper preset's), such a
             table steps as the parameters outside every block.
-        diagonal_wide_g: a linear layer whose G alone is wider than ``max_kronecker_dim`` (a vocabulary's head: a
-            50257-wide G is 10 GB a copy) gets a block whose G is kept as its diagonal (``Layer.diagonal_g``; the
-            softmax's curvature diag(p) - p p^T is nearly diagonal over a large vocabulary), A whole: G^-1 scales the
-            gradient's rows. One process, diagonal structure; off (the default: level with the head outside every
-            block on a 16384-word LM, BENCHMARKS.md), or elsewhere, such a layer has no block.
+        diagonal_output_g: an output layer (``CompiledModel.output_layers``, linear: a classifier's, a tagger's,
+            an untied language model's head) whose G is wider than this keeps G as its diagonal
+            (``Layer.diagonal_g``), A whole: G^-1 scales the gradient's rows, so preconditioning and inverting cost
+            C, not C^2 (a 50257-wide G would be 10 GB a copy). The output Fisher of a softmax, diag(p) - p p^T, is
+            nearly diagonal over many classes; a sigmoid's or squared error's is diagonal. Default 1024: 2048-class
+            heads step as well per step and 15-25% cheaper (BENCHMARKS.md); None: dense, the paper's. Data-parallel
+            too, not FSDP-sharded, diagonal structure; a tied head keeps its tie's dense G.
+        diagonal_wide_g: any linear layer whose G alone is wider than ``max_kronecker_dim`` gets a block with G
+            kept as its diagonal; off (the default), or FSDP-sharded, or elsewhere, such a layer has no block.
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
             table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
             shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
@@ -455,8 +459,10 @@ class KFAC:
         if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
             self.engine.capture_also((*tables, *views, *self.normed))
         candidates = (*compiled.layers, *tables, *self.normed)
-        if s.diagonal_wide_g and structure == "diagonal" and self._group is None and self.engine.sharded is None:
-            candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
+        if structure == "diagonal" and self.engine.sharded is None:  # (FSDP's shards keep dense factors)
+            candidates = with_diagonal_g(candidates, s.diagonal_output_g, set(compiled.output_layers))
+            if s.diagonal_wide_g:
+                candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
         layers = within_reach(candidates, s.max_kronecker_dim) + list(views)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim, ties)

@@ -151,9 +151,15 @@ class KFACSettings:
     max_kronecker_dim: int | None = setting(8192, "A layer with a factor wider than this gets no Kronecker block: "
                                             "its parameters step as those outside every block (auto: every "
                                             "matched layer has one, the paper's).", low=1)
-    diagonal_wide_g: bool = setting(False, "Give a linear layer whose G alone is wider than max_kronecker_dim (a "
-                                    "word or BPE vocabulary's head) a block with G kept as its diagonal (off: it gets "
-                                    "no block; level with it on a 16384-word LM). One process, diagonal structure.")
+    diagonal_wide_g: bool = setting(False, "Give any linear layer whose G alone is wider than max_kronecker_dim a "
+                                    "block with G kept as its diagonal (off: it gets no block; an output layer's G is "
+                                    "diagonal_output_g's). Data-parallel too, not FSDP; diagonal structure.")
+    diagonal_output_g: int | None = setting(1024, "Keep the G of an output layer (a linear layer the loss is put on: "
+                                            "a classifier's, a tagger's, an untied language model's head) wider than "
+                                            "this as its diagonal: the output Fisher of a softmax is diag(p) - p p^T, "
+                                            "of a sigmoid or squared error diagonal; the step's cost grows as the "
+                                            "classes, not their square (auto: dense, the paper's). Data-parallel "
+                                            "too, not FSDP; diagonal structure.", low=1)
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
@@ -226,7 +232,8 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
-        activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, output_noise_damping=False,
+        activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, diagonal_output_g=None,
+        output_noise_damping=False,
         reject_damping_floor=None,
         bound_model_decrease=False, max_logit_change=None, unit_momentum_below=None, gamma_rule_min_signal=None,
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
