@@ -11,6 +11,7 @@ import torch
 
 from kronograph.compiler.compiled import ENGINES, LOSSES, CompiledModel, check_loss
 from kronograph.compiler.export import export_module
+from kronograph.compiler.opaque import refuse_opaque
 from kronograph.compiler.load import load_onnx
 from kronograph.compiler.outputs import OutputChoice, OutputSelector, example_outputs, put_first
 from kronograph.compiler.parameters import module_parameters, onnx_parameters
@@ -82,6 +83,8 @@ def compile(  # noqa: A001 - the contract's name
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     graph = export_module(model, example_inputs, verbose=verbose)
+    if engine == "onnxruntime":
+        refuse_opaque(graph, "engine='onnxruntime'")
     with RecurrentCalls() as recurrent_calls:  # the GRU / LSTM / RNN calls of the example forward
         selector = OutputSelector(output, example_outputs(model, example_inputs))
     put_first(graph, selector.graph_index)

@@ -28,6 +28,7 @@ import onnx_ir as ir
 import torch
 from onnx import numpy_helper
 
+from kronograph.compiler.opaque import OpaqueOperationWarning, missing_operation, translation
 from kronograph.compiler.recurrent import RecurrentCalls
 from kronograph.errors import KronographError
 
@@ -57,9 +58,12 @@ _ORTHOGONAL_MAPS = frozenset({"aten.linalg_matrix_exp", "aten._linalg_solve_ex",
 
 def _hint_for(op: str) -> str:
     """Where a model usually calls ``op`` (an operation without an ONNX function), or nothing."""
+    if op == "aten._linalg_check_errors":  # torch.linalg.solve's check, as a side effect of the traced graph
+        return (" (torch.linalg.solve checks its result with it: torch.nn.utils.parametrizations.orthogonal with "
+                "orthogonal_map='cayley' calls it; its 'matrix_exp' and 'householder' maps compile)")
     if op in _ORTHOGONAL_MAPS:
-        return (" (torch.nn.utils.parametrizations.orthogonal computes its weight with it, whatever its "
-                "orthogonal_map: kronograph cannot compile an orthogonal parametrization yet)")
+        return (" (torch.nn.utils.parametrizations.orthogonal computes its weight with it: for an inference file, "
+                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') keeps the weight it computes)")
     return ""
 
 
@@ -162,7 +166,8 @@ def kept_state(model: torch.nn.Module):
 
 def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], verbose: bool = False) -> ir.Model:
     """Trace ``model`` on ``example_inputs`` and return the ONNX graph (onnx_ir) without changing the model.
-    ``verbose`` shows the exporter's own output (see ``_export``).
+    ``verbose`` shows the exporter's own output (see ``_export``). An operation without an ONNX function becomes
+    an opaque node (compiler/opaque.py): the graph is read for its layers, the torch engine runs the module.
 
     Raises:
         KronographError: when the exporter cannot trace the model; the message carries its reason.
@@ -174,7 +179,7 @@ def export_module(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
         raise KronographError("example_inputs is empty; pass example_inputs=(x,) with a batch the model accepts")
     with kept_state(model):
         try:
-            return _export(model, inputs, optimize=False, verbose=verbose).model
+            return _export(model, inputs, optimize=False, verbose=verbose, opaque=True).model
         except KronographError:
             if _packs_sequences(model, inputs):
                 raise KronographError(
@@ -228,41 +233,60 @@ def write_graph(graph: ir.Model, path: Path, weights: Mapping[str, np.ndarray] |
     return path
 
 
-def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool, verbose: bool = False):
+def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: bool, verbose: bool = False,
+            opaque: bool = False):
     """Quiet unless ``verbose``: then the exporter's warnings, log lines and graph dumps reach the user as torch
-    writes them, and its progress lines too, moved to stderr so that stdout stays the command's output (JSON)."""
-    try:
-        with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet(), _reused_registry():
-            return torch.onnx.export(
-                model,
-                inputs,
-                dynamo=True,
-                optimize=optimize,
-                verbose=verbose,
-                dynamic_shapes=_batch_dynamic_shapes(inputs),
-                report=False,
-            )
-    except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
-        if "DataDependent" in _root_cause(error) or "data-dependent" in str(error):
-            hint = _CAUSAL_MASK_HINT if "_detect_is_causal_mask" in _raised_in(error) else ""
-            raise KronographError(
-                f"forward() branches on the values of a tensor ({_root_cause(error)}), which torch.export cannot "
-                f"trace{hint}; write the branch with torch.where or torch.cond, or compile an .onnx file of the model"
-            ) from error
-        if "Cache" in str(error) and "in output" in str(error):
-            raise KronographError(
-                f"the model returns a key/value cache ({_root_cause(error)}); training needs no cache: set "
-                "model.config.use_cache = False (Hugging Face models) before kronograph.compile"
-            ) from error
-        missing = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", str(_innermost(error)))
-        if missing:
-            raise KronographError(
-                f"forward() calls {missing.group(1)}, which torch.onnx cannot write as ONNX (no ONNX function for "
-                f"it); kronograph reads the model's layers from its ONNX graph{_hint_for(missing.group(1))}: compute "
-                "that part outside the module given to compile (pass its result as an input), or write it with "
-                "operations ONNX has"
-            ) from error
-        raise KronographError(
-            f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "
-            "match forward() and that forward() is traceable by torch.export"
-        ) from error
+    writes them, and its progress lines too, moved to stderr so that stdout stays the command's output (JSON).
+    ``opaque``: an operation without an ONNX function is written as an opaque node (compiler/opaque.py), with an
+    OpaqueOperationWarning, instead of failing the export."""
+    table: dict = {}
+    while True:
+        try:
+            with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet(), _reused_registry():
+                program = torch.onnx.export(
+                    model,
+                    inputs,
+                    dynamo=True,
+                    optimize=optimize,
+                    verbose=verbose,
+                    dynamic_shapes=_batch_dynamic_shapes(inputs),
+                    report=False,
+                    custom_translation_table=table or None,
+                )
+        except Exception as error:  # the exporter raises many types; all mean "cannot trace this model"
+            missing = missing_operation(str(_innermost(error)))
+            written = None if missing is None or not opaque or missing in table else translation(missing)
+            if written is None:
+                raise _export_error(error) from error
+            table[missing] = written
+            continue
+        if table:
+            names = ", ".join(f"{op._schema.name.replace('::', '.')}" for op in table)
+            warnings.warn(f"forward() calls {names}, which torch.onnx has no ONNX function for: compiled as an opaque "
+                          "node, so the weights computed through it get no Kronecker block (they step as the "
+                          "parameters outside every block) and only the torch engine can train the model",
+                          OpaqueOperationWarning, stacklevel=4)
+        return program
+
+
+def _export_error(error: BaseException) -> KronographError:
+    """The KronographError that names why torch.onnx.export failed and the fix."""
+    if "DataDependent" in _root_cause(error) or "data-dependent" in str(error):
+        hint = _CAUSAL_MASK_HINT if "_detect_is_causal_mask" in _raised_in(error) else ""
+        return KronographError(
+            f"forward() branches on the values of a tensor ({_root_cause(error)}), which torch.export cannot "
+            f"trace{hint}; write the branch with torch.where or torch.cond, or compile an .onnx file of the model")
+    if "Cache" in str(error) and "in output" in str(error):
+        return KronographError(
+            f"the model returns a key/value cache ({_root_cause(error)}); training needs no cache: set "
+            "model.config.use_cache = False (Hugging Face models) before kronograph.compile")
+    missing = re.search(r"(?:No ONNX function found for |OpOverload\.name of )<OpOverload\(op='([\w.]+)'",
+                        str(_innermost(error)))
+    if missing:
+        return KronographError(
+            f"forward() calls {missing.group(1)}, which torch.onnx cannot write as ONNX (no ONNX function for "
+            f"it){_hint_for(missing.group(1))}: compute that part outside the module (pass its result as an "
+            "input), or write it with operations ONNX has")
+    return KronographError(
+        f"torch.onnx.export could not trace the model ({_root_cause(error)}); check that example_inputs "
+        "match forward() and that forward() is traceable by torch.export")

@@ -102,16 +102,6 @@ def test_bad_input_names_the_problem(call, message):
         call()
 
 
-@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
-def test_an_operation_without_onnx_is_named_with_where_it_comes_from(orthogonal_map):
-    """torch.onnx has no ONNX function for the operations of an orthogonal parametrization (any of its maps): the
-    error names the operation and the parametrization, not example_inputs."""
-    layer = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(4, 4), orthogonal_map=orthogonal_map)
-    with pytest.raises(KronographError, match=r"forward\(\) calls aten\.\w+, which torch\.onnx cannot .*orthogonal"):
-        kronograph.compile(torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(4, 2)), torch.randn(2, 4),
-                           loss="mse")
-
-
 def test_not_an_onnx_file(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x00\x01 not a protobuf")
