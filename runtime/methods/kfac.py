@@ -213,7 +213,7 @@ class KFAC:
         table_blocks: embedding tables wider than 1024 rows (the plan's ``tables``: a word vocabulary) get blocks
             whose A, how often each row is read, is kept as its diagonal (one-hot inputs make it exactly diagonal):
             A^-1 scales each row of the gradient by its damped count, G^-1 as any layer's. Both engines,
-            data-parallel too, not FSDP-sharded, diagonal structure; elsewhere, and off (the paper preset's), such a
+            data-parallel and FSDP2 too, diagonal structure; elsewhere, and off (the paper preset's), such a
             table steps as the parameters outside every block.
         diagonal_output_g: an output layer (``CompiledModel.output_layers``, linear: a classifier's, a tagger's,
             an untied language model's head) whose G is wider than this keeps G as its diagonal
@@ -221,21 +221,21 @@ class KFAC:
             C, not C^2 (a 50257-wide G would be 10 GB a copy). The output Fisher of a softmax, diag(p) - p p^T, is
             nearly diagonal over many classes; a sigmoid's or squared error's is diagonal. Default 1024: 2048-class
             heads step as well per step and 15-25% cheaper (BENCHMARKS.md); None: dense, the paper's. Data-parallel
-            too, not FSDP-sharded, diagonal structure; a tied head keeps its tie's dense G.
+            and FSDP2 too, diagonal structure; a tied head keeps its tie's dense G.
         diagonal_wide_g: any linear layer whose G alone is wider than ``max_kronecker_dim`` gets a block with G
-            kept as its diagonal; off (the default), or FSDP-sharded, or elsewhere, such a layer has no block.
+            kept as its diagonal; off (the default), or elsewhere, such a layer has no block.
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
             table) gets one block, G_h (x) A_h + A_e (x) G_e, the two uses' Kronecker products summed as for any
             shared weight, each damped at gamma / sqrt(2) and inverted exactly by one generalized
             eigendecomposition a side (runtime/tied.py). Both engines, data-parallel too (every rank inverts the tie
-            from the all-reduced factors), diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            from the all-reduced factors) and FSDP2, diagonal structure; elsewhere, and off (the paper
             preset's), the table steps as the parameters outside every block.
         weight_norm_blocks: a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|,
             PyTorch's weight_norm, old or parametrization, dim=0, dim=None, or a dim whose norm the export reduces
             directly, a linear weight's dim=1) gets the block of its computed weight W: its a and g are
             those of any layer, the gradient is pushed forward to W and the block's step pulled back to (g, v), a
             step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). Both
-            engines, data-parallel too, diagonal structure, not FSDP-sharded; elsewhere, and off (the paper
+            engines, data-parallel and FSDP2 too, diagonal structure; elsewhere, and off (the paper
             preset's), v and g step as the parameters outside every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
@@ -459,7 +459,7 @@ class KFAC:
         if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
             self.engine.capture_also((*tables, *views, *self.normed))
         candidates = (*compiled.layers, *tables, *self.normed)
-        if structure == "diagonal" and self.engine.sharded is None:  # (FSDP's shards keep dense factors)
+        if structure == "diagonal":
             candidates = with_diagonal_g(candidates, s.diagonal_output_g, set(compiled.output_layers))
             if s.diagonal_wide_g:
                 candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
@@ -519,22 +519,22 @@ class KFAC:
 
     def _tables(self, compiled, wanted: bool) -> tuple:
         """The plan's tables (embeddings wider than 1024 rows) K-FAC gives blocks with a diagonal A: with the diagonal
-        structure (``table_blocks``), on both engines, data-parallel too, not FSDP-sharded."""
-        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
+        structure (``table_blocks``), on both engines, data-parallel and FSDP2 too."""
+        if not wanted or self.structure != "diagonal":
             return ()
         return compiled.plan.tables
 
     def _ties(self, compiled, wanted: bool, largest: int | None) -> tuple:
-        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, not FSDP-sharded, and
+        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, and
         both views within ``max_kronecker_dim`` (data-parallel: every rank inverts them)."""
-        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
+        if not wanted or self.structure != "diagonal":
             return ()
         return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
         """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): both engines, diagonal
-        structure, data-parallel too (each rank pushes the summed gradient to W alike), not FSDP-sharded."""
-        if not wanted or self.structure != "diagonal" or self.engine.sharded is not None:
+        structure, data-parallel and FSDP2 too (each rank pushes the summed gradient to W alike)."""
+        if not wanted or self.structure != "diagonal":
             return ()
         return compiled.plan.normed
 

@@ -153,28 +153,28 @@ class KFACSettings:
                                             "matched layer has one, the paper's).", low=1)
     diagonal_wide_g: bool = setting(False, "Give any linear layer whose G alone is wider than max_kronecker_dim a "
                                     "block with G kept as its diagonal (off: it gets no block; an output layer's G is "
-                                    "diagonal_output_g's). Data-parallel too, not FSDP; diagonal structure.")
+                                    "diagonal_output_g's). Data-parallel and FSDP2 too; diagonal structure.")
     diagonal_output_g: int | None = setting(1024, "Keep the G of an output layer (a linear layer the loss is put on: "
                                             "a classifier's, a tagger's, an untied language model's head) wider than "
                                             "this as its diagonal: the output Fisher of a softmax is diag(p) - p p^T, "
                                             "of a sigmoid or squared error diagonal; the step's cost grows as the "
                                             "classes, not their square (auto: dense, the paper's). Data-parallel "
-                                            "too, not FSDP; diagonal structure.", low=1)
+                                            "and FSDP2 too; diagonal structure.", low=1)
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
     table_blocks: bool = setting(True, "Give embedding tables wider than 1024 rows (a word vocabulary) Kronecker "
                                  "blocks with a diagonal A, the count of each row's reads (off: they step as "
-                                 "parameters outside every block, the paper's). Data-parallel too, not FSDP; diagonal "
-                                 "structure.")
+                                 "parameters outside every block, the paper's). Data-parallel and FSDP2 too; "
+                                 "diagonal structure.")
     tied_blocks: bool = setting(True, "Give an embedding table tied to an output layer (GPT-2's head) one Kronecker "
                                 "block over both uses, their Kronecker products summed and inverted exactly (off: it "
                                 "steps as the parameters outside every block, the paper's). Both engines, "
-                                "data-parallel too, diagonal structure.")
+                                "data-parallel and FSDP2 too, diagonal structure.")
     weight_norm_blocks: bool = setting(True, "Give a layer whose weight is computed by weight norm (W = g v / |v|, "
                                        "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
                                        "and v (off: they step as the parameters outside every block, the paper's). "
-                                       "Both engines, data-parallel too, diagonal structure.")
+                                       "Both engines, data-parallel and FSDP2 too, diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
