@@ -173,8 +173,8 @@ class KFACPreconditioner:
             CoverageWarning naming it (curvature.within_reach); None: every matched layer has one. A 32000-word
             head's G would be 4 GB a copy.
         table_blocks: give the plan's tables (embeddings wider than 1024 rows: a word vocabulary) blocks whose A,
-            how often each row is read, is kept as its diagonal (data-parallel too; an FSDP-sharded module's keep
-            their .grad). False: they keep their .grad.
+            how often each row is read, is kept as its diagonal (data-parallel and FSDP2 too). False: they keep
+            their .grad.
         tied_blocks: give a table tied to an output layer (the plan's ``ties``: GPT-2's head reads the table) one
             block over both uses, the two Kronecker products summed and inverted exactly (runtime/tied.py), which
             rewrites the table's (and the head's bias's) .grad; data-parallel too (every rank inverts the tie and
@@ -258,8 +258,10 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
-        sharded = bool(fsdp_modules(compiled.module))  # (no tables, ties or weight-normed blocks under FSDP yet)
-        tables = compiled.plan.tables if table_blocks and not sharded else ()
+        # (FSDP: a tie's two views and a weight-normed layer's computed weight are not bound to the unsharded
+        # weights FSDP's forward uses, runtime/capture.py, so they keep no block there yet)
+        sharded = bool(fsdp_modules(compiled.module))
+        tables = compiled.plan.tables if table_blocks else ()
         ties = (() if not tied_blocks or sharded
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)

@@ -110,3 +110,39 @@ def conv_teacher_classification(steps: int, batch: int, classes: int = 3):
     teacher = torch.randn(36, classes)
     images = [torch.randn(batch, 1, 6, 6) for _ in range(steps)]
     return model, [(x, (x.flatten(1) @ teacher).argmax(1)) for x in images]
+
+
+def table_problem(steps: int, batch: int, classes: int = 3):
+    """A 1100-row embedding table (a table of the plan: a block with a diagonal A) before a linear head."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(1100, 5), nn.Tanh(), nn.Flatten(), nn.Linear(20, classes))
+    tokens = torch.randint(0, 40, (steps, batch, 4))  # rows that recur, so that the labels can be learnt
+    return model, list(zip(tokens, tokens[..., 0] % classes))
+
+
+class TiedTable(nn.Module):
+    """An embedding table that is also the output layer's weight (runtime/tied.py)."""
+
+    def __init__(self, rows: int = 12) -> None:
+        super().__init__()
+        self.emb, self.mix, self.out = nn.Embedding(rows, 5), nn.Linear(5, 5), nn.Linear(5, rows)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(tokens)))).flatten(0, 1)
+
+
+def tied_problem(steps: int, batch: int):
+    """``TiedTable`` and batches of one token, labelled by the next row: learnable through the tie."""
+    torch.manual_seed(4)
+    tokens = torch.randint(0, 12, (steps, batch, 1))
+    return TiedTable(), list(zip(tokens, ((tokens + 1) % 12).flatten(1, 2)))
+
+
+def normed_problem(steps: int, batch: int, features: int = 6, classes: int = 3):
+    """``teacher_classification``'s MLP with weight norm (the parametrization) on its first layer."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model, batches = teacher_classification(steps, batch, features, classes)
+    model[0] = weight_norm(model[0])
+    return model, batches

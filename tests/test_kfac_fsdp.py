@@ -20,7 +20,13 @@ from torch import nn
 
 import kronograph
 
-from factories import conv_teacher_classification, teacher_classification
+from factories import (
+    conv_teacher_classification,
+    normed_problem,
+    table_problem,
+    teacher_classification,
+    tied_problem,
+)
 from ranks import on_one_thread, refusal, run_on_ranks, whole_state
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
@@ -49,42 +55,9 @@ def conv_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return conv_teacher_classification(STEPS, BATCH, CLASSES)
 
 
-def table_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """A 1100-row embedding table (a table of the plan: a block with a diagonal A) before a linear head."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Embedding(1100, 5), nn.Tanh(), nn.Flatten(), nn.Linear(20, CLASSES))
-    tokens = torch.randint(0, 40, (STEPS, BATCH, 4))  # rows that recur, so that the labels can be learnt
-    return model, list(zip(tokens, tokens[..., 0] % CLASSES))
-
-
-class TiedTable(nn.Module):
-    """An embedding table that is also the output layer's weight (runtime/tied.py)."""
-
-    def __init__(self, rows: int = 12) -> None:
-        super().__init__()
-        self.emb, self.mix, self.out = nn.Embedding(rows, 5), nn.Linear(5, 5), nn.Linear(5, rows)
-        self.out.weight = self.emb.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.mix(self.emb(tokens)))).flatten(0, 1)
-
-
-def tied_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    torch.manual_seed(4)
-    tokens = torch.randint(0, 12, (STEPS, BATCH, 1))
-    return TiedTable(), list(zip(tokens, ((tokens + 1) % 12).flatten(1, 2)))
-
-
-def normed_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    from torch.nn.utils.parametrizations import weight_norm
-
-    model, batches = teacher_classification(STEPS, BATCH, FEATURES, CLASSES)
-    model[0] = weight_norm(model[0])
-    return model, batches
-
-
 PROBLEMS = {"mlp": lambda: teacher_classification(STEPS, BATCH, FEATURES, CLASSES), "conv": conv_problem,
-            "table": table_problem, "tied": tied_problem, "normed": normed_problem}
+            "table": lambda: table_problem(STEPS, BATCH, CLASSES), "tied": lambda: tied_problem(STEPS, BATCH),
+            "normed": lambda: normed_problem(STEPS, BATCH, FEATURES, CLASSES)}
 
 
 def train(model, cm, settings, batches, slices, rank: int, world: int) -> tuple[list[dict], kronograph.optim.KFAC]:

@@ -16,7 +16,7 @@ from torch import nn
 
 import kronograph
 
-from factories import conv_teacher_classification, teacher_classification
+from factories import conv_teacher_classification, table_problem, teacher_classification
 from ranks import on_one_thread, preconditioned_loop, run_on_ranks, whole_state
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
@@ -35,7 +35,8 @@ def mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 #: fraction of ranks holding a layer's inverses)
 SCENARIOS = {"empirical": (mlp, "empirical", True, 1.0), "mc": (mlp, "mc", True, 1.0),
              "root only": (mlp, "empirical", False, 1.0), "conv": (conv_problem, "empirical", True, 1.0),
-             "owners alone": (mlp, "empirical", True, 1 / WORLD)}
+             "owners alone": (mlp, "empirical", True, 1 / WORLD),
+             "table": (lambda: table_problem(STEPS, BATCH, CLASSES), "empirical", True, 1.0)}
 
 
 def run_ranks(rank: int, world: int) -> dict:
@@ -46,13 +47,14 @@ def run_ranks(rank: int, world: int) -> dict:
         model, batches = make()
         cm = kronograph.compile(model, (batches[0][0][:2],))  # the plain module, then sharded in place
         if per_layer:
-            for layer in model:
+            for layer in list(model.modules())[1:]:
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     fully_shard(layer)
         fully_shard(model)
         precond = kronograph.optim.KFACPreconditioner(cm, fisher=fisher, grad_worker_fraction=fraction, **SETTINGS)
         losses = preconditioned_loop(model, model, precond, batches, rank, world)
-        results[scenario] = {"params": whole_state(model), "losses": losses,
+        results[scenario] = {"params": whole_state(model), "losses": losses, "blocks": {
+                                 name: block.layer.diagonal_a for name, block in precond.blocks.items()},
                              "local": {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}}
     return results
 
@@ -89,13 +91,17 @@ def test_ranks_hold_identical_parameters(ranks, fisher):
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv", "owners alone"])
+@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv", "owners alone", "table"])
 def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, fisher):
     """(Not fisher="mc": each rank draws its own sampled targets.)"""
     for name, value in single_process[fisher]["params"].items():
         torch.testing.assert_close(ranks[0][fisher]["params"][name], value, rtol=1e-4, atol=1e-5)
     full_batch_losses = [sum(pair) / WORLD for pair in zip(*(r[fisher]["losses"] for r in ranks))]
     assert full_batch_losses == pytest.approx(single_process[fisher]["losses"], rel=1e-4)
+
+
+def test_a_table_keeps_its_block_with_a_diagonal_a_sharded(ranks):
+    assert ranks[0]["table"]["blocks"] == {"0": True, "3": False}
 
 
 @pytest.mark.parametrize("fisher, by", [("empirical", 0.8), ("mc", 0.8), ("root only", 0.8), ("conv", 0.9),
