@@ -9,10 +9,11 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from kronograph.compiler.bags import BagCalls
 from kronograph.compiler.compiled import ENGINES, LOSSES, CompiledModel, check_loss
 from kronograph.compiler.export import export_module
-from kronograph.compiler.opaque import refuse_opaque
 from kronograph.compiler.load import load_onnx
+from kronograph.compiler.opaque import refuse_opaque
 from kronograph.compiler.outputs import OutputChoice, OutputSelector, example_outputs, put_first
 from kronograph.compiler.parameters import module_parameters, onnx_parameters
 from kronograph.compiler.recurrent import RecurrentCalls
@@ -85,13 +86,13 @@ def compile(  # noqa: A001 - the contract's name
     graph = export_module(model, example_inputs, verbose=verbose)
     if engine == "onnxruntime":
         refuse_opaque(graph, "engine='onnxruntime'")
-    with RecurrentCalls() as recurrent_calls:  # the GRU / LSTM / RNN calls of the example forward
-        selector = OutputSelector(output, example_outputs(model, example_inputs))
+    recurrent_calls, bag_calls = RecurrentCalls(), BagCalls()  # the example forward's GRU / LSTM / RNN and bag calls
+    selector = OutputSelector(output, example_outputs(model, example_inputs, recurrent_calls, bag_calls))
     put_first(graph, selector.graph_index)
     parameters, missing = module_parameters(model, graph)
     plan = dataclasses.replace(build_plan(graph, parameters, missing), output=selector.description)
-    if (engine or "torch") == "torch":  # recurrent maps are sites of the torch engine's capture only
-        plan = recurrent_calls.plan_with_layers(model, plan)
+    if (engine or "torch") == "torch":  # recurrent maps and bags are sites of the torch engine's capture only
+        plan = bag_calls.plan_with_tables(model, recurrent_calls.plan_with_layers(model, plan))
     return CompiledModel(
         engine=engine or "torch", plan=plan, graph=graph, loss=loss, module=model, example_inputs=example_inputs,
         select=selector, output=plan.output, verbose=verbose,

@@ -14,6 +14,7 @@ order), so that the onnxruntime engine puts its loss on the same tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -91,10 +92,12 @@ def _describe(output: OutputChoice, example: Any) -> str:
     return f"{getattr(output, '__name__', 'output')}(the model's {kind})"
 
 
-def example_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+def example_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *watching: Any) -> Any:
     """The model's outputs on the example batch, computed without gradients and with its state (batch-norm
-    running statistics) put back afterwards."""
-    with kept_state(model), torch.no_grad():
+    running statistics) put back afterwards; ``watching``: TorchFunctionModes that see the forward's calls alone."""
+    with kept_state(model), torch.no_grad(), contextlib.ExitStack() as stack:
+        for mode in watching:
+            stack.enter_context(mode)
         return model(*inputs)
 
 

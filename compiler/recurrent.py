@@ -81,10 +81,10 @@ class RecurrentCalls(TorchFunctionMode):
             if e.name in refused else e
             for e in plan.unmatched if e.name not in covered
         )
-        return dataclasses.replace(plan, layers=_by_parameter_order(kept, plan.parameters, added), unmatched=entries)
+        return dataclasses.replace(plan, layers=by_parameter_order(kept, plan.parameters, added), unmatched=entries)
 
 
-def _by_parameter_order(layers: list[Layer], parameters: tuple[str, ...], added: list[Layer]) -> tuple[Layer, ...]:
+def by_parameter_order(layers: list[Layer], parameters: tuple[str, ...], added: list[Layer]) -> tuple[Layer, ...]:
     """``layers`` in their order with each added layer before the first whose weight comes later in the model's
     ``parameters`` (the block-tridiagonal inverse chains layers in plan order)."""
     position = {name: i for i, name in enumerate(parameters)}

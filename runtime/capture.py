@@ -3,7 +3,8 @@
 No module hooks: a TorchFunctionMode sees every call of ``F.linear``, ``torch.conv1d/2d/3d``,
 ``torch.matmul`` / ``Tensor.__matmul__`` / ``torch.mm`` and ``torch.addmm`` (GPT-2's Conv1D:
 ``addmm(b, x.view(-1, in), W)`` with W stored [in, out]), and ``F.embedding`` (an embedding layer's a is the
-one-hot rows of its indices, ``layer_input``). A call is a site of a layer when its weight
+one-hot rows of its indices, ``layer_input``; a "sum" or "mean" ``F.embedding_bag`` on a table of the plan runs as
+``F.embedding`` of its tokens and their weighted sum, runtime/bags.py). A call is a site of a layer when its weight
 argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. A weight-normed layer's (``Layer.weight_norm``) weight is computed in the forward: the result of
@@ -60,7 +61,7 @@ from torch.overrides import TorchFunctionMode
 
 from kronograph.errors import KronographError
 from kronograph.passes.plan import ConvGeometry, Layer, LayerPlan
-from kronograph.runtime import attention, recurrent, sharded
+from kronograph.runtime import attention, bags, recurrent, sharded
 from kronograph.runtime.patches import call_geometry, transposed_call_geometry
 
 
@@ -275,6 +276,11 @@ class Capture(TorchFunctionMode):
             call = self._recurrent_call(func, args, kwargs)
             if call is not None:
                 return recurrent.run(call, self._project, self._probe, self._record_steps)
+        if func is bags.FUNCTION and torch.is_grad_enabled():
+            call = bags.linear_call(args, kwargs)
+            layer = self._tables.get(id(call.weight)) if call is not None else None
+            if layer is not None and self._weights[id(call.weight)] is call.weight:
+                return bags.per_token(call, lambda indices: self._bag_tokens(layer, call, indices))
         if func in recurrent.CELLS and torch.is_grad_enabled():
             weights = recurrent.cell_weights(args, kwargs)
             if weights is not None and any(self._find(weight)[0] is not None for weight in weights):
@@ -446,6 +452,13 @@ class Capture(TorchFunctionMode):
                 or _arg(args, kwargs, 6, "sparse", False)):
             return
         self._record(layer, _arg(args, kwargs, 0, "input"), result, None, _arg(args, kwargs, 2, "padding_idx"))
+
+    def _bag_tokens(self, layer: Layer, call: bags.BagCall, indices: torch.Tensor) -> torch.Tensor:
+        """An EmbeddingBag's tokens' rows, F.embedding of its table, recorded as a site of its embedding layer
+        (runtime/bags.py sums them into the bags)."""
+        rows = torch.nn.functional.embedding(indices, call.weight)
+        self._record(layer, indices, rows, None, call.padding_idx)
+        return rows
 
     def _record(self, layer: Layer, a: torch.Tensor, output: torch.Tensor, geometry: ConvGeometry | None,
                 padding_idx: int | None = None) -> None:
