@@ -261,7 +261,7 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
             table[missing] = written
             continue
         if table:
-            names = ", ".join(f"{op._schema.name.replace('::', '.')}" for op in table)
+            names = ", ".join(op._schema.name.replace("::", ".") for op in table)
             warnings.warn(f"forward() calls {names}, which torch.onnx has no ONNX function for: compiled as an opaque "
                           "node, so the weights computed through it get no Kronecker block (they step as the "
                           "parameters outside every block) and only the torch engine can train the model",

@@ -27,6 +27,7 @@ class OpaqueOperationWarning(UserWarning):
     """compile wrote an operation without an ONNX function as an opaque node (the torch engine trains the model;
     the weights computed through it get no Kronecker block)."""
 
+
 #: Every ONNX tensor type: an opaque node takes and returns tensors of any.
 _TENSOR_TYPES = [f"tensor({name})" for name in (
     "float", "double", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
