@@ -514,10 +514,17 @@ class Capture(TorchFunctionMode):
         if not sharded.any_sharded(self._module):
             return
         for layer in self.layers.values():
-            holder, attribute = sharded.parameter_holder(self._module, layer.weight)
+            if layer.weight_norm:  # followed by its v, whose torch._weight_norm W is bound in the forward
+                holder, attribute = sharded.parameter_holder(self._module, layer.weight_norm[0])
+            else:
+                holder, attribute = sharded.parameter_holder(self._module, layer.weight)
 
             def bind(module: torch.nn.Module, _args: tuple, layer: Layer = layer, attribute: str = attribute) -> None:
-                self._bind(layer, getattr(module, attribute, None))
+                weight = getattr(module, attribute, None)
+                if layer.weight_norm:
+                    self._follow_direction(layer, weight)
+                else:
+                    self._bind(layer, weight)
 
             self._rebinding.append(holder.register_forward_pre_hook(bind))
 
@@ -532,8 +539,18 @@ class Capture(TorchFunctionMode):
             return
         found = self._tables if layer.kind == "embedding" else self._by_weight
         for key in [key for key, known in found.items() if known is layer]:
-            del found[key], self._weights[key]
+            del found[key]
+            self._weights.pop(key, None)  # (a tie's other view, bound first, may have taken it already)
         found[id(weight)], self._weights[id(weight)] = layer, weight
+
+    def _follow_direction(self, layer: Layer, direction: Any) -> None:
+        """Make ``direction`` the v whose torch._weight_norm W is the weight-normed ``layer``'s (FSDP2's unsharded
+        v inside the forward)."""
+        if not isinstance(direction, torch.Tensor):
+            return
+        for key in [key for key, known in self._normed.items() if known is layer]:
+            del self._normed[key]
+        self._normed[id(direction)] = layer
 
     # -- results ------------------------------------------------------------------------------------
     def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:

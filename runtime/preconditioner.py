@@ -178,11 +178,11 @@ class KFACPreconditioner:
         tied_blocks: give a table tied to an output layer (the plan's ``ties``: GPT-2's head reads the table) one
             block over both uses, the two Kronecker products summed and inverted exactly (runtime/tied.py), which
             rewrites the table's (and the head's bias's) .grad; data-parallel too (every rank inverts the tie and
-            solves its gradient, whatever ``grad_worker_fraction``), not FSDP-sharded. False: they keep their .grad.
+            solves its gradient, whatever ``grad_worker_fraction``) and FSDP2. False: they keep their .grad.
         weight_norm_blocks: give a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|)
             the block of W: v's and g's .grad are pushed forward to W's, solved, and pulled back (runtime/
             weight_norm.py), so that your optimizer's step -lr .grad changes W by -lr F^-1 grad_W to first order.
-            Data-parallel too (an owner alone solves in W's coordinates, every rank pulls back), not FSDP-sharded.
+            Data-parallel too (an owner alone solves in W's coordinates, every rank pulls back) and FSDP2.
             False: v and g keep their .grad.
     """
 
@@ -258,14 +258,11 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
-        # (FSDP: a tie's two views and a weight-normed layer's computed weight are not bound to the unsharded
-        # weights FSDP's forward uses, runtime/capture.py, so they keep no block there yet)
-        sharded = bool(fsdp_modules(compiled.module))
         tables = compiled.plan.tables if table_blocks else ()
-        ties = (() if not tied_blocks or sharded
+        ties = (() if not tied_blocks
                 else tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2))
         views = tuple(view for tie in ties for view in tie.views)
-        normed = compiled.plan.normed if weight_norm_blocks and not sharded else ()
+        normed = compiled.plan.normed if weight_norm_blocks else ()
         self.layers = (*within_reach((*compiled.layers, *tables, *normed), largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim),
@@ -520,7 +517,7 @@ class KFACPreconditioner:
         computed (a layer that raises then leaves all .grad as they were); others are left alone. A layer sharded
         by FSDP2 is solved whole and each rank writes its rows (runtime/sharded.py)."""
         params = dict(self.module.named_parameters())  # read now: fully_shard replaces them with DTensors
-        done, bad, missing, writes, ready = 0, [], [], [], []
+        done, bad, missing, writes, ready, frames = 0, [], [], [], [], {}
         for name in self.curvature.solving:  # (a tie's output view solves the table's gradient)
             block = self.blocks[name]
             layer = block.layer
@@ -532,7 +529,9 @@ class KFACPreconditioner:
                 missing.append(name)
                 continue
             grads = {key: self._whole_grad(key, params[key]) for key in weights}
-            weight_grad = (weight_coordinates(grads, params, [layer])[layer.weight] if layer.weight_norm
+            if layer.weight_norm:  # v and g whole (FSDP2 shards them by rows) for the map between them and W
+                frames[name] = {key: whole(params[key].detach()) for key in weights}
+            weight_grad = (weight_coordinates(grads, frames[name], [layer])[layer.weight] if layer.weight_norm
                            else grads[layer.weight])
             bias_grad = self._whole_grad(layer.bias, params[layer.bias]) if layer.bias else None
             ready.append((name, block, targets, gather(layer, weight_grad, bias_grad)))
@@ -560,7 +559,7 @@ class KFACPreconditioner:
                 continue
             weight, bias = scatter(block.layer, solved[name] if nu is None else solved[name] * nu)
             if block.layer.weight_norm:  # Delta W as (dv, dg)
-                pulled = parameter_coordinates({block.layer.weight: weight}, params, [block.layer])
+                pulled = parameter_coordinates({block.layer.weight: weight}, frames[name], [block.layer])
                 values = [pulled[key] for key in block.layer.weight_norm] + [bias]
             else:
                 values = [weight, bias]

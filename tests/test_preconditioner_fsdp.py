@@ -16,7 +16,13 @@ from torch import nn
 
 import kronograph
 
-from factories import conv_teacher_classification, table_problem, teacher_classification
+from factories import (
+    conv_teacher_classification,
+    normed_problem,
+    table_problem,
+    teacher_classification,
+    tied_problem,
+)
 from ranks import on_one_thread, preconditioned_loop, run_on_ranks, whole_state
 
 WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
@@ -36,7 +42,9 @@ def mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 SCENARIOS = {"empirical": (mlp, "empirical", True, 1.0), "mc": (mlp, "mc", True, 1.0),
              "root only": (mlp, "empirical", False, 1.0), "conv": (conv_problem, "empirical", True, 1.0),
              "owners alone": (mlp, "empirical", True, 1 / WORLD),
-             "table": (lambda: table_problem(STEPS, BATCH, CLASSES), "empirical", True, 1.0)}
+             "table": (lambda: table_problem(STEPS, BATCH, CLASSES), "empirical", True, 1.0),
+             "tied": (lambda: tied_problem(STEPS, BATCH), "empirical", False, 1.0),  # (FSDP refuses a split tie)
+             "weight norm": (lambda: normed_problem(STEPS, BATCH, FEATURES, CLASSES), "empirical", True, 1.0)}
 
 
 def run_ranks(rank: int, world: int) -> dict:
@@ -91,7 +99,7 @@ def test_ranks_hold_identical_parameters(ranks, fisher):
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv", "owners alone", "table"])
+@pytest.mark.parametrize("fisher", ["empirical", "root only", "conv", "owners alone", "table", "tied", "weight norm"])
 def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_process, fisher):
     """(Not fisher="mc": each rank draws its own sampled targets.)"""
     for name, value in single_process[fisher]["params"].items():
@@ -100,8 +108,12 @@ def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_pr
     assert full_batch_losses == pytest.approx(single_process[fisher]["losses"], rel=1e-4)
 
 
-def test_a_table_keeps_its_block_with_a_diagonal_a_sharded(ranks):
+def test_a_table_a_tie_and_a_weight_normed_layer_keep_their_blocks_sharded(ranks):
+    """Their blocks precondition every step (``preconditioned_loop`` checks each layer was solved), and the runs
+    are the single process's (above)."""
     assert ranks[0]["table"]["blocks"] == {"0": True, "3": False}
+    assert sorted(ranks[0]["tied"]["blocks"]) == ["emb[embedding]", "emb[output]", "mix"]
+    assert sorted(ranks[0]["weight norm"]["blocks"]) == ["0", "2", "4"]
 
 
 @pytest.mark.parametrize("fisher, by", [("empirical", 0.8), ("mc", 0.8), ("root only", 0.8), ("conv", 0.9),
