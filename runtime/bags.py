@@ -1,4 +1,4 @@
-"""An EmbeddingBag (``F.embedding_bag``, mode "sum" or "mean") as an embedding read once a token.
+"""An EmbeddingBag (``F.embedding_bag``, mode "sum" or "mean", on 2-D bags) as an embedding read once a token.
 
 A bag's output is the (weighted) sum of its tokens' rows, o_b = sum_i w_i W[k_i] (w_i = 1 / |bag| for "mean", the
 per-sample weight or 1 for "sum", 0 for ``padding_idx``): the linear map of an embedding applied to each token,
@@ -12,7 +12,7 @@ kernel's cost on the first-try suite's bag model (forward and backward 5.6 ms ei
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -26,54 +26,43 @@ FUNCTION = torch.nn.functional.embedding_bag
 
 @dataclass(frozen=True)
 class BagCall:
-    """A linear bag call's arguments: indices [bags, n] (offsets None) or [tokens] with ``offsets``."""
+    """A linear bag call's arguments: indices [bags, n], a bag a row."""
 
     input: torch.Tensor
     weight: torch.Tensor
-    offsets: torch.Tensor | None
     mode: str
     per_sample_weights: torch.Tensor | None
-    include_last_offset: bool
     padding_idx: int | None
 
 
 def linear_call(args: tuple, kwargs: dict) -> BagCall | None:
-    """The call's arguments where the bag is a weighted sum of its rows ("sum" or "mean"), else None: "max" is no
-    linear map, and max_norm (renormalising the table in place), scale_grad_by_freq and sparse gradients are not
-    the table's plain linear map either."""
+    """The call's arguments where the bag is a weighted sum of its rows ("sum" or "mean") over 2-D bags, else
+    None: "max" is no linear map; max_norm (renormalising the table in place), scale_grad_by_freq and sparse
+    gradients are not the table's plain linear map either; and flat words cut by ``offsets`` give each example a
+    different number of token rows, which the statistics cannot split into examples."""
     bound = {**_DEFAULTS, **dict(zip(_ARGUMENTS, args)), **kwargs}
     if (bound["mode"] not in ("sum", "mean") or bound["max_norm"] is not None or bound["scale_grad_by_freq"]
-            or bound["sparse"] or not isinstance(bound["weight"], torch.Tensor) or bound["weight"].dim() != 2):
+            or bound["sparse"] or bound["offsets"] is not None or not isinstance(bound["input"], torch.Tensor)
+            or bound["input"].dim() != 2 or not isinstance(bound["weight"], torch.Tensor)
+            or bound["weight"].dim() != 2):
         return None
     padding = bound["padding_idx"]
     if padding is not None and padding < 0:
         padding += bound["weight"].shape[0]
-    return BagCall(bound["input"], bound["weight"], bound["offsets"], bound["mode"], bound["per_sample_weights"],
-                   bool(bound["include_last_offset"]), padding)
+    return BagCall(bound["input"], bound["weight"], bound["mode"], bound["per_sample_weights"], padding)
 
 
 def per_token(call: BagCall, embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``F.embedding_bag``'s result computed from ``embed(indices)``, the tokens' rows (``F.embedding`` of the
-    table, which the caller records), and each token's weight in its bag."""
+    """``F.embedding_bag``'s result computed from ``embed(indices)``, the tokens' rows [bags, n, dim]
+    (``F.embedding`` of the table, which the caller records), and each token's weight in its bag."""
     indices = call.input
     rows = embed(indices)
     members = (indices != call.padding_idx) if call.padding_idx is not None else torch.ones_like(indices, dtype=torch.bool)
     weights = members.to(rows.dtype)  # a padding token is no member of its bag
     if call.per_sample_weights is not None:
         weights = weights * call.per_sample_weights.to(rows.dtype)
-    if call.offsets is None:  # [bags, n]: a bag a row
-        if call.mode == "mean":
-            weights = weights / members.sum(-1, keepdim=True).clamp(min=1).to(rows.dtype)
-        return (rows * weights.unsqueeze(-1)).sum(-2)
-    starts = call.offsets[:-1] if call.include_last_offset else call.offsets
-    bag = torch.searchsorted(starts, torch.arange(indices.numel(), device=indices.device), right=True) - 1
     if call.mode == "mean":
-        sizes = torch.zeros(starts.numel(), dtype=rows.dtype, device=rows.device).index_add_(0, bag, members.to(rows.dtype))
-        weights = weights / sizes.clamp(min=1)[bag]
-    out = torch.zeros(starts.numel(), rows.shape[-1], dtype=rows.dtype, device=rows.device)
-    return out.index_add_(0, bag, rows * weights.unsqueeze(-1))
+        weights = weights / members.sum(-1, keepdim=True).clamp(min=1).to(rows.dtype)
+    return (rows * weights.unsqueeze(-1)).sum(-2)
 
 
-def table_of(args: tuple, kwargs: dict) -> Any:
-    """The table a bag call reads (its ``weight``), whatever its mode."""
-    return args[1] if len(args) > 1 else kwargs.get("weight")

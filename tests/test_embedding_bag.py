@@ -3,7 +3,8 @@ table is a table of the plan (a layer up to 1024 rows) on the torch engine, and 
 the same model written with ``F.embedding`` and the weighted sum.
 
 Independent references: torch's fused ``F.embedding_bag`` (values and gradient of the per-token form), and the
-``nn.Embedding`` model, whose table the graph matcher finds, for the factors and the steps."""
+``nn.Embedding`` model, whose table the graph matcher finds, for the factors and the steps. Bags cut by offsets
+(flat words) are not covered: their examples have ragged token rows."""
 
 from __future__ import annotations
 
@@ -16,29 +17,23 @@ from torch import nn
 
 import kronograph
 from kronograph.runtime.bags import linear_call, per_token
+from kronograph.runtime.inverse import CoverageWarning
 
 ROWS, WIDTH, CLASSES, WORDS = 1100, 6, 5, 4
 
 
 @pytest.mark.parametrize("options", [dict(mode="mean"), dict(mode="sum"), dict(mode="mean", padding_idx=3),
                                      dict(mode="sum", padding_idx=-2), dict(mode="sum", per_sample_weights=True)])
-@pytest.mark.parametrize("layout", ["bags", "offsets", "last offset"])
-def test_the_per_token_form_is_the_fused_bag(options, layout):
+def test_the_per_token_form_is_the_fused_bag(options):
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(30, 5, dtype=torch.float64, generator=generator, requires_grad=True)
-    if layout == "bags":
-        indices, offsets = torch.randint(0, 30, (6, 4), generator=generator), None
-        indices[1] = 3  # a bag of padding alone: empty
-    else:
-        indices, offsets = torch.randint(0, 30, (11,), generator=generator), torch.tensor([0, 3, 3, 7])
-        indices[4:7] = 3
-        if layout == "last offset":
-            offsets = torch.tensor([0, 3, 3, 7, 11])
-    options = dict(options, include_last_offset=layout == "last offset")
+    indices = torch.randint(0, 30, (6, 4), generator=generator)
+    indices[1] = 3  # a bag of padding alone: empty
+    indices[2, :2] = 28
     if options.pop("per_sample_weights", False):
         options["per_sample_weights"] = torch.rand(indices.shape, dtype=torch.float64, generator=generator)
-    fused = F.embedding_bag(indices, table, offsets, **options)
-    ours = per_token(linear_call((indices, table, offsets), options), lambda i: F.embedding(i, table))
+    fused = F.embedding_bag(indices, table, **options)
+    ours = per_token(linear_call((indices, table), options), lambda i: F.embedding(i, table))
     torch.testing.assert_close(ours, fused, rtol=1e-12, atol=1e-12)
     cotangent = torch.randn(fused.shape, dtype=torch.float64, generator=generator)
     expected, = torch.autograd.grad(fused, table, cotangent)
@@ -53,6 +48,7 @@ def test_max_and_renormalising_bags_are_no_linear_map():
     assert linear_call((indices, table), dict(max_norm=1.0)) is None
     assert linear_call((indices, table, None, None, 2.0, True), {}) is None  # scale_grad_by_freq
     assert linear_call((indices, table), dict(sparse=True)) is None
+    assert linear_call((indices.flatten(), table, torch.tensor([0, 3])), {}) is None  # a ragged batch
 
 
 class Bag(nn.Module):
@@ -150,6 +146,59 @@ def test_the_preconditioner_solves_a_bags_table():
             loss = F.cross_entropy(model(x), y)
             loss.backward()
         assert precond.step()["preconditioned"] == 3  # the table's block among them
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+
+
+class OffsetBag(nn.Module):
+    """A bag of flat words cut by offsets, weighted per word (mode "sum")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(ROWS, WIDTH, mode="sum")
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, words: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.bag(words, offsets, per_sample_weights=weights)))
+
+
+def _offset_batches(count: int) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Bags of 0-5 words of their class (8 words a class), cut by offsets, weighted at random."""
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(count):
+        labels = torch.randint(0, CLASSES, (64,), generator=generator)
+        sizes = torch.randint(0, 6, (64,), generator=generator)
+        words = torch.cat([label * 8 + torch.randint(0, 8, (int(n),), generator=generator)
+                           for label, n in zip(labels, sizes)])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+        batches.append(((words, offsets, torch.rand(words.shape, generator=generator)), labels))
+    return batches
+
+
+def test_bags_cut_by_offsets_keep_their_table_unmatched_and_kfac_names_the_layout_it_needs():
+    """Flat words cut by offsets give each example its own number of token rows, which the statistics cannot
+    split into examples: the table stays outside every block (the preconditioner's loop trains it on its .grad),
+    and KFAC, which slices every input into sub-batches, names the 2-D layout it needs."""
+    torch.manual_seed(0)
+    batches = _offset_batches(30)
+    model = OffsetBag()
+    cm = kronograph.compile(model, batches[0][0], loss="cross_entropy")
+    assert cm.plan.tables == () and "bag.weight" in cm.unmatched
+    with pytest.warns(CoverageWarning, match="bag.weight"):
+        opt = kronograph.optim.KFAC(cm, seed=0)
+    with pytest.raises(kronograph.KronographError, match=r"inputs with \d+, 64, \d+ rows along dim 0.*2-D tensor"):
+        opt.step(*batches[0])
+    precond = kronograph.optim.KFACPreconditioner(cm, damping=0.03, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    losses = []
+    for inputs, labels in batches:
+        optimizer.zero_grad()
+        with precond.track(batch_size=len(labels)):  # (the first input holds words, not bags)
+            loss = F.cross_entropy(model(*inputs), labels)
+            loss.backward()
+        assert precond.step()["preconditioned"] == 1  # the head
         optimizer.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses

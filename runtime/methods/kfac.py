@@ -139,6 +139,18 @@ def _warn_of_coverage(compiled: CompiledModel, params: Mapping[str, torch.Tensor
 UNHALVED_NORMALISED_SCALE = 0.25
 
 
+def _check_examples_first(inputs: Sequence[torch.Tensor]) -> None:
+    """KronographError unless every input holds one row per example along dim 0: the statistics and the quadratic
+    model take sub-batches by slicing every input there."""
+    rows = [tuple(t.shape[:1]) for t in inputs]
+    if any(r != rows[0] for r in rows) or rows[0] == ():
+        raise KronographError(
+            f"KFAC.step got inputs with {', '.join(str(r[0]) if r else 'no' for r in rows)} rows along dim 0: K-FAC "
+            "takes sub-batches of the examples by slicing every input along dim 0, so each must hold one row per "
+            "example (an EmbeddingBag's flat words and offsets: pass the bags as a 2-D tensor, padded with its "
+            "padding_idx, instead)")
+
+
 class KFAC:
     """K-FAC for a compiled model: on the torch engine it updates the module's parameters in place, on the
     onnxruntime engine the weights of ``compiled.onnxruntime()`` (read them with ``compiled.state_dict()``).
@@ -559,6 +571,7 @@ class KFAC:
         device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
         inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y, device=device)
+        _check_examples_first(inputs)
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
         self._loss_terms = self._examples * self.loss.positions(y)
