@@ -27,6 +27,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnx import numpy_helper
+from torch.overrides import TorchFunctionMode
 
 from kronograph.compiler.opaque import OpaqueOperationWarning, missing_operation, translation
 from kronograph.compiler.recurrent import RecurrentCalls
@@ -77,6 +78,28 @@ def _raised_in(error: BaseException) -> set[str]:
 _CAUSAL_MASK_HINT = (
     " (here nn.Transformer's own check of whether a mask is causal: pass the flag, e.g. tgt_is_causal=True with a "
     "causal tgt_mask, src_is_causal / memory_is_causal likewise, is_causal for nn.TransformerEncoder)")
+
+
+class _FourDimensionalAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` on query, key and value of other than 4 dims (a single head's [batch, T,
+    d], or several batch axes), which PyTorch computes but torch.onnx writes only for [batch, heads, T, d], traced
+    as the same attention on 4-D views: the graph computes the same values (the module itself is not changed)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and len(args) >= 3:
+            query, key, value = args[:3]
+            if all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)) \
+                    and {query.dim(), key.dim(), value.dim()} != {4} \
+                    and query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:  # (not broadcast batch axes)
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                if mask is None or mask.dim() <= 2:  # a [T, S] mask broadcasts over the 4-D views too
+                    def four(t: torch.Tensor) -> torch.Tensor:
+                        return t.reshape(-1, 1, *t.shape[-2:])
+
+                    out = func(four(query), four(key), four(value), *args[3:], **kwargs)
+                    return out.reshape(*query.shape[:-1], value.shape[-1])
+        return func(*args, **kwargs)
 
 
 # The exporter's, torch.export's and torch.fx's loggers: "torchvision is not installed. Skipping
@@ -242,7 +265,8 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], optimize: 
     table: dict = {}
     while True:
         try:
-            with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet(), _reused_registry():
+            with contextlib.redirect_stdout(sys.stderr) if verbose else _quiet(), _reused_registry(), \
+                    _FourDimensionalAttention():
                 program = torch.onnx.export(
                     model,
                     inputs,

@@ -247,3 +247,31 @@ def test_exports_reuse_one_onnx_registry_with_the_graph_torchs_own_gives(monkeyp
     target = next(iter(first.functions))
     first.functions[target].clear()
     assert second.functions[target] and first.functions is not second.functions
+
+
+class SingleHeadAttention(nn.Module):
+    """F.scaled_dot_product_attention on [batch, T, d] (no heads axis), which torch.onnx writes only as 4-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.out = nn.Embedding(20, 8), nn.Linear(8, 24), nn.Linear(8, 20)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.emb(tokens)).chunk(3, -1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_attention_on_3d_tensors_compiles_to_a_graph_that_computes_the_models_outputs(tmp_path):
+    import onnxruntime
+
+    from kronograph.compiler.export import write_graph
+
+    torch.manual_seed(0)
+    model = SingleHeadAttention()
+    tokens = torch.randint(0, 20, (3, 7))
+    cm = kronograph.compile(model, tokens, loss="cross_entropy")
+    assert [layer.name for layer in cm.layers] == ["emb", "qkv", "out"]
+    session = onnxruntime.InferenceSession(str(write_graph(cm.graph, tmp_path / "attention.onnx")))
+    found, = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(found, model(tokens).numpy(), rtol=1e-5, atol=1e-6)
