@@ -1,7 +1,7 @@
 """EmbeddingBag tables as embedding layers of the plan, on the torch engine.
 
 The exporter writes ``F.embedding_bag`` as a Loop over the bags with a Gather inside, which no matcher reads as a
-table; yet a "sum" or "mean" bag is an embedding read once a token and summed with fixed weights
+table; yet a "sum" or "mean" bag over 2-D bags is an embedding read once a token and summed with fixed weights
 (runtime/bags.py), whose block is the table's. Here each weight the example forward read only through such bags
 becomes an embedding Layer, one site a call: a table of the plan (A kept as its diagonal) above
 ``MAX_DENSE_EMBEDDING_ROWS`` rows, a layer below. The sites have no graph tensors: the onnxruntime engine, which
@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from kronograph.passes.plan import MAX_DENSE_EMBEDDING_ROWS, Layer, LayerPlan, Site, Unmatched
 from kronograph.compiler.recurrent import by_parameter_order
+from kronograph.passes.plan import MAX_DENSE_EMBEDDING_ROWS, Layer, LayerPlan, Site, Unmatched
 from kronograph.runtime import bags
 
 

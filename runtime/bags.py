@@ -57,8 +57,9 @@ def per_token(call: BagCall, embed: Callable[[torch.Tensor], torch.Tensor]) -> t
     (``F.embedding`` of the table, which the caller records), and each token's weight in its bag."""
     indices = call.input
     rows = embed(indices)
-    members = (indices != call.padding_idx) if call.padding_idx is not None else torch.ones_like(indices, dtype=torch.bool)
-    weights = members.to(rows.dtype)  # a padding token is no member of its bag
+    members = (torch.ones_like(indices, dtype=torch.bool) if call.padding_idx is None
+               else indices != call.padding_idx)  # a padding token is no member of its bag
+    weights = members.to(rows.dtype)
     if call.per_sample_weights is not None:
         weights = weights * call.per_sample_weights.to(rows.dtype)
     if call.mode == "mean":
