@@ -68,6 +68,23 @@ def test_an_output_layer_wider_than_diagonal_output_g_keeps_the_diagonal_of_its_
     torch.testing.assert_close(diagonal.blocks["0"].g, dense.blocks["0"].g)
 
 
+def test_the_onnxruntime_engine_keeps_the_diagonal_of_its_dense_g_too():
+    def kfac(threshold):
+        torch.manual_seed(0)
+        cm = kronograph.compile(head_model(), (torch.randn(2, 6),), loss="cross_entropy", engine="onnxruntime")
+        return kronograph.optim.KFAC(cm, seed=0, fisher="empirical", diagonal_output_g=threshold,
+                                    factor_dtype=torch.float64)
+
+    diagonal, dense = kfac(16), kfac(None)
+    assert diagonal.blocks["2"].layer.diagonal_g and not dense.blocks["2"].layer.diagonal_g
+    x, y = _batch()
+    diagonal.step(x, y)
+    dense.step(x, y)
+    torch.testing.assert_close(diagonal.blocks["2"].g[0], torch.diagonal(dense.blocks["2"].g[0]))
+    losses = [diagonal.step(*_batch(k))["loss"] for k in range(1, 20)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_diagonal_output_g_is_on_by_default_off_in_the_paper_preset_and_a_tied_head_keeps_its_dense_g():
     from kronograph.runtime.methods.kfac_settings import PRESETS
 
