@@ -12,7 +12,9 @@ Two Kronecker terms are inverted exactly by one generalized eigendecomposition a
 and U^T G_h' U = diag(l), V with V^T G_e' V = I and V^T A_h' V = diag(m). Then U^T F'(U Y V^T) V = diag(l) Y
 diag(m) + Y, so F'^-1 R = U ((U^T R V) / (l m^T + 1)) V^T, the division entrywise: two products a side, as a
 Kronecker solve. A side wider than ``max_dim`` is decomposed in contiguous diagonal blocks (both of its matrices'
-off-diagonal blocks taken as 0, as ``inverse.block_diagonal_inverse`` does for one factor).
+off-diagonal blocks taken as 0, as ``inverse.block_diagonal_inverse`` does for one factor). A vocabulary's tie
+(K-FAC's ``diagonal_output_g``) keeps the head's G and the table's A as their diagonals: its row side is then
+U = diag(a_e'^-1/2), l = g_h' / a_e', kept as vectors, and a 50257-word tie costs what its columns do.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ USE_SHARE = 0.5
 @dataclasses.dataclass
 class TiedInverses:
     """F'^-1 of a tie as the two sides' generalized eigenbases, each kept as its diagonal blocks (``rows``: U as
-    [blocks, width, width], ``row_values``: l as [blocks, width], the last block padded by an identity with
-    values 0; ``columns`` and ``column_values`` alike for V and m), and whether this inversion failed (the previous
-    one kept)."""
+    [blocks, width, width], or as its diagonal [rows] where both row factors are diagonal; ``row_values``: l as
+    [blocks, width], the last block padded by an identity with values 0; ``columns`` and ``column_values`` alike
+    for V and m), and whether this inversion failed (the previous one kept)."""
 
     rows: torch.Tensor
     row_values: torch.Tensor
@@ -67,7 +69,10 @@ class TiedInverses:
 
 def _times(blocks: torch.Tensor, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """B x (or B^T x) for the block-diagonal B whose diagonal blocks are ``blocks`` [count, width, width] (its
-    padding beyond x's rows unread): one batched product, no dense B."""
+    padding beyond x's rows unread): one batched product, no dense B; a diagonal B given as its diagonal [d]
+    scales x's rows."""
+    if blocks.dim() == 1:
+        return blocks[:, None] * x
     count, width, _ = blocks.shape
     padded = x.new_zeros(count * width, x.shape[1])
     padded[:x.shape[0]] = x
@@ -103,7 +108,14 @@ def _generalized_eigh_block(m: torch.Tensor, b: torch.Tensor) -> tuple[torch.Ten
 def generalized_eigh(m: torch.Tensor, b: torch.Tensor, max_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``_generalized_eigh_block`` of the pencil (m, b) in ``diagonal_block_sizes``' contiguous blocks: the blocks of
     the block-diagonal X, [count, width, width], and their values, [count, width] (a narrower last block padded by
-    an identity and zeros)."""
+    an identity and zeros). Both diagonal ([d], a vocabulary's diagonal head G and table A): X = diag(b^-1/2) as
+    its diagonal [d], the values m / b; one diagonal, the other not: the diagonal one as a matrix."""
+    if m.dim() == 1 and b.dim() == 1:
+        if not bool((b > 0).all()):
+            raise torch.linalg.LinAlgError("not positive definite")
+        return b.rsqrt(), m / b
+    if m.dim() == 1:
+        m = torch.diag(m)
     d = m.shape[-1]
     sizes = diagonal_block_sizes(d, max_dim)
     width = sizes[0]

@@ -111,6 +111,7 @@ def _damped_factors(output, table, gamma: float, centered: bool = False) -> tupl
     each = gamma / math.sqrt(2)
     (a_h, g_h), (a_e, g_e) = [(a[0], g[0]) for a, g in (output, table)]
     a_e = a_e if a_e.dim() == 2 else torch.diag(a_e)
+    g_h = g_h if g_h.dim() == 2 else torch.diag(g_h)
     c, rows, dim = a_h.shape[0], g_h.shape[0], g_e.shape[0]
     eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
     if centered:  # A = T A~ T^T with T = [[I, mu], [0, 1]]: damping T T^T, pi from A~'s trace
@@ -138,9 +139,12 @@ def _damped_dense(output, table, gamma: float, centered: bool = False) -> torch.
     return torch.kron(g_h, a_h) + torch.kron(a_e, g_e)
 
 
-@pytest.mark.parametrize("bias, diagonal, centered", [(True, False, False), (False, False, False),
-                                                      (True, True, False), (True, False, True)])
-def test_the_tied_solve_is_the_dense_sums_inverse(bias, diagonal, centered):
+@pytest.mark.parametrize("bias, diagonal, centered, diagonal_g", [
+    (True, False, False, False), (False, False, False, False), (True, True, False, False), (True, False, True, False),
+    (True, True, False, True), (True, False, False, True), (True, True, True, True), (False, True, False, True)])
+def test_the_tied_solve_is_the_dense_sums_inverse(bias, diagonal, centered, diagonal_g):
+    """``diagonal_g``: the head's G kept as its diagonal (diagonal_output_g), with a diagonal table A the row side
+    a diagonal itself (runtime/tied.py), with a dense one the pencil of a dense and a diagonal matrix."""
     generator = torch.Generator().manual_seed(0)
     rows, dim = 7, 4
     c = dim + bias
@@ -150,6 +154,8 @@ def test_the_tied_solve_is_the_dense_sums_inverse(bias, diagonal, centered):
         x = torch.cat([x, torch.ones(3, 1, dtype=torch.float64)], dim=1)
         a_h = (x.T @ x / 3)[None]
     output = (a_h, _spd(rows, generator, rank=2))  # low-rank factors: the damping matters
+    if diagonal_g:
+        output = (a_h, torch.rand(1, rows, generator=generator, dtype=torch.float64) * (torch.arange(rows) % 3 > 0))
     counts = torch.rand(1, rows, generator=generator, dtype=torch.float64)
     table = (counts if diagonal else torch.diag_embed(counts), _spd(dim, generator))
     gamma = 0.3
@@ -269,7 +275,9 @@ def test_a_wide_tied_table_keeps_its_a_as_the_diagonal_and_trains():
     generator = torch.Generator().manual_seed(4)
     losses = [opt.step(torch.randint(0, rows, (8, 5), generator=generator),
                        torch.randint(0, rows, (8, 5), generator=generator))["loss"] for _ in range(6)]
-    assert opt.blocks["emb[embedding]"].a.shape == (1, rows) and opt.blocks["emb[output]"].g.shape == (1, rows, rows)
+    assert opt.blocks["emb[embedding]"].a.shape == (1, rows)
+    assert opt.blocks["emb[output]"].g.shape == (1, rows)  # wider than diagonal_output_g: the head's G as its diagonal
+    assert opt.blocks["emb[output]"].inverses.rows.shape == (rows,)  # the row side a diagonal
     assert all(math.isfinite(value) for value in losses)
 
 

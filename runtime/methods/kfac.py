@@ -47,6 +47,7 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -233,7 +234,7 @@ class KFAC:
             C, not C^2 (a 50257-wide G would be 10 GB a copy). The output Fisher of a softmax, diag(p) - p p^T, is
             nearly diagonal over many classes; a sigmoid's or squared error's is diagonal. Default 1024: 2048-class
             heads step as well per step and 15-25% cheaper (BENCHMARKS.md); None: dense, the paper's. Data-parallel
-            and FSDP2 too, diagonal structure; a tied head keeps its tie's dense G.
+            and FSDP2 too, diagonal structure; a tied head's too (its tie's row side then inverts as a diagonal).
         diagonal_wide_g: any linear layer whose G alone is wider than ``max_kronecker_dim`` gets a block with G
             kept as its diagonal; off (the default), or elsewhere, such a layer has no block.
         tied_blocks: an embedding table tied to an output layer (the plan's ``ties``: GPT-2's head reads the
@@ -465,7 +466,7 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         tables = self._tables(compiled, s.table_blocks)
-        ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim)
+        ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim, s.diagonal_output_g)
         views = tuple(view for tie in ties for view in tie.views)
         self.normed = self._weight_normed(compiled, s.weight_norm_blocks)
         if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
@@ -536,12 +537,16 @@ class KFAC:
             return ()
         return compiled.plan.tables
 
-    def _ties(self, compiled, wanted: bool, largest: int | None) -> tuple:
-        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, and
-        both views within ``max_kronecker_dim`` (data-parallel: every rank inverts them)."""
+    def _ties(self, compiled, wanted: bool, largest: int | None, diagonal_from: int | None) -> tuple:
+        """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, the head's G kept as its
+        diagonal above ``diagonal_output_g`` (a vocabulary's: the table's A is diagonal too, and the tie's row side
+        then inverts as a diagonal, runtime/tied.py), and both views within ``max_kronecker_dim`` (data-parallel:
+        every rank inverts them)."""
         if not wanted or self.structure != "diagonal":
             return ()
-        return tuple(tie for tie in compiled.plan.ties if len(within_reach(tie.views, largest)) == 2)
+        ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from)[0])
+                for tie in compiled.plan.ties]
+        return tuple(tie for tie in ties if len(within_reach(tie.views, largest)) == 2)
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
         """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): both engines, diagonal
