@@ -123,6 +123,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
     results["embedding"] = embedding_blocks(rank, world)
     results["table"] = embedding_blocks(rank, world, rows=1100)
     results["tied"] = tied_table(rank, world)
+    results["tied, diagonal G"] = tied_table(rank, world, diagonal_output_g=4)  # the head's 12-wide G as a diagonal
     results["normed"] = weight_normed(rank, world)
     results["wide_head"] = wide_head(rank, world)
     return results
@@ -169,15 +170,17 @@ class TiedTable(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(tokens))))
 
 
-def tied_table(rank: int, world: int) -> dict:
-    """KFAC (default preset) on a tied table, each rank its half of every batch: the views' factors are all-reduced
-    like any layer's and every rank inverts the tie, so the run is the single process's on the whole batches."""
+def tied_table(rank: int, world: int, **options) -> dict:
+    """KFAC (default preset, ``options``) on a tied table, each rank its half of every batch: the views' factors are
+    all-reduced like any layer's and every rank inverts the tie, so the run is the single process's on the whole
+    batches."""
     torch.manual_seed(4)
     model = TiedTable()
     tokens = torch.randint(0, 12, (STEPS, BATCH, 4))
     targets = (tokens + 1) % 12  # the next row: learnable through the tie
-    opt, result = kfac_on_halves(model, tokens, targets, rank, world)
-    return {**result, "blocks": sorted(opt.blocks)}
+    opt, result = kfac_on_halves(model, tokens, targets, rank, world, **options)
+    return {**result, "blocks": sorted(opt.blocks),
+            "diagonal_g": sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_g)}
 
 
 def kfac_on_halves(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, rank: int, world: int,
@@ -475,10 +478,12 @@ def test_an_embedding_block_trains_data_parallel_as_in_one_process(ranks, single
     assert torch.equal(first["params"]["0.weight"][0], torch.zeros(5))  # the padding row never moves
 
 
-def test_a_tied_table_trains_data_parallel_as_in_one_process(ranks, single_process):
-    first, second = (r["tied"] for r in ranks)
+@pytest.mark.parametrize("name", ["tied", "tied, diagonal G"])
+def test_a_tied_table_trains_data_parallel_as_in_one_process(ranks, single_process, name):
+    first, second = (r[name] for r in ranks)
     assert first["blocks"] == ["emb[embedding]", "emb[output]", "mix"]
-    assert_the_single_process_weights(first, second, single_process["tied"])
+    assert first["diagonal_g"] == (["emb[output]"] if "diagonal" in name else [])
+    assert_the_single_process_weights(first, second, single_process[name])
 
 
 def test_a_wide_heads_diagonal_g_trains_data_parallel_as_in_one_process(ranks, single_process):
