@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from kronograph.compiler.recurrent import by_parameter_order
 from kronograph.passes.plan import MAX_DENSE_EMBEDDING_ROWS, Layer, LayerPlan, Site, Unmatched
@@ -36,7 +37,7 @@ class BagCalls(TorchFunctionMode):
         if call is not None:
             self.linear[id(call.weight)] += 1
         elif getattr(func, "__name__", "") != "__get__":  # (reading an attribute, .shape, is no use)
-            self.other.update(id(t) for t in _tensors((*args, *kwargs.values())))
+            self.other.update(id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         return func(*args, **kwargs)
 
     def plan_with_tables(self, module: torch.nn.Module, plan: LayerPlan) -> LayerPlan:
@@ -68,12 +69,3 @@ class BagCalls(TorchFunctionMode):
         return dataclasses.replace(plan, layers=by_parameter_order(list(plan.layers), plan.parameters, layers),
                                    tables=(*plan.tables, *tables), unmatched=entries)
 
-
-def _tensors(values) -> list[torch.Tensor]:
-    found = []
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found.extend(_tensors(value))
-    return found

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 import torch
 from onnx import defs
+from torch.utils import _pytree as pytree
 
 from kronograph.errors import KronographError
 
@@ -59,7 +60,7 @@ def translation(op: torch._ops.OpOverload) -> Callable | None:
     def opaque(*args, **kwargs):
         from onnxscript.values import Opset
 
-        tensors = [a for a in _flat((*args, *kwargs.values())) if _is_symbolic(a)]
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if _is_symbolic(a)]
         return getattr(Opset(DOMAIN, 1), name)(*tensors)
 
     return opaque
@@ -97,13 +98,6 @@ def _register(name: str, outputs: int) -> None:
         outputs=[parameter(f"output_{i}", f"U{i}") for i in range(outputs)],
         type_constraints=[("T", _TENSOR_TYPES, ""), *((f"U{i}", _TENSOR_TYPES, "") for i in range(outputs))])
     defs.register_schema(schema)
-
-
-def _flat(values) -> list:
-    out = []
-    for value in values:
-        out.extend(_flat(value) if isinstance(value, (list, tuple)) else [value])
-    return out
 
 
 def _is_symbolic(value) -> bool:
