@@ -466,14 +466,15 @@ class KFAC:
         self.min_damping = float(s.min_damping)
         self.structure = structure
         tables = self._tables(compiled, s.table_blocks)
-        ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim, s.diagonal_output_g)
+        outputs = set(compiled.output_layers)  # (read from the graph once)
+        ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim, s.diagonal_output_g, outputs)
         views = tuple(view for tie in ties for view in tie.views)
         self.normed = self._weight_normed(compiled, s.weight_norm_blocks)
         if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
             self.engine.capture_also((*tables, *views, *self.normed))
         candidates = (*compiled.layers, *tables, *self.normed)
         if structure == "diagonal":
-            candidates = with_diagonal_g(candidates, s.diagonal_output_g, set(compiled.output_layers))
+            candidates = with_diagonal_g(candidates, s.diagonal_output_g, outputs)
             if s.diagonal_wide_g:
                 candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
         layers = within_reach(candidates, s.max_kronecker_dim) + list(views)
@@ -512,7 +513,7 @@ class KFAC:
         self._rows_per_example: dict[str, float] = {}  # activation rows an example, as the last statistics saw
         self._examples = 0  # the examples of this step's batch (data-parallel: the global batch's)
         self._loss_terms = 0  # and its loss terms, examples times positions
-        self.output_layers = set(compiled.output_layers) & set(self.curvature.blocks)  # output_noise_damping's
+        self.output_layers = outputs & set(self.curvature.blocks)  # output_noise_damping's
         self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
@@ -537,14 +538,15 @@ class KFAC:
             return ()
         return compiled.plan.tables
 
-    def _ties(self, compiled, wanted: bool, largest: int | None, diagonal_from: int | None) -> tuple:
+    def _ties(self, compiled, wanted: bool, largest: int | None, diagonal_from: int | None,
+              outputs: set[str]) -> tuple:
         """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, the head's G kept as its
-        diagonal above ``diagonal_output_g`` (a vocabulary's: the table's A is diagonal too, and the tie's row side
+        diagonal above ``diagonal_output_g`` where the head is an output layer (``outputs``; a vocabulary's: the table's A is diagonal too, and the tie's row side
         then inverts as a diagonal, runtime/tied.py), and both views within ``max_kronecker_dim`` (data-parallel:
         every rank inverts them)."""
         if not wanted or self.structure != "diagonal":
             return ()
-        ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from)[0])
+        ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from, outputs)[0])
                 for tie in compiled.plan.ties]
         return tuple(tie for tie in ties if len(within_reach(tie.views, largest)) == 2)
 
