@@ -9,6 +9,7 @@ gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import warnings
 from collections.abc import Collection, Container, Mapping, Sequence
@@ -26,6 +27,7 @@ from kronograph.runtime.inverse import (
     InverseWarning,
     StatisticsWarning,
     all_finite,
+    factor_trace,
     factored_inverses,
     inverse_blocks,
     precondition,
@@ -73,6 +75,35 @@ def with_diagonal_g(layers: Sequence[Layer], largest: int | None, names: Collect
             for layer in layers]
 
 
+def table_damping_scales(blocks: Mapping[str, KroneckerBlock]) -> dict[str, float]:
+    """By table (an embedding or bag wider than 1024 rows, A kept as its diagonal; no tie's view), the factor s / S
+    its gamma is scaled by, s = sqrt(mean eigenvalue of A x that of G) its block's scale and S the geometric mean of
+    the other blocks'.
+
+    Sec 6.3's factored damping (A + pi gamma I) kron (G + gamma / pi I) adds gamma / s relative to a block's own
+    scale. A table's A counts how often each row is read: its trace is 1 a token whatever the vocabulary, so its
+    mean eigenvalue is 1 / rows, and a 2048-word table's s is 0.08 of its LM's typical block (the other layers'
+    0.4-4): one gamma damps it ~12x harder than the rest, and its rows learn at gradient pace. Scaled, a table
+    gets the typical block's relative damping (BENCHMARKS.md: text-words, text-tags; a 128-character table, s 0.26,
+    kept dense and unscaled: scaled, its LM lost on 3 seeds of 4)."""
+    scales = {name: torch.sqrt(_mean_eigenvalue(block.a) * _mean_eigenvalue(block.g))
+              for name, block in blocks.items() if block.a is not None and block.g is not None and not block.tied}
+    if not any(blocks[name].layer.diagonal_a for name in scales):
+        return {}
+    found = dict(zip(scales, torch.stack(list(scales.values())).tolist()))  # (one read from the device)
+    usable = {name: s for name, s in found.items() if math.isfinite(s) and s > 0}
+    others = [math.log(s) for name, s in usable.items() if not blocks[name].layer.diagonal_a]
+    if not others:
+        return {}
+    typical = math.exp(sum(others) / len(others))
+    return {name: s / typical for name, s in usable.items() if blocks[name].layer.diagonal_a}
+
+
+def _mean_eigenvalue(factor: torch.Tensor) -> torch.Tensor:
+    """tr / dim of a factor [groups, d, d] (or a diagonal one, [groups, d]), averaged over the groups, in float64."""
+    return factor_trace(factor).double().mean() / factor.shape[-1]
+
+
 class BlockDiagonalCurvature:
     """One KroneckerBlock per layer, inverted independently, but for a tied table's two views (``ties``: the
     output view's name -> the table view's), whose blocks are summed and inverted together (runtime/tied.py); the
@@ -80,7 +111,7 @@ class BlockDiagonalCurvature:
 
     def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
                  knob: str = "factor_damping", floor: float = 0.0, max_dim: int | None = None,
-                 ties: Sequence[Tie] = ()) -> None:
+                 ties: Sequence[Tie] = (), relative_tables: bool = False) -> None:
         self.blocks = {layer.name: KroneckerBlock(layer, dtype) for layer in layers}
         self.ties = {tie.output.name: tie.embedding.name for tie in ties
                      if tie.output.name in self.blocks and tie.embedding.name in self.blocks}
@@ -91,6 +122,7 @@ class BlockDiagonalCurvature:
         self.floor = floor  # each factor's damping >= floor times its mean eigenvalue (inverse.floored)
         self.max_dim = max_dim  # a wider factor is inverted block-diagonally (inverse.block_diagonal_inverse)
         self.knob = knob  # the owner's name for gamma, which a failed inversion's warning tells the user to raise
+        self.relative_tables = relative_tables  # tables damped relative to their scale (``invert``)
         for block in self.blocks.values():  # the statistics form only what ``invert`` reads of a wider factor
             layer = block.layer
             if not block.tied:  # (a tie's sides are split over their whole width: runtime/tied.py)
@@ -116,11 +148,13 @@ class BlockDiagonalCurvature:
                ) -> dict[str, DampedInverses | None]:
         """Damped inverses for strength gamma (None for a layer never called: it has no statistics); ``only``: the
         layers to invert, None for the others (a data-parallel rank's share, runtime/data_parallel.py);
-        ``g_shares``: by layer, G's damping at least this fraction of its trace (inverse.floored)."""
+        ``g_shares``: by layer, G's damping at least this fraction of its trace (inverse.floored); with
+        ``relative_tables``, a table's gamma scaled by ``table_damping_scales``."""
+        scales = table_damping_scales(self.blocks) if self.relative_tables else {}
         inverses = {
             name: None if block.a is None or block.tied or (only is not None and name not in only)
             else factored_inverses(
-                block.a, block.g, gamma, block.inverses, name=name,
+                block.a, block.g, gamma * scales.get(name, 1.0), block.inverses, name=name,
                 centered=self.centers(block.layer), knob=self.knob, floor=self.floor,
                 max_dim=self.max_dim, g_share=(g_shares or {}).get(name, 0.0))
             for name, block in self.blocks.items()
@@ -303,10 +337,12 @@ class TridiagonalCurvature(BlockDiagonalCurvature):
 
 
 def make_curvature(structure: str, layers: Sequence[Layer], dtype: torch.dtype, centered: bool = False,
-                   floor: float = 0.0, max_dim: int | None = None, ties: Sequence[Tie] = ()) -> BlockDiagonalCurvature:
+                   floor: float = 0.0, max_dim: int | None = None, ties: Sequence[Tie] = (),
+                   relative_tables: bool = False) -> BlockDiagonalCurvature:
     """"diagonal" or "tridiagonal" (the latter refuses layers that do not form a chain of linears);
-    ``centered`` damping, the damping's ``floor``, the factors' blocking past ``max_dim`` and the ``ties`` (whose
-    views are among ``layers``) apply to the block-diagonal structure only."""
+    ``centered`` damping, the damping's ``floor``, the factors' blocking past ``max_dim``, the ``ties`` (whose
+    views are among ``layers``) and ``relative_tables`` apply to the block-diagonal structure only."""
     if structure == "tridiagonal":
         return TridiagonalCurvature(layers, dtype)
-    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor, max_dim=max_dim, ties=ties)
+    return BlockDiagonalCurvature(layers, dtype, centered, floor=floor, max_dim=max_dim, ties=ties,
+                                  relative_tables=relative_tables)

@@ -298,6 +298,11 @@ class KFAC:
             on it pays (BENCHMARKS.md).
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).
+        relative_table_damping: scale a table's gamma (an embedding or bag wider than 1024 rows, A kept as its
+            diagonal) by its block's scale sqrt(tr A / dim A x tr G / dim G) over the geometric mean of the other
+            blocks' scales (curvature.table_damping_scales; block-diagonal only): a table's A counts the rows read
+            (its trace is 1 a token), so its scale falls with the vocabulary and one gamma damps a 2048-word table
+            ~12x harder relative to its scale than the LM's other layers. Off: the paper's one gamma.
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
             instead of A + pi gamma I, pi from the centred trace (inverse.centered_damped_inverse), which keeps
             the invariance to shifted inputs of paper sec 10 that Tikhonov damping breaks; block-diagonal only.
@@ -479,7 +484,8 @@ class KFAC:
                 candidates = with_diagonal_g(candidates, s.max_kronecker_dim)
         layers = within_reach(candidates, s.max_kronecker_dim) + list(views)
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
-                                        float(s.factor_damping_floor), s.max_factor_dim, ties)
+                                        float(s.factor_damping_floor), s.max_factor_dim, ties,
+                                        bool(s.relative_table_damping))
         self.normed = tuple(layer for layer in layers if layer.weight_norm)  # (those within max_kronecker_dim)
         covered = {n for layer in layers for n in layer.parameter_names}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]

@@ -24,7 +24,9 @@
   training mode (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
   activations, a recurrent layer's leaves its fused kernel, a convolution's is two convolutions:
   runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
-  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), and a table tied to an
+  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2) and damped at the model's
+  typical strength relative to their own scale (a table's A counts rows read, so its scale falls with the
+  vocabulary and one gamma would damp a word table ~12x harder than the rest), and a table tied to an
   output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed weight
   (runtime/weight_norm.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
@@ -175,6 +177,11 @@ class KFACSettings:
                                        "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
                                        "and v (off: they step as the parameters outside every block, the paper's). "
                                        "Both engines, data-parallel and FSDP2 too, diagonal structure.")
+    relative_table_damping: bool = setting(True, "Damp a table's block (an embedding or bag wider than 1024 rows) "
+                                           "at the model's typical strength relative to its own scale: its gamma "
+                                           "times its sqrt(mean eig A x mean eig G) over the other blocks' "
+                                           "geometric mean (off: one gamma for all, the paper's). Block-diagonal "
+                                           "structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
@@ -232,6 +239,7 @@ PRESETS: dict[str, KFACSettings] = {
         max_gamma_every=None, lm_acceleration=1, refresh_ratio=None, reject_steps=False,
         keep_damping_at_rounding=False,
         descent_only=False, max_momentum=None, max_condition=None, centered_damping=False, factor_damping_floor=0.0,
+        relative_table_damping=False,
         activation_rows=None, max_factor_dim=None, max_kronecker_dim=None, diagonal_output_g=None,
         output_noise_damping=False,
         reject_damping_floor=None,
