@@ -76,16 +76,17 @@ def with_diagonal_g(layers: Sequence[Layer], largest: int | None, names: Collect
 
 
 def table_damping_scales(blocks: Mapping[str, KroneckerBlock]) -> dict[str, float]:
-    """By table (an embedding or bag wider than 1024 rows, A kept as its diagonal; no tie's view), the factor s / S
-    its gamma is scaled by, s = sqrt(mean eigenvalue of A x that of G) its block's scale and S the geometric mean of
-    the other blocks'.
+    """By table (an embedding or bag wider than 1024 rows, A kept as its diagonal; no tie's view), the factor
+    sqrt(s / S) its gamma is scaled by, s = sqrt(mean eigenvalue of A x that of G) its block's scale and S the
+    geometric mean of the other blocks'.
 
     Sec 6.3's factored damping (A + pi gamma I) kron (G + gamma / pi I) adds gamma / s relative to a block's own
     scale. A table's A counts how often each row is read: its trace is 1 a token whatever the vocabulary, so its
-    mean eigenvalue is 1 / rows, and a 2048-word table's s is 0.08 of its LM's typical block (the other layers'
-    0.4-4): one gamma damps it ~12x harder than the rest, and its rows learn at gradient pace. Scaled, a table
-    gets the typical block's relative damping (BENCHMARKS.md: text-words, text-tags; a 128-character table, s 0.26,
-    kept dense and unscaled: scaled, its LM lost on 3 seeds of 4)."""
+    mean eigenvalue is 1 / rows, and a 2048-word table's s is 0.06 of its LM's typical block (a mean bag's 0.02: its
+    G carries the 1 / words weights too): one gamma damps it 16-50x harder than the rest, and its rows learn at
+    gradient pace. Scaled by sqrt(s / S), its relative damping is the geometric mean of that and the typical
+    block's; scaled by s / S (the typical block's itself), text-bag's loss after 2000 steps was worse on both
+    seeds, the rare rows fitting each batch (BENCHMARKS.md)."""
     scales = {name: torch.sqrt(_mean_eigenvalue(block.a) * _mean_eigenvalue(block.g))
               for name, block in blocks.items() if block.a is not None and block.g is not None and not block.tied}
     if not any(blocks[name].layer.diagonal_a for name in scales):
@@ -96,7 +97,7 @@ def table_damping_scales(blocks: Mapping[str, KroneckerBlock]) -> dict[str, floa
     if not others:
         return {}
     typical = math.exp(sum(others) / len(others))
-    return {name: s / typical for name, s in usable.items() if blocks[name].layer.diagonal_a}
+    return {name: math.sqrt(s / typical) for name, s in usable.items() if blocks[name].layer.diagonal_a}
 
 
 def _mean_eigenvalue(factor: torch.Tensor) -> torch.Tensor:

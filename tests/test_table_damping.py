@@ -1,9 +1,10 @@
-"""A table's block (an embedding wider than 1024 rows, A kept as its diagonal) is damped at the model's typical
-strength relative to its own scale (``relative_table_damping``, runtime/curvature.py ``table_damping_scales``).
+"""A table's block (an embedding wider than 1024 rows, A kept as its diagonal) has its gamma scaled towards the
+model's typical damping relative to its own scale (``relative_table_damping``, runtime/curvature.py
+``table_damping_scales``).
 
 Independent reference: the damped inverses written out densely with numpy from the blocks' factors: each block's
 scale sqrt(tr A / dim A x tr G / dim G), the geometric mean of the non-table blocks' scales, the table's gamma
-times their ratio, then (diag(a) + pi gamma I)^-1 and (G + gamma / pi I)^-1."""
+times the square root of their ratio, then (diag(a) + pi gamma I)^-1 and (G + gamma / pi I)^-1."""
 
 from __future__ import annotations
 
@@ -54,14 +55,14 @@ def _expected_table_inverses(opt: kronograph.optim.KFAC, scaled: bool) -> tuple[
     factors = {name: (block.a[0].numpy(), block.g[0].numpy()) for name, block in opt.blocks.items()}
     scale = {name: math.sqrt(_mean_eigenvalue(a) * _mean_eigenvalue(g)) for name, (a, g) in factors.items()}
     typical = math.exp(np.mean([math.log(scale[name]) for name in ("body.0", "body.2")]))
-    gamma = GAMMA * scale["embed"] / typical if scaled else GAMMA
+    gamma = GAMMA * math.sqrt(scale["embed"] / typical) if scaled else GAMMA
     a, g = factors["embed"]
     pi = math.sqrt(_mean_eigenvalue(a) / _mean_eigenvalue(g))
     return 1.0 / (a + pi * gamma), np.linalg.inv(g + gamma / pi * np.eye(len(g)))
 
 
 @pytest.mark.parametrize("scaled", [True, False])
-def test_a_tables_gamma_is_scaled_to_the_typical_blocks_relative_damping(scaled):
+def test_a_tables_gamma_is_scaled_towards_the_typical_blocks_relative_damping(scaled):
     opt = _kfac(relative_table_damping=scaled)
     assert opt.blocks["embed"].layer.diagonal_a and opt.blocks["embed"].a.shape == (1, ROWS)
     inverses = opt.curvature.invert(GAMMA)

@@ -299,10 +299,11 @@ class KFAC:
         max_condition: treat the quadratic model's system as singular, dropping a direction, when its matrix
             scaled to a unit diagonal has a larger condition number (None: only exact singularity).
         relative_table_damping: scale a table's gamma (an embedding or bag wider than 1024 rows, A kept as its
-            diagonal) by its block's scale sqrt(tr A / dim A x tr G / dim G) over the geometric mean of the other
-            blocks' scales (curvature.table_damping_scales; block-diagonal only): a table's A counts the rows read
-            (its trace is 1 a token), so its scale falls with the vocabulary and one gamma damps a 2048-word table
-            ~12x harder relative to its scale than the LM's other layers. Off: the paper's one gamma.
+            diagonal) by sqrt(s / S), s = sqrt(tr A / dim A x tr G / dim G) its block's scale and S the geometric
+            mean of the other blocks' (curvature.table_damping_scales; block-diagonal only): a table's A counts the
+            rows read (its trace is 1 a token), so its scale falls with the vocabulary and one gamma damps a
+            2048-word table 16-50x harder relative to its scale than the model's other layers. Off: the paper's
+            one gamma.
         centered_damping: damp each layer with a bias in coordinates centred on its mean input: A + pi gamma T T^T
             instead of A + pi gamma I, pi from the centred trace (inverse.centered_damped_inverse), which keeps
             the invariance to shifted inputs of paper sec 10 that Tikhonov damping breaks; block-diagonal only.

@@ -24,9 +24,9 @@
   training mode (forward mode needs attention's math kernel, a normalisation's tangent is many passes over the
   activations, a recurrent layer's leaves its fused kernel, a convolution's is two convolutions:
   runtime/tangent_cost.py), and embedding tables wider than 1024 rows given blocks whose A is kept as its diagonal
-  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2) and damped at the model's
-  typical strength relative to their own scale (a table's A counts rows read, so its scale falls with the
-  vocabulary and one gamma would damp a word table ~12x harder than the rest), and a table tied to an
+  (one-hot inputs make it exactly diagonal; a word vocabulary's dense A would be rows^2), their gamma scaled
+  towards the typical block's damping relative to its scale (a table's A counts rows read, so its scale falls
+  with the vocabulary and one gamma damps a word table 16-50x harder than the rest), and a table tied to an
   output layer one block over both uses (runtime/tied.py), and a weight-normed layer a block on its computed weight
   (runtime/weight_norm.py).
 - ``"paper"``: Martens & Grosse (2015) sec 13 exactly (lambda = 150, T1 = 5, T2 = T3 = 20, tau_1 = 1/8,
@@ -177,11 +177,11 @@ class KFACSettings:
                                        "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
                                        "and v (off: they step as the parameters outside every block, the paper's). "
                                        "Both engines, data-parallel and FSDP2 too, diagonal structure.")
-    relative_table_damping: bool = setting(True, "Damp a table's block (an embedding or bag wider than 1024 rows) "
-                                           "at the model's typical strength relative to its own scale: its gamma "
-                                           "times its sqrt(mean eig A x mean eig G) over the other blocks' "
-                                           "geometric mean (off: one gamma for all, the paper's). Block-diagonal "
-                                           "structure.")
+    relative_table_damping: bool = setting(True, "Scale a table's gamma (an embedding or bag wider than 1024 rows) "
+                                           "by sqrt(s / S), s = sqrt(mean eig A x mean eig G) its block's scale "
+                                           "and S the other blocks' geometric mean: one gamma damps a word table "
+                                           "16-50x harder relative to its scale than the rest (off: one gamma for "
+                                           "all, the paper's). Block-diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("rms", "Direction of the parameters outside every block: rms (RMSprop's "
