@@ -296,7 +296,7 @@ def test_the_preconditioner_rewrites_the_tied_grad_with_the_dense_sums_solve():
     (x, y), = _batches(1)
     blocks, raw = [], {}
     for net in (model, twin):
-        precond = kronograph.optim.KFACPreconditioner(_compile(net), graft=None, kl_clip=None,
+        precond = kronograph.optim.KFACPreconditioner(_compile(net), damping=1e-3, graft=None, kl_clip=None,
                                                       factor_dtype=torch.float64)
         with precond.track():
             nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten()).backward()
