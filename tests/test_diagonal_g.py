@@ -144,3 +144,59 @@ class _no_coverage_warning:
 
     def __exit__(self, *exc):
         return self._catch.__exit__(*exc)
+
+
+def _preconditioned(threshold: int | None, **options) -> tuple[nn.Module, kronograph.optim.KFACPreconditioner, dict]:
+    """One step of KFACPreconditioner (raw solve, no bound) on the head model: the module, the preconditioner and the
+    gradients before it rewrote them."""
+    model = head_model()
+    precond = kronograph.optim.KFACPreconditioner(
+        kronograph.compile(model, (torch.randn(2, 6),), loss="cross_entropy"), graft=None, kl_clip=None,
+        factor_dtype=torch.float64, diagonal_output_g=threshold, **options)
+    x, y = _batch()
+    with precond.track():
+        nn.functional.cross_entropy(model(x), y).backward()
+    raw = {name: p.grad.clone() for name, p in model.named_parameters()}
+    precond.step()
+    return model, precond, raw
+
+
+def test_the_preconditioner_keeps_a_wide_heads_g_diagonal_and_solves_with_it():
+    (model, diagonal, raw), (_, dense, _) = _preconditioned(16), _preconditioned(None)
+    assert diagonal.blocks["2"].layer.diagonal_g and not diagonal.blocks["0"].layer.diagonal_g
+    assert not dense.blocks["2"].layer.diagonal_g
+    a, g = diagonal.blocks["2"].a[0], diagonal.blocks["2"].g[0]
+    torch.testing.assert_close(g, torch.diagonal(dense.blocks["2"].g[0]))  # the same batch's factors
+    gamma = diagonal.damping
+    pi = math.sqrt((torch.trace(a) / a.shape[0]) / (g.sum() / g.shape[0]))
+    bar = torch.cat([raw["2.weight"], raw["2.bias"][:, None]], dim=1).double()
+    expected = (bar / (g + gamma / pi)[:, None]) @ torch.linalg.inv(a + pi * gamma * torch.eye(a.shape[0],
+                                                                                                dtype=a.dtype))
+    torch.testing.assert_close(model[2].weight.grad.double(), expected[:, :WIDTH], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(model[2].bias.grad.double(), expected[:, WIDTH], rtol=1e-5, atol=1e-8)
+
+
+def test_the_preconditioners_diagonal_output_g_is_on_by_default_and_covers_a_tied_head():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(CLASSES, 5), nn.Linear(5, CLASSES)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.emb(tokens)))
+
+    cm = kronograph.compile(Tied(), (torch.randint(0, CLASSES, (2, 3)),), loss="cross_entropy")
+    precond = kronograph.optim.KFACPreconditioner(cm, diagonal_output_g=4)
+    assert {name: block.layer.diagonal_g for name, block in precond.blocks.items() if block.tied} == {
+        "emb[embedding]": False, "emb[output]": True}
+    tokens = torch.randint(0, CLASSES, (16, 3), generator=torch.Generator().manual_seed(0))
+    with precond.track():
+        nn.functional.cross_entropy(cm.module(tokens).flatten(0, 1), tokens.roll(1, 1).flatten()).backward()
+    raw = cm.module.emb.weight.grad.clone()
+    precond.step()  # the tie's row side a diagonal pencil (runtime/tied.py): solved, finite, not the raw gradient
+    solved = cm.module.emb.weight.grad
+    assert torch.isfinite(solved).all() and not torch.allclose(solved, raw)
+    default = kronograph.optim.KFACPreconditioner(kronograph.compile(head_model(), (torch.randn(2, 6),),
+                                                                     loss="cross_entropy"))
+    assert not default.blocks["2"].layer.diagonal_g  # 40 classes: below the default 1024
