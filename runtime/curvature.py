@@ -9,8 +9,8 @@ gradients (``direction``: the proposal -F^-1 grad shaped as the parameters), and
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 import warnings
 from collections.abc import Collection, Container, Mapping, Sequence
 from typing import Any

@@ -237,6 +237,9 @@ class KFACPreconditioner:
                                   "every inverse) or 1/world (each layer's inverses on one rank)")
         if not damping > 0:
             raise KronographError(f"damping={damping} must be positive (try 1e-3 to 1e-1)")
+        if diagonal_output_g is not None and not (isinstance(diagonal_output_g, int) and diagonal_output_g >= 1):
+            raise KronographError(f"diagonal_output_g={diagonal_output_g!r}: pass a number of classes (1024 keeps a "
+                                  "vocabulary's head G diagonal) or None for a dense G")
         if kl_clip is not None and not kl_clip > 0:
             raise KronographError(f"kl_clip={kl_clip} must be positive (1e-3 is kfac-pytorch's and ours), or None for "
                                   "no bound on the step")
@@ -272,7 +275,7 @@ class KFACPreconditioner:
         outputs = set(compiled.output_layers)
 
         def diagonal(layers: Sequence[Layer]) -> list[Layer]:  # the wide output layers' G kept as its diagonal
-            return with_diagonal_g(layers, None if diagonal_output_g is None else int(diagonal_output_g), outputs)
+            return with_diagonal_g(layers, diagonal_output_g, outputs)
 
         ties = () if not tied_blocks else tuple(
             tie for tie in (dataclasses.replace(tie, output=diagonal([tie.output])[0]) for tie in compiled.plan.ties)

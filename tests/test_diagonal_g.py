@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kronograph
+from kronograph.errors import KronographError
 from kronograph.runtime.inverse import CoverageWarning
 
 CLASSES, WIDTH = 40, 8
@@ -22,6 +23,18 @@ CLASSES, WIDTH = 40, 8
 def head_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, WIDTH), nn.Tanh(), nn.Linear(WIDTH, CLASSES))
+
+
+class Tied(nn.Module):
+    """A head tied to its table (GPT-2's): one weight read by both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(CLASSES, 5), nn.Linear(5, CLASSES)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(tokens)))
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +102,6 @@ def test_diagonal_output_g_is_on_by_default_off_in_the_paper_preset_and_covers_a
     from kronograph.runtime.methods.kfac_settings import PRESETS
 
     assert PRESETS["default"].diagonal_output_g == 1024 and PRESETS["paper"].diagonal_output_g is None
-
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.out = nn.Embedding(CLASSES, 5), nn.Linear(5, CLASSES)
-            self.out.weight = self.emb.weight
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.tanh(self.emb(tokens)))
 
     cm = kronograph.compile(Tied(), (torch.randint(0, CLASSES, (2, 3)),), loss="cross_entropy")
     opt = kronograph.optim.KFAC(cm, seed=0, diagonal_output_g=4)
@@ -177,15 +181,6 @@ def test_the_preconditioner_keeps_a_wide_heads_g_diagonal_and_solves_with_it():
 
 
 def test_the_preconditioners_diagonal_output_g_is_on_by_default_and_covers_a_tied_head():
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.out = nn.Embedding(CLASSES, 5), nn.Linear(5, CLASSES)
-            self.out.weight = self.emb.weight
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.tanh(self.emb(tokens)))
-
     cm = kronograph.compile(Tied(), (torch.randint(0, CLASSES, (2, 3)),), loss="cross_entropy")
     precond = kronograph.optim.KFACPreconditioner(cm, diagonal_output_g=4)
     assert {name: block.layer.diagonal_g for name, block in precond.blocks.items() if block.tied} == {
@@ -200,3 +195,10 @@ def test_the_preconditioners_diagonal_output_g_is_on_by_default_and_covers_a_tie
     default = kronograph.optim.KFACPreconditioner(kronograph.compile(head_model(), (torch.randn(2, 6),),
                                                                      loss="cross_entropy"))
     assert not default.blocks["2"].layer.diagonal_g  # 40 classes: below the default 1024
+
+
+@pytest.mark.parametrize("threshold", [0, -5, 2.5, "wide"])
+def test_the_preconditioner_names_a_bad_diagonal_output_g(threshold):
+    cm = kronograph.compile(head_model(), (torch.randn(2, 6),), loss="cross_entropy")
+    with pytest.raises(KronographError, match="diagonal_output_g"):
+        kronograph.optim.KFACPreconditioner(cm, diagonal_output_g=threshold)
