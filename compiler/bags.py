@@ -68,4 +68,3 @@ class BagCalls(TorchFunctionMode):
                         if e.name not in found or e.name in reasons)
         return dataclasses.replace(plan, layers=by_parameter_order(list(plan.layers), plan.parameters, layers),
                                    tables=(*plan.tables, *tables), unmatched=entries)
-

@@ -65,5 +65,3 @@ def per_token(call: BagCall, embed: Callable[[torch.Tensor], torch.Tensor]) -> t
     if call.mode == "mean":
         weights = weights / members.sum(-1, keepdim=True).clamp(min=1).to(rows.dtype)
     return (rows * weights.unsqueeze(-1)).sum(-2)
-
-

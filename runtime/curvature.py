@@ -105,6 +105,15 @@ def _mean_eigenvalue(factor: torch.Tensor) -> torch.Tensor:
     return factor_trace(factor).double().mean() / factor.shape[-1]
 
 
+def reachable_ties(ties: Sequence[Tie], largest: int | None, diagonal_from: int | None,
+                   outputs: Collection[str]) -> tuple[Tie, ...]:
+    """The ties that keep their block: each head's G kept as its diagonal above ``diagonal_from`` where the head is
+    one of ``outputs`` (``with_diagonal_g``; a vocabulary's: the table's A is diagonal too, and the tie's row side
+    then inverts as a diagonal, runtime/tied.py), and both views within ``largest`` (``within_reach``)."""
+    ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from, outputs)[0]) for tie in ties]
+    return tuple(tie for tie in ties if len(within_reach(tie.views, largest)) == 2)
+
+
 class BlockDiagonalCurvature:
     """One KroneckerBlock per layer, inverted independently, but for a tied table's two views (``ties``: the
     output view's name -> the table view's), whose blocks are summed and inverted together (runtime/tied.py); the

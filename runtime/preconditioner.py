@@ -91,7 +91,6 @@ rank: a statistics step's all_reduce is part of it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -103,7 +102,7 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 from kronograph.runtime.capture import Capture, outside_compiled_code
-from kronograph.runtime.curvature import BlockDiagonalCurvature, with_diagonal_g, within_reach
+from kronograph.runtime.curvature import BlockDiagonalCurvature, reachable_ties, with_diagonal_g, within_reach
 from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
 from kronograph.runtime.distributed import (
     COMMUNICATION_DTYPES,
@@ -124,7 +123,7 @@ from kronograph.runtime.statistics import (
 )
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.sharded import check_row_sharded, fsdp_modules, is_sharded, local_rows, whole
+from kronograph.runtime.sharded import check_row_sharded, is_sharded, local_rows, whole
 from kronograph.runtime.wbar import gather, scatter
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
@@ -272,17 +271,12 @@ class KFACPreconditioner:
         # the layers with a block: captures, statistics and inverses are of these alone
         largest = None if max_kronecker_dim is None else int(max_kronecker_dim)
         tables = compiled.plan.tables if table_blocks else ()
-        outputs = set(compiled.output_layers)
-
-        def diagonal(layers: Sequence[Layer]) -> list[Layer]:  # the wide output layers' G kept as its diagonal
-            return with_diagonal_g(layers, diagonal_output_g, outputs)
-
-        ties = () if not tied_blocks else tuple(
-            tie for tie in (dataclasses.replace(tie, output=diagonal([tie.output])[0]) for tie in compiled.plan.ties)
-            if len(within_reach(tie.views, largest)) == 2)
+        outputs = set(compiled.output_layers)  # (the wide ones keep their G diagonal: ``diagonal_output_g``)
+        ties = reachable_ties(compiled.plan.ties, largest, diagonal_output_g, outputs) if tied_blocks else ()
         views = tuple(view for tie in ties for view in tie.views)
         normed = compiled.plan.normed if weight_norm_blocks else ()
-        self.layers = (*within_reach(diagonal([*compiled.layers, *tables, *normed]), largest), *views)
+        candidates = with_diagonal_g([*compiled.layers, *tables, *normed], diagonal_output_g, outputs)
+        self.layers = (*within_reach(candidates, largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
                                                 max_dim=None if max_factor_dim is None else int(max_factor_dim),
                                                 ties=ties)

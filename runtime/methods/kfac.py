@@ -47,7 +47,6 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 import warnings
@@ -59,7 +58,7 @@ import torch
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime.capture import concatenated_records
-from kronograph.runtime.curvature import make_curvature, with_diagonal_g, within_reach
+from kronograph.runtime.curvature import make_curvature, reachable_ties, with_diagonal_g, within_reach
 from kronograph.runtime.data_parallel import (
     BatchSlice,
     batch_slice,
@@ -548,14 +547,11 @@ class KFAC:
     def _ties(self, compiled, wanted: bool, largest: int | None, diagonal_from: int | None,
               outputs: set[str]) -> tuple:
         """The plan's tied tables K-FAC gives blocks (``tied_blocks``): diagonal structure, the head's G kept as its
-        diagonal above ``diagonal_output_g`` where the head is an output layer (``outputs``; a vocabulary's: the table's A is diagonal too, and the tie's row side
-        then inverts as a diagonal, runtime/tied.py), and both views within ``max_kronecker_dim`` (data-parallel:
-        every rank inverts them)."""
+        diagonal above ``diagonal_output_g`` where the head is an output layer, both views within
+        ``max_kronecker_dim`` (curvature.reachable_ties; data-parallel: every rank inverts them)."""
         if not wanted or self.structure != "diagonal":
             return ()
-        ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from, outputs)[0])
-                for tie in compiled.plan.ties]
-        return tuple(tie for tie in ties if len(within_reach(tie.views, largest)) == 2)
+        return reachable_ties(compiled.plan.ties, largest, diagonal_from, outputs)
 
     def _weight_normed(self, compiled, wanted: bool) -> tuple:
         """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): both engines, diagonal

@@ -158,10 +158,10 @@ class KFACSettings:
                                     "diagonal_output_g's). Data-parallel and FSDP2 too; diagonal structure.")
     diagonal_output_g: int | None = setting(1024, "Keep the G of an output layer (a linear layer the loss is put on: "
                                             "a classifier's, a tagger's, a language model's head, tied or not) wider "
-                                            "than this as its diagonal: the output Fisher of a softmax is diag(p) - p p^T, "
-                                            "of a sigmoid or squared error diagonal; the step's cost grows as the "
-                                            "classes, not their square (auto: dense, the paper's). Data-parallel "
-                                            "and FSDP2 too; diagonal structure.", low=1)
+                                            "than this as its diagonal: the output Fisher of a softmax is diag(p) - "
+                                            "p p^T, of a sigmoid or squared error diagonal; the step's cost grows "
+                                            "as the classes, not their square (auto: dense, the paper's). "
+                                            "Data-parallel and FSDP2 too; diagonal structure.", low=1)
     max_factor_dim: int | None = setting(1024, "Invert a Kronecker factor wider than this as block-diagonal, "
                                          "in contiguous diagonal blocks of at most this width (auto: whole, the "
                                          "paper's).", low=1)
