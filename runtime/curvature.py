@@ -87,10 +87,10 @@ def table_damping_scales(blocks: Mapping[str, KroneckerBlock]) -> dict[str, floa
     gradient pace. Scaled by sqrt(s / S), its relative damping is the geometric mean of that and the typical
     block's; scaled by s / S (the typical block's itself), text-bag's loss after 2000 steps was worse on both
     seeds, the rare rows fitting each batch (BENCHMARKS.md)."""
-    scales = {name: torch.sqrt(_mean_eigenvalue(block.a) * _mean_eigenvalue(block.g))
-              for name, block in blocks.items() if block.a is not None and block.g is not None and not block.tied}
-    if not any(blocks[name].layer.diagonal_a for name in scales):
+    known = [name for name, block in blocks.items() if block.a is not None and block.g is not None and not block.tied]
+    if not any(blocks[name].layer.diagonal_a for name in known):  # (no table: no trace read at each inversion)
         return {}
+    scales = {name: torch.sqrt(_mean_eigenvalue(blocks[name].a) * _mean_eigenvalue(blocks[name].g)) for name in known}
     found = dict(zip(scales, torch.stack(list(scales.values())).tolist()))  # (one read from the device)
     usable = {name: s for name, s in found.items() if math.isfinite(s) and s > 0}
     others = [math.log(s) for name, s in usable.items() if not blocks[name].layer.diagonal_a]
