@@ -276,8 +276,8 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     """Problems added after K-FAC's defaults were chosen, never used to choose them: whether the defaults hold
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
-    3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words).
-    ``--problems unseen`` runs them all."""
+    3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words,
+    spectral norm). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -367,12 +367,24 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             weight_norm(nn.Conv2d(32, 64, 3, 1, 1)), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), weight_norm(nn.Linear(64 * 49, 10))), x, y, "cross_entropy", 64)
 
+    def fashion_spectral_cnn() -> Problem:
+        """Miyato et al.'s (2018) spectral norm on every convolution and the head, as GAN discriminators and
+        Lipschitz-bounded classifiers use it: each weight computed as W_o / sigma, sigma by one power iteration a
+        training forward."""
+        from torch.nn.utils.parametrizations import spectral_norm
+
+        x, y = _images("fashion-mnist")
+        return Problem(lambda: nn.Sequential(
+            spectral_norm(nn.Conv2d(1, 32, 3, 1, 1)), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+            spectral_norm(nn.Conv2d(32, 64, 3, 1, 1)), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+            nn.Flatten(), spectral_norm(nn.Linear(64 * 49, 10))), x, y, "cross_entropy", 64)
+
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
             "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
             "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
-            "text-bag": text_bag, "text-tags": text_tags}
+            "text-bag": text_bag, "text-tags": text_tags, "fashion-spectral-cnn": fashion_spectral_cnn}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:

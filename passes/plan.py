@@ -97,6 +97,14 @@ class Layer:
     # where g has size 1 (PyTorch's weight_norm: all but dim, or all for dim=None): ``weight`` then names the computed
     # W (``fc.weight``), which is no parameter, and v and g are the parameters (a layer of the plan's ``normed``).
     weight_norm: tuple[str, str] | None = None
+    # The parameter W_o where the weight is computed by spectral norm, W = W_o / sigma with sigma = u^T W_o v from the
+    # power iteration's vectors (PyTorch's spectral_norm, old or parametrization): ``weight`` names the computed W.
+    spectral_norm: str | None = None
+
+    @property
+    def computed(self) -> bool:
+        """Whether the weight is computed from the parameters in the forward (weight norm, spectral norm)."""
+        return bool(self.weight_norm or self.spectral_norm)
 
     @property
     def groups(self) -> int:
@@ -124,8 +132,10 @@ class Layer:
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
-        """The trainable parameters the layer's block covers: weight and bias, or v, g and bias under weight norm."""
-        return tuple(name for name in (*(self.weight_norm or (self.weight,)), self.bias) if name)
+        """The trainable parameters the layer's block covers: weight and bias, v, g and bias under weight norm, W_o
+        and bias under spectral norm."""
+        weights = self.weight_norm or (self.spectral_norm or self.weight,)
+        return tuple(name for name in (*weights, self.bias) if name)
 
     @property
     def num_params(self) -> int:
@@ -174,13 +184,13 @@ class LayerPlan:
     # Tables tied to an output layer (``Tie``): their weight (and the head's bias) stay in ``unmatched`` too; K-FAC and
     # KFACPreconditioner give each one block over both uses.
     ties: tuple[Tie, ...] = field(default=())
-    # Layers whose weight is computed by weight norm (``Layer.weight_norm``): their v, g and bias stay in ``unmatched``
-    # too; K-FAC and KFACPreconditioner give each a block on the computed weight.
+    # Layers whose weight is computed by weight norm or spectral norm (``Layer.computed``): their parameters stay in
+    # ``unmatched`` too; K-FAC and KFACPreconditioner give each a block on the computed weight.
     normed: tuple[Layer, ...] = field(default=())
 
     @property
     def all_layers(self) -> tuple[Layer, ...]:
-        """Every Layer a method may give a block: the layers, the tables, the ties' views and the weight-normed."""
+        """Every Layer a method may give a block: the layers, the tables, the ties' views and the normed."""
         return (*self.layers, *self.tables, *(view for tie in self.ties for view in tie.views), *self.normed)
 
     def layer(self, name: str) -> Layer:

@@ -71,8 +71,9 @@ class KroneckerBlock:
     def by_rows(self) -> bool:
         """Whether sec 8's low-rank product may solve its gradient from the batch's rows: not where A is a
         diagonal factor (its solve is as cheap whole), nor for a tie's view (its block is the two views' sum) or a
-        weight-normed layer (its gradient reaches W through g and v: runtime/weight_norm.py)."""
-        return not (self.layer.diagonal_a or self.layer.diagonal_g or self.tied or self.layer.weight_norm)
+        layer of a computed weight (its gradient reaches W through its parameters: runtime/weight_norm.py,
+        runtime/spectral_norm.py)."""
+        return not (self.layer.diagonal_a or self.layer.diagonal_g or self.tied or self.layer.computed)
 
     @property
     def a(self) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ one-hot rows of its indices, ``layer_input``; a "sum" or "mean" ``F.embedding_ba
 argument *is* (identity) that layer's weight Parameter, or its transpose taken inside the capture
 (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``); functional code on raw Parameters works as well
 as nn.Linear. A weight-normed layer's (``Layer.weight_norm``) weight is computed in the forward: the result of
-``torch._weight_norm(v, g, dim)`` on its v is bound to it, and the calls that read it are its sites. Outside ``with
+``torch._weight_norm(v, g, dim)`` on its v is bound to it, and the calls that read it are its sites; a spectrally
+normed layer's (``Layer.spectral_norm``) likewise the result of its W_o's division by sigma. Outside ``with
 Capture(...)`` nothing is intercepted: the normal forward costs nothing.
 
 torch.compile: dynamo cannot trace this mode (its site bookkeeping, weakrefs and gradient hooks fail inside
@@ -165,6 +166,7 @@ _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
 _CONV_TRANSPOSE = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
 _EMBEDDING = {torch.nn.functional.embedding}
+_DIVIDE = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide}  # spectral norm's W_o / sigma
 _TRANSPOSE_METHODS = {torch.Tensor.t}
 _TRANSPOSE_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)
 
@@ -184,6 +186,11 @@ def outside_compiled_code() -> None:
     Under ``torch.compiler.disable`` or the "force_eager" stance there is no callback: capturing is allowed."""
     if torch.compiler.is_compiling() or get_eval_frame_callback() not in (None, False):
         raise CaptureError(INSIDE_COMPILED)
+
+
+def _read_weight(layer: Layer) -> str:
+    """The parameter a layer's sites are found by: its weight, or the v or W_o its computed weight is made of."""
+    return layer.weight_norm[0] if layer.weight_norm else layer.spectral_norm or layer.weight
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -228,16 +235,17 @@ class Capture(TorchFunctionMode):
         # two views of one weight) is found as the table by F.embedding and as the output layer by F.linear.
         self._by_weight: dict[int, Layer] = {}
         self._tables: dict[int, Layer] = {}
-        # Weight-normed layers by the id of their v: the W that torch._weight_norm(v, g, dim) returns is bound to them.
+        # Layers of a computed weight by the id of their v (weight norm: the W that torch._weight_norm(v, g, dim)
+        # returns is bound to them) or of their W_o (spectral norm: the W of W_o / sigma).
         self._normed: dict[int, Layer] = {}
         for layer in self.layers.values():
-            weight = layer.weight_norm[0] if layer.weight_norm else layer.weight
+            weight = _read_weight(layer)
             if weight not in params:
                 raise CaptureError(f"layer {layer.name!r}: the module has no parameter {weight!r}")
-            kind = self._normed if layer.weight_norm else self._tables if layer.kind == "embedding" else self._by_weight
+            kind = self._normed if layer.computed else self._tables if layer.kind == "embedding" else self._by_weight
             kind[id(params[weight])] = layer
         self._weights = {id(params[layer.weight]): params[layer.weight] for layer in self.layers.values()
-                         if not layer.weight_norm}
+                         if not layer.computed}
         self._module = module
         self._rebinding: list[Any] = []  # forward pre-hooks following FSDP2's unsharded weights (``_follow_unsharded``)
         self.hooks = hooks
@@ -301,6 +309,8 @@ class Capture(TorchFunctionMode):
         elif func is torch._weight_norm and args and id(args[0]) in self._normed:
             # this forward's W = g v / |v| of a weight-normed layer (the plan matched its dim on g's shape)
             self._bind(self._normed[id(args[0])], result)
+        elif func in _DIVIDE and args and id(args[0]) in self._normed and self._normed[id(args[0])].spectral_norm:
+            self._bind(self._normed[id(args[0])], result)  # this forward's W = W_o / sigma of a spectral norm
         elif self._is_transpose(func, args, kwargs):
             self._transposed[id(result)] = (weakref.ref(result), self._by_weight.get(id(args[0]))
                                             or self._tables[id(args[0])])
@@ -514,14 +524,12 @@ class Capture(TorchFunctionMode):
         if not sharded.any_sharded(self._module):
             return
         for layer in self.layers.values():
-            if layer.weight_norm:  # followed by its v, whose torch._weight_norm W is bound in the forward
-                holder, attribute = sharded.parameter_holder(self._module, layer.weight_norm[0])
-            else:
-                holder, attribute = sharded.parameter_holder(self._module, layer.weight)
+            # a computed weight's layer is followed by its v or W_o, whose W is bound in the forward
+            holder, attribute = sharded.parameter_holder(self._module, _read_weight(layer))
 
             def bind(module: torch.nn.Module, _args: tuple, layer: Layer = layer, attribute: str = attribute) -> None:
                 weight = getattr(module, attribute, None)
-                if layer.weight_norm:
+                if layer.computed:
                     self._follow_direction(layer, weight)
                 else:
                     self._bind(layer, weight)
@@ -544,8 +552,8 @@ class Capture(TorchFunctionMode):
         found[id(weight)], self._weights[id(weight)] = layer, weight
 
     def _follow_direction(self, layer: Layer, direction: Any) -> None:
-        """Make ``direction`` the v whose torch._weight_norm W is the weight-normed ``layer``'s (FSDP2's unsharded
-        v inside the forward)."""
+        """Make ``direction`` the v (or W_o) whose computed W is ``layer``'s (FSDP2's unsharded one inside the
+        forward)."""
         if not isinstance(direction, torch.Tensor):
             return
         for key in [key for key, known in self._normed.items() if known is layer]:

@@ -101,6 +101,7 @@ import torch.distributed as dist
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
+from kronograph.runtime import spectral_norm
 from kronograph.runtime.capture import Capture, outside_compiled_code
 from kronograph.runtime.curvature import BlockDiagonalCurvature, reachable_ties, with_diagonal_g, within_reach
 from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
@@ -123,7 +124,8 @@ from kronograph.runtime.statistics import (
 )
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.sharded import check_row_sharded, is_sharded, local_rows, whole
+from kronograph.runtime.sharded import any_sharded, check_row_sharded, is_sharded, local_rows, whole
+from kronograph.runtime.spectral_norm import spectral_sigmas
 from kronograph.runtime.wbar import gather, scatter
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
@@ -187,6 +189,9 @@ class KFACPreconditioner:
             weight_norm.py), so that your optimizer's step -lr .grad changes W by -lr F^-1 grad_W to first order.
             Data-parallel too (an owner alone solves in W's coordinates, every rank pulls back) and FSDP2.
             False: v and g keep their .grad.
+        spectral_norm_blocks: give a layer whose weight spectral norm computes (W = W_o / sigma) the block of W:
+            sigma W_o.grad is W's gradient, solved and pulled back as sigma times the solve (runtime/
+            spectral_norm.py; not on an FSDP2-sharded module). False: W_o keeps its .grad.
         diagonal_output_g: an output layer (a tied head too) wider than this keeps its G as its diagonal
             (curvature.with_diagonal_g; KFAC's setting of the name): a vocabulary's softmax Fisher is nearly
             diagonal, and its dense G costs C^2 a copy and C^3 an inversion. On the first-try suite's bag model
@@ -218,6 +223,7 @@ class KFACPreconditioner:
         table_blocks: bool = True,
         tied_blocks: bool = True,
         weight_norm_blocks: bool = True,
+        spectral_norm_blocks: bool = True,
         diagonal_output_g: int | None = 1024,
     ) -> None:
         if graft not in ("norm", None):
@@ -274,7 +280,9 @@ class KFACPreconditioner:
         outputs = set(compiled.output_layers)  # (the wide ones keep their G diagonal: ``diagonal_output_g``)
         ties = reachable_ties(compiled.plan.ties, largest, diagonal_output_g, outputs) if tied_blocks else ()
         views = tuple(view for tie in ties for view in tie.views)
-        normed = compiled.plan.normed if weight_norm_blocks else ()
+        spectral_norm_blocks = spectral_norm_blocks and not any_sharded(compiled.module)
+        normed = [layer for layer in compiled.plan.normed
+                  if (layer.weight_norm and weight_norm_blocks) or (layer.spectral_norm and spectral_norm_blocks)]
         candidates = with_diagonal_g([*compiled.layers, *tables, *normed], diagonal_output_g, outputs)
         self.layers = (*within_reach(candidates, largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",
@@ -534,7 +542,7 @@ class KFACPreconditioner:
         for name in self.curvature.solving:  # (a tie's output view solves the table's gradient)
             block = self.blocks[name]
             layer = block.layer
-            weights = layer.weight_norm or (layer.weight,)  # (v, g) of a weight-normed layer
+            weights = layer.weight_norm or (layer.spectral_norm or layer.weight,)  # (v, g) or W_o of a computed W
             targets = [params[key] for key in weights] + ([params[layer.bias]] if layer.bias else [None])
             if all(p is None or p.grad is None for p in targets):
                 continue  # no gradient to rewrite (frozen or unused layer)
@@ -544,8 +552,12 @@ class KFACPreconditioner:
             grads = {key: self._whole_grad(key, params[key]) for key in weights}
             if layer.weight_norm:  # v and g whole (FSDP2 shards them by rows) for the map between them and W
                 frames[name] = {key: whole(params[key].detach()) for key in weights}
-            weight_grad = (weight_coordinates(grads, frames[name], [layer])[layer.weight] if layer.weight_norm
-                           else grads[layer.weight])
+                weight_grad = weight_coordinates(grads, frames[name], [layer])[layer.weight]
+            elif layer.spectral_norm:  # sigma grad W_o, sigma of the power iteration's last forward
+                frames[name] = spectral_sigmas(self.module, [layer])
+                weight_grad = spectral_norm.weight_coordinates(grads, frames[name], [layer])[layer.weight]
+            else:
+                weight_grad = grads[layer.weight]
             bias_grad = self._whole_grad(layer.bias, params[layer.bias]) if layer.bias else None
             ready.append((name, block, targets, gather(layer, weight_grad, bias_grad)))
         # which gradients are finite: read by the host once for all layers (one synchronisation on a GPU)
@@ -574,6 +586,9 @@ class KFACPreconditioner:
             if block.layer.weight_norm:  # Delta W as (dv, dg)
                 pulled = parameter_coordinates({block.layer.weight: weight}, frames[name], [block.layer])
                 values = [pulled[key] for key in block.layer.weight_norm] + [bias]
+            elif block.layer.spectral_norm:  # Delta W as dW_o
+                pulled = spectral_norm.parameter_coordinates({block.layer.weight: weight}, frames[name], [block.layer])
+                values = [pulled[block.layer.spectral_norm], bias]
             else:
                 values = [weight, bias]
             for param, value in zip(targets, values):

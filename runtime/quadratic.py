@@ -22,6 +22,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kronograph.runtime.losses import Loss
+from kronograph.runtime.spectral_norm import held_power_iterations
 
 Direction = Mapping[str, torch.Tensor]  # parameter name -> a tensor shaped like the parameter
 
@@ -39,7 +40,9 @@ def output_tangents(
     """The outputs s on ``inputs`` and J d for every direction d, by forward-mode differentiation.
 
     Parameters missing from a direction count as zero. Buffers (batch-norm running statistics) are
-    copied inside each pass so that these extra forwards leave the module's state untouched.
+    copied inside each pass so that these extra forwards leave the module's state untouched; spectral norms run no
+    power iteration (as in every extra forward: runtime/statistics.preserved_buffers), which forward mode could not
+    pass anyway (its normalisations write out=).
     """
     names = list(params)
     primals = tuple(params[name].detach() for name in names)
@@ -61,7 +64,7 @@ def output_tangents(
     # The fused attention kernels have no forward-mode derivative on CPU; the math one is made of
     # differentiable ops (same values up to rounding). A model with dropout draws one mask for all the
     # directions (randomness="same"): the products are those of one random forward, as the gradient's.
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), held_power_iterations(module):
         outputs, output_tangents = vmap(lambda *tangent: jvp(forward, primals, tangent), randomness="same")(*stacked)
     return outputs[0].detach(), list(output_tangents.detach().unbind(0))
 

@@ -21,7 +21,8 @@ from kronograph.runtime.losses import Loss
 
 @contextlib.contextmanager
 def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
-    """Extra forward passes (statistics, rho, Fisher products) must not move batch-norm running statistics."""
+    """Extra forward passes (statistics, rho, Fisher products) must not move batch-norm running statistics (nor a
+    spectral norm's power-iteration vectors)."""
     saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
     try:
         yield

@@ -125,6 +125,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
     results["tied"] = tied_table(rank, world)
     results["tied, diagonal G"] = tied_table(rank, world, diagonal_output_g=4)  # the head's 12-wide G as a diagonal
     results["normed"] = weight_normed(rank, world)
+    results["spectral"] = spectral_normed(rank, world)
     results["wide_head"] = wide_head(rank, world)
     return results
 
@@ -150,6 +151,20 @@ def weight_normed(rank: int, world: int) -> dict:
 
     torch.manual_seed(5)
     model = nn.Sequential(weight_norm(nn.Linear(6, 8)), nn.Tanh(), weight_norm(nn.Linear(8, CLASSES)))
+    inputs = torch.randn(STEPS, BATCH, 6)
+    labels = (inputs[..., 0] > 0).long() + (inputs[..., 1] > 0).long()  # learnable
+    opt, result = kfac_on_halves(model, inputs, labels % CLASSES, rank, world)
+    return {**result, "blocks": sorted(opt.blocks), "unmatched": opt.unmatched}
+
+
+def spectral_normed(rank: int, world: int) -> dict:
+    """KFAC (default preset) on spectrally normed layers (runtime/spectral_norm.py), each rank its half of every
+    batch: every rank's power iteration runs on the same W_o and vectors, so sigma and the pulled-back step are
+    alike, and the run is the single process's on the whole batches."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(5)
+    model = nn.Sequential(spectral_norm(nn.Linear(6, 8)), nn.Tanh(), spectral_norm(nn.Linear(8, CLASSES)))
     inputs = torch.randn(STEPS, BATCH, 6)
     labels = (inputs[..., 0] > 0).long() + (inputs[..., 1] > 0).long()  # learnable
     opt, result = kfac_on_halves(model, inputs, labels % CLASSES, rank, world)
@@ -499,6 +514,13 @@ def test_weight_normed_layers_train_data_parallel_as_in_one_process(ranks, singl
     # torch._weight_norm has no forward mode: the quadratic model's products are central differences, whose quotient
     # carries float32's rounding of each batching's outputs divided by the step (~1e-4 of alpha)
     assert_the_single_process_weights(first, second, single_process["normed"], tolerance=1e-3)
+
+
+def test_spectrally_normed_layers_train_data_parallel_as_in_one_process(ranks, single_process):
+    first, second = (r["spectral"] for r in ranks)
+    assert first["blocks"] == ["0", "2"] and first["unmatched"] == []
+    assert first["infos"][-1]["loss"] < first["infos"][0]["loss"]
+    assert_the_single_process_weights(first, second, single_process["spectral"], tolerance=1e-3)
 
 
 def assert_the_single_process_weights(first: dict, second: dict, single: dict, tolerance: float = 2e-5) -> None:

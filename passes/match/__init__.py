@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import onnx_ir as ir
 
@@ -11,6 +12,7 @@ from kronograph.passes.match.base import LayerMatch, MatchContext, Use
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
 from kronograph.passes.match.tied import find_ties
+from kronograph.passes.match.spectral_norm import find_spectral_norms
 from kronograph.passes.match.verification import parameter_uses, parametrized, verify
 from kronograph.passes.match.weight_norm import find_weight_norms
 from kronograph.passes.plan import Layer, LayerPlan, Tie, Unmatched
@@ -109,6 +111,12 @@ def build_plan(
             reasons[tie.output.bias] = (f"bias of the output layer tied to the table '{tie.output.weight}': in "
                                         "K-FAC's block of the tie, outside every block elsewhere")
     for layer in normed:
+        if layer.spectral_norm:
+            for name, role in ((layer.spectral_norm, "W_o"), (layer.bias, "bias")):
+                if name:
+                    reasons[name] = (f"spectral norm's {role} of {layer.weight} (W = W_o / sigma): K-FAC gives the "
+                                     f"computed weight a block (spectral_norm_blocks), outside every block elsewhere")
+            continue
         direction, magnitude = layer.weight_norm
         for name, role in ((direction, "direction v"), (magnitude, "magnitude g"), (layer.bias, "bias")):
             if name:
@@ -156,25 +164,35 @@ def _ties(matches: list[LayerMatch], uses: dict[str, set[Use]], unmatched: set[s
 
 def _normed(ctx: MatchContext, values: dict[str, ir.Value], uses: dict[str, set[Use]], unmatched: set[str],
             taken: set[str]) -> tuple[Layer, ...]:
-    """The layers whose weight weight norm computes (passes/match/weight_norm.py), matched on that computed weight
-    as on a parameter: where v and g are read by the norm alone and every use of W is a site of one layer."""
+    """The layers whose weight weight norm (passes/match/weight_norm.py) or spectral norm (passes/match/
+    spectral_norm.py) computes, matched on that computed weight as on a parameter: where the parameters are read by
+    the norm alone and every use of W is a site of one layer."""
     found = []
     for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes):
         reader, divide, multiply = normed.nodes
         read_by_norm = ({node for node, _ in uses[normed.direction]} == {reader, multiply}
                         and {node for node, _ in uses[normed.magnitude]} == {divide})
-        if not read_by_norm or not {normed.direction, normed.magnitude} <= unmatched:
-            continue
-        derived = MatchContext(ctx.graph, {**ctx.parameters, normed.value.name: normed.name},
-                               {**ctx.shapes, normed.name: ctx.shapes[normed.direction]})
-        first = (next((m for matcher in MATCHERS if (m := matcher(node, derived)) is not None), None)
-                 for node, _ in terminal_uses(normed.value))
-        sites = [match for match in first if match is not None and match.weight.name == normed.name]
-        biases = {site.bias.name for site in sites if site.bias}
-        if not biases <= unmatched:
-            continue
-        accepted = verify(ctx.graph, sites, {normed.name: normed.value, **{b: values[b] for b in biases}}).accepted
-        for layer in _layers(accepted):
-            name = layer.weight if layer.name in taken else layer.name
-            found.append(dataclasses.replace(layer, name=name, weight_norm=(normed.direction, normed.magnitude)))
+        if read_by_norm and {normed.direction, normed.magnitude} <= unmatched:
+            found += _computed(ctx, values, unmatched, taken, normed.value, normed.name, normed.direction,
+                               weight_norm=(normed.direction, normed.magnitude))
+    for normed in find_spectral_norms(ctx.graph, ctx.parameters, ctx.shapes):
+        if normed.original in unmatched and {node for node, _ in uses[normed.original]} <= normed.nodes:
+            found += _computed(ctx, values, unmatched, taken, normed.value, normed.name, normed.original,
+                               spectral_norm=normed.original)
     return tuple(found)
+
+
+def _computed(ctx: MatchContext, values: dict[str, ir.Value], unmatched: set[str], taken: set[str], value: ir.Value,
+              name: str, like: str, **norm: Any) -> list[Layer]:
+    """The layer whose weight is the computed ``value`` (named ``name``, shaped as the parameter ``like``), with
+    ``norm`` (its ``weight_norm`` or ``spectral_norm``): none unless every use of it is a site and its bias is free."""
+    derived = MatchContext(ctx.graph, {**ctx.parameters, value.name: name}, {**ctx.shapes, name: ctx.shapes[like]})
+    first = (next((m for matcher in MATCHERS if (m := matcher(node, derived)) is not None), None)
+             for node, _ in terminal_uses(value))
+    sites = [match for match in first if match is not None and match.weight.name == name]
+    biases = {site.bias.name for site in sites if site.bias}
+    if not biases <= unmatched:
+        return []
+    accepted = verify(ctx.graph, sites, {name: value, **{b: values[b] for b in biases}}).accepted
+    return [dataclasses.replace(layer, name=layer.weight if layer.name in taken else layer.name, **norm)
+            for layer in _layers(accepted)]

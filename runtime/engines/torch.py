@@ -31,6 +31,7 @@ from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.pooling import FastPooling
 from kronograph.runtime.quadratic import difference_products, output_tangents
+from kronograph.runtime.spectral_norm import held_power_iterations
 from kronograph.runtime.statistics import preserved_buffers, sampled_statistics
 
 Records = dict[str, list[SiteRecord]]
@@ -244,7 +245,7 @@ class TorchEngine:
                 if names:
                     torch._foreach_add_(shifted, [direction[name].to(theta[name].dtype) for name in names], alpha=h)
                 randomness.replay()
-                with preserved_buffers(self.module), self.fast_pooling():
+                with self._extra_forward():
                     return _own(self.compiled.forward(*inputs).detach(), (*inputs, *theta.values()))
             finally:
                 if names:  # bit for bit as before
@@ -267,8 +268,16 @@ class TorchEngine:
 
     def outputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The outputs the loss is put on, at the current weights (no grad, buffers untouched)."""
-        with torch.no_grad(), preserved_buffers(self.module), self.fast_pooling():
+        with torch.no_grad(), self._extra_forward():
             return self.compiled.forward(*inputs).detach()
+
+    @contextlib.contextmanager
+    def _extra_forward(self) -> Iterator[None]:
+        """A forward after the step's gradient pass (the quadratic model's, rho's): buffers left as they were, max
+        pools as strided maxima, and spectral norms dividing by the sigma that pass left (no power iteration: a
+        difference of two forwards must not hold a change of sigma)."""
+        with preserved_buffers(self.module), held_power_iterations(self.module), self.fast_pooling():
+            yield
 
     def random_state(self) -> _RandomState:
         """The global generators' state now; its ``replay`` makes the next forwards draw the same random numbers
@@ -277,7 +286,7 @@ class TorchEngine:
 
     def loss_value(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> float:
         """The mean loss at the current weights (buffers untouched)."""
-        with torch.no_grad(), preserved_buffers(self.module), self.fast_pooling():
+        with torch.no_grad(), self._extra_forward():
             return float(self.loss(self.compiled.forward(*inputs), targets))
 
 

@@ -57,6 +57,7 @@ import torch
 
 from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
+from kronograph.runtime import spectral_norm
 from kronograph.runtime.capture import concatenated_records
 from kronograph.runtime.curvature import make_curvature, reachable_ties, with_diagonal_g, within_reach
 from kronograph.runtime.data_parallel import (
@@ -107,6 +108,7 @@ from kronograph.runtime.quadratic import (
     scaled,
     solve_quadratic_model,
 )
+from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sigmas
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
@@ -249,6 +251,11 @@ class KFAC:
             step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). Both
             engines, data-parallel and FSDP2 too, diagonal structure; elsewhere, and off (the paper
             preset's), v and g step as the parameters outside every block.
+        spectral_norm_blocks: a layer whose weight spectral norm computes (W = W_o / sigma, PyTorch's spectral_norm,
+            old or parametrization) gets the block of its computed weight W: sigma grad_{W_o} is W's gradient and
+            the block's step is pulled back as sigma Delta W (runtime/spectral_norm.py). The torch engine, not
+            FSDP2, diagonal structure; elsewhere, and off (the paper preset's), W_o steps as the parameters outside
+            every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
@@ -474,7 +481,7 @@ class KFAC:
         outputs = set(compiled.output_layers)  # (read from the graph once)
         ties = self._ties(compiled, s.tied_blocks, s.max_kronecker_dim, s.diagonal_output_g, outputs)
         views = tuple(view for tie in ties for view in tie.views)
-        self.normed = self._weight_normed(compiled, s.weight_norm_blocks)
+        self.normed = self._normed(compiled, s.weight_norm_blocks, s.spectral_norm_blocks)
         if (tables or views or self.normed) and compiled.engine == "torch":  # onnxruntime's graph taps its own
             self.engine.capture_also((*tables, *views, *self.normed))
         candidates = (*compiled.layers, *tables, *self.normed)
@@ -486,7 +493,7 @@ class KFAC:
         self.curvature = make_curvature(structure, layers, s.factor_dtype, bool(s.centered_damping),
                                         float(s.factor_damping_floor), s.max_factor_dim, ties,
                                         bool(s.relative_table_damping))
-        self.normed = tuple(layer for layer in layers if layer.weight_norm)  # (those within max_kronecker_dim)
+        self.normed = tuple(layer for layer in layers if layer.computed)  # (those within max_kronecker_dim)
         covered = {n for layer in layers for n in layer.parameter_names}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
@@ -553,12 +560,16 @@ class KFAC:
             return ()
         return reachable_ties(compiled.plan.ties, largest, diagonal_from, outputs)
 
-    def _weight_normed(self, compiled, wanted: bool) -> tuple:
-        """The plan's weight-normed layers K-FAC gives blocks (``weight_norm_blocks``): both engines, diagonal
-        structure, data-parallel and FSDP2 too (each rank pushes the summed gradient to W alike)."""
-        if not wanted or self.structure != "diagonal":
+    def _normed(self, compiled, weight_normed: bool, spectral_normed: bool) -> tuple:
+        """The plan's layers of a computed weight K-FAC gives blocks, diagonal structure: weight norm's
+        (``weight_norm_blocks``; both engines, data-parallel and FSDP2 too: each rank pushes the summed gradient to
+        W alike) and spectral norm's (``spectral_norm_blocks``; the torch engine, whose module holds the power
+        iteration's sigma, not FSDP2-sharded)."""
+        if self.structure != "diagonal":
             return ()
-        return compiled.plan.normed
+        spectral = spectral_normed and compiled.engine == "torch" and self.engine.sharded is None
+        return tuple(layer for layer in compiled.plan.normed
+                     if (layer.weight_norm and weight_normed) or (layer.spectral_norm and spectral))
 
     @property
     def blocks(self) -> dict[str, Any]:
@@ -652,12 +663,13 @@ class KFAC:
         unfused = self.rescale or self.engine.sharded is not None
         fused, rest = ([], self.curvature) if unfused else fused_layers(self.engine, self.curvature, grads, self._rows,
                                                                         left_out)
-        weighted = grads  # the gradient where weight-normed layers' blocks read it: in their computed W's coordinates
+        weighted = grads  # the gradient where computed weights' blocks read it: in their W's coordinates
         params = self.engine.parameters() if self.normed else {}  # (the weights before this step: the maps' point)
+        sigmas = spectral_sigmas(self.module, self.normed) if self.normed else {}
         if self.normed:
-            weighted = weight_coordinates(grads, params, self.normed)
+            weighted = self._weight_coordinates(grads, params, sigmas)
             if self._half_difference is not None:
-                self._half_difference = weight_coordinates(self._half_difference, params, self.normed)
+                self._half_difference = self._weight_coordinates(self._half_difference, params, sigmas)
         best = kept = None
         tangent_cache: dict[str, Any] = {}
         lr = self.lr
@@ -672,7 +684,8 @@ class KFAC:
                             if name not in left_out}
                 if signal:
                     self._update_signal(weighted, proposal, inverses, right_rows)
-                if self.normed:  # weight-normed layers' Delta W as (dg, dv)
+                if self.normed:  # computed weights' Delta W as (dg, dv) or dW_o
+                    proposal = spectral_norm.parameter_coordinates(proposal, sigmas, self.normed)
                     proposal = {name: value for name, value in parameter_coordinates(
                         proposal, params, self.normed).items() if name not in left_out}
                 share = self._signal_share()
@@ -725,6 +738,10 @@ class KFAC:
         info["damping"] = self.damping
         info["rejected_steps"] = self.rejected
         return info
+
+    def _weight_coordinates(self, grads: Direction, params: Direction, sigmas: Direction) -> Direction:
+        """``grads`` with each computed weight's gradient added under its name (weight norm's, spectral norm's)."""
+        return spectral_norm.weight_coordinates(weight_coordinates(grads, params, self.normed), sigmas, self.normed)
 
     def _invert(self, gamma: float) -> Any:
         """Every layer's damped inverses for gamma: here, or data-parallel each rank its share and one all_reduce."""
@@ -925,9 +942,9 @@ class KFAC:
         layers = low_rank if statistics_loss is None else None  # the statistics capture every layer (low_rank is ())
         try:
             first, second = (
-                self.engine.gradient_pass(tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
-                                          keep_outputs=keep_outputs, layers=layers, **extra)
-                for part in (slice(None, half), slice(half, None))
+                self._pass_of_step(number, tuple(t[part] for t in inputs), y[part], capture=bool(low_rank),
+                                   keep_outputs=keep_outputs, layers=layers, **extra)
+                for number, part in enumerate((slice(None, half), slice(half, None)))
             )
         except KronographError:  # targets that do not fit: said of the whole batch, in the user's terms
             result = self.engine.gradient_pass(inputs, y, capture=bool(low_rank), layers=layers, **extra)
@@ -947,6 +964,14 @@ class KFAC:
                    if first.outputs is not None and second.outputs is not None else None)
         return GradientPass(w * first.loss + (1 - w) * second.loss, grads, records, outputs)
 
+    def _pass_of_step(self, number: int, inputs, y, **options) -> GradientPass:
+        """The step's ``number``-th gradient pass (from 0): after the first, the module's spectral norms run no power
+        iteration, so that one step moves their vectors once however the batch is passed (halves, ranks' shares),
+        and every pass divides by the same sigma."""
+        held = number > 0 and self.module is not None
+        with held_power_iterations(self.module) if held else contextlib.nullcontext():
+            return self.engine.gradient_pass(inputs, y, **options)
+
     def _gradient_across_ranks(self, inputs, y, capture: bool, pieces: tuple[int, int] | None) -> GradientPass:
         """Data-parallel: the global batch's loss and gradient (and with ``pieces`` the halves' difference of
         ``signal_scaling``) from this rank's passes and one all_reduce of a flat buffer, each rank's shares weighted
@@ -959,10 +984,11 @@ class KFAC:
         else:
             total, half = part.total, part.total // 2
             bounds = [(0, pieces[0], 1 / half), (pieces[0], part.size, -1 / (total - half))]
-            shares = [(count / total, 0.5 * count * sign,
-                       self.engine.gradient_pass(tuple(t[start:stop] for t in inputs), y[start:stop], capture=False))
-                      for start, stop, sign in bounds if (count := stop - start)]
-            self._parts = [(start, stop, (stop - start) / total) for start, stop, _ in bounds if stop > start]
+            passed = [(start, stop, sign) for start, stop, sign in bounds if stop > start]
+            shares = [((stop - start) / total, 0.5 * (stop - start) * sign,
+                       self._pass_of_step(number, tuple(t[start:stop] for t in inputs), y[start:stop], capture=False))
+                      for number, (start, stop, sign) in enumerate(passed)]
+            self._parts = [(start, stop, (stop - start) / total) for start, stop, _ in passed]
         names = list(self.engine.parameters())
         loss = torch.tensor(sum(weight * result.loss for weight, _, result in shares), device=self.engine.device)
         grads = [sum(weight * result.grads[name] for weight, _, result in shares) for name in names]

@@ -177,6 +177,10 @@ class KFACSettings:
                                        "PyTorch's weight_norm) a Kronecker block on W, the step pulled back to g "
                                        "and v (off: they step as the parameters outside every block, the paper's). "
                                        "Both engines, data-parallel and FSDP2 too, diagonal structure.")
+    spectral_norm_blocks: bool = setting(True, "Give a layer whose weight is computed by spectral norm (W = W_o / "
+                                         "sigma, PyTorch's spectral_norm) a Kronecker block on W, the step pulled "
+                                         "back to W_o (off: W_o steps as the parameters outside every block, the "
+                                         "paper's). The torch engine, not FSDP2, diagonal structure.")
     relative_table_damping: bool = setting(True, "Scale a table's gamma (an embedding or bag wider than 1024 rows) "
                                            "by sqrt(s / S), s = sqrt(mean eig A x mean eig G) its block's scale "
                                            "and S the other blocks' geometric mean: one gamma damps a word table "
@@ -245,6 +249,7 @@ PRESETS: dict[str, KFACSettings] = {
         reject_damping_floor=None,
         bound_model_decrease=False, max_logit_change=None, unit_momentum_below=None, gamma_rule_min_signal=None,
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
+        spectral_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
     ),
 }
