@@ -368,16 +368,17 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             nn.Flatten(), weight_norm(nn.Linear(64 * 49, 10))), x, y, "cross_entropy", 64)
 
     def fashion_spectral_cnn() -> Problem:
-        """Miyato et al.'s (2018) spectral norm on every convolution and the head, as GAN discriminators and
-        Lipschitz-bounded classifiers use it: each weight computed as W_o / sigma, sigma by one power iteration a
-        training forward."""
+        """Miyato et al.'s (2018) spectral norm on the hidden layers, as GAN discriminators and distance-aware
+        classifiers (SNGP) use it: each weight computed as W_o / sigma, sigma by one power iteration a training
+        forward; a plain head (normed too, a 1-Lipschitz net's logits could not grow confident)."""
         from torch.nn.utils.parametrizations import spectral_norm
 
         x, y = _images("fashion-mnist")
         return Problem(lambda: nn.Sequential(
             spectral_norm(nn.Conv2d(1, 32, 3, 1, 1)), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
             spectral_norm(nn.Conv2d(32, 64, 3, 1, 1)), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-            nn.Flatten(), spectral_norm(nn.Linear(64 * 49, 10))), x, y, "cross_entropy", 64)
+            nn.Flatten(), spectral_norm(nn.Linear(64 * 49, 128)), nn.LeakyReLU(0.1), nn.Linear(128, 10)),
+            x, y, "cross_entropy", 64)
 
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
