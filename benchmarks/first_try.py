@@ -209,6 +209,51 @@ def problems() -> dict[str, Callable[[], Problem]]:
             "text-lm": text_lm, "mnist-classifier": mnist_classifier}
 
 
+class TinyViT(nn.Module):
+    """A vision transformer (Dosovitskiy et al. 2021) at its smallest: 7 x 7 patches of a 28 x 28 image as 16 tokens
+    by a strided convolution, a learned class token and positions, two pre-norm encoder layers, the head on the
+    class token."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(1, width, 7, 7)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = nn.Parameter(torch.zeros(1, 17, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, 2)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(images).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(images), -1, -1), tokens], 1) + self.position
+        return self.head(self.norm(self.body(tokens)[:, 0]))
+
+
+class ConvNeXtCNN(nn.Module):
+    """Two ConvNeXt blocks (Liu et al. 2022): a 7 x 7 depthwise convolution, layer norm over channels last, a
+    4x-wide pointwise MLP as linear layers on [n, h, w, c], a layer scale, a residual; a patchify stem between."""
+
+    def __init__(self, widths: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        self.stems = nn.ModuleList([nn.Conv2d(1, widths[0], 2, 2), nn.Conv2d(widths[0], widths[1], 2, 2)])
+        self.depthwise = nn.ModuleList([nn.Conv2d(w, w, 7, padding=3, groups=w) for w in widths])
+        self.norms = nn.ModuleList([nn.LayerNorm(w) for w in widths])
+        self.expand = nn.ModuleList([nn.Linear(w, 4 * w) for w in widths])
+        self.project = nn.ModuleList([nn.Linear(4 * w, w) for w in widths])
+        self.scales = nn.ParameterList([nn.Parameter(torch.full((w,), 1e-6)) for w in widths])
+        self.head = nn.Linear(widths[1], 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        for stem, depthwise, norm, expand, project, scale in zip(self.stems, self.depthwise, self.norms, self.expand,
+                                                                 self.project, self.scales):
+            x = stem(x)
+            y = norm(depthwise(x).permute(0, 2, 3, 1))
+            x = x + (project(nn.functional.gelu(expand(y))) * scale).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
 class TextGRU(nn.Module):
     """A one-layer GRU language model on characters (the GRU's input and hidden maps have blocks on the torch
     engine since the capture rebuilds the recurrence: runtime/recurrent.py)."""
@@ -277,7 +322,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
     3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words,
-    spectral norm). ``--problems unseen`` runs them all."""
+    spectral norm, a vision transformer, ConvNeXt blocks). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -380,12 +425,21 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             nn.Flatten(), spectral_norm(nn.Linear(64 * 49, 128)), nn.LeakyReLU(0.1), nn.Linear(128, 10)),
             x, y, "cross_entropy", 64)
 
+    def fashion_vit() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(TinyViT, x, y, "cross_entropy", 64)
+
+    def fashion_convnext() -> Problem:
+        x, y = _images("fashion-mnist")
+        return Problem(ConvNeXtCNN, x, y, "cross_entropy", 64)
+
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
             "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
             "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
-            "text-bag": text_bag, "text-tags": text_tags, "fashion-spectral-cnn": fashion_spectral_cnn}
+            "text-bag": text_bag, "text-tags": text_tags, "fashion-spectral-cnn": fashion_spectral_cnn,
+            "fashion-vit": fashion_vit, "fashion-convnext": fashion_convnext}
 
 
 def all_problems() -> dict[str, Callable[[], Problem]]:
