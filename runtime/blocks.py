@@ -127,17 +127,21 @@ class KroneckerBlock:
 
         A batch with NaN/Inf in either factor is not folded in (a poisoned EMA would never recover):
         returns False and raises a StatisticsWarning through ``warnings``. ``in_place=False`` writes the new
-        EMAs into new tensors and leaves the old ones untouched, so that a caller holding them can put them
-        back if its step fails later (KFACPreconditioner's steps are atomic).
+        EMAs into the batch's tensors, which the caller hands over, and leaves the old ones untouched, so that a
+        caller holding them can put them back if its step fails later (KFACPreconditioner's steps are atomic).
         """
         device = self.device if self.device is not None else a.device
         a, g = a.to(device=device, dtype=self.dtype), g.to(device=device, dtype=self.dtype)
         if not all_finite((a, g)):
             self._warn_non_finite()
             return False
-        old_a, old_g = (self.a, self.g) if in_place or self.a is None else (self.a.clone(), self.g.clone())
-        self.a = ema_(old_a, a, decay)
-        self.g = ema_(old_g, g, decay)
+        if in_place:
+            self.a, self.g = ema_(self.a, a, decay), ema_(self.g, g, decay)
+        elif self.a is None or decay == 0:  # the batch is the estimate (decay 0 replaces even a non-finite EMA)
+            self.a, self.g = a, g
+        else:  # decay old + (1 - decay) batch, written over the batch: no copy of the old EMAs
+            self.a = a.mul_(1.0 - decay).add_(self.a, alpha=decay)
+            self.g = g.mul_(1.0 - decay).add_(self.g, alpha=decay)
         self.updates += 1
         return True
 

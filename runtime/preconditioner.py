@@ -406,11 +406,17 @@ class KFACPreconditioner:
                 layer, dtype = self.blocks[name].layer, self.factor_dtype
                 a, g = batch_factors(layer, records, batch_size=n, grad_scale=scale, index=index, dtype=dtype,
                                      subset=self.row_subset, blocks=self.blocks[name].statistics_blocks)
-                total = sums.setdefault(name, [0.0, 0.0, 0])
-                total[0], total[1], total[2] = total[0] + m * a, total[1] + m * g, total[2] + m
+                total = sums.get(name)
+                if total is None:  # (one capture a step, the usual loop: its factors as they are, no pass over them)
+                    sums[name] = [a, g, m]
+                else:  # the running mean weighted by examples, in the first capture's own tensors
+                    weight = m / (total[2] + m)
+                    total[0].mul_(1 - weight).add_(a, alpha=weight)
+                    total[1].mul_(1 - weight).add_(g, alpha=weight)
+                    total[2] += m
         if pending and not sums:
             raise KronographError("track() saw a forward but no backward reached its layers; run loss.backward()")
-        return {name: (a / m, g / m, m) for name, (a, g, m) in sums.items()}
+        return {name: (a, g, m) for name, (a, g, m) in sums.items()}
 
     def _fold(self, stats: Statistics, collective: bool = False, drawn: torch.Tensor | None = None) -> dict[str, Any]:
         """Fold one mini-batch's factors into the EMAs (the first estimate replaces the empty one).

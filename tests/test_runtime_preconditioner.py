@@ -427,6 +427,28 @@ def test_accumulated_halves_equal_one_batch(one_block):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
 
 
+def test_accumulated_unequal_parts_pool_weighted_by_their_examples():
+    """Three track() blocks on a quarter, a half and a quarter of a batch, each loss scaled by its share: the
+    factors are the whole batch's (each capture's weighted by its examples)."""
+    whole, parts = mlp(), mlp()
+    x, y = batch(whole, 1)
+    settings = dict(damping=0.1, factor_dtype=torch.float64)
+    precond_whole = kronograph.optim.KFACPreconditioner(kronograph.compile(whole, (x,)), **settings)
+    precond_parts = kronograph.optim.KFACPreconditioner(kronograph.compile(parts, (x,)), **settings)
+    with precond_whole.track():
+        user_backward(whole, x, y)
+    precond_whole.step()
+    parts.zero_grad()
+    for part in (slice(0, N // 4), slice(N // 4, 3 * N // 4), slice(3 * N // 4, N)):
+        share = (part.stop - part.start) / N
+        with precond_parts.track(loss_scale=share):
+            (share * F.cross_entropy(parts(x[part]), y[part])).backward()
+    precond_parts.step()
+    for a, b in zip(precond_whole.blocks.values(), precond_parts.blocks.values()):
+        torch.testing.assert_close(a.a, b.a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.g, b.g, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 def test_a_layer_wider_than_max_kronecker_dim_keeps_its_gradient(fisher):
     """max_kronecker_dim=8 on a 5-8-3 MLP: the second layer (a 9-wide A) is named in a CoverageWarning, gets no
