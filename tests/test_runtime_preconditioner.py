@@ -394,59 +394,39 @@ def test_schedule_and_misuse():
             kronograph.optim.KFACPreconditioner(compiled, **kwargs)
 
 
-@pytest.mark.parametrize("one_block", [False, True])
-def test_accumulated_halves_equal_one_batch(one_block):
-    """Two track(loss_scale=1/2) blocks on halves of a batch, or one track() around both halves (the 1/2 is
-    derived from the two forwards seen; a no_grad validation forward inside is ignored), pool into the factors
-    of the whole batch."""
-    whole, halves = mlp(), mlp()
+@pytest.mark.parametrize("bounds, one_block", [((0, N // 2, N), False), ((0, N // 2, N), True),
+                                               ((0, N // 4, 3 * N // 4, N), False)])
+def test_accumulated_parts_equal_one_batch(bounds, one_block):
+    """track(loss_scale=share) blocks on parts of a batch (halves; a quarter, a half and a quarter: each capture
+    weighted by its examples), or one track() around both halves (the 1/2 is derived from the two forwards seen; a
+    no_grad validation forward inside is ignored), pool into the factors of the whole batch."""
+    whole, parted = mlp(), mlp()
     x, y = batch(whole, 1)
     settings = dict(damping=0.1, factor_dtype=torch.float64)
     precond_whole = kronograph.optim.KFACPreconditioner(kronograph.compile(whole, (x,)), **settings)
-    precond_halves = kronograph.optim.KFACPreconditioner(kronograph.compile(halves, (x,)), **settings)
+    precond_parts = kronograph.optim.KFACPreconditioner(kronograph.compile(parted, (x,)), **settings)
     with precond_whole.track():
         user_backward(whole, x, y)
     precond_whole.step()
-    halves.zero_grad()
-    parts = (slice(0, N // 2), slice(N // 2, N))
+    parted.zero_grad()
+    parts = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
     if one_block:
-        with precond_halves.track():
+        with precond_parts.track():
             for part in parts:
-                (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
+                (0.5 * F.cross_entropy(parted(x[part]), y[part])).backward()
             with torch.no_grad():
-                halves(x[:3])  # a validation forward
+                parted(x[:3])  # a validation forward
     else:
         for part in parts:
-            with precond_halves.track(loss_scale=0.5):
-                (0.5 * F.cross_entropy(halves(x[part]), y[part])).backward()
-    precond_halves.step()
-    for a, b in zip(precond_whole.blocks.values(), precond_halves.blocks.values()):
-        torch.testing.assert_close(a.a, b.a, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(a.g, b.g, rtol=1e-10, atol=1e-12)
-    for p, q in zip(whole.parameters(), halves.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
-
-
-def test_accumulated_unequal_parts_pool_weighted_by_their_examples():
-    """Three track() blocks on a quarter, a half and a quarter of a batch, each loss scaled by its share: the
-    factors are the whole batch's (each capture's weighted by its examples)."""
-    whole, parts = mlp(), mlp()
-    x, y = batch(whole, 1)
-    settings = dict(damping=0.1, factor_dtype=torch.float64)
-    precond_whole = kronograph.optim.KFACPreconditioner(kronograph.compile(whole, (x,)), **settings)
-    precond_parts = kronograph.optim.KFACPreconditioner(kronograph.compile(parts, (x,)), **settings)
-    with precond_whole.track():
-        user_backward(whole, x, y)
-    precond_whole.step()
-    parts.zero_grad()
-    for part in (slice(0, N // 4), slice(N // 4, 3 * N // 4), slice(3 * N // 4, N)):
-        share = (part.stop - part.start) / N
-        with precond_parts.track(loss_scale=share):
-            (share * F.cross_entropy(parts(x[part]), y[part])).backward()
+            share = (part.stop - part.start) / N
+            with precond_parts.track(loss_scale=share):
+                (share * F.cross_entropy(parted(x[part]), y[part])).backward()
     precond_parts.step()
     for a, b in zip(precond_whole.blocks.values(), precond_parts.blocks.values()):
         torch.testing.assert_close(a.a, b.a, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(a.g, b.g, rtol=1e-10, atol=1e-12)
+    for p, q in zip(whole.parameters(), parted.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])

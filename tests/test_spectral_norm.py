@@ -20,6 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 import kronograph
 from equality import kfac_resumed
+from sequence_batches import batch, learnable_batch
 from kronograph.runtime.inverse import CoverageWarning
 from kronograph.runtime.spectral_norm import spectral_sigma
 
@@ -41,11 +42,6 @@ def plain_twin(normed: nn.Module) -> nn.Module:
             twin[i].weight.copy_(normed[i].weight)
             twin[i].bias.copy_(normed[i].bias)
     return twin
-
-
-def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
 
 
 def held_vectors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -212,9 +208,7 @@ def test_a_spectrally_normed_net_trains_and_resumes_exactly():
     resumed, tail, again = kfac_resumed(normed_net, batches, batches[0][0][:2])
     assert sorted(resumed.blocks) == ["0", "3", "5"]
     assert tail == again
-    x, _ = batch(256, 99)
-    y = (x.flatten(1) @ torch.linspace(-1, 1, 30).reshape(10, 3)).argmax(1)  # labels a function of x
-    torch.manual_seed(0)
+    x, y = learnable_batch()
     losses = {}
     for blocks in (True, False):
         torch.manual_seed(0)

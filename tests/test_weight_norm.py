@@ -20,6 +20,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import kronograph
 from equality import kfac_resumed
+from sequence_batches import batch, learnable_batch
 from kronograph.passes.plan import LayerPlan
 from kronograph.runtime.inverse import CoverageWarning
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
@@ -58,11 +59,6 @@ def direction_and_magnitude(index: int) -> tuple[str, str]:
     if index == 5:
         return "5.weight_v", "5.weight_g"
     return f"{index}.parametrizations.weight.original1", f"{index}.parametrizations.weight.original0"
-
-
-def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
 
 
 def test_the_plan_holds_each_weight_normed_layer_with_its_v_and_g():
@@ -185,8 +181,7 @@ def test_a_weight_normed_net_trains_and_resumes_exactly():
     resumed, tail, again = kfac_resumed(normed_net, batches, batches[0][0][:2])
     assert sorted(resumed.blocks) == ["0", "3", "5"]
     assert tail == again
-    x, _ = batch(256, 99)
-    y = (x.flatten(1) @ torch.linspace(-1, 1, 30).reshape(10, 3)).argmax(1)  # labels a function of x
+    x, y = learnable_batch()
     torch.manual_seed(0)
     model = normed_net()
     twin = plain_twin(model)
