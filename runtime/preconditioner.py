@@ -125,7 +125,7 @@ from kronograph.runtime.statistics import (
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.sharded import any_sharded, check_row_sharded, is_sharded, local_rows, whole
-from kronograph.runtime.spectral_norm import spectral_sigmas
+from kronograph.runtime.spectral_norm import has_sigma, spectral_sigmas
 from kronograph.runtime.wbar import gather, scatter
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
@@ -282,7 +282,8 @@ class KFACPreconditioner:
         views = tuple(view for tie in ties for view in tie.views)
         spectral_norm_blocks = spectral_norm_blocks and not any_sharded(compiled.module)
         normed = [layer for layer in compiled.plan.normed
-                  if (layer.weight_norm and weight_norm_blocks) or (layer.spectral_norm and spectral_norm_blocks)]
+                  if (layer.weight_norm and weight_norm_blocks)
+                  or (layer.spectral_norm and spectral_norm_blocks and has_sigma(compiled.module, layer))]
         candidates = with_diagonal_g([*compiled.layers, *tables, *normed], diagonal_output_g, outputs)
         self.layers = (*within_reach(candidates, largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",

@@ -23,33 +23,34 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from kronograph.passes.plan import Layer
 
-_SUFFIX = ".parametrizations."
-
 
 def spectral_sigma(module: torch.nn.Module, original: str) -> torch.Tensor | None:
     """sigma = u^T mat(W_o) v of the spectral norm whose W_o is the parameter ``original`` of ``module``
     (``fc.parametrizations.weight.original`` or the older ``fc.weight_orig``), a detached 0-dim tensor; None where
     no PyTorch spectral norm computes that parameter's weight."""
-    with torch.no_grad():
-        if _SUFFIX in f".{original}":
-            owner_name, _, rest = f".{original}".partition(_SUFFIX)
-            attribute, _, last = rest.partition(".")
-            owner = module.get_submodule(owner_name[1:])
-            chain = owner.parametrizations[attribute] if last == "original" else ()
+    path = original.split(".")
+    owner_name, name = ".".join(path[:-1]), path[-1]
+    try:
+        if len(path) >= 3 and path[-3] == "parametrizations" and name == "original":  # the chain's one _SpectralNorm
+            chain = module.get_submodule(owner_name)
             if len(chain) != 1 or not isinstance(chain[0], _SpectralNorm):
                 return None
             norm = chain[0]
             matrix, u, v = norm._reshape_weight_to_matrix(chain.original), norm._u, norm._v
-        else:
-            owner_name, _, name = original.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+        elif name.endswith("_orig"):  # owner.weight_orig, the older API's forward pre-hook on owner
+            owner = module.get_submodule(owner_name)
             attribute = name[: -len("_orig")]
             hooks = [hook for hook in owner._forward_pre_hooks.values()
-                     if isinstance(hook, SpectralNorm) and hook.name == attribute] if name.endswith("_orig") else []
+                     if isinstance(hook, SpectralNorm) and hook.name == attribute]
             if len(hooks) != 1:
                 return None
             matrix = hooks[0].reshape_weight_to_matrix(getattr(owner, name))
             u, v = getattr(owner, f"{attribute}_u"), getattr(owner, f"{attribute}_v")
+        else:
+            return None
+    except (AttributeError, KeyError, TypeError):  # (the name does not lead to such a module)
+        return None
+    with torch.no_grad():
         return torch.vdot(u, torch.mv(matrix, v)).detach()
 
 
@@ -67,6 +68,11 @@ def held_power_iterations(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(norms, modes):
             m.training = mode
+
+
+def has_sigma(module: torch.nn.Module | None, layer: Layer) -> bool:
+    """Whether a PyTorch spectral norm of ``module`` computes ``layer``'s weight (its sigma can be read)."""
+    return module is not None and spectral_sigma(module, layer.spectral_norm) is not None
 
 
 def spectral_sigmas(module: torch.nn.Module, layers: Iterable[Layer]) -> dict[str, torch.Tensor]:

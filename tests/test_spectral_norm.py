@@ -89,8 +89,26 @@ def test_a_w_o_read_elsewhere_too_or_divided_by_a_constant_gets_no_block():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x @ (self.weight / torch.tensor(2.0)).T
 
-    for model in (Reused(), Scaled()):
+    class Frobenius(nn.Module):  # a model's own W / |W|: a scalar from W_o, but no PyTorch spectral norm
+        def __init__(self, name: str = "weight") -> None:
+            super().__init__()
+            self.name = name
+            self.register_parameter(name, nn.Parameter(torch.randn(4, 4)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight = getattr(self, self.name)
+            return x @ (weight / weight.norm()).T
+
+    for model in (Reused(), Scaled(), Frobenius()):
         assert kronograph.compile(model, (torch.randn(2, 4),), loss="mse").plan.normed == ()
+    # named as the older API names W_o, but without its hook: in the plan, yet no block (no sigma to read)
+    cm = kronograph.compile(Frobenius("weight_orig"), (torch.randn(2, 4),), loss="mse")
+    assert [layer.spectral_norm for layer in cm.plan.normed] == ["weight_orig"]
+    with pytest.warns(CoverageWarning):
+        opt = kronograph.optim.KFAC(cm)
+    assert opt.blocks == {} and opt.unmatched == ["weight_orig"]
+    assert math.isfinite(opt.step(torch.randn(8, 4), torch.randn(8, 4))["loss"])
+    assert kronograph.optim.KFACPreconditioner(cm).blocks == {}  # (its .grad kept as the loss's)
 
 
 @pytest.mark.parametrize("kind", ["conv_transpose", "linear_old"])

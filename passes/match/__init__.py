@@ -11,8 +11,8 @@ from kronograph.passes.graph import ensure_node_names, node_label, terminal_uses
 from kronograph.passes.match.base import LayerMatch, MatchContext, Use
 from kronograph.passes.match.embedding import MAX_EMBEDDING_ROWS, match_table
 from kronograph.passes.match.patterns import MATCHERS
-from kronograph.passes.match.tied import find_ties
 from kronograph.passes.match.spectral_norm import find_spectral_norms
+from kronograph.passes.match.tied import find_ties
 from kronograph.passes.match.verification import parameter_uses, parametrized, verify
 from kronograph.passes.match.weight_norm import find_weight_norms
 from kronograph.passes.plan import Layer, LayerPlan, Tie, Unmatched

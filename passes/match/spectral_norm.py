@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from kronograph.passes.graph import static_shape
 
-_PARAMETRIZED = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.original$")
+_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,16 @@ class SpectralWeight:
     nodes: frozenset[str]  # the Div and every node sigma is computed by: the only readers of W_o allowed
 
 
-def computed_name(original: str) -> str:
+def computed_name(original: str) -> str | None:
     """The module attribute a spectral norm's W_o computes: ``fc.parametrizations.weight.original``
     (torch.nn.utils.parametrizations.spectral_norm) and ``fc.weight_orig`` (the older torch.nn.utils.spectral_norm)
-    both give ``fc.weight``."""
+    both give ``fc.weight``; None for a name neither gives (a model's own W / c(W): the runtime reads sigma from
+    PyTorch's power-iteration vectors, which it would not have)."""
     found = _PARAMETRIZED.match(original)
     if found:
-        return f"{found.group(1)}.{found.group(2)}"
-    return original[: -len("_orig")] if original.endswith("_orig") else f"{original}[normed]"
+        owner, attribute = found.groups()
+        return f"{owner}.{attribute}" if owner else attribute
+    return original[: -len("_orig")] if original.endswith("_orig") else None
 
 
 def _ancestors(value: ir.Value) -> tuple[set[str], set[str]]:
@@ -60,7 +62,8 @@ def _ancestors(value: ir.Value) -> tuple[set[str], set[str]]:
 
 def find_spectral_norms(graph: ir.Graph, parameters: dict[str, str], shapes: dict[str, tuple[int, ...]]
                         ) -> list[SpectralWeight]:
-    """Every Div(W_o, sigma) of a parameter W_o (two axes or more) by a scalar sigma computed from W_o."""
+    """Every Div(W_o, sigma) of a parameter W_o (two axes or more, named as PyTorch's spectral norm names it) by a
+    scalar sigma computed from W_o."""
     found = []
     for node in graph:
         if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -73,7 +76,7 @@ def find_spectral_norms(graph: ir.Graph, parameters: dict[str, str], shapes: dic
         if len(shapes[original]) < 2 or shape is None or any(d != 1 for d in shape):
             continue
         nodes, read = _ancestors(sigma)
-        if weight.name in read:
-            found.append(SpectralWeight(node.outputs[0], original, computed_name(original),
-                                        frozenset({node.name, *nodes})))
+        name = computed_name(original)
+        if weight.name in read and name is not None:
+            found.append(SpectralWeight(node.outputs[0], original, name, frozenset({node.name, *nodes})))
     return found

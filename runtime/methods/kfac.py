@@ -108,7 +108,7 @@ from kronograph.runtime.quadratic import (
     scaled,
     solve_quadratic_model,
 )
-from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sigmas
+from kronograph.runtime.spectral_norm import has_sigma, held_power_iterations, spectral_sigmas
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
@@ -564,12 +564,13 @@ class KFAC:
         """The plan's layers of a computed weight K-FAC gives blocks, diagonal structure: weight norm's
         (``weight_norm_blocks``; both engines, data-parallel and FSDP2 too: each rank pushes the summed gradient to
         W alike) and spectral norm's (``spectral_norm_blocks``; the torch engine, whose module holds the power
-        iteration's sigma, not FSDP2-sharded)."""
+        iteration's sigma, PyTorch's spectral norm computing the weight, not FSDP2-sharded)."""
         if self.structure != "diagonal":
             return ()
         spectral = spectral_normed and compiled.engine == "torch" and self.engine.sharded is None
         return tuple(layer for layer in compiled.plan.normed
-                     if (layer.weight_norm and weight_normed) or (layer.spectral_norm and spectral))
+                     if (layer.weight_norm and weight_normed) or (layer.spectral_norm and spectral
+                                                                  and has_sigma(compiled.module, layer)))
 
     @property
     def blocks(self) -> dict[str, Any]:
