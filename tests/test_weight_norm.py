@@ -26,9 +26,10 @@ from kronograph.runtime.inverse import CoverageWarning
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 
-#: the norms' dim of ``normed_net``'s three layers: PyTorch's default, and the whole norm (None) and a linear weight's
-#: columns (dim=1, g [1, in]) beside it
-DIMS = [(0, 0, 0), (None, 1, None)]
+#: the norms' dim of ``normed_net``'s three layers: PyTorch's default; the whole norm (None) and a linear weight's
+#: columns (dim=1, g [1, in]) beside it; a conv's input channels (dim=1, g [1, in, 1]: the export transposes v,
+#: flattens, reduces and transposes back)
+DIMS = [(0, 0, 0), (None, 1, None), (1, 0, 1)]
 
 
 def normed_net(dims: tuple = (0, 0, 0)) -> nn.Module:
@@ -79,15 +80,27 @@ def test_the_plan_holds_each_weight_normed_layer_with_its_v_and_g():
     assert LayerPlan.from_json(cm.plan.to_json()) == cm.plan
 
 
-def test_a_norm_the_export_takes_through_a_transpose_gets_no_block():
-    """A conv normed per input channel (dim=1): PyTorch's export transposes v, flattens, reduces and transposes back,
-    which the matcher does not read; v and g step outside every block, as before, while the whole norm (dim=None)
-    and a linear weight's dim=1 are matched (``DIMS``)."""
+def test_a_norm_the_export_takes_through_transposes_is_read_by_its_values():
+    """A conv normed per input channel (dim=1): PyTorch's export transposes v, flattens, reduces and transposes back.
+    The matcher evaluates that chain on a random v (onnx's reference evaluator) against the norm over the axes where
+    g has size 1: a block. The same chain over the wrong axes (output channels, placed where g's input channels are:
+    the shapes agree) is no norm of weight norm's: no block."""
     cm = kronograph.compile(normed_net((1, 1, None)), (batch()[0][:2],), loss="cross_entropy")
-    assert sorted(layer.name for layer in cm.plan.normed) == ["3", "5"]
-    assert {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= {
-        entry.name for entry in cm.plan.unmatched}
-    assert cm.plan.normed[0].weight_norm == ("3.parametrizations.weight.original1", "3.parametrizations.weight.original0")
+    assert sorted(layer.name for layer in cm.plan.normed) == ["0", "3", "5"]
+    assert cm.plan.normed[0].weight_norm == ("0.parametrizations.weight.original1",
+                                             "0.parametrizations.weight.original0")
+
+    class WrongAxes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = nn.Parameter(torch.randn(4, 4, 3))
+            self.g = nn.Parameter(torch.ones(1, 4, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            norm = self.v.reshape(4, -1).norm(dim=1).reshape(4, 1, 1).transpose(0, 1)  # per output channel
+            return nn.functional.conv1d(x, self.v * (self.g / norm)).flatten(1)
+
+    assert kronograph.compile(WrongAxes(), (torch.randn(2, 4, 5),), loss="mse").plan.normed == ()
 
 
 def test_a_v_read_elsewhere_too_gets_no_block():
@@ -103,12 +116,13 @@ def test_a_v_read_elsewhere_too_gets_no_block():
     assert cm.plan.normed == ()
 
 
-@pytest.mark.parametrize(("index", "dim", "g_shape"), [(0, 0, (4, 1, 1)), (0, None, ()), (3, 1, (1, 12))],
-                         ids=["conv-dim0", "conv-whole", "linear-dim1"])
+@pytest.mark.parametrize(("index", "dim", "g_shape"), [(0, 0, (4, 1, 1)), (0, None, ()), (3, 1, (1, 12)),
+                                                     (0, 1, (1, 2, 1))],
+                         ids=["conv-dim0", "conv-whole", "linear-dim1", "conv-dim1"])
 def test_the_coordinate_maps_are_autograd_jacobians_of_weight_norm(index, dim, g_shape):
     """grad_(g, v) = J^T grad_W is pushed back to grad_W, and a step Delta W pulled back to (dg, dv) has J (dg, dv)
     = Delta W, J autograd's Jacobian of torch._weight_norm at (v, g), for the norm of each output row (dim=0), of
-    all of v (dim=None, g a scalar) and of each input column (dim=1)."""
+    all of v (dim=None, g a scalar) and of each input column (dim=1) or input channel (a conv's dim=1)."""
     torch.manual_seed(1)
     dims = (dim, 0, 0) if index == 0 else (0, dim, 0)
     cm = kronograph.compile(normed_net(dims), (batch()[0][:2],), loss="cross_entropy")
@@ -130,7 +144,7 @@ def test_the_coordinate_maps_are_autograd_jacobians_of_weight_norm(index, dim, g
     assert layer.weight not in step and step["other"].equal(torch.ones(2)) and step[g_name].shape == g_shape
     torch.testing.assert_close((jacobian @ torch.cat([step[v_name].reshape(-1), step[g_name].reshape(-1)])
                                 ).reshape(shape), grad_w)
-    axes = {0: (1, 2), None: (0, 1, 2), 1: (0,)}[dim]
+    axes = tuple(axis for axis, size in enumerate(g_shape) if size == 1) or tuple(range(v.dim()))  # (g's 1s)
     assert float((step[v_name] * v).sum(axes).abs().max()) < 1e-12  # dv orthogonal to v, group by group
 
 

@@ -94,7 +94,8 @@ def build_plan(
     uses = parameter_uses(values)
     ties = _ties([*matches, *wide], uses, set(verdict.reasons), {layer.name for layer in (*layers, *tables)})
     normed = _normed(ctx, values, uses, set(verdict.reasons),
-                     {layer.name for layer in (*layers, *tables, *(tie.output for tie in ties))})
+                     {layer.name for layer in (*layers, *tables, *(tie.output for tie in ties))},
+                     model.opset_imports.get("", 18))
     order = list(parameters.values()) + list(missing or {})
     reasons = dict(verdict.reasons)
     for table in tables:
@@ -163,12 +164,12 @@ def _ties(matches: list[LayerMatch], uses: dict[str, set[Use]], unmatched: set[s
 
 
 def _normed(ctx: MatchContext, values: dict[str, ir.Value], uses: dict[str, set[Use]], unmatched: set[str],
-            taken: set[str]) -> tuple[Layer, ...]:
+            taken: set[str], opset: int) -> tuple[Layer, ...]:
     """The layers whose weight weight norm (passes/match/weight_norm.py) or spectral norm (passes/match/
     spectral_norm.py) computes, matched on that computed weight as on a parameter: where the parameters are read by
     the norm alone and every use of W is a site of one layer."""
     found = []
-    for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes):
+    for normed in find_weight_norms(ctx.graph, ctx.parameters, ctx.shapes, opset):
         reader, divide, multiply = normed.nodes
         read_by_norm = ({node for node, _ in uses[normed.direction]} == {reader, multiply}
                         and {node for node, _ in uses[normed.magnitude]} == {divide})

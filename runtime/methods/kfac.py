@@ -245,10 +245,9 @@ class KFAC:
             from the all-reduced factors) and FSDP2, diagonal structure; elsewhere, and off (the paper
             preset's), the table steps as the parameters outside every block.
         weight_norm_blocks: a layer whose weight weight norm computes (the plan's ``normed``: W = g v / |v|,
-            PyTorch's weight_norm, old or parametrization, dim=0, dim=None, or a dim whose norm the export reduces
-            directly, a linear weight's dim=1) gets the block of its computed weight W: its a and g are
-            those of any layer, the gradient is pushed forward to W and the block's step pulled back to (g, v), a
-            step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). Both
+            PyTorch's weight_norm, old or parametrization, any dim) gets the block of its computed weight W: its a
+            and g are those of any layer, the gradient is pushed forward to W and the block's step pulled back to
+            (g, v), a step whose first-order change of W is the block's step exactly (runtime/weight_norm.py). Both
             engines, data-parallel and FSDP2 too, diagonal structure; elsewhere, and off (the paper
             preset's), v and g step as the parameters outside every block.
         spectral_norm_blocks: a layer whose weight spectral norm computes (W = W_o / sigma, PyTorch's spectral_norm,
