@@ -101,15 +101,16 @@ def _evaluated_norm(graph: ir.Graph, divisor: ir.Value, direction: ir.Value, mag
                 return None
             stack.append(source.producer())
     readers = {node.name for node, _ in terminal_uses(direction)} & nodes.keys()  # (as coverage sees v's uses)
-    shape = static_shape(direction)
-    if len(readers) != 1 or sum(node.op_type == "ReduceL2" for node in nodes.values()) != 1 or shape is None:
+    shape, dtype = static_shape(direction), direction.dtype
+    if (len(readers) != 1 or sum(node.op_type == "ReduceL2" for node in nodes.values()) != 1 or shape is None
+            or dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE)):
         return None
     ordered = [node for node in graph if node.name in nodes]  # (the graph's order is topological)
     subgraph = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in ordered], "norm",
-        [onnx.helper.make_tensor_value_info(direction.name, onnx.TensorProto.FLOAT, shape)],
-        [onnx.helper.make_tensor_value_info(divisor.name, onnx.TensorProto.FLOAT, None)])
-    v = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        [onnx.helper.make_tensor_value_info(direction.name, int(dtype), shape)],
+        [onnx.helper.make_tensor_value_info(divisor.name, int(dtype), None)])
+    v = np.random.default_rng(0).standard_normal(shape).astype(dtype.numpy())
     try:
         (found,) = ReferenceEvaluator(onnx.helper.make_model(
             subgraph, opset_imports=[onnx.helper.make_opsetid("", opset)])).run(None, {direction.name: v})
