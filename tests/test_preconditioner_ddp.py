@@ -110,17 +110,20 @@ def run_ranks(rank: int, world: int) -> dict:
         results[f"table {fraction}"] = table_loop(rank, world, grad_worker_fraction=fraction)
         results[f"tied {fraction}"] = tied_loop(rank, world, grad_worker_fraction=fraction)
         results[f"normed {fraction}"] = normed_loop(rank, world, grad_worker_fraction=fraction)
+        results[f"spectral {fraction}"] = normed_loop(rank, world, spectral=True, grad_worker_fraction=fraction)
     return results
 
 
-def normed_loop(rank: int = 0, world: int = 1, **settings) -> dict:
-    """The loop on weight-normed layers (runtime/weight_norm.py): v's and g's .grad are pushed to W, solved (by the
-    layer's owner alone with grad_worker_fraction 1/W, in W's coordinates) and pulled back on every rank alike."""
-    from torch.nn.utils.parametrizations import weight_norm
+def normed_loop(rank: int = 0, world: int = 1, spectral: bool = False, **settings) -> dict:
+    """The loop on weight-normed layers (runtime/weight_norm.py; with ``spectral``, spectrally normed ones:
+    runtime/spectral_norm.py, DDP broadcasting rank 0's power-iteration vectors): v's and g's (W_o's) .grad are
+    pushed to W, solved (by the layer's owner alone with grad_worker_fraction 1/W, in W's coordinates) and pulled
+    back on every rank alike."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+    norm = spectral_norm if spectral else weight_norm
     torch.manual_seed(7)
-    model = torch.nn.Sequential(weight_norm(torch.nn.Linear(FEATURES, 8)), torch.nn.Tanh(),
-                                weight_norm(torch.nn.Linear(8, CLASSES)))
+    model = torch.nn.Sequential(norm(torch.nn.Linear(FEATURES, 8)), torch.nn.Tanh(), norm(torch.nn.Linear(8, CLASSES)))
     inputs = torch.randn(STEPS, BATCH, FEATURES)
     batches = list(zip(inputs, (inputs[..., 0] > 0).long() % CLASSES))
     precond = kronograph.optim.KFACPreconditioner(kronograph.compile(model, (inputs[0][:2],)), **SETTINGS, **settings)
@@ -279,6 +282,14 @@ def test_weight_normed_blocks_train_data_parallel_as_in_one_process(ranks, fract
     first, second = (r[f"normed {fraction}"] for r in ranks)
     assert first["blocks"] == ["0", "2"]
     assert_the_single_process_weights(first, second, on_one_thread(normed_loop))
+    assert first["losses"][-1] < first["losses"][0]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1 / WORLD])
+def test_spectrally_normed_blocks_train_data_parallel_as_in_one_process(ranks, fraction):
+    first, second = (r[f"spectral {fraction}"] for r in ranks)
+    assert first["blocks"] == ["0", "2"]
+    assert_the_single_process_weights(first, second, on_one_thread(lambda: normed_loop(spectral=True)))
     assert first["losses"][-1] < first["losses"][0]
 
 
