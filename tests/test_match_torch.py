@@ -136,6 +136,46 @@ def test_shared_layer_is_one_layer_with_two_sites(shape):
     assert cm.unmatched == []
 
 
+class SharedWeightOwnBiases(nn.Module):
+    """One weight in two F.linear calls, each with a bias of its own (ALBERT-like sharing of a projection)."""
+
+    def __init__(self, same_bias: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.b2 = self.b1 if same_bias else nn.Parameter(self.b1.detach().clone())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(F.linear(torch.tanh(F.linear(x, self.w, self.b1)), self.w, self.b2)))
+
+
+def test_a_shared_weight_whose_sites_add_their_own_biases_keeps_a_block_without_bias():
+    """The two sites differ in bias only: one layer of two sites without bias (the biases outside every block, with
+    the reason), whose K-FAC factors are the one-bias twin's without its homogeneous coordinate (b2 equal to b1 in
+    value: the same forward)."""
+    torch.manual_seed(0)
+    model = SharedWeightOwnBiases()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    cm = compile_module(model, x[:2])
+    assert [summary(layer) for layer in cm.layers][0] == ("w", "linear", "w", None, "out_in", 8, 8, 8, 8, 1, 2)
+    assert set(cm.unmatched) == {"b1", "b2"}
+    assert "different biases" in reasons(cm)["b2"]
+    torch.manual_seed(0)
+    twin = SharedWeightOwnBiases(same_bias=True)
+    twin.load_state_dict(model.state_dict())  # (b2 is b1 there; the two are equal in value here)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), fisher="empirical",
+                                seed=0, factor_dtype=torch.float64)
+    reference = kronograph.optim.KFAC(kronograph.compile(twin, (x[:2],), loss="cross_entropy"),
+                                      fisher="empirical", seed=0, factor_dtype=torch.float64)
+    assert reference.blocks["w"].layer.bias == "b1"
+    opt.step(x, y)
+    reference.step(x, y)
+    torch.testing.assert_close(opt.blocks["w"].a[0], reference.blocks["w"].a[0][:-1, :-1])
+    torch.testing.assert_close(opt.blocks["w"].g, reference.blocks["w"].g)
+    assert set(opt.unmatched) == {"b1", "b2"}
+
+
 # --- 2. residual CNN with batch norm, dilated, strided and 1x1 shortcut convolutions ----------------------
 
 

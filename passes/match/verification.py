@@ -77,6 +77,12 @@ def verify(
                 f"shared: a layer at node '{layer_node}' uses it, but {_describe(extra[0], nodes)}; "
                 "a weight with a use that is not a linear, convolution or embedding layer gets no Kronecker block"
             )
+        elif not alike(sites) and alike(unbiased := [replace(s, bias=None, bias_use=None) for s in sites]):
+            # one weight, a bias of each site's own (ALBERT-like sharing of a projection): a block without bias
+            for bias in sorted({site.bias.name for site in sites if site.bias}):
+                reasons[bias] = (f"bias of one of the {len(sites)} sites of the shared weight '{weight}', which add "
+                                 "different biases: the layer keeps a block without bias")
+            accepted[weight] = unbiased
         elif not alike(sites):
             uses_of = ", ".join(f"{site.kind} at {node_label(nodes[site.site.nodes[-1]])}" for site in sites)
             reasons[weight] = (f"shared: {len(sites)} layer sites that differ in kind, layout, bias or geometry "
