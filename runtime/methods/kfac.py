@@ -529,6 +529,7 @@ class KFAC:
         self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
+        self.unmatched_adam: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # (m, v, t) (unmatched_adam_lr)
         self.unmatched_zeros = 0  # the unmatched direction's coefficient: consecutive zeros (unmatched_backoff)
         self.unmatched_rest = 0  # steps it is still left out
         # the largest spread of a row's logits at the first step: the most room max_logit_change gives a row
@@ -704,6 +705,8 @@ class KFAC:
         gamma, inverses, update, decrease, figures = best
         if fallback:
             self._back_off_unmatched(probe, figures)
+        if self.settings.unmatched_adam_lr is not None:
+            update = self._with_unmatched_adam(update, grads, figures, frozen)
         if len(gammas) > 1:
             self.gamma_streak = gamma_streak(self.gamma_streak, gammas.index(gamma))
             self.gamma_interval = gamma_interval(self.gamma_interval, self.gamma_streak, self.gamma_every,
@@ -1127,6 +1130,28 @@ class KFAC:
             direction[name] = torch.where(v > 0, -grad * v.rsqrt(), torch.zeros_like(grad))
         return direction
 
+    def _with_unmatched_adam(self, update: Direction, grads: Direction, figures: dict, frozen: set[str]) -> Direction:
+        """``update`` with Adam's step (``unmatched_adam_lr``; moments 0.9 / 0.999, bias-corrected) for the parameters
+        outside every block where the quadratic model left them where they are (coefficient 0 or left out): the
+        steady step a ViT's positions and class token need and the model does not give them on most batches (a
+        character LM's positions, which the model moves on most steps, keep its steps). Updates the moments of every
+        such parameter: call once per step."""
+        names = [name for name in self.unmatched if name not in frozen]
+        for name in names:
+            grad = grads[name]
+            m, v, t = self.unmatched_adam.get(name, (torch.zeros_like(grad), torch.zeros_like(grad), 0))
+            self.unmatched_adam[name] = (m.mul(0.9).add_(grad, alpha=0.1),
+                                         v.mul(0.999).addcmul_(grad, grad, value=0.001), t + 1)
+        if figures.get("unmatched_scale", 0.0) != 0.0 or not names:
+            return update
+        figures["unmatched_adam"] = True
+        lr = self.settings.unmatched_adam_lr
+        update = dict(update)
+        for name in names:
+            m, v, t = self.unmatched_adam[name]
+            update[name] = update[name] - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        return update
+
     def _probes_unmatched(self, fallback: Direction) -> bool:
         """Whether this step's quadratic model takes the unmatched direction (``unmatched_backoff``): always while
         it holds a layer's parameters that have no statistics yet (a layer first called late)."""
@@ -1298,6 +1323,7 @@ class KFAC:
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
+            "unmatched_adam": {n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.unmatched_adam.items()},
             "unmatched_backoff": (self.unmatched_zeros, self.unmatched_rest),
             "signal": self.signal,
             "initial_logit_spread": self.initial_logit_spread,
@@ -1322,6 +1348,8 @@ class KFAC:
         self.next_gamma_round = int(state.get("next_gamma_round", (self.steps // self.gamma_every + 1) * self.gamma_every))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.unmatched_moments = {n: t.clone() for n, t in state.get("unmatched_moments", {}).items()}
+        self.unmatched_adam = {n: (m.clone(), v.clone(), int(t))
+                               for n, (m, v, t) in state.get("unmatched_adam", {}).items()}
         self.unmatched_zeros, self.unmatched_rest = (int(v) for v in state.get("unmatched_backoff", (0, 0)))
         signal = state.get("signal")
         self.signal = None if signal is None else tuple(float(v) for v in signal)

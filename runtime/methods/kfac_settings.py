@@ -127,6 +127,11 @@ class KFACSettings:
                                             "a zero coefficient N times in a row, leave that direction out of the "
                                             "model for the next N steps, then try it again (one forward a step "
                                             "fewer; auto: in the model every step).", low=1)
+    unmatched_adam_lr: float | None = setting(None, "When the quadratic model leaves the parameters outside every "
+                                              "block where they are (their coefficient 0, or their direction left "
+                                              "out), give them Adam's step at this learning rate instead (moments "
+                                              "0.9 / 0.999, bias-corrected; auto: no step, the default for now).",
+                                              low=0, low_open=True)
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
