@@ -32,6 +32,7 @@ from kronograph.runtime.inverse import (
     inverse_blocks,
     precondition,
 )
+from kronograph.runtime.spectral_norm import has_sigma
 from kronograph.runtime.tied import TiedInverses, tied_inverses
 from kronograph.runtime.tridiagonal import TridiagonalInverse, TridiagonalInverseError, chain_factors, check_chain
 from kronograph.runtime.wbar import gather, scatter
@@ -112,6 +113,15 @@ def reachable_ties(ties: Sequence[Tie], largest: int | None, diagonal_from: int 
     then inverts as a diagonal, runtime/tied.py), and both views within ``largest`` (``within_reach``)."""
     ties = [dataclasses.replace(tie, output=with_diagonal_g([tie.output], diagonal_from, outputs)[0]) for tie in ties]
     return tuple(tie for tie in ties if len(within_reach(tie.views, largest)) == 2)
+
+
+def normed_blocks(normed: Sequence[Layer], module: torch.nn.Module | None, weight_norm: bool,
+                  spectral_norm: bool) -> tuple[Layer, ...]:
+    """The plan's layers of a computed weight (``plan.normed``) that get blocks: weight norm's with ``weight_norm``,
+    spectral norm's with ``spectral_norm`` where a PyTorch spectral norm of ``module`` computes the weight (its
+    sigma can be read: runtime/spectral_norm.py)."""
+    return tuple(layer for layer in normed if (layer.weight_norm and weight_norm)
+                 or (layer.spectral_norm and spectral_norm and has_sigma(module, layer)))
 
 
 class BlockDiagonalCurvature:

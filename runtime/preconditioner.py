@@ -103,7 +103,8 @@ from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 from kronograph.runtime import spectral_norm
 from kronograph.runtime.capture import Capture, outside_compiled_code
-from kronograph.runtime.curvature import BlockDiagonalCurvature, reachable_ties, with_diagonal_g, within_reach
+from kronograph.runtime.curvature import (BlockDiagonalCurvature, normed_blocks, reachable_ties, with_diagonal_g,
+                                          within_reach)
 from kronograph.runtime.data_parallel import exchange_from_owners, invert_across_ranks, inverse_owners
 from kronograph.runtime.distributed import (
     COMMUNICATION_DTYPES,
@@ -125,7 +126,7 @@ from kronograph.runtime.statistics import (
 from kronograph.runtime.statistics import statistics_due as statistics_due_at
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.sharded import any_sharded, check_row_sharded, is_sharded, local_rows, whole
-from kronograph.runtime.spectral_norm import has_sigma, spectral_sigmas
+from kronograph.runtime.spectral_norm import spectral_sigmas
 from kronograph.runtime.wbar import gather, scatter
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
@@ -280,10 +281,8 @@ class KFACPreconditioner:
         outputs = set(compiled.output_layers)  # (the wide ones keep their G diagonal: ``diagonal_output_g``)
         ties = reachable_ties(compiled.plan.ties, largest, diagonal_output_g, outputs) if tied_blocks else ()
         views = tuple(view for tie in ties for view in tie.views)
-        spectral_norm_blocks = spectral_norm_blocks and not any_sharded(compiled.module)
-        normed = [layer for layer in compiled.plan.normed
-                  if (layer.weight_norm and weight_norm_blocks)
-                  or (layer.spectral_norm and spectral_norm_blocks and has_sigma(compiled.module, layer))]
+        normed = normed_blocks(compiled.plan.normed, compiled.module, weight_norm_blocks,
+                               spectral_norm_blocks and not any_sharded(compiled.module))
         candidates = with_diagonal_g([*compiled.layers, *tables, *normed], diagonal_output_g, outputs)
         self.layers = (*within_reach(candidates, largest), *views)
         self.curvature = BlockDiagonalCurvature(self.layers, factor_dtype, knob="damping",

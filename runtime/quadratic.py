@@ -41,8 +41,8 @@ def output_tangents(
 
     Parameters missing from a direction count as zero. Buffers (batch-norm running statistics) are
     copied inside each pass so that these extra forwards leave the module's state untouched; spectral norms run no
-    power iteration (as in every extra forward: runtime/statistics.preserved_buffers), which forward mode could not
-    pass anyway (its normalisations write out=).
+    power iteration (as in the torch engine's other extra forwards, ``TorchEngine._extra_forward``), which forward
+    mode could not pass anyway (its normalisations write out=).
     """
     names = list(params)
     primals = tuple(params[name].detach() for name in names)

@@ -124,8 +124,8 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
     results["table"] = embedding_blocks(rank, world, rows=1100)
     results["tied"] = tied_table(rank, world)
     results["tied, diagonal G"] = tied_table(rank, world, diagonal_output_g=4)  # the head's 12-wide G as a diagonal
-    results["normed"] = weight_normed(rank, world)
-    results["spectral"] = spectral_normed(rank, world)
+    results["normed"] = normed(rank, world)
+    results["spectral"] = normed(rank, world, spectral=True)
     results["wide_head"] = wide_head(rank, world)
     return results
 
@@ -143,28 +143,16 @@ def wide_head(rank: int, world: int) -> dict:
     return {**result, "diagonal_g": sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_g)}
 
 
-def weight_normed(rank: int, world: int) -> dict:
-    """KFAC (default preset) on weight-normed layers (runtime/weight_norm.py), each rank its half of every batch: the
-    summed gradients are pushed to W on every rank alike and the factors all-reduced like any layer's, so the run
-    is the single process's on the whole batches."""
-    from torch.nn.utils.parametrizations import weight_norm
+def normed(rank: int, world: int, spectral: bool = False) -> dict:
+    """KFAC (default preset) on weight-normed layers (runtime/weight_norm.py; with ``spectral``, spectrally normed
+    ones: runtime/spectral_norm.py, every rank's power iteration on the same W_o and vectors), each rank its half of
+    every batch: the summed gradients are pushed to W on every rank alike and the factors all-reduced like any
+    layer's, so the run is the single process's on the whole batches."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+    norm = spectral_norm if spectral else weight_norm
     torch.manual_seed(5)
-    model = nn.Sequential(weight_norm(nn.Linear(6, 8)), nn.Tanh(), weight_norm(nn.Linear(8, CLASSES)))
-    inputs = torch.randn(STEPS, BATCH, 6)
-    labels = (inputs[..., 0] > 0).long() + (inputs[..., 1] > 0).long()  # learnable
-    opt, result = kfac_on_halves(model, inputs, labels % CLASSES, rank, world)
-    return {**result, "blocks": sorted(opt.blocks), "unmatched": opt.unmatched}
-
-
-def spectral_normed(rank: int, world: int) -> dict:
-    """KFAC (default preset) on spectrally normed layers (runtime/spectral_norm.py), each rank its half of every
-    batch: every rank's power iteration runs on the same W_o and vectors, so sigma and the pulled-back step are
-    alike, and the run is the single process's on the whole batches."""
-    from torch.nn.utils.parametrizations import spectral_norm
-
-    torch.manual_seed(5)
-    model = nn.Sequential(spectral_norm(nn.Linear(6, 8)), nn.Tanh(), spectral_norm(nn.Linear(8, CLASSES)))
+    model = nn.Sequential(norm(nn.Linear(6, 8)), nn.Tanh(), norm(nn.Linear(8, CLASSES)))
     inputs = torch.randn(STEPS, BATCH, 6)
     labels = (inputs[..., 0] > 0).long() + (inputs[..., 1] > 0).long()  # learnable
     opt, result = kfac_on_halves(model, inputs, labels % CLASSES, rank, world)

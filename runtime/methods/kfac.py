@@ -59,7 +59,8 @@ from kronograph.compiler.compiled import CompiledModel
 from kronograph.errors import KronographError
 from kronograph.runtime import spectral_norm
 from kronograph.runtime.capture import concatenated_records
-from kronograph.runtime.curvature import make_curvature, reachable_ties, with_diagonal_g, within_reach
+from kronograph.runtime.curvature import (make_curvature, normed_blocks, reachable_ties, with_diagonal_g,
+                                          within_reach)
 from kronograph.runtime.data_parallel import (
     BatchSlice,
     batch_slice,
@@ -108,7 +109,7 @@ from kronograph.runtime.quadratic import (
     scaled,
     solve_quadratic_model,
 )
-from kronograph.runtime.spectral_norm import has_sigma, held_power_iterations, spectral_sigmas
+from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sigmas
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
@@ -568,9 +569,7 @@ class KFAC:
         if self.structure != "diagonal":
             return ()
         spectral = spectral_normed and compiled.engine == "torch" and self.engine.sharded is None
-        return tuple(layer for layer in compiled.plan.normed
-                     if (layer.weight_norm and weight_normed) or (layer.spectral_norm and spectral
-                                                                  and has_sigma(compiled.module, layer)))
+        return normed_blocks(compiled.plan.normed, compiled.module, weight_normed, spectral)
 
     @property
     def blocks(self) -> dict[str, Any]:
