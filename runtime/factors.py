@@ -449,14 +449,16 @@ def _accumulate_blocks(out: torch.Tensor | None, parts: Sequence[torch.Tensor], 
     if inner == d and homogeneous:  # the ones column lies inside the last block
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
     start = 0
-    for width in blocks:
+    for width in blocks:  # each block mirrored alone: the rest is not formed, so a whole mirror would copy it for nothing
         accumulate_grams(out[:, start:start + width, start:start + width], [rows[:, :, start:start + width]], alpha,
-                         beta, mirror=False, panels=panels, min_size=min_size)
+                         beta, mirror=mirror, panels=panels, min_size=min_size)
         start += width
-    if inner == d - 1:  # the border: <x, 1> summed over the rows (its lower copy is mirrored), and the count
+    if inner == d - 1:  # the border: <x, 1> summed over the rows, its lower copy, and the count
         out[:, :-1, -1].mul_(beta).add_(rows.sum(dim=1), alpha=alpha)
         out[:, -1, -1].mul_(beta).add_(alpha * rows.shape[1])
-    return mirror_upper_(out, panels if d >= min_size else 1) if mirror else out
+        if mirror:
+            out[:, -1, :-1] = out[:, :-1, -1]
+    return out
 
 
 def mirror_upper_(out: torch.Tensor, panels: int = 4) -> torch.Tensor:
