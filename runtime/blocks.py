@@ -200,7 +200,11 @@ class KroneckerBlock:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"a": self.a, "g": self.g, "updates": self.updates}
+        # copies, a snapshot: KFAC folds into the EMAs in place, KFACPreconditioner writes the next batch's factors
+        # into the ones a step replaced
+        a, g = self.a, self.g
+        state: dict[str, Any] = {"a": None if a is None else a.clone(), "g": None if g is None else g.clone(),
+                                 "updates": self.updates}
         if isinstance(self.inverses, TiedInverses):
             state["tied"] = self.inverses.state_dict()
         elif self.inverses is not None:

@@ -226,9 +226,14 @@ def batch_factors(
     dtype: torch.dtype = torch.float32,
     subset: RowSubset | None = None,
     blocks: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mini-batch factors (A [groups, a_dim, a_dim], G [groups, g_dim, g_dim]) of one layer (``blocks``: only
     A's and G's diagonal blocks formed, 0 elsewhere, as ``fold_factors_``'s).
+
+    ``out``: finite tensors of the factors' shapes to write them into instead of new ones (a wide factor's fresh
+    d x d costs page faults on every statistics step), 0 outside ``blocks`` (as factors formed with the same
+    ``blocks`` are); a diagonal factor is always new.
 
     Args:
         records: the layer's sites from a Capture (gradients present; a site with g None counts as 0).
@@ -244,10 +249,11 @@ def batch_factors(
     sites, m, rows = layer_rows(layer, records, batch_size, index, dtype, ones_column=not homogeneous,
                                 subset=None if layer.diagonal_a else subset)
     scale = _grad_scale(m, grad_scale)
+    a_out, g_out = (None, None) if out is None else out
     a = (diagonal_counts(layer, sites, dtype) / m if layer.diagonal_a else
-         _accumulate_sites(None, sites, 1.0 / m, 0.0, homogeneous=homogeneous, blocks=blocks[0]))
-    g = _fold_g(layer, None, [site.q for site in sites if site.q is not None], scale * scale / rows, 0.0,
-                blocks=blocks[1])
+         _accumulate_sites(a_out, sites, 1.0 / m, 0.0, homogeneous=homogeneous, blocks=blocks[0]))
+    g = _fold_g(layer, None if layer.diagonal_g else g_out, [site.q for site in sites if site.q is not None],
+                scale * scale / rows, 0.0, blocks=blocks[1])
     return a, g
 
 

@@ -302,6 +302,9 @@ class KFACPreconditioner:
         self.steps = 0  # step() calls so far
         self.stats_updates = 0  # statistics folded so far (the EMA schedule counts these)
         self._pending: list[tuple[Capture, dict, int, float | None]] = []  # tracked passes of the coming step
+        # The EMAs a step replaced, by layer, with the statistics blocks they were formed with: the next batch's
+        # factors are written into them (a fresh wide factor a step costs page faults: BENCHMARKS.md)
+        self._spares: dict[str, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
         self._folded: dict[str, Any] | None = None  # what update_statistics folded since the last step()
         self._warned_scale = False  # LossScaleWarning is given once
 
@@ -403,10 +406,11 @@ class KFACPreconditioner:
             for name, records in part.items():
                 if not records or all(r.g is None for r in records):
                     continue
-                layer, dtype = self.blocks[name].layer, self.factor_dtype
-                a, g = batch_factors(layer, records, batch_size=n, grad_scale=scale, index=index, dtype=dtype,
-                                     subset=self.row_subset, blocks=self.blocks[name].statistics_blocks)
-                total = sums.get(name)
+                block, total = self.blocks[name], sums.get(name)
+                spare = self._spares.pop(name, None) if total is None else None
+                a, g = batch_factors(block.layer, records, batch_size=n, grad_scale=scale, index=index,
+                                     dtype=self.factor_dtype, subset=self.row_subset, blocks=block.statistics_blocks,
+                                     out=spare[:2] if spare is not None and spare[2] == block.statistics_blocks else None)
                 if total is None:  # (one capture a step, the usual loop: its factors as they are, no pass over them)
                     sums[name] = [a, g, m]
                 else:  # the running mean weighted by examples, in the first capture's own tensors
@@ -475,6 +479,7 @@ class KFACPreconditioner:
             ``kl_clip``, "kl_scale": the factor nu the new .grads were scaled by (1: the bound did not bind).
         """
         due = self.statistics_due
+        before = {name: (block.a, block.g) for name, block in self.blocks.items()}
         with self._atomic() as drawn:
             if self.fisher == "empirical":
                 if due and not self._pending:
@@ -498,7 +503,16 @@ class KFACPreconditioner:
             info.update(counts)
             for grad, value in writes:  # last: nothing after this can raise and leave some layers rewritten
                 grad.copy_(value)
+        self._keep_spares(before)
         return info
+
+    def _keep_spares(self, before: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+        """After a step that succeeded: the dense EMAs it replaced are the next batch's tensors (nothing else holds
+        them: ``state_dict`` copies, the inverses are their own tensors)."""
+        for name, (a, g) in before.items():
+            block = self.blocks[name]
+            if a is not None and a.dim() == 3 and g.dim() == 3 and block.a is not a and block.g is not g:
+                self._spares[name] = (a, g, block.statistics_blocks)
 
     def _invert(self) -> tuple[bool, list[str]]:
         """Damped inverses of the blocks with statistics, when due (or missing); failures keep the previous.

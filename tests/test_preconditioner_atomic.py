@@ -294,3 +294,24 @@ def test_k_tracked_blocks_give_the_factors_of_one_block_and_of_the_whole_batch(s
         assert f"loss_scale=1/{K}" in message and "loss_scale=1)" in message and f"(loss / {K})" in message
     else:
         assert caught == [[], []]
+
+
+@pytest.mark.parametrize("max_factor_dim", [None, 2])
+def test_the_next_batchs_factors_reuse_the_replaced_emas_and_change_nothing(max_factor_dim, monkeypatch):
+    """A step writes the next batch's factors into the EMAs it replaced (no fresh d x d a step; with
+    ``max_factor_dim`` 2 the factors are formed as diagonal blocks, 0 elsewhere): the factors and .grad equal bit
+    for bit those of a run that makes every batch's factors anew, and a state_dict taken earlier is a snapshot."""
+    model, precond = setup(stats_fraction=1.0, max_factor_dim=max_factor_dim)
+    fresh_model, fresh = setup(stats_fraction=1.0, max_factor_dim=max_factor_dim)
+    monkeypatch.setattr(fresh, "_keep_spares", lambda before: None)
+    storages = set()
+    for k in range(6):
+        good_step(model, precond, seed=k)
+        good_step(fresh_model, fresh, seed=k)
+        assert same(precond.state_dict()["blocks"], fresh.state_dict()["blocks"])
+        assert same([p.grad for p in model.parameters()], [p.grad for p in fresh_model.parameters()])
+        storages.add(precond.blocks["0"].a.data_ptr())
+        if k == 2:
+            held, kept = precond.state_dict(), copy.deepcopy(precond.state_dict())
+    assert len(storages) == 2  # two tensors take turns as the EMA and the next batch's factors
+    assert same(held, kept)
