@@ -455,7 +455,7 @@ def _accumulate_blocks(out: torch.Tensor | None, parts: Sequence[torch.Tensor], 
     if inner == d and homogeneous:  # the ones column lies inside the last block
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
     start = 0
-    for width in blocks:  # each block mirrored alone: the rest is not formed, so a whole mirror would copy it for nothing
+    for width in blocks:  # each block mirrored alone (the rest is not formed: a whole mirror copies it for nothing)
         accumulate_grams(out[:, start:start + width, start:start + width], [rows[:, :, start:start + width]], alpha,
                          beta, mirror=mirror, panels=panels, min_size=min_size)
         start += width

@@ -408,9 +408,10 @@ class KFACPreconditioner:
                     continue
                 block, total = self.blocks[name], sums.get(name)
                 spare = self._spares.pop(name, None) if total is None else None
+                reuse = spare is not None and spare[2] == block.statistics_blocks
                 a, g = batch_factors(block.layer, records, batch_size=n, grad_scale=scale, index=index,
                                      dtype=self.factor_dtype, subset=self.row_subset, blocks=block.statistics_blocks,
-                                     out=spare[:2] if spare is not None and spare[2] == block.statistics_blocks else None)
+                                     out=spare[:2] if reuse else None)
                 if total is None:  # (one capture a step, the usual loop: its factors as they are, no pass over them)
                     sums[name] = [a, g, m]
                 else:  # the running mean weighted by examples, in the first capture's own tensors
