@@ -467,6 +467,19 @@ def _accumulate_blocks(out: torch.Tensor | None, parts: Sequence[torch.Tensor], 
     return out
 
 
+def formed_by_blocks(d: int, blocks: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """The [d, d] mask of the entries ``accumulate_grams(..., blocks=blocks)`` forms in a d-wide factor: the diagonal
+    blocks and, where they stop one short of d, the border of the ones column."""
+    formed = torch.zeros(d, d, dtype=torch.bool, device=device)
+    start = 0
+    for width in blocks:
+        formed[start:start + width, start:start + width] = True
+        start += width
+    formed[start:, :] = True
+    formed[:, start:] = True
+    return formed
+
+
 def mirror_upper_(out: torch.Tensor, panels: int = 4) -> torch.Tensor:
     """Copy the upper triangle of [groups, d, d] onto the lower one, in place (by blocks of columns)."""
     d = out.shape[-1]

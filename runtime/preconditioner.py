@@ -113,7 +113,7 @@ from kronograph.runtime.distributed import (
     average_statistics,
     dtype_named,
 )
-from kronograph.runtime.factors import RowSubset, batch_factors
+from kronograph.runtime.factors import RowSubset, batch_factors, formed_by_blocks
 from kronograph.runtime.inverse import CurvatureWarning
 from kronograph.runtime.statistics import (
     ema_decay,
@@ -509,7 +509,8 @@ class KFACPreconditioner:
 
     def _keep_spares(self, before: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
         """After a step that succeeded: the dense EMAs it replaced are the next batch's tensors (nothing else holds
-        them: ``state_dict`` copies, the inverses are their own tensors)."""
+        them: ``state_dict`` copies, the inverses are their own tensors). They are 0 outside the statistics blocks,
+        which a batch's factors leave as they find them (``load_state_dict`` makes a checkpoint's so)."""
         for name, (a, g) in before.items():
             block = self.blocks[name]
             if a is not None and a.dim() == 3 and g.dim() == 3 and block.a is not a and block.g is not g:
@@ -687,3 +688,7 @@ class KFACPreconditioner:
         self._inverted = {name for name, block in self.blocks.items() if block.inverses is not None}
         self.generator.set_state(state["generator"])
         self._pending, self._folded = [], None
+        for block in self.blocks.values():  # (a checkpoint of whole factors: what the blocks' inversion never reads)
+            for factor, widths in zip((block.a, block.g), block.statistics_blocks):
+                if factor is not None and factor.dim() == 3 and widths is not None:
+                    factor.masked_fill_(~formed_by_blocks(factor.shape[-1], widths, factor.device), 0.0)

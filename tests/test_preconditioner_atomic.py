@@ -315,3 +315,15 @@ def test_the_next_batchs_factors_reuse_the_replaced_emas_and_change_nothing(max_
             held, kept = precond.state_dict(), copy.deepcopy(precond.state_dict())
     assert len(storages) == 2  # two tensors take turns as the EMA and the next batch's factors
     assert same(held, kept)
+    # A checkpoint's factors need not be 0 outside the blocks (one of whole factors): loading makes them so, and the
+    # runs stay equal.
+    state = copy.deepcopy(held)
+    for block in state["blocks"].values():
+        block["a"] = block["a"] + 0.01 * torch.ones_like(block["a"])
+    for p in (precond, fresh):
+        p.load_state_dict(state)
+    for k in range(6, 10):
+        good_step(model, precond, seed=k)
+        good_step(fresh_model, fresh, seed=k)
+        assert same(precond.state_dict()["blocks"], fresh.state_dict()["blocks"])
+        assert same([p.grad for p in model.parameters()], [p.grad for p in fresh_model.parameters()])

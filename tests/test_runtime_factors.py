@@ -340,8 +340,9 @@ def test_accumulated_grams_equal_the_dense_ema(d: int) -> None:
                                                   (False, (300, 300, 299), 899)])
 def test_grams_of_diagonal_blocks_equal_the_dense_emas_there_and_touch_nothing_else(homogeneous, blocks, d) -> None:
     """Only the diagonal blocks (and, with the ones column past them, its border: the column sums and the count) are
-    formed, each equal to the dense EMA of [X, 1]'s Gram there; the rest keeps its old value (0 in a new tensor)."""
-    from kronograph.runtime.factors import accumulate_grams
+    formed, each equal to the dense EMA of [X, 1]'s Gram there (``formed_by_blocks`` is their mask); the rest keeps
+    its old value (0 in a new tensor)."""
+    from kronograph.runtime.factors import accumulate_grams, formed_by_blocks
 
     gen = torch.Generator().manual_seed(3)
     width = d - homogeneous  # (3, 3, 3) of a 10-wide [X, 1]: the ones column is the border past the blocks
@@ -354,6 +355,7 @@ def test_grams_of_diagonal_blocks_equal_the_dense_emas_there_and_touch_nothing_e
         formed[start:start + w, start:start + w] = True
         start += w
     formed[start:, :] = formed[:, start:] = True  # the border (none where the blocks cover d)
+    assert torch.equal(formed_by_blocks(d, blocks), formed)
     old = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
     old = old + old.transpose(1, 2)
     got = accumulate_grams(old.clone(), parts, alpha=0.25, beta=0.9, homogeneous=homogeneous, blocks=blocks)
