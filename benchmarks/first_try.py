@@ -448,6 +448,13 @@ def all_problems() -> dict[str, Callable[[], Problem]]:
     return {**problems(), **unseen_problems()}
 
 
+def users_optimizer(params: list, name: str) -> torch.optim.Optimizer:
+    """A user's own torch optimizer with its usual settings: "sgd" (lr 0.1, momentum 0.9, Nesterov), else AdamW
+    (lr 1e-3)."""
+    return (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True) if name == "sgd"
+            else torch.optim.AdamW(params, lr=1e-3))
+
+
 class PreconditionedLoop:
     """``KFACPreconditioner(cm)`` with its defaults in the loop a user writes around a torch optimizer with its usual
     settings (README): zero_grad, forward and backward inside ``track()``, ``precond.step()``, ``clip_grad_norm_``
@@ -456,8 +463,7 @@ class PreconditionedLoop:
     def __init__(self, cm, inner: str, loss: str, seed: int) -> None:
         self.module, self.loss = cm.module, get_loss(loss)
         self.params = list(self.module.parameters())
-        self.opt = (torch.optim.AdamW(self.params, lr=1e-3) if inner == "adamw"
-                    else torch.optim.SGD(self.params, lr=0.1, momentum=0.9, nesterov=True))
+        self.opt = users_optimizer(self.params, inner)
         self.precond = kronograph.optim.KFACPreconditioner(cm, seed=seed)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:

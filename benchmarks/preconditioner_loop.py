@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import kronograph
 
 sys.path.insert(0, str(Path(__file__).parent))
-from first_try import all_problems  # noqa: E402  (the suite's models and data)
+from first_try import all_problems, users_optimizer  # noqa: E402  (the suite's models, data and loops)
 
 
 def run(problem, optimizer: str, options: dict | None, steps: int, clip: float, batch: int) -> dict:
@@ -44,8 +44,7 @@ def run(problem, optimizer: str, options: dict | None, steps: int, clip: float, 
     torch.manual_seed(0)
     model = problem.model()
     params = list(model.parameters())
-    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True) if optimizer == "sgd"
-           else torch.optim.AdamW(params, lr=1e-3))
+    opt = users_optimizer(params, optimizer)
     precond = None
     if options is not None:
         cm = kronograph.compile(model, (x[:2],), loss="cross_entropy")

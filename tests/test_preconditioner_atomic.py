@@ -304,12 +304,16 @@ def test_the_next_batchs_factors_reuse_the_replaced_emas_and_change_nothing(max_
     model, precond = setup(stats_fraction=1.0, max_factor_dim=max_factor_dim)
     fresh_model, fresh = setup(stats_fraction=1.0, max_factor_dim=max_factor_dim)
     monkeypatch.setattr(fresh, "_keep_spares", lambda before: None)
-    storages = set()
-    for k in range(6):
+
+    def step_both(k: int) -> None:
         good_step(model, precond, seed=k)
         good_step(fresh_model, fresh, seed=k)
         assert same(precond.state_dict()["blocks"], fresh.state_dict()["blocks"])
         assert same([p.grad for p in model.parameters()], [p.grad for p in fresh_model.parameters()])
+
+    storages = set()
+    for k in range(6):
+        step_both(k)
         storages.add(precond.blocks["0"].a.data_ptr())
         if k == 2:
             held, kept = precond.state_dict(), copy.deepcopy(precond.state_dict())
@@ -323,7 +327,4 @@ def test_the_next_batchs_factors_reuse_the_replaced_emas_and_change_nothing(max_
     for p in (precond, fresh):
         p.load_state_dict(state)
     for k in range(6, 10):
-        good_step(model, precond, seed=k)
-        good_step(fresh_model, fresh, seed=k)
-        assert same(precond.state_dict()["blocks"], fresh.state_dict()["blocks"])
-        assert same([p.grad for p in model.parameters()], [p.grad for p in fresh_model.parameters()])
+        step_both(k)
