@@ -52,7 +52,7 @@ Sites are counted per call, in call order. Decision on mismatches with the plan:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -561,23 +561,29 @@ class Capture(TorchFunctionMode):
         self._normed[id(direction)] = layer
 
     # -- results ------------------------------------------------------------------------------------
-    def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
+    def gradients_from(self, loss: torch.Tensor, *, retain_graph: bool = False,
+                       parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Set every site's g to dloss/ds with torch.autograd.grad (no .grad is written, hooks stay quiet).
 
-        A site whose output does not reach ``loss`` gets g = 0.
+        A site whose output does not reach ``loss`` gets g = 0. Returns dloss/dp of the ``parameters`` (by name)
+        that require grad, from the same backward (zeros for one ``loss`` does not reach).
         """
         records = [
             r for sites in self.records.values() for r in sites if r.output is not None and r.output.requires_grad
         ]
-        if not records:  # no site of this pass reaches a gradient (every layer frozen or not called)
-            return
+        wanted = {name: p for name, p in (parameters or {}).items() if p.requires_grad}
+        if not records and not wanted:  # no site of this pass reaches a gradient (every layer frozen or not called)
+            return {}
         self._hooks_live = False
         try:
-            grads = torch.autograd.grad(loss, [r.output for r in records], retain_graph=retain_graph, allow_unused=True)
+            grads = torch.autograd.grad(loss, [r.output for r in records] + list(wanted.values()),
+                                        retain_graph=retain_graph, allow_unused=True)
         finally:
             self._hooks_live = True
         for record, grad in zip(records, grads):
             record.g = torch.zeros_like(record.output) if grad is None else grad.detach()
+        return {name: torch.zeros_like(p) if grad is None else (grad.to_dense() if grad.is_sparse else grad).detach()
+                for (name, p), grad in zip(wanted.items(), grads[len(records):])}
 
     def release_outputs(self) -> None:
         """Drop the references to the outputs s (and so to the graph) once the gradients are in."""

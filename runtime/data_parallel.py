@@ -247,7 +247,7 @@ def sampled_statistics_of_slice(
         sample(None)
         return {}, 0
     sub = tuple(inputs) if members.rows is None else tuple(t[members.rows] for t in inputs)
-    return statistics_pass(module, plan, loss, sub, sample, select), members.local
+    return statistics_pass(module, plan, loss, sub, sample, select)[0], members.local
 
 
 def fold_across_ranks(

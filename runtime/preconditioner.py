@@ -369,7 +369,7 @@ class KFACPreconditioner:
             raise KronographError("update_statistics(x) is for fisher='mc'; with 'empirical' use precond.track()")
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         with self._atomic() as drawn:
-            records, m = sampled_statistics(
+            records, m, _ = sampled_statistics(
                 self.module, self.layers, self.loss, inputs, self.stats_fraction, self.generator,
                 select=self.compiled.select_output,
             )

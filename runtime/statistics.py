@@ -8,7 +8,7 @@ and folded into exponential moving averages whose decay is min(1 - 1/k, 0.95) at
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,17 +96,27 @@ def sampled_statistics(
     generator: torch.Generator,
     minimum: int = 1,
     select: Callable[[Any], torch.Tensor] | None = None,
-) -> tuple[dict[str, list[SiteRecord]], int]:
+    parameters: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, list[SiteRecord]], int, dict[str, torch.Tensor]]:
     """A forward pass on tau_1 of the batch and the backward of targets sampled from the model.
 
     ``select`` picks the tensor the loss is put on from what the module returns (compile's ``output=``).
-    Returns the captured sites and the number of examples used. No .grad and no buffer changes: the
-    gradients come from autograd.grad and batch norm's running statistics are restored.
+    Returns the captured sites, the number of examples used and the statistics loss's gradient of the
+    ``parameters`` (by name; for the diagonal Fisher of those outside every block). No .grad and no buffer
+    changes: the gradients come from autograd.grad and batch norm's running statistics are restored.
     """
     index = subset(inputs[0].shape[0], fraction, generator, minimum)
     sub = tuple(inputs) if index is None else tuple(t[index] for t in inputs)
-    records = statistics_pass(module, plan, loss, sub, lambda outputs: loss.sample_targets(outputs, generator), select)
-    return records, sub[0].shape[0]
+    records, grads = statistics_pass(module, plan, loss, sub, lambda outputs: loss.sample_targets(outputs, generator),
+                                     select, parameters)
+    return records, sub[0].shape[0], grads
+
+
+def fisher_diagonal(passes: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """An unbiased estimate of the Fisher's diagonal from statistics passes' gradients: the mean over the passes of
+    n g^2, g the gradient of a pass's statistics loss on its n examples. The sampled targets' per-example
+    gradients have mean zero and are independent, so E[g g^T] = F / n (``Loss.statistics_loss``)."""
+    return {name: sum(n * grads[name].square() for grads, n in passes) / len(passes) for name in passes[0][0]}
 
 
 def statistics_pass(
@@ -116,14 +126,15 @@ def statistics_pass(
     inputs: Sequence[torch.Tensor],
     sample: Callable[[torch.Tensor], torch.Tensor],
     select: Callable[[Any], torch.Tensor] | None = None,
-) -> dict[str, list[SiteRecord]]:
+    parameters: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, list[SiteRecord]], dict[str, torch.Tensor]]:
     """The captured sites of a forward on ``inputs`` and the backward of the statistics loss of the targets
-    ``sample(outputs)`` (no .grad and no buffer changes)."""
+    ``sample(outputs)``, and that loss's gradient of the ``parameters`` (no .grad and no buffer changes)."""
     with torch.enable_grad(), preserved_buffers(module):
         with Capture(module, plan, hooks=False) as capture:
             outputs = module(*inputs)
             outputs = outputs if select is None else select(outputs)
         targets = sample(outputs)
-        capture.gradients_from(loss.statistics_loss(outputs, targets))
+        grads = capture.gradients_from(loss.statistics_loss(outputs, targets), parameters=parameters)
     capture.release_outputs()
-    return capture.records
+    return capture.records, grads

@@ -213,11 +213,12 @@ def test_a_good_step_is_kept():
 
 
 def test_default_steps_never_take_a_descent_direction_uphill():
-    """Batch norm's parameters are unmatched (a gradient step of their own in the quadratic model): the
-    default's coefficients of K-FAC's proposal and of that gradient step are never negative."""
+    """Batch norm's parameters are unmatched (with ``unmatched_direction="rms"`` a step of their own in the
+    quadratic model): the coefficients of K-FAC's proposal and of that step are never negative."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
+                                unmatched_direction="rms")
     for x, y in batches(25, n=64):
         info = opt.step(x, y)
         assert info["alpha"] >= 0 and info["unmatched_scale"] >= 0
@@ -410,7 +411,7 @@ def test_unmatched_parameters_step_along_the_gradient_over_its_root_mean_square(
     on a copy of the model and v = g_1^2, then 0.999 v + 0.001 g^2 (momentum off to isolate the direction)."""
     model = normed_mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
-                                reject_steps=False, signal_scaling=False)
+                                reject_steps=False, signal_scaling=False, unmatched_direction="rms")
     names = ["1.weight", "1.bias"]
     assert sorted(opt.unmatched) == sorted(names)
     v: dict[str, torch.Tensor] = {}
@@ -459,7 +460,7 @@ def test_an_unmatched_direction_held_at_zero_is_left_out_of_the_model_and_change
     for backoff in (4, None):
         model = normed_mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, unmatched_backoff=backoff,
-                                    factor_dtype=torch.float64)
+                                    factor_dtype=torch.float64, unmatched_direction="rms")
         counts = _unmatched_held_at_zero(opt)
         infos = [opt.step(x, y) for x, y in data[:12]]
         state = copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
@@ -477,7 +478,7 @@ def test_an_unmatched_direction_held_at_zero_is_left_out_of_the_model_and_change
     model = normed_mlp(seed=5)
     model.load_state_dict(weights)
     resumed = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=1, unmatched_backoff=4,
-                                    factor_dtype=torch.float64)
+                                    factor_dtype=torch.float64, unmatched_direction="rms")
     resumed_counts = _unmatched_held_at_zero(resumed)
     resumed.load_state_dict(state)
     assert resumed.unmatched_rest == 1  # step 9 left out 4: 10-12 done, 13 to come

@@ -100,6 +100,10 @@ class TorchEngine:
         # diagonal A) and tied tables' views once a method covers them (``capture_also``; K-FAC does).
         self.captured: Any = compiled.plan
         self.fast_pooling = FastPooling()  # the no-grad forwards' max pools (runtime/pooling.py)
+        # The parameters whose statistics-loss gradient each sampled backward also takes (K-FAC's diagonal Fisher
+        # of those outside every block), and those gradients with each pass's examples, appended until cleared.
+        self.fisher_parameters: list[str] = []
+        self.sampled_gradients: list[tuple[dict[str, torch.Tensor], int]] = []
 
     def capture_also(self, layers: Sequence[Layer]) -> None:
         """Capture ``layers`` beside the plan's layers: its tables (their records hold indices:
@@ -175,7 +179,10 @@ class TorchEngine:
         self.loss.check_targets(outputs, targets)  # every step: a batch of another shape must not broadcast
         loss = self.loss(outputs, targets)
         if sampled:
-            capturing.gradients_from(statistics_loss(outputs), retain_graph=True)
+            grads = capturing.gradients_from(statistics_loss(outputs), retain_graph=True,
+                                             parameters=self._fisher_parameters())
+            if grads:
+                self.sampled_gradients.append((grads, outputs.shape[0]))
         loss.backward()
         records = None
         if capture:
@@ -195,8 +202,16 @@ class TorchEngine:
                      minimum: int = 1) -> tuple[Records, int]:
         """Sites of a statistics pass on a fraction of the batch with targets sampled from the model."""
         outside_compiled_code()
-        return sampled_statistics(self.module, self.captured, self.loss, inputs, fraction, generator, minimum,
-                                  select=self.compiled.select_output)
+        records, n, grads = sampled_statistics(self.module, self.captured, self.loss, inputs, fraction, generator,
+                                               minimum, select=self.compiled.select_output,
+                                               parameters=self._fisher_parameters())
+        if grads:
+            self.sampled_gradients.append((grads, n))
+        return records, n
+
+    def _fisher_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters named in ``fisher_parameters``, for the statistics backward."""
+        return {name: self.params[name] for name in self.fisher_parameters}
 
     def sampled_pass_of_slice(self, inputs: Sequence[torch.Tensor], part: Any, fraction: float,
                               generator: torch.Generator, minimum: int = 1) -> tuple[Records, int]:

@@ -94,6 +94,7 @@ from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFA
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
 from kronograph.runtime.statistics import (
     ema_decay,
+    fisher_diagonal,
     inverses_due,
     make_generator,
     on_device,
@@ -362,10 +363,14 @@ class KFAC:
             more rows than examples (conv patches, tokens): a uniform random subset drawn by ``row_generator``, each
             row weighted so that A stays unbiased (factors.RowSubset), a conv's kept patches gathered alone; G from
             every row (None: every row, the paper's). The patches' im2col was most of a conv net's statistics cost.
-        unmatched_direction: the direction of the parameters no Kronecker block covers (norms, embeddings,
-            tied weights), whose length the quadratic model chooses: "gradient" (-grad h) or "rms" (-grad h /
-            sqrt(v), v an EMA of grad^2 with decay 0.999: every coordinate moves, rare embedding rows and
-            small-gradient norm scales included); "rms" needs re-scaling, without it the gradient is used.
+        unmatched_direction: the direction of the parameters no Kronecker block covers (norms' affines, positions,
+            class tokens, layer scales): "fisher" gives them a diagonal block in K-FAC's proposal, -g / (F_ii +
+            gamma^2), F_ii an EMA (the factors' decay) of n g_s^2, g_s the statistics pass's gradient of their n
+            examples' sampled targets (an unbiased estimate of the Fisher's diagonal, from the backward the factors
+            take anyway), so they step with the blocks' alpha and one direction of the quadratic model fewer; the
+            torch engine in one process, with re-scaling and the sampled Fisher (elsewhere "rms"). "gradient"
+            (-grad h) or "rms" (-grad h / sqrt(v), v an EMA of grad^2 with decay 0.999) are directions of their
+            own whose length the quadratic model chooses; "rms" needs re-scaling, without it the gradient is used.
         unmatched_backoff: after N zero coefficients in a row of the unmatched direction (its ``descent_only`` bound
             held), leave it out of the quadratic model for N steps, then try it again (None: in the model every
             step, the paper's). A coefficient at its bound adds nothing, so leaving the direction out changes
@@ -497,6 +502,8 @@ class KFAC:
         covered = {n for layer in layers for n in layer.parameter_names}
         self.unmatched = [name for name in self.engine.parameters() if name not in covered]
         _warn_of_coverage(compiled, self.engine.parameters(), self.unmatched)
+        if self._estimates_unmatched_fisher(s):  # each sampled backward takes their gradient too
+            self.engine.fisher_parameters = list(self.unmatched)
         # data-parallel: layer -> the rank that inverts it (runtime/data_parallel.py; None: one process inverts all)
         self.inverse_owners: dict[str, int] | None = None
         if self._group is not None:
@@ -530,6 +537,7 @@ class KFAC:
         self._difference_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the halves' difference's
         self.previous: Direction | None = None  # the last applied update (delta_0 of sec 7)
         self.unmatched_moments: dict[str, torch.Tensor] = {}  # EMA of grad^2 (unmatched_direction="rms")
+        self.unmatched_fisher: dict[str, torch.Tensor] = {}  # EMA of n g_s^2 (unmatched_direction="fisher")
         self.unmatched_adam: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # (m, v, t) (unmatched_adam_lr)
         self.unmatched_zeros = 0  # the unmatched direction's coefficient: consecutive zeros (unmatched_backoff)
         self.unmatched_rest = 0  # steps it is still left out
@@ -600,6 +608,8 @@ class KFAC:
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
         before = (self.steps, self.generator.get_state())
+        if getattr(self.engine, "fisher_parameters", None):
+            self.engine.sampled_gradients.clear()  # (a pass that raised last step may have left some)
         self.steps += 1
         k = self.steps
         statistics = statistics_due(k, self.stats_every)
@@ -655,8 +665,10 @@ class KFAC:
                    or bool(self.curvature.uninverted()))
         # Parameters outside every block, and those of layers with no statistics yet, step on their own.
         uncovered = self.unmatched + [name for layer in self.curvature.unestimated() for name in layer.parameter_names]
-        fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in frozen])
-        left_out = set(fallback) | frozen  # not in K-FAC's proposal (a frozen layer's low-rank product is not 0)
+        uncovered = [name for name in uncovered if name not in frozen]
+        diagonal = [name for name in uncovered if name in self.unmatched_fisher]  # in K-FAC's proposal, diagonal F
+        fallback = self._unmatched_direction(grads, [name for name in uncovered if name not in self.unmatched_fisher])
+        left_out = set(uncovered) | frozen  # not in the blocks' proposal (a frozen layer's low-rank product is not 0)
         probe = self._probes_unmatched(fallback)
         # Without re-scaling, the bias-free layers' heavy ball runs fused on the kernel where Triton is picked (not
         # on FSDP's gathered weights, whose update must reach the shards too).
@@ -688,6 +700,7 @@ class KFAC:
                     proposal = spectral_norm.parameter_coordinates(proposal, sigmas, self.normed)
                     proposal = {name: value for name, value in parameter_coordinates(
                         proposal, params, self.normed).items() if name not in left_out}
+                proposal.update(self._diagonal_proposal(grads, diagonal, gamma))
                 share = self._signal_share()
                 if share is not None:
                     lr = self.lr * (UNHALVED_NORMALISED_SCALE if self._unhalved_normalised() else (1 + share) / 2)
@@ -849,6 +862,7 @@ class KFAC:
         ranks' factors averaged, runtime/data_parallel.py)."""
         self.stats_updates += 1
         decay = ema_decay(self.stats_updates, self.ema_decay)
+        self._fold_unmatched_fisher(decay)
         self._rows_per_example = {name: rows_per_example(sites, batch_size) for name, sites in records.items() if sites}
         if self._slice is None:
             self.curvature.fold(records, batch_size, decay, index, grad_scale, self.row_subset)
@@ -1108,6 +1122,38 @@ class KFAC:
         step's rows make it pay, keeping P A^-1 in ``right_rows`` when given)."""
         return (self.curvature if curvature is None else curvature).direction(grads, inverses, self._rows, right_rows)
 
+    def _estimates_unmatched_fisher(self, s: KFACSettings) -> bool:
+        """Whether the parameters outside every block get the diagonal of the Fisher (``unmatched_direction``
+        "fisher"): with re-scaling, the sampled Fisher, no ``unmatched_adam_lr``, on the torch engine in one
+        process (data-parallel ranks would each estimate their own; onnxruntime's graph has no such backward)."""
+        return (s.unmatched_direction == "fisher" and self.rescale and self.fisher == "mc" and bool(self.unmatched)
+                and s.unmatched_adam_lr is None and self._group is None
+                and getattr(self.engine, "sharded", True) is None)
+
+    def _fold_unmatched_fisher(self, decay: float) -> None:
+        """Fold this step's estimate of the diagonal Fisher of the parameters outside every block into its EMA
+        (the factors' decay). The sampled targets' per-example gradients have mean zero, so the mean gradient
+        g_s of a statistics pass on n examples has E[n g_s^2] = diag F: unbiased, from the backward the factors
+        take anyway (``statistics.fisher_diagonal``). A non-finite estimate is not folded."""
+        passes = self.engine.sampled_gradients if getattr(self.engine, "fisher_parameters", None) else []
+        if not passes:
+            return
+        estimates = fisher_diagonal(passes)
+        passes.clear()
+        if not all_finite(estimates.values()):
+            return
+        for name, estimate in estimates.items():
+            old = self.unmatched_fisher.get(name)
+            self.unmatched_fisher[name] = estimate if old is None else old.mul(decay).add_(estimate, alpha=1 - decay)
+
+    def _diagonal_proposal(self, grads: Direction, names: Sequence[str], gamma: float) -> Direction:
+        """K-FAC's proposal for the parameters outside every block with the diagonal Fisher (``unmatched_direction``
+        "fisher"): -g / (F_ii + gamma^2). The blocks' factored damping stands in for the Tikhonov term gamma^2 I
+        (gamma = sqrt(lambda + eta), sec 6.3) that a Kronecker product cannot take; a diagonal takes it exactly.
+        (The factored form of a diagonal, (sqrt(F_ii) + gamma)^2, damps harder: the character LM 0.07 worse at 300
+        steps, BENCHMARKS.md.)"""
+        return {name: -grads[name] / (self.unmatched_fisher[name] + gamma * gamma) for name in names}
+
     def _unmatched_direction(self, grads: Direction, names: Sequence[str]) -> Direction:
         """The step direction of the parameters outside every Kronecker block (norms, embeddings, tied
         weights): -grad h, or with ``unmatched_direction="rms"`` (and re-scaling on) -grad h / sqrt(v), v the
@@ -1322,6 +1368,7 @@ class KFAC:
             "inverted_gamma": self.inverted_gamma,
             "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()},
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
+            "unmatched_fisher": {n: t.clone() for n, t in self.unmatched_fisher.items()},
             "unmatched_adam": {n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.unmatched_adam.items()},
             "unmatched_backoff": (self.unmatched_zeros, self.unmatched_rest),
             "signal": self.signal,
@@ -1347,6 +1394,7 @@ class KFAC:
         self.next_gamma_round = int(state.get("next_gamma_round", (self.steps // self.gamma_every + 1) * self.gamma_every))
         self.previous = None if state["previous"] is None else {n: t.clone() for n, t in state["previous"].items()}
         self.unmatched_moments = {n: t.clone() for n, t in state.get("unmatched_moments", {}).items()}
+        self.unmatched_fisher = {n: t.clone() for n, t in state.get("unmatched_fisher", {}).items()}
         self.unmatched_adam = {n: (m.clone(), v.clone(), int(t))
                                for n, (m, v, t) in state.get("unmatched_adam", {}).items()}
         self.unmatched_zeros, self.unmatched_rest = (int(v) for v in state.get("unmatched_backoff", (0, 0)))
