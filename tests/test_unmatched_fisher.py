@@ -1,6 +1,7 @@
 """``unmatched_direction="fisher"`` (the default): the parameters outside every Kronecker block (norms' affines,
 learned positions) get a diagonal block in K-FAC's proposal, -g / (F_ii + gamma^2), F_ii an EMA of n g_s^2
-from the statistics pass's backward of targets sampled from the model.
+from the statistics pass's backward of targets sampled from the model, and the same direction a length of its own in
+the quadratic model.
 
 Independent checks: the estimator's mean over many draws against the Fisher's diagonal written out class by class
 (sum_c p_c (d log p_c / d theta)^2, per example or per token, float64), on a classifier and on a sequence model
@@ -118,10 +119,11 @@ def batches(steps: int, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def test_the_unmatched_parameters_step_with_the_blocks_alpha():
-    """Momentum and signal scaling off (the update is then alpha times the proposal): the layer norm's change is
-    alpha * -g / (F + gamma^2), g autograd's on a float64 copy, F the optimizer's estimate after the step's
-    fold, gamma the step's; its direction is no longer one of the quadratic model's (one direction a step)."""
+def test_the_unmatched_parameters_step_with_the_blocks_alpha_and_a_length_of_their_own():
+    """Momentum and signal scaling off (the update is then alpha times the proposal plus the unmatched coefficient
+    times its direction): the layer norm's change is alpha * -g / (F + gamma^2) + unmatched_scale * -g / (F +
+    gamma_0^2), g autograd's on a float64 copy, F the optimizer's estimate after the step's fold, gamma the step's
+    and gamma_0 the one it started from; the quadratic model has the two directions."""
     model = normed_mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, momentum=None,
                                 reject_steps=False, signal_scaling=False)
@@ -130,22 +132,23 @@ def test_the_unmatched_parameters_step_with_the_blocks_alpha():
     directions = []
     gram = opt._fisher_gram
     opt._fisher_gram = lambda inputs, found, cache: directions.append(len(found)) or gram(inputs, found, cache)
-    moved = 0
+    own = 0
     for x, y in batches(8):
         probe = copy.deepcopy(model).double()
         nn.functional.cross_entropy(probe(x.double()), y).backward()
         grads = {name: dict(probe.named_parameters())[name].grad for name in names}
         before = {name: p.detach().double().clone() for name, p in model.named_parameters() if name in names}
+        start = opt.gamma
         info = opt.step(x, y)
-        assert "unmatched_scale" not in info
         after = {name: p.detach().double() for name, p in model.named_parameters() if name in names}
         gamma = info["factor_damping"]
+        start = gamma if start is None else start  # (the first step's gamma is set within it)
         for name in names:
             fisher = opt.unmatched_fisher[name].double()
-            expected = -info["alpha"] * grads[name] / (fisher + gamma**2)
+            expected = -grads[name] * (info["alpha"] / (fisher + gamma**2) + info["unmatched_scale"] / (fisher + start**2))
             torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-3, atol=1e-7)
-        moved += info["alpha"] > 0
-    assert moved >= 4 and set(directions) == {1}
+        own += info["unmatched_scale"] > 0
+    assert own >= 2 and set(directions) == {2}
 
 
 @pytest.mark.parametrize("options", [{"unmatched_adam_lr": 1e-3}, {"fisher": "empirical"},

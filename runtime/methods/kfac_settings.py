@@ -193,11 +193,11 @@ class KFACSettings:
                                            "all, the paper's). Block-diagonal structure.")
     centered_damping: bool = setting(True, "Damp A in coordinates centred on the layer's mean input (sec 10's "
                                      "invariance kept under damping).")
-    unmatched_direction: str = setting("fisher", "Direction of the parameters outside every block: fisher (in "
-                                       "K-FAC's proposal with the diagonal of the sampled Fisher, from the "
-                                       "statistics' backward; the torch engine in one process, elsewhere rms), rms "
-                                       "(RMSprop's shape) or gradient, these two of their own length in the "
-                                       "quadratic model.", choices=("fisher", "rms", "gradient"))
+    unmatched_direction: str = setting("fisher", "Direction of the parameters outside every block, its length the "
+                                       "quadratic model's: fisher (the diagonal of the sampled Fisher, from the "
+                                       "statistics' backward, also in K-FAC's proposal; the torch engine in one "
+                                       "process, elsewhere rms), rms (RMSprop's shape) or gradient.",
+                                       choices=("fisher", "rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
     signal_every: int = setting(4, "Measure the share of signal s on every Nth step (the gradient as two halves' "
