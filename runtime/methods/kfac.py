@@ -371,8 +371,8 @@ class KFAC:
             also in K-FAC's proposal, so they step at least with the blocks' alpha (the torch engine in one process,
             with re-scaling and the sampled Fisher; elsewhere "rms"); "gradient" (-grad h) or "rms" (-grad h /
             sqrt(v), v an EMA of grad^2 with decay 0.999), "rms" with re-scaling only (without it the gradient).
-            At 300 steps "fisher" against "rms": a ViT 0.42 against 0.48, text-words 2.84 against 2.95, the
-            character LM 1.48 against 1.58, text-tied-words 3.50 against 3.45 (BENCHMARKS.md).
+            At 300 steps "fisher" against "rms" (the mean of two seeds): a ViT 0.41 against 0.48, text-words 2.87
+            against 2.95, the character LM 1.52 against 1.58, text-tied-words 3.55 against 3.45 (BENCHMARKS.md).
         unmatched_backoff: after N zero coefficients in a row of the unmatched direction (its ``descent_only`` bound
             held), leave it out of the quadratic model for N steps, then try it again (None: in the model every
             step, the paper's). A coefficient at its bound adds nothing, so leaving the direction out changes
