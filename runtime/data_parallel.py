@@ -228,11 +228,13 @@ def sampled_statistics_of_slice(
     generator: torch.Generator,
     minimum: int = 1,
     select: Callable[[Any], torch.Tensor] | None = None,
-) -> tuple[Records, int]:
+    parameters: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[Records, int, dict[str, torch.Tensor]]:
     """``statistics.sampled_statistics`` of the global batch, this rank's share: the tau_1 subset of the global
     batch, the sampling noise of all its examples (every rank draws it all, so the generators stay together),
-    a forward and backward on this rank's members with their rows of the noise. Returns the captured sites
-    and the number of members ({} and 0 for a rank with none: no pass)."""
+    a forward and backward on this rank's members with their rows of the noise. Returns the captured sites,
+    the number of members and the statistics loss's gradient of the ``parameters`` ({}, 0 and {} for a rank with
+    none: no pass)."""
     members = part.members(subset(part.total, fraction, generator, minimum))
 
     def sample(outputs: torch.Tensor | None) -> torch.Tensor | None:
@@ -245,9 +247,10 @@ def sampled_statistics_of_slice(
 
     if not members.local:
         sample(None)
-        return {}, 0
+        return {}, 0, {}
     sub = tuple(inputs) if members.rows is None else tuple(t[members.rows] for t in inputs)
-    return statistics_pass(module, plan, loss, sub, sample, select)[0], members.local
+    records, grads = statistics_pass(module, plan, loss, sub, sample, select, parameters)
+    return records, members.local, grads
 
 
 def fold_across_ranks(

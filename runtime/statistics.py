@@ -113,10 +113,13 @@ def sampled_statistics(
 
 
 def fisher_diagonal(passes: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
-    """An unbiased estimate of the Fisher's diagonal from statistics passes' gradients: the mean over the passes of
-    n g^2, g the gradient of a pass's statistics loss on its n examples. The sampled targets' per-example
-    gradients have mean zero and are independent, so E[g g^T] = F / n (``Loss.statistics_loss``)."""
-    return {name: sum(n * grads[name].square() for grads, n in passes) / len(passes) for name in passes[0][0]}
+    """An unbiased estimate of the Fisher's diagonal from statistics passes' gradients, g the gradient of a pass's
+    statistics loss on its n examples: N gbar^2, gbar = sum n g / N the mean gradient of all their N examples. The
+    sampled targets' per-example gradients have mean zero and are independent, so E[gbar gbar^T] = F / N
+    (``Loss.statistics_loss``); pooled this way, a batch's halves or the data-parallel ranks' shares give the
+    whole batch's estimate."""
+    total = sum(n for _, n in passes)
+    return {name: sum(n * grads[name] for grads, n in passes).square() / total for name in passes[0][0]}
 
 
 def statistics_pass(

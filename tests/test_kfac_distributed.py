@@ -127,7 +127,20 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
     results["normed"] = normed(rank, world)
     results["spectral"] = normed(rank, world, spectral=True)
     results["wide_head"] = wide_head(rank, world)
+    results["layer_norm"] = layer_norm(rank, world)
     return results
+
+
+def layer_norm(rank: int, world: int) -> dict:
+    """KFAC (default preset) with a layer norm, whose affine lies outside every block: its diagonal Fisher from the
+    ranks' statistics gradients pooled (one all_reduce), so the run is the single process's on the whole batches."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, CLASSES))
+    inputs = torch.randn(STEPS, BATCH, 6)
+    labels = (inputs[..., 0] > 0).long() + (inputs[..., 1] > 0).long()  # learnable
+    opt, result = kfac_on_halves(model, inputs, labels, rank, world)
+    fisher = {name: t.clone() for name, t in opt.unmatched_fisher.items()}
+    return {**result, "unmatched": opt.unmatched, "fisher": fisher}
 
 
 def wide_head(rank: int, world: int) -> dict:
@@ -509,6 +522,18 @@ def test_spectrally_normed_layers_train_data_parallel_as_in_one_process(ranks, s
     assert first["blocks"] == ["0", "2"] and first["unmatched"] == []
     assert first["infos"][-1]["loss"] < first["infos"][0]["loss"]
     assert_the_single_process_weights(first, second, single_process["spectral"], tolerance=1e-3)
+
+
+def test_a_layer_norms_diagonal_fisher_is_the_single_processs_data_parallel(ranks, single_process):
+    first, second = (r["layer_norm"] for r in ranks)
+    assert first["unmatched"] == ["1.weight", "1.bias"]
+    single = single_process["layer_norm"]["fisher"]
+    assert sorted(single) == sorted(first["fisher"]) == ["1.bias", "1.weight"]
+    for name, value in single.items():
+        assert torch.equal(first["fisher"][name], second["fisher"][name]), name
+        torch.testing.assert_close(first["fisher"][name], value, rtol=1e-4, atol=1e-9)
+    assert first["infos"][-1]["loss"] < first["infos"][0]["loss"]
+    assert_the_single_process_weights(first, second, single_process["layer_norm"])
 
 
 def assert_the_single_process_weights(first: dict, second: dict, single: dict, tolerance: float = 2e-5) -> None:

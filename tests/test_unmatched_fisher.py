@@ -76,8 +76,9 @@ def test_the_statistics_backward_estimates_the_fisher_diagonal(factory, shape, n
     for _ in range(draws):
         engine.sampled_pass((x,), 1.0, generator)
     assert len(engine.sampled_gradients) == draws
-    estimate = fisher_diagonal([({name: g.double() for name, g in grads.items()}, n)
-                                for grads, n in engine.sampled_gradients])
+    each = [fisher_diagonal([({name: g.double() for name, g in grads.items()}, n)])
+            for grads, n in engine.sampled_gradients]
+    estimate = {name: sum(one[name] for one in each) / draws for name in names}
     exact = dense_fisher_diagonal(model, x, names)
     for name in names:
         assert exact[name].min() > 1e-6, name  # every coordinate has curvature: the relative check means something
@@ -145,7 +146,8 @@ def test_the_unmatched_parameters_step_with_the_blocks_alpha_and_a_length_of_the
         start = gamma if start is None else start  # (the first step's gamma is set within it)
         for name in names:
             fisher = opt.unmatched_fisher[name].double()
-            expected = -grads[name] * (info["alpha"] / (fisher + gamma**2) + info["unmatched_scale"] / (fisher + start**2))
+            shares = info["alpha"] / (fisher + gamma**2) + info["unmatched_scale"] / (fisher + start**2)
+            expected = -grads[name] * shares
             torch.testing.assert_close(after[name] - before[name], expected, rtol=1e-3, atol=1e-7)
         own += info["unmatched_scale"] > 0
     assert own >= 2 and set(directions) == {2}

@@ -218,8 +218,12 @@ class TorchEngine:
         """``sampled_pass`` of a global batch whose slice ``part`` (data_parallel.BatchSlice) this rank holds: the
         sites of this rank's members of the subset, and their number."""
         outside_compiled_code()
-        return sampled_statistics_of_slice(self.module, self.captured, self.loss, inputs, part, fraction,
-                                           generator, minimum, select=self.compiled.select_output)
+        records, n, grads = sampled_statistics_of_slice(self.module, self.captured, self.loss, inputs, part, fraction,
+                                                        generator, minimum, select=self.compiled.select_output,
+                                                        parameters=self._fisher_parameters())
+        if grads:
+            self.sampled_gradients.append((grads, n))
+        return records, n
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],
                         outputs: torch.Tensor | None = None):
