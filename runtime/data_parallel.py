@@ -11,7 +11,8 @@ rank takes the same step: the one a single process would take on the whole batch
 * ``BatchSlice.sum``: one all_reduce of any tensors, flattened into one buffer (the gradient, the losses,
   the quadratic model's Gram sums);
 * ``sampled_statistics_of_slice``: the statistics pass on this rank's members of the tau_1 subset, its sampled
-  targets made from noise drawn for the whole subset (``Loss.sampling_noise``);
+  targets made from noise drawn for the whole subset (``Loss.sampling_noise``); with the parameters outside every
+  block, their gradient too (K-FAC pools the ranks' by one ``BatchSlice.sum`` for the Fisher's diagonal);
 * ``fold_across_ranks``: the members' mini-batch factors averaged over the ranks (``distributed.average_statistics``)
   and folded into the EMAs;
 * ``shared_seed``: rank 0's seed for the generator when none is given;
