@@ -185,3 +185,21 @@ def test_a_resumed_run_steps_as_the_uninterrupted_one():
         resumed.step(x, y)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_frozen_parameter_outside_every_block_keeps_its_value_and_its_estimate():
+    """The layer norm's weight frozen after two steps: it stays where it is, its diagonal's estimate is no longer
+    folded, and the bias, still trained, keeps moving along its own."""
+    data = batches(4)
+    model = normed_mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0)
+    for x, y in data[:2]:
+        opt.step(x, y)
+    model[1].weight.requires_grad_(False)
+    weight, estimate = model[1].weight.detach().clone(), opt.unmatched_fisher["1.weight"].clone()
+    bias, bias_estimate = model[1].bias.detach().clone(), opt.unmatched_fisher["1.bias"].clone()
+    for x, y in data[2:]:
+        assert "skipped" not in opt.step(x, y)
+    assert torch.equal(model[1].weight.detach(), weight) and torch.equal(opt.unmatched_fisher["1.weight"], estimate)
+    assert not torch.equal(model[1].bias.detach(), bias)
+    assert not torch.equal(opt.unmatched_fisher["1.bias"], bias_estimate)

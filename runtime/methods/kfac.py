@@ -1157,8 +1157,8 @@ class KFAC:
     def _pooled_across_ranks(self, passes: list) -> list:
         """Data-parallel: the ranks' statistics gradients as one pass of the whole subset, sum n g / N over the
         ranks (one all_reduce), so that ``fisher_diagonal`` gives every rank the single process's estimate."""
-        params = self.engine.parameters()
-        names = self.engine.fisher_parameters
+        params, frozen = self.engine.parameters(), self.engine.frozen()  # (the same names on every rank)
+        names = [name for name in self.engine.fisher_parameters if name not in frozen]
         weighted = [sum((n * grads[name] for grads, n in passes), torch.zeros_like(params[name])) for name in names]
         count = torch.tensor(float(sum(n for _, n in passes)), dtype=torch.float64, device=self.engine.device)
         *summed, total = self._slice.sum([*weighted, count])
