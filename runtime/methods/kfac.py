@@ -30,7 +30,9 @@ matrices) is made on the model's device, factors and inverses in ``factor_dtype`
 (tests/test_device_placement.py). Host synchronisations per step, the scalars the host's decisions need:
 - the batch's loss (one per gradient pass: two with signal scaling's halves), the label range check (one),
   and whether the gradient is finite (one, ``inverse.all_finite``);
-- statistics: per layer, the largest entry of the batch's rows (the overflow guard of ``fold_factors_``);
+- statistics: per layer, the largest entry of the batch's rows (the overflow guard of ``fold_factors_``); with
+  parameters outside every block (``unmatched_direction="fisher"``), whether their diagonal's estimate is finite
+  (one; data-parallel, after one all_reduce that pools the ranks' gradients);
 - the quadratic model: its k x k matrices copied to the host at once (one per gamma candidate), where the
   coefficients alpha, mu (and the unmatched scale) and M(delta) - M(0) are solved for;
 - signal scaling: g^T F^-1 g and g_A^T F^-1 g_B (one); whether the update is finite (one);
