@@ -165,6 +165,17 @@ def test_without_the_sampled_fisher_the_unmatched_parameters_take_a_direction_of
     assert all("unmatched_scale" in info for info in infos)
 
 
+def test_the_onnxruntime_engine_steps_its_unmatched_parameters_along_rms():
+    """onnxruntime's statistics backward has no parameters' gradients: the default steps the layer norm along the
+    "rms" direction there (the default on this engine failed its first step before)."""
+    model = normed_mlp()
+    cm = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy", engine="onnxruntime")
+    opt = kronograph.optim.KFAC(cm, seed=0)
+    infos = [opt.step(x.numpy(), y.numpy()) for x, y in batches(3)]
+    assert not hasattr(opt.engine, "fisher_parameters") and opt.unmatched_fisher == {}
+    assert all("unmatched_scale" in info and "skipped" not in info for info in infos)
+
+
 def test_a_resumed_run_steps_as_the_uninterrupted_one():
     """The diagonal's EMA is part of the state: six steps, a checkpoint, six more; a fresh optimizer loaded from
     the checkpoint takes the same last six steps."""

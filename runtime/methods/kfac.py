@@ -1133,23 +1133,23 @@ class KFAC:
         "fisher"): with re-scaling, the sampled Fisher, no ``unmatched_adam_lr``, on the torch engine, in one
         process or data-parallel (not FSDP2's shards; onnxruntime's graph has no such backward)."""
         return (s.unmatched_direction == "fisher" and self.rescale and self.fisher == "mc" and bool(self.unmatched)
-                and s.unmatched_adam_lr is None and getattr(self.engine, "sharded", True) is None)
+                and s.unmatched_adam_lr is None and hasattr(self.engine, "fisher_parameters")
+                and self.engine.sharded is None)
 
     def _fold_unmatched_fisher(self, decay: float) -> None:
         """Fold this step's estimate of the diagonal Fisher of the parameters outside every block into its EMA
         (the factors' decay). The sampled targets' per-example gradients have mean zero, so the mean gradient
-        g_s of a statistics pass on n examples has E[n g_s^2] = diag F: unbiased, from the backward the factors
+        gbar of the statistics passes' N examples has E[N gbar^2] = diag F: unbiased, from the backward the factors
         take anyway (``statistics.fisher_diagonal``). A non-finite estimate is not folded."""
         if not getattr(self.engine, "fisher_parameters", None):
             return
-        passes = self.engine.sampled_gradients
+        passes = list(self.engine.sampled_gradients)
+        self.engine.sampled_gradients.clear()
         if self._slice is not None:  # every rank joins, those without members of the subset too
             passes = self._pooled_across_ranks(passes)
-            self.engine.sampled_gradients.clear()
         if not passes:
             return
         estimates = fisher_diagonal(passes)
-        passes.clear()
         if not all_finite(estimates.values()):
             return
         for name, estimate in estimates.items():
