@@ -178,6 +178,11 @@ INSIDE_COMPILED = (
 )
 
 
+def dense(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as a dense tensor (nn.Embedding(sparse=True) gives a sparse one): the steps' algebra is dense."""
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 def outside_compiled_code() -> None:
     """Raise CaptureError inside a torch.compile'd function, before dynamo meets the capture's own code (where
     it fails with internal errors). While dynamo traces the caller, is_compiling() holds: with fullgraph=True this
@@ -582,7 +587,7 @@ class Capture(TorchFunctionMode):
             self._hooks_live = True
         for record, grad in zip(records, grads):
             record.g = torch.zeros_like(record.output) if grad is None else grad.detach()
-        return {name: torch.zeros_like(p) if grad is None else (grad.to_dense() if grad.is_sparse else grad).detach()
+        return {name: torch.zeros_like(p) if grad is None else dense(grad.detach())
                 for (name, p), grad in zip(wanted.items(), grads[len(records):])}
 
     def release_outputs(self) -> None:

@@ -26,7 +26,7 @@ from kronograph.compiler.wrappers import refuse_sharded
 from kronograph.errors import KronographError
 from kronograph.passes.plan import Layer
 from kronograph.runtime import sharded, tangent_cost
-from kronograph.runtime.capture import Capture, SiteRecord, outside_compiled_code
+from kronograph.runtime.capture import Capture, SiteRecord, dense, outside_compiled_code
 from kronograph.runtime.data_parallel import sampled_statistics_of_slice
 from kronograph.runtime.losses import Loss
 from kronograph.runtime.pooling import FastPooling
@@ -53,10 +53,6 @@ class GradientPass:
     grads: dict[str, torch.Tensor]
     records: Records | None = None
     outputs: torch.Tensor | None = None
-
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _own(outputs: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -189,7 +185,7 @@ class TorchEngine:
             capturing.release_outputs()
             records = capturing.records
         grads = {  # a sparse gradient (nn.Embedding(sparse=True)) made dense: the step's algebra is dense
-            name: _dense(param.grad.detach()) if param.grad is not None else torch.zeros_like(param)
+            name: dense(param.grad.detach()) if param.grad is not None else torch.zeros_like(param)
             for name, param in self.params.items()
         }
         # The pass's gradients are returned, not left in .grad: an optimizer's later pass (a half batch, sampled
