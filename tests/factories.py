@@ -139,6 +139,13 @@ def tied_problem(steps: int, batch: int):
     return TiedTable(), list(zip(tokens, ((tokens + 1) % 12).flatten(1, 2)))
 
 
+def layer_norm_problem(steps: int, batch: int, features: int = 6, classes: int = 3):
+    """``teacher_classification``'s MLP with a layer norm after its first layer: an affine outside every block."""
+    model, batches = teacher_classification(steps, batch, features, classes)
+    model.insert(1, nn.LayerNorm(model[0].out_features))
+    return model, batches
+
+
 def normed_problem(steps: int, batch: int, features: int = 6, classes: int = 3):
     """``teacher_classification``'s MLP with weight norm (the parametrization) on its first layer."""
     from torch.nn.utils.parametrizations import weight_norm

@@ -22,6 +22,7 @@ import kronograph
 
 from factories import (
     conv_teacher_classification,
+    layer_norm_problem,
     normed_problem,
     table_problem,
     teacher_classification,
@@ -47,6 +48,7 @@ SCENARIOS = {
     "table": ("table", dict(seed=0), (16, 16), True),
     "tied": ("tied", dict(seed=0), (16, 16), False),  # (FSDP refuses a tie split over two of its groups)
     "weight norm": ("normed", dict(seed=0), (16, 16), True),
+    "layer norm": ("layer norm", dict(seed=0), (20, 12), True),  # its affine on the Fisher's diagonal
 }
 UNSHARDED_REFERENCE = ("undone steps", "weight norm")
 
@@ -57,7 +59,8 @@ def conv_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 
 PROBLEMS = {"mlp": lambda: teacher_classification(STEPS, BATCH, FEATURES, CLASSES), "conv": conv_problem,
             "table": lambda: table_problem(STEPS, BATCH, CLASSES), "tied": lambda: tied_problem(STEPS, BATCH),
-            "normed": lambda: normed_problem(STEPS, BATCH, FEATURES, CLASSES)}
+            "normed": lambda: normed_problem(STEPS, BATCH, FEATURES, CLASSES),
+            "layer norm": lambda: layer_norm_problem(STEPS, BATCH, FEATURES, CLASSES)}
 
 
 def train(model, cm, settings, batches, slices, rank: int, world: int) -> tuple[list[dict], kronograph.optim.KFAC]:
@@ -90,6 +93,7 @@ def run_ranks(rank: int, world: int) -> dict:
         results[scenario] = {"params": whole_state(model), "infos": infos, "blocks": sorted(opt.blocks),
                              "diagonal_a": sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_a),
                              "normed": sorted(layer.name for layer in opt.normed),
+                             "fisher": {name: t.clone() for name, t in opt.unmatched_fisher.items()},
                              "local": {name: (type(p).__name__, tuple(p.to_local().shape))
                                        for name, p in model.named_parameters()}}
         if scenario in UNSHARDED_REFERENCE:  # the same two ranks without FSDP
@@ -144,8 +148,9 @@ def single_process() -> dict:
         for scenario, (problem, settings, slices, _) in SCENARIOS.items():
             model, batches = PROBLEMS[problem]()
             cm = kronograph.compile(model, (batches[0][0][:2],))
-            results[scenario] = {"infos": train(model, cm, settings, batches, slices, 0, 1)[0],
-                                 "params": copy.deepcopy(model.state_dict())}
+            infos, opt = train(model, cm, settings, batches, slices, 0, 1)
+            results[scenario] = {"infos": infos, "params": copy.deepcopy(model.state_dict()),
+                                 "fisher": {name: t.clone() for name, t in opt.unmatched_fisher.items()}}
         return results
 
     return on_one_thread(run)
@@ -189,6 +194,17 @@ def test_the_blocks_with_a_diagonal_factor_or_two_views_are_kept_sharded(ranks, 
     assert ranks[0]["table"]["blocks"] == ["0", "3"] and ranks[0]["table"]["diagonal_a"] == ["0"]
     assert ranks[0]["tied"]["blocks"] == ["emb[embedding]", "emb[output]", "mix"]
     assert ranks[0]["weight norm"]["blocks"] == ["0", "2", "4"] and ranks[0]["weight norm"]["normed"] == ["0"]
+
+
+def test_a_layer_norms_diagonal_fisher_is_the_single_processs_under_fsdp(ranks, single_process):
+    """The layer norm's affine (sharded by rows like any weight) steps along its diagonal Fisher, estimated from
+    the whole weights' statistics gradients pooled over the ranks: every rank holds the single process's."""
+    single = single_process["layer norm"]["fisher"]
+    assert sorted(single) == sorted(ranks[0]["layer norm"]["fisher"]) == ["1.bias", "1.weight"]
+    for name, value in single.items():
+        assert torch.equal(ranks[0]["layer norm"]["fisher"][name], ranks[1]["layer norm"]["fisher"][name]), name
+        torch.testing.assert_close(ranks[0]["layer norm"]["fisher"][name], value, rtol=1e-4, atol=1e-9)
+    assert ranks[0]["layer norm"]["local"]["1.weight"] == ("DTensor", (8,))
 
 
 def test_undone_steps_restore_the_shards(ranks, single_process):
