@@ -145,21 +145,28 @@ def test_tridiagonal_kfac_parity(tmp_path):
     assert_same_weights(cm_onnx, module)
 
 
-def test_unmatched_parameters_follow_torch(tmp_path):
-    """A layer norm's weight and bias have no Kronecker block: their RMS-shaped direction gets its own coefficient
-    in the quadratic model on both engines (onnxruntime has no "fisher" diagonal: it takes "rms")."""
+@pytest.mark.parametrize("direction", ["rms", "fisher"])
+def test_unmatched_parameters_follow_torch(direction, tmp_path):
+    """A layer norm's weight and bias have no Kronecker block: their direction (RMS-shaped, or the Fisher's
+    diagonal estimated from the sampled passes' gradients, the default) gets its own coefficient in the quadratic
+    model on both engines, and the diagonal's estimate is the same on both."""
     def with_layer_norm():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (6,)
 
     cm_torch, module, cm_onnx, shape = both(with_layer_norm, tmp_path)
     assert cm_onnx.unmatched == ["1.weight", "1.bias"]
-    schedule = dict(damping=1.0, damping_every=2, gamma_every=3, inverse_every=3, seed=0, unmatched_direction="rms")
+    schedule = dict(damping=1.0, damping_every=2, gamma_every=3, inverse_every=3, seed=0,
+                    unmatched_direction=direction)
     torch_opt, onnx_opt = kronograph.optim.KFAC(cm_torch, **schedule), kronograph.optim.KFAC(cm_onnx, **schedule)
     for step, (x, y) in enumerate(batches(shape, count=8, n=16)):
         expected, got = torch_opt.step(x, y), onnx_opt.step(x.numpy(), y.numpy())
         for key in ("loss", "alpha", "unmatched_scale", "mu"):
             np.testing.assert_allclose(got[key], expected[key], rtol=2e-3, atol=1e-4, err_msg=f"{key}, step {step}")
+    assert sorted(onnx_opt.unmatched_fisher) == sorted(torch_opt.unmatched_fisher) == (
+        ["1.bias", "1.weight"] if direction == "fisher" else [])
+    for name, value in torch_opt.unmatched_fisher.items():
+        torch.testing.assert_close(onnx_opt.unmatched_fisher[name], value, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_cross_entropy", "mse"])

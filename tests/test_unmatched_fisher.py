@@ -165,14 +165,16 @@ def test_without_the_sampled_fisher_the_unmatched_parameters_take_a_direction_of
     assert all("unmatched_scale" in info for info in infos)
 
 
-def test_the_onnxruntime_engine_steps_its_unmatched_parameters_along_rms():
-    """onnxruntime's statistics backward has no parameters' gradients: the default steps the layer norm along the
-    "rms" direction there (the default on this engine failed its first step before)."""
+def test_the_onnxruntime_engine_estimates_the_diagonal_from_its_sampled_passes():
+    """onnxruntime's sampled pass is a training step of the graph on the sampled targets: its gradients of the
+    layer norm give the same estimate (tests/test_engine_kfac_parity.py follows the torch engine step by step)."""
     model = normed_mlp()
     cm = kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy", engine="onnxruntime")
     opt = kronograph.optim.KFAC(cm, seed=0)
     infos = [opt.step(x.numpy(), y.numpy()) for x, y in batches(3)]
-    assert not hasattr(opt.engine, "fisher_parameters") and opt.unmatched_fisher == {}
+    assert opt.engine.fisher_parameters == ["1.weight", "1.bias"] and sorted(opt.unmatched_fisher) == [
+        "1.bias", "1.weight"]
+    assert all(bool((value > 0).all()) for value in opt.unmatched_fisher.values())
     assert all("unmatched_scale" in info and "skipped" not in info for info in infos)
 
 

@@ -8,7 +8,8 @@ lambda and gamma) runs on an .onnx model:
   the mean loss, the parameter gradients and every site's taps (a, dL/ds) as SiteRecords;
 - ``sampled_pass``: the model's outputs on tau_1 of the batch (the forward graph), targets sampled from
   them, and a second training step on those examples with the sampled targets as labels. Its taps feed
-  the statistics; its parameter gradients are dropped (the data gradient was copied out before);
+  the statistics; its gradients of ``fisher_parameters`` (K-FAC's Fisher diagonal of the parameters outside
+  every block) are kept in ``sampled_gradients``, as the torch engine's, the others dropped;
 - ``output_tangents``: J d by central differences of the forward graph's outputs,
   (f(theta + h d) - f(theta - h d)) / 2h, h moving no parameter tensor by more than ``DIFFERENCE_STEP``
   of its size: two forwards per direction; against forward-mode autograd (tests/test_engine_kfac_parity.py)
@@ -65,6 +66,10 @@ class OnnxRuntimePasses:
         self._theta: dict[str, torch.Tensor] = {}
         self._version = -1  # the engine's version that _theta holds
         self._padding = _padding_rows(compiled.module, list(self.parameters()))
+        # As the torch engine's: the parameters whose statistics-loss gradient each sampled pass keeps, and those
+        # gradients with each pass's examples, appended until cleared.
+        self.fisher_parameters: list[str] = []
+        self.sampled_gradients: list[tuple[dict[str, torch.Tensor], int]] = []
 
     def stepping(self) -> contextlib.AbstractContextManager[None]:
         """The span of one optimizer step: nothing to set up on this engine."""
@@ -123,22 +128,31 @@ class OnnxRuntimePasses:
         result = self.engine.forward_backward([_numpy(x) for x in inputs], _numpy(targets))
         if result.outputs is not None:  # every step: a batch of another shape must not broadcast
             self.loss.check_targets(torch.from_numpy(result.outputs), targets)
-        grads = {name: torch.from_numpy(np.asarray(result.gradients[name])) for name in self.parameters()}
-        for name, row in self._padding.items():
-            grads[name] = grads[name].clone()
-            grads[name][row] = 0
+        grads = {name: self._gradient(result, name) for name in self.parameters()}
         return GradientPass(result.loss, grads, self._records(result.taps) if capture else None)
 
     def sampled_pass(self, inputs: Sequence[torch.Tensor], fraction: float, generator: torch.Generator,
                      minimum: int = 1) -> tuple[Records, int]:
         """Taps of a training step on tau_1 of the batch whose labels are sampled from the model's outputs;
-        g is rescaled to the statistics loss (Loss.statistics_scale), as the torch engine's pass gives it."""
+        g is rescaled to the statistics loss (Loss.statistics_scale), as the torch engine's pass gives it, and so
+        are the gradients of ``fisher_parameters`` kept in ``sampled_gradients``."""
         index = subset(inputs[0].shape[0], fraction, generator, minimum)
         sub = [_numpy(x if index is None else x[index]) for x in inputs]
         outputs = torch.from_numpy(self.engine.forward(sub))
         targets = self.loss.sample_targets(outputs, generator)
         result = self.engine.forward_backward(sub, _numpy(targets))
-        return self._records(result.taps, self.loss.statistics_scale(targets)), sub[0].shape[0]
+        scale, n = self.loss.statistics_scale(targets), sub[0].shape[0]
+        if self.fisher_parameters:
+            self.sampled_gradients.append(({name: self._gradient(result, name) * scale
+                                            for name in self.fisher_parameters}, n))
+        return self._records(result.taps, scale), n
+
+    def _gradient(self, result: Any, name: str) -> torch.Tensor:
+        """The step's gradient of one parameter as torch's: an embedding's padding row zeroed (``_padding_rows``)."""
+        grad = torch.from_numpy(np.asarray(result.gradients[name]))  # a copy: StepResult's own
+        if name in self._padding:
+            grad[self._padding[name]] = 0
+        return grad
 
     def output_tangents(self, inputs: Sequence[torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],
                         outputs: torch.Tensor | None = None):

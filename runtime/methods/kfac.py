@@ -370,8 +370,8 @@ class KFAC:
             coefficient >= 0 with ``descent_only``): "fisher" -g / (F_ii + gamma^2), F_ii an EMA (the factors'
             decay) of n g_s^2, g_s the statistics pass's gradient of their n examples' sampled targets (an unbiased
             estimate of the Fisher's diagonal, from the backward the factors take anyway), the same diagonal block
-            also in K-FAC's proposal, so they step at least with the blocks' alpha (the torch engine, one
-            process, data-parallel or FSDP2, the ranks' gradients pooled; with re-scaling and the sampled Fisher;
+            also in K-FAC's proposal, so they step at least with the blocks' alpha (both engines,
+            data-parallel and FSDP2 too, the ranks' gradients pooled; with re-scaling and the sampled Fisher;
             elsewhere "rms");
             "gradient" (-grad h) or "rms" (-grad h / sqrt(v), v an EMA of grad^2 with decay 0.999), "rms" with
             re-scaling only (without it the gradient).
@@ -1131,8 +1131,8 @@ class KFAC:
 
     def _estimates_unmatched_fisher(self, s: KFACSettings) -> bool:
         """Whether the parameters outside every block get the diagonal of the Fisher (``unmatched_direction``
-        "fisher"): with re-scaling, the sampled Fisher, no ``unmatched_adam_lr``, on the torch engine (one process,
-        data-parallel or FSDP2-sharded; onnxruntime's graph has no such backward)."""
+        "fisher"): with re-scaling, the sampled Fisher and no ``unmatched_adam_lr``; both engines (onnxruntime's
+        sampled pass is a training step of its graph), data-parallel and FSDP2 too."""
         return (s.unmatched_direction == "fisher" and self.rescale and self.fisher == "mc" and bool(self.unmatched)
                 and s.unmatched_adam_lr is None and hasattr(self.engine, "fisher_parameters"))
 

@@ -195,8 +195,8 @@ class KFACSettings:
                                      "invariance kept under damping).")
     unmatched_direction: str = setting("fisher", "Direction of the parameters outside every block, its length the "
                                        "quadratic model's: fisher (the diagonal of the sampled Fisher, from the "
-                                       "statistics' backward, also in K-FAC's proposal; on onnxruntime rms), "
-                                       "rms (RMSprop's shape) or gradient.",
+                                       "statistics' backward, also in K-FAC's proposal), rms (RMSprop's shape) "
+                                       "or gradient.",
                                        choices=("fisher", "rms", "gradient"))
     signal_scaling: bool = setting(True, "Shorten the update by (1 + s) / 2, s the share of signal in the batch's "
                                    "natural gradient.")
