@@ -2,7 +2,7 @@
 momentum, at equal wall time, from the same PyTorch-default weights and the same batches, on problems
 nobody tuned K-FAC for.
 
-    python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,diabetes-mlp,...] [--kfac paper]
+    python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,...|unseen|torchvision] [--kfac paper]
                                    [--baselines adam,sgd,precond-adamw] [--device cuda]
 
 Prints, per problem, the training loss (on a fixed evaluation sample of the training set, not charged to
@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -443,9 +444,40 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             "fashion-vit": fashion_vit, "fashion-convnext": fashion_convnext}
 
 
+def _torchvision():
+    """torchvision, imported as the test suite imports it (tests/conftest.py: beside this machine's CPU torch build
+    its wheel needs stand-ins for two detection ops to import)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from conftest import import_torchvision
+
+    import_torchvision()
+    import torchvision
+
+    return torchvision
+
+
+def torchvision_problems() -> dict[str, Callable[[], Problem]]:
+    """torchvision's own classifiers as a user takes them (``weights=None, num_classes=10``: torchvision's
+    initialisation) on Fashion-MNIST's images as three equal channels, batch 64: deep nets with batch norm after
+    every convolution, grouped and depthwise convolutions, squeeze-and-excitation (BENCHMARKS.md, "torchvision's
+    classifiers")."""
+
+    def classifier(name: str) -> Callable[[], Problem]:
+        def problem() -> Problem:
+            models = _torchvision().models
+            x, y = _images("fashion-mnist")
+            return Problem(lambda: getattr(models, name)(weights=None, num_classes=10), x.expand(-1, 3, -1, -1), y,
+                           "cross_entropy", 64)
+
+        return problem
+
+    names = ("resnet18", "regnet_x_400mf", "shufflenet_v2_x0_5", "mobilenet_v3_small")
+    return {"tv-" + name.replace("_", "-"): classifier(name) for name in names}
+
+
 def all_problems() -> dict[str, Callable[[], Problem]]:
-    """The tuning suite and the unseen problems, by name."""
-    return {**problems(), **unseen_problems()}
+    """The tuning suite, the unseen problems and torchvision's classifiers, by name."""
+    return {**problems(), **unseen_problems(), **torchvision_problems()}
 
 
 def users_optimizer(params: list, name: str) -> torch.optim.Optimizer:
@@ -538,7 +570,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--problems", default=",".join(problems()),
-                        help="comma-separated names; 'unseen' for the problems the defaults were not chosen on")
+                        help="comma-separated names; 'unseen' for the problems the defaults were not chosen on, "
+                             "'torchvision' for torchvision's classifiers")
     parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
     parser.add_argument("--baselines", default="adam,sgd",
                         help="other contenders (adam is always needed): first-order methods (adam, sgd, ...), "
@@ -553,7 +586,8 @@ def main() -> None:
     print(f"| problem | optimizer | loss at {args.seconds / 2:g} s | loss at {args.seconds:g} s | steps | rejected "
           "| s to Adam's final |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    names = args.problems.replace("unseen", ",".join(unseen_problems())).split(",")
+    names = args.problems.replace("unseen", ",".join(unseen_problems()))
+    names = names.replace("torchvision", ",".join(torchvision_problems())).split(",")
     catalogue = all_problems()
     unknown = [name for name in names if name not in catalogue]
     if unknown:
