@@ -52,6 +52,12 @@ class SkippedStepWarning(CurvatureWarning):
     """A batch whose loss or gradient was not finite was skipped; nothing of it reached the optimizer."""
 
 
+class UntrustedModelWarning(CurvatureWarning):
+    """K-FAC's quadratic model has predicted the loss badly from the start (rho far below 1/4 on most of the first
+    steps): its curvature does not describe this model's loss, and the steps stay short (deep nets with batch
+    norm in training mode, BENCHMARKS.md)."""
+
+
 def factor_trace(m: torch.Tensor) -> torch.Tensor:
     """[groups] traces of factors [groups, d, d], or of diagonal ones kept as [groups, d]."""
     return m.sum(-1) if m.dim() == 2 else torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)

@@ -28,7 +28,13 @@ from kronograph.runtime.damping import (
     gamma_streak,
     levenberg_marquardt,
 )
-from kronograph.runtime.inverse import CoverageWarning, StatisticsWarning, factored_inverses, precondition
+from kronograph.runtime.inverse import (
+    CoverageWarning,
+    StatisticsWarning,
+    UntrustedModelWarning,
+    factored_inverses,
+    precondition,
+)
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods import kfac as kfac_module
 from kronograph.runtime.methods.kfac_settings import PRESETS
@@ -147,6 +153,36 @@ def test_on_a_fitted_batch_gamma_stays_and_no_step_is_undone_for_a_rise_below_ro
     assert max(info["loss"] for info in infos[40:]) < 16 * 2.0**-24
     settled = {(info["damping"], info["factor_damping"], info["rejected_steps"]) for info in infos[40:]}
     assert len(settled) == 1, sorted(settled)
+
+
+def deep_batch_norm_mlp(depth: int) -> nn.Module:
+    """Linear (no bias), batch norm, ReLU, ``depth`` + 1 times, then a 4-class head: BENCHMARKS.md's torchvision
+    failure in small (batch norm in training mode through depth, no residuals)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("depth, warned", [(24, True), (4, False)])
+def test_a_quadratic_model_that_fails_from_the_start_is_reported_once(depth, warned):
+    """24 batch-normed layers: the first 20 steps' rho has a median far below 0.1 (0.015), lambda grows 1e5-fold and
+    the loss stays flat, and KFAC says so once (UntrustedModelWarning, naming the median and the way out); 4 layers
+    train (median rho 0.66) without it."""
+    model = deep_batch_norm_mlp(depth)
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(16, 4, generator=generator)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            x = torch.randn(64, 16, generator=generator)
+            opt.step(x, (x @ teacher).argmax(1))
+    untrusted = [str(w.message) for w in caught if issubclass(w.category, UntrustedModelWarning)]
+    assert len(untrusted) == int(warned), untrusted
+    if warned:
+        assert "median rho 0.0" in untrusted[0] and "GroupNorm" in untrusted[0]
 
 
 def test_initial_lambda_follows_the_curvature_scale():

@@ -90,7 +90,13 @@ from kronograph.runtime.damping import (
 from kronograph.runtime.factors import (RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts,
                                        rows_per_example)
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
-from kronograph.runtime.inverse import CoverageWarning, SkippedStepWarning, StatisticsWarning, all_finite
+from kronograph.runtime.inverse import (
+    CoverageWarning,
+    SkippedStepWarning,
+    StatisticsWarning,
+    UntrustedModelWarning,
+    all_finite,
+)
 from kronograph.runtime.losses import get_loss
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
@@ -116,6 +122,9 @@ from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sig
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
+#: UntrustedModelWarning: after this many steps that measured rho, their median below UNTRUSTED_RHO. On the first-try
+#: suite's problems the first 20 steps' median rho is 0.41-1.02; on torchvision's ShuffleNet and RegNet 0.03-0.07.
+EARLY_RHO_STEPS, UNTRUSTED_RHO = 20, 0.1
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
 Direction = dict[str, torch.Tensor]
@@ -529,6 +538,7 @@ class KFAC:
         self.steps = 0
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
+        self._early_rhos: list[float] | None = []  # rho of the first steps that measured it (_watch_early_rho)
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
@@ -754,6 +764,7 @@ class KFAC:
             if saved is not None and self._wrecks(info["rho"], objective, after, decrease, floor):
                 self._reject(saved)
                 info["rejected"] = True
+            self._watch_early_rho(info["rho"])
         if not self.adapt_gamma and self.settings.factor_damping is None:
             self.gamma = math.sqrt(self.damping + self.weight_decay)  # sec 6.3: gamma follows lambda
         info["factor_damping"] = self.gamma
@@ -1361,6 +1372,27 @@ class KFAC:
             local = curvature_gram_sum(self.loss, outputs, tangents)
         return self._slice.sum([local])[0] / cache["count"]
 
+    def _watch_early_rho(self, rho: float) -> None:
+        """Warn once (UntrustedModelWarning) where the median rho of the first EARLY_RHO_STEPS steps that measured it
+        is below UNTRUSTED_RHO: the quadratic model then over-predicts every step, lambda grows without end and the
+        steps stay too short to train (torchvision's batch-norm classifiers, BENCHMARKS.md); the user is told rather
+        than left with a flat loss. rho below rounding (not finite) is not counted."""
+        if self._early_rhos is None or not math.isfinite(rho):
+            return
+        self._early_rhos.append(rho)
+        if len(self._early_rhos) < EARLY_RHO_STEPS:
+            return
+        ordered, middle = sorted(self._early_rhos), len(self._early_rhos) // 2
+        median = (ordered[middle - 1] + ordered[middle]) / 2 if len(ordered) % 2 == 0 else ordered[middle]
+        self._early_rhos = None  # judged once
+        if median < UNTRUSTED_RHO:
+            warnings.warn(
+                f"K-FAC: over its first {EARLY_RHO_STEPS} steps the quadratic model predicted the loss badly (median "
+                f"rho {median:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's "
+                "loss and its steps stay short. Deep nets with batch norm in training mode do this (BENCHMARKS.md, "
+                "torchvision's classifiers): train them with SGD with momentum or Adam, or use GroupNorm in place of "
+                "BatchNorm, which K-FAC trains", UntrustedModelWarning, stacklevel=4)
+
     def _adapt_damping(self, inputs, y, objective: float, decrease: float, floor: float) -> tuple[float, float]:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to
         omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
@@ -1409,6 +1441,7 @@ class KFAC:
         self.damping = None if state["damping"] is None else float(state["damping"])
         self.gamma = None if state["gamma"] is None else float(state["gamma"])
         self.rejected, self.streak = int(state.get("rejected", 0)), int(state.get("streak", 0))
+        self._early_rhos = [] if self.steps == 0 else None  # a resumed run is not judged on its first steps again
         self.inverted_gamma = state.get("inverted_gamma")
         self.gamma_streak = int(state.get("gamma_streak", 0))
         self.gamma_interval = int(state.get("gamma_interval", self.gamma_every))
