@@ -28,6 +28,10 @@ Direction = Mapping[str, torch.Tensor]  # parameter name -> a tensor shaped like
 
 #: the largest relative change of a parameter tensor in a central-difference step (see difference_step).
 DIFFERENCE_STEP = 3e-4
+#: The outputs' relative change |s(theta + h d) - s(theta)| / |s(theta)| beyond which a difference's h is shrunk
+#: (to LINEAR_OUTPUT_CHANGE, at most MAX_SHRINKS times): on the first-try suite's models it is 7e-5-8e-4 at the step
+#: DIFFERENCE_STEP gives; on a 24-layer batch-norm MLP 0.3, where that h gave J d 12x short (BENCHMARKS.md).
+NONLINEAR_OUTPUT_CHANGE, LINEAR_OUTPUT_CHANGE, MAX_SHRINKS = 1e-2, 1e-3, 2
 
 
 def output_tangents(
@@ -82,9 +86,12 @@ def difference_products(
     "one-sided", (s(theta + h d) - s(theta)) / h, error O(h), one forward a direction beside the shared s(theta)
     (``outputs``, when the caller has it already at these weights and inputs). h keeps every tensor's relative
     change at DIFFERENCE_STEP (``difference_step``): the quadratic model's Gram entries are then within ~1e-4
-    of forward mode's (1e-2 at worst) one-sided, below 1e-3 central, on the first-try suite's models."""
+    of forward mode's (1e-2 at worst) one-sided, below 1e-3 central, on the first-try suite's models. Where the
+    outputs change by more than NONLINEAR_OUTPUT_CHANGE of their norm within h they bend there (a deep net with
+    batch norm in training mode): h is shrunk until they change by LINEAR_OUTPUT_CHANGE (one more forward or two)."""
     outputs = forward_at(None, 0.0) if outputs is None else outputs
     sizes = parameter_sizes(theta)
+    scale = float(torch.linalg.vector_norm(outputs, dtype=torch.float64))
     tangents = []
     # A difference of two float32 outputs is exact in float32 where they are within 2x of each other (Sterbenz)
     # and rounded once otherwise; the quotient rounds once more (6e-8), far below the differences' own O(h^2).
@@ -92,10 +99,19 @@ def difference_products(
         h = difference_step(direction, sizes)
         if h is None:
             tangents.append(torch.zeros_like(outputs))
-        elif scheme == "one-sided":
-            tangents.append(forward_at(direction, h).sub_(outputs).div_(h))
-        else:
-            tangents.append(forward_at(direction, h).sub_(forward_at(direction, -h)).div_(2 * h))
+            continue
+        one_sided = scheme == "one-sided"
+        for shrinks in range(MAX_SHRINKS + 1):
+            if one_sided:
+                difference = forward_at(direction, h).sub_(outputs)
+            else:
+                difference = forward_at(direction, h).sub_(forward_at(direction, -h))
+            norm = float(torch.linalg.vector_norm(difference, dtype=torch.float64))
+            change = norm / (scale if one_sided else 2 * scale) if scale > 0 else 0.0
+            if shrinks == MAX_SHRINKS or not NONLINEAR_OUTPUT_CHANGE < change < math.inf:
+                break
+            h *= LINEAR_OUTPUT_CHANGE / change  # the outputs bend within this h: a shorter one, linear again
+        tangents.append(difference.div_(h if one_sided else 2 * h))
     return outputs, tangents
 
 
