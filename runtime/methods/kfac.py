@@ -1376,7 +1376,7 @@ class KFAC:
         """Warn once (UntrustedModelWarning) where the median rho of the first EARLY_RHO_STEPS steps that measured it
         is below UNTRUSTED_RHO: the quadratic model then over-predicts every step, lambda grows without end and the
         steps stay too short to train (torchvision's batch-norm classifiers, BENCHMARKS.md); the user is told rather
-        than left with a flat loss. rho below rounding (not finite) is not counted."""
+        than left with a flat loss. A rho that is not finite (no decrease was predicted) is not counted."""
         if self._early_rhos is None or not math.isfinite(rho):
             return
         self._early_rhos.append(rho)
