@@ -32,6 +32,9 @@ DIFFERENCE_STEP = 3e-4
 #: (to LINEAR_OUTPUT_CHANGE, at most MAX_SHRINKS times): on the first-try suite's models it is 7e-5-8e-4 at the step
 #: DIFFERENCE_STEP gives; on a 24-layer batch-norm MLP 0.3, where that h gave J d 12x short (BENCHMARKS.md).
 NONLINEAR_OUTPUT_CHANGE, LINEAR_OUTPUT_CHANGE, MAX_SHRINKS = 1e-2, 1e-3, 2
+#: The change is measured on the outputs' first this many entries (the first examples' rows): a bend along d shows in
+#: any example's outputs, and a 2048-word LM's 2M logits cost ~4 ms a step to reduce whole (BENCHMARKS.md).
+PROBED_OUTPUTS = 1 << 16
 
 
 def output_tangents(
@@ -91,7 +94,7 @@ def difference_products(
     batch norm in training mode): h is shrunk until they change by LINEAR_OUTPUT_CHANGE (one more forward or two)."""
     outputs = forward_at(None, 0.0) if outputs is None else outputs
     sizes = parameter_sizes(theta)
-    scale = float(torch.linalg.vector_norm(outputs, dtype=torch.float64))
+    scale = float(torch.linalg.vector_norm(_probed(outputs)))
     tangents = []
     # A difference of two float32 outputs is exact in float32 where they are within 2x of each other (Sterbenz)
     # and rounded once otherwise; the quotient rounds once more (6e-8), far below the differences' own O(h^2).
@@ -106,13 +109,18 @@ def difference_products(
                 difference = forward_at(direction, h).sub_(outputs)
             else:
                 difference = forward_at(direction, h).sub_(forward_at(direction, -h))
-            norm = float(torch.linalg.vector_norm(difference, dtype=torch.float64))
+            norm = float(torch.linalg.vector_norm(_probed(difference)))
             change = norm / (scale if one_sided else 2 * scale) if scale > 0 else 0.0
             if shrinks == MAX_SHRINKS or not NONLINEAR_OUTPUT_CHANGE < change < math.inf:
                 break
             h *= LINEAR_OUTPUT_CHANGE / change  # the outputs bend within this h: a shorter one, linear again
         tangents.append(difference.div_(h if one_sided else 2 * h))
     return outputs, tangents
+
+
+def _probed(outputs: torch.Tensor) -> torch.Tensor:
+    """The outputs' first PROBED_OUTPUTS entries, where difference_products measures their change."""
+    return outputs.reshape(-1)[:PROBED_OUTPUTS]
 
 
 def parameter_sizes(theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
