@@ -53,6 +53,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from statistics import median
 from typing import Any
 
 import torch
@@ -624,7 +625,7 @@ class KFAC:
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
         before = (self.steps, self.generator.get_state())
-        if getattr(self.engine, "fisher_parameters", None):
+        if self.engine.fisher_parameters:
             self.engine.sampled_gradients.clear()  # (a pass that raised last step may have left some)
         self.steps += 1
         k = self.steps
@@ -1145,14 +1146,14 @@ class KFAC:
         "fisher"): with re-scaling, the sampled Fisher and no ``unmatched_adam_lr``; both engines (onnxruntime's
         sampled pass is a training step of its graph), data-parallel and FSDP2 too."""
         return (s.unmatched_direction == "fisher" and self.rescale and self.fisher == "mc" and bool(self.unmatched)
-                and s.unmatched_adam_lr is None and hasattr(self.engine, "fisher_parameters"))
+                and s.unmatched_adam_lr is None)
 
     def _fold_unmatched_fisher(self, decay: float) -> None:
         """Fold this step's estimate of the diagonal Fisher of the parameters outside every block into its EMA
         (the factors' decay). The sampled targets' per-example gradients have mean zero, so the mean gradient
         gbar of the statistics passes' N examples has E[N gbar^2] = diag F: unbiased, from the backward the factors
         take anyway (``statistics.fisher_diagonal``). A non-finite estimate is not folded."""
-        if not getattr(self.engine, "fisher_parameters", None):
+        if not self.engine.fisher_parameters:
             return
         passes = list(self.engine.sampled_gradients)
         self.engine.sampled_gradients.clear()
@@ -1382,13 +1383,12 @@ class KFAC:
         self._early_rhos.append(rho)
         if len(self._early_rhos) < EARLY_RHO_STEPS:
             return
-        ordered, middle = sorted(self._early_rhos), len(self._early_rhos) // 2
-        median = (ordered[middle - 1] + ordered[middle]) / 2 if len(ordered) % 2 == 0 else ordered[middle]
+        middle = median(self._early_rhos)
         self._early_rhos = None  # judged once
-        if median < UNTRUSTED_RHO:
+        if middle < UNTRUSTED_RHO:
             warnings.warn(
                 f"K-FAC: over its first {EARLY_RHO_STEPS} steps the quadratic model predicted the loss badly (median "
-                f"rho {median:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's "
+                f"rho {middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's "
                 "loss and its steps stay short. Deep nets with batch norm in training mode do this (BENCHMARKS.md, "
                 "torchvision's classifiers): train them with SGD with momentum or Adam, or use GroupNorm in place of "
                 "BatchNorm, which K-FAC trains", UntrustedModelWarning, stacklevel=4)
