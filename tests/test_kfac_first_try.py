@@ -165,24 +165,65 @@ def deep_batch_norm_mlp(depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(32, 4))
 
 
+def teacher_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 64 16-wide inputs, labelled by a random linear teacher's arg-max of 4."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(16, 4, generator=generator)
+    return [(x, (x @ teacher).argmax(1)) for x in (torch.randn(64, 16, generator=generator) for _ in range(count))]
+
+
 @pytest.mark.parametrize("depth, warned", [(24, True), (4, False)])
 def test_a_quadratic_model_that_fails_from_the_start_is_reported_once(depth, warned):
     """24 batch-normed layers: the first 20 steps' rho has a median far below 0.1 (0.015), lambda grows 1e5-fold and
-    the loss stays flat, and KFAC says so once (UntrustedModelWarning, naming the median and the way out); 4 layers
-    train (median rho 0.66) without it."""
-    model = deep_batch_norm_mlp(depth)
-    generator = torch.Generator().manual_seed(0)
-    teacher = torch.randn(16, 4, generator=generator)
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0)
+    the loss stays flat, and KFAC says so once (UntrustedModelWarning, naming the median, what it does now and the
+    way out) and steps with Adam from then on; 4 layers train (median rho 0.66) without it, on K-FAC's steps."""
+    opt = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(depth), (torch.randn(2, 16),)), seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(30):
-            x = torch.randn(64, 16, generator=generator)
-            opt.step(x, (x @ teacher).argmax(1))
+        infos = [opt.step(x, y) for x, y in teacher_batches(30)]
     untrusted = [str(w.message) for w in caught if issubclass(w.category, UntrustedModelWarning)]
     assert len(untrusted) == int(warned), untrusted
+    assert [bool(info.get("adam")) for info in infos] == [warned and k >= 20 for k in range(30)]
     if warned:
-        assert "median rho 0.0" in untrusted[0] and "GroupNorm" in untrusted[0]
+        assert "median rho 0.0" in untrusted[0] and "Adam (lr 0.001)" in untrusted[0] and "GroupNorm" in untrusted[0]
+
+
+def test_after_an_untrusted_start_the_steps_are_adams():
+    """From the step after the judgement, KFAC's steps are torch.optim.Adam's (lr untrusted_adam_lr, PyTorch's
+    defaults otherwise, its moments carried from step to step) on the mean loss's gradient of the whole batch, batch
+    norm's running statistics included;
+    a checkpoint taken then resumes them exactly; with untrusted_adam_lr=None the warning comes and K-FAC's steps
+    go on."""
+    batches = teacher_batches(30)
+    model = deep_batch_norm_mlp(24)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0, untrusted_adam_lr=0.01)
+    with pytest.warns(UntrustedModelWarning, match="Adam"):
+        for x, y in batches[:20]:
+            opt.step(x, y)
+    reference = copy.deepcopy(model)
+    adam = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for x, y in batches[20:25]:
+        reference.load_state_dict(model.state_dict())  # each step from KFAC's weights: this net amplifies rounding
+        assert opt.step(x, y)["adam"]                  # 100-fold a step (its batch norms' exploding gradients)
+        adam.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        adam.step()
+        for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name
+    resumed_model = copy.deepcopy(model)
+    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (torch.randn(2, 16),)), seed=0,
+                                    untrusted_adam_lr=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for x, y in batches[25:]:
+        assert opt.step(x, y)["adam"] and resumed.step(x, y)["adam"]
+    for (name, ours), theirs in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+    kept = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(24), (torch.randn(2, 16),)), seed=0,
+                                 untrusted_adam_lr=None)
+    with pytest.warns(UntrustedModelWarning, match="SGD with momentum or Adam"):
+        infos = [kept.step(x, y) for x, y in batches]
+    assert not any(info.get("adam") for info in infos) and all("alpha" in info for info in infos)
 
 
 def test_initial_lambda_follows_the_curvature_scale():

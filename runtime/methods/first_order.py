@@ -53,6 +53,20 @@ class AdamSettings:
         check(self, "Adam")
 
 
+def adam_steps(moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]], grads: Mapping[str, torch.Tensor],
+               lr: float) -> dict[str, torch.Tensor]:
+    """Adam's step -lr m_hat / (sqrt(v_hat) + 1e-8) for each gradient by name (moments 0.9 / 0.999, bias-corrected),
+    its (m, v, t) in ``moments`` advanced: for the optimizers that move the weights by an update of their own
+    (K-FAC's ``engine.add_``), not by a torch optimizer that owns them."""
+    steps = {}
+    for name, grad in grads.items():
+        m, v, t = moments.get(name, (torch.zeros_like(grad), torch.zeros_like(grad), 0))
+        m, v, t = m.mul(0.9).add_(grad, alpha=0.1), v.mul(0.999).addcmul_(grad, grad, value=0.001), t + 1
+        moments[name] = (m, v, t)
+        steps[name] = -(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+    return steps
+
+
 class FirstOrder:
     """A torch optimizer on a compiled model, built by ``build(params, settings)``."""
 

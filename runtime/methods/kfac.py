@@ -20,6 +20,8 @@ else is shared. One ``step(x, y)``:
    every ``damping_every`` steps the Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from
    rho = (h(theta+delta) - h) / (M(delta) - M(0)) (by up to omega1^lm_acceleration while rho keeps its verdict),
    and a step that made h much worse is undone.
+Where the median rho of the first 20 steps that measured it is below 0.1 (the model does not describe the loss: deep
+nets with batch norm in training mode), the default preset says so and steps on with Adam (``untrusted_adam_lr``).
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
@@ -99,6 +101,7 @@ from kronograph.runtime.inverse import (
     all_finite,
 )
 from kronograph.runtime.losses import get_loss
+from kronograph.runtime.methods.first_order import adam_steps
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
 from kronograph.runtime.statistics import (
@@ -123,8 +126,9 @@ from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sig
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
-#: UntrustedModelWarning: after this many steps that measured rho, their median below UNTRUSTED_RHO. On the first-try
-#: suite's problems the first 20 steps' median rho is 0.41-1.02; on torchvision's ShuffleNet and RegNet 0.03-0.07.
+#: UntrustedModelWarning and Adam's steps after it: after this many steps that measured rho, their median below
+#: UNTRUSTED_RHO. On the first-try suite's problems the first 20 steps' median rho is 0.41-1.02; on torchvision's
+#: ShuffleNet and RegNet 0.03-0.07.
 EARLY_RHO_STEPS, UNTRUSTED_RHO = 20, 0.1
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
@@ -540,6 +544,8 @@ class KFAC:
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
         self._early_rhos: list[float] | None = []  # rho of the first steps that measured it (_watch_early_rho)
+        # once those found the model untrusted (untrusted_adam_lr): Adam's (m, v, t) by parameter; None: K-FAC steps
+        self.fallback_adam: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None = None
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
@@ -621,6 +627,8 @@ class KFAC:
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
         self._loss_terms = self._examples * self.loss.positions(y)
+        if self.fallback_adam is not None:
+            return self._adam_step(inputs, y)
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -643,13 +651,7 @@ class KFAC:
             self._restore(*before)
             raise
         if not math.isfinite(objective) or not all_finite(grads.values()):
-            self._restore(*before)
-            warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) "
-                          "was skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
-                          stacklevel=2)
-            return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
-                    "rejected_steps": self.rejected,
-                    "skipped": "non-finite loss or gradient; the weights were left unchanged"}
+            return self._skip(before, loss)
         with self._timed("statistics"):
             if sampled is not None:
                 self._fold(*sampled)
@@ -772,6 +774,35 @@ class KFAC:
         info["damping"] = self.damping
         info["rejected_steps"] = self.rejected
         return info
+
+    def _skip(self, before: tuple[int, torch.Tensor], loss: float) -> dict[str, Any]:
+        """Leave a batch whose loss or gradient is not finite: the step count and generator as ``before`` it."""
+        self._restore(*before)
+        warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) was "
+                      "skipped; the weights and the optimizer's state are as before it", SkippedStepWarning, stacklevel=4)
+        return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma, "rejected_steps": self.rejected,
+                "skipped": "non-finite loss or gradient; the weights were left unchanged"}
+
+    def _adam_step(self, inputs, y) -> dict[str, Any]:
+        """Adam's step (``untrusted_adam_lr``) on every trainable parameter, once the first steps found the quadratic
+        model untrusted (``_watch_early_rho``): one gradient pass on the whole batch; no statistics, inverses or
+        model."""
+        before = (self.steps, self.generator.get_state())
+        self.steps += 1
+        try:
+            with self._timed("gradient"):
+                loss, objective, grads, _ = self._gradient(inputs, y, whole=True)
+        except BaseException:
+            self._restore(*before)
+            raise
+        if not math.isfinite(objective) or not all_finite(grads.values()):
+            return self._skip(before, loss)
+        frozen = self.engine.frozen()
+        with self._timed("update"):
+            self.engine.add_(adam_steps(self.fallback_adam, {name: grad for name, grad in grads.items()
+                                                             if name not in frozen}, self.settings.untrusted_adam_lr))
+        return {"loss": loss, "adam": True, "damping": self.damping, "factor_damping": self.gamma,
+                "rejected_steps": self.rejected}
 
     def _weight_coordinates(self, grads: Direction, params: Direction, sigmas: Direction) -> Direction:
         """``grads`` with each computed weight's gradient added under its name (weight norm's, spectral norm's)."""
@@ -917,18 +948,20 @@ class KFAC:
         """The loss of targets sampled from the model at ``outputs`` (the statistics pass's, paper sec 5)."""
         return self.loss.statistics_loss(outputs, self.loss.sample_targets(outputs, self.generator))
 
-    def _gradient(self, inputs, y, capture: bool = False, sampled: bool = False) -> tuple[float, float, Direction, Any]:
+    def _gradient(self, inputs, y, capture: bool = False, sampled: bool = False,
+                  whole: bool = False) -> tuple[float, float, Direction, Any]:
         """Loss, objective h, grad h on the whole batch and the captured sites (with ``capture``, for
         fisher="empirical", whose statistics come from this same forward and backward; with ``sampled``, those
-        of the sampled targets' backward on the same forward: ``_shares_forward``)."""
+        of the sampled targets' backward on the same forward: ``_shares_forward``; with ``whole``, none: one pass,
+        no halves)."""
         n = inputs[0].shape[0]
-        low_rank = self._low_rank_layers(n)
+        low_rank = () if whole else self._low_rank_layers(n)
         statistics_loss = self._statistics_loss if sampled else None
         self._half_difference = None
         self._rows, self._difference_rows = {}, {}
-        halves = self.settings.signal_scaling and self.rescale and not capture and (
+        halves = self.settings.signal_scaling and self.rescale and not capture and not whole and (
             self._measures_signal() or self._batch_norm)  # (batch norm: the halves' statistics every step, one loss)
-        keep = self._keep_outputs(n, halves)
+        keep = not whole and self._keep_outputs(n, halves)
         randomness = self.engine.random_state() if hasattr(self.engine, "random_state") else None
         self._parts = [(0, n, 1.0 if self._slice is None else self._slice.weight)]
         if self._slice is not None:
@@ -1215,20 +1248,11 @@ class KFAC:
         character LM's positions, which the model moves on most steps, keep its steps). Updates the moments of every
         such parameter: call once per step."""
         names = [name for name in self.unmatched if name not in frozen]
-        for name in names:
-            grad = grads[name]
-            m, v, t = self.unmatched_adam.get(name, (torch.zeros_like(grad), torch.zeros_like(grad), 0))
-            self.unmatched_adam[name] = (m.mul(0.9).add_(grad, alpha=0.1),
-                                         v.mul(0.999).addcmul_(grad, grad, value=0.001), t + 1)
+        steps = adam_steps(self.unmatched_adam, {name: grads[name] for name in names}, self.settings.unmatched_adam_lr)
         if figures.get("unmatched_scale", 0.0) != 0.0 or not names:
             return update
         figures["unmatched_adam"] = True
-        lr = self.settings.unmatched_adam_lr
-        update = dict(update)
-        for name in names:
-            m, v, t = self.unmatched_adam[name]
-            update[name] = update[name] - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
-        return update
+        return {**update, **{name: update[name] + steps[name] for name in names}}
 
     def _probes_unmatched(self, fallback: Direction) -> bool:
         """Whether this step's quadratic model takes the unmatched direction (``unmatched_backoff``): always while
@@ -1374,10 +1398,11 @@ class KFAC:
         return self._slice.sum([local])[0] / cache["count"]
 
     def _watch_early_rho(self, rho: float) -> None:
-        """Warn once (UntrustedModelWarning) where the median rho of the first EARLY_RHO_STEPS steps that measured it
-        is below UNTRUSTED_RHO: the quadratic model then over-predicts every step, lambda grows without end and the
-        steps stay too short to train (torchvision's batch-norm classifiers, BENCHMARKS.md); the user is told rather
-        than left with a flat loss. A rho that is not finite (no decrease was predicted) is not counted."""
+        """Judge the quadratic model once, on the median rho of the first EARLY_RHO_STEPS steps that measured it:
+        below UNTRUSTED_RHO the model over-predicts every step, lambda grows without end and the steps stay too short
+        to train (torchvision's batch-norm classifiers, BENCHMARKS.md). Then the steps go on as Adam's
+        (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told (UntrustedModelWarning) rather than
+        left with a flat loss. A rho that is not finite (no decrease was predicted) is not counted."""
         if self._early_rhos is None or not math.isfinite(rho):
             return
         self._early_rhos.append(rho)
@@ -1385,13 +1410,19 @@ class KFAC:
             return
         middle = median(self._early_rhos)
         self._early_rhos = None  # judged once
-        if middle < UNTRUSTED_RHO:
-            warnings.warn(
-                f"K-FAC: over its first {EARLY_RHO_STEPS} steps the quadratic model predicted the loss badly (median "
-                f"rho {middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's "
-                "loss and its steps stay short. Deep nets with batch norm in training mode do this (BENCHMARKS.md, "
-                "torchvision's classifiers): train them with SGD with momentum or Adam, or use GroupNorm in place of "
-                "BatchNorm, which K-FAC trains", UntrustedModelWarning, stacklevel=4)
+        if middle >= UNTRUSTED_RHO:
+            return
+        lr = self.settings.untrusted_adam_lr
+        if lr is not None:
+            self.fallback_adam = {}
+        then = (f"from the next step on it steps with Adam (lr {lr:g}) on every parameter (untrusted_adam_lr; None "
+                "keeps K-FAC's steps)" if lr is not None else "train it with SGD with momentum or Adam")
+        warnings.warn(
+            f"K-FAC: over its first {EARLY_RHO_STEPS} steps the quadratic model predicted the loss badly (median rho "
+            f"{middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's loss and "
+            f"its steps stay too short to train, so {then}. Deep nets with batch norm in training mode do this "
+            "(BENCHMARKS.md, torchvision's classifiers); K-FAC trains them with GroupNorm in place of BatchNorm",
+            UntrustedModelWarning, stacklevel=4)
 
     def _adapt_damping(self, inputs, y, objective: float, decrease: float, floor: float) -> tuple[float, float]:
         """Levenberg-Marquardt (6.5): lambda *= omega1 when rho > 3/4, /= omega1 when rho < 1/4 (moves of up to
@@ -1423,6 +1454,8 @@ class KFAC:
             "unmatched_moments": {n: t.clone() for n, t in self.unmatched_moments.items()},
             "unmatched_fisher": {n: t.clone() for n, t in self.unmatched_fisher.items()},
             "unmatched_adam": {n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.unmatched_adam.items()},
+            "fallback_adam": None if self.fallback_adam is None else {
+                n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.fallback_adam.items()},
             "unmatched_backoff": (self.unmatched_zeros, self.unmatched_rest),
             "signal": self.signal,
             "initial_logit_spread": self.initial_logit_spread,
@@ -1452,6 +1485,9 @@ class KFAC:
         self.unmatched_adam = {n: (m.clone(), v.clone(), int(t))
                                for n, (m, v, t) in state.get("unmatched_adam", {}).items()}
         self.unmatched_zeros, self.unmatched_rest = (int(v) for v in state.get("unmatched_backoff", (0, 0)))
+        fallback = state.get("fallback_adam")
+        self.fallback_adam = None if fallback is None else {n: (m.clone(), v.clone(), int(t))
+                                                            for n, (m, v, t) in fallback.items()}
         signal = state.get("signal")
         self.signal = None if signal is None else tuple(float(v) for v in signal)
         spread = state.get("initial_logit_spread")  # (an older checkpoint: taken afresh at the next step)

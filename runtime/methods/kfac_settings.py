@@ -132,6 +132,12 @@ class KFACSettings:
                                               "out), give them Adam's step at this learning rate instead (moments "
                                               "0.9 / 0.999, bias-corrected; auto: no step, the default for now).",
                                               low=0, low_open=True)
+    untrusted_adam_lr: float | None = setting(1e-3, "Where the median rho of the first 20 steps that measured it is "
+                                              "below 0.1 (the quadratic model does not describe the loss: deep nets "
+                                              "with batch norm in training mode), go on with Adam at this learning "
+                                              "rate on every parameter (moments 0.9 / 0.999) in place of K-FAC steps "
+                                              "too short to train, and say so (auto: K-FAC steps throughout, the "
+                                              "paper's).", low=0, low_open=True)
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
@@ -259,6 +265,7 @@ PRESETS: dict[str, KFACSettings] = {
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
         spectral_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
+        untrusted_adam_lr=None,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
