@@ -33,7 +33,7 @@ from kronograph.runtime.data_parallel import (
     invert_across_ranks,
     rank_loads,
 )
-from kronograph.runtime.inverse import InverseWarning
+from kronograph.runtime.inverse import InverseWarning, UntrustedModelWarning
 from kronograph.runtime.losses import LOSSES
 
 from factories import curvature_with_random_factors, teacher_problem
@@ -57,6 +57,9 @@ SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
     "empirical": (dict(preset="paper", fisher="empirical", seed=0), (16, 16), "cross_entropy"),
     "weight_decay": (dict(preset="paper", weight_decay=1e-3, seed=0), (16, 16), "cross_entropy"),
     "mse": (dict(preset="paper", damping=1.0, seed=0), (27, 5), "mse"),
+    # judged untrusted after 3 steps (any median rho is below 10): Adam's steps on the all-reduced gradient after them
+    "default_untrusted": (dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_adam_lr=0.01), (20, 12),
+                          "cross_entropy"),
 }
 
 
@@ -95,10 +98,12 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
             if world > 1:
                 start = sum(slices[:rank])
                 x, y = x[start:start + slices[rank]], y[start:start + slices[rank]]
-            info = opt.step(x, y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UntrustedModelWarning)  # (the untrusted scenario's, asked for)
+                info = opt.step(x, y)
             assert "skipped" not in info, info
-            infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal", "logit_change")
-                          if key in info})
+            infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal", "logit_change",
+                                                     "adam") if key in info})
         results[name] = {"params": copy.deepcopy(model.state_dict()), "infos": infos,
                          "factors": {layer: block.a.clone() for layer, block in opt.blocks.items()},
                          "inverses": {layer: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone(),
@@ -442,6 +447,14 @@ def test_the_runs_train(single_process):
     for name, result in single_process.items():
         losses = [info["loss"] for info in result["infos"]]
         assert losses[-1] < losses[0], (name, losses)
+
+
+def test_an_untrusted_start_turns_every_rank_to_adam_at_the_same_step(ranks, single_process):
+    """The judgement reads rho of the global batch, so both ranks and the single process switch after the same
+    step (the infos' equality above holds the rest)."""
+    switched = [[bool(info.get("adam")) for info in run["default_untrusted"]["infos"]]
+                for run in (*ranks, single_process)]
+    assert switched[0] == switched[1] == switched[2] and 0 < sum(switched[0]) < STEPS, switched
 
 
 def test_the_logit_bound_shortens_the_data_parallel_steps(ranks):

@@ -13,12 +13,14 @@ batches, to float32 rounding, with the ranks' parameters identical, and the para
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import kronograph
+from kronograph.runtime.inverse import UntrustedModelWarning
 
 from factories import (
     conv_teacher_classification,
@@ -49,6 +51,8 @@ SCENARIOS = {
     "tied": ("tied", dict(seed=0), (16, 16), False),  # (FSDP refuses a tie split over two of its groups)
     "weight norm": ("normed", dict(seed=0), (16, 16), True),
     "layer norm": ("layer norm", dict(seed=0), (20, 12), True),  # its affine on the Fisher's diagonal
+    # judged untrusted after 3 steps (any median rho is below 10): Adam's steps written to the shards after them
+    "untrusted": ("mlp", dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_adam_lr=0.01), (20, 12), True),
 }
 UNSHARDED_REFERENCE = ("undone steps", "weight norm")
 
@@ -70,9 +74,11 @@ def train(model, cm, settings, batches, slices, rank: int, world: int) -> tuple[
         if world > 1:
             start = sum(slices[:rank])
             x, y = x[start:start + slices[rank]], y[start:start + slices[rank]]
-        info = opt.step(x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrustedModelWarning)  # (the untrusted scenario's, asked for)
+            info = opt.step(x, y)
         assert "skipped" not in info, info
-        infos.append({key: info[key] for key in ("loss", "alpha", "rejected_steps") if key in info})
+        infos.append({key: info[key] for key in ("loss", "alpha", "rejected_steps", "adam") if key in info})
     infos[-1]["diagonal_g"] = sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_g)
     return infos, opt
 
@@ -183,6 +189,11 @@ def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_pr
     for sharded, single in zip(ranks[0][scenario]["infos"], single_process[scenario]["infos"]):
         assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
         assert sharded.get("rejected_steps") == single.get("rejected_steps")
+        assert sharded.get("adam") == single.get("adam")  # (the untrusted scenario: Adam's steps from the same one)
+
+
+def test_an_untrusted_start_steps_with_adam_under_fsdp(ranks):
+    assert 0 < sum(bool(info.get("adam")) for info in ranks[0]["untrusted"]["infos"]) < STEPS
 
 
 def test_the_blocks_with_a_diagonal_factor_or_two_views_are_kept_sharded(ranks, single_process):

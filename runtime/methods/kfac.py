@@ -20,8 +20,9 @@ else is shared. One ``step(x, y)``:
    every ``damping_every`` steps the Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from
    rho = (h(theta+delta) - h) / (M(delta) - M(0)) (by up to omega1^lm_acceleration while rho keeps its verdict),
    and a step that made h much worse is undone.
-Where the median rho of the first 20 steps that measured it is below 0.1 (the model does not describe the loss: deep
-nets with batch norm in training mode), the default preset says so and steps on with Adam (``untrusted_adam_lr``).
+Where the median rho of the first 20 steps that measured it is below 0.1 (``untrusted_steps``, ``untrusted_rho``: the
+model does not describe the loss, as on deep nets with batch norm in training mode), KFAC says so and the default
+preset steps on with Adam (``untrusted_adam_lr``).
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
@@ -126,10 +127,6 @@ from kronograph.runtime.spectral_norm import held_power_iterations, spectral_sig
 from kronograph.runtime.weight_norm import parameter_coordinates, weight_coordinates
 
 UNMATCHED_DECAY = 0.999  # of the EMA of grad^2 behind unmatched_direction="rms" (Adam's beta2)
-#: UntrustedModelWarning and Adam's steps after it: after this many steps that measured rho, their median below
-#: UNTRUSTED_RHO. On the first-try suite's problems the first 20 steps' median rho is 0.41-1.02; on torchvision's
-#: ShuffleNet and RegNet 0.03-0.07.
-EARLY_RHO_STEPS, UNTRUSTED_RHO = 20, 0.1
 SIGNAL_DECAY = 0.9  # of the EMAs behind signal_scaling's share of signal s
 
 Direction = dict[str, torch.Tensor]
@@ -1398,19 +1395,20 @@ class KFAC:
         return self._slice.sum([local])[0] / cache["count"]
 
     def _watch_early_rho(self, rho: float) -> None:
-        """Judge the quadratic model once, on the median rho of the first EARLY_RHO_STEPS steps that measured it:
-        below UNTRUSTED_RHO the model over-predicts every step, lambda grows without end and the steps stay too short
-        to train (torchvision's batch-norm classifiers, BENCHMARKS.md). Then the steps go on as Adam's
+        """Judge the quadratic model once, on the median rho of the first ``untrusted_steps`` steps that measured it:
+        below ``untrusted_rho`` the model over-predicts every step, lambda grows without end and the steps stay too
+        short to train (torchvision's batch-norm classifiers, BENCHMARKS.md). Then the steps go on as Adam's
         (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told (UntrustedModelWarning) rather than
         left with a flat loss. A rho that is not finite (no decrease was predicted) is not counted."""
-        if self._early_rhos is None or not math.isfinite(rho):
+        threshold, count = self.settings.untrusted_rho, self.settings.untrusted_steps
+        if self._early_rhos is None or threshold is None or not math.isfinite(rho):
             return
         self._early_rhos.append(rho)
-        if len(self._early_rhos) < EARLY_RHO_STEPS:
+        if len(self._early_rhos) < count:
             return
         middle = median(self._early_rhos)
         self._early_rhos = None  # judged once
-        if middle >= UNTRUSTED_RHO:
+        if middle >= threshold:
             return
         lr = self.settings.untrusted_adam_lr
         if lr is not None:
@@ -1418,7 +1416,7 @@ class KFAC:
         then = (f"from the next step on it steps with Adam (lr {lr:g}) on every parameter (untrusted_adam_lr; None "
                 "keeps K-FAC's steps)" if lr is not None else "train it with SGD with momentum or Adam")
         warnings.warn(
-            f"K-FAC: over its first {EARLY_RHO_STEPS} steps the quadratic model predicted the loss badly (median rho "
+            f"K-FAC: over its first {count} steps the quadratic model predicted the loss badly (median rho "
             f"{middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's loss and "
             f"its steps stay too short to train, so {then}. Deep nets with batch norm in training mode do this "
             "(BENCHMARKS.md, torchvision's classifiers); K-FAC trains them with GroupNorm in place of BatchNorm",
