@@ -4,6 +4,7 @@ nobody tuned K-FAC for.
 
     python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,...|unseen|torchvision] [--kfac paper]
                                    [--baselines adam,sgd,precond-adamw] [--device cuda]
+                                   [--bn-statistics recomputed]
 
 Prints, per problem, the training loss (on a fixed evaluation sample of the training set, not charged to
 the clock) at half and at the whole budget, the steps taken, and each optimizer's time to Adam's final
@@ -513,9 +514,12 @@ class PreconditionedLoop:
 LOOPS = {"precond-adamw": "adamw", "precond-sgd": "sgd"}
 
 
-def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0) -> dict:
+def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 0,
+        recompute_statistics: bool = False) -> dict:
     """One optimizer for ``seconds`` of optimizer time from the seed's weights; losses on a fixed sample.
-    The model lives where the problem's data do; on CUDA the clock waits for the GPU at both ends of a step."""
+    The model lives where the problem's data do; on CUDA the clock waits for the GPU at both ends of a step.
+    ``recompute_statistics``: each measure on a copy whose batch norms' running statistics are recomputed
+    (``recomputed_statistics``), off the clock."""
     device = problem.x.device
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
@@ -527,10 +531,15 @@ def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 
     order = torch.Generator().manual_seed(seed)
     sample = torch.randperm(len(problem.x), generator=order)[:1000]
 
+    drawn = torch.Generator().manual_seed(seed + 1)  # (not ``order``: the batches stay those of a plain run)
+    calibration = [problem.x[torch.randint(len(problem.x), (problem.batch,), generator=drawn).to(device)]
+                   for _ in range(CALIBRATION_BATCHES)] if recompute_statistics else []
+
     def evaluate() -> float:
-        model.eval()
+        measured = recomputed_statistics(model, calibration) if recompute_statistics else model
+        measured.eval()
         with torch.no_grad():
-            value = float(loss(model(problem.x[sample]), problem.y[sample]))
+            value = float(loss(measured(problem.x[sample]), problem.y[sample]))
         model.train()
         return value
 
@@ -558,6 +567,22 @@ def run(problem: Problem, name: str, options: dict, seconds: float, seed: int = 
     return {"curve": curve, "steps": steps, "rejected": rejected}
 
 
+#: Training batches the running statistics are recomputed on (--bn-statistics recomputed).
+CALIBRATION_BATCHES = 10
+
+
+def recomputed_statistics(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose batch norms hold the plain average of their statistics over ``batches``
+    (``torch.optim.swa_utils.update_bn``): what the weights have learned, not how far the running averages have
+    followed them. An optimizer of few steps gives its running averages fewer updates to follow by, and a
+    momentum of 0.01 (MobileNetV3's) keeps the initial statistics for hundreds (BENCHMARKS.md)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    copied = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, copied)
+    return copied
+
+
 def loss_at(curve: list, t: float) -> float:
     return [value for clock, value in curve if clock <= t][-1]
 
@@ -578,6 +603,9 @@ def main() -> None:
                              f"or KFACPreconditioner in a user's loop ({', '.join(LOOPS)})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "first_try.json"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models and data live")
+    parser.add_argument("--bn-statistics", choices=("running", "recomputed"), default="running",
+                        help="what batch norms measure the loss with: their running statistics, or statistics "
+                             f"recomputed on {CALIBRATION_BATCHES} training batches before each measure, off the clock")
     args = parser.parse_args()
     torch.set_num_threads(2)
     contenders = [(f"kfac-{p}", "kfac", {"preset": p}) for p in args.kfac.split(",")]
@@ -595,7 +623,9 @@ def main() -> None:
     for key in names:
         problem = catalogue[key]()
         problem.x, problem.y = problem.x.to(args.device), problem.y.to(args.device)
-        runs = {label: run(problem, name, options, args.seconds) for label, name, options in contenders}
+        runs = {label: run(problem, name, options, args.seconds,
+                           recompute_statistics=args.bn_statistics == "recomputed")
+                for label, name, options in contenders}
         target = runs["adam"]["curve"][-1][1]
         for label, result in runs.items():
             curve = result["curve"]
@@ -605,8 +635,8 @@ def main() -> None:
         results[key] = runs
         # After every problem, so that a crash later in the suite keeps the curves already measured.
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"seconds": args.seconds, "device": args.device, "results": results},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps({"seconds": args.seconds, "device": args.device,
+                                              "bn_statistics": args.bn_statistics, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -776,7 +776,8 @@ class KFAC:
         """Leave a batch whose loss or gradient is not finite: the step count and generator as ``before`` it."""
         self._restore(*before)
         warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) was "
-                      "skipped; the weights and the optimizer's state are as before it", SkippedStepWarning, stacklevel=4)
+                      "skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
+                      stacklevel=4)
         return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma, "rejected_steps": self.rejected,
                 "skipped": "non-finite loss or gradient; the weights were left unchanged"}
 
