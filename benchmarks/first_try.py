@@ -448,7 +448,9 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
 def _torchvision():
     """torchvision, imported as the test suite imports it (tests/conftest.py: beside this machine's CPU torch build
     its wheel needs stand-ins for two detection ops to import)."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    tests = str(Path(__file__).parent.parent / "tests")
+    if tests not in sys.path:  # (called for every problem made)
+        sys.path.insert(0, tests)
     from conftest import import_torchvision
 
     import_torchvision()

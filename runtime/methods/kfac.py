@@ -624,8 +624,7 @@ class KFAC:
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
         self._loss_terms = self._examples * self.loss.positions(y)
-        if self.fallback_adam is not None:
-            return self._adam_step(inputs, y)
+        adam = self.fallback_adam is not None  # (the model judged untrusted: one whole pass, then Adam's step)
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -634,7 +633,7 @@ class KFAC:
             self.engine.sampled_gradients.clear()  # (a pass that raised last step may have left some)
         self.steps += 1
         k = self.steps
-        statistics = statistics_due(k, self.stats_every)
+        statistics = not adam and statistics_due(k, self.stats_every)
         fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
         shared = statistics and not fused and self._shares_forward(inputs, y)  # the sampled backward on its forward
         sampled = None
@@ -643,12 +642,20 @@ class KFAC:
                 with self._timed("statistics"):
                     sampled = self._sampled_pass(inputs, y)
             with self._timed("gradient"):
-                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared)
+                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared, whole=adam)
         except BaseException:
             self._restore(*before)
             raise
         if not math.isfinite(objective) or not all_finite(grads.values()):
-            return self._skip(before, loss)
+            self._restore(*before)
+            warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) "
+                          "was skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
+                          stacklevel=2)
+            return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
+                    "rejected_steps": self.rejected,
+                    "skipped": "non-finite loss or gradient; the weights were left unchanged"}
+        if adam:
+            return self._adam_step(loss, grads)
         with self._timed("statistics"):
             if sampled is not None:
                 self._fold(*sampled)
@@ -772,29 +779,10 @@ class KFAC:
         info["rejected_steps"] = self.rejected
         return info
 
-    def _skip(self, before: tuple[int, torch.Tensor], loss: float) -> dict[str, Any]:
-        """Leave a batch whose loss or gradient is not finite: the step count and generator as ``before`` it."""
-        self._restore(*before)
-        warnings.warn("K-FAC: a batch whose loss or gradient is not finite (NaN or Inf in its inputs or targets?) was "
-                      "skipped; the weights and the optimizer's state are as before it", SkippedStepWarning,
-                      stacklevel=4)
-        return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma, "rejected_steps": self.rejected,
-                "skipped": "non-finite loss or gradient; the weights were left unchanged"}
-
-    def _adam_step(self, inputs, y) -> dict[str, Any]:
+    def _adam_step(self, loss: float, grads: Direction) -> dict[str, Any]:
         """Adam's step (``untrusted_adam_lr``) on every trainable parameter, once the first steps found the quadratic
-        model untrusted (``_watch_early_rho``): one gradient pass on the whole batch; no statistics, inverses or
-        model."""
-        before = (self.steps, self.generator.get_state())
-        self.steps += 1
-        try:
-            with self._timed("gradient"):
-                loss, objective, grads, _ = self._gradient(inputs, y, whole=True)
-        except BaseException:
-            self._restore(*before)
-            raise
-        if not math.isfinite(objective) or not all_finite(grads.values()):
-            return self._skip(before, loss)
+        model untrusted (``_watch_early_rho``): after one gradient pass on the whole batch; no statistics, inverses
+        or model."""
         frozen = self.engine.frozen()
         with self._timed("update"):
             self.engine.add_(adam_steps(self.fallback_adam, {name: grad for name, grad in grads.items()
