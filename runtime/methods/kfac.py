@@ -20,7 +20,7 @@ else is shared. One ``step(x, y)``:
    every ``damping_every`` steps the Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from
    rho = (h(theta+delta) - h) / (M(delta) - M(0)) (by up to omega1^lm_acceleration while rho keeps its verdict),
    and a step that made h much worse is undone.
-Where the median rho of the first 20 steps that measured it is below 0.1 (``untrusted_steps``, ``untrusted_rho``: the
+Where the median rho of the first 20 steps that measured it is below 1/2 (``untrusted_steps``, ``untrusted_rho``: the
 model does not describe the loss, as on deep nets with batch norm in training mode), KFAC says so and the default
 preset steps on with Adam (``untrusted_adam_lr``).
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
@@ -1385,10 +1385,12 @@ class KFAC:
 
     def _watch_early_rho(self, rho: float) -> None:
         """Judge the quadratic model once, on the median rho of the first ``untrusted_steps`` steps that measured it:
-        below ``untrusted_rho`` the model over-predicts every step, lambda grows without end and the steps stay too
-        short to train (torchvision's batch-norm classifiers, BENCHMARKS.md). Then the steps go on as Adam's
-        (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told (UntrustedModelWarning) rather than
-        left with a flat loss. A rho that is not finite (no decrease was predicted) is not counted."""
+        below ``untrusted_rho`` the model over-predicts its steps' decrease more than twofold: near 0, lambda grows
+        without end and the steps stay too short to train (torchvision's RegNet and ShuffleNet); at 0.3-0.4 they train
+        but buy too little for a step that costs 5-6 gradient passes (ResNet-18, MobileNetV3; BENCHMARKS.md). Then
+        the steps go on as Adam's (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told
+        (UntrustedModelWarning) rather than left with a slow loss. A rho that is not finite (no decrease was
+        predicted) is not counted."""
         threshold, count = self.settings.untrusted_rho, self.settings.untrusted_steps
         if self._early_rhos is None or threshold is None or not math.isfinite(rho):
             return
@@ -1407,7 +1409,7 @@ class KFAC:
         warnings.warn(
             f"K-FAC: over its first {count} steps the quadratic model predicted the loss badly (median rho "
             f"{middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's loss and "
-            f"its steps stay too short to train, so {then}. Deep nets with batch norm in training mode do this "
+            f"its steps buy too little for their cost, so {then}. Deep nets with batch norm in training mode do this "
             "(BENCHMARKS.md, torchvision's classifiers); K-FAC trains them with GroupNorm in place of BatchNorm",
             UntrustedModelWarning, stacklevel=4)
 
