@@ -188,6 +188,31 @@ def test_a_quadratic_model_that_fails_from_the_start_is_reported_once(depth, war
         assert "median rho 0.0" in untrusted[0] and "Adam (lr 0.001)" in untrusted[0] and "GroupNorm" in untrusted[0]
 
 
+def plain_mlp() -> nn.Module:
+    """deep_batch_norm_mlp(4)'s layers without its batch norms."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[layer for layer in deep_batch_norm_mlp(4) if not isinstance(layer, nn.BatchNorm1d)])
+
+
+@pytest.mark.parametrize("make, settings, warned", [
+    (lambda: deep_batch_norm_mlp(4), dict(untrusted_rho=10.0), False),  # batch norm: its own threshold (0.5) decides
+    (lambda: deep_batch_norm_mlp(4), dict(untrusted_rho_batch_norm=10.0), True),
+    (lambda: deep_batch_norm_mlp(4), dict(untrusted_rho_batch_norm=None, untrusted_rho=10.0), True),
+    (lambda: deep_batch_norm_mlp(4), dict(untrusted_rho=None, untrusted_rho_batch_norm=10.0), False),  # never judged
+    (plain_mlp, dict(untrusted_rho_batch_norm=10.0), False),  # no batch norm: untrusted_rho (0.1) decides
+    (plain_mlp, dict(untrusted_rho=10.0), True),
+])
+def test_a_model_with_batch_norm_is_judged_by_its_own_threshold(make, settings, warned):
+    """The median of the first 20 steps' rho is compared with untrusted_rho_batch_norm where the graph has a
+    BatchNormalization node, with untrusted_rho otherwise; untrusted_rho=None never judges."""
+    opt = kronograph.optim.KFAC(kronograph.compile(make(), (torch.randn(2, 16),)), seed=0, **settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = [opt.step(x, y) for x, y in teacher_batches(22)]
+    assert sum(issubclass(w.category, UntrustedModelWarning) for w in caught) == int(warned)
+    assert bool(infos[-1].get("adam")) == warned
+
+
 def test_after_an_untrusted_start_the_steps_are_adams():
     """From the step after the judgement, KFAC's steps are torch.optim.Adam's (lr untrusted_adam_lr, PyTorch's
     defaults otherwise, its moments carried from step to step) on the mean loss's gradient of the whole batch, batch

@@ -20,9 +20,10 @@ else is shared. One ``step(x, y)``:
    every ``damping_every`` steps the Levenberg-Marquardt rule moves lambda by omega1 = (19/20)^T1 from
    rho = (h(theta+delta) - h) / (M(delta) - M(0)) (by up to omega1^lm_acceleration while rho keeps its verdict),
    and a step that made h much worse is undone.
-Where the median rho of the first 20 steps that measured it is below 1/2 (``untrusted_steps``, ``untrusted_rho``: the
-model does not describe the loss, as on deep nets with batch norm in training mode), KFAC says so and the default
-preset steps on with Adam (``untrusted_adam_lr``).
+Where the median rho of the first 20 steps that measured it is below 0.1, or 1/2 on a model with batch norm
+(``untrusted_steps``, ``untrusted_rho``, ``untrusted_rho_batch_norm``: the model does not describe the loss, as on
+deep nets with batch norm in training mode), KFAC says so and the default preset steps on with Adam
+(``untrusted_adam_lr``).
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
@@ -537,6 +538,8 @@ class KFAC:
         # data-parallel halves may pass a one-example piece only where no batch norm normalises over the rows
         self._batch_norm = self.module is None or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                       for m in self.module.modules())
+        # (the judgement's: from the graph, so that both engines judge alike)
+        self._graph_batch_norm = any(node.op_type == "BatchNormalization" for node in compiled.graph.graph)
         self.steps = 0
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
@@ -1385,13 +1388,16 @@ class KFAC:
 
     def _watch_early_rho(self, rho: float) -> None:
         """Judge the quadratic model once, on the median rho of the first ``untrusted_steps`` steps that measured it:
-        below ``untrusted_rho`` the model over-predicts its steps' decrease more than twofold: near 0, lambda grows
-        without end and the steps stay too short to train (torchvision's RegNet and ShuffleNet); at 0.3-0.4 they train
-        but buy too little for a step that costs 5-6 gradient passes (ResNet-18, MobileNetV3; BENCHMARKS.md). Then
-        the steps go on as Adam's (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told
-        (UntrustedModelWarning) rather than left with a slow loss. A rho that is not finite (no decrease was
-        predicted) is not counted."""
+        below ``untrusted_rho`` (``untrusted_rho_batch_norm`` on a model with batch norm) the model over-predicts its
+        steps' decrease: near 0, lambda grows without end and the steps stay too short to train (torchvision's
+        RegNet and ShuffleNet); at 0.3-0.4 on batch-norm nets they train but buy too little for a step that costs
+        5-6 gradient passes (ResNet-18, MobileNetV3). Without batch norm a rho of 0.3-0.5 is the dropout CNN's, its
+        model's products on fresh masks, and its steps pay (BENCHMARKS.md). Then the steps go on as Adam's
+        (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told (UntrustedModelWarning) rather than
+        left with a slow loss. A rho that is not finite (no decrease was predicted) is not counted."""
         threshold, count = self.settings.untrusted_rho, self.settings.untrusted_steps
+        if threshold is not None and self._graph_batch_norm and self.settings.untrusted_rho_batch_norm is not None:
+            threshold = self.settings.untrusted_rho_batch_norm
         if self._early_rhos is None or threshold is None or not math.isfinite(rho):
             return
         self._early_rhos.append(rho)

@@ -132,15 +132,19 @@ class KFACSettings:
                                               "out), give them Adam's step at this learning rate instead (moments "
                                               "0.9 / 0.999, bias-corrected; auto: no step, the default for now).",
                                               low=0, low_open=True)
-    untrusted_rho: float | None = setting(0.5, "Judge the quadratic model once, on the median rho of its first "
-                                          "untrusted_steps steps that measure rho: below this it is untrusted (less "
-                                          "than half of each predicted decrease comes: deep nets with batch norm in "
-                                          "training mode), which UntrustedModelWarning says, and untrusted_adam_lr's "
-                                          "steps follow (auto: never judged). The first-try suite's medians are "
-                                          "0.69-1.17 but the dropout CNN's (0.41-0.50: Adam's steps on most seeds), "
-                                          "torchvision's ResNet-18's and MobileNetV3's 0.3-0.4, RegNet's and "
-                                          "ShuffleNet's 0.03-0.07.", low=0,
+    untrusted_rho: float | None = setting(0.1, "Judge the quadratic model once, on the median rho of its first "
+                                          "untrusted_steps steps that measure rho: below this it is untrusted (it "
+                                          "does not describe the loss), which UntrustedModelWarning says, and "
+                                          "untrusted_adam_lr's steps follow (auto: never judged, with or without "
+                                          "batch norm). The first-try suite's medians are 0.41-1.20 (0.41-0.50: "
+                                          "the dropout CNN, whose model's products draw fresh masks).", low=0,
                                           low_open=True)
+    untrusted_rho_batch_norm: float | None = setting(0.5, "untrusted_rho for a model with batch norm, whose "
+                                                     "curvature misses the coupling of the batch's examples: less "
+                                                     "than half of each predicted decrease comes (torchvision's "
+                                                     "ResNet-18 0.40-0.46, MobileNetV3 0.32-0.43, RegNet and "
+                                                     "ShuffleNet 0.03-0.07; the suite's batch-norm nets 0.78-0.95; "
+                                                     "auto: untrusted_rho's).", low=0, low_open=True)
     untrusted_steps: int = setting(20, "How many steps that measured rho the judgement of untrusted_rho takes.",
                                    low=1)
     untrusted_adam_lr: float | None = setting(1e-3, "Once the quadratic model is judged untrusted (untrusted_rho), "
