@@ -147,10 +147,11 @@ class KFACSettings:
                                                      "auto: untrusted_rho's).", low=0, low_open=True)
     untrusted_steps: int = setting(20, "How many steps that measured rho the judgement of untrusted_rho takes.",
                                    low=1)
-    untrusted_adam_lr: float | None = setting(1e-3, "Once the quadratic model is judged untrusted (untrusted_rho), "
-                                              "go on with Adam at this learning rate on every parameter (moments "
-                                              "0.9 / 0.999) in place of K-FAC steps too short to train (auto: K-FAC "
-                                              "steps throughout, the paper's).", low=0, low_open=True)
+    untrusted_adam_lr: float | None = setting(1e-3, "Once the quadratic model is judged untrusted (untrusted_rho, "
+                                              "untrusted_rho_batch_norm), go on with Adam at this learning rate on "
+                                              "every parameter (moments 0.9 / 0.999) in place of K-FAC steps that buy "
+                                              "too little for their cost (auto: K-FAC steps throughout, the "
+                                              "paper's).", low=0, low_open=True)
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
