@@ -55,8 +55,9 @@ from kronograph.cli.train_data import DataOrder, ScheduledOrder, TrainData, batc
 from kronograph.errors import KronographError
 
 _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped",
-            "rejected", "rejected_steps", "adam")
-_BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ", "rejected_steps": "undone", "adam": "adam"}
+            "rejected", "rejected_steps", "adam", "sgd")
+_BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ", "rejected_steps": "undone", "adam": "adam",
+        "sgd": "sgd"}
 
 
 def _new_run_dir(model: str, out: Path | None) -> Path:

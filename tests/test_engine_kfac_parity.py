@@ -169,17 +169,19 @@ def test_unmatched_parameters_follow_torch(direction, tmp_path):
         torch.testing.assert_close(onnx_opt.unmatched_fisher[name], value, rtol=1e-3, atol=1e-7)
 
 
-def test_adams_steps_after_an_untrusted_start_follow_torch(tmp_path):
-    """Judged untrusted after 3 steps (any median rho is below 10), both engines step with Adam from the same step
-    on, to the same weights (to 1e-4: the default preset's K-FAC steps before differ between the engines by ~3e-5,
-    their rounding grown by the steps' ill-conditioned directions, as ``SETTINGS`` says of centred damping)."""
+@pytest.mark.parametrize("fallback, settings", [("adam", dict(untrusted_adam_lr=0.01)),
+                                                ("sgd", dict(untrusted_fallback="sgd", untrusted_sgd_lr=0.05))])
+def test_the_fallbacks_steps_after_an_untrusted_start_follow_torch(tmp_path, fallback, settings):
+    """Judged untrusted after 3 steps (any median rho is below 10), both engines step with Adam (or SGD) from the
+    same step on, to the same weights (to 1e-4: the default preset's K-FAC steps before differ between the engines by
+    ~3e-5, their rounding grown by the steps' ill-conditioned directions, as ``SETTINGS`` says of centred damping)."""
     cm_torch, module, cm_onnx, shape = both(mlp, tmp_path)
-    schedule = dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_adam_lr=0.01)
+    schedule = dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, **settings)
     torch_opt, onnx_opt = kronograph.optim.KFAC(cm_torch, **schedule), kronograph.optim.KFAC(cm_onnx, **schedule)
     with pytest.warns(UntrustedModelWarning):
         for step, (x, y) in enumerate(batches(shape, count=8, n=16)):
             expected, got = torch_opt.step(x, y), onnx_opt.step(x.numpy(), y.numpy())
-            assert got.get("adam") == expected.get("adam") == (True if step >= 3 else None), step
+            assert got.get(fallback) == expected.get(fallback) == (True if step >= 3 else None), step
             np.testing.assert_allclose(got["loss"], expected["loss"], rtol=RTOL, err_msg=f"step {step}")
     weights = cm_onnx.state_dict()
     for name, param in module.named_parameters():

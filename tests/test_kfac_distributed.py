@@ -60,6 +60,9 @@ SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
     # judged untrusted after 3 steps (any median rho is below 10): Adam's steps on the all-reduced gradient after them
     "default_untrusted": (dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_adam_lr=0.01), (20, 12),
                           "cross_entropy"),
+    # the same with SGD's steps (Nesterov momentum), as a batch-norm net's untrusted_fallback would take
+    "default_untrusted_sgd": (dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_fallback="sgd",
+                                   untrusted_sgd_lr=0.05), (20, 12), "cross_entropy"),
 }
 
 
@@ -103,7 +106,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
                 info = opt.step(x, y)
             assert "skipped" not in info, info
             infos.append({key: info[key] for key in ("loss", "alpha", "mu", "damping", "rho", "signal", "logit_change",
-                                                     "adam") if key in info})
+                                                     "adam", "sgd") if key in info})
         results[name] = {"params": copy.deepcopy(model.state_dict()), "infos": infos,
                          "factors": {layer: block.a.clone() for layer, block in opt.blocks.items()},
                          "inverses": {layer: (block.inverses.a_inv.clone(), block.inverses.g_inv.clone(),
@@ -449,10 +452,11 @@ def test_the_runs_train(single_process):
         assert losses[-1] < losses[0], (name, losses)
 
 
-def test_an_untrusted_start_turns_every_rank_to_adam_at_the_same_step(ranks, single_process):
+@pytest.mark.parametrize("scenario, fallback", [("default_untrusted", "adam"), ("default_untrusted_sgd", "sgd")])
+def test_an_untrusted_start_turns_every_rank_to_the_fallback_at_the_same_step(ranks, single_process, scenario, fallback):
     """The judgement reads rho of the global batch, so both ranks and the single process switch after the same
     step (the infos' equality above holds the rest)."""
-    switched = [[bool(info.get("adam")) for info in run["default_untrusted"]["infos"]]
+    switched = [[bool(info.get(fallback)) for info in run[scenario]["infos"]]
                 for run in (*ranks, single_process)]
     assert switched[0] == switched[1] == switched[2] and 0 < sum(switched[0]) < STEPS, switched
 

@@ -176,16 +176,19 @@ def teacher_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_a_quadratic_model_that_fails_from_the_start_is_reported_once(depth, warned):
     """24 batch-normed layers: the first 20 steps' rho has a median far below 0.1 (0.015), lambda grows 1e5-fold and
     the loss stays flat, and KFAC says so once (UntrustedModelWarning, naming the median, what it does now and the
-    way out) and steps with Adam from then on; 4 layers train (median rho 0.66) without it, on K-FAC's steps."""
+    way out) and steps with SGD with Nesterov momentum from then on (batch norm: untrusted_fallback's auto); 4 layers
+    train (median rho 0.66) without it, on K-FAC's steps."""
     opt = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(depth), (torch.randn(2, 16),)), seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infos = [opt.step(x, y) for x, y in teacher_batches(30)]
     untrusted = [str(w.message) for w in caught if issubclass(w.category, UntrustedModelWarning)]
     assert len(untrusted) == int(warned), untrusted
-    assert [bool(info.get("adam")) for info in infos] == [warned and k >= 20 for k in range(30)]
+    assert [bool(info.get("sgd")) for info in infos] == [warned and k >= 20 for k in range(30)]
+    assert not any(info.get("adam") for info in infos)
     if warned:
-        assert "median rho 0.0" in untrusted[0] and "Adam (lr 0.001)" in untrusted[0] and "GroupNorm" in untrusted[0]
+        assert "median rho 0.0" in untrusted[0] and "GroupNorm" in untrusted[0]
+        assert "SGD with Nesterov momentum 0.9 (lr 0.01)" in untrusted[0]
 
 
 def plain_mlp() -> nn.Module:
@@ -210,45 +213,52 @@ def test_a_model_with_batch_norm_is_judged_by_its_own_threshold(make, settings, 
         warnings.simplefilter("always")
         infos = [opt.step(x, y) for x, y in teacher_batches(22)]
     assert sum(issubclass(w.category, UntrustedModelWarning) for w in caught) == int(warned)
-    assert bool(infos[-1].get("adam")) == warned
+    fallback = "sgd" if make is not plain_mlp else "adam"  # untrusted_fallback's auto: SGD where batch norm is
+    assert bool(infos[-1].get(fallback)) == warned
 
 
-def test_after_an_untrusted_start_the_steps_are_adams():
-    """From the step after the judgement, KFAC's steps are torch.optim.Adam's (lr untrusted_adam_lr, PyTorch's
-    defaults otherwise, its moments carried from step to step) on the mean loss's gradient of the whole batch, batch
-    norm's running statistics included;
-    a checkpoint taken then resumes them exactly; with untrusted_adam_lr=None the warning comes and K-FAC's steps
-    go on."""
+@pytest.mark.parametrize("fallback, settings, optimizer", [
+    ("adam", dict(untrusted_fallback="adam", untrusted_adam_lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
+    ("sgd", dict(untrusted_sgd_lr=0.03), lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9, nesterov=True)),
+], ids=["adam", "sgd"])
+def test_after_an_untrusted_start_the_steps_are_torchs(fallback, settings, optimizer):
+    """From the step after the judgement, KFAC's steps are torch.optim.Adam's (untrusted_fallback="adam": lr
+    untrusted_adam_lr, PyTorch's defaults otherwise) or SGD's with Nesterov momentum 0.9 (auto on this batch-norm net:
+    lr untrusted_sgd_lr), their moments carried from step to step, on the mean loss's gradient of the whole batch,
+    batch norm's running statistics included; a checkpoint taken then resumes them exactly; with the learning rate
+    None the warning comes and K-FAC's steps go on."""
     batches = teacher_batches(30)
     model = deep_batch_norm_mlp(24)
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0, untrusted_adam_lr=0.01)
-    with pytest.warns(UntrustedModelWarning, match="Adam"):
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0, **settings)
+    with pytest.warns(UntrustedModelWarning, match="Adam" if fallback == "adam" else "SGD with Nesterov"):
         for x, y in batches[:20]:
             opt.step(x, y)
     reference = copy.deepcopy(model)
-    adam = torch.optim.Adam(reference.parameters(), lr=0.01)
+    torch_optimizer = optimizer(reference.parameters())
     for x, y in batches[20:25]:
-        reference.load_state_dict(model.state_dict())  # each step from KFAC's weights: this net amplifies rounding
-        assert opt.step(x, y)["adam"]                  # 100-fold a step (its batch norms' exploding gradients)
-        adam.zero_grad()
+        # each step from KFAC's weights (this net amplifies rounding 100-fold a step: its batch norms' exploding
+        # gradients), the reference optimizer's moments its own
+        reference.load_state_dict(model.state_dict())
+        info = opt.step(x, y)
+        assert info[fallback] and not info.get({"adam": "sgd", "sgd": "adam"}[fallback])
+        torch_optimizer.zero_grad()
         nn.functional.cross_entropy(reference(x), y).backward()
-        adam.step()
+        torch_optimizer.step()
         for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
             assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name
     resumed_model = copy.deepcopy(model)
-    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (torch.randn(2, 16),)), seed=0,
-                                    untrusted_adam_lr=0.01)
+    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (torch.randn(2, 16),)), seed=0, **settings)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     for x, y in batches[25:]:
-        assert opt.step(x, y)["adam"] and resumed.step(x, y)["adam"]
+        assert opt.step(x, y)[fallback] and resumed.step(x, y)[fallback]
     for (name, ours), theirs in zip(model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(ours, theirs), name
 
-    kept = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(24), (torch.randn(2, 16),)), seed=0,
-                                 untrusted_adam_lr=None)
+    off = {key: None if key.endswith("_lr") else value for key, value in settings.items()}
+    kept = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(24), (torch.randn(2, 16),)), seed=0, **off)
     with pytest.warns(UntrustedModelWarning, match="SGD with momentum or Adam"):
         infos = [kept.step(x, y) for x, y in batches]
-    assert not any(info.get("adam") for info in infos) and all("alpha" in info for info in infos)
+    assert not any(info.get("adam") or info.get("sgd") for info in infos) and all("alpha" in info for info in infos)
 
 
 def test_initial_lambda_follows_the_curvature_scale():

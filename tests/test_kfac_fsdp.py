@@ -53,6 +53,9 @@ SCENARIOS = {
     "layer norm": ("layer norm", dict(seed=0), (20, 12), True),  # its affine on the Fisher's diagonal
     # judged untrusted after 3 steps (any median rho is below 10): Adam's steps written to the shards after them
     "untrusted": ("mlp", dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_adam_lr=0.01), (20, 12), True),
+    # the same with SGD's steps (Nesterov momentum), as a batch-norm net's untrusted_fallback would take
+    "untrusted sgd": ("mlp", dict(seed=0, untrusted_rho=10.0, untrusted_steps=3, untrusted_fallback="sgd",
+                                  untrusted_sgd_lr=0.05), (20, 12), True),
 }
 UNSHARDED_REFERENCE = ("undone steps", "weight norm")
 
@@ -78,7 +81,7 @@ def train(model, cm, settings, batches, slices, rank: int, world: int) -> tuple[
             warnings.simplefilter("ignore", UntrustedModelWarning)  # (the untrusted scenario's, asked for)
             info = opt.step(x, y)
         assert "skipped" not in info, info
-        infos.append({key: info[key] for key in ("loss", "alpha", "rejected_steps", "adam") if key in info})
+        infos.append({key: info[key] for key in ("loss", "alpha", "rejected_steps", "adam", "sgd") if key in info})
     infos[-1]["diagonal_g"] = sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_g)
     return infos, opt
 
@@ -189,11 +192,13 @@ def test_fsdp_run_equals_the_single_process_run_on_full_batches(ranks, single_pr
     for sharded, single in zip(ranks[0][scenario]["infos"], single_process[scenario]["infos"]):
         assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
         assert sharded.get("rejected_steps") == single.get("rejected_steps")
-        assert sharded.get("adam") == single.get("adam")  # (the untrusted scenario: Adam's steps from the same one)
+        # (the untrusted scenarios: Adam's or SGD's steps from the same one)
+        assert (sharded.get("adam"), sharded.get("sgd")) == (single.get("adam"), single.get("sgd"))
 
 
-def test_an_untrusted_start_steps_with_adam_under_fsdp(ranks):
-    assert 0 < sum(bool(info.get("adam")) for info in ranks[0]["untrusted"]["infos"]) < STEPS
+@pytest.mark.parametrize("scenario, fallback", [("untrusted", "adam"), ("untrusted sgd", "sgd")])
+def test_an_untrusted_start_steps_with_the_fallback_under_fsdp(ranks, scenario, fallback):
+    assert 0 < sum(bool(info.get(fallback)) for info in ranks[0][scenario]["infos"]) < STEPS
 
 
 def test_the_blocks_with_a_diagonal_factor_or_two_views_are_kept_sharded(ranks, single_process):

@@ -67,6 +67,20 @@ def adam_steps(moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]], grads
     return steps
 
 
+def nesterov_steps(buffers: dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor], lr: float,
+                   momentum: float = 0.9) -> dict[str, torch.Tensor]:
+    """SGD's step with Nesterov momentum, -lr (g + momentum b) with b = momentum b + g (b = g at first: PyTorch's
+    ``SGD(nesterov=True)``, no dampening), for each gradient by name, its buffer b in ``buffers`` advanced: as
+    ``adam_steps``, for the optimizers that move the weights themselves."""
+    steps = {}
+    for name, grad in grads.items():
+        buffer = buffers.get(name)
+        buffer = grad.clone() if buffer is None else buffer.mul(momentum).add_(grad)
+        buffers[name] = buffer
+        steps[name] = grad.add(buffer, alpha=momentum).mul_(-lr)
+    return steps
+
+
 class FirstOrder:
     """A torch optimizer on a compiled model, built by ``build(params, settings)``."""
 

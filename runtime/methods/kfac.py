@@ -22,8 +22,8 @@ else is shared. One ``step(x, y)``:
    and a step that made h much worse is undone.
 Where the median rho of the first 20 steps that measured it is below 0.1, or 1/2 on a model with batch norm
 (``untrusted_steps``, ``untrusted_rho``, ``untrusted_rho_batch_norm``: the model does not describe the loss, as on
-deep nets with batch norm in training mode), KFAC says so and the default preset steps on with Adam
-(``untrusted_adam_lr``).
+deep nets with batch norm in training mode), KFAC says so and the default preset steps on with SGD with Nesterov
+momentum on a model with batch norm, Adam on any other (``untrusted_fallback``).
 Non-finite losses, gradients or coefficients never reach the weights: the step is skipped and reported. A step
 is atomic: a batch that raises (targets that do not fit, checked every step) or whose loss or gradient is not
 finite leaves the weights and the whole optimizer state as they were.
@@ -103,7 +103,7 @@ from kronograph.runtime.inverse import (
     all_finite,
 )
 from kronograph.runtime.losses import get_loss
-from kronograph.runtime.methods.first_order import adam_steps
+from kronograph.runtime.methods.first_order import adam_steps, nesterov_steps
 from kronograph.runtime.methods.kfac_settings import PRESETS, SETTING_NAMES, KFACSettings
 from kronograph.runtime.methods.settings import FROM_PRESET, resolve
 from kronograph.runtime.statistics import (
@@ -544,8 +544,10 @@ class KFAC:
         self.stats_updates = 0
         self.rejected = 0  # steps undone because they made h worse
         self._early_rhos: list[float] | None = []  # rho of the first steps that measured it (_watch_early_rho)
-        # once those found the model untrusted (untrusted_adam_lr): Adam's (m, v, t) by parameter; None: K-FAC steps
+        # once those found the model untrusted (untrusted_fallback): Adam's (m, v, t) by parameter, or SGD's momentum
+        # buffers; None: K-FAC steps
         self.fallback_adam: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+        self.fallback_sgd: dict[str, torch.Tensor] | None = None
         self.streak = 0  # signed count of consecutive equal LM verdicts (damping.accelerated_levenberg_marquardt)
         self.gamma_streak = 0  # signed count of gamma-rule rounds won by the same side (damping.gamma_streak)
         self.gamma_interval = self.gamma_every  # steps between gamma-rule rounds now (damping.gamma_interval)
@@ -627,7 +629,8 @@ class KFAC:
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
         self._loss_terms = self._examples * self.loss.positions(y)
-        adam = self.fallback_adam is not None  # (the model judged untrusted: one whole pass, then Adam's step)
+        # (the model judged untrusted: one whole pass, then a first-order step)
+        fallback = self.fallback_adam is not None or self.fallback_sgd is not None
         # Atomic until the statistics are folded: the passes change nothing of the optimizer's state but the
         # step count and the generator, which are put back when a pass raises (bad targets, say) or the
         # batch's loss or gradient is not finite.
@@ -636,7 +639,7 @@ class KFAC:
             self.engine.sampled_gradients.clear()  # (a pass that raised last step may have left some)
         self.steps += 1
         k = self.steps
-        statistics = not adam and statistics_due(k, self.stats_every)
+        statistics = not fallback and statistics_due(k, self.stats_every)
         fused = statistics and self.fisher == "empirical"  # the labels' backward is the gradient's own
         shared = statistics and not fused and self._shares_forward(inputs, y)  # the sampled backward on its forward
         sampled = None
@@ -645,7 +648,7 @@ class KFAC:
                 with self._timed("statistics"):
                     sampled = self._sampled_pass(inputs, y)
             with self._timed("gradient"):
-                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared, whole=adam)
+                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared, whole=fallback)
         except BaseException:
             self._restore(*before)
             raise
@@ -657,8 +660,8 @@ class KFAC:
             return {"loss": loss, "damping": self.damping, "factor_damping": self.gamma,
                     "rejected_steps": self.rejected,
                     "skipped": "non-finite loss or gradient; the weights were left unchanged"}
-        if adam:
-            return self._adam_step(loss, grads)
+        if fallback:
+            return self._fallback_step(loss, grads)
         with self._timed("statistics"):
             if sampled is not None:
                 self._fold(*sampled)
@@ -782,16 +785,19 @@ class KFAC:
         info["rejected_steps"] = self.rejected
         return info
 
-    def _adam_step(self, loss: float, grads: Direction) -> dict[str, Any]:
-        """Adam's step (``untrusted_adam_lr``) on every trainable parameter, once the first steps found the quadratic
-        model untrusted (``_watch_early_rho``): after one gradient pass on the whole batch; no statistics, inverses
-        or model."""
+    def _fallback_step(self, loss: float, grads: Direction) -> dict[str, Any]:
+        """Adam's or SGD's step (``untrusted_fallback``) on every trainable parameter, once the first steps found the
+        quadratic model untrusted (``_watch_early_rho``): after one gradient pass on the whole batch; no statistics,
+        inverses or model. ``info`` says which ("adam" or "sgd": True)."""
         frozen = self.engine.frozen()
+        grads = {name: grad for name, grad in grads.items() if name not in frozen}
         with self._timed("update"):
-            self.engine.add_(adam_steps(self.fallback_adam, {name: grad for name, grad in grads.items()
-                                                             if name not in frozen}, self.settings.untrusted_adam_lr))
-        return {"loss": loss, "adam": True, "damping": self.damping, "factor_damping": self.gamma,
-                "rejected_steps": self.rejected}
+            if self.fallback_sgd is not None:
+                self.engine.add_(nesterov_steps(self.fallback_sgd, grads, self.settings.untrusted_sgd_lr))
+            else:
+                self.engine.add_(adam_steps(self.fallback_adam, grads, self.settings.untrusted_adam_lr))
+        return {"loss": loss, "sgd" if self.fallback_sgd is not None else "adam": True, "damping": self.damping,
+                "factor_damping": self.gamma, "rejected_steps": self.rejected}
 
     def _weight_coordinates(self, grads: Direction, params: Direction, sigmas: Direction) -> Direction:
         """``grads`` with each computed weight's gradient added under its name (weight norm's, spectral norm's)."""
@@ -1392,9 +1398,10 @@ class KFAC:
         steps' decrease: near 0, lambda grows without end and the steps stay too short to train (torchvision's
         RegNet and ShuffleNet); at 0.3-0.4 on batch-norm nets they train but buy too little for a step that costs
         5-6 gradient passes (ResNet-18, MobileNetV3). Without batch norm a rho of 0.3-0.5 is the dropout CNN's, its
-        model's products on fresh masks, and its steps pay (BENCHMARKS.md). Then the steps go on as Adam's
-        (``untrusted_adam_lr``; with it off, K-FAC's), and the user is told (UntrustedModelWarning) rather than
-        left with a slow loss. A rho that is not finite (no decrease was predicted) is not counted."""
+        model's products on fresh masks, and its steps pay (BENCHMARKS.md). Then first-order steps go on
+        (``untrusted_fallback``: SGD with Nesterov momentum on batch-norm nets, where it trains further than Adam,
+        Adam on others; with its learning rate off, K-FAC's), and the user is told (UntrustedModelWarning) rather
+        than left with a slow loss. A rho that is not finite (no decrease was predicted) is not counted."""
         threshold, count = self.settings.untrusted_rho, self.settings.untrusted_steps
         if threshold is not None and self._graph_batch_norm and self.settings.untrusted_rho_batch_norm is not None:
             threshold = self.settings.untrusted_rho_batch_norm
@@ -1407,11 +1414,17 @@ class KFAC:
         self._early_rhos = None  # judged once
         if middle >= threshold:
             return
-        lr = self.settings.untrusted_adam_lr
-        if lr is not None:
+        sgd = self.settings.untrusted_fallback == "sgd" or (self.settings.untrusted_fallback == "auto"
+                                                            and self._graph_batch_norm)
+        lr = self.settings.untrusted_sgd_lr if sgd else self.settings.untrusted_adam_lr
+        name = "untrusted_sgd_lr" if sgd else "untrusted_adam_lr"
+        if lr is not None and sgd:
+            self.fallback_sgd = {}
+        elif lr is not None:
             self.fallback_adam = {}
-        then = (f"from the next step on it steps with Adam (lr {lr:g}) on every parameter (untrusted_adam_lr; None "
-                "keeps K-FAC's steps)" if lr is not None else "train it with SGD with momentum or Adam")
+        then = (f"from the next step on it steps with {'SGD with Nesterov momentum 0.9' if sgd else 'Adam'} (lr "
+                f"{lr:g}) on every parameter ({name}; None keeps K-FAC's steps)" if lr is not None
+                else "train it with SGD with momentum or Adam")
         warnings.warn(
             f"K-FAC: over its first {count} steps the quadratic model predicted the loss badly (median rho "
             f"{middle:.3g}, lambda now {self.damping:.3g}): K-FAC's curvature does not describe this model's loss and "
@@ -1451,6 +1464,7 @@ class KFAC:
             "unmatched_adam": {n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.unmatched_adam.items()},
             "fallback_adam": None if self.fallback_adam is None else {
                 n: (m.clone(), v.clone(), t) for n, (m, v, t) in self.fallback_adam.items()},
+            "fallback_sgd": None if self.fallback_sgd is None else {n: b.clone() for n, b in self.fallback_sgd.items()},
             "unmatched_backoff": (self.unmatched_zeros, self.unmatched_rest),
             "signal": self.signal,
             "initial_logit_spread": self.initial_logit_spread,
@@ -1483,6 +1497,8 @@ class KFAC:
         fallback = state.get("fallback_adam")
         self.fallback_adam = None if fallback is None else {n: (m.clone(), v.clone(), int(t))
                                                             for n, (m, v, t) in fallback.items()}
+        fallback = state.get("fallback_sgd")
+        self.fallback_sgd = None if fallback is None else {n: b.clone() for n, b in fallback.items()}
         signal = state.get("signal")
         self.signal = None if signal is None else tuple(float(v) for v in signal)
         spread = state.get("initial_logit_spread")  # (an older checkpoint: taken afresh at the next step)

@@ -135,7 +135,7 @@ class KFACSettings:
     untrusted_rho: float | None = setting(0.1, "Judge the quadratic model once, on the median rho of its first "
                                           "untrusted_steps steps that measure rho: below this it is untrusted (it "
                                           "does not describe the loss), which UntrustedModelWarning says, and "
-                                          "untrusted_adam_lr's steps follow (auto: never judged, with or without "
+                                          "untrusted_fallback's steps follow (auto: never judged, with or without "
                                           "batch norm). The first-try suite's medians are 0.41-1.20 (0.41-0.50: "
                                           "the dropout CNN, whose model's products draw fresh masks).", low=0,
                                           low_open=True)
@@ -147,11 +147,18 @@ class KFACSettings:
                                                      "auto: untrusted_rho's).", low=0, low_open=True)
     untrusted_steps: int = setting(20, "How many steps that measured rho the judgement of untrusted_rho takes.",
                                    low=1)
-    untrusted_adam_lr: float | None = setting(1e-3, "Once the quadratic model is judged untrusted (untrusted_rho, "
-                                              "untrusted_rho_batch_norm), go on with Adam at this learning rate on "
-                                              "every parameter (moments 0.9 / 0.999) in place of K-FAC steps that buy "
-                                              "too little for their cost (auto: K-FAC steps throughout, the "
+    untrusted_fallback: str = setting("auto", "The first-order steps that follow once the quadratic model is judged "
+                                      "untrusted (untrusted_rho, untrusted_rho_batch_norm), in place of K-FAC steps "
+                                      "that buy too little for their cost: sgd (Nesterov momentum 0.9, "
+                                      "untrusted_sgd_lr), adam (untrusted_adam_lr) or auto: sgd on a model with batch "
+                                      "norm (torchvision's four nets train further on it than on Adam's), adam on "
+                                      "any other (its rate is scale-free).", choices=("auto", "sgd", "adam"))
+    untrusted_adam_lr: float | None = setting(1e-3, "Learning rate of untrusted_fallback's Adam (moments 0.9 / "
+                                              "0.999; auto: K-FAC steps throughout where Adam's would follow, the "
                                               "paper's).", low=0, low_open=True)
+    untrusted_sgd_lr: float | None = setting(0.01, "Learning rate of untrusted_fallback's SGD with Nesterov momentum "
+                                             "0.9 (auto: K-FAC steps throughout where SGD's would follow, the "
+                                             "paper's).", low=0, low_open=True)
     max_momentum: float | None = setting(2.0, "Keep the quadratic model's momentum coefficient mu in [0, "
                                          "max_momentum] (auto: free, the paper's).", low=0, low_open=True)
     unit_momentum_below: int | None = setting(8, "Keep mu at most 1 on batches of fewer than N loss terms (a sequence "
@@ -279,7 +286,7 @@ PRESETS: dict[str, KFACSettings] = {
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
         spectral_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
-        untrusted_adam_lr=None,
+        untrusted_adam_lr=None, untrusted_sgd_lr=None,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
