@@ -325,7 +325,8 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     on models they were not tuned for (layer norm and GELU, dropout and pooling, depth at a small batch, a
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
     3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words,
-    spectral norm, a vision transformer, ConvNeXt blocks). ``--problems unseen`` runs them all."""
+    spectral norm, a vision transformer, ConvNeXt blocks, batch norm in a shallow MLP and a VGG-style CNN, a
+    transposed-convolution autoencoder). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -436,13 +437,39 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
         x, y = _images("fashion-mnist")
         return Problem(ConvNeXtCNN, x, y, "cross_entropy", 64)
 
+    def digits_bn_mlp() -> Problem:
+        x, y = _digits()
+        return Problem(lambda: nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 128),
+                                             nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10)),
+                       x, y, "cross_entropy", 128)
+
+    def fashion_bn_vgg() -> Problem:
+        """Four 3x3 convolutions, each with batch norm, in two pooled stages: batch norm without depth or shortcuts."""
+        x, y = _images("fashion-mnist")
+
+        def stage(inputs: int, width: int) -> list[nn.Module]:
+            return [nn.Conv2d(inputs, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                    nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+
+        return Problem(lambda: nn.Sequential(*stage(1, 16), *stage(16, 32), nn.Flatten(), nn.Linear(32 * 49, 10)),
+                       x, y, "cross_entropy", 128)
+
+    def fashion_conv_autoencoder() -> Problem:
+        """Strided convolutions down to 7 x 7, transposed ones back up, pixels as Bernoulli targets."""
+        x, _ = _images("fashion-mnist")
+        return Problem(lambda: nn.Sequential(
+            nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 3, 2, 1, 1), nn.ReLU(), nn.ConvTranspose2d(16, 1, 3, 2, 1, 1)),
+            x, x, "sigmoid_cross_entropy", 128)
+
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
             "fashion-groupnorm-cnn": fashion_groupnorm_cnn, "text-words": text_words, "text-tied-lm": text_tied_lm,
             "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
             "text-bag": text_bag, "text-tags": text_tags, "fashion-spectral-cnn": fashion_spectral_cnn,
-            "fashion-vit": fashion_vit, "fashion-convnext": fashion_convnext}
+            "fashion-vit": fashion_vit, "fashion-convnext": fashion_convnext, "digits-bn-mlp": digits_bn_mlp,
+            "fashion-bn-vgg": fashion_bn_vgg, "fashion-conv-autoencoder": fashion_conv_autoencoder}
 
 
 def _torchvision():

@@ -453,7 +453,8 @@ def test_the_runs_train(single_process):
 
 
 @pytest.mark.parametrize("scenario, fallback", [("default_untrusted", "adam"), ("default_untrusted_sgd", "sgd")])
-def test_an_untrusted_start_turns_every_rank_to_the_fallback_at_the_same_step(ranks, single_process, scenario, fallback):
+def test_an_untrusted_start_turns_every_rank_to_the_fallback_at_the_same_step(ranks, single_process, scenario,
+                                                                              fallback):
     """The judgement reads rho of the global batch, so both ranks and the single process switch after the same
     step (the infos' equality above holds the rest)."""
     switched = [[bool(info.get(fallback)) for info in run[scenario]["infos"]]

@@ -648,7 +648,8 @@ class KFAC:
                 with self._timed("statistics"):
                     sampled = self._sampled_pass(inputs, y)
             with self._timed("gradient"):
-                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared, whole=fallback)
+                loss, objective, grads, records = self._gradient(inputs, y, capture=fused, sampled=shared,
+                                                                 whole=fallback)
         except BaseException:
             self._restore(*before)
             raise
