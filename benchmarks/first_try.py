@@ -326,7 +326,7 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
     recurrent net, wide layers, depthwise and causal convolutions, pre-norm residual blocks, group norm before a
     3136-wide head, a word-level LM with a 2048-word head, heads tied to their tables, weight norm, a bag of words,
     spectral norm, a vision transformer, ConvNeXt blocks, batch norm in a shallow MLP and a VGG-style CNN, a
-    transposed-convolution autoencoder). ``--problems unseen`` runs them all."""
+    transposed-convolution autoencoder, regression of many outputs with mse). ``--problems unseen`` runs them all."""
 
     def cancer_mlp() -> Problem:
         from sklearn.datasets import load_breast_cancer
@@ -462,6 +462,22 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             nn.ConvTranspose2d(32, 16, 3, 2, 1, 1), nn.ReLU(), nn.ConvTranspose2d(16, 1, 3, 2, 1, 1)),
             x, x, "sigmoid_cross_entropy", 128)
 
+    def digits_inpaint_mlp() -> Problem:
+        """The lower half of each digit's 8 x 8 image from its upper half, mse."""
+        x, _ = _digits()
+        return Problem(lambda: nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                             nn.Linear(256, 32)), x[:, :32].contiguous(), x[:, 32:].contiguous(),
+                       "mse", 128)
+
+    def fashion_denoise_mlp() -> Problem:
+        """Clean Fashion-MNIST images from copies with Gaussian noise (sd 0.3, clamped to [0, 1], drawn once), mse:
+        an irreducible error, so the batches' gradients are mostly noise late."""
+        x, _ = _images("fashion-mnist")
+        clean = x.reshape(len(x), -1)
+        noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+        return Problem(lambda: nn.Sequential(nn.Linear(784, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
+                                             nn.Linear(256, 784)), noisy, clean, "mse", 128)
+
     return {"cancer-mlp": cancer_mlp, "mnist-dropout-cnn": mnist_dropout_cnn, "digits-deep-tanh": digits_deep_tanh,
             "text-gru": text_gru, "fashion-wide-mlp": fashion_wide_mlp, "fashion-depthwise-cnn": fashion_depthwise_cnn,
             "text-conv": text_conv, "digits-residual-mlp": digits_residual_mlp,
@@ -469,7 +485,8 @@ def unseen_problems() -> dict[str, Callable[[], Problem]]:
             "text-tied-words": text_tied_words, "fashion-weightnorm-cnn": fashion_weightnorm_cnn,
             "text-bag": text_bag, "text-tags": text_tags, "fashion-spectral-cnn": fashion_spectral_cnn,
             "fashion-vit": fashion_vit, "fashion-convnext": fashion_convnext, "digits-bn-mlp": digits_bn_mlp,
-            "fashion-bn-vgg": fashion_bn_vgg, "fashion-conv-autoencoder": fashion_conv_autoencoder}
+            "fashion-bn-vgg": fashion_bn_vgg, "fashion-conv-autoencoder": fashion_conv_autoencoder,
+            "digits-inpaint-mlp": digits_inpaint_mlp, "fashion-denoise-mlp": fashion_denoise_mlp}
 
 
 def _torchvision():
