@@ -382,7 +382,8 @@ def _loop(run: _Run) -> None:
                     log.flush()
                     board.write(record)
                     rate = examples / max(now - began, 1e-9)
-                    bar.set_postfix({"loss": f"{info['loss']:.4g}", "ex/s": f"{rate:.0f}",
+                    shown = {} if info["loss"] is None else {"loss": f"{info['loss']:.4g}"}  # (a gathered batch)
+                    bar.set_postfix({**shown, "ex/s": f"{rate:.0f}",
                                      **{_BAR[k]: f"{info[k]:.3g}" for k in _BAR if k in info}}, refresh=False)
                     bar.update(1)
                 stop = interrupt.requested if ranks is None else ranks.any_rank(interrupt.requested)

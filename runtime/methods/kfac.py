@@ -95,6 +95,7 @@ from kronograph.runtime.damping import (
 from kronograph.runtime.factors import (RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts,
                                        rows_per_example)
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
+from kronograph.runtime.gathering import BatchGatherer
 from kronograph.runtime.inverse import (
     CoverageWarning,
     SkippedStepWarning,
@@ -494,6 +495,7 @@ class KFAC:
         self.ema_decay, self.fisher = s.ema_decay, fisher
         self.stats_fraction, self.qmodel_fraction = float(s.stats_fraction), float(s.qmodel_fraction)
         self.stats_every, self.inverse_every = int(s.stats_every), int(s.inverse_every)
+        self.gatherer = BatchGatherer(int(s.batches_per_step))
         self.momentum, self.rescale = momentum, bool(rescale)
         self.adapt_damping = self.rescale if s.adapt_damping is None else bool(s.adapt_damping)
         self.adapt_gamma = self.rescale if s.adapt_gamma is None else bool(s.adapt_gamma)
@@ -617,15 +619,25 @@ class KFAC:
         Seconds spent per phase accumulate in ``self.timings`` (statistics: their pass and the fold, gradient —
         which includes the statistics' capture when they come from the same pass —, inverses, precondition,
         qmodel, update, damping).
-        """
-        with self.engine.stepping():  # an FSDP2-sharded module's weights whole for the step (runtime/sharded.py)
-            return self._step(x, y)
 
-    def _step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
+        With ``batches_per_step`` N > 1, a call that gathers its batch returns {"loss": None, "gathered": how many
+        are held, ...} and leaves the weights as they are; the Nth steps on the union of the N batches (K-FAC's
+        own steps only: once the first-order steps of ``untrusted_fallback`` have taken over, every call steps).
+        """
         device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
         inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y, device=device)
         _check_examples_first(inputs)
+        if self.fallback_adam is None and self.fallback_sgd is None:
+            union = self.gatherer.add(inputs, y)
+            if union is None:
+                return {"loss": None, "gathered": len(self.gatherer.held), "rejected_steps": self.rejected}
+            inputs, y = union
+        with self.engine.stepping():  # an FSDP2-sharded module's weights whole for the step (runtime/sharded.py)
+            return self._step(inputs, y)
+
+    def _step(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict[str, Any]:
+        device = self.engine.device
         self._slice = None if self._group is None else batch_slice(self._group, inputs[0].shape[0], device)
         self._examples = self._batch_size(inputs[0].shape[0])
         self._loss_terms = self._examples * self.loss.positions(y)
@@ -1472,6 +1484,7 @@ class KFAC:
             "curvature": self.curvature.state_dict(),
             "generator": self.generator.get_state(),
             "row_generator": self.row_generator.get_state(),
+            "gathered": self.gatherer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1505,6 +1518,7 @@ class KFAC:
         spread = state.get("initial_logit_spread")  # (an older checkpoint: taken afresh at the next step)
         self.initial_logit_spread = None if spread is None else float(spread)
         self.curvature.load_state_dict(state["curvature"])
+        self.gatherer.load_state_dict(state.get("gathered", []), device)
         self.generator.set_state(state["generator"])
         if "row_generator" in state:  # (a checkpoint from before activation_rows: the rows' draws start afresh)
             self.row_generator.set_state(state["row_generator"])

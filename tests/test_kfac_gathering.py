@@ -1,0 +1,125 @@
+"""KFAC's ``batches_per_step``: the caller's batches gathered into one step's mini-batch (runtime/gathering.py).
+
+Checked against K-FAC stepping on the concatenated batch itself: the gathered step's weights equal it bit for
+bit, the calls between leave every weight as it was, a checkpoint taken mid-gathering resumes exactly, a batch
+that does not stack ends the gathering early, and the first-order fallback steps on every batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import kronograph
+from kronograph.errors import KronographError
+from kronograph.runtime.inverse import UntrustedModelWarning
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+class PooledSequence(nn.Module):
+    """Positions of any length, each through a linear layer, averaged: batches of another length do not stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(6, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def batches(count: int, size: int = 16, *shape: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, *(shape or (6,)), generator=generator), torch.randint(4, (size,), generator=generator))
+            for _ in range(count)]
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_gathered_step_is_the_step_on_the_union():
+    """Three batches gathered: the first two calls change nothing and return no loss, the third's weights and
+    figures are those of one step on the three concatenated (every later step too)."""
+    data = batches(9)
+    gathered_model, whole_model = mlp(), mlp()
+    gathered = kronograph.optim.KFAC(kronograph.compile(gathered_model, (data[0][0][:2],)), seed=0, batches_per_step=3)
+    whole = kronograph.optim.KFAC(kronograph.compile(whole_model, (data[0][0][:2],)), seed=0)
+    for start in range(0, 9, 3):
+        before = weights(gathered_model)
+        for number, (x, y) in enumerate(data[start : start + 3]):
+            info = gathered.step(x, y)
+            if number < 2:
+                assert info["loss"] is None and info["gathered"] == number + 1
+                assert_equal(weights(gathered_model), before)
+        union = whole.step(torch.cat([x for x, _ in data[start : start + 3]]),
+                           torch.cat([y for _, y in data[start : start + 3]]))
+        assert info["loss"] == union["loss"] and info["alpha"] == union["alpha"]
+        assert_equal(weights(gathered_model), weights(whole_model))
+    assert gathered.steps == whole.steps == 3
+
+
+def test_a_checkpoint_taken_mid_gathering_resumes_exactly():
+    data = batches(7)
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],)), seed=0, batches_per_step=2)
+    for x, y in data[:3]:  # a step, then one batch held
+        opt.step(x, y)
+    resumed_model = copy.deepcopy(model)
+    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (data[0][0][:2],)), seed=0,
+                                    batches_per_step=2)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for x, y in data[3:]:
+        assert opt.step(x, y)["loss"] == resumed.step(x, y)["loss"]
+    assert_equal(weights(model), weights(resumed_model))
+
+
+def test_a_batch_that_does_not_stack_ends_the_gathering():
+    """Sequences of 5 positions, then of 7: the call with the 7-long batch steps on the one 5-long batch held (as
+    a step on it alone would), and holds the new one."""
+    short, long = batches(1, 16, 5, 6)[0], batches(1, 16, 7, 6)[0]
+    gathered_model, alone_model = PooledSequence(), PooledSequence()
+    gathered = kronograph.optim.KFAC(kronograph.compile(gathered_model, (short[0][:2],)), seed=0, batches_per_step=3)
+    alone = kronograph.optim.KFAC(kronograph.compile(alone_model, (short[0][:2],)), seed=0)
+    assert gathered.step(*short)["loss"] is None
+    info = gathered.step(*long)
+    assert info["loss"] == alone.step(*short)["loss"]
+    assert_equal(weights(gathered_model), weights(alone_model))
+    assert len(gathered.gatherer.held) == 1 and gathered.gatherer.held[0][0][0].shape[1] == 7
+
+
+def test_the_first_order_fallback_steps_on_every_batch():
+    """Once the quadratic model is judged untrusted (forced here: any median rho is below 100), Adam's steps
+    follow on every call, none gathered."""
+    data = batches(12)
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],)), seed=0, batches_per_step=2,
+                                untrusted_rho=100.0, untrusted_steps=2)
+    with pytest.warns(UntrustedModelWarning):
+        for x, y in data[:8]:
+            opt.step(x, y)
+    assert opt.fallback_adam is not None
+    for x, y in data[8:]:
+        before = weights(model)
+        info = opt.step(x, y)
+        assert info["adam"] and info["loss"] is not None
+        assert any(not torch.equal(value, weights(model)[name]) for name, value in before.items())
+
+
+def test_batches_per_step_must_be_a_positive_count():
+    with pytest.raises(KronographError, match="batches_per_step"):
+        kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 6),)), batches_per_step=0)
+
