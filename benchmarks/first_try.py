@@ -2,7 +2,8 @@
 momentum, at equal wall time, from the same PyTorch-default weights and the same batches, on problems
 nobody tuned K-FAC for.
 
-    python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,...|unseen|torchvision] [--kfac paper]
+    python benchmarks/first_try.py [--seconds 30] [--problems digits-mlp,...|unseen|torchvision]
+                                   [--kfac default,paper,default+batches_per_step=4]
                                    [--baselines adam,sgd,precond-adamw] [--device cuda]
                                    [--bn-statistics recomputed]
 
@@ -637,13 +638,29 @@ def time_to(curve: list, target: float) -> float | None:
     return next((clock for clock, value in curve if value <= target), None)
 
 
+def kfac_options(spec: str) -> dict:
+    """KFAC's keywords from "PRESET[+name=value...]": default+batches_per_step=4 -> {"preset": "default",
+    "batches_per_step": 4} (values read as JSON where they parse, else as text)."""
+    preset, *pairs = spec.split("+")
+    options: dict = {"preset": preset}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--problems", default=",".join(problems()),
                         help="comma-separated names; 'unseen' for the problems the defaults were not chosen on, "
                              "'torchvision' for torchvision's classifiers")
-    parser.add_argument("--kfac", default="default", help="K-FAC preset: default or paper (or both: default,paper)")
+    parser.add_argument("--kfac", default="default",
+                        help="K-FAC contenders, comma-separated: a preset (default or paper), each optionally with "
+                             "settings joined by '+' (default+batches_per_step=4)")
     parser.add_argument("--baselines", default="adam,sgd",
                         help="other contenders (adam is always needed): first-order methods (adam, sgd, ...), "
                              f"or KFACPreconditioner in a user's loop ({', '.join(LOOPS)})")
@@ -654,7 +671,7 @@ def main() -> None:
                              f"recomputed on {CALIBRATION_BATCHES} training batches before each measure, off the clock")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    contenders = [(f"kfac-{p}", "kfac", {"preset": p}) for p in args.kfac.split(",")]
+    contenders = [(f"kfac-{spec}", "kfac", kfac_options(spec)) for spec in args.kfac.split(",")]
     contenders += [(name, name, {}) for name in args.baselines.split(",")]
     results = {}
     print(f"| problem | optimizer | loss at {args.seconds / 2:g} s | loss at {args.seconds:g} s | steps | rejected "
