@@ -55,7 +55,7 @@ from kronograph.cli.train_data import DataOrder, ScheduledOrder, TrainData, batc
 from kronograph.errors import KronographError
 
 _FIGURES = ("damping", "factor_damping", "alpha", "mu", "rho", "unmatched_scale", "model_decrease", "skipped",
-            "rejected", "rejected_steps", "adam", "sgd")
+            "rejected", "rejected_steps", "adam", "sgd", "batches", "gathered")
 _BAR = {"damping": "λ", "factor_damping": "γ", "alpha": "α", "mu": "μ", "rejected_steps": "undone", "adam": "adam",
         "sgd": "sgd"}
 

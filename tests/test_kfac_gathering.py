@@ -2,7 +2,8 @@
 
 Checked against K-FAC stepping on the concatenated batch itself: the gathered step's weights equal it bit for
 bit, the calls between leave every weight as it was, a checkpoint taken mid-gathering resumes exactly, a batch
-that does not stack ends the gathering early, and the first-order fallback steps on every batch.
+that does not stack ends the gathering early, and the first-order fallback steps on every batch. The automatic
+count (None) on labels that are noise against labels that are signal, and its resume.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 import kronograph
 from kronograph.errors import KronographError
+from kronograph.runtime.gathering import auto_count
 from kronograph.runtime.inverse import UntrustedModelWarning
 
 
@@ -123,3 +125,54 @@ def test_batches_per_step_must_be_a_positive_count():
     with pytest.raises(KronographError, match="batches_per_step"):
         kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 6),)), batches_per_step=0)
 
+
+
+@pytest.mark.parametrize("batches, signal, count", [(1, 1.0, 1), (1, 0.0, 1), (1, 0.5, 1), (1, 0.1, 3),
+                                                    (1, 0.01, 10), (4, 0.1, 6), (1, 1e-4, 16)])
+def test_the_automatic_count_is_the_noise_scale_over_the_batch_square_rooted(batches, signal, count):
+    """With s = S / (S + T / N) on a union of N = batches x n examples, B = T / S = N (1 / s - 1) and the count
+    is sqrt(B / n), at most 16: s = 0.1 on one batch is B = 9 n, 3 batches; on four, B = 36 n, 6."""
+    assert auto_count(batches, signal) == count
+
+
+def teacher_batches(count: int, size: int, noise: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Labels of a fixed linear teacher (little noise at this size) or drawn at random (all noise)."""
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(6, 4, generator=generator)
+    out = []
+    for _ in range(count):
+        x = torch.randn(size, 6, generator=generator)
+        y = torch.randint(4, (size,), generator=generator) if noise else (x @ teacher).argmax(1)
+        out.append((x, y))
+    return out
+
+
+def test_automatic_gathering_grows_on_noise_and_not_on_signal():
+    """batches_per_step=None: on labels drawn at random (batches of 64) the share of signal falls and steps gather
+    several batches; on a teacher's labels in batches of 256, early in training (s 0.7-0.9), one batch a step."""
+    counts, steps = {}, {}
+    for noise, size in ((True, 64), (False, 256)):
+        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 6),)), seed=0, batches_per_step=None)
+        infos = [opt.step(x, y) for x, y in teacher_batches(30 if size > 64 else 60, size, noise)]
+        counts[noise] = max(info["batches"] for info in infos if info["loss"] is not None)
+        steps[noise] = opt.steps
+    assert counts[True] >= 3 and steps[True] < 40
+    assert counts[False] == 1 and steps[False] == 30
+
+
+def test_automatic_gathering_resumes_exactly():
+    data = teacher_batches(80, 64, noise=True)
+    model = mlp()
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],)), seed=0, batches_per_step=None)
+    number = 0
+    while opt.gatherer.count == 1 or not opt.gatherer.held:  # until a count above one has a batch held
+        opt.step(*data[number])
+        number += 1
+    resumed_model = copy.deepcopy(model)
+    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (data[0][0][:2],)), seed=0,
+                                    batches_per_step=None)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.gatherer.count == opt.gatherer.count > 1
+    for x, y in data[number:]:
+        assert opt.step(x, y)["loss"] == resumed.step(x, y)["loss"]
+    assert_equal(weights(model), weights(resumed_model))

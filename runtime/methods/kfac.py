@@ -95,7 +95,7 @@ from kronograph.runtime.damping import (
 from kronograph.runtime.factors import (RowSubset, low_rank_pays, low_rank_rows, low_rank_rows_of_parts,
                                        rows_per_example)
 from kronograph.runtime.fused_step import fused_heavy_ball_, fused_layers, heavy_ball
-from kronograph.runtime.gathering import BatchGatherer
+from kronograph.runtime.gathering import BatchGatherer, auto_count
 from kronograph.runtime.inverse import (
     CoverageWarning,
     SkippedStepWarning,
@@ -273,6 +273,10 @@ class KFAC:
             FSDP2, diagonal structure; elsewhere, and off (the paper preset's), W_o steps as the parameters outside
             every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
+        batches_per_step: gather this many of the caller's batches and step once on their union
+            (runtime/gathering.py; the calls between return a loss of None and leave the weights alone). On small
+            noisy batches a K-FAC step on the union is worth more than the steps on its parts, and the step's own
+            algebra costs the same (BENCHMARKS.md, "Gathered batches").
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
@@ -495,7 +499,8 @@ class KFAC:
         self.ema_decay, self.fisher = s.ema_decay, fisher
         self.stats_fraction, self.qmodel_fraction = float(s.stats_fraction), float(s.qmodel_fraction)
         self.stats_every, self.inverse_every = int(s.stats_every), int(s.inverse_every)
-        self.gatherer = BatchGatherer(int(s.batches_per_step))
+        self.gatherer = BatchGatherer(1 if s.batches_per_step is None else int(s.batches_per_step))
+        self.auto_gathering = s.batches_per_step is None  # the count follows the noise (gathering.auto_count)
         self.momentum, self.rescale = momentum, bool(rescale)
         self.adapt_damping = self.rescale if s.adapt_damping is None else bool(s.adapt_damping)
         self.adapt_gamma = self.rescale if s.adapt_gamma is None else bool(s.adapt_gamma)
@@ -796,6 +801,11 @@ class KFAC:
         info["factor_damping"] = self.gamma
         info["damping"] = self.damping
         info["rejected_steps"] = self.rejected
+        if self.auto_gathering or self.gatherer.count > 1:
+            info["batches"] = self.gatherer.united
+        share = self._signal_share() if self.auto_gathering else None
+        if share is not None:  # the next union's size, from this one's noise
+            self.gatherer.count = auto_count(self.gatherer.united, share)
         return info
 
     def _fallback_step(self, loss: float, grads: Direction) -> dict[str, Any]:
@@ -1485,6 +1495,7 @@ class KFAC:
             "generator": self.generator.get_state(),
             "row_generator": self.row_generator.get_state(),
             "gathered": self.gatherer.state_dict(),
+            "gather_count": self.gatherer.count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1519,6 +1530,8 @@ class KFAC:
         self.initial_logit_spread = None if spread is None else float(spread)
         self.curvature.load_state_dict(state["curvature"])
         self.gatherer.load_state_dict(state.get("gathered", []), device)
+        if self.auto_gathering:
+            self.gatherer.count = int(state.get("gather_count", 1))
         self.generator.set_state(state["generator"])
         if "row_generator" in state:  # (a checkpoint from before activation_rows: the rows' draws start afresh)
             self.row_generator.set_state(state["row_generator"])
