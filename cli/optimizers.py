@@ -64,6 +64,23 @@ def _method_fields(cls: type) -> list[SettingInfo]:
     return fields
 
 
+class _NumberOrAuto(click.ParamType):
+    """A number in the setting's range, or auto (also none): the setting's None, passed on as the text "auto"
+    (``resolve_options`` drops None values as not given)."""
+
+    def __init__(self, number: click.ParamType) -> None:
+        self.number = number
+        self.name = f"{number.name}|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("auto", "none"):
+            return "auto"
+        return self.number.convert(value, param, ctx)
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return f"{'INTEGER' if isinstance(self.number, click.IntRange) else 'FLOAT'}|auto"
+
+
 def _click_type(field: SettingInfo) -> Any:
     if field.parse is not None:
         return str
@@ -71,7 +88,8 @@ def _click_type(field: SettingInfo) -> Any:
         return click.Choice(field.choices)
     if field.kind in (int, float):
         kind = click.IntRange if field.kind is int else click.FloatRange
-        return kind(min=field.low, max=field.high, min_open=field.low_open, max_open=field.high_open)
+        number = kind(min=field.low, max=field.high, min_open=field.low_open, max_open=field.high_open)
+        return _NumberOrAuto(number) if field.optional else number
     return field.kind
 
 

@@ -134,6 +134,15 @@ def test_resume_mid_gathering_gives_the_metrics_of_an_uninterrupted_run(train, t
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.parametrize("value, code", [("auto", 0), ("none", 0), ("2", 0), ("0", 2), ("two", 2)])
+def test_an_optional_setting_takes_auto_on_the_command_line(train, tmp_path, value, code):
+    """A setting whose None means auto (--batches-per-step) takes auto or none, else a number in its range; any
+    other value is refused with exit code 2, no traceback."""
+    result = train("--steps", "2", "--optimizer", "kfac", "--batches-per-step", value, "--out", str(tmp_path / "r"))
+    assert result.exit_code == code, result.output
+    assert code == 0 or ("--batches-per-step" in result.output and "Traceback" not in result.output)
+
+
 def test_resume_with_growing_batches_and_averaging_gives_the_metrics_of_an_uninterrupted_run(train, tmp_path):
     common = (*PAPER, "--eval-every", "2", "--checkpoint-every", "3", "--seed", "3")
     whole, parts = whole_and_resumed(train, tmp_path, common, 7, torn_log=False)

@@ -274,9 +274,12 @@ class KFAC:
             every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         batches_per_step: gather this many of the caller's batches and step once on their union
-            (runtime/gathering.py; the calls between return a loss of None and leave the weights alone). On small
-            noisy batches a K-FAC step on the union is worth more than the steps on its parts, and the step's own
-            algebra costs the same (BENCHMARKS.md, "Gathered batches").
+            (runtime/gathering.py; the calls between return a loss of None and leave the weights alone; a union
+            whose step raises or is skipped is dropped whole, the weights as they were). On small noisy batches a
+            K-FAC step on the union is worth more than the steps on its parts, and the step's own algebra costs the
+            same (BENCHMARKS.md, "Gathered batches"). None (auto): as many as the gradient's noise scale asks
+            (``gathering.auto_count``), one where the batch is mostly signal. Data-parallel ranks gather alike
+            as long as their batches' shapes do.
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
