@@ -82,5 +82,6 @@ class BatchGatherer:
         """The held batches (a resumed run steps on the same union)."""
         return [{"inputs": [t.clone() for t in inputs], "y": y.clone()} for inputs, y in self.held]
 
-    def load_state_dict(self, state: list[Mapping[str, Any]], device: torch.device) -> None:
-        self.held = [(tuple(t.to(device) for t in batch["inputs"]), batch["y"].to(device)) for batch in state]
+    def load_state_dict(self, state: list[Mapping[str, Any]]) -> None:
+        """The held batches of ``state_dict``, their tensors already where the model is (``statistics.on_device``)."""
+        self.held = [(tuple(batch["inputs"]), batch["y"]) for batch in state]

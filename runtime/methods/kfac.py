@@ -1532,7 +1532,7 @@ class KFAC:
         spread = state.get("initial_logit_spread")  # (an older checkpoint: taken afresh at the next step)
         self.initial_logit_spread = None if spread is None else float(spread)
         self.curvature.load_state_dict(state["curvature"])
-        self.gatherer.load_state_dict(state.get("gathered", []), device)
+        self.gatherer.load_state_dict(state.get("gathered", []))
         if self.auto_gathering:
             self.gatherer.count = int(state.get("gather_count", 1))
         self.generator.set_state(state["generator"])
