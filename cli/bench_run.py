@@ -189,8 +189,8 @@ def run(problem: Problem, contender: Contender, budget: Budget,
             seconds += time.perf_counter() - tick
             steps, examples = steps + 1, examples + size
             bar.update(budget.spent(steps, seconds) - bar.n)
-            shown = {} if info["loss"] is None else {"batch loss": f"{info['loss']:.4g}"}  # (a gathered batch)
-            bar.set_postfix({"step": steps, **shown, "eval": f"{curve[-1]['loss']:.4g}"}, refresh=False)
+            bar.set_postfix({"step": steps, "batch loss": f"{info['loss']:.4g}", "eval": f"{curve[-1]['loss']:.4g}"},
+                            refresh=False)
             if math.floor(budget.progress(steps, seconds) * PROBES) > probed:
                 probed = math.floor(budget.progress(steps, seconds) * PROBES)
                 curve.append({"step": steps, "time": seconds, "examples": examples, "batch_size": size,

@@ -382,8 +382,7 @@ def _loop(run: _Run) -> None:
                     log.flush()
                     board.write(record)
                     rate = examples / max(now - began, 1e-9)
-                    shown = {} if info["loss"] is None else {"loss": f"{info['loss']:.4g}"}  # (a gathered batch)
-                    bar.set_postfix({**shown, "ex/s": f"{rate:.0f}",
+                    bar.set_postfix({"loss": f"{info['loss']:.4g}", "ex/s": f"{rate:.0f}",
                                      **{_BAR[k]: f"{info[k]:.3g}" for k in _BAR if k in info}}, refresh=False)
                     bar.update(1)
                 stop = interrupt.requested if ranks is None else ranks.any_rank(interrupt.requested)
@@ -424,7 +423,7 @@ def _finish(run: _Run) -> None:
     records = read_metrics(run_dir / METRICS)
     plot_metrics(records, run_dir, f"{run.model}: {settings['optimizer']} on {settings['data']}")
     valid_x, _ = run.validation()
-    last = [r["loss"] for r in records[-10:] if r["loss"] is not None]
+    last = [r["loss"] for r in records[-10:]]
     step_time = sum(r.get("step_time") or 0.0 for r in records) / max(1, len(records))
     batch = sum(r.get("batch_size") or order.batch_size for r in records) / max(1, len(records))
     epochs = (settings["steps"] / order.per_epoch if settings["batch_schedule"] == "fixed"

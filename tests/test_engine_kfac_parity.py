@@ -157,7 +157,7 @@ def test_unmatched_parameters_follow_torch(direction, tmp_path):
     cm_torch, module, cm_onnx, shape = both(with_layer_norm, tmp_path)
     assert cm_onnx.unmatched == ["1.weight", "1.bias"]
     schedule = dict(damping=1.0, damping_every=2, gamma_every=3, inverse_every=3, seed=0,
-                    unmatched_direction=direction)
+                    unmatched_direction=direction, batches_per_step=1)
     torch_opt, onnx_opt = kronograph.optim.KFAC(cm_torch, **schedule), kronograph.optim.KFAC(cm_onnx, **schedule)
     for step, (x, y) in enumerate(batches(shape, count=8, n=16)):
         expected, got = torch_opt.step(x, y), onnx_opt.step(x.numpy(), y.numpy())

@@ -43,6 +43,9 @@ WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 10, 32, 6, 3
 
 #: scenario -> (KFAC arguments, the ranks' slices of each batch of BATCH examples, loss). (27, 5): the second
 #: rank often has no example of the paper's tau_1 subset (4 of 32) or tau_2 subset (8 of 32).
+#: Gathered batches (``batches_per_step``) hold the examples in another order on the ranks than in one process
+#: (each rank's slices of the batches, one after the other), so their sub-batches differ: one batch a step here.
+ONE_BATCH_A_STEP = {"batches_per_step": 1}
 SCENARIOS: dict[str, tuple[dict, tuple[int, ...], str]] = {
     "paper": (dict(preset="paper", seed=0), (16, 16), "cross_entropy"),
     "default": (dict(seed=0), (16, 16), "cross_entropy"),
@@ -94,7 +97,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
         model.load_state_dict(initial)
         compiled = copy.copy(cm)
         compiled.loss = loss
-        opt = kronograph.optim.KFAC(compiled, **settings)
+        opt = kronograph.optim.KFAC(compiled, **{**ONE_BATCH_A_STEP, **settings})
         infos = []
         for x, labels, outputs in batches:
             y = labels if loss == "cross_entropy" else outputs
@@ -128,6 +131,7 @@ def scenarios(rank: int, world: int, counts: collections.Counter) -> dict[str, d
         results["branch"] = branch_on_one_rank(rank, world)
         results["dropout"] = dropout_net(rank, world)
         results["conv_rows"] = conv_rows(rank, world)
+    results["gathered"] = gathered_run(model, cm, initial, batches, rank, world)
     results["embedding"] = embedding_blocks(rank, world)
     results["table"] = embedding_blocks(rank, world, rows=1100)
     results["tied"] = tied_table(rank, world)
@@ -207,12 +211,20 @@ def tied_table(rank: int, world: int, **options) -> dict:
             "diagonal_g": sorted(name for name, block in opt.blocks.items() if block.layer.diagonal_g)}
 
 
+def gathered_run(model: nn.Module, cm, initial: dict, batches, rank: int, world: int) -> dict:
+    """KFAC gathering two batches a step on this rank's share of every batch: each call's loss, and the weights."""
+    model.load_state_dict(initial)
+    opt = kronograph.optim.KFAC(cm, seed=0, batches_per_step=2)
+    infos = [{"loss": opt.step(x.chunk(world)[rank], y.chunk(world)[rank])["loss"]} for x, y, _ in batches[:4]]
+    return {"infos": infos, "params": copy.deepcopy(model.state_dict())}
+
+
 def kfac_on_halves(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, rank: int, world: int,
                    **options) -> tuple[kronograph.optim.KFAC, dict]:
     """KFAC (default preset, seed 0, ``options``) on this rank's share of every batch: the optimizer, and the
     weights and losses it ends with."""
     cm = kronograph.compile(model, (inputs[0][:2],), loss="cross_entropy")
-    opt = kronograph.optim.KFAC(cm, seed=0, **options)
+    opt = kronograph.optim.KFAC(cm, seed=0, **{**ONE_BATCH_A_STEP, **options})
     infos = []
     for x, y in zip(inputs, targets):
         info = opt.step(x.chunk(world)[rank], y.chunk(world)[rank])
@@ -502,6 +514,18 @@ def test_an_exception_on_one_rank_ends_the_python_api_run_with_that_error_instea
     with pytest.raises(ProcessRaisedException, match="KronographError"):
         run_on_ranks(one_rank_fails, WORLD, tmp_path)
     assert time.monotonic() - start < 40
+
+
+def test_a_gathering_call_reports_the_global_batchs_loss(ranks, single_process):
+    """Gathering two batches a step data-parallel, a call that holds its batch reports the loss of the global batch
+    (the ranks' means weighted by their shares, one all_reduce), as one process does on the whole batch; the ranks
+    report and step alike."""
+    first, second, single = ranks[0]["gathered"], ranks[1]["gathered"], single_process["gathered"]
+    assert first["infos"] == second["infos"]
+    assert first["infos"][0]["loss"] == pytest.approx(single["infos"][0]["loss"], rel=1e-6)
+    assert first["infos"][2] != first["infos"][0]  # (the step between moved the weights)
+    for key, value in first["params"].items():
+        assert torch.equal(value, second["params"][key]), key
 
 
 @pytest.mark.parametrize("name", ["embedding", "table"])

@@ -178,7 +178,8 @@ def test_a_quadratic_model_that_fails_from_the_start_is_reported_once(depth, war
     the loss stays flat, and KFAC says so once (UntrustedModelWarning, naming the median, what it does now and the
     way out) and steps with SGD with Nesterov momentum from then on (batch norm: untrusted_fallback's auto); 4 layers
     train (median rho 0.66) without it, on K-FAC's steps."""
-    opt = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(depth), (torch.randn(2, 16),)), seed=0)
+    opt = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(depth), (torch.randn(2, 16),)),
+                                seed=0, batches_per_step=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infos = [opt.step(x, y) for x, y in teacher_batches(30)]
@@ -208,7 +209,8 @@ def plain_mlp() -> nn.Module:
 def test_a_model_with_batch_norm_is_judged_by_its_own_threshold(make, settings, warned):
     """The median of the first 20 steps' rho is compared with untrusted_rho_batch_norm where the graph has a
     BatchNormalization node, with untrusted_rho otherwise; untrusted_rho=None never judges."""
-    opt = kronograph.optim.KFAC(kronograph.compile(make(), (torch.randn(2, 16),)), seed=0, **settings)
+    opt = kronograph.optim.KFAC(kronograph.compile(make(), (torch.randn(2, 16),)),
+                                seed=0, **settings, batches_per_step=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infos = [opt.step(x, y) for x, y in teacher_batches(22)]
@@ -229,7 +231,8 @@ def test_after_an_untrusted_start_the_steps_are_torchs(fallback, settings, optim
     None the warning comes and K-FAC's steps go on."""
     batches = teacher_batches(30)
     model = deep_batch_norm_mlp(24)
-    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)), seed=0, **settings)
+    opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 16),)),
+                                seed=0, **settings, batches_per_step=1)
     with pytest.warns(UntrustedModelWarning, match="Adam" if fallback == "adam" else "SGD with Nesterov"):
         for x, y in batches[:20]:
             opt.step(x, y)
@@ -247,7 +250,8 @@ def test_after_an_untrusted_start_the_steps_are_torchs(fallback, settings, optim
         for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
             assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name
     resumed_model = copy.deepcopy(model)
-    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (torch.randn(2, 16),)), seed=0, **settings)
+    resumed = kronograph.optim.KFAC(kronograph.compile(resumed_model, (torch.randn(2, 16),)),
+                                    seed=0, **settings, batches_per_step=1)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     for x, y in batches[25:]:
         assert opt.step(x, y)[fallback] and resumed.step(x, y)[fallback]
@@ -255,7 +259,8 @@ def test_after_an_untrusted_start_the_steps_are_torchs(fallback, settings, optim
         assert torch.equal(ours, theirs), name
 
     off = {key: None if key.endswith("_lr") else value for key, value in settings.items()}
-    kept = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(24), (torch.randn(2, 16),)), seed=0, **off)
+    kept = kronograph.optim.KFAC(kronograph.compile(deep_batch_norm_mlp(24), (torch.randn(2, 16),)),
+                                 seed=0, **off, batches_per_step=1)
     with pytest.warns(UntrustedModelWarning, match="SGD with momentum or Adam"):
         infos = [kept.step(x, y) for x, y in batches]
     assert not any(info.get("adam") or info.get("sgd") for info in infos) and all("alpha" in info for info in infos)
@@ -330,7 +335,7 @@ def test_default_steps_never_take_a_descent_direction_uphill():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
-                                unmatched_direction="rms")
+                                unmatched_direction="rms", batches_per_step=1)
     for x, y in batches(25, n=64):
         info = opt.step(x, y)
         assert info["alpha"] >= 0 and info["unmatched_scale"] >= 0
@@ -343,7 +348,7 @@ def test_default_momentum_coefficient_stays_in_its_range(max_momentum):
     is what keeps it there)."""
     model = mlp()
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),), loss="cross_entropy"), seed=0,
-                                max_momentum=max_momentum)
+                                max_momentum=max_momentum, batches_per_step=1)
     mus = [opt.step(x, y)["mu"] for x, y in batches(40, n=6)]
     inside = [0.0 <= mu <= 2.0 for mu in mus]
     if max_momentum is None:
@@ -430,7 +435,7 @@ def test_the_gamma_rule_skips_its_rounds_while_the_batch_is_mostly_noise(monkeyp
     monkeypatch.setattr(kfac_module, "gamma_candidates", lambda *a, **k: tried.append(a) or original(*a, **k))
     x, y = batches(1)[0]
     opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (x[:2],), loss="cross_entropy"), seed=0, gamma_every=2,
-                                gamma_rule_min_signal=least)
+                                gamma_rule_min_signal=least, batches_per_step=1)
     monkeypatch.setattr(opt, "_signal_share", lambda: share)
     gammas, due = [], []
     for x, y in batches(12):
@@ -572,7 +577,7 @@ def test_an_unmatched_direction_held_at_zero_is_left_out_of_the_model_and_change
     for backoff in (4, None):
         model = normed_mlp()
         opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=0, unmatched_backoff=backoff,
-                                    factor_dtype=torch.float64, unmatched_direction="rms")
+                                    factor_dtype=torch.float64, unmatched_direction="rms", batches_per_step=1)
         counts = _unmatched_held_at_zero(opt)
         infos = [opt.step(x, y) for x, y in data[:12]]
         state = copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
@@ -590,7 +595,7 @@ def test_an_unmatched_direction_held_at_zero_is_left_out_of_the_model_and_change
     model = normed_mlp(seed=5)
     model.load_state_dict(weights)
     resumed = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(2, 5),)), seed=1, unmatched_backoff=4,
-                                    factor_dtype=torch.float64, unmatched_direction="rms")
+                                    factor_dtype=torch.float64, unmatched_direction="rms", batches_per_step=1)
     resumed_counts = _unmatched_held_at_zero(resumed)
     resumed.load_state_dict(state)
     assert resumed.unmatched_rest == 1  # step 9 left out 4: 10-12 done, 13 to come
@@ -822,7 +827,8 @@ def test_the_momentum_coefficient_stays_at_most_one_on_a_batch_of_a_few_examples
     generator = torch.Generator().manual_seed(3)
     mus = {}
     for below in (8, None):
-        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)), seed=0, unit_momentum_below=below)
+        opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 5),)),
+                                    seed=0, unit_momentum_below=below, batches_per_step=1)
         mus[below] = []
         for _ in range(40):
             info = opt.step(torch.randn(4, 5, generator=generator), torch.randint(0, 3, (4,), generator=generator))
@@ -831,7 +837,7 @@ def test_the_momentum_coefficient_stays_at_most_one_on_a_batch_of_a_few_examples
         opt.step(torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator))
         assert opt._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]
     assert all(0.0 <= mu <= 1.0 for mu in mus[8]) and max(mus[None]) > 1.0
-    sequences = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 4, 5),)), seed=0)
+    sequences = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 4, 5),)), seed=0, batches_per_step=1)
     sequences.step(torch.randn(2, 4, 5, generator=generator), torch.randint(0, 3, (2, 4), generator=generator))
     assert sequences._coefficient_bounds(["alpha", "mu"]) == [(0.0, math.inf), (0.0, 2.0)]  # 2 x 4 tokens
     assert PRESETS["paper"].unit_momentum_below is None and PRESETS["paper"].max_momentum is None
@@ -1049,7 +1055,7 @@ def test_the_differences_take_the_outputs_at_theta_from_the_gradient_pass_where_
 
     def run(net: nn.Module, reuse: bool = True, expected: str = resolved, signal_every: int = 1):
         opt = kronograph.optim.KFAC(kronograph.compile(net, (x[:2],), loss="cross_entropy"), seed=0,
-                                    fisher_products=products, signal_every=signal_every)
+                                    fisher_products=products, signal_every=signal_every, batches_per_step=1)
         if not reuse:
             opt._keep_outputs = lambda n, halves: False
         g = torch.Generator().manual_seed(1)
@@ -1108,7 +1114,7 @@ def test_h_after_a_step_is_measured_with_the_gradient_passes_masks_and_parts(lay
     middle = nn.Dropout(0.5) if layer == "dropout" else nn.BatchNorm1d(16)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), middle, nn.Linear(16, 3))
     opt = kronograph.optim.KFAC(kronograph.compile(model, (torch.randn(4, 5),), loss="cross_entropy"), lr=1e-30,
-                                seed=0)
+                                seed=0, batches_per_step=1)
     measured = []
     objective = opt._objective
 
@@ -1209,7 +1215,7 @@ def test_no_step_moves_a_rows_softmax_logits_by_more_than_max_logit_change(bound
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=generator), torch.randint(50, (64,), generator=generator)
     opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
-                                adapt_damping=False, reject_steps=False, max_logit_change=bound)
+                                adapt_damping=False, reject_steps=False, max_logit_change=bound, batches_per_step=1)
     assert PRESETS["default"].max_logit_change == 10 and PRESETS["paper"].max_logit_change is None
     for _ in range(3):
         before = {name: param.detach().clone() for name, param in model.named_parameters()}
@@ -1235,7 +1241,7 @@ def test_the_logit_bound_leaves_a_step_within_it_as_the_model_solved_it():
         generator = torch.Generator().manual_seed(1)
         x, y = torch.randn(64, 6, generator=generator), torch.randint(5, (64,), generator=generator)
         opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0,
-                                    max_logit_change=bound)
+                                    max_logit_change=bound, batches_per_step=1)
         for _ in range(4):
             before = {name: param.detach().clone() for name, param in model.named_parameters()}
             info = opt.step(x, y)
@@ -1279,7 +1285,7 @@ def test_a_rows_room_is_capped_at_the_largest_spread_of_the_first_step():
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=generator), torch.randint(50, (64,), generator=generator)
     opt = kronograph.optim.KFAC(kronograph.compile(model, (x[:2],), loss="cross_entropy"), seed=0, damping=1e-8,
-                                adapt_damping=False, reject_steps=False, max_logit_change=0.1)
+                                adapt_damping=False, reject_steps=False, max_logit_change=0.1, batches_per_step=1)
     first = float(_spreads(model(x).detach()).max())
     opt.step(x, y)
     assert opt.initial_logit_spread == pytest.approx(first) and 0.1 < first < 5
@@ -1291,7 +1297,8 @@ def test_a_rows_room_is_capped_at_the_largest_spread_of_the_first_step():
         change, logits = _change_and_logit_spreads(model, before, x)
         assert info["logit_change"] == pytest.approx(1.0) and float(logits.min()) > 5 * first
         assert float(change.max()) == pytest.approx(first, rel=1e-3)
-    resumed = kronograph.optim.KFAC(kronograph.compile(copy.deepcopy(model), (x[:2],), loss="cross_entropy"), seed=0)
+    resumed = kronograph.optim.KFAC(kronograph.compile(copy.deepcopy(model), (x[:2],), loss="cross_entropy"),
+                                    seed=0, batches_per_step=1)
     resumed.load_state_dict(opt.state_dict())
     assert resumed.initial_logit_spread == opt.initial_logit_spread
 

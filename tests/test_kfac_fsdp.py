@@ -40,6 +40,9 @@ WORLD, STEPS, BATCH, FEATURES, CLASSES = 2, 8, 32, 6, 3
 #: the tolerance: that run is held to the unsharded two-rank run instead, bit for bit (``UNSHARDED_REFERENCE``). So
 #: is the weight-normed MLP's: its quadratic model takes central differences (torch._weight_norm has no forward
 #: mode), whose ~1e-4 of alpha between one process and two flips a discrete choice at its fifth step.
+#: Gathered batches (``batches_per_step``) hold the examples in another order on the ranks than in one process
+#: (each rank's slices of the batches, one after the other), so their sub-batches differ: one batch a step here.
+ONE_BATCH_A_STEP = {"batches_per_step": 1}
 SCENARIOS = {
     "paper": ("mlp", dict(preset="paper", seed=0), (16, 16), True),
     "default": ("mlp", dict(seed=0), (20, 12), True),
@@ -71,7 +74,7 @@ PROBLEMS = {"mlp": lambda: teacher_classification(STEPS, BATCH, FEATURES, CLASSE
 
 
 def train(model, cm, settings, batches, slices, rank: int, world: int) -> tuple[list[dict], kronograph.optim.KFAC]:
-    opt = kronograph.optim.KFAC(cm, **settings)
+    opt = kronograph.optim.KFAC(cm, **{**ONE_BATCH_A_STEP, **settings})
     infos = []
     for x, y in batches:
         if world > 1:

@@ -12,12 +12,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kronograph
 from kronograph.errors import KronographError
 from kronograph.runtime.gathering import auto_count
-from kronograph.runtime.inverse import UntrustedModelWarning
+from kronograph.runtime.inverse import SkippedStepWarning, UntrustedModelWarning
+
+from equality import same
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -54,24 +57,47 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 def test_a_gathered_step_is_the_step_on_the_union():
-    """Three batches gathered: the first two calls change nothing and return no loss, the third's weights and
-    figures are those of one step on the three concatenated (every later step too)."""
+    """Three batches gathered: the first two calls change nothing and return their batch's loss, the third's weights
+    and figures are those of one step on the three concatenated (every later step too)."""
     data = batches(9)
     gathered_model, whole_model = mlp(), mlp()
     gathered = kronograph.optim.KFAC(kronograph.compile(gathered_model, (data[0][0][:2],)), seed=0, batches_per_step=3)
-    whole = kronograph.optim.KFAC(kronograph.compile(whole_model, (data[0][0][:2],)), seed=0)
+    whole = kronograph.optim.KFAC(kronograph.compile(whole_model, (data[0][0][:2],)), seed=0, batches_per_step=1)
     for start in range(0, 9, 3):
         before = weights(gathered_model)
         for number, (x, y) in enumerate(data[start : start + 3]):
             info = gathered.step(x, y)
             if number < 2:
-                assert info["loss"] is None and info["gathered"] == number + 1
+                assert info["gathered"] == number + 1
+                with torch.no_grad():
+                    assert info["loss"] == pytest.approx(F.cross_entropy(gathered_model(x), y).item(), rel=1e-6)
                 assert_equal(weights(gathered_model), before)
         union = whole.step(torch.cat([x for x, _ in data[start : start + 3]]),
                            torch.cat([y for _, y in data[start : start + 3]]))
         assert info["loss"] == union["loss"] and info["alpha"] == union["alpha"]
         assert_equal(weights(gathered_model), weights(whole_model))
     assert gathered.steps == whole.steps == 3
+
+
+def test_a_gathering_call_draws_no_random_numbers_for_the_step():
+    """With dropout, the gathered step draws the masks one step on the concatenated batches draws (the gathering
+    calls' loss forwards put the generator back): the weights equal bit for bit."""
+    data = batches(3)
+    models = []
+    for gather in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.5), nn.Linear(12, 4))
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],)), seed=0,
+                                    batches_per_step=3 if gather else 1)
+        torch.manual_seed(1)
+        if gather:
+            for x, y in data:
+                opt.step(x, y)
+        else:
+            opt.step(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+        assert opt.steps == 1
+        models.append(model)
+    assert_equal(weights(models[0]), weights(models[1]))
 
 
 def test_a_checkpoint_taken_mid_gathering_resumes_exactly():
@@ -96,11 +122,40 @@ def test_a_batch_that_does_not_stack_ends_the_gathering():
     gathered_model, alone_model = PooledSequence(), PooledSequence()
     gathered = kronograph.optim.KFAC(kronograph.compile(gathered_model, (short[0][:2],)), seed=0, batches_per_step=3)
     alone = kronograph.optim.KFAC(kronograph.compile(alone_model, (short[0][:2],)), seed=0)
-    assert gathered.step(*short)["loss"] is None
+    assert "gathered" in gathered.step(*short)
     info = gathered.step(*long)
     assert info["loss"] == alone.step(*short)["loss"]
     assert_equal(weights(gathered_model), weights(alone_model))
     assert len(gathered.gatherer.held) == 1 and gathered.gatherer.held[0][0][0].shape[1] == 7
+
+
+@pytest.mark.parametrize("held", [0, 1])
+@pytest.mark.parametrize("bad, expect", [(lambda x, y: (x, y + 4), "raises"),
+                                         (lambda x, y: (torch.full_like(x, float("nan")), y), "skips")])
+def test_a_bad_batch_is_refused_at_its_own_call_and_the_held_ones_wait(held, bad, expect):
+    """Gathering two batches a step, a batch with labels out of range raises (a NaN batch is skipped, with the
+    warning) at its own call, whether it would be held or complete the union: the held batches stay and the run
+    goes on as one that never saw it."""
+    data = batches(5)
+    runs = []
+    for with_bad in (True, False):
+        model = mlp()
+        opt = kronograph.optim.KFAC(kronograph.compile(model, (data[0][0][:2],)), seed=0, batches_per_step=2)
+        for x, y in data[:2 + held]:
+            opt.step(x, y)
+        if with_bad:
+            state = copy.deepcopy(opt.state_dict())
+            if expect == "raises":
+                with pytest.raises(KronographError, match="labels range over"):
+                    opt.step(*bad(*data[2]))
+            else:
+                with pytest.warns(SkippedStepWarning, match="not finite"):
+                    assert "skipped" in opt.step(*bad(*data[2]))
+            assert same(opt.state_dict(), state)
+        for x, y in data[2 + held:]:
+            opt.step(x, y)
+        runs.append(weights(model))
+    assert_equal(*runs)
 
 
 def test_the_first_order_fallback_steps_on_every_batch():
@@ -154,7 +209,7 @@ def test_automatic_gathering_grows_on_noise_and_not_on_signal():
     for noise, size in ((True, 64), (False, 256)):
         opt = kronograph.optim.KFAC(kronograph.compile(mlp(), (torch.randn(2, 6),)), seed=0, batches_per_step=None)
         infos = [opt.step(x, y) for x, y in teacher_batches(30 if size > 64 else 60, size, noise)]
-        counts[noise] = max(info["batches"] for info in infos if info["loss"] is not None)
+        counts[noise] = max(info["batches"] for info in infos if "batches" in info)
         steps[noise] = opt.steps
     assert counts[True] >= 3 and steps[True] < 40
     assert counts[False] == 1 and steps[False] == 30

@@ -81,6 +81,7 @@ from kronograph.runtime.distributed import active_group, dtype_named
 from kronograph.runtime.engines import make_engine
 from kronograph.runtime.engines.torch import GradientPass
 from kronograph.runtime.damping import (
+    TRUSTED_RHO,
     accelerated_levenberg_marquardt,
     below_rounding,
     curvature_scale,
@@ -274,12 +275,12 @@ class KFAC:
             every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         batches_per_step: gather this many of the caller's batches and step once on their union
-            (runtime/gathering.py; the calls between return a loss of None and leave the weights alone; a union
-            whose step raises or is skipped is dropped whole, the weights as they were). On small noisy batches a
-            K-FAC step on the union is worth more than the steps on its parts, and the step's own algebra costs the
-            same (BENCHMARKS.md, "Gathered batches"). None (auto): as many as the gradient's noise scale asks
-            (``gathering.auto_count``), one where the batch is mostly signal. Data-parallel ranks gather alike
-            as long as their batches' shapes do.
+            (runtime/gathering.py; the calls between return their batch's loss, one no-grad forward, and leave the
+            weights alone; a union whose step raises or is skipped is dropped whole, the weights as they were). On
+            small noisy batches a K-FAC step on the union is worth more than the steps on its parts, and the
+            step's own algebra costs the same (BENCHMARKS.md, "Gathered batches"). None (auto, the default; the
+            paper preset's is 1): as many as the gradient's noise scale asks (``gathering.auto_count``), one where
+            the batch is mostly signal. Data-parallel ranks gather alike as long as their batches' shapes do.
         momentum: "qmodel" (sec 7), a heavy-ball coefficient (float) without re-scaling, or None.
         rescale: re-scale by the exact Fisher (6.4).
         adapt_damping, adapt_gamma: the rules of 6.5 and 6.6 (None: on when re-scaling).
@@ -311,8 +312,10 @@ class KFAC:
             was, or changed it, and the quadratic model predicted it would, by no more than 16 float32 roundings of h
             or of the loss's floor (``damping.below_rounding``, ``Loss.rounding_floor``): on a batch fitted to a
             loss of 1e-10 rho is rounding noise, and the paper's rule, reading it as distrust, grew lambda past
-            1e260 in 4000 steps on scikit-learn's digits. Likewise gamma stays when every candidate's predicted
-            decrease is below that rounding, and a rise of h below it is not a step to undo.
+            1e260 in 4000 steps on scikit-learn's digits. A rho above 3/4 there still shrinks lambda (h fell as
+            predicted: a lambda that undone steps raised just before the fit comes back down; gathered steps on the
+            digits deep tanh net reached 0 in 4 s, not 4e-8 at 30 s). Likewise gamma stays when every candidate's
+            predicted decrease is below that rounding, and a rise of h below it is not a step to undo.
         descent_only: keep the coefficients of K-FAC's proposal and of the unmatched parameters' gradient step
             >= 0 in the quadratic model (the exact bounded minimiser), so neither is taken uphill.
         max_momentum: keep the quadratic model's momentum coefficient mu in [0, max_momentum] (None: free, the
@@ -628,21 +631,47 @@ class KFAC:
         which includes the statistics' capture when they come from the same pass —, inverses, precondition,
         qmodel, update, damping).
 
-        With ``batches_per_step`` N > 1, a call that gathers its batch returns {"loss": None, "gathered": how many
-        are held, ...} and leaves the weights as they are; the Nth steps on the union of the N batches (K-FAC's
-        own steps only: once the first-order steps of ``untrusted_fallback`` have taken over, every call steps).
+        With ``batches_per_step`` N > 1, a call that gathers its batch returns {"loss": the batch's loss at the
+        weights now (one no-grad forward, which also checks the batch), "gathered": how many are held, ...} and
+        leaves the weights as they are; the Nth steps on the union of the N batches (K-FAC's own steps only: once
+        the first-order steps of ``untrusted_fallback`` have taken over, every call steps).
         """
         device = self.engine.device  # a batch of numpy arrays or host tensors moves to the model's device
         inputs = tuple(torch.as_tensor(t, device=device) for t in (x if isinstance(x, (tuple, list)) else (x,)))
         y = torch.as_tensor(y, device=device)
         _check_examples_first(inputs)
-        if self.fallback_adam is None and self.fallback_sgd is None:
-            union = self.gatherer.add(inputs, y)
-            if union is None:
-                return {"loss": None, "gathered": len(self.gatherer.held), "rejected_steps": self.rejected}
-            inputs, y = union
         with self.engine.stepping():  # an FSDP2-sharded module's weights whole for the step (runtime/sharded.py)
+            if self.fallback_adam is None and self.fallback_sgd is None and self.gatherer.count > 1:
+                loss = self._batch_loss(inputs, y)  # (raises on bad targets: nothing is held)
+                if not math.isfinite(loss):
+                    warnings.warn("K-FAC: a batch whose loss is not finite (NaN or Inf in its inputs or targets?) was "
+                                  "skipped; it is not gathered into the next step", SkippedStepWarning, stacklevel=2)
+                    return {"loss": loss, "rejected_steps": self.rejected,
+                            "skipped": "non-finite loss; the batch was not gathered"}
+                union = self.gatherer.add(inputs, y)
+                if union is None:
+                    return {"loss": loss, "gathered": len(self.gatherer.held), "rejected_steps": self.rejected}
+                inputs, y = union
             return self._step(inputs, y)
+
+    def _batch_loss(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> float:
+        """A batch's mean loss at the weights now, its targets checked, before it is gathered: what a gathering
+        call reports as a step's "loss", and a bad batch's call raises or skips at once, the held batches
+        untouched (a run that never saw it). One no-grad forward, buffers untouched and dropout's draws put back
+        (the union's step draws as it would on the batches given at once); over the ranks' batches where
+        data-parallel."""
+        now = self.engine.random_state() if hasattr(self.engine, "random_state") else None
+        try:
+            outputs = self.engine.outputs(inputs)
+            self.loss.check_targets(outputs, y)
+            value = float(self.loss(outputs, y))
+        finally:
+            if now is not None:
+                now.replay()
+        if self._group is None:
+            return value
+        part = batch_slice(self._group, inputs[0].shape[0], self.engine.device)
+        return float(part.sum([torch.tensor(value * part.weight, dtype=torch.float64, device=self.engine.device)])[0])
 
     def _step(self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict[str, Any]:
         device = self.engine.device
@@ -1463,8 +1492,9 @@ class KFAC:
         omega1^lm_acceleration after consecutive equal verdicts). Returns rho and h after the step."""
         after = self._objective(inputs, y)
         rho = (after - objective) / decrease if decrease < 0 and math.isfinite(after) else -math.inf
-        if self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease, floor):
-            return rho, after  # rho is rounding noise: lambda and the LM streak stay
+        if (self.settings.keep_damping_at_rounding and below_rounding(objective, after, decrease, floor)
+                and not rho > TRUSTED_RHO):
+            return rho, after  # rho is rounding noise: lambda and the LM streak stay, unless h fell as predicted
         self.damping, self.streak = accelerated_levenberg_marquardt(
             self.damping, rho, lm_omega(self.damping_every), self.streak, self.settings.lm_acceleration,
             self.min_damping)

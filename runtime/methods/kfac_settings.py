@@ -91,14 +91,14 @@ class KFACSettings:
                                       "tokens counts T).", low=1)
     min_qmodel_examples: int = setting(256, "Floor of the exact-Fisher products' sub-batch in examples (sec 8).",
                                        low=1)
-    batches_per_step: int | None = setting(1, "Gather N of the caller's batches and take one step on their "
+    batches_per_step: int | None = setting(None, "Gather N of the caller's batches and take one step on their "
                                            "union: the step's mini-batch is then N batches (sec 13 takes 1000 "
                                            "examples and more; K-FAC's step is worth more on a larger batch, and its "
-                                           "own algebra costs the same); the calls between return without a step "
-                                           "(loss None). Batches whose shapes do not stack end a gathering early "
-                                           "(auto: N = sqrt(B / n), at most 16, B the gradient's noise scale in "
-                                           "K-FAC's metric from the share of signal s, n the caller's batch; needs "
-                                           "signal_scaling).", low=1)
+                                           "own algebra costs the same); the calls between return their batch's "
+                                           "loss without a step. Batches whose shapes do not stack end a gathering "
+                                           "early (auto: N = sqrt(B / n), at most 16, B the gradient's noise scale "
+                                           "in K-FAC's metric from the share of signal s, n the caller's batch; one "
+                                           "batch a step without signal_scaling).", low=1)
     stats_every: int = setting(1, "Refresh the factor statistics every N steps.", low=1)
     inverse_every: int = setting(20, "Recompute the damped inverses every N steps (T_3).", low=1)
     momentum: str | float | None = setting("qmodel", "qmodel (sec 7), none, or a heavy-ball coefficient with "
@@ -295,7 +295,7 @@ PRESETS: dict[str, KFACSettings] = {
         shared_statistics_forward=False, table_blocks=False, tied_blocks=False, weight_norm_blocks=False,
         spectral_norm_blocks=False,
         unmatched_direction="gradient", signal_scaling=False, fisher_products="forward", unmatched_backoff=None,
-        untrusted_adam_lr=None, untrusted_sgd_lr=None,
+        untrusted_adam_lr=None, untrusted_sgd_lr=None, batches_per_step=1,
     ),
 }
 SETTING_NAMES = tuple(field.name for field in dataclasses.fields(KFACSettings))
