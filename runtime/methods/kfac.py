@@ -275,8 +275,9 @@ class KFAC:
             every block.
         stats_every, inverse_every: how often statistics and inverses are refreshed (T_3 = inverse_every).
         batches_per_step: gather this many of the caller's batches and step once on their union
-            (runtime/gathering.py; the calls between return their batch's loss, one no-grad forward, and leave the
-            weights alone; a union whose step raises or is skipped is dropped whole, the weights as they were). On
+            (runtime/gathering.py; while gathering, every call's batch gets one no-grad forward that checks it, a
+            bad one refused at its own call, and gives the calls between their loss; they leave the weights alone;
+            a union whose step still raises or is skipped is dropped whole, the weights as they were). On
             small noisy batches a K-FAC step on the union is worth more than the steps on its parts, and the
             step's own algebra costs the same (BENCHMARKS.md, "Gathered batches"). None (auto, the default; the
             paper preset's is 1): as many as the gradient's noise scale asks (``gathering.auto_count``), one where
